@@ -1,0 +1,94 @@
+"""Featurize a set of examples into a resumable feature store."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradtrace.errors import UserError
+from gradtrace.features.gradients import GradientFeaturizer
+from gradtrace.features.projection import DEFAULT_TOTAL_DIM, GroupProjector
+from gradtrace.features.store import FeatureStore
+from gradtrace.groups import Group, make_groups
+from gradtrace.measure import Measurement
+
+
+@dataclass
+class FeatureSpec:
+    """Everything that decides the feature values besides the model and the examples."""
+
+    groups: str = "block"
+    projection: str = "rademacher"
+    total_dim: int = DEFAULT_TOTAL_DIM
+    projection_seed: int = 0
+    measurement: str = "loss"
+    num_timesteps: int = 10
+    noise_seed: int = 0
+    chunk_rows: int = 64
+
+
+def build_featurizer(model, scheduler, spec: FeatureSpec) -> tuple[GradientFeaturizer, list[Group]]:
+    groups = make_groups(model, spec.groups)
+    named = dict(model.named_parameters())
+    sizes = [sum(named[p].numel() for p in g.params) for g in groups]
+    projector = GroupProjector.create(spec.projection, [g.name for g in groups], sizes,
+                                      total_dim=spec.total_dim, seed=spec.projection_seed)
+    measurement = Measurement.create(spec.measurement, spec.num_timesteps,
+                                     scheduler.config.num_train_timesteps, spec.noise_seed)
+    return GradientFeaturizer(model, scheduler.alphas_cumprod, groups, projector, measurement), groups
+
+
+def store_settings(featurizer: GradientFeaturizer, spec: FeatureSpec, model_fingerprint: str,
+                   source: dict) -> dict:
+    slices, start = [], 0
+    for g, size, k in zip(featurizer.groups, featurizer.sizes, featurizer.projector.dims):
+        slices.append({"name": g.name, "start": start, "stop": start + k, "size": size,
+                       "exact": featurizer.projector.is_exact(len(slices)), "params": list(g.params)})
+        start += k
+    return {"model_fingerprint": model_fingerprint, "groups_spec": spec.groups, "groups": slices,
+            "projection": featurizer.projector.info(), "measurement": featurizer.measurement.info(),
+            "dtype": "float32", "dim": start, "chunk_rows": int(spec.chunk_rows), "source": source}
+
+
+def featurize(model: torch.nn.Module, scheduler, images: torch.Tensor, ids, out, *,
+              spec: FeatureSpec | None = None, cond=None, model_fingerprint: str,
+              source: dict | None = None, provenance: dict | None = None, overwrite: bool = False,
+              progress: bool = True, stop_after_chunks: int | None = None) -> FeatureStore:
+    """Compute and store per-example features for `images` (ids and optional conditioning codes).
+
+    Resumes an unfinished store with the same settings; `stop_after_chunks` stops early (tests of
+    resumption).
+    """
+    spec = spec or FeatureSpec()
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if images.dim() != 4 or images.shape[0] != len(ids):
+        raise UserError(f"expected images of shape (N, C, H, W) with N = {len(ids)} ids, got {tuple(images.shape)}")
+    if cond is not None and len(cond) != len(ids):
+        raise UserError(f"got {len(cond)} conditioning rows for {len(ids)} examples")
+    if spec.chunk_rows < 1:
+        raise UserError(f"chunk size must be positive, got {spec.chunk_rows}")
+    featurizer, _ = build_featurizer(model, scheduler, spec)
+    settings = store_settings(featurizer, spec, model_fingerprint, source or {})
+    store = FeatureStore.create(out, settings, ids, cond, provenance=provenance, overwrite=overwrite)
+    if store.complete:
+        return store
+    n, step = len(ids), spec.chunk_rows
+    start = store.rows_done
+    bar = tqdm(total=n, initial=start, desc="featurize", unit="ex", disable=not progress)
+    done_chunks = 0
+    while start < n:
+        stop = min(start + step, n)
+        c = None if cond is None else cond[start:stop]
+        block = featurizer.features(images[start:stop], ids[start:stop], c)
+        store.write(start, block)
+        bar.update(stop - start)
+        start = stop
+        done_chunks += 1
+        if stop_after_chunks is not None and done_chunks >= stop_after_chunks and start < n:
+            bar.close()
+            return store
+    bar.close()
+    store.finish()
+    return store

@@ -1,0 +1,170 @@
+"""The feature store: a directory of memory-mapped arrays and the manifest that says what made them.
+
+Layout::
+
+    manifest.json    format, settings (model fingerprint, groups and their column slices, projection,
+                     measurement, dtype, chunk rows, source data), provenance, status
+    features.npy     (N, k) float32, written chunk by chunk
+    ids.npy          (N,) int64 example ids
+    cond.npy         (N, A) int64 conditioning codes (conditional models only)
+    progress.json    rows finished so far (written after each chunk is flushed)
+
+Writing is resumable: chunks have fixed boundaries and each chunk's rows depend only on the example
+and the settings, so a run killed at any point and started again with the same settings finishes with
+arrays bit-identical to an uninterrupted run. A store made with other settings is refused.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from gradtrace.errors import UserError
+from gradtrace.manifest import check_match, read_json, versions, write_json_atomic
+
+FORMAT = "gradtrace-features"
+FORMAT_VERSION = 1
+OWN_FILES = {"manifest.json", "features.npy", "ids.npy", "cond.npy", "progress.json"}
+# Settings that must agree between training features and query features to score one against the other.
+COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype")
+
+
+class FeatureStore:
+    def __init__(self, path: Path, manifest: dict, writable: bool):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.writable = writable
+        mode = "r+" if writable else "r"
+        self.features = np.load(self.path / "features.npy", mmap_mode=mode)
+        self.ids = np.load(self.path / "ids.npy")
+        cond_path = self.path / "cond.npy"
+        self.cond = np.load(cond_path) if cond_path.exists() else None
+
+    # ----------------------------------------------------------------- creation and resume
+    @classmethod
+    def create(cls, path, settings: dict, ids, cond=None, *, provenance: dict | None = None,
+               overwrite: bool = False) -> "FeatureStore":
+        """Open `path` for writing: a new store, or the unfinished/finished store with equal settings."""
+        path = Path(path)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(np.unique(ids)) != len(ids):
+            raise UserError("example ids must be unique; deduplicate the input set")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"feature store path is a file, not a directory: {path}; choose another --out")
+        if path.exists() and any(path.iterdir()):
+            if (path / "manifest.json").exists():
+                old = read_json(path / "manifest.json", "feature store manifest")
+                same = old.get("settings") == _jsonable(settings) and np.array_equal(
+                    np.load(path / "ids.npy"), ids)
+                if same:
+                    return cls(path, old, writable=True)
+                if not overwrite:
+                    key = _first_difference(old.get("settings", {}), _jsonable(settings)) or "ids"
+                    raise UserError(f"{path} holds a feature store made with other settings ('{key}' "
+                                    f"differs); choose a new output directory or pass --overwrite")
+            elif not set(os.listdir(path)) <= OWN_FILES | {f for f in os.listdir(path) if f.startswith(".")}:
+                raise UserError(f"{path} is not empty and is not a feature store; choose an empty directory")
+            if overwrite:
+                for name in OWN_FILES:
+                    if (path / name).exists():
+                        (path / name).unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        n, dim = len(ids), int(settings["dim"])
+        np.save(path / "ids.npy", ids)
+        if cond is not None:
+            np.save(path / "cond.npy", np.asarray(cond, dtype=np.int64))
+        arr = np.lib.format.open_memmap(path / "features.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+        arr.flush()
+        del arr
+        write_json_atomic(path / "progress.json", {"rows_done": 0})
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "incomplete",
+                    "rows": n, "settings": _jsonable(settings), "provenance": provenance or {},
+                    "versions": versions()}
+        write_json_atomic(path / "manifest.json", manifest)  # last: its presence marks a store
+        return cls(path, manifest, writable=True)
+
+    @property
+    def rows_done(self) -> int:
+        if self.manifest.get("status") == "complete":
+            return len(self.ids)
+        return int(read_json(self.path / "progress.json", "feature store progress")["rows_done"])
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.get("status") == "complete"
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Write rows [start, start+len(block)) and record them as done once they are on disk."""
+        if not self.writable:
+            raise RuntimeError("store opened read-only")
+        if start != self.rows_done:
+            raise RuntimeError(f"chunk starts at {start} but {self.rows_done} rows are done")
+        self.features[start:start + len(block)] = block
+        self.features.flush()
+        write_json_atomic(self.path / "progress.json", {"rows_done": start + len(block)})
+
+    def finish(self) -> None:
+        self.manifest["status"] = "complete"
+        write_json_atomic(self.path / "manifest.json", self.manifest)
+
+    # ----------------------------------------------------------------- reading
+    @classmethod
+    def open(cls, path, *, require_complete: bool = True) -> "FeatureStore":
+        path = Path(path)
+        if not (path / "manifest.json").exists():
+            raise UserError(f"no feature store at {path} (manifest.json missing); run `gradtrace featurize` first")
+        manifest = read_json(path / "manifest.json", "feature store manifest")
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path} is not a gradtrace feature store of format version {FORMAT_VERSION}")
+        if require_complete and manifest.get("status") != "complete":
+            raise UserError(f"feature store {path} is unfinished; rerun the same featurize command to resume it")
+        for name in ("features.npy", "ids.npy"):
+            if not (path / name).exists():
+                raise UserError(f"feature store {path} lacks {name}; featurize again into a new directory")
+        store = cls(path, manifest, writable=False)
+        if store.features.shape != (manifest["rows"], manifest["settings"]["dim"]):
+            raise UserError(f"feature store {path}: features.npy has shape {store.features.shape}, "
+                            f"manifest says ({manifest['rows']}, {manifest['settings']['dim']}); featurize again")
+        return store
+
+    @property
+    def settings(self) -> dict:
+        return self.manifest["settings"]
+
+    @property
+    def group_slices(self) -> list[tuple[str, int, int]]:
+        return [(g["name"], int(g["start"]), int(g["stop"])) for g in self.settings["groups"]]
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g["name"] for g in self.settings["groups"]]
+
+    def check_compatible(self, other: "FeatureStore") -> None:
+        """Refuse to score `other` (queries) against this store (training set) unless settings agree."""
+        check_match(self.settings, other.settings, COMPAT_KEYS,
+                    what=f"query features {other.path} do not match training features {self.path}",
+                    fix="featurize both with the same checkpoint, groups, projection and measurement")
+
+
+def remove_store(path) -> None:
+    """Delete a store directory (only gradtrace's own files)."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        shutil.rmtree(path)
+
+
+def _first_difference(a: dict, b: dict) -> str | None:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return key
+    return None
+
+
+def _jsonable(obj):
+    import json
+
+    from gradtrace.manifest import _json_default
+
+    return json.loads(json.dumps(obj, default=_json_default))
