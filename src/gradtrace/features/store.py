@@ -156,7 +156,8 @@ def remove_store(path) -> None:
 
 
 def _first_difference(a: dict, b: dict) -> str | None:
-    for key in sorted(set(a) | set(b)):
+    first = [k for k in ("model_fingerprint", "source", "groups", "projection", "measurement") if k in a or k in b]
+    for key in first + sorted((set(a) | set(b)) - set(first)):
         if a.get(key) != b.get(key):
             return key
     return None

@@ -1,0 +1,47 @@
+"""`load_dataset(spec)`: one entry point for every dataset source."""
+from __future__ import annotations
+
+from numbers import Integral
+
+from gradtrace.data.base import ImageDataset
+from gradtrace.errors import UserError
+
+KNOWN_SPECS = ("digits", "shapes", "imagefolder:PATH")
+
+
+def _check_positive(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def load_dataset(spec: str, *, size: int | None = None, seed: int = 0, n: int | None = None) -> ImageDataset:
+    """Load a dataset by spec: "digits", "shapes" or "imagefolder:PATH".
+
+    size: image side (shapes: default 16, at least 12; imagefolder: default the first image's; digits: 8,
+          other sizes are resized bilinearly). seed: the shapes jitter (other sources ignore it).
+    n:    keep the first n images (shapes: render n images, cycling through the factor combinations).
+    """
+    size = _check_positive("size", size)
+    n = _check_positive("n", n)
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    text = str(spec).strip()
+    if text == "digits":
+        from gradtrace.data.digits import load_digits_dataset
+
+        return load_digits_dataset(size=size, n=n)
+    if text == "shapes":
+        from gradtrace.data.shapes import load_shapes
+
+        return load_shapes(size=size, seed=int(seed), n=n)
+    if text.startswith("imagefolder:"):
+        path = text[len("imagefolder:"):]
+        if not path:
+            raise UserError("imagefolder needs a folder: pass imagefolder:PATH")
+        from gradtrace.data.imagefolder import load_imagefolder
+
+        return load_imagefolder(path, size=size, n=n)
+    raise UserError(f"unknown dataset {spec!r}; known: {', '.join(KNOWN_SPECS)}")

@@ -1,0 +1,51 @@
+"""The base-method interface: a bilinear kernel K that turns training features Φ into Ψ = Φ K.
+
+    τ(q, n) = φ(q)ᵀ K φ(x_n) = φ(q) · ψ(x_n)
+
+A `Method` holds only configuration; `fit` reads the training features in row chunks and returns a
+`FittedMethod` that scores queries.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from gradtrace.methods.checks import check_group_slices, check_matrix, check_positive_int
+from gradtrace.methods.fitted import FittedMethod
+
+__all__ = ["Method", "FittedMethod"]
+
+
+class Method(ABC):
+    """A base attribution method. Subclasses set `name` and implement `_fit`."""
+
+    name: str = "method"
+
+    def fit(self, train_features: Any, group_slices: Any, *, chunk_rows: int = 65536, progress: bool = False,
+            psi_path: str | os.PathLike | None = None) -> FittedMethod:
+        """Fit on training features Φ (N, k) with the given group layout.
+
+        `train_features` may be a read-only np.memmap; it is read in blocks of `chunk_rows` rows (lowered
+        if one block would exceed ~256 MiB of working memory). `psi_path` writes Ψ to a `.npy` memmap
+        there instead of memory (for large N). Features with NaN/Inf raise UserError naming the rows.
+        """
+        phi = check_matrix(train_features, "training features")
+        slices = check_group_slices(group_slices, phi.shape[1])
+        rows = check_positive_int(chunk_rows, "chunk_rows")
+        return self._fit(phi, slices, chunk_rows=rows, progress=progress, psi_path=psi_path)
+
+    @abstractmethod
+    def _fit(self, phi: np.ndarray, group_slices: list[tuple[str, int, int]], *, chunk_rows: int,
+             progress: bool, psi_path: str | os.PathLike | None) -> FittedMethod:
+        """Fit on checked inputs."""
+
+    def config(self) -> dict[str, Any]:
+        """The method's settings as a JSON-able dict (recorded in FittedMethod.info)."""
+        return {"method": self.name}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
+        return f"{type(self).__name__}({args})"

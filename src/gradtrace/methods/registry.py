@@ -1,0 +1,59 @@
+"""Base methods by name, and the λ-scale grid used by the label-free choice of c."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from gradtrace.errors import UserError
+from gradtrace.methods.base import Method
+from gradtrace.methods.tracin import TracIn
+from gradtrace.methods.trak import TRAK
+
+
+def _tracin(**kwargs: Any) -> Method:
+    if kwargs:
+        raise UserError(f"method 'tracin' takes no options, got: {', '.join(sorted(kwargs))}; drop them")
+    return TracIn()
+
+
+def _trak_named(name: str) -> Callable[..., Method]:
+    def make(**kwargs: Any) -> Method:
+        allowed = {"c", "kernel"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise UserError(f"method '{name}' does not take {', '.join(unknown)}; its options are: c, kernel")
+        return TRAK(**kwargs, name=name)
+
+    return make
+
+
+# "dtrak" is the TRAK kernel applied to D-TRAK features (gradients of mean(out**2)); the feature code
+# differs, not the method. The name is recorded in FittedMethod.info.
+METHODS: dict[str, Callable[..., Method]] = {
+    "tracin": _tracin,
+    "trak": _trak_named("trak"),
+    "dtrak": _trak_named("dtrak"),
+}
+
+
+def known_methods() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str, **kwargs: Any) -> Method:
+    """A base method by name: "tracin", "trak" or "dtrak" (options for the last two: c, kernel)."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = {"d-trak": "dtrak", "grad-dot": "tracin", "graddot": "tracin"}.get(key, key)
+    if key not in METHODS:
+        raise UserError(f"unknown method '{name}'; use one of: {', '.join(METHODS)}")
+    return METHODS[key](**kwargs)
+
+
+def lambda_grid(num: int = 9, low: float = 1e-4, high: float = 1.0) -> np.ndarray:
+    """Log-spaced values of c (λ = c · mean diag of the Gram) from `low` to `high`; default 1e-4..1, 9 points."""
+    if int(num) != num or num < 1:
+        raise UserError(f"num must be a positive integer, got {num!r}")
+    if not (0 < low <= high):
+        raise UserError(f"need 0 < low <= high for a log grid, got low={low}, high={high}")
+    return np.logspace(np.log10(low), np.log10(high), int(num))

@@ -1,0 +1,195 @@
+"""TRAK (and D-TRAK): the regularised inverse-Gram kernel.
+
+    shared:     K = (ΦᵀΦ + λ I)⁻¹,                  λ   = c · mean diag(ΦᵀΦ)
+    per-group:  K = blockdiag_j (Φ_jᵀΦ_j + λ_j I)⁻¹,  λ_j = c · mean diag(Φ_jᵀΦ_j)   (one c for all groups)
+
+Three passes of work: the Gram matrix accumulated in float64 over row chunks; a float64 Cholesky solve
+(eigh pseudo-inverse when the matrix is not numerically positive definite); Ψ = Φ K computed chunkwise in
+float64 and stored as float32. D-TRAK is this kernel on features of another measurement, so it is the
+same class under another name.
+
+Default c = 0.01. λ = c · mean diag(ΦᵀΦ) is c times the mean eigenvalue of the Gram matrix, so c is
+scale-free (rescaling the features leaves the scores' ranking unchanged). At c = 0.01, directions
+carrying more than ~1% of the average energy are whitened almost exactly (the TRAK inverse), weaker
+directions — noise, or unidentified ones when N < k or columns are near-collinear — are damped, and the
+condition number of Φ_jᵀΦ_j + λ_j I is at most 1 + k_j / c, safe for a float64 solve and float32
+storage. It is the geometric middle of the label-free search grid 1e-4..1 (`lambda_grid`), so the
+default never sits at an edge of that search. c matters (LDS moved by 0.06 over a 10⁴ range in the
+reference experiment): choose it per dataset with the label-free objective when it counts.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from gradtrace.errors import UserError
+from gradtrace.methods.base import Method
+from gradtrace.methods.checks import (check_group_slices, check_matrix, check_positive_int, check_same_layout,
+                                      raise_if_nonfinite)
+from gradtrace.methods.fitted import FittedMethod
+from gradtrace.methods.rows import allocate_psi, effective_chunk_rows, finish_psi, row_chunks
+
+DEFAULT_C = 0.01
+KERNELS = ("shared", "per-group")
+# A shared kernel needs a few dense k x k float64 matrices (2 GiB each at this width).
+MAX_SHARED_DIM = 16384
+
+
+@dataclass
+class Gram:
+    """Float64 Gram blocks of Φ: one k × k block (shared) or one k_j × k_j block per group (per-group)."""
+
+    kernel: str
+    blocks: list[np.ndarray]
+    group_slices: list[tuple[str, int, int]]
+    n: int
+
+
+def accumulate_gram(phi: np.ndarray, group_slices: list[tuple[str, int, int]], kernel: str, *,
+                    chunk_rows: int = 65536, progress: bool = False) -> Gram:
+    """ΦᵀΦ (or its diagonal blocks) in float64, reading Φ in row chunks; NaN/Inf rows raise UserError."""
+    n, k = phi.shape
+    spans = [(0, k)] if kernel == "shared" else [(s, e) for _, s, e in group_slices]
+    blocks = [np.zeros((e - s, e - s), dtype=np.float64) for s, e in spans]
+    rows = effective_chunk_rows(chunk_rows, 8 * k)
+    for start, stop in row_chunks(n, rows, progress=progress, desc="trak: gram"):
+        x = np.asarray(phi[start:stop], dtype=np.float64)
+        raise_if_nonfinite(x, start, "training features")
+        for block, (s, e) in zip(blocks, spans):
+            xs = x[:, s:e]
+            block += xs.T @ xs
+    return Gram(kernel=kernel, blocks=blocks, group_slices=list(group_slices), n=int(n))
+
+
+def regularised_inverse(gram: np.ndarray, c: float) -> tuple[np.ndarray, float, float, str]:
+    """(K, λ, mean diag, solver) with K = (G + λ I)⁻¹ and λ = c · mean diag(G).
+
+    Cholesky in float64; when G + λ I is not numerically positive definite (Cholesky fails, or its
+    diagonal shows a condition number beyond ~1/(k·eps)), the eigh pseudo-inverse is used instead
+    (eigenvalues below k·eps·max are dropped). A group whose features are all zero gets K = 0.
+    """
+    dim = gram.shape[0]
+    scale = float(np.mean(np.diag(gram)))
+    lam = c * scale
+    a = gram + lam * np.eye(dim)
+    rcond = dim * np.finfo(np.float64).eps
+    try:
+        factor, lower = scipy.linalg.cho_factor(a, lower=True, check_finite=False)
+        d = np.abs(np.diag(factor))
+        if d.min() > 0 and (d.min() / d.max()) ** 2 > rcond:
+            k_mat = scipy.linalg.cho_solve((factor, lower), np.eye(dim), check_finite=False)
+            return (k_mat + k_mat.T) / 2, lam, scale, "cholesky"
+    except np.linalg.LinAlgError:
+        pass
+    evals, evecs = scipy.linalg.eigh(a, check_finite=False)
+    top = max(float(evals.max()), 0.0)
+    inv = np.zeros_like(evals)
+    keep = evals > rcond * top
+    inv[keep] = 1.0 / evals[keep]
+    k_mat = (evecs * inv) @ evecs.T
+    return (k_mat + k_mat.T) / 2, lam, scale, "eigh"
+
+
+class TRAK(Method):
+    """TRAK kernel; `kernel="shared"` (one inverse over all columns) or `"per-group"` (block-diagonal).
+
+    `c` (default 0.01, see the module docstring) sets λ = c · mean diag of the Gram matrix (per group
+    for the per-group kernel). `name` is recorded in `info` ("trak", or "dtrak" for D-TRAK features).
+    """
+
+    name = "trak"
+
+    def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak"):
+        try:
+            c = float(c)
+        except (TypeError, ValueError):
+            raise UserError(f"c must be a number, got {c!r}; pass e.g. c={DEFAULT_C}") from None
+        if not math.isfinite(c) or c < 0:
+            raise UserError(f"c must be finite and >= 0, got {c}; pass e.g. c={DEFAULT_C}")
+        self.c = c
+        self.kernel = normalise_kernel(kernel)
+        self.name = name
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.name, "c": self.c, "kernel": self.kernel}
+
+    def gram(self, train_features: Any, group_slices: Any, *, chunk_rows: int = 65536,
+             progress: bool = False) -> Gram:
+        """The Gram blocks this kernel needs; pass to `fit(..., gram=)` to refit several c cheaply."""
+        phi = check_matrix(train_features, "training features")
+        slices = check_group_slices(group_slices, phi.shape[1])
+        self._check_width(phi.shape[1])
+        return accumulate_gram(phi, slices, self.kernel, chunk_rows=check_positive_int(chunk_rows, "chunk_rows"),
+                               progress=progress)
+
+    def fit(self, train_features: Any, group_slices: Any, *, chunk_rows: int = 65536, progress: bool = False,
+            psi_path: str | os.PathLike | None = None, gram: Gram | None = None) -> FittedMethod:
+        """As `Method.fit`; `gram` (from `self.gram` on the same features) skips the Gram pass."""
+        phi = check_matrix(train_features, "training features")
+        slices = check_group_slices(group_slices, phi.shape[1])
+        rows = check_positive_int(chunk_rows, "chunk_rows")
+        return self._fit(phi, slices, chunk_rows=rows, progress=progress, psi_path=psi_path, gram=gram)
+
+    def _fit(self, phi: np.ndarray, group_slices: list[tuple[str, int, int]], *, chunk_rows: int,
+             progress: bool, psi_path: str | os.PathLike | None, gram: Gram | None = None) -> FittedMethod:
+        n, k = phi.shape
+        self._check_width(k)
+        if gram is None:
+            gram = accumulate_gram(phi, group_slices, self.kernel, chunk_rows=chunk_rows, progress=progress)
+        else:
+            self._check_gram(gram, n, group_slices)
+        solved = [regularised_inverse(block, self.c) for block in gram.blocks]
+        spans = [(0, k)] if self.kernel == "shared" else [(s, e) for _, s, e in group_slices]
+        psi = allocate_psi(n, k, psi_path)
+        rows = effective_chunk_rows(chunk_rows, 16 * k)
+        for start, stop in row_chunks(n, rows, progress=progress, desc=f"{self.name}: psi"):
+            x = np.asarray(phi[start:stop], dtype=np.float64)
+            raise_if_nonfinite(x, start, "training features")
+            for (k_mat, _, _, _), (s, e) in zip(solved, spans):
+                psi[start:stop, s:e] = x[:, s:e] @ k_mat
+        return FittedMethod(psi=finish_psi(psi), group_slices=group_slices,
+                            info=self._info(solved, group_slices, n, k))
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _info(self, solved: list, group_slices: list[tuple[str, int, int]], n: int, k: int) -> dict[str, Any]:
+        names = [name for name, _, _ in group_slices]
+        info: dict[str, Any] = {"method": self.name, "kernel": self.kernel, "c": self.c,
+                                "N": int(n), "k": int(k), "groups": names}
+        if self.kernel == "shared":
+            _, lam, scale, solver = solved[0]
+            info.update({"lambda": lam, "lambda_per_group": None, "gram_mean_diag": scale, "solver": solver})
+        else:
+            info.update({"lambda": None,
+                         "lambda_per_group": {nm: s[1] for nm, s in zip(names, solved)},
+                         "gram_mean_diag": {nm: s[2] for nm, s in zip(names, solved)},
+                         "solver": {nm: s[3] for nm, s in zip(names, solved)}})
+        return info
+
+    def _check_width(self, k: int) -> None:
+        if self.kernel == "shared" and k > MAX_SHARED_DIM:
+            raise UserError(f"a shared TRAK kernel over {k} feature columns needs several {k}x{k} float64 "
+                            f"matrices; use kernel='per-group' or project to <= {MAX_SHARED_DIM} columns")
+
+    def _check_gram(self, gram: Gram, n: int, group_slices: list[tuple[str, int, int]]) -> None:
+        if not isinstance(gram, Gram) or gram.kernel != self.kernel:
+            found = getattr(gram, "kernel", type(gram).__name__)
+            raise UserError(f"gram was computed for kernel '{found}' but this method uses '{self.kernel}'; "
+                            f"compute it with the same method's .gram()")
+        if gram.n != n:
+            raise UserError(f"gram was computed on {gram.n} rows but the features have {n}; "
+                            f"compute it on the same training features")
+        check_same_layout(gram.group_slices, group_slices, "training features")
+
+
+def normalise_kernel(kernel: Any) -> str:
+    """'shared' or 'per-group' (also accepts 'per_group', 'pergroup', 'blockdiag'); else UserError."""
+    key = str(kernel).strip().lower().replace("_", "-")
+    key = {"pergroup": "per-group", "blockdiag": "per-group", "block-diagonal": "per-group"}.get(key, key)
+    if key not in KERNELS:
+        raise UserError(f"unknown TRAK kernel '{kernel}'; use one of: {', '.join(KERNELS)}")
+    return key
