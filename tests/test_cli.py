@@ -1,0 +1,117 @@
+"""The CLI end to end on tiny settings: outputs against an independent closed form, bad input → exit 2."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gradtrace.cli import main
+from gradtrace.sources import save_samples
+
+FEAT = ["--dim", "96", "--timesteps", "2", "--chunk", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["train", "--data", "digits", "--n", "48", "--steps", "15", "--batch-size", "16",
+                 "--out", str(root / "run"), "--no-progress"]) == 0
+    assert main(["sample", "--checkpoint", str(root / "run"), "--num", "3", "--sample-steps", "4",
+                 "--out", str(root / "queries"), "--no-progress"]) == 0
+    assert main(["featurize", "--checkpoint", str(root / "run"), "--out", str(root / "ft"), *FEAT]) == 0
+    assert main(["featurize", "--checkpoint", str(root / "run"), "--samples", str(root / "queries"),
+                 "--out", str(root / "fq"), *FEAT]) == 0
+    assert main(["attribute", "--train", str(root / "ft"), "--queries", str(root / "fq"), "--top-k", "5",
+                 "--lambda-c", "0.1", "--out", str(root / "attr"), "--no-progress"]) == 0
+    return root
+
+
+def test_attributions_match_closed_form_trak(pipeline):
+    doc = json.loads((pipeline / "attr" / "attributions.json").read_text())
+    phi = np.load(pipeline / "ft" / "features.npy").astype(np.float64)
+    q = np.load(pipeline / "fq" / "features.npy").astype(np.float64)
+    train_ids = np.load(pipeline / "ft" / "ids.npy")
+    gram = phi.T @ phi
+    lam = 0.1 * np.mean(np.diag(gram))
+    scores = q @ np.linalg.solve(gram + lam * np.eye(len(gram)), phi.T)
+    assert len(doc["queries"]) == 3 and len(train_ids) == 48
+    for r, entry in enumerate(doc["queries"]):
+        order = np.argsort(-scores[r], kind="stable")[:5]
+        assert [t["train_id"] for t in entry["top"]] == train_ids[order].tolist()
+        got = np.array([t["score"] for t in entry["top"]])
+        np.testing.assert_allclose(got, scores[r, order], rtol=1e-4, atol=1e-6 * np.abs(scores).max())
+        for t in entry["top"]:  # the per-group breakdown sums to the score
+            assert sum(t["contributions"].values()) == pytest.approx(t["score"], rel=1e-4, abs=1e-7)
+    assert (pipeline / "attr" / "report.png").stat().st_size > 0
+    assert doc["manifest"]["model_fingerprint"] == json.loads(
+        (pipeline / "ft" / "manifest.json").read_text())["settings"]["model_fingerprint"]
+
+
+def test_train_is_cached_and_deterministic(pipeline, tmp_path):
+    before = (pipeline / "run" / "model.safetensors").read_bytes()
+    args = ["train", "--data", "digits", "--n", "48", "--steps", "15", "--batch-size", "16", "--no-progress"]
+    assert main([*args, "--out", str(pipeline / "run")]) == 0  # same settings: reused, untouched
+    assert (pipeline / "run" / "model.safetensors").read_bytes() == before
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0  # same seed elsewhere: same bits
+    a = load_file(tmp_path / "again" / "model.safetensors")
+    b = load_file(pipeline / "run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _one_line_error(capsys, argv, pattern):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert pattern in err, err
+    return err
+
+
+def test_bad_inputs_exit_2_with_one_line(pipeline, tmp_path, capsys):
+    run, ft = str(pipeline / "run"), str(pipeline / "ft")
+    _one_line_error(capsys, ["attribute", "--train", str(tmp_path / "nope"), "--queries", ft,
+                             "--out", str(tmp_path / "a")], "manifest.json missing")
+    _one_line_error(capsys, ["train", "--data", "mnist", "--out", str(tmp_path / "r")], "unknown dataset")
+    _one_line_error(capsys, ["featurize", "--checkpoint", run, "--groups", "layers",
+                             "--out", str(tmp_path / "f")], "unknown group preset")
+    _one_line_error(capsys, ["featurize", "--checkpoint", run, "--data", "shapes", "--n", "8",
+                             "--out", str(tmp_path / "f")], "images have shape (3, 16, 16)")
+    _one_line_error(capsys, ["sample", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "s")],
+                    "missing")
+    # a query store featurized with another measurement is refused against the training store
+    assert main(["featurize", "--checkpoint", run, "--samples", str(pipeline / "queries"), "--measurement",
+                 "dtrak", "--out", str(tmp_path / "fq_dtrak"), *FEAT]) == 0
+    _one_line_error(capsys, ["attribute", "--train", ft, "--queries", str(tmp_path / "fq_dtrak"),
+                             "--out", str(tmp_path / "a")], "'measurement' differs")
+    # re-featurizing into an existing store with other settings is refused, and the store is untouched
+    before = (pipeline / "ft" / "features.npy").read_bytes()
+    _one_line_error(capsys, ["featurize", "--checkpoint", run, "--out", ft, "--dim", "64", "--timesteps", "2"],
+                    "other settings")
+    assert (pipeline / "ft" / "features.npy").read_bytes() == before
+    # NaN in the inputs → NaN gradients → refused, naming the example
+    images = torch.zeros(2, 1, 8, 8)
+    images[1, 0, 3, 3] = float("nan")
+    save_samples(tmp_path / "bad", images, None, {"checkpoint": run})
+    _one_line_error(capsys, ["featurize", "--checkpoint", run, "--samples", str(tmp_path / "bad"),
+                             "--out", str(tmp_path / "fbad"), *FEAT], "NaN/Inf for example id 1")
+    _one_line_error(capsys, ["attribute", "--train", ft, "--queries", str(pipeline / "fq"), "--top-k", "0",
+                             "--out", str(tmp_path / "a")], "--top-k")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from gradtrace.errors import UserError
+
+    with pytest.raises(UserError):
+        main(["train", "--data", "mnist", "--out", str(tmp_path / "r"), "--debug"])
+
+
+def test_demo_quick_path_writes_both_files(tmp_path):
+    from gradtrace.demo import run_demo
+
+    tiny = {"n_train": 40, "steps": 10, "n_queries": 2, "sample_steps": 3, "dim": 64, "timesteps": 2, "top_k": 3}
+    summary = run_demo(tmp_path / "demo", quick=True, progress=False, settings=tiny)
+    doc = json.loads((tmp_path / "demo" / "attributions.json").read_text())
+    assert len(doc["queries"]) == 2 and all(len(q["top"]) == 3 for q in doc["queries"])
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 1000
+    assert summary["train_examples"] == 40
