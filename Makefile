@@ -24,3 +24,22 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo_out
+
+# LDS benchmark (bench/bench_lds.py): the full one takes about an hour of both cores; quick is tiny.
+.PHONY: bench-lds bench-lds-quick
+
+bench-lds: $(STAMP)
+	$(PY) bench/bench_lds.py --out bench_out/lds
+
+bench-lds-quick: $(STAMP)
+	$(PY) bench/bench_lds.py --quick --out bench_out/lds_quick
+
+# Aspect retrieval benchmark on shapes (bench/bench_aspects.py): the full one takes about an hour on the
+# shared 2-core machine and writes docs/img/aspects_*.png; quick is a smoke run of a few minutes.
+.PHONY: bench-aspects bench-aspects-quick
+
+bench-aspects: $(STAMP)
+	$(PY) bench/bench_aspects.py --out bench_out/aspects
+
+bench-aspects-quick: $(STAMP)
+	$(PY) bench/bench_aspects.py --quick --out bench_out/aspects_quick

@@ -83,10 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", required=True, help="feature store of the queries")
     p.add_argument("--method", choices=known_methods(), default="trak")
     p.add_argument("--kernel", choices=KERNELS, default="shared")
-    p.add_argument("--lambda-c", type=float, default=DEFAULT_C, help="λ = c · mean diag(ΦᵀΦ)")
+    p.add_argument("--lambda-c", type=float, default=None,
+                   help=f"λ = c · mean diag(ΦᵀΦ) (default: the weights' c, else {DEFAULT_C})")
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--weights", default=None, help="learned group weights (a learn-weights JSON file)")
+    p.add_argument("--aspect", default=None, help="use the store's learned weights for this aspect (e.g. style)")
     p.add_argument("--out", required=True)
     p.add_argument("--no-report", action="store_true", help="skip report.png")
+    _add_common(p)
+
+    p = sub.add_parser("learn-weights", help="learn one non-negative weight per parameter group, without labels")
+    p.add_argument("--train", required=True, help="feature store of the training set")
+    p.add_argument("--queries", default=None, help="feature store of learning queries (never evaluation queries)")
+    p.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="generate N learning queries from the store's checkpoint instead of --queries")
+    p.add_argument("--aspect", default=None, help="with --generate: set only this attribute's token (e.g. style)")
+    p.add_argument("--sample-seed", type=int, default=1, help="seed of the generated learning queries")
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--method", choices=known_methods(), default="trak")
+    p.add_argument("--kernel", choices=KERNELS, default="shared")
+    p.add_argument("--lambda-c", default=str(DEFAULT_C), help="λ scale c, or 'auto' (SNR-best on the learning queries)")
+    p.add_argument("--k", type=int, default=None, help="top-k of the objective (default 10)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--l2", type=float, default=None, help="λ‖w‖² penalty")
+    p.add_argument("--out", default=None, help="weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)")
     _add_common(p)
 
     p = sub.add_parser("demo", help="train, sample, featurize, attribute and draw, end to end")
@@ -105,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from gradtrace import commands
 
-        handler = getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command}")
+        handler = getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command.replace('-', '_')}")
         handler(args)
     except UserError as exc:
         if args.debug:

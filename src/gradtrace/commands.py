@@ -100,8 +100,9 @@ def parse_attrs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def sample_run(checkpoint, out, *, num=16, attrs=None, guidance=1.0, sampler="ddim", sample_steps=50, seed=0,
-               progress=True) -> Path:
+def sample_run(checkpoint, out, *, num=16, attrs=None, codes=None, guidance=1.0, sampler="ddim", sample_steps=50,
+               seed=0, progress=True) -> Path:
+    """Generate `num` images; `attrs` (name -> value, the same for all) or `codes` (num, A) per image."""
     from gradtrace.models import load_checkpoint, sample
     from gradtrace.report import image_grid
     from gradtrace.sources import save_samples
@@ -112,7 +113,8 @@ def sample_run(checkpoint, out, *, num=16, attrs=None, guidance=1.0, sampler="dd
     attrs = attrs or {}
     if attrs and not ckpt.model.conditional:
         raise UserError("this checkpoint is unconditional; drop --attr or train with --model conditional")
-    images, cond = sample(ckpt.model, ckpt.scheduler, num, attributes=attrs or None, guidance_scale=guidance,
+    request = codes if codes is not None else (attrs or None)
+    images, cond = sample(ckpt.model, ckpt.scheduler, num, attributes=request, guidance_scale=guidance,
                           steps=sample_steps, sampler=sampler, seed=seed, progress=progress)
     info = {"checkpoint": str(Path(checkpoint).resolve()), "model_fingerprint": ckpt.fingerprint,
             "attributes": attrs, "attribute_values": ckpt.model.attribute_values if ckpt.model.conditional else {},
@@ -182,15 +184,24 @@ def cmd_featurize(args) -> None:
 
 # ------------------------------------------------------------------------------------------ attribute
 def attribute_run(train_path, query_path, out, *, method="trak", kernel="shared", c=None, top_k=10,
-                  report=True, progress=True) -> dict:
+                  weights=None, aspect=None, report=True, progress=True) -> dict:
+    """Attribute queries; `weights` (a weights file) or `aspect` (the store's learned aspect weights).
+
+    λ scale: `c` when given, else the one the weights were learned with, else the default."""
     from gradtrace.attribute import attribute
     from gradtrace.features.store import FeatureStore
+    from gradtrace.learning import weights_for_attribution
     from gradtrace.methods import DEFAULT_C
 
     train = FeatureStore.open(train_path)
     queries = FeatureStore.open(query_path)
-    doc = attribute(train, queries, out, method=method, kernel=kernel, c=DEFAULT_C if c is None else c,
-                    top_k=top_k, progress=progress)
+    train.check_compatible(queries)
+    w, w_info = weights_for_attribution(train, queries, weights_path=weights, aspect=aspect, method=method,
+                                        kernel=kernel)
+    if c is None:
+        c = w_info["lambda_c"] if w_info and w_info.get("lambda_c") is not None else DEFAULT_C
+    doc = attribute(train, queries, out, method=method, kernel=kernel, c=c, top_k=top_k, weights=w,
+                    weights_info=w_info, progress=progress)
     if report:
         draw_report(train, queries, doc, Path(out) / "report.png")
     return doc
@@ -217,8 +228,24 @@ def draw_report(train, queries, doc: dict, path) -> None:
 
 def cmd_attribute(args) -> None:
     attribute_run(args.train, args.queries, args.out, method=args.method, kernel=args.kernel, c=args.lambda_c,
-                  top_k=args.top_k, report=not args.no_report, progress=_progress(args))
+                  top_k=args.top_k, weights=args.weights, aspect=args.aspect, report=not args.no_report,
+                  progress=_progress(args))
     print(f"attributions: {Path(args.out) / 'attributions.json'}")
+
+
+# ------------------------------------------------------------------------------------------ learn-weights
+def cmd_learn_weights(args) -> None:
+    from gradtrace.learning import learn_weights_run
+
+    path, doc = learn_weights_run(args.train, args.out, queries_path=args.queries, generate=args.generate,
+                                  aspect=args.aspect, sample_seed=args.sample_seed, guidance=args.guidance,
+                                  sample_steps=args.sample_steps, method=args.method, kernel=args.kernel,
+                                  c=args.lambda_c, k=args.k, steps=args.steps, lr=args.lr, l2=args.l2,
+                                  progress=_progress(args))
+    prov = doc["provenance"]
+    top = sorted(doc["weights"].items(), key=lambda kv: -kv[1])[:5]
+    print(f"weights: {path} (loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
+          + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -22,11 +22,11 @@ def versions() -> dict[str, str]:
 
     out = {"gradtrace": gradtrace.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "python": sys.version.split()[0], "platform": platform.platform()}
-    try:
-        import diffusers
+    from importlib.metadata import PackageNotFoundError, version
 
-        out["diffusers"] = diffusers.__version__
-    except ImportError:  # pragma: no cover - diffusers is a hard dependency
+    try:  # read the installed version without importing diffusers (seconds of start-up)
+        out["diffusers"] = version("diffusers")
+    except PackageNotFoundError:  # pragma: no cover - diffusers is a hard dependency
         pass
     return out
 

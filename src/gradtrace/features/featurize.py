@@ -1,7 +1,7 @@
 """Featurize a set of examples into a resumable feature store."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -9,9 +9,11 @@ from tqdm.auto import tqdm
 
 from gradtrace.errors import UserError
 from gradtrace.features.gradients import GradientFeaturizer
+from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProjector
+from gradtrace.features.kronecker import KroneckerFeaturizer
 from gradtrace.features.projection import DEFAULT_TOTAL_DIM, GroupProjector
-from gradtrace.features.store import FeatureStore
-from gradtrace.groups import Group, make_groups
+from gradtrace.features.store import FeatureStore, storage_dtype
+from gradtrace.groups import make_groups
 from gradtrace.measure import Measurement
 
 
@@ -27,20 +29,25 @@ class FeatureSpec:
     num_timesteps: int = 10
     noise_seed: int = 0
     chunk_rows: int = 64
+    dtype: str = "float32"  # storage: float32 | float16 | bfloat16 (scoring upcasts chunks to float32)
 
 
-def build_featurizer(model, scheduler, spec: FeatureSpec) -> tuple[GradientFeaturizer, list[Group]]:
+def build_featurizer(model, scheduler, spec: FeatureSpec):
+    """(featurizer, groups): GradientFeaturizer (vmap), or KroneckerFeaturizer for projection 'kronecker'."""
     groups = make_groups(model, spec.groups)
+    measurement = Measurement.create(spec.measurement, spec.num_timesteps,
+                                     scheduler.config.num_train_timesteps, spec.noise_seed)
+    if spec.projection == KRONECKER:
+        projector = KroneckerProjector.create(model, groups, total_dim=spec.total_dim, seed=spec.projection_seed)
+        return KroneckerFeaturizer(model, scheduler.alphas_cumprod, groups, projector, measurement), groups
     named = dict(model.named_parameters())
     sizes = [sum(named[p].numel() for p in g.params) for g in groups]
     projector = GroupProjector.create(spec.projection, [g.name for g in groups], sizes,
                                       total_dim=spec.total_dim, seed=spec.projection_seed)
-    measurement = Measurement.create(spec.measurement, spec.num_timesteps,
-                                     scheduler.config.num_train_timesteps, spec.noise_seed)
     return GradientFeaturizer(model, scheduler.alphas_cumprod, groups, projector, measurement), groups
 
 
-def store_settings(featurizer: GradientFeaturizer, spec: FeatureSpec, model_fingerprint: str,
+def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
                    source: dict) -> dict:
     slices, start = [], 0
     for g, size, k in zip(featurizer.groups, featurizer.sizes, featurizer.projector.dims):
@@ -49,7 +56,13 @@ def store_settings(featurizer: GradientFeaturizer, spec: FeatureSpec, model_fing
         start += k
     return {"model_fingerprint": model_fingerprint, "groups_spec": spec.groups, "groups": slices,
             "projection": featurizer.projector.info(), "measurement": featurizer.measurement.info(),
-            "dtype": "float32", "dim": start, "chunk_rows": int(spec.chunk_rows), "source": source}
+            "dtype": spec.dtype, "dim": start, "chunk_rows": int(spec.chunk_rows), "source": source,
+            "spec": asdict(spec)}
+
+
+def spec_of(settings: dict) -> FeatureSpec:
+    """The FeatureSpec a store was made with (to featurize more examples exactly the same way)."""
+    return FeatureSpec(**settings["spec"])
 
 
 def featurize(model: torch.nn.Module, scheduler, images: torch.Tensor, ids, out, *,
@@ -69,6 +82,7 @@ def featurize(model: torch.nn.Module, scheduler, images: torch.Tensor, ids, out,
         raise UserError(f"got {len(cond)} conditioning rows for {len(ids)} examples")
     if spec.chunk_rows < 1:
         raise UserError(f"chunk size must be positive, got {spec.chunk_rows}")
+    storage_dtype(spec.dtype)  # refuses an unknown storage dtype before any work
     featurizer, _ = build_featurizer(model, scheduler, spec)
     settings = store_settings(featurizer, spec, model_fingerprint, source or {})
     store = FeatureStore.create(out, settings, ids, cond, provenance=provenance, overwrite=overwrite)

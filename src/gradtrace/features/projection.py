@@ -17,7 +17,7 @@ import torch
 from gradtrace.errors import UserError
 from gradtrace.measure import derive_seed
 
-KINDS = ("rademacher", "gaussian", "identity")
+KINDS = ("rademacher", "gaussian", "identity", "kronecker")  # kronecker: see kron_projection.py
 DEFAULT_TOTAL_DIM = 2048
 
 
@@ -66,6 +66,9 @@ class GroupProjector:
                dims: list[int] | None = None, seed: int = 0) -> "GroupProjector":
         if kind not in KINDS:
             raise UserError(f"unknown projection '{kind}'; use one of {', '.join(KINDS)}")
+        if kind == "kronecker":
+            raise UserError("the kronecker projection factors the model's layers; build it with "
+                            "build_featurizer (KroneckerProjector.create), not GroupProjector")
         if kind == "identity":
             dims = list(sizes)
         elif dims is None:

@@ -4,7 +4,8 @@ Layout::
 
     manifest.json    format, settings (model fingerprint, groups and their column slices, projection,
                      measurement, dtype, chunk rows, source data), provenance, status
-    features.npy     (N, k) float32, written chunk by chunk
+    features.npy     (N, k) in the settings' dtype: float32 (default), float16, or bfloat16 (stored as
+                     its raw uint16 bits; `features` decodes rows to float32), written chunk by chunk
     ids.npy          (N,) int64 example ids
     cond.npy         (N, A) int64 conditioning codes (conditional models only)
     progress.json    rows finished so far (written after each chunk is flushed)
@@ -29,6 +30,8 @@ FORMAT_VERSION = 1
 OWN_FILES = {"manifest.json", "features.npy", "ids.npy", "cond.npy", "progress.json"}
 # Settings that must agree between training features and query features to score one against the other.
 COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype")
+DTYPES = ("float32", "float16", "bfloat16")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class FeatureStore:
@@ -37,7 +40,10 @@ class FeatureStore:
         self.manifest = manifest
         self.writable = writable
         mode = "r+" if writable else "r"
-        self.features = np.load(self.path / "features.npy", mmap_mode=mode)
+        self.dtype = manifest.get("settings", {}).get("dtype", "float32")
+        self._raw = np.load(self.path / "features.npy", mmap_mode=mode)
+        # What readers use: the memmap itself (float32 / float16), or bfloat16 rows decoded on access.
+        self.features = Bfloat16Rows(self._raw) if self.dtype == "bfloat16" else self._raw
         self.ids = np.load(self.path / "ids.npy")
         cond_path = self.path / "cond.npy"
         self.cond = np.load(cond_path) if cond_path.exists() else None
@@ -72,10 +78,11 @@ class FeatureStore:
                         (path / name).unlink()
         path.mkdir(parents=True, exist_ok=True)
         n, dim = len(ids), int(settings["dim"])
+        storage = storage_dtype(settings.get("dtype", "float32"))
         np.save(path / "ids.npy", ids)
         if cond is not None:
             np.save(path / "cond.npy", np.asarray(cond, dtype=np.int64))
-        arr = np.lib.format.open_memmap(path / "features.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+        arr = np.lib.format.open_memmap(path / "features.npy", mode="w+", dtype=storage, shape=(n, dim))
         arr.flush()
         del arr
         write_json_atomic(path / "progress.json", {"rows_done": 0})
@@ -101,8 +108,8 @@ class FeatureStore:
             raise RuntimeError("store opened read-only")
         if start != self.rows_done:
             raise RuntimeError(f"chunk starts at {start} but {self.rows_done} rows are done")
-        self.features[start:start + len(block)] = block
-        self.features.flush()
+        self._raw[start:start + len(block)] = encode_rows(block, self.dtype)
+        self._raw.flush()
         write_json_atomic(self.path / "progress.json", {"rows_done": start + len(block)})
 
     def finish(self) -> None:
@@ -146,6 +153,56 @@ class FeatureStore:
         check_match(self.settings, other.settings, COMPAT_KEYS,
                     what=f"query features {other.path} do not match training features {self.path}",
                     fix="featurize both with the same checkpoint, groups, projection and measurement")
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """The numpy dtype features.npy holds for a settings dtype (bfloat16 as raw uint16 bits)."""
+    if name not in DTYPES:
+        raise UserError(f"unknown feature storage dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[name])
+
+
+def encode_rows(block: np.ndarray, name: str) -> np.ndarray:
+    """float32 rows → the storage representation (float16 refuses values beyond its range)."""
+    block = np.asarray(block, dtype=np.float32)
+    if name == "float16":
+        peak = float(np.abs(block).max(initial=0.0))
+        if peak > FLOAT16_MAX:
+            raise UserError(f"a feature value ({peak:.3g}) exceeds the float16 range; store with dtype "
+                            f"bfloat16 or float32")
+        return block.astype(np.float16)
+    if name == "bfloat16":  # round to nearest even on the upper 16 bits
+        bits = block.view(np.uint32)
+        return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return block
+
+
+def decode_bfloat16(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class Bfloat16Rows:
+    """Read-only (N, k) view of bfloat16 features (uint16 bits on disk); indexing decodes to float32.
+
+    Indexing rows (`x[a:b]`) reads and decodes only those rows; `np.asarray(x)` decodes everything.
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw: np.ndarray):
+        self.raw = raw
+        self.shape = tuple(raw.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return decode_bfloat16(self.raw[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = decode_bfloat16(self.raw)
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def remove_store(path) -> None:

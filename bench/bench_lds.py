@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""LDS benchmark on digits: TracIn, TRAK and D-TRAK (shared / per-group kernel, uniform / learned weights)
+against pixel-space and random baselines, the per-group LDS picture and a counterfactual check.
+
+    python bench/bench_lds.py --out bench_out/lds            # full: ~1,000 images, 64 subsets (about an hour, idle)
+    python bench/bench_lds.py --quick --out bench_out/lds_q  # tiny settings, about a minute
+
+Protocol (DESIGN §3): the tiny unconditional UNet trained with the default recipe on n_train digits (a seeded
+split); S subsets at α = 0.5 retrained with the same recipe (R seeds); evaluation queries = held-out digits
+(ids not in training) and generated samples (sample seed EVAL_SAMPLE_SEED); learning queries for the weights
+= other generated samples (LEARN_SAMPLE_SEED), never the evaluation queries. LDS = mean over all evaluation
+queries of the per-query Spearman correlation, with a bootstrap 95% CI over queries. Writes results.json and
+results.md into --out and prints the markdown. A rerun into the same --out reuses the feature stores, the
+retrained models (the retraining resumes model by model) and the cached model outputs. Torch runs
+single-threaded in this process (the tiny model gains little from a second thread, and on shared cores
+OpenMP spin-waits make two threads several times slower); the retraining uses `workers` single-threaded
+processes. Override any setting with --set KEY=VALUE (e.g. --set threads=2 --set workers=4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+EVAL_SAMPLE_SEED = 1001
+LEARN_SAMPLE_SEED = 2002
+N_DIGITS = 1797
+SETTINGS = {
+    "full": {"n_train": 1000, "steps": 3000, "batch_size": 64, "subsets": 64, "fraction": 0.5, "seeds": 1,
+             "workers": 2, "n_heldout": 100, "n_samples": 100, "n_learn": 100, "sample_steps": 50, "dim": 2048,
+             "timesteps": 10, "grid_timesteps": 10, "grid_draws": 4, "learn_steps": 200, "cf_queries": 5, "cf_k": 10,
+             "split_seed": 0, "c": 0.01, "threads": 1},
+    "quick": {"n_train": 24, "steps": 4, "batch_size": 8, "subsets": 3, "fraction": 0.5, "seeds": 1, "workers": 1,
+              "n_heldout": 3, "n_samples": 3, "n_learn": 3, "sample_steps": 2, "dim": 32, "timesteps": 1,
+              "grid_timesteps": 2, "grid_draws": 1, "learn_steps": 5, "cf_queries": 1, "cf_k": 2, "split_seed": 0,
+              "c": 0.01, "threads": 1},
+}
+METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
+           ("dtrak", "per-group")]
+
+
+def _learning():
+    """(learn_weights_run, weights_for_attribution) when gradtrace's weight learner is installed, else None."""
+    try:
+        from gradtrace.learning import learn_weights_run, weights_for_attribution
+    except ImportError:
+        return None
+    return learn_weights_run, weights_for_attribution
+
+
+def run_bench(out, s: dict, *, progress: bool = True) -> dict:
+    """Run every stage into `out` (finished retrained models, features and outputs are reused)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(s["threads"]))  # 1 avoids OpenMP spin-waits when the cores are shared
+    try:
+        return _run_bench(out, s, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
+    from gradtrace.attribute import fit_method
+    from gradtrace.commands import featurize_run, sample_run, train_run
+    from gradtrace.evaluate import counterfactual_run, counterfactual_table, load_problem, retrain_run, summarize
+    from gradtrace.evaluate.eval_lds import plot_per_group
+    from gradtrace.evaluate.outputs import OutputGrid, store_examples
+    from gradtrace.features.featurize import FeatureSpec
+    from gradtrace.features.store import FeatureStore
+    from gradtrace.manifest import versions, write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name, fn, *a, **kw):
+        t = time.perf_counter()
+        print(f"[bench-lds] {name} ...", file=sys.stderr, flush=True)
+        result = fn(*a, **kw)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 2)
+        return result
+
+    perm = np.random.default_rng(s["split_seed"]).permutation(N_DIGITS)
+    train_ids = np.sort(perm[:s["n_train"]])
+    heldout_ids = np.sort(perm[s["n_train"]:s["n_train"] + s["n_heldout"]])
+    run = stage("train", train_run, "digits", out / "run", ids=train_ids, steps=s["steps"],
+                batch_size=s["batch_size"], progress=progress)
+    stage("sample", sample_run, run, out / "samples_eval", num=s["n_samples"], sample_steps=s["sample_steps"],
+          seed=EVAL_SAMPLE_SEED, progress=progress)
+    stage("sample", sample_run, run, out / "samples_learn", num=s["n_learn"], sample_steps=s["sample_steps"],
+          seed=LEARN_SAMPLE_SEED, progress=progress)
+    stores: dict[str, dict[str, FeatureStore]] = {}
+    for meas in ("loss", "dtrak"):
+        spec = FeatureSpec(total_dim=s["dim"], num_timesteps=s["timesteps"], measurement=meas)
+        f = out / "features" / meas
+        stores[meas] = {
+            "train": stage("featurize", featurize_run, run, f / "train", spec=spec, progress=progress),
+            "heldout": stage("featurize", featurize_run, run, f / "heldout", data="digits", ids=heldout_ids,
+                             spec=spec, progress=progress),
+            "samples": stage("featurize", featurize_run, run, f / "samples", samples=out / "samples_eval",
+                             spec=spec, progress=progress),
+            "learn": stage("featurize", featurize_run, run, f / "learn", samples=out / "samples_learn", spec=spec,
+                           progress=progress)}
+    retrain = stage("retrain", retrain_run, run, out / "retrain", n_subsets=s["subsets"], fraction=s["fraction"],
+                    n_seeds=s["seeds"], workers=s["workers"], progress=progress)
+    grid = OutputGrid(num_timesteps=s["grid_timesteps"], num_draws=s["grid_draws"])
+    sets = ("heldout", "samples")
+    problems = {q: stage("model outputs", load_problem, run, out / "retrain", stores["loss"]["train"],
+                         stores["loss"][q], grid=grid, progress=progress) for q in sets}
+
+    def per_query(scores_by_set: dict) -> dict[str, np.ndarray]:
+        return {q: np.array([np.nan if v is None else v for v in problems[q].evaluate(scores_by_set[q])["per_query"]])
+                for q in sets}
+
+    def row(label, kernel, weighting, pq: dict, seconds: float) -> dict:
+        both = summarize(np.concatenate([pq[q] for q in sets]))
+        return {"method": label, "kernel": kernel, "weights": weighting, "lds": both,
+                **{f"lds_{q}": summarize(pq[q]) for q in sets}, "seconds": round(seconds, 2)}
+
+    rows, learned, fits = [], {}, {}
+    learning = _learning()
+    for method, kernel in METHODS:
+        t = time.perf_counter()
+        meas = "dtrak" if method == "dtrak" else "loss"
+        kernel_arg = "shared" if kernel == "identity" else kernel
+        fitted = fit_method(stores[meas]["train"], method, kernel=kernel_arg, c=s["c"], progress=False)
+        fits[(method, kernel)] = fitted
+        qf = {q: np.asarray(stores[meas][q].features) for q in sets}
+        rows.append(row(method, kernel, "uniform", per_query({q: fitted.scores(qf[q]) for q in sets}),
+                        time.perf_counter() - t))
+        if learning is not None:  # learned on the learning queries only, read back as `eval lds --weights` does
+            t = time.perf_counter()
+            learn_run, for_attribution = learning
+            path, _ = learn_run(stores[meas]["train"].path, out / "weights" / f"{method}-{kernel}.json",
+                                queries_path=stores[meas]["learn"].path, method=method, kernel=kernel_arg,
+                                c=str(s["c"]), steps=s["learn_steps"], progress=False)
+            w, info = for_attribution(stores[meas]["train"], stores[meas]["heldout"], weights_path=path,
+                                      method=method, kernel=kernel_arg)
+            learned[f"{method}/{kernel}"] = {"path": str(path), "weights": info["weights"]}
+            rows.append(row(method, kernel, "learned", per_query({q: fitted.scores(qf[q], weights=w) for q in sets}),
+                            time.perf_counter() - t))
+    t = time.perf_counter()
+    train_img = store_examples(stores["loss"]["train"])[0].flatten(1).double().numpy()
+    pix, rnd = {}, {}
+    for k, q in enumerate(sets):
+        query_img = store_examples(stores["loss"][q])[0].flatten(1).double().numpy()
+        pix[q] = -((query_img[:, None, :] - train_img[None]) ** 2).sum(-1)
+        rnd[q] = np.random.default_rng(100 + k).normal(size=pix[q].shape)
+    rows.append(row("pixel -L2", "-", "-", per_query(pix), time.perf_counter() - t))
+    rows.append(row("random", "-", "-", per_query(rnd), 0.0))
+
+    per_group = {}
+    for key in (("trak", "per-group"), ("trak", "shared")):
+        fitted = fits[key]
+        names = fitted.group_names
+        table = {}
+        for j, name in enumerate(names):
+            onehot = np.eye(len(names))[j]
+            pq = per_query({q: fitted.scores(np.asarray(stores["loss"][q].features), weights=onehot) for q in sets})
+            table[name] = summarize(np.concatenate([pq[q] for q in sets]))
+        overall = next(r["lds"] for r in rows if (r["method"], r["kernel"], r["weights"]) == (*key, "uniform"))
+        path = out / f"lds_per_group_{key[0]}_{key[1]}.png"
+        plot_per_group(table, overall, path, f"LDS of each parameter group alone ({key[0]}, {key[1]} kernel), "
+                       "digits, held-out + generated queries")
+        per_group[f"{key[0]}/{key[1]}"] = {"groups": table, "plot": str(path)}
+
+    cf_weights = learned["trak/per-group"]["path"] if "trak/per-group" in learned else None
+    cf = stage("counterfactual", counterfactual_run, run, stores["loss"]["train"].path, stores["loss"]["heldout"].path,
+               out / "counterfactual", method="trak", kernel="per-group", c=s["c"], weights_path=cf_weights,
+               num_queries=s["cf_queries"], k=s["cf_k"], n_seeds=s["seeds"], workers=s["workers"], grid=grid,
+               progress=progress)
+    per_model = list(retrain.get("model_wall_s", {}).values())
+    results = {"settings": s, "feature_spec": asdict(FeatureSpec(total_dim=s["dim"], num_timesteps=s["timesteps"])),
+               "splits": {"train_ids_n": len(train_ids), "heldout_ids": heldout_ids.tolist(),
+                          "eval_sample_seed": EVAL_SAMPLE_SEED, "learn_sample_seed": LEARN_SAMPLE_SEED},
+               "rows": rows, "learned_weights": learned or None, "weights_available": learning is not None,
+               "per_group": per_group,
+               "counterfactual": {"summary": cf["summary"], "per_query": cf["per_query"],
+                                  "table": counterfactual_table(cf), "method": "trak per-group kernel",
+                                  "weights": "learned" if cf_weights is not None else "uniform"},
+               "timings_s": timings, "retrain_model_s_mean": float(np.mean(per_model)) if per_model else None,
+               "versions": versions(), "command": " ".join(["python", *sys.argv])}
+    results["markdown"] = markdown(results)
+    write_json_atomic(out / "results.json", results)
+    (out / "results.md").write_text(results["markdown"] + "\n")
+    return results
+
+
+def _fmt(summary: dict) -> str:
+    if summary["mean"] is None:
+        return "undefined"
+    ci = summary["ci95"]
+    return f"{summary['mean']:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"LDS on digits: {s['n_train']} training images, {s['subsets']} subsets at α = {s['fraction']}, "
+             f"{s['seeds']} seed(s); {s['n_heldout']} held-out + {s['n_samples']} generated evaluation queries.", "",
+             "| method | kernel | weights | LDS (95% CI) | held-out | generated | undefined | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['method']} | {r['kernel']} | {r['weights']} | {_fmt(r['lds'])} | "
+                     f"{_fmt(r['lds_heldout'])} | {_fmt(r['lds_samples'])} | {r['lds']['n_undefined']} | "
+                     f"{r['seconds']} |")
+    lines += ["", "Counterfactual (TRAK, per-group kernel): change of the query's loss when its top-k or k random "
+              "training images are removed.", "", results["counterfactual"]["table"], "",
+              "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings (about a minute)")
+    p.add_argument("--out", default=None, help="output directory (default bench_out/lds or bench_out/lds_quick)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    s = dict(SETTINGS["quick" if args.quick else "full"])
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        if key not in s:
+            p.error(f"unknown setting {key!r}; known: {', '.join(s)}")
+        s[key] = type(s[key])(json.loads(value))
+    out = args.out or ("bench_out/lds_quick" if args.quick else "bench_out/lds")
+    results = run_bench(out, s, progress=not args.no_progress)
+    print(results["markdown"])
+    print(f"\nresults: {Path(out) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""`gradtrace eval counterfactual`: retrain without each query's top-k attributed training images.
+
+For each of the first `num_queries` queries, three kinds of models are trained with the run's recipe and the
+same seeds: on the full training set (shared by all queries), without the query's top-k training images
+(by the method's scores), and without k training images drawn at random (seeded). The result per query is
+the change of its diffusion loss (the LDS output grid), averaged over seeds:
+
+    Δ_top(q) = loss(q | D \\ top_k(q)) − loss(q | D),     Δ_random(q) = loss(q | D \\ random_k) − loss(q | D)
+
+Good attributions give Δ_top > Δ_random (removing what helped raises the loss). Models live in
+``OUT/models/``, resumable like `gradtrace retrain`; results in ``OUT/counterfactual.json``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gradtrace.errors import UserError
+from gradtrace.evaluate.harness import Job, is_finished, model_dir, train_jobs
+from gradtrace.evaluate.lds import bootstrap_ci
+from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
+from gradtrace.evaluate.recipe import load_recipe
+from gradtrace.evaluate.retrain import open_or_create
+from gradtrace.manifest import versions, write_json_atomic
+
+RESULT = "counterfactual.json"
+
+
+def counterfactual_jobs(train_ids, query_ids, top_ids, random_ids, seeds) -> list[Job]:
+    jobs = [Job(f"full-r{r}", np.asarray(train_ids), s, {"removed": "none", "replicate": r})
+            for r, s in enumerate(seeds)]
+    for q, top, rand in zip(query_ids, top_ids, random_ids):
+        for kind, removed in (("top", top), ("random", rand)):
+            keep = np.setdiff1d(train_ids, removed)
+            jobs += [Job(f"q{int(q)}-{kind}-r{r}", keep, s, {"query_id": int(q), "removed": kind, "replicate": r})
+                     for r, s in enumerate(seeds)]
+    return jobs
+
+
+def counterfactual_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = "shared",
+                       c: float | None = None, weights=None, weights_path=None, num_queries: int = 5, k: int = 10,
+                       n_seeds: int = 1, workers: int = 1, random_seed: int = 0, grid: OutputGrid = OutputGrid(),
+                       max_models: int | None = None, progress: bool = True) -> dict:
+    from gradtrace.evaluate.scoring import score_queries
+    from gradtrace.features.store import FeatureStore
+
+    for value, flag in ((num_queries, "--num-queries"), (k, "--top-k")):
+        if int(value) != value or value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    recipe = load_recipe(run)
+    train = FeatureStore.open(train_features)
+    query = FeatureStore.open(queries)
+    if train.settings.get("model_fingerprint") != recipe.fingerprint or \
+            not np.array_equal(np.sort(np.asarray(train.ids)), recipe.train_ids):
+        raise UserError(f"training features {train.path} are not the run's training set featurized with its model; "
+                        "featurize the run's training set with the run's checkpoint")
+    if k >= len(recipe.train_ids):
+        raise UserError(f"--top-k {k} must be smaller than the training set ({len(recipe.train_ids)} examples)")
+    scored = score_queries(train, query, method=method, kernel=kernel, c=c, weights=weights,
+                           weights_path=weights_path, progress=progress)
+    nq = min(int(num_queries), len(query.ids))
+    top_rows, _ = scored.fitted.topk(scored.query_features[:nq], int(k), scored.weights)
+    top_ids = np.sort(np.asarray(train.ids)[top_rows], axis=1)
+    rng = np.random.default_rng(int(random_seed))
+    random_ids = np.stack([np.sort(rng.choice(recipe.train_ids, size=int(k), replace=False)) for _ in range(nq)])
+    query_ids = np.asarray(query.ids[:nq], dtype=np.int64)
+    seeds = recipe.replicate_seeds(n_seeds)
+    jobs = counterfactual_jobs(recipe.train_ids, query_ids, top_ids, random_ids, seeds)
+    settings = {"kind": "counterfactual", "recipe": recipe.summary(), "method": scored.fitted.info,
+                "weights": scored.weights_info, "query_features": str(Path(queries).resolve()),
+                "query_ids": query_ids.tolist(), "k": int(k), "random_seed": int(random_seed),
+                "top_ids": top_ids.tolist(), "random_ids": random_ids.tolist(), "seeds": seeds,
+                "jobs": [j.name for j in jobs]}
+    out = Path(out)
+    open_or_create(out, settings, "counterfactual retraining",
+                   "pass the same method, queries, --top-k, --seeds and --random-seed to resume, or a new --out",
+                   {"run": recipe.run})
+    stats = train_jobs(out, jobs, recipe, workers=workers, max_models=max_models, progress=progress)
+    missing = [j.name for j in jobs if not is_finished(out, j)]
+    if missing:
+        return {"finished": False, "missing": missing, "stats": stats}
+    values = recipe.model_config.get("attributes") or None
+    images, ids, cond, source = store_examples(query, values)
+    losses, info = model_outputs([(j.name, model_dir(out, j)) for j in jobs], images[:nq], ids[:nq],
+                                 None if cond is None else cond[:nq], source, out / "outputs", grid,
+                                 progress=progress)
+    doc = summarize_counterfactual(jobs, losses, query_ids, len(seeds), top_ids, random_ids, seed=random_seed)
+    doc["manifest"] = {"format": "gradtrace-counterfactual", "format_version": 1, "run": recipe.run,
+                       "command": " ".join(["gradtrace", *sys.argv[1:]]), **settings,
+                       "model_output": {"name": "diffusion loss", "grid": grid.info(), "cache": info["path"]},
+                       "versions": versions()}
+    doc["stats"] = {k: v for k, v in stats.items() if k != "model_wall_s"}
+    doc["finished"] = True
+    write_json_atomic(out / RESULT, doc)
+    return doc
+
+
+def summarize_counterfactual(jobs: list[Job], losses: np.ndarray, query_ids, n_seeds: int, top_ids, random_ids,
+                             *, seed: int = 0) -> dict:
+    """Per-query Δ_top and Δ_random (mean over seeds) and their means over queries with bootstrap CIs."""
+    index = {j.name: i for i, j in enumerate(jobs)}
+
+    def mean_loss(prefix: str, q: int) -> float:
+        return float(np.mean([losses[index[f"{prefix}-r{r}"], q] for r in range(n_seeds)]))
+
+    rows = []
+    for q, qid in enumerate(query_ids):
+        base = mean_loss("full", q)
+        top, rand = mean_loss(f"q{int(qid)}-top", q), mean_loss(f"q{int(qid)}-random", q)
+        rows.append({"query_id": int(qid), "loss_full": base, "loss_without_top": top, "loss_without_random": rand,
+                     "delta_top": top - base, "delta_random": rand - base,
+                     "removed_top": [int(i) for i in top_ids[q]], "removed_random": [int(i) for i in random_ids[q]]})
+    d_top = np.array([r["delta_top"] for r in rows])
+    d_rand = np.array([r["delta_random"] for r in rows])
+
+    def stat(v: np.ndarray) -> dict:
+        ci = bootstrap_ci(v, seed=seed) if len(v) > 1 else (None, None)
+        return {"mean": float(v.mean()), "ci95": list(ci)}
+
+    return {"summary": {"n_queries": len(rows), "delta_top": stat(d_top), "delta_random": stat(d_rand),
+                        "delta_top_minus_random": stat(d_top - d_rand),
+                        "fraction_top_above_random": float(np.mean(d_top > d_rand))},
+            "per_query": rows}
+
+
+def counterfactual_table(doc: dict) -> str:
+    """A markdown table of the per-query losses and changes, with the mean row."""
+    lines = ["| query | loss (full) | Δ without top-k | Δ without random k |", "|---|---|---|---|"]
+    for r in doc["per_query"]:
+        lines.append(f"| {r['query_id']} | {r['loss_full']:.5f} | {r['delta_top']:+.5f} | {r['delta_random']:+.5f} |")
+    s = doc["summary"]
+    lines.append(f"| mean | | {s['delta_top']['mean']:+.5f} | {s['delta_random']['mean']:+.5f} |")
+    return "\n".join(lines)

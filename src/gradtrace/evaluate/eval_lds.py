@@ -1,0 +1,156 @@
+"""`gradtrace eval lds`: the LDS of an attribution method against a finished retraining.
+
+Loads the run, the retraining (refusing one made from another run or unfinished), the training and query
+feature stores (the training store must be the run's training set, featurized from the run's model),
+computes the ground-truth outputs (cached in the retraining directory), scores the queries and writes
+``lds.json`` (result + manifest) and, with per_group, ``lds_per_group.png``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gradtrace.errors import UserError
+from gradtrace.evaluate.lds import N_BOOTSTRAP, lds, lds_per_query, subset_mask, subset_predictions, summarize
+from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
+from gradtrace.evaluate.recipe import load_recipe
+from gradtrace.evaluate.retrain import Retraining, open_retraining
+from gradtrace.manifest import sha256_arrays, versions, write_json_atomic
+
+RESULT = "lds.json"
+PLOT = "lds_per_group.png"
+
+
+@dataclass
+class LDSProblem:
+    """Everything but the scores: the subset mask over training-store rows and the targets per query."""
+
+    retraining: Retraining
+    mask: np.ndarray        # (S, N) bool over the training store's rows
+    outputs: np.ndarray     # (S·R, Q) model losses, job order
+    targets: np.ndarray     # (S, Q) −loss averaged over seeds
+    query_ids: np.ndarray
+    outputs_info: dict
+
+    def evaluate(self, scores: np.ndarray, *, seed: int = 0, n_bootstrap: int = N_BOOTSTRAP) -> dict:
+        return lds(scores, self.mask, self.targets, query_ids=self.query_ids, seed=seed, n_bootstrap=n_bootstrap)
+
+
+def targets_from_outputs(outputs: np.ndarray, n_subsets: int, n_seeds: int) -> np.ndarray:
+    """(S, Q) = −mean over seeds of the (S·R, Q) losses (job i = s·R + r)."""
+    return -np.asarray(outputs, dtype=np.float64).reshape(n_subsets, n_seeds, -1).mean(1)
+
+
+def load_problem(run, retrain, train_store, query_store, *, grid: OutputGrid = OutputGrid(),
+                 progress: bool = True) -> LDSProblem:
+    recipe, retraining = finished_retraining(run, retrain)
+    if train_store.settings.get("model_fingerprint") != recipe.fingerprint:
+        raise UserError(f"training features {train_store.path} were not made from the run's model {recipe.run}; "
+                        "featurize the training set with that checkpoint")
+    if not np.array_equal(np.sort(np.asarray(train_store.ids)), recipe.train_ids):
+        raise UserError(f"training features {train_store.path} cover {len(train_store.ids)} examples, not the run's "
+                        f"{len(recipe.train_ids)} training ids; featurize the run's training set")
+    train_store.check_compatible(query_store)
+    mask = subset_mask(retraining.subsets, train_store.ids)
+    values = recipe.model_config.get("attributes") or None
+    images, ids, cond, source = store_examples(query_store, values)
+    outputs, info = model_outputs(list(zip(retraining.jobs, retraining.model_paths())), images, ids, cond, source,
+                                  retraining.path / "outputs", grid, progress=progress)
+    targets = targets_from_outputs(outputs, retraining.n_subsets, retraining.n_seeds)
+    return LDSProblem(retraining=retraining, mask=mask, outputs=outputs, targets=targets, query_ids=ids,
+                      outputs_info=info)
+
+
+def finished_retraining(run, retrain):
+    """The run's recipe and its retraining, refusing one from another run or one not finished."""
+    recipe = load_recipe(run)
+    retraining = open_retraining(retrain)
+    retraining.check_run(recipe)
+    retraining.check_complete()
+    return recipe, retraining
+
+
+def per_group_lds(problem: LDSProblem, scored, *, seed: int = 0) -> dict:
+    """LDS with each group's contribution alone (one-hot group weights), summary per group name."""
+    out = {}
+    names = scored.fitted.group_names
+    for j, name in enumerate(names):
+        onehot = np.zeros(len(names))
+        onehot[j] = 1.0
+        per_q = lds_per_query(subset_predictions(scored.scores(onehot), problem.mask), problem.targets)
+        out[name] = summarize(per_q, query_ids=problem.query_ids, seed=seed)
+    return out
+
+
+def plot_per_group(per_group: dict, overall: dict, path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_group)
+    means = np.array([np.nan if per_group[n]["mean"] is None else per_group[n]["mean"] for n in names])
+    lo = np.array([np.nan if per_group[n]["ci95"][0] is None else per_group[n]["ci95"][0] for n in names])
+    hi = np.array([np.nan if per_group[n]["ci95"][1] is None else per_group[n]["ci95"][1] for n in names])
+    err = np.nan_to_num(np.stack([means - lo, hi - means]), nan=0.0)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), np.nan_to_num(means), yerr=err, capsize=3, color="#4C72B0")
+    if overall.get("mean") is not None:
+        ax.axhline(overall["mean"], color="#C44E52", ls="--", lw=1.2, label=f"all groups: {overall['mean']:.3f}")
+        ax.legend(loc="best", fontsize=8)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("LDS (mean, 95% CI)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "trak", kernel: str = "shared",
+                 c: float | None = None, weights_path=None, per_group: bool = False, grid: OutputGrid = OutputGrid(),
+                 seed: int = 0, progress: bool = True) -> dict:
+    """The CLI stage: LDS (mean, 95% CI, per query) of one method; writes lds.json (+ the per-group plot)."""
+    from gradtrace.evaluate.scoring import score_queries
+    from gradtrace.features.store import FeatureStore
+
+    start = time.perf_counter()
+    finished_retraining(run, retrain)  # the cheap checks first
+    train = FeatureStore.open(train_features)
+    query = FeatureStore.open(queries)
+    problem = load_problem(run, retrain, train, query, grid=grid, progress=progress)
+    scored = score_queries(train, query, method=method, kernel=kernel, c=c, weights_path=weights_path,
+                           progress=progress)
+    result = problem.evaluate(scored.scores(), seed=seed)
+    doc = {"manifest": eval_manifest(problem, train, query, scored, grid, seed), "lds": result}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if per_group:
+        doc["per_group"] = per_group_lds(problem, scored, seed=seed)
+        info = scored.fitted.info
+        plot_per_group(doc["per_group"], result, out / PLOT,
+                       f"LDS per parameter group alone ({info.get('method')}, {info.get('kernel', 'identity')} kernel)")
+        doc["per_group_plot"] = str(out / PLOT)
+    doc["wall_s"] = round(time.perf_counter() - start, 3)
+    write_json_atomic(out / RESULT, doc)
+    return doc
+
+
+def eval_manifest(problem: LDSProblem, train, query, scored, grid: OutputGrid, seed: int) -> dict:
+    r = problem.retraining
+    return {"format": "gradtrace-lds", "format_version": 1, "command": " ".join(["gradtrace", *sys.argv[1:]]),
+            "run": r.manifest.get("run"), "run_fingerprint": r.settings["recipe"]["run_fingerprint"],
+            "retrain": str(r.path.resolve()), "subsets": r.settings["subsets"], "seeds": r.seeds,
+            "train_features": str(train.path.resolve()), "query_features": str(query.path.resolve()),
+            "query_source": query.settings["source"], "query_ids_sha256": sha256_arrays([problem.query_ids]),
+            "method": scored.fitted.info, "groups": scored.fitted.group_names,
+            "measurement": train.settings["measurement"], "projection": train.settings["projection"],
+            "weights": scored.weights_info, "model_output": {"name": "diffusion loss", "grid": grid.info(),
+                                                             "target": "negative loss, mean over seeds",
+                                                             "cache": problem.outputs_info.get("path")},
+            "bootstrap_seed": seed, "versions": versions()}

@@ -1,0 +1,56 @@
+"""Label-free choice of the TRAK λ scale c: the grid value whose kernel gives the best uniform-weight SNR.
+
+For each c in the grid the kernel is refitted from one shared Gram pass (`TRAK.gram` + `fit(gram=)`),
+and the objective mean_q L(uniform; q) is evaluated on the learning queries only (the signature has no
+place for evaluation queries). The lowest loss wins; on equal losses, the smaller c.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradtrace.errors import UserError
+from gradtrace.methods.checks import check_group_slices, check_matrix, raise_if_nonfinite
+from gradtrace.methods.registry import get_method, lambda_grid
+from gradtrace.methods.trak import TRAK
+from gradtrace.weights.defaults import DEFAULT_K
+from gradtrace.weights.objective import check_k
+from gradtrace.weights.streamed import snr_at
+
+
+def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_features: Any, *,
+                        method: str = "trak", kernel: str = "shared", grid: Any = None, k: int = DEFAULT_K,
+                        chunk_rows: int = 65536, progress: bool = False) -> tuple[float, list[tuple[float, float]]]:
+    """(best c, [(c, loss), ...] for every c in `grid`) with loss = mean_q L(uniform; q) on the learning queries.
+
+    `method` is "trak" or "dtrak" (a kernel with a λ); `grid` defaults to `lambda_grid()` (1e-4..1).
+    """
+    phi = check_matrix(train_features, "training features")
+    slices = check_group_slices(group_slices, phi.shape[1])
+    queries = check_matrix(learning_query_features, "learning query features", phi.shape[1])
+    raise_if_nonfinite(queries, 0, "learning query features")
+    queries = np.asarray(queries, dtype=np.float64)
+    k = check_k(k, phi.shape[0])
+    values = _check_grid(lambda_grid() if grid is None else grid)
+    if not isinstance(get_method(method), TRAK):
+        raise UserError(f"method '{method}' has no λ to choose; use 'trak' or 'dtrak'")
+    base = get_method(method, c=values[0], kernel=kernel)
+    gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress)
+    table: list[tuple[float, float]] = []
+    for c in values:
+        fitted = get_method(method, c=c, kernel=kernel).fit(phi, slices, chunk_rows=chunk_rows, gram=gram)
+        table.append((c, snr_at(fitted, queries, k, chunk_rows=chunk_rows)))
+    best = min(range(len(table)), key=lambda i: (table[i][1], table[i][0]))
+    return table[best][0], table
+
+
+def _check_grid(grid: Any) -> list[float]:
+    try:
+        values = [float(c) for c in np.asarray(grid, dtype=np.float64).ravel()]
+    except (TypeError, ValueError):
+        raise UserError("grid must be a list of positive numbers (λ scales c); pass e.g. lambda_grid()") from None
+    if not values or not all(np.isfinite(c) and c > 0 for c in values):
+        raise UserError(f"grid must be a non-empty list of finite positive numbers, got {grid!r}; "
+                        f"pass e.g. lambda_grid()")
+    return values

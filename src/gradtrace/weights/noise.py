@@ -1,0 +1,73 @@
+"""The noise term without touching N per step: ‖τ_w(q, ·)‖² = wᵀ G_q w.
+
+    G_q[j, l] = Σ_n c_j(q, n) c_l(q, n) = φ_j(q)ᵀ S_{jl} φ_l(q),    S = ΨᵀΨ   (k × k)
+
+S is accumulated in float64 over row chunks of Ψ (one pass, N·k² flops); all G_q then cost Q·k² flops,
+not Q·N·M². The same pass records the per-group maximum row norm max_n ‖ψ_j(n)‖, the overall maximum
+row norm and the column means, which the candidate pool uses for its refresh checks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradtrace.methods.checks import raise_if_nonfinite
+from gradtrace.methods.rows import effective_chunk_rows, row_chunks
+
+
+@dataclass
+class PsiStats:
+    """One pass over Ψ: S = ΨᵀΨ (k, k) float64, per-group max row norm (M,), max row norm, column means (k,)."""
+
+    gram: np.ndarray
+    group_norm_max: np.ndarray
+    norm_max: float
+    col_mean: np.ndarray
+    n: int
+
+
+def group_starts(group_slices: list[tuple[str, int, int]]) -> np.ndarray:
+    """Start column of every group (for np.add.reduceat over the feature axis)."""
+    return np.array([start for _, start, _ in group_slices], dtype=np.int64)
+
+
+def psi_stats(psi: np.ndarray, group_slices: list[tuple[str, int, int]], *, chunk_rows: int = 4096,
+              progress: bool = False) -> PsiStats:
+    """S = ΨᵀΨ in float64 plus row-norm maxima and column means, reading Ψ in row chunks."""
+    n, k = psi.shape
+    starts = group_starts(group_slices)
+    gram = np.zeros((k, k), dtype=np.float64)
+    col_sum = np.zeros(k, dtype=np.float64)
+    group_max = np.zeros(len(group_slices), dtype=np.float64)
+    row_max = 0.0
+    rows = effective_chunk_rows(chunk_rows, 8 * k, budget=64 * 2**20)
+    for start, stop in row_chunks(n, rows, progress=progress, desc="weights: ΨᵀΨ"):
+        x = np.asarray(psi[start:stop], dtype=np.float64)
+        raise_if_nonfinite(x, start, "fitted training features (psi)")
+        gram += x.T @ x                      # numpy uses a symmetric rank-k update for xᵀx
+        col_sum += x.sum(axis=0)
+        sq = np.add.reduceat(x * x, starts, axis=1)
+        group_max = np.maximum(group_max, sq.max(axis=0))
+        row_max = max(row_max, float(sq.sum(axis=1).max()))
+    gram = (gram + gram.T) / 2
+    return PsiStats(gram=gram, group_norm_max=np.sqrt(group_max), norm_max=float(np.sqrt(row_max)),
+                    col_mean=col_sum / n, n=n)
+
+
+def query_grams(phi_q: np.ndarray, gram: np.ndarray, group_slices: list[tuple[str, int, int]]) -> np.ndarray:
+    """G (Q, M, M) float64 with G[q, j, l] = φ_j(q)ᵀ S_{jl} φ_l(q); `phi_q` (Q, k) float64.
+
+    Q·k² flops; queries go in small blocks so the (block, k) intermediates stay in cache.
+    """
+    starts = group_starts(group_slices)
+    n_q, k, m = phi_q.shape[0], phi_q.shape[1], len(group_slices)
+    out = np.empty((n_q, m, m), dtype=np.float64)
+    block = max(1, 32768 // k)
+    for q0 in range(0, n_q, block):
+        p = phi_q[q0:q0 + block]
+        for j, (_, start, stop) in enumerate(group_slices):
+            u = p[:, start:stop] @ gram[start:stop, :]          # (block, k): Σ_{a∈j} φ_a S_ab
+            u *= p
+            out[q0:q0 + block, j, :] = np.add.reduceat(u, starts, axis=1)
+    return (out + out.transpose(0, 2, 1)) / 2

@@ -1,0 +1,195 @@
+"""Candidate pools for the signal term: the top-C training rows per query, refreshed only when needed.
+
+The signal term needs T_k(w, q), the k best rows under the current weights. Each query keeps a pool of
+C ≫ k rows (its top-C under the weights w_r of its last refresh, found by a streamed pass over Ψ with
+`FittedMethod.topk`) and their per-group contributions (Q, C, M), stored in float32 (computed from the
+float32 Ψ; the same values as the dense tensor up to float32 rounding). A step takes its top-k inside
+the pool, which equals the dense top-k whenever no row outside the pool beats the k-th best pool score.
+
+refresh="exact" (rigorous). t_q is the best score outside the pool at w_r (the (C+1)-th score of the
+pass plus a float32 rounding margin). Ranking is scale-free and τ_w = α τ_{w_r} + Σ_j (w_j − α w_r,j) c_j,
+and |c_j(q, n)| ≤ a_j(q) = ‖φ_j(q)‖ · max_n ‖ψ_j(n)‖, so every row outside the pool has
+
+    τ_w(q, n) ≤ B_q(w) = min_{α ≥ 0}  α t_q + Σ_j a_j(q) |w_j − α w_r,j|      (α exact, per query).
+
+The sum is then tightened per query: the groups with the largest terms keep them, the others are
+bounded together by Cauchy–Schwarz in feature space, ‖(d ⊙ φ(q))_rest‖ · max_n ‖ψ(n)‖ (d = w − α w_r);
+the best such split is used. A query is refreshed when B_q(w) ≥ s_k(q; w) − margin (the k-th best pool score), so the selected
+top-k is the dense one at every step (ties aside). Queries that would fail at the weights extrapolated
+a few steps ahead join the same pass (a pass for few queries costs one read of Ψ either way). The bound
+is loose by about √(k_j · M) for unstructured features, so early steps refresh many queries.
+
+refresh="fast" (approximate). No per-step bound: all pools are rebuilt every R steps and at the last
+step. Each rebuild counts "entrants", rows of the new top-k that were outside the old pool; R doubles
+(up to 32) after a rebuild without entrants and halves after one with entrants. Between rebuilds a row
+outside the pool can be missing from T_k; the final weights' top-k and loss are exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gradtrace.methods.fitted import FittedMethod
+from gradtrace.weights.noise import PsiStats, group_starts
+
+TRIGGERS = ("exact", "fast")
+_U32 = 2.0 ** -24  # unit roundoff of float32
+LOOKAHEAD_STEPS = 4
+MAX_INTERVAL = 32
+
+
+class CandidatePool:
+    """Per-query candidate rows and their contributions; `select(w)` returns top-k positions in the pool."""
+
+    def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, stats: PsiStats, *, size: int, k: int,
+                 trigger: str, chunk_rows: int = 65536):
+        self.fitted, self.phi_q, self.stats = fitted, phi_q, stats
+        self.trigger, self.k, self.chunk_rows = trigger, int(k), int(chunk_rows)
+        n_q, n, m = phi_q.shape[0], fitted.n_train, fitted.n_groups
+        self.size = min(int(size), n)
+        self.complete = self.size >= n  # the pool holds every row: nothing outside it
+        self.starts = group_starts(fitted.group_slices)
+        self.phi32 = phi_q.astype(np.float32)
+        self.idx = np.zeros((n_q, self.size), dtype=np.int64)
+        self.contrib = np.zeros((n_q, self.size, m), dtype=np.float32)
+        self.base_w = np.ones((n_q, m), dtype=np.float64)
+        self.t = np.full(n_q, np.inf)                     # +inf: never refreshed
+        self.phi_norm = np.sqrt(np.add.reduceat(phi_q * phi_q, self.starts, axis=1))  # (Q, M) ‖φ_j(q)‖
+        self.a = self.phi_norm * stats.group_norm_max[None, :]  # (Q, M) bound on |c_j(q, n)|
+        # float32 rounding of a score (Ψ pass) or a pool score (stored contributions): ≤ eps_rel · Σ_j w_j a_j
+        self.eps_rel = 4.0 * (fitted.dim + m + 4) * _U32
+        self.step = 0
+        self.interval, self.next_rebuild = 1, 0
+        self.prev_w: np.ndarray | None = None
+        self.passes = self.queries_refreshed = self.entrants = 0
+
+    # ---- one step --------------------------------------------------------------------------
+    def select(self, w: np.ndarray, *, last: bool = False) -> np.ndarray:
+        """Top-k positions (Q, k) into the pool under weights `w` (M,), refreshing queries as needed."""
+        n_q = len(self.t)
+        if self.complete or self.trigger == "fast":
+            due = self.passes == 0 if self.complete else (self.step >= self.next_rebuild or last)
+            if due:
+                found = self.refresh(np.arange(n_q), w)
+                if not self.complete:
+                    self.interval = max(1, self.interval // 2) if found else min(2 * self.interval, MAX_INTERVAL)
+                    self.next_rebuild = self.step + self.interval
+            scores = self.pool_scores(w)
+        else:
+            scores = self.pool_scores(w)
+            stale = self.stale(w, scores)
+            if stale.any():
+                rows = np.flatnonzero(stale | self._stale_ahead(w))
+                self.refresh(rows, w)
+                scores[rows] = self.pool_scores(w, rows)
+        self.prev_w = w
+        self.step += 1
+        return np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k]
+
+    def pool_scores(self, w: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        c = self.contrib if rows is None else self.contrib[rows]
+        return c @ w.astype(np.float32)
+
+    def stale(self, w: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Queries whose pool may have lost a top-k row under `w` (bound ≥ k-th pool score − margin)."""
+        s_k = -np.partition(-scores, self.k - 1, axis=1)[:, self.k - 1].astype(np.float64)
+        margin = self.eps_rel * (self.a @ w)
+        return ~(self.bound(w) < s_k - margin)
+
+    def _stale_ahead(self, w: np.ndarray) -> np.ndarray:
+        if self.prev_w is None:
+            return np.zeros(len(self.t), dtype=bool)
+        log_ahead = np.log(w) + LOOKAHEAD_STEPS * (np.log(w) - np.log(self.prev_w))
+        ahead = np.exp(log_ahead - log_ahead.max())
+        ahead /= ahead.sum()
+        return self.stale(ahead, self.pool_scores(ahead))
+
+    def bound(self, w: np.ndarray) -> np.ndarray:
+        """B_q(w) per query (module docstring); +inf for queries never refreshed, −inf for complete pools."""
+        if self.complete:
+            return np.full(len(self.t), -np.inf)
+        v, a = self.base_w, self.a
+        t = np.where(np.isfinite(self.t), self.t, 0.0)
+        ratio = w[None, :] / v
+        order = np.argsort(ratio, axis=1)
+        r = np.take_along_axis(ratio, order, axis=1)
+        p = np.take_along_axis(a * v, order, axis=1)
+        total = p.sum(axis=1)
+        # f(α) = α t + Σ a_j |w_j − α v_j| is convex; its slope right of the i-th breakpoint is t + 2 cum_i − total.
+        slope = t[:, None] + 2.0 * np.cumsum(p, axis=1) - total[:, None]
+        first = np.argmax(slope >= 0, axis=1)
+        alpha = np.where(t - total >= 0, 0.0, r[np.arange(len(t)), first])
+        d = np.abs(w[None, :] - alpha[:, None] * v)
+        # Hybrid: groups A (largest a_j|d_j|) bounded one by one, the rest jointly by Cauchy–Schwarz
+        # in feature space, |Σ_{j∉A} d_j c_j| ≤ ‖(d ⊙ φ(q))_{∉A}‖ · max_n ‖ψ(n)‖; the best split per query.
+        per_group = a * d
+        order = np.argsort(-per_group, axis=1)
+        cum1 = np.cumsum(np.take_along_axis(per_group, order, axis=1), axis=1)
+        sq = np.take_along_axis((d * self.phi_norm) ** 2, order, axis=1)
+        rest = np.sqrt(np.maximum(sq.sum(axis=1, keepdims=True) - np.cumsum(sq, axis=1), 0.0))
+        joint = np.sqrt(sq.sum(axis=1))
+        best = np.minimum(joint * self.stats.norm_max, (cum1 + rest * self.stats.norm_max).min(axis=1))
+        out = alpha * t + best
+        return np.where(np.isfinite(self.t), out, np.inf)
+
+    # ---- refresh -------------------------------------------------------------------------------
+    def refresh(self, rows: np.ndarray, w: np.ndarray) -> int:
+        """Rebuild the pools of queries `rows` under `w` with one streamed pass over Ψ; returns entrants."""
+        take = min(self.size + 1, self.fitted.n_train)
+        idx, top = self.fitted.topk(self.phi_q[rows], take, weights=w, chunk_rows=self.chunk_rows)
+        new = idx[:, : self.size]
+        if self.complete:
+            t = np.full(len(rows), -np.inf)
+        else:
+            t = top[:, self.size].astype(np.float64) + self.eps_rel * (self.a[rows] @ w)
+        found = 0
+        seen = np.isfinite(self.t[rows])
+        if seen.any():
+            old = self.idx[rows[seen]]
+            head = new[seen, : self.k]
+            found = int(sum(np.setdiff1d(h, o).size for h, o in zip(head, old)))
+        self.contrib[rows] = self._new_contributions(rows, new, reuse=seen)
+        self.idx[rows] = new
+        self.base_w[rows] = w
+        self.t[rows] = t
+        self.passes += 1
+        self.queries_refreshed += len(rows)
+        self.entrants += found
+        return found
+
+    def _new_contributions(self, rows: np.ndarray, new: np.ndarray, reuse: np.ndarray) -> np.ndarray:
+        """Contributions (len(rows), C, M) of pools `new`, copying those already held for the same query."""
+        n_rows, c = new.shape
+        out = np.empty((n_rows, c, self.fitted.n_groups), dtype=np.float32)
+        missing = np.ones((n_rows, c), dtype=bool)
+        if reuse.any():
+            r = np.flatnonzero(reuse)
+            old = self.idx[rows[r]]
+            order = np.argsort(old, axis=1)
+            offset = (np.arange(len(r)) * self.fitted.n_train)[:, None]
+            keys_old = (np.take_along_axis(old, order, axis=1) + offset).ravel()
+            keys_new = (new[r] + offset).ravel()
+            at = np.minimum(np.searchsorted(keys_old, keys_new), keys_old.size - 1)
+            hit = (keys_old[at] == keys_new).reshape(len(r), c)
+            local = np.clip(at.reshape(len(r), c) - (np.arange(len(r)) * c)[:, None], 0, c - 1)
+            src = np.take_along_axis(order, local, axis=1)
+            held = self.contrib[rows[r]]
+            rr, cc = np.nonzero(hit)
+            out[r[rr], cc] = held[rr, src[rr, cc]]
+            missing[r] = ~hit
+        qi, ci = np.nonzero(missing)
+        out[qi, ci] = self._contributions(rows[qi], new[qi, ci])
+        return out
+
+    def _contributions(self, queries: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
+        """Contributions (P, M) float32 of the (query, training row) pairs, computed from float32 φ and Ψ."""
+        k = self.fitted.dim
+        out = np.empty((len(queries), self.fitted.n_groups), dtype=np.float32)
+        block = max(1, (64 * 2**20) // (4 * k))
+        for s in range(0, len(queries), block):
+            flat = train_rows[s:s + block]
+            order = np.argsort(flat, kind="stable")
+            x = np.empty((flat.size, k), dtype=np.float32)
+            x[order] = self.fitted.psi[flat[order]]
+            x *= self.phi32[queries[s:s + block]]
+            out[s:s + block] = np.add.reduceat(x, self.starts, axis=1)
+        return out
