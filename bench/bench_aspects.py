@@ -36,10 +36,10 @@ METHODS = [("tracin", "identity", "loss"), ("trak", "shared", "loss"), ("trak", 
            ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak")]
 PICTURE_METHOD = "trak/per-group"  # fixed in advance for the attribution grids (not chosen on results)
 SETTINGS = {
-    "full": {"n_train": None, "steps": 500, "batch_size": 64, "n_eval": 96, "n_learn": 64, "sample_steps": 50,
+    "full": {"n_train": None, "steps": 500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64, "sample_steps": 50,
              "guidance": 1.0, "dim": 2048, "timesteps": 10, "learn_steps": 200, "k": 10, "threads": 1,
              "show_queries": 3, "show_k": 6, "bootstrap": 2000},
-    "quick": {"n_train": 96, "steps": 10, "batch_size": 16, "n_eval": 8, "n_learn": 6, "sample_steps": 3,
+    "quick": {"n_train": 96, "steps": 10, "batch_size": 16, "lr": 3e-3, "n_eval": 8, "n_learn": 6, "sample_steps": 3,
               "guidance": 1.0, "dim": 64, "timesteps": 1, "learn_steps": 5, "k": 10, "threads": 1,
               "show_queries": 2, "show_k": 4, "bootstrap": 200},
 }
@@ -47,7 +47,6 @@ SETTINGS = {
 
 def log(msg: str) -> None:
     print(f"[bench-aspects] {msg}", file=sys.stderr, flush=True)
-
 
 def query_sets(values: dict, s: dict) -> dict[str, np.ndarray]:
     """name -> (n, A) conditioning codes: the evaluation set, the general and the per-aspect learning sets."""
@@ -61,13 +60,15 @@ def query_sets(values: dict, s: dict) -> dict[str, np.ndarray]:
     return sets
 
 
-def make_samples(ckpt, path: Path, codes: np.ndarray, seed: int, s: dict) -> None:
+def make_samples(ckpt, fingerprint: str, path: Path, codes: np.ndarray, seed: int, s: dict) -> None:
+    """Sample (or reuse samples made by this very model with the same codes, seed and sampler settings)."""
     from gradtrace.commands import sample_run
     from gradtrace.manifest import read_json
 
     if (path / "cond.npy").exists() and np.array_equal(np.load(path / "cond.npy"), codes):
         m = read_json(path / "manifest.json", "samples manifest")
-        if (m.get("seed"), m.get("sample_steps"), m.get("guidance")) == (seed, s["sample_steps"], s["guidance"]):
+        if (m.get("model_fingerprint"), m.get("seed"), m.get("sample_steps"), m.get("guidance")) == \
+                (fingerprint, seed, s["sample_steps"], s["guidance"]):
             return
     sample_run(ckpt, path, num=len(codes), codes=codes, guidance=s["guidance"], sample_steps=s["sample_steps"],
                seed=seed, progress=False)
@@ -90,6 +91,20 @@ def fidelity(train_x, train_codes, held_x, held_codes, sets: dict, images: dict)
     return out
 
 
+def weights_current(path: Path, train, queries, s: dict) -> bool:
+    """True when `path` holds weights learned for exactly this training store and learning-query set."""
+    from gradtrace.learning import query_set_id, store_identity
+    from gradtrace.manifest import read_json
+
+    if not path.exists():
+        return False
+    doc = read_json(path, "weights file")
+    prov, ids = doc.get("provenance", {}), query_set_id(queries)
+    return (prov.get("store") == store_identity(train) and doc.get("learning", {}).get("steps") == s["learn_steps"]
+            and prov.get("learning_queries", {}).get("ids_sha256") == ids["ids_sha256"]
+            and prov.get("learning_queries", {}).get("source") == ids["source"])
+
+
 def effective_groups(w: np.ndarray) -> float:
     v = np.asarray(w, dtype=np.float64) / np.sum(w)
     return float(1.0 / np.sum(v ** 2))
@@ -98,8 +113,7 @@ def effective_groups(w: np.ndarray) -> float:
 def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0) -> list[float]:
     """95% bootstrap CI over queries of mean(a − b) (paired)."""
     d = np.asarray(a) - np.asarray(b)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
@@ -132,24 +146,24 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         return result
 
     ckpt = stage("train", train_run, "shapes", out / "model", n=s["n_train"], steps=s["steps"],
-                 batch_size=s["batch_size"], seed=0, progress=False)
+                 batch_size=s["batch_size"], lr=s["lr"], seed=0, progress=False)
     model = load_checkpoint(ckpt)
     values = model.model.attribute_values
     train_log = read_json(Path(ckpt) / "config.json", "checkpoint config")
     sets = query_sets(values, s)
     for name, (codes, seed) in sets.items():
-        stage(f"sample {name}", make_samples, ckpt, out / "samples" / name, codes, seed, s)
+        stage(f"sample {name}", make_samples, ckpt, model.fingerprint, out / "samples" / name, codes, seed, s)
 
     stores: dict[str, dict[str, FeatureStore]] = {}
     for meas in ("loss", "dtrak"):
         spec = FeatureSpec(groups="block", projection="rademacher", total_dim=s["dim"], measurement=meas,
                            num_timesteps=s["timesteps"])
         stores[meas] = {"train": stage(f"featurize train ({meas})", featurize_run, ckpt, out / "features" / meas /
-                                       "train", spec=spec, progress=True)}
+                                       "train", spec=spec, overwrite=True, progress=True)}
         for name in sets:
             stores[meas][name] = stage(f"featurize {name} ({meas})", featurize_run, ckpt,
                                        out / "features" / meas / name, samples=out / "samples" / name, spec=spec,
-                                       progress=False)
+                                       overwrite=True, progress=False)
 
     train_store = stores["loss"]["train"]
     train_codes = np.asarray(train_store.cond)
@@ -166,8 +180,9 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         return row
 
     # ---- baselines: pixel −L2 nearest neighbours and a seeded random ranking
-    ds = load_dataset("shapes", n=None if s["n_train"] is None else 2 * s["n_train"])
     n_tr = len(train_store.ids)
+    ds = load_dataset("shapes", n=2 * n_tr)  # image i does not depend on n: the first n_tr are the training set
+    np.testing.assert_array_equal(ds.ids[:n_tr], train_store.ids)
     train_x = ds.images[:n_tr].reshape(n_tr, -1).numpy().astype(np.float64)
     imgs = {name: np.load(out / "samples" / name / "images.npy").reshape(len(c), -1) for name, (c, _) in sets.items()}
     ev = imgs["eval"].astype(np.float64)
@@ -187,7 +202,7 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         docs, fitted_by_c = {}, {}
         for wset in ("general", *ASPECTS):
             path = out / "weights" / f"{method}-{kernel}-{wset}.json"
-            if not path.exists():
+            if not weights_current(path, train, stores[meas][f"learn-{wset}"], s):
                 stage(f"learn {key} {wset}", learn_weights_run, train.path, path,
                       queries_path=stores[meas][f"learn-{wset}"].path, method=method, kernel=kernel,
                       c="auto", k=s["k"], steps=s["learn_steps"], progress=False)
@@ -238,6 +253,7 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "load_average_end": list(os.getloadavg()), "timings_s": timings, "cpu_count": os.cpu_count(),
            "train_loss_last100": train_log.get("train_loss_final"), "train_wall_s": train_log.get("train_wall_s"),
+           "train_config": train_log.get("train_config"), "model_fingerprint": model.fingerprint,
            "fidelity": fid, "summary": summary, "versions": versions(),
            "methods": {k: _jsonable(v) for k, v in results.items()}, "baselines": _jsonable(rows)}
     write_json_atomic(out / "results.json", doc)

@@ -11,6 +11,7 @@ for a few hundred steps) and each configuration, one fresh subprocess featurizes
     floor   plain training forward+backward of the same 64·T-row batches (parameter gradients)
     vmap    gradtrace, torch.func per-example gradients + per-group Rademacher projection
     kron    gradtrace, Kronecker (LoGra-style) projection from one batched forward/backward
+    kron4x  the same at 4x the dimension (what matching vmap's attribution quality costs)
     traker  traker.TRAKer, BasicProjector (CPU, Rademacher), use_half_precision=False
     dattri  dattri TRAKAttributor.cache on CPU (its BasicProjector), the same diffusion loss
 
@@ -25,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CONFIGS = ("floor", "vmap", "kron", "traker", "dattri")
+CONFIGS = ("floor", "vmap", "kron", "kron4x", "traker", "dattri")
 MODELS = {"digits": ("unconditional", 1, 8), "shapes": ("conditional", 3, 16)}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,20 +82,20 @@ def worker(path: Path, config: str, T: int, dim: int, chunk: int, out_dir: Path)
 
     ckpt, images, ids, cond = load(path)
     model, sched = ckpt.model, ckpt.scheduler
-    spec = FeatureSpec(projection="kronecker" if config == "kron" else "rademacher", total_dim=dim,
-                       num_timesteps=T, chunk_rows=chunk)
+    spec = FeatureSpec(projection="kronecker" if config.startswith("kron") else "rademacher",
+                       total_dim=4 * dim if config == "kron4x" else dim, num_timesteps=T, chunk_rows=chunk)
     noise = xt = None
     if config in ("traker", "dattri"):
         from gradtrace.measure import Measurement
         m = Measurement.create("loss", T, sched.config.num_train_timesteps)
         noise = m.noise(ids, tuple(images.shape[1:]))
         xt, _ = m.noisy_inputs(images, noise, sched.alphas_cumprod)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = peak_rss_mb()
     start, cpu0 = time.perf_counter(), time.process_time()
     if config == "floor":
         train_floor(model, sched, images, cond, T, chunk)
         k = 0
-    elif config in ("vmap", "kron"):
+    elif config in ("vmap", "kron", "kron4x"):
         store = featurize(model, sched, images, ids, out_dir / "store", spec=spec, cond=cond,
                           model_fingerprint=ckpt.fingerprint, progress=False)
         k = store.features.shape[1]
@@ -104,9 +104,18 @@ def worker(path: Path, config: str, T: int, dim: int, chunk: int, out_dir: Path)
     else:
         k = run_dattri(model, xt, noise, cond, T, sched, dim, chunk)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_mb()
     return {"config": config, "wall_s": wall, "cpu_s": cpu, "rows": len(ids) * T, "k": int(k),
-            "peak_rss_mb": peak / 1024, "pre_rss_mb": rss0 / 1024}
+            "peak_rss_mb": peak, "pre_rss_mb": rss0}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM, MiB). Not ru_maxrss: Linux carries that over from the
+    forking parent across exec, so every worker would report at least the parent's RSS."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def train_floor(model, sched, images, cond, T, chunk) -> None:
@@ -183,9 +192,13 @@ def run_dattri(model, xt, noise, cond, T, sched, dim, chunk) -> int:
 
 # ------------------------------------------------------------------------------------------- quality
 def quality(path: Path, T: int, dim: int, seeds: int, c: float = 0.01, top: int = 10) -> dict:
-    """Top-10 overlap of TRAK (and TracIn) attributions from projected vs exact features."""
+    """Top-10 overlap of TRAK (and TracIn) attributions from projected vs exact features.
+
+    Every TRAK score uses the same absolute λ = c · ‖Φ_exact‖²_F / dim (= c · mean diag(ΦᵀΦ) of a
+    dim-wide projection, the library's default), through the push-through identity
+    φ(q)ᵀ(ΦᵀΦ + λI)⁻¹Φᵀ = φ(q)ᵀΦᵀ(ΦΦᵀ + λI)⁻¹ (N < k), so only the projection noise differs.
+    """
     from gradtrace.features.featurize import FeatureSpec, build_featurizer
-    from gradtrace.methods import get_method
 
     ckpt, xtr, ids_tr, c_tr = load(path, "train")
     _, xq, ids_q, c_q = load(path, "query")
@@ -196,31 +209,62 @@ def quality(path: Path, T: int, dim: int, seeds: int, c: float = 0.01, top: int 
         out = [fz.features(x[s:s + 64], i[s:s + 64], None if cc is None else cc[s:s + 64])
                for x, i, cc in ((xtr, ids_tr, c_tr), (xq, ids_q, c_q)) for s in range(0, len(x), 64)]
         n_tr = (len(xtr) + 63) // 64
-        return np.concatenate(out[:n_tr]), np.concatenate(out[n_tr:]), fz.projector.dims
+        return np.concatenate(out[:n_tr]).astype(np.float64), np.concatenate(out[n_tr:]).astype(np.float64)
 
-    phi, q, _ = feats("identity", 0, dim)
-    phi64, q64 = phi.astype(np.float64), q.astype(np.float64)
-    lam = c * float((phi64 ** 2).sum()) / dim  # = c · mean diag(ΦᵀΦ) of a dim-dimensional projection
-    exact_trak = q64 @ phi64.T @ np.linalg.inv(phi64 @ phi64.T + lam * np.eye(len(phi)))  # push-through
-    exact_tracin = q64 @ phi64.T
-    del phi, q, phi64, q64
+    phi, q = feats("identity", 0, dim)
+    lam = c * float((phi ** 2).sum()) / dim
+
+    def trak(p, pq):
+        return pq @ p.T @ np.linalg.inv(p @ p.T + lam * np.eye(len(p)))
+
+    exact_trak, exact_tracin = trak(phi, q), q @ phi.T
+    del phi, q
 
     def overlap(a, b):
         ta, tb = np.argsort(-a, 1)[:, :top], np.argsort(-b, 1)[:, :top]
         return float(np.mean([len(set(x) & set(y)) / top for x, y in zip(ta, tb)]))
 
     res = {}
-    for name, projection in (("vmap", "rademacher"), ("kron", "kronecker")):
+    for name, projection, k in (("vmap", "rademacher", dim), ("kron", "kronecker", dim),
+                                ("kron 2x dim", "kronecker", 2 * dim), ("kron 4x dim", "kronecker", 4 * dim)):
         rows = []
         for seed in range(seeds):
-            p, pq, dims = feats(projection, seed, dim)
-            slices = [("all", 0, p.shape[1])]
-            trak = get_method("trak", kernel="shared", c=c).fit(p, slices).scores(pq)
-            rows.append((overlap(trak, exact_trak), overlap(pq @ p.T, exact_tracin), p.shape[1]))
+            p, pq = feats(projection, seed, k)
+            rows.append((overlap(trak(p, pq), exact_trak), overlap(pq @ p.T, exact_tracin), p.shape[1]))
         rows = np.array(rows)
-        res[name] = {"trak_top10": float(rows[:, 0].mean()), "trak_top10_sd": float(rows[:, 0].std()),
+        res[name] = {"trak_top10": float(rows[:, 0].mean()), "trak_top10_se": float(rows[:, 0].std() / np.sqrt(seeds)),
                      "tracin_top10": float(rows[:, 1].mean()), "k": int(rows[0, 2]), "seeds": seeds}
     return res
+
+
+def profile(path: Path, T: int, dim: int, chunk: int, top: int = 8) -> list[str]:
+    """torch.profiler self-CPU time per op: one chunk of the floor vs one of the Kronecker featurizer."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from gradtrace.features.featurize import FeatureSpec, build_featurizer
+
+    ckpt, images, ids, cond = load(path)
+    x, i, c = images[:chunk], ids[:chunk], None if cond is None else cond[:chunk]
+    fz, _ = build_featurizer(ckpt.model, ckpt.scheduler, FeatureSpec(projection="kronecker", total_dim=dim,
+                                                                     num_timesteps=T))
+    fz.features(x, i, c)  # warm (and the first-call check)
+    times = {}
+    for name, fn in (("floor", lambda: train_floor(ckpt.model, ckpt.scheduler, x, c, T, chunk)),
+                     ("kron", lambda: fz.features(x, i, c))):
+        fn()
+        ckpt.model.eval()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        ckpt.model.eval()
+        times[name] = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+    ops = sorted(set(times["kron"]) | set(times["floor"]),
+                 key=lambda k: -max(times["kron"].get(k, 0), times["floor"].get(k, 0)))[:top]
+    lines = [f"Where the time goes (torch.profiler, self CPU ms for one chunk of {chunk} examples x T={T}):", "",
+             "| op | floor | kron |", "|---|---|---|"]
+    lines += [f"| {op} | {times['floor'].get(op, 0):.0f} | {times['kron'].get(op, 0):.0f} |" for op in ops]
+    lines.append(f"| total | {sum(times['floor'].values()):.0f} | {sum(times['kron'].values()):.0f} |")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -244,10 +288,10 @@ def table(name: str, results: dict, qual: dict | None) -> list[str]:
              "| config | k | ex·timesteps/s (CPU) | CPU time vs floor | wall s | wall vs floor | peak RSS MB "
              "| RSS vs floor |", "|---|---|---|---|---|---|---|---|"]
     med = {}
-    for cfg in CONFIGS:
-        runs = [r for r in results.get(cfg, []) if "error" not in r]
+    for cfg in [c for c in CONFIGS if c in results]:
+        runs = [r for r in results[cfg] if "error" not in r]
         if not runs:
-            err = results.get(cfg, [{}])[0].get("error", "not run")
+            err = results[cfg][0].get("error", "failed")
             lines.append(f"| {cfg} | | failed: {err[:80]} | | | | | |")
             continue
         ratio = np.median([r["cpu_s"] / f["cpu_s"] for r, f in zip(runs, floor)])
@@ -264,12 +308,12 @@ def table(name: str, results: dict, qual: dict | None) -> list[str]:
                              f"{med['kron'][1] / med[peer][1]:.2f}x its peak RSS.")
     if qual:
         lines += ["", f"Attribution quality ({qual['n_query']} held-out queries, top-10 overlap with exact-gradient "
-                  f"attributions, mean over {qual['vmap']['seeds']} projection seeds):", "",
+                  f"attributions; mean ± s.e. over {qual['vmap']['seeds']} projection seeds):", "",
                   "| features | k | TRAK top-10 overlap | TracIn top-10 overlap |", "|---|---|---|---|"]
-        for cfg in ("vmap", "kron"):
-            r = qual[cfg]
-            lines.append(f"| {cfg} | {r['k']} | {r['trak_top10']:.3f} ± {r['trak_top10_sd']:.3f} | "
-                         f"{r['tracin_top10']:.3f} |")
+        for cfg, r in qual.items():
+            if isinstance(r, dict):
+                lines.append(f"| {cfg} | {r['k']} | {r['trak_top10']:.3f} ± {r['trak_top10_se']:.3f} | "
+                             f"{r['tracin_top10']:.3f} |")
     return lines + [""]
 
 
@@ -293,7 +337,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--n", type=int, default=256)
-    p.add_argument("--n-query", type=int, default=32)
+    p.add_argument("--n-query", type=int, default=64)
     p.add_argument("--T", type=int, default=10)
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=64)
@@ -302,6 +346,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quality-seeds", type=int, default=3, help="0 skips the quality check")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--keep", action="store_true", help="keep the temporary workdir (trained models)")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -329,9 +374,14 @@ def main() -> None:
             qual["n_query"] = args.n_query
             print(f"[{name}] quality: {qual}", file=sys.stderr, flush=True)
         lines += table(name, results, qual)
+        if "kron" in args.configs:
+            lines += profile(path, args.T, args.dim, args.chunk)
     print("\n".join(lines))
     if args.write_docs:
         write_docs(lines, "Featurization")
+    if own and not args.keep:
+        import shutil
+        shutil.rmtree(args.workdir, ignore_errors=True)
 
 
 ARGS = None

@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -38,6 +37,14 @@ import numpy as np
 
 DTYPES = ("float32", "float16", "bfloat16")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process (VmHWM, MiB; ru_maxrss would include the forking parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _settings(dtype: str, k: int, groups: int, seed: int) -> dict:
@@ -102,7 +109,7 @@ def score(work: Path, config: str, dtype: str, top: int, c: float = 0.01) -> dic
     np.save(work / f"top_{config}_{dtype}.npy", idx)
     np.save(work / f"topscores_{config}_{dtype}.npy", top_scores)
     return {"config": config, "dtype": dtype, "fit_s": t1 - t0, "topk_s": t2 - t1,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def agreement(work: Path, config: str, n_spearman: int, c: float = 0.01) -> dict:

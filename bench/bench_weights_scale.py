@@ -45,9 +45,10 @@ def learn(workdir: Path, refresh: str) -> dict:
     queries = np.load(workdir / "queries.npy")
     result = learn_weights(fitted, queries, refresh=refresh, progress=False)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss * 1024  # Linux reports KiB
     planted = np.load(workdir / "planted.npy")
-    return {"wall_s": wall, "peak_rss_bytes": peak, "info": result.info, "w_signal": float(result.weights[0]),
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": peak, "info": result.info, "w_signal": float(result.weights[0]),
             "recall_uniform": planted_recall(fitted, queries, planted, None, 10),
             "recall_learned": planted_recall(fitted, queries, planted, result.weights, 10)}
 
@@ -58,20 +59,23 @@ def scale(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         subprocess.run(me + ["--generate", tmp], check=True)
         print(f"generated the planted problem in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        load_before = os.getloadavg()
         out = subprocess.run(me + ["--learn", tmp, "--refresh", args.refresh], check=True, capture_output=True,
                              text=True).stdout
+        load_after = os.getloadavg()
     r = json.loads(out)
     info, sec, pool = r["info"], r["info"]["seconds"], r["info"].get("pool", {})
-    print(f"| N | Q | M | k (features) | refresh | path | wall s | precompute s (ΨᵀΨ / G) | steps s | passes "
+    print(f"| N | Q | M | k (features) | refresh | path | wall s (CPU s) | precompute s (ΨᵀΨ / G) | steps s | passes "
           f"(query refreshes) | entrants | peak RSS GB | w_signal | recall@10 uniform → learned |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {info['N']} | {info['Q']} | {info['M']} | {SCALE['dim']} | {args.refresh} | {info['path']} | "
-          f"{r['wall_s']:.1f} | {sec['precompute']:.1f} ({sec.get('psi_gram', 0):.1f} / {sec.get('query_grams', 0):.1f})"
+          f"{r['wall_s']:.1f} ({r['cpu_s']:.1f}) | {sec['precompute']:.1f} ({sec.get('psi_gram', 0):.1f} / {sec.get('query_grams', 0):.1f})"
           f" | {sec['steps']:.1f} | {pool.get('passes')} ({pool.get('queries_refreshed')}) | "
           f"{pool.get('entrants_at_refresh')} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['w_signal']:.3f} | "
           f"{r['recall_uniform']:.3f} → {r['recall_learned']:.3f} |")
     print(f"\nfinal loss {info['final_loss']:.5f}, uniform loss {info['uniform_loss']:.5f}, steps {info['steps']}, "
-          f"lr {info['lr']}, l2 {info['l2']}, k {info['k']}")
+          f"lr {info['lr']}, l2 {info['l2']}, k {info['k']}; 1-min load average before/after the learning run: "
+          f"{load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
 
 
 # ---- the sweep ------------------------------------------------------------------------------------

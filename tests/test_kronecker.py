@@ -1,4 +1,5 @@
 """Kronecker (LoGra-style) features against exact per-example gradients and explicit projections."""
+import dataclasses
 import math
 
 import numpy as np
@@ -248,6 +249,11 @@ def test_kronecker_store_records_its_layout_and_is_never_mixed_with_dense(tmp_pa
     fz, _ = build_featurizer(model, sched, spec)
     feats = fz.features(x, ids)
     np.testing.assert_allclose(np.asarray(kron.features), feats, rtol=1e-5, atol=1e-5 * np.abs(feats).max())
+    half = featurize(model, sched, x, ids, tmp_path / "h", spec=dataclasses.replace(spec, dtype="bfloat16"), **kw)
+    assert np.load(tmp_path / "h" / "features.npy").dtype == np.uint16  # bfloat16 bits: half the bytes
+    np.testing.assert_allclose(np.asarray(half.features), feats, rtol=1e-2, atol=1e-2 * np.abs(feats).max())
+    with pytest.raises(UserError, match="'dtype' differs"):
+        kron.check_compatible(half)
     dense = featurize(model, sched, x, ids, tmp_path / "d",
                       spec=FeatureSpec(projection="rademacher", total_dim=256, num_timesteps=2), **kw)
     with pytest.raises(UserError, match="do not match training features"):

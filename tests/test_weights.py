@@ -292,3 +292,14 @@ def test_dense_contributions_and_trak_fitted_method_agree_with_numpy():
     q = rng.standard_normal((3, 22))
     got = dense_contributions(fitted, q, chunk_rows=7)
     np.testing.assert_allclose(got, np_contrib(q, fitted.psi, SLICES), rtol=1e-10, atol=1e-12)
+
+
+def test_planted_problem_and_recall_match_numpy():
+    from gradtrace.weights import planted_problem, planted_recall
+
+    prob = planted_problem(300, 6, 5, 40, signal_dim=12, strength=8.0, seed=12)
+    assert [s[2] - s[1] for s in prob.fitted.group_slices] == [12, 7, 7, 7, 7]
+    assert len(np.unique(prob.planted)) == prob.planted.size           # different rows for every query
+    w = np.array([0.6, 0.1, 0.1, 0.1, 0.1])
+    ref = np_recall(prob.queries, prob.fitted.psi, prob.planted, w, prob.fitted.group_slices, 10)
+    assert planted_recall(prob.fitted, prob.queries, prob.planted, w, 10) == pytest.approx(ref, abs=1e-12)

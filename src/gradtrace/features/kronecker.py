@@ -11,14 +11,15 @@ weight gradients at all: only the paths to the requested outputs). Then, per exa
   convolution a_in are the im2col rows (d_in = C_in·kh·kw); P_inᵀ a_in is computed as a convolution
   with P_in as its kernel, so the unfolded patches are never built either.
 - the other tensors of a group (the ``dense`` member, see kron_projection) get exact per-example
-  gradients, projected by a dense seeded matrix: biases Σ g_out, norm weights Σ g_out·x̂, biases Σ g_out
-  (x̂ recomputed from the recorded input); DiffusionModel's conditioning tables (outside the UNet) by a
+  gradients, projected by a dense seeded matrix: Linear / Conv2d biases Σ g_out, GroupNorm / LayerNorm
+  weights Σ g_out·x̂ and biases Σ g_out (x̂ recomputed from the recorded input); DiffusionModel's conditioning tables (outside the UNet) by a
   vmap over examples through ``encode_cond`` given the gradient of the UNet's encoder_hidden_states;
   anything else by the vmap(grad) path of GradientFeaturizer restricted to those tensors (slow).
 
-Sums over the T timesteps happen in projected space. The first chunk is checked: Σ_b of the features
-must equal the projection of the ordinary batch gradient, or the featurizer refuses (a model that uses
-a parameter outside its module's forward would otherwise give silently wrong features).
+Sums over the T timesteps happen in projected space. The first call is checked on its first two
+examples: Σ_b of their features must equal the projection of the ordinary batch gradient, or the
+featurizer refuses (a model that uses a parameter outside its module's forward would otherwise give
+silently wrong features).
 """
 from __future__ import annotations
 
@@ -129,16 +130,24 @@ class KroneckerFeaturizer:
 
     # ---------------------------------------------------------------------------------- main entry
     def features(self, images: torch.Tensor, ids, cond=None) -> np.ndarray:
-        """(B, k) float32 projected features, group blocks in group order, members in layout order."""
+        """(B, k) float32 projected features, group blocks in group order, members in layout order.
+
+        The first call first checks the model on its first two examples (see the module docstring).
+        """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         images = torch.as_tensor(images, dtype=torch.float32)
+        if self.check_pending:
+            self._features(images[:2], ids[:2], None if cond is None else cond[:2], check=True)
+            self.check_pending = False
+        return self._features(images, ids, cond, check=False)
+
+    def _features(self, images: torch.Tensor, ids: np.ndarray, cond, *, check: bool) -> np.ndarray:
         B = images.shape[0]
         noise = self.measurement.noise(ids, tuple(images.shape[1:]))
         xt, t = self.measurement.noisy_inputs(images, noise, self.alphas_cumprod)
         T = int(t.shape[0])
         codes = None if cond is None else torch.as_tensor(np.asarray(cond), dtype=torch.long)
         rows_c = None if codes is None else codes.repeat_interleave(T, dim=0)
-        check = self.check_pending
         with torch.enable_grad(), self._recording() as rec:
             eps = self.model(xt.reshape(B * T, *images.shape[1:]), t.repeat(B), rows_c)
             total = vmap(self.measurement.reduce)(eps.reshape(B, T, *eps.shape[1:]), noise).sum()
@@ -169,7 +178,6 @@ class KroneckerFeaturizer:
                 out[:, start + m.start:start + m.stop] = flat if mat is None else flat @ mat
             if check:
                 self._check(out, dict(zip(self.param_names, batch_grads)))
-                self.check_pending = False
         bad = ~torch.isfinite(out).all(dim=1)
         if bool(bad.any()):
             raise UserError(f"gradients contain NaN/Inf for example id {int(ids[int(torch.nonzero(bad)[0])])}; "

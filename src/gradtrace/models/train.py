@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradtrace.errors import UserError
+from gradtrace.models.configs import check_model_config
 from gradtrace.models.unet import DiffusionModel, build_model, make_scheduler
 
 
@@ -73,6 +74,7 @@ def train(model_config: dict, dataset, train_config: TrainConfig | dict | None =
     """
     cfg = TrainConfig.from_dict(train_config)
     cfg.validate()
+    check_model_config(model_config)
     images, codes, used_ids = _select(model_config, dataset, ids)
     model = build_model(model_config, seed=cfg.seed)
     model.train()

@@ -51,8 +51,10 @@ class DiffusionModel(nn.Module):
                 for name, values in self.attribute_values.items()})
             self.cond_pos = nn.ParameterDict({
                 name: nn.Parameter(torch.randn(dim)) for name in self.attribute_names})
-        # What train() used (None until trained; set by train() and load_checkpoint()).
+        # Set by train(): the ids trained on (None = all; also restored by load_checkpoint) and a log
+        # (per-step losses, wall time, ms/step, resolved train config).
         self.train_ids: np.ndarray | None = None
+        self.train_log: dict | None = None
 
     @property
     def channels(self) -> int:

@@ -7,17 +7,19 @@ float32 Ψ; the same values as the dense tensor up to float32 rounding). A step 
 the pool, which equals the dense top-k whenever no row outside the pool beats the k-th best pool score.
 
 refresh="exact" (rigorous). t_q is the best score outside the pool at w_r (the (C+1)-th score of the
-pass plus a float32 rounding margin). Ranking is scale-free and τ_w = α τ_{w_r} + Σ_j (w_j − α w_r,j) c_j,
-and |c_j(q, n)| ≤ a_j(q) = ‖φ_j(q)‖ · max_n ‖ψ_j(n)‖, so every row outside the pool has
+pass plus a float32 rounding margin). Ranking is scale-free and τ_w = α τ_{w_r} + Σ_j d_j c_j with
+d = w − α w_r for any α ≥ 0, and |c_j(q, n)| ≤ a_j(q) = ‖φ_j(q)‖ · max_n ‖ψ_j(n)‖, so every row outside
+the pool has
 
-    τ_w(q, n) ≤ B_q(w) = min_{α ≥ 0}  α t_q + Σ_j a_j(q) |w_j − α w_r,j|      (α exact, per query).
+    τ_w(q, n) ≤ α t_q + Σ_j a_j(q) |d_j|          (α ≥ 0 chosen per query to minimise this, exactly).
 
-The sum is then tightened per query: the groups with the largest terms keep them, the others are
-bounded together by Cauchy–Schwarz in feature space, ‖(d ⊙ φ(q))_rest‖ · max_n ‖ψ(n)‖ (d = w − α w_r);
-the best such split is used. A query is refreshed when B_q(w) ≥ s_k(q; w) − margin (the k-th best pool score), so the selected
-top-k is the dense one at every step (ties aside). Queries that would fail at the weights extrapolated
-a few steps ahead join the same pass (a pass for few queries costs one read of Ψ either way). The bound
-is loose by about √(k_j · M) for unstructured features, so early steps refresh many queries.
+At that α the sum is tightened per query: the groups with the largest terms keep them and the rest are
+bounded together by Cauchy–Schwarz in feature space, ‖(d ⊙ φ(q))_rest‖ · max_n ‖ψ(n)‖, taking the best
+split. This is B_q(w). A query is refreshed when B_q(w) ≥ s_k(q; w) − margin, s_k the k-th best pool
+score, so the selected top-k is the dense one at every step (up to float32 ties). Queries that would
+fail at the weights extrapolated a few steps ahead join the same pass (a pass for few queries costs one
+read of Ψ either way). Cauchy–Schwarz is loose by about √k_j per group for unstructured features, so
+early steps, where every weight moves, refresh many queries.
 
 refresh="fast" (approximate). No per-step bound: all pools are rebuilt every R steps and at the last
 step. Each rebuild counts "entrants", rows of the new top-k that were outside the old pool; R doubles
@@ -98,7 +100,8 @@ class CandidatePool:
     def _stale_ahead(self, w: np.ndarray) -> np.ndarray:
         if self.prev_w is None:
             return np.zeros(len(self.t), dtype=bool)
-        log_ahead = np.log(w) + LOOKAHEAD_STEPS * (np.log(w) - np.log(self.prev_w))
+        log_w, log_prev = np.log(np.maximum(w, 1e-300)), np.log(np.maximum(self.prev_w, 1e-300))
+        log_ahead = log_w + LOOKAHEAD_STEPS * (log_w - log_prev)
         ahead = np.exp(log_ahead - log_ahead.max())
         ahead /= ahead.sum()
         return self.stale(ahead, self.pool_scores(ahead))
@@ -141,13 +144,10 @@ class CandidatePool:
             t = np.full(len(rows), -np.inf)
         else:
             t = top[:, self.size].astype(np.float64) + self.eps_rel * (self.a[rows] @ w)
-        found = 0
         seen = np.isfinite(self.t[rows])
-        if seen.any():
-            old = self.idx[rows[seen]]
-            head = new[seen, : self.k]
-            found = int(sum(np.setdiff1d(h, o).size for h, o in zip(head, old)))
-        self.contrib[rows] = self._new_contributions(rows, new, reuse=seen)
+        contrib, held = self._new_contributions(rows, new, reuse=seen)
+        found = int((~held[seen, : self.k]).sum())          # new top-k rows that were outside the old pool
+        self.contrib[rows] = contrib
         self.idx[rows] = new
         self.base_w[rows] = w
         self.t[rows] = t
@@ -156,11 +156,15 @@ class CandidatePool:
         self.entrants += found
         return found
 
-    def _new_contributions(self, rows: np.ndarray, new: np.ndarray, reuse: np.ndarray) -> np.ndarray:
-        """Contributions (len(rows), C, M) of pools `new`, copying those already held for the same query."""
+    def _new_contributions(self, rows: np.ndarray, new: np.ndarray, reuse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(contributions (len(rows), C, M) of pools `new`, mask of entries copied from the query's old pool).
+
+        `new` is sorted by descending score, so mask[:, :k] marks the new top-k rows the old pool held.
+        """
         n_rows, c = new.shape
-        out = np.empty((n_rows, c, self.fitted.n_groups), dtype=np.float32)
-        missing = np.ones((n_rows, c), dtype=bool)
+        m = self.fitted.n_groups
+        out = np.empty((n_rows * c, m), dtype=np.float32)
+        held = np.zeros((n_rows, c), dtype=bool)
         if reuse.any():
             r = np.flatnonzero(reuse)
             old = self.idx[rows[r]]
@@ -171,14 +175,13 @@ class CandidatePool:
             at = np.minimum(np.searchsorted(keys_old, keys_new), keys_old.size - 1)
             hit = (keys_old[at] == keys_new).reshape(len(r), c)
             local = np.clip(at.reshape(len(r), c) - (np.arange(len(r)) * c)[:, None], 0, c - 1)
-            src = np.take_along_axis(order, local, axis=1)
-            held = self.contrib[rows[r]]
+            src = np.take_along_axis(order, local, axis=1)          # position in the old pool
             rr, cc = np.nonzero(hit)
-            out[r[rr], cc] = held[rr, src[rr, cc]]
-            missing[r] = ~hit
-        qi, ci = np.nonzero(missing)
-        out[qi, ci] = self._contributions(rows[qi], new[qi, ci])
-        return out
+            out[r[rr] * c + cc] = self.contrib.reshape(-1, m)[rows[r[rr]] * c + src[rr, cc]]
+            held[r] = hit
+        qi, ci = np.nonzero(~held)
+        out[qi * c + ci] = self._contributions(rows[qi], new[qi, ci])
+        return out.reshape(n_rows, c, m), held
 
     def _contributions(self, queries: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
         """Contributions (P, M) float32 of the (query, training row) pairs, computed from float32 φ and Ψ."""
