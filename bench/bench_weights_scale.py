@@ -27,11 +27,12 @@ from gradtrace.weights import learn_weights, planted_problem, planted_recall
 from gradtrace.weights.defaults import DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS
 
 SCALE = dict(n_train=100_000, n_queries=1000, n_groups=200, dim=2048, signal_dim=32, strength=45.0)
+QUICK = dict(n_train=5_000, n_queries=50, n_groups=50, dim=512, signal_dim=32, strength=30.0)  # smoke run
 
 
-def generate(workdir: Path) -> None:
-    prob = planted_problem(SCALE["n_train"], SCALE["n_queries"], SCALE["n_groups"], SCALE["dim"],
-                           signal_dim=SCALE["signal_dim"], strength=SCALE["strength"], seed=0,
+def generate(workdir: Path, spec: dict) -> None:
+    prob = planted_problem(spec["n_train"], spec["n_queries"], spec["n_groups"], spec["dim"],
+                           signal_dim=spec["signal_dim"], strength=spec["strength"], seed=0,
                            psi_path=workdir / "psi.npy")
     np.save(workdir / "queries.npy", prob.queries)
     np.save(workdir / "planted.npy", prob.planted)
@@ -48,14 +49,15 @@ def learn(workdir: Path, refresh: str) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = usage.ru_maxrss * 1024  # Linux reports KiB
     planted = np.load(workdir / "planted.npy")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": peak, "info": result.info, "w_signal": float(result.weights[0]),
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": peak,
+            "info": result.info, "w_signal": float(result.weights[0]),
             "recall_uniform": planted_recall(fitted, queries, planted, None, 10),
             "recall_learned": planted_recall(fitted, queries, planted, result.weights, 10)}
 
 
 def scale(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        me = [sys.executable, __file__]
+        me = [sys.executable, __file__] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
         subprocess.run(me + ["--generate", tmp], check=True)
         print(f"generated the planted problem in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -65,12 +67,13 @@ def scale(args: argparse.Namespace) -> None:
         load_after = os.getloadavg()
     r = json.loads(out)
     info, sec, pool = r["info"], r["info"]["seconds"], r["info"].get("pool", {})
-    print(f"| N | Q | M | k (features) | refresh | path | wall s (CPU s) | precompute s (ΨᵀΨ / G) | steps s | passes "
-          f"(query refreshes) | entrants | peak RSS GB | w_signal | recall@10 uniform → learned |")
+    print("| N | Q | M | k (features) | refresh | path | wall s (CPU s) | precompute s (ΨᵀΨ / G) | steps s | "
+          "passes (query refreshes) | entrants | peak RSS GB | w_signal | recall@10 uniform → learned |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {info['N']} | {info['Q']} | {info['M']} | {SCALE['dim']} | {args.refresh} | {info['path']} | "
-          f"{r['wall_s']:.1f} ({r['cpu_s']:.1f}) | {sec['precompute']:.1f} ({sec.get('psi_gram', 0):.1f} / {sec.get('query_grams', 0):.1f})"
-          f" | {sec['steps']:.1f} | {pool.get('passes')} ({pool.get('queries_refreshed')}) | "
+    print(f"| {info['N']} | {info['Q']} | {info['M']} | {(QUICK if args.quick else SCALE)['dim']} | {args.refresh} | {info['path']} | "
+          f"{r['wall_s']:.1f} ({r['cpu_s']:.1f}) | {sec['precompute']:.1f} "
+          f"({sec.get('psi_gram', 0):.1f} / {sec.get('query_grams', 0):.1f}) | {sec['steps']:.1f} | "
+          f"{pool.get('passes')} ({pool.get('queries_refreshed')}) | "
           f"{pool.get('entrants_at_refresh')} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['w_signal']:.3f} | "
           f"{r['recall_uniform']:.3f} → {r['recall_learned']:.3f} |")
     print(f"\nfinal loss {info['final_loss']:.5f}, uniform loss {info['uniform_loss']:.5f}, steps {info['steps']}, "
@@ -94,7 +97,8 @@ def sweep(args: argparse.Namespace) -> None:
         learn_q, eval_q, eval_planted = prob.queries[:half], prob.queries[half:], prob.planted[half:]
         base = planted_recall(prob.fitted, eval_q, eval_planted, None, 10)
         print(f"| {name} | – | uniform | 0 | – | {1 / spec['n_groups']:.3f} | {base:.3f} | – |")
-        grid = [(DEFAULT_K, lr, steps, DEFAULT_L2) for lr in (0.01, 0.03, 0.05, 0.1, 0.3) for steps in (25, 50, 100, 200, 400)]
+        grid = [(DEFAULT_K, lr, steps, DEFAULT_L2) for lr in (0.01, 0.03, 0.05, 0.1, 0.3)
+                for steps in (25, 50, 100, 200, 400)]
         grid += [(DEFAULT_K, DEFAULT_LR, DEFAULT_STEPS, l2) for l2 in (0.01, 0.1, 1.0)]
         grid += [(k, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_L2) for k in (5, 20, 50)]
         for k, lr, steps, l2 in grid:
@@ -109,12 +113,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--refresh", default="exact", choices=["exact", "fast"])
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (N=5000, Q=50, M=50)")
     parser.add_argument("--workdir", default=None, help="where the temporary Ψ memmap goes (default: system tmp)")
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--learn", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
-        generate(Path(args.generate))
+        generate(Path(args.generate), QUICK if args.quick else SCALE)
     elif args.learn:
         print(json.dumps(learn(Path(args.learn), args.refresh), default=float))
     elif args.sweep:

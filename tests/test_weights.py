@@ -150,6 +150,10 @@ def test_scalable_path_equals_dense_path():
     np.testing.assert_allclose(scal.loss_curve, dense.loss_curve, rtol=1e-5)
     np.testing.assert_allclose(scal.weights, dense.weights, atol=1e-6)
     assert dense.weights[1] > 0.5                      # it did move (towards the signal group)
+    whole = learn_weights(fitted, phi_q, k=5, steps=40, lr=0.1, l2=0.01, progress=False,
+                          memory_budget_bytes=1, pool_size=10_000)   # the pool holds every row
+    assert whole.info["pool"]["passes"] == 1
+    np.testing.assert_allclose(whole.loss_curve, dense.loss_curve, rtol=1e-5)
 
 
 @pytest.mark.parametrize("refresh", ["exact", "fast"])

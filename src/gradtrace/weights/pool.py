@@ -8,8 +8,8 @@ the pool, which equals the dense top-k whenever no row outside the pool beats th
 
 refresh="exact" (rigorous). t_q is the best score outside the pool at w_r (the (C+1)-th score of the
 pass plus a float32 rounding margin). Ranking is scale-free and τ_w = α τ_{w_r} + Σ_j d_j c_j with
-d = w − α w_r for any α ≥ 0, and |c_j(q, n)| ≤ a_j(q) = ‖φ_j(q)‖ · max_n ‖ψ_j(n)‖, so every row outside
-the pool has
+d = w − α w_r for any α ≥ 0, and |c_j(q, n)| ≤ a_j(q) = ‖φ_j(q)‖ · max_n ‖ψ_j(n)‖, so every row
+outside the pool has
 
     τ_w(q, n) ≤ α t_q + Σ_j a_j(q) |d_j|          (α ≥ 0 chosen per query to minimise this, exactly).
 
@@ -117,13 +117,14 @@ class CandidatePool:
         r = np.take_along_axis(ratio, order, axis=1)
         p = np.take_along_axis(a * v, order, axis=1)
         total = p.sum(axis=1)
-        # f(α) = α t + Σ a_j |w_j − α v_j| is convex; its slope right of the i-th breakpoint is t + 2 cum_i − total.
+        # f(α) = α t + Σ a_j |w_j − α v_j| is convex; right of the i-th breakpoint its slope is
+        # t + 2 cum_i − total, so the minimiser is the first breakpoint where that turns >= 0.
         slope = t[:, None] + 2.0 * np.cumsum(p, axis=1) - total[:, None]
         first = np.argmax(slope >= 0, axis=1)
         alpha = np.where(t - total >= 0, 0.0, r[np.arange(len(t)), first])
         d = np.abs(w[None, :] - alpha[:, None] * v)
-        # Hybrid: groups A (largest a_j|d_j|) bounded one by one, the rest jointly by Cauchy–Schwarz
-        # in feature space, |Σ_{j∉A} d_j c_j| ≤ ‖(d ⊙ φ(q))_{∉A}‖ · max_n ‖ψ(n)‖; the best split per query.
+        # Hybrid: groups A (largest a_j|d_j|) bounded one by one, the rest jointly by Cauchy–Schwarz in
+        # feature space, |Σ_{j∉A} d_j c_j| ≤ ‖(d ⊙ φ(q))_{∉A}‖ · max_n ‖ψ(n)‖; best split per query.
         per_group = a * d
         order = np.argsort(-per_group, axis=1)
         cum1 = np.cumsum(np.take_along_axis(per_group, order, axis=1), axis=1)
