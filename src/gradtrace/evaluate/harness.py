@@ -75,6 +75,8 @@ def train_jobs(out, jobs: list[Job], recipe: Recipe, *, workers: int = 1, rank: 
     if len(set(names)) != len(names):
         raise ValueError("job names must be unique")
     mine = [j for i, j in enumerate(jobs) if i % world == rank]
+    for j in mine:  # temp dirs of killed runs are never reused, whether or not their job is pending
+        _remove_stale_tmp(model_dir(out, j))
     pending = [j for j in mine if not is_finished(out, j)]
     skipped = len(mine) - len(pending)
     if max_models is not None:
@@ -138,7 +140,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed worker whose parent died may linger as a zombie nobody reaps: that is dead too
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _train_in_process(out, pending: list[Job], recipe: Recipe, bar, stats: dict) -> None:
