@@ -6,7 +6,7 @@
     best_c, table = choose_lambda_scale(train_features, group_slices, learning_query_features)
 
 Defaults (k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "exact", memory budget
-1 GiB) come from the sweep in docs/benchmarks.md ("Weight learning at scale").
+64 MiB) come from the sweep in docs/benchmarks.md ("Weight learning at scale").
 """
 from gradtrace.weights.artefact import load_weights, save_weights
 from gradtrace.weights.defaults import (DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_MEMORY_BUDGET, DEFAULT_POOL,

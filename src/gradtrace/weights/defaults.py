@@ -2,8 +2,9 @@
 
 k = 10 (DESIGN §2); lr = 0.05 and steps = 200: lr·steps = 10, twice where the objective settled on the
 planted problems; l2 = 0 (it only pulls towards uniform); pool of 256 candidates per query (512 cost more
-per step than it saved in refreshes); refresh "exact" (identical to the dense path); the dense path when
-its float64 (Q, N, M) tensor fits 1 GiB.
+per step than it saved in refreshes); refresh "exact" (identical to the dense path). The dense path (the
+reference) is used only when its float64 (Q, N, M) tensor fits 64 MiB: above a few million contributions
+the scalable path is faster (Q=50, N=5,000, M=50, 100 steps: 4.4 s vs 31 s dense, same loss to 1e-9).
 """
 
 DEFAULT_K = 10
@@ -12,4 +13,4 @@ DEFAULT_LR = 0.05
 DEFAULT_L2 = 0.0
 DEFAULT_POOL = 256
 DEFAULT_REFRESH = "exact"
-DEFAULT_MEMORY_BUDGET = 1 * 2**30
+DEFAULT_MEMORY_BUDGET = 64 * 2**20

@@ -12,8 +12,8 @@ all learning queries. Two equivalent evaluations of mean_q L:
   between pool rebuilds and exact at the returned weights.
 
 Defaults: k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "exact", memory budget
-1 GiB. From the planted-signal sweep (docs/benchmarks.md, "Weight learning at scale"): held-out recall of
-the planted rows saturates once lr·steps ≳ 1.5 and the objective settles at lr·steps ≈ 5; lr = 0.05 with
+64 MiB. From the planted-signal sweep (docs/benchmarks.md, "Weight learning at scale"): held-out recall
+of the planted rows saturates once lr·steps ≳ 1.5 and the objective settles at lr·steps ≈ 5; lr = 0.05 with
 200 steps gives twice that; larger lr (0.3) gets there faster but its weights wander afterwards; l2 only
 pulls towards uniform; k from 5 to 50 made no difference to recall.
 """
