@@ -130,7 +130,7 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
     from gradtrace.learning import learn_weights_run, weights_for_attribution
     from gradtrace.manifest import read_json, versions, write_json_atomic
     from gradtrace.models import load_checkpoint
-    from gradtrace.weights import load_weights, solo_quality
+    from gradtrace.weights import solo_quality
 
     torch.set_num_threads(int(s["threads"]))  # 1: OpenMP spin-waits make 2 threads far slower on shared cores
     out.mkdir(parents=True, exist_ok=True)
