@@ -34,7 +34,7 @@ bench-lds: $(STAMP)
 bench-lds-quick: $(STAMP)
 	$(PY) bench/bench_lds.py --quick --out bench_out/lds_quick
 
-# Aspect retrieval benchmark on shapes (bench/bench_aspects.py): the full one takes about an hour on the
+# Aspect retrieval benchmark on shapes (bench/bench_aspects.py): the full one takes about 35 min on the
 # shared 2-core machine and writes docs/img/aspects_*.png; quick is a smoke run of a few minutes.
 .PHONY: bench-aspects bench-aspects-quick
 

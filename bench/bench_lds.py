@@ -34,11 +34,11 @@ SETTINGS = {
     "full": {"n_train": 1000, "steps": 3000, "batch_size": 64, "subsets": 64, "fraction": 0.5, "seeds": 1,
              "workers": 2, "n_heldout": 100, "n_samples": 100, "n_learn": 100, "sample_steps": 50, "dim": 2048,
              "timesteps": 10, "grid_timesteps": 10, "grid_draws": 4, "learn_steps": 200, "cf_queries": 5, "cf_k": 10,
-             "split_seed": 0, "c": 0.01, "threads": 1},
+             "split_seed": 0, "c": "auto", "threads": 1},
     "quick": {"n_train": 24, "steps": 4, "batch_size": 8, "subsets": 3, "fraction": 0.5, "seeds": 1, "workers": 1,
               "n_heldout": 3, "n_samples": 3, "n_learn": 3, "sample_steps": 2, "dim": 32, "timesteps": 1,
               "grid_timesteps": 2, "grid_draws": 1, "learn_steps": 5, "cf_queries": 1, "cf_k": 2, "split_seed": 0,
-              "c": 0.01, "threads": 1},
+              "c": "auto", "threads": 1},
 }
 METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
            ("dtrak", "per-group")]
@@ -73,7 +73,10 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
     from gradtrace.evaluate.outputs import OutputGrid, store_examples
     from gradtrace.features.featurize import FeatureSpec
     from gradtrace.features.store import FeatureStore
+    from gradtrace.learning import resolve_lambda
     from gradtrace.manifest import versions, write_json_atomic
+    from gradtrace.methods import get_method
+    from gradtrace.weights.defaults import DEFAULT_K
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,33 +121,44 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
         return {q: np.array([np.nan if v is None else v for v in problems[q].evaluate(scores_by_set[q])["per_query"]])
                 for q in sets}
 
-    def row(label, kernel, weighting, pq: dict, seconds: float) -> dict:
+    def row(label, kernel, weighting, pq: dict, seconds: float, c=None) -> dict:
         both = summarize(np.concatenate([pq[q] for q in sets]))
-        return {"method": label, "kernel": kernel, "weights": weighting, "lds": both,
+        return {"method": label, "kernel": kernel, "weights": weighting, "c": c, "lds": both,
                 **{f"lds_{q}": summarize(pq[q]) for q in sets}, "seconds": round(seconds, 2)}
 
-    rows, learned, fits = [], {}, {}
+    rows, learned, fits, lambdas = [], {}, {}, {}
     learning = _learning()
     for method, kernel in METHODS:
         t = time.perf_counter()
         meas = "dtrak" if method == "dtrak" else "loss"
         kernel_arg = "shared" if kernel == "identity" else kernel
-        fitted = fit_method(stores[meas]["train"], method, kernel=kernel_arg, c=s["c"], progress=False)
+        # λ scale c: a number, or "auto" = the SNR-best c on the learning queries (never the evaluation ones)
+        c, grid_table = resolve_lambda(stores[meas]["train"], stores[meas]["learn"], method, kernel_arg, s["c"],
+                                       min(DEFAULT_K, s["n_train"]))
+        lambdas[f"{method}/{kernel}"] = {"c": c, "snr_grid": grid_table}
+        fitted = fit_method(stores[meas]["train"], method, kernel=kernel_arg, c=c, progress=False)
         fits[(method, kernel)] = fitted
         qf = {q: np.asarray(stores[meas][q].features) for q in sets}
         rows.append(row(method, kernel, "uniform", per_query({q: fitted.scores(qf[q]) for q in sets}),
-                        time.perf_counter() - t))
+                        time.perf_counter() - t, c))
+        if grid_table:  # diagnostic only: LDS at every c of the grid, to check the label-free choice
+            tr = stores[meas]["train"]
+            gram = get_method(method, c=grid_table[0][0], kernel=kernel_arg).gram(tr.features, tr.group_slices)
+            for entry in grid_table:
+                f_c = get_method(method, c=entry[0], kernel=kernel_arg).fit(tr.features, tr.group_slices, gram=gram)
+                pq = per_query({q: f_c.scores(qf[q]) for q in sets})
+                entry.append(summarize(np.concatenate([pq[q] for q in sets])))
         if learning is not None:  # learned on the learning queries only, read back as `eval lds --weights` does
             t = time.perf_counter()
             learn_run, for_attribution = learning
             path, _ = learn_run(stores[meas]["train"].path, out / "weights" / f"{method}-{kernel}.json",
                                 queries_path=stores[meas]["learn"].path, method=method, kernel=kernel_arg,
-                                c=str(s["c"]), steps=s["learn_steps"], progress=False)
+                                c=str(c), steps=s["learn_steps"], progress=False)
             w, info = for_attribution(stores[meas]["train"], stores[meas]["heldout"], weights_path=path,
                                       method=method, kernel=kernel_arg)
             learned[f"{method}/{kernel}"] = {"path": str(path), "weights": info["weights"]}
             rows.append(row(method, kernel, "learned", per_query({q: fitted.scores(qf[q], weights=w) for q in sets}),
-                            time.perf_counter() - t))
+                            time.perf_counter() - t, c))
     t = time.perf_counter()
     train_img = store_examples(stores["loss"]["train"])[0].flatten(1).double().numpy()
     pix, rnd = {}, {}
@@ -172,14 +186,15 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
 
     cf_weights = learned["trak/per-group"]["path"] if "trak/per-group" in learned else None
     cf = stage("counterfactual", counterfactual_run, run, stores["loss"]["train"].path, stores["loss"]["heldout"].path,
-               out / "counterfactual", method="trak", kernel="per-group", c=s["c"], weights_path=cf_weights,
+               out / "counterfactual", method="trak", kernel="per-group", c=lambdas["trak/per-group"]["c"],
+               weights_path=cf_weights,
                num_queries=s["cf_queries"], k=s["cf_k"], n_seeds=s["seeds"], workers=s["workers"], grid=grid,
                progress=progress)
     per_model = list(retrain.get("model_wall_s", {}).values())
     results = {"settings": s, "feature_spec": asdict(FeatureSpec(total_dim=s["dim"], num_timesteps=s["timesteps"])),
                "splits": {"train_ids_n": len(train_ids), "heldout_ids": heldout_ids.tolist(),
                           "eval_sample_seed": EVAL_SAMPLE_SEED, "learn_sample_seed": LEARN_SAMPLE_SEED},
-               "rows": rows, "learned_weights": learned or None, "weights_available": learning is not None,
+               "rows": rows, "lambda": lambdas, "learned_weights": learned or None, "weights_available": learning is not None,
                "per_group": per_group,
                "counterfactual": {"summary": cf["summary"], "per_query": cf["per_query"],
                                   "table": counterfactual_table(cf), "method": "trak per-group kernel",
@@ -203,12 +218,27 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"LDS on digits: {s['n_train']} training images, {s['subsets']} subsets at α = {s['fraction']}, "
              f"{s['seeds']} seed(s); {s['n_heldout']} held-out + {s['n_samples']} generated evaluation queries.", "",
-             "| method | kernel | weights | LDS (95% CI) | held-out | generated | undefined | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | kernel | weights | λ scale c | LDS (95% CI) | held-out | generated | undefined | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['method']} | {r['kernel']} | {r['weights']} | {_fmt(r['lds'])} | "
+        c = "-" if not r.get("c") else f"{r['c']:g}"
+        lines.append(f"| {r['method']} | {r['kernel']} | {r['weights']} | {c} | {_fmt(r['lds'])} | "
                      f"{_fmt(r['lds_heldout'])} | {_fmt(r['lds_samples'])} | {r['lds']['n_undefined']} | "
                      f"{r['seconds']} |")
+    grids = {key: v["snr_grid"] for key, v in results.get("lambda", {}).items() if v["snr_grid"]}
+    if grids:
+        keys = list(grids)
+        lines += ["", "λ grid (uniform weights): SNR objective on the learning queries (lower is better; the "
+                  "label-free rule picks its minimum, marked *) and, as a check only, LDS on the evaluation queries.",
+                  "", "| c | " + " | ".join(f"{k} SNR loss | {k} LDS" for k in keys) + " |",
+                  "|---|" + "---|---|" * len(keys)]
+        for i, c in enumerate(g[0] for g in grids[keys[0]]):
+            cells = []
+            for k in keys:
+                c_k, loss, lds = grids[k][i]
+                star = "*" if c_k == results["lambda"][k]["c"] else ""
+                cells.append(f"{loss:.4f}{star} | {_fmt(lds)}")
+            lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
     lines += ["", "Counterfactual (TRAK, per-group kernel): change of the query's loss when its top-k or k random "
               "training images are removed.", "", results["counterfactual"]["table"], "",
               "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items())]
@@ -227,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = pair.partition("=")
         if key not in s:
             p.error(f"unknown setting {key!r}; known: {', '.join(s)}")
-        s[key] = type(s[key])(json.loads(value))
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a bare string such as c=auto
+        s[key] = type(s[key])(parsed)
     out = args.out or ("bench_out/lds_quick" if args.quick else "bench_out/lds")
     results = run_bench(out, s, progress=not args.no_progress)
     print(results["markdown"])

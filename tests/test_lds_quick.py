@@ -166,7 +166,8 @@ def test_counterfactual_removes_the_top_k_and_reports_loss_changes(bench):
     settings = results["settings"]
     train = FeatureStore.open(bench / "features" / "loss" / "train")
     heldout = FeatureStore.open(bench / "features" / "loss" / "heldout")
-    fitted = get_method("trak", kernel="per-group", c=settings["c"]).fit(train.features, train.group_slices)
+    c = results["lambda"]["trak/per-group"]["c"]  # the label-free choice the bench made
+    fitted = get_method("trak", kernel="per-group", c=c).fit(train.features, train.group_slices)
     learned = (results["learned_weights"] or {}).get("trak/per-group")
     w = None if learned is None else np.array([learned["weights"][n] for n in train.group_names])
     idx, _ = fitted.topk(np.asarray(heldout.features)[:settings["cf_queries"]], settings["cf_k"], w)

@@ -196,35 +196,38 @@ def test_checkpoint_errors_name_the_path(tmp_path, uncond_model):
 
 # ---------------------------------------------------------------- sampling
 
-def _manual_ddim(model, scheduler, noise, cond, g, steps):
+def _manual_ddim(model, scheduler, n, cond, g, steps, eta, seed):
     """Independent guided DDIM loop (two separate forward passes per step)."""
     sched = DDIMScheduler.from_config(scheduler.config)
     sched.set_timesteps(steps)
-    x, null = noise.clone(), torch.full_like(cond, -1)
+    gen = torch.Generator().manual_seed(seed)
+    x, null = torch.randn((n, 3, 8, 8), generator=gen), torch.full_like(cond, -1)
     with torch.no_grad():
         for t in sched.timesteps:
             tt = torch.full((x.shape[0],), int(t))
             e_c, e_n = model(x, tt, cond), model(x, tt, null)
-            x = sched.step(e_n + g * (e_c - e_n), t, x).prev_sample
+            x = sched.step(e_n + g * (e_c - e_n), t, x, eta=eta, use_clipped_model_output=True,
+                           generator=gen).prev_sample
     return x.clamp(-1, 1)
 
 
-def test_sampling_matches_manual_guided_ddim(tiny_cond):
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sampling_matches_manual_guided_ddim(tiny_cond, eta):
     sched = make_scheduler(tiny_cond.config)
     n, steps = 3, 4
-    noise = torch.randn((n, 3, 8, 8), generator=torch.Generator().manual_seed(11))
     req = {"subject": "dog", "background": "light"}
     expected_codes = np.array([[1, -1, 1]] * n)
     for g in (1.0, 3.0, 0.0):
         img, codes = sample(tiny_cond, sched, n, attributes=req, guidance_scale=g, steps=steps, seed=11,
-                            progress=False)
+                            progress=False, eta=eta)
         assert np.array_equal(codes, expected_codes)
-        ref = _manual_ddim(tiny_cond, sched, noise, torch.as_tensor(expected_codes), g, steps)
+        ref = _manual_ddim(tiny_cond, sched, n, torch.as_tensor(expected_codes), g, steps, eta, 11)
         torch.testing.assert_close(img, ref, rtol=0, atol=1e-2)
         assert (img - ref).abs().mean() < 1e-4
     # g = 0 is the all-null prediction: the same as sampling with no attributes at all
-    img0, _ = sample(tiny_cond, sched, n, attributes=req, guidance_scale=0.0, steps=steps, seed=11, progress=False)
-    none, codes = sample(tiny_cond, sched, n, attributes=None, steps=steps, seed=11, progress=False)
+    img0, _ = sample(tiny_cond, sched, n, attributes=req, guidance_scale=0.0, steps=steps, seed=11, progress=False,
+                     eta=eta)
+    none, codes = sample(tiny_cond, sched, n, attributes=None, steps=steps, seed=11, progress=False, eta=eta)
     assert (codes == -1).all()
     torch.testing.assert_close(img0, none, rtol=0, atol=1e-2)
     assert (img0 - none).abs().mean() < 1e-4
@@ -234,9 +237,12 @@ def test_sampling_is_deterministic_and_codes_accepted(tiny_cond):
     sched = make_scheduler(tiny_cond.config)
     kw = dict(steps=3, progress=False)
     a, _ = sample(tiny_cond, sched, 5, attributes={"style": "dots"}, seed=1, **kw)
-    b, _ = sample(tiny_cond, sched, 5, attributes=np.array([-1, 2, -1]), seed=1, batch_size=2, **kw)
-    c, _ = sample(tiny_cond, sched, 5, attributes={"style": "dots"}, seed=2, **kw)
-    # ddim: independent of batch size up to float noise (amplified ~1e4x by the first step at t=999)
+    b, _ = sample(tiny_cond, sched, 5, attributes=np.array([-1, 2, -1]), seed=1, batch_size=5, **kw)
+    assert torch.equal(a, b)  # codes array == dict request; default (eta=1) sampling is seeded
+    a, _ = sample(tiny_cond, sched, 5, attributes={"style": "dots"}, seed=1, eta=0.0, **kw)
+    b, _ = sample(tiny_cond, sched, 5, attributes={"style": "dots"}, seed=1, eta=0.0, batch_size=2, **kw)
+    c, _ = sample(tiny_cond, sched, 5, attributes={"style": "dots"}, seed=2, eta=0.0, **kw)
+    # ddim, eta=0: independent of batch size up to float noise (amplified ~1e4x by the first step at t=999)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-2)
     assert (a - b).abs().mean() < 1e-4
     assert not torch.allclose(a, c)
@@ -254,6 +260,8 @@ def test_sampling_bad_requests_raise(tiny_cond, uncond_model):
         sample(tiny_cond, sched, 1, attributes={"colour": "red"}, steps=1, progress=False)
     with pytest.raises(UserError, match="out of range"):
         sample(tiny_cond, sched, 1, attributes=np.array([4, 0, 0]), steps=1, progress=False)
+    with pytest.raises(UserError, match="eta"):
+        sample(tiny_cond, sched, 1, eta=2.0, steps=1, progress=False)
     with pytest.raises(UserError, match="unknown sampler"):
         sample(tiny_cond, sched, 1, sampler="euler", steps=1, progress=False)
     with pytest.raises(UserError, match="unconditional"):

@@ -131,7 +131,8 @@ def cosine_heatmap(vectors: Mapping[str, Any], path, *, title: str | None = None
     if p <= 24:
         for i in range(p):
             for j in range(p):
-                ax.text(j, i, f"{mat[i, j]:.2f}"[1:] if 0 <= mat[i, j] < 1 else f"{mat[i, j]:.2f}", ha="center",
+                text = f"{mat[i, j]:.2f}"
+                ax.text(j, i, text[1:] if text.startswith("0.") else text, ha="center",
                         va="center", fontsize=4.5 if p > 12 else 6,
                         color="black" if mat[i, j] > low + 0.6 * (1 - low) else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)

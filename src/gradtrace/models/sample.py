@@ -64,13 +64,21 @@ def make_sampler(scheduler, sampler: str):
 
 @torch.no_grad()
 def sample(model, scheduler, n: int, *, attributes=None, guidance_scale: float = 1.0, steps: int = 50,
-           sampler: str = "ddim", seed: int = 0, batch_size: int = 256,
-           progress: bool = True) -> tuple[torch.Tensor, np.ndarray | None]:
+           sampler: str = "ddim", seed: int = 0, batch_size: int = 256, progress: bool = True,
+           eta: float = 1.0) -> tuple[torch.Tensor, np.ndarray | None]:
     """Generate `n` images; returns (images (n,C,H,W) in [-1,1], codes (n,A) or None).
 
     Classifier-free guidance: ε = ε_null + g (ε_cond − ε_null), ε_null from all-null tokens; g = 1
-    needs no extra pass. Deterministic for a seed (DDIM also independent of batch_size: all initial
-    noise is drawn up front; DDPM draws its per-step noise batch by batch).
+    needs no extra pass.
+
+    DDIM details: `eta` is its noise level and ε is re-derived from the clipped x0 prediction
+    (`use_clipped_model_output`), so that x0 and ε stay consistent (with eta=1 this is DDPM's
+    posterior on a 50-step grid). Why: under the cosine schedule the first step (t=999, ᾱ≈2e-9)
+    amplifies ε errors ~2e4x into x0, so the unclipped ε and the clipped x0 disagree; on the 16x16
+    conditional model that gave colour-shifted backgrounds and broke guidance. The default eta=1.0
+    also beat eta=0 on digits (digit-classifier confidence 0.977 vs 0.962 at 50 steps, = DDPM-100).
+    Deterministic for a seed; with eta=0 also independent of batch_size (all initial noise is drawn
+    up front, per-step noise is drawn batch by batch).
     """
     n, steps, batch_size = int(n), int(steps), int(batch_size)
     if n < 1 or steps < 1 or batch_size < 1:
@@ -79,6 +87,8 @@ def sample(model, scheduler, n: int, *, attributes=None, guidance_scale: float =
     sched = make_sampler(scheduler, sampler)
     if steps > sched.config.num_train_timesteps:
         raise UserError(f"steps={steps} exceeds the {sched.config.num_train_timesteps} training timesteps")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise UserError(f"eta must be in [0, 1], got {eta}")
     g = float(guidance_scale)
     guided = model.conditional and g != 1.0
     gen = torch.Generator().manual_seed(int(seed))
@@ -105,7 +115,11 @@ def sample(model, scheduler, n: int, *, attributes=None, guidance_scale: float =
                     eps = e_null + g * (e_cond - e_null)
                 else:
                     eps = model(x, tt, cond)
-                x = sched.step(eps, t, x, generator=gen, return_dict=False)[0]
+                if sampler == "ddim":
+                    x = sched.step(eps, t, x, eta=eta, use_clipped_model_output=True, generator=gen,
+                                   return_dict=False)[0]
+                else:
+                    x = sched.step(eps, t, x, generator=gen, return_dict=False)[0]
                 bar.update(1)
             out.append(x.clamp(-1.0, 1.0))
         bar.close()
