@@ -36,7 +36,7 @@ def fit_method(train: FeatureStore, method: str = "trak", *, kernel: str = "shar
 
 def attribute(train: FeatureStore, queries: FeatureStore, out, *, method: str = "trak", kernel: str = "shared",
               c: float = DEFAULT_C, top_k: int = 10, weights=None, weights_info: dict | None = None,
-              progress: bool = True) -> dict:
+              lambda_info: dict | None = None, progress: bool = True) -> dict:
     """Top-k training examples per query with per-group breakdown; returns the JSON document written."""
     train.check_compatible(queries)
     if top_k < 1 or top_k > len(train.ids):
@@ -62,7 +62,7 @@ def attribute(train: FeatureStore, queries: FeatureStore, out, *, method: str = 
             "train_store": str(train.path), "query_store": str(queries.path),
             "model_fingerprint": train.settings["model_fingerprint"],
             "groups_spec": train.settings["groups_spec"], "measurement": train.settings["measurement"],
-            "projection": train.settings["projection"], "weights": weights_info,
+            "projection": train.settings["projection"], "weights": weights_info, "lambda": lambda_info,
             "versions": versions(),
         },
         "groups": names,

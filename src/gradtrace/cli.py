@@ -83,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", required=True, help="feature store of the queries")
     p.add_argument("--method", choices=known_methods(), default="trak")
     p.add_argument("--kernel", choices=KERNELS, default="shared")
-    p.add_argument("--lambda-c", type=float, default=None,
-                   help=f"λ = c · mean diag(ΦᵀΦ) (default: the weights' c, else {DEFAULT_C})")
+    p.add_argument("--lambda-c", default=None,
+                   help=f"λ = c · mean diag(ΦᵀΦ), or 'auto' (SNR-best on --learning-queries); "
+                        f"default: the weights' c, else {DEFAULT_C}")
+    p.add_argument("--learning-queries", default=None,
+                   help="with --lambda-c auto: feature store of learning queries (never the --queries)")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--weights", default=None, help="learned group weights (a learn-weights JSON file)")
     p.add_argument("--aspect", default=None, help="use the store's learned weights for this aspect (e.g. style)")

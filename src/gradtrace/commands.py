@@ -184,24 +184,24 @@ def cmd_featurize(args) -> None:
 
 # ------------------------------------------------------------------------------------------ attribute
 def attribute_run(train_path, query_path, out, *, method="trak", kernel="shared", c=None, top_k=10,
-                  weights=None, aspect=None, report=True, progress=True) -> dict:
+                  weights=None, aspect=None, learning_queries=None, report=True, progress=True) -> dict:
     """Attribute queries; `weights` (a weights file) or `aspect` (the store's learned aspect weights).
 
-    λ scale: `c` when given, else the one the weights were learned with, else the default."""
+    λ scale: `c` when given (a number, or "auto": the SNR-best c on `learning_queries`, which must not be
+    the queries attributed), else the one the weights were learned with, else the default."""
     from gradtrace.attribute import attribute
     from gradtrace.features.store import FeatureStore
-    from gradtrace.learning import weights_for_attribution
-    from gradtrace.methods import DEFAULT_C
+    from gradtrace.learning import resolve_lambda_for_attribution, weights_for_attribution
 
     train = FeatureStore.open(train_path)
     queries = FeatureStore.open(query_path)
     train.check_compatible(queries)
     w, w_info = weights_for_attribution(train, queries, weights_path=weights, aspect=aspect, method=method,
                                         kernel=kernel)
-    if c is None:
-        c = w_info["lambda_c"] if w_info and w_info.get("lambda_c") is not None else DEFAULT_C
+    c, lambda_info = resolve_lambda_for_attribution(train, queries, method=method, kernel=kernel, c=c,
+                                                    weights_info=w_info, learning_queries=learning_queries)
     doc = attribute(train, queries, out, method=method, kernel=kernel, c=c, top_k=top_k, weights=w,
-                    weights_info=w_info, progress=progress)
+                    weights_info=w_info, lambda_info=lambda_info, progress=progress)
     if report:
         draw_report(train, queries, doc, Path(out) / "report.png")
     return doc
@@ -228,7 +228,8 @@ def draw_report(train, queries, doc: dict, path) -> None:
 
 def cmd_attribute(args) -> None:
     attribute_run(args.train, args.queries, args.out, method=args.method, kernel=args.kernel, c=args.lambda_c,
-                  top_k=args.top_k, weights=args.weights, aspect=args.aspect, report=not args.no_report,
+                  top_k=args.top_k, weights=args.weights, aspect=args.aspect,
+                  learning_queries=args.learning_queries, report=not args.no_report,
                   progress=_progress(args))
     print(f"attributions: {Path(args.out) / 'attributions.json'}")
 

@@ -123,6 +123,38 @@ def resolve_lambda(train: FeatureStore, queries: FeatureStore, method: str, kern
     return float(best), [[float(a), float(b)] for a, b in table]
 
 
+def resolve_lambda_for_attribution(train: FeatureStore, queries: FeatureStore, *, method: str, kernel: str, c,
+                                   weights_info: dict | None, learning_queries=None) -> tuple[float, dict]:
+    """(c, its provenance) for `attribute`: a number; 'auto' = SNR-best on `learning_queries` (a store that
+    is not `queries`: the choice never reads the queries attributed); None = the weights' c, else the default."""
+    from gradtrace.methods import DEFAULT_C
+    from gradtrace.weights.defaults import DEFAULT_K
+
+    auto = c is not None and str(c).lower() == "auto"
+    if learning_queries is not None and not auto:
+        raise UserError("--learning-queries is only used with --lambda-c auto; drop it or pass --lambda-c auto")
+    if c is None:
+        from_weights = weights_info and weights_info.get("lambda_c") is not None
+        value = weights_info["lambda_c"] if from_weights else DEFAULT_C
+        return float(value), {"c": float(value), "rule": "weights file" if from_weights else "default"}
+    if not auto:
+        value, _ = resolve_lambda(train, queries, method, kernel, c, DEFAULT_K)
+        return value, {"c": value, "rule": "given"}
+    if method == "tracin":
+        raise UserError("--lambda-c auto needs a method with a λ (trak or dtrak); tracin has none")
+    if learning_queries is None:
+        raise UserError("--lambda-c auto chooses c on learning queries; pass --learning-queries STORE "
+                        "(featurized generated samples or held-out images, not the --queries)")
+    learn = FeatureStore.open(learning_queries)
+    train.check_compatible(learn)
+    if query_set_id(learn) == query_set_id(queries):
+        raise UserError(f"--learning-queries {learn.path} holds the same queries as --queries; choose λ on "
+                        f"other queries (learning and evaluation queries must be disjoint)")
+    value, table = resolve_lambda(train, learn, method, kernel, "auto", min(DEFAULT_K, len(train.ids)))
+    return value, {"c": value, "rule": "auto: SNR-best on the learning queries", "grid": table,
+                   "learning_queries": {"store": str(learn.path), **query_set_id(learn)}}
+
+
 def weights_for_attribution(train: FeatureStore, queries: FeatureStore, *, weights_path=None,
                             aspect: str | None = None, method: str, kernel: str):
     """(weights (M,), info) for `attribute`, refusing files for other stores, groups, methods or the
