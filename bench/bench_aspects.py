@@ -36,7 +36,7 @@ METHODS = [("tracin", "identity", "loss"), ("trak", "shared", "loss"), ("trak", 
            ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak")]
 PICTURE_METHOD = "trak/per-group"  # fixed in advance for the attribution grids (not chosen on results)
 SETTINGS = {
-    "full": {"n_train": None, "steps": 500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64, "sample_steps": 50,
+    "full": {"n_train": None, "steps": 1500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64, "sample_steps": 50,
              "guidance": 1.0, "dim": 2048, "timesteps": 10, "learn_steps": 200, "k": 10, "threads": 1,
              "show_queries": 3, "show_k": 6, "bootstrap": 2000},
     "quick": {"n_train": 96, "steps": 10, "batch_size": 16, "lr": 3e-3, "n_eval": 8, "n_learn": 6, "sample_steps": 3,
@@ -67,8 +67,8 @@ def make_samples(ckpt, fingerprint: str, path: Path, codes: np.ndarray, seed: in
 
     if (path / "cond.npy").exists() and np.array_equal(np.load(path / "cond.npy"), codes):
         m = read_json(path / "manifest.json", "samples manifest")
-        if (m.get("model_fingerprint"), m.get("seed"), m.get("sample_steps"), m.get("guidance")) == \
-                (fingerprint, seed, s["sample_steps"], s["guidance"]):
+        if (m.get("model_fingerprint"), m.get("seed"), m.get("sample_steps"), m.get("guidance"), m.get("eta")) == \
+                (fingerprint, seed, s["sample_steps"], s["guidance"], 1.0):
             return
     sample_run(ckpt, path, num=len(codes), codes=codes, guidance=s["guidance"], sample_steps=s["sample_steps"],
                seed=seed, progress=False)

@@ -100,3 +100,21 @@ def test_demo_quick_path_writes_both_files(tmp_path):
     assert len(doc["queries"]) == 2 and all(len(q["top"]) == 3 for q in doc["queries"])
     assert (tmp_path / "demo" / "report.png").stat().st_size > 1000
     assert summary["train_examples"] == 40
+
+
+def test_sample_eta_is_used_and_recorded(pipeline, tmp_path, capsys):
+    from gradtrace.models import load_checkpoint, sample
+
+    run = str(pipeline / "run")
+    for eta in (0.0, 1.0):
+        out = tmp_path / f"s{eta}"
+        assert main(["sample", "--checkpoint", run, "--num", "2", "--sample-steps", "3", "--eta", str(eta),
+                     "--seed", "5", "--out", str(out), "--no-progress"]) == 0
+        assert json.loads((out / "manifest.json").read_text())["eta"] == eta
+        ckpt = load_checkpoint(run)
+        ref, _ = sample(ckpt.model, ckpt.scheduler, 2, steps=3, seed=5, eta=eta, progress=False)
+        np.testing.assert_array_equal(np.load(out / "images.npy"), ref.numpy())
+    assert not np.array_equal(np.load(tmp_path / "s0.0" / "images.npy"), np.load(tmp_path / "s1.0" / "images.npy"))
+    _one_line_error(capsys, ["sample", "--checkpoint", run, "--eta", "2", "--out", str(tmp_path / "bad")],
+                    "eta must be in [0, 1]")
+    assert not (tmp_path / "bad").exists()

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM noise level in [0, 1] (0 = deterministic DDIM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="samples directory")
     _add_common(p)

@@ -101,7 +101,7 @@ def parse_attrs(pairs: list[str]) -> dict[str, str]:
 
 
 def sample_run(checkpoint, out, *, num=16, attrs=None, codes=None, guidance=1.0, sampler="ddim", sample_steps=50,
-               seed=0, progress=True) -> Path:
+               seed=0, eta=1.0, progress=True) -> Path:
     """Generate `num` images; `attrs` (name -> value, the same for all) or `codes` (num, A) per image."""
     from gradtrace.models import load_checkpoint, sample
     from gradtrace.report import image_grid
@@ -115,10 +115,11 @@ def sample_run(checkpoint, out, *, num=16, attrs=None, codes=None, guidance=1.0,
         raise UserError("this checkpoint is unconditional; drop --attr or train with --model conditional")
     request = codes if codes is not None else (attrs or None)
     images, cond = sample(ckpt.model, ckpt.scheduler, num, attributes=request, guidance_scale=guidance,
-                          steps=sample_steps, sampler=sampler, seed=seed, progress=progress)
+                          steps=sample_steps, sampler=sampler, seed=seed, eta=eta, progress=progress)
     info = {"checkpoint": str(Path(checkpoint).resolve()), "model_fingerprint": ckpt.fingerprint,
             "attributes": attrs, "attribute_values": ckpt.model.attribute_values if ckpt.model.conditional else {},
             "guidance": guidance, "sampler": sampler, "sample_steps": sample_steps, "seed": seed,
+            "eta": eta if sampler == "ddim" else None,
             "command": _command_line()}
     save_samples(out, images, cond, info)
     image_grid(images.numpy(), Path(out) / "grid.png")
@@ -128,7 +129,7 @@ def sample_run(checkpoint, out, *, num=16, attrs=None, codes=None, guidance=1.0,
 def cmd_sample(args) -> None:
     out = sample_run(args.checkpoint, args.out, num=args.num, attrs=parse_attrs(args.attr),
                      guidance=args.guidance, sampler=args.sampler, sample_steps=args.sample_steps,
-                     seed=args.seed, progress=_progress(args))
+                     seed=args.seed, eta=args.eta, progress=_progress(args))
     print(f"samples: {out}")
 
 
