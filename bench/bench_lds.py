@@ -2,7 +2,7 @@
 """LDS benchmark on digits: TracIn, TRAK and D-TRAK (shared / per-group kernel, uniform / learned weights)
 against pixel-space and random baselines, the per-group LDS picture and a counterfactual check.
 
-    python bench/bench_lds.py --out bench_out/lds            # full: ~1,000 images, 64 subsets (about an hour, idle)
+    python bench/bench_lds.py --out bench_out/lds            # full: 1,000 images, 64 subsets (about an hour, idle)
     python bench/bench_lds.py --quick --out bench_out/lds_q  # tiny settings, about a minute
 
 Protocol (DESIGN §3): the tiny unconditional UNet trained with the default recipe, shortened to 1,500 steps, on
@@ -100,18 +100,20 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
           seed=EVAL_SAMPLE_SEED, progress=progress)
     stage("sample", sample_run, run, out / "samples_learn", num=s["n_learn"], sample_steps=s["sample_steps"],
           seed=LEARN_SAMPLE_SEED, progress=progress)
+    sources = {"train": {}, "heldout": {"data": "digits", "ids": heldout_ids},
+               "samples": {"samples": out / "samples_eval"}, "learn": {"samples": out / "samples_learn"}}
+
+    def featurize_all(spec: FeatureSpec, f: Path) -> dict[str, FeatureStore]:
+        return {name: stage("featurize", featurize_run, run, f / name, spec=spec, progress=progress, **src)
+                for name, src in sources.items()}
+
     stores: dict[str, dict[str, FeatureStore]] = {}
     for meas in ("loss", "dtrak"):
         spec = FeatureSpec(total_dim=s["dim"], num_timesteps=s["timesteps"], measurement=meas)
-        f = out / "features" / meas
-        stores[meas] = {
-            "train": stage("featurize", featurize_run, run, f / "train", spec=spec, progress=progress),
-            "heldout": stage("featurize", featurize_run, run, f / "heldout", data="digits", ids=heldout_ids,
-                             spec=spec, progress=progress),
-            "samples": stage("featurize", featurize_run, run, f / "samples", samples=out / "samples_eval",
-                             spec=spec, progress=progress),
-            "learn": stage("featurize", featurize_run, run, f / "learn", samples=out / "samples_learn", spec=spec,
-                           progress=progress)}
+        stores[meas] = featurize_all(spec, out / "features" / meas)
+    # Kronecker (LoGra-style) features of the loss, at the same and at 4x the dimension: TRAK rows only
+    kron = {dim: featurize_all(FeatureSpec(projection="kronecker", total_dim=dim, num_timesteps=s["timesteps"]),
+                               out / "features" / f"kronecker{dim}") for dim in (s["dim"], 4 * s["dim"])}
     retrain = stage("retrain", retrain_run, run, out / "retrain", n_subsets=s["subsets"], fraction=s["fraction"],
                     n_seeds=s["seeds"], workers=s["workers"], progress=progress)
     grid = OutputGrid(num_timesteps=s["grid_timesteps"], num_draws=s["grid_draws"])
@@ -160,6 +162,18 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
                                       method=method, kernel=kernel_arg)
             learned[f"{method}/{kernel}"] = {"path": str(path), "weights": info["weights"]}
             rows.append(row(method, kernel, "learned", per_query({q: fitted.scores(qf[q], weights=w) for q in sets}),
+                            time.perf_counter() - t, c))
+    widths = set()
+    for dim, ks in kron.items():
+        if ks["train"].features.shape[1] in widths:  # tiny settings: every group at its minimum width
+            continue
+        widths.add(ks["train"].features.shape[1])
+        for kernel in ("shared", "per-group"):
+            t = time.perf_counter()
+            c, _ = resolve_lambda(ks["train"], ks["learn"], "trak", kernel, s["c"], min(DEFAULT_K, s["n_train"]))
+            fitted = fit_method(ks["train"], "trak", kernel=kernel, c=c, progress=False)
+            pq = per_query({q: fitted.scores(np.asarray(ks[q].features)) for q in sets})
+            rows.append(row(f"trak, kronecker {ks['train'].features.shape[1]}-dim", kernel, "uniform", pq,
                             time.perf_counter() - t, c))
     t = time.perf_counter()
     train_img = store_examples(stores["loss"]["train"])[0].flatten(1).double().numpy()
