@@ -5,13 +5,15 @@ against pixel-space and random baselines, the per-group LDS picture and a counte
     python bench/bench_lds.py --out bench_out/lds            # full: 1,000 images, 64 subsets (about an hour, idle)
     python bench/bench_lds.py --quick --out bench_out/lds_q  # tiny settings, about a minute
 
-Protocol (DESIGN §3): the tiny unconditional UNet trained with the default recipe, shortened to 1,500 steps, on
-n_train digits (a seeded split). 1,500 rather than the default 3,000 steps because one step of this model
-takes about 65 ms on one core here, so 64 subset models of 3,000 steps would take more than two hours on two
-workers, far over the 90-minute budget; the subset models use the same recipe; S subsets at α = 0.5 retrained with the same recipe (R seeds); evaluation queries = held-out digits
-(ids not in training) and generated samples (sample seed EVAL_SAMPLE_SEED); learning queries for the weights
-= other generated samples (LEARN_SAMPLE_SEED), never the evaluation queries. LDS = mean over all evaluation
-queries of the per-query Spearman correlation, with a bootstrap 95% CI over queries. Writes results.json and
+Protocol (DESIGN §3): the tiny unconditional UNet trained with the default recipe, shortened to 1,500 steps,
+on n_train digits (a seeded split); S subsets at α = 0.5 retrained with the same recipe (R seeds). 1,500 rather
+than the default 3,000 steps: one step of this model takes about 65 ms on one core here, so 64 subset models
+of 3,000 steps would take over two hours on two workers, far over the 90-minute budget. Evaluation queries =
+held-out digits (ids not in training) and generated samples (sample seed EVAL_SAMPLE_SEED); learning queries
+for the weights and for the λ choice (c = auto) = other generated samples (LEARN_SAMPLE_SEED), never the
+evaluation queries. LDS = mean over all evaluation queries of the per-query Spearman correlation, with a
+bootstrap 95% CI over queries. TRAK is also scored on Kronecker (LoGra-style) features of the same loss at
+the same and at 4x the dimension (uniform weights), to compare the projection kinds by LDS. Writes results.json and
 results.md into --out and prints the markdown. A rerun into the same --out reuses the feature stores, the
 retrained models (the retraining resumes model by model) and the cached model outputs. Torch runs
 single-threaded in this process (the tiny model gains little from a second thread, and on shared cores
