@@ -12,7 +12,8 @@ it mapped) is its own:
     tracin       TracIn().fit(Φ) (a check pass; Ψ = Φ referenced) + FittedMethod.topk
     trak         TRAK (shared kernel) fit with Ψ written to a .npy memmap (psi_path) + FittedMethod.topk on Ψ
     trak-qside   the same scores with the kernel moved to the queries (K symmetric: φ(q)ᵀKφ(x) = (Kφ(q))ᵀφ(x)):
-                 Gram pass over Φ, then FittedMethod(psi=Φ).topk(Q K) -- no Ψ is written
+                 TRAK.fit(Φ, query_side=True) (a Gram pass) + FittedMethod.topk -- no Ψ is written; this
+                 is the path `gradtrace attribute` takes for stores whose Ψ would exceed 256 MiB
 
 float16 / bfloat16 stores are scored by FittedMethod on the stored array itself (chunks upcast to float32).
 Their effect is measured against float32: top-100 overlap over all queries, and the Spearman rank correlation
@@ -84,7 +85,7 @@ def generate(work: Path, n: int, k: int, q: int, seed: int, groups: int = 8, clu
 def score(work: Path, config: str, dtype: str, top: int, c: float = 0.01) -> dict:
     """One configuration in this (fresh) process: fit + top-k; saves the top-k indices and scores."""
     from gradtrace.features.store import FeatureStore
-    from gradtrace.methods import FittedMethod, TracIn, accumulate_gram, get_method, regularised_inverse
+    from gradtrace.methods import FittedMethod, TracIn, get_method
 
     queries = np.load(work / "queries.npy")
     store = FeatureStore.open(work / f"store_{dtype}")
@@ -98,11 +99,9 @@ def score(work: Path, config: str, dtype: str, top: int, c: float = 0.01) -> dic
         fitted = get_method("trak", kernel="shared", c=c).fit(phi, slices, psi_path=work / f"psi_{dtype}.npy")
         del store, phi  # unmap Φ: only Ψ is read from here on
         qk = queries
-    else:  # trak-qside
-        gram = accumulate_gram(phi, slices, "shared")
-        kernel = regularised_inverse(gram.blocks[0], c)[0]
-        fitted = FittedMethod(psi=phi, group_slices=slices, info={"method": "trak-qside"})
-        qk = (queries.astype(np.float64) @ kernel).astype(np.float32)
+    else:  # trak-qside: what `gradtrace attribute` does for stores above PSI_IN_MEMORY
+        fitted = get_method("trak", kernel="shared", c=c).fit(phi, slices, query_side=True)
+        qk = queries
     t1 = time.perf_counter()
     idx, top_scores = fitted.topk(qk, top)
     t2 = time.perf_counter()

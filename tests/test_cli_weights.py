@@ -64,3 +64,27 @@ def test_mismatched_weights_are_refused(pipeline, learned, tmp_path, capsys):
     learning = json.loads(learned.read_text())["provenance"]["learning_queries"]["store"]
     _error(capsys, ["attribute", "--train", str(pipeline / "ft"), "--queries", learning, "--no-report",
                     "--weights", str(learned), "--out", str(tmp_path / "a")], "are the learning queries")
+
+
+@pytest.mark.parametrize("kernel", ["shared", "per-group"])
+def test_large_store_path_scores_query_side_with_the_same_result(pipeline, learned, tmp_path, monkeypatch, kernel):
+    """Above PSI_IN_MEMORY, attribute applies K to the queries instead of building Ψ: same attributions."""
+    import gradtrace.attribute as attribute_module
+
+    args = ["attribute", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "fq"), "--top-k", "5",
+            "--kernel", kernel, "--no-progress", "--no-report"]
+    if kernel == "shared":  # the weights were learned for the shared kernel
+        args += ["--weights", str(learned)]
+    assert main([*args, "--out", str(tmp_path / "psi")]) == 0
+    monkeypatch.setattr(attribute_module, "PSI_IN_MEMORY", 0)
+    assert main([*args, "--out", str(tmp_path / "qside")]) == 0
+    ref = json.loads((tmp_path / "psi" / "attributions.json").read_text())
+    got = json.loads((tmp_path / "qside" / "attributions.json").read_text())
+    assert got["manifest"]["method"]["query_side"] is True and "query_side" not in ref["manifest"]["method"]
+    top = max(abs(t["score"]) for r in ref["queries"] for t in r["top"])
+    for a, b in zip(ref["queries"], got["queries"]):
+        assert [t["train_id"] for t in a["top"]] == [t["train_id"] for t in b["top"]]
+        for ta, tb in zip(a["top"], b["top"]):
+            assert tb["score"] == pytest.approx(ta["score"], abs=1e-5 * top)
+            for name, value in ta["contributions"].items():
+                assert tb["contributions"][name] == pytest.approx(value, abs=1e-5 * top)

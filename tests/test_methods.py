@@ -317,3 +317,33 @@ def test_bad_queries_layouts_and_options_raise_user_error(data):
         assert "\n" not in str(info.value), i
     with pytest.raises(UserError, match="tracin, trak, dtrak"):
         get_method("influence")
+
+
+@pytest.mark.parametrize("kernel", ["shared", "per-group"])
+def test_query_side_fit_equals_psi_fit(data, kernel, tmp_path):
+    """K on the queries (psi = Φ) gives the scores, top-k, contributions and saved Ψ of the Ψ = Φ K fit."""
+    from gradtrace.weights import learn_weights
+
+    phi, q = data
+    method = get_method("trak", c=0.03, kernel=kernel)
+    ref, qs = method.fit(phi, SLICES), method.fit(phi, SLICES, query_side=True)
+    assert qs.query_side and not ref.query_side and qs.psi is phi  # no copy of Φ, no Ψ
+    w = np.array([0.2, 1.0, 3.0])
+    scale = max(np.abs(ref.scores(q, w)).max(), 1e-12)
+    for weights in (None, w):
+        np.testing.assert_allclose(qs.scores(q, weights), ref.scores(q, weights), rtol=0, atol=1e-5 * scale)
+        i_ref, t_ref = ref.topk(q, 7, weights, chunk_rows=33)
+        i_qs, t_qs = qs.topk(q, 7, weights, chunk_rows=33)
+        np.testing.assert_array_equal(i_qs, i_ref)
+        np.testing.assert_allclose(t_qs, t_ref, rtol=0, atol=1e-5 * scale)
+    rows = [3, 150, 7]
+    np.testing.assert_allclose(qs.contributions(q, rows=rows), ref.contributions(q, rows=rows), rtol=0,
+                               atol=1e-5 * scale)
+    np.testing.assert_allclose(qs.psi_rows(10, 20), ref.psi[10:20], rtol=0, atol=1e-6 * np.abs(ref.psi).max())
+    loaded = FittedMethod.load(qs.save(tmp_path / "fit"))  # saved as an ordinary Ψ
+    assert not loaded.query_side
+    np.testing.assert_allclose(np.asarray(loaded.psi), ref.psi, rtol=0, atol=1e-6 * np.abs(ref.psi).max())
+    with pytest.raises(UserError, match="needs Ψ"):
+        learn_weights(qs, q, progress=False)
+    with pytest.raises(UserError, match="psi_path"):
+        method.fit(phi, SLICES, query_side=True, psi_path=tmp_path / "psi.npy")

@@ -49,6 +49,10 @@ def test_streaming_topk_through_store_equals_dense_topk(tmp_path, dtype, method)
         dense = q.astype(np.float64) @ stored.T
     else:
         fitted = get_method("trak", c=0.05).fit(store.features, store.group_slices, chunk_rows=500)
+        # K on the queries, scored against the store's own array (what `attribute` does for large stores)
+        streamed = get_method("trak", c=0.05).fit(store.features, store.group_slices, chunk_rows=500,
+                                                  query_side=True)
+        assert streamed.psi is store.features  # read in row chunks: never decoded or copied whole
         gram = stored.T @ stored
         kernel = np.linalg.inv(gram + 0.05 * np.mean(np.diag(gram)) * np.eye(24))
         dense = q.astype(np.float64) @ kernel @ stored.T
@@ -57,7 +61,7 @@ def test_streaming_topk_through_store_equals_dense_topk(tmp_path, dtype, method)
         ref = dense if w is None else (q.astype(np.float64) * np.repeat(w, [8, 12, 4])) @ (
             stored.T if method == "tracin" else kernel @ stored.T)
         ref_idx, ref_top = _dense_topk(ref, 25)
-        for f in [fitted] + ([streamed] if method == "tracin" else []):
+        for f in (fitted, streamed):
             idx, top = f.topk(q, 25, w, chunk_rows=257)  # many chunks
             where = list(idx[3])
             assert 17 in where and 1500 in where and where.index(17) + 1 == where.index(1500)

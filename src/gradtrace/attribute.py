@@ -21,16 +21,22 @@ from gradtrace.manifest import versions, write_json_atomic
 from gradtrace.methods import DEFAULT_C, get_method
 
 FULL_SCORES_MAX = 50_000_000  # entries of the dense (Q, N) score matrix worth saving
+PSI_IN_MEMORY = 256 * 2**20  # bytes of a float32 Ψ kept in memory; larger stores are scored query-side
 
 
 def fit_method(train: FeatureStore, method: str = "trak", *, kernel: str = "shared", c: float = DEFAULT_C,
-               progress: bool = True):
-    """The fitted base method for a training store (Ψ = Φ K), refusing a method/measurement mismatch."""
+               progress: bool = True, query_side: bool = False):
+    """The fitted base method for a training store (Ψ = Φ K), refusing a method/measurement mismatch.
+
+    `query_side` (TRAK/D-TRAK): apply K to the queries and score against the store's Φ directly."""
     measurement = train.settings["measurement"]["name"]
     if method == "dtrak" and measurement != "dtrak":
         raise UserError(f"method 'dtrak' needs features of measurement 'dtrak', but {train.path} was "
                         f"featurized with '{measurement}'; featurize with --measurement dtrak or use --method trak")
     kwargs = {} if method == "tracin" else {"kernel": kernel, "c": c}
+    if query_side and method != "tracin":
+        return get_method(method, **kwargs).fit(train.features, train.group_slices, progress=progress,
+                                                query_side=True)
     return get_method(method, **kwargs).fit(train.features, train.group_slices, progress=progress)
 
 
@@ -41,7 +47,9 @@ def attribute(train: FeatureStore, queries: FeatureStore, out, *, method: str = 
     train.check_compatible(queries)
     if top_k < 1 or top_k > len(train.ids):
         raise UserError(f"--top-k must be in 1..{len(train.ids)} (the training set size), got {top_k}")
-    fitted = fit_method(train, method, kernel=kernel, c=c, progress=progress)
+    # Above PSI_IN_MEMORY bytes, Ψ = Φ K is not materialised: K goes on the queries (same scores)
+    big = len(train.ids) * int(train.settings["dim"]) * 4 > PSI_IN_MEMORY
+    fitted = fit_method(train, method, kernel=kernel, c=c, progress=progress, query_side=big)
     qf = np.asarray(queries.features)
     idx, top = fitted.topk(qf, top_k, weights, progress=progress)
     w = np.ones(fitted.n_groups, dtype=np.float32) if weights is None else np.asarray(weights, np.float32)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gradtrace.methods.checks import check_group_slices, check_matrix, check_positive_int
+from gradtrace.methods.checks import check_group_slices, check_positive_int, check_train_matrix
 from gradtrace.methods.fitted import FittedMethod
 
 __all__ = ["Method", "FittedMethod"]
@@ -32,7 +32,7 @@ class Method(ABC):
         if one block would exceed ~256 MiB of working memory). `psi_path` writes Ψ to a `.npy` memmap
         there instead of memory (for large N). Features with NaN/Inf raise UserError naming the rows.
         """
-        phi = check_matrix(train_features, "training features")
+        phi = check_train_matrix(train_features)
         slices = check_group_slices(group_slices, phi.shape[1])
         rows = check_positive_int(chunk_rows, "chunk_rows")
         return self._fit(phi, slices, chunk_rows=rows, progress=progress, psi_path=psi_path)

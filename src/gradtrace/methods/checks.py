@@ -90,6 +90,18 @@ def check_matrix(x: Any, what: str, k: int | None = None) -> np.ndarray:
     return x
 
 
+def check_train_matrix(x: Any, what: str = "training features") -> Any:
+    """As `check_matrix`, but a read-only row view (an object with ndim 2, shape, a float dtype and row
+    slicing, such as a bfloat16 store's decoder) is returned as it is: training features are only ever
+    read in row chunks, so they are never decoded or copied whole."""
+    if not isinstance(x, np.ndarray) and getattr(x, "ndim", None) == 2 and hasattr(x, "__getitem__") \
+            and np.issubdtype(getattr(x, "dtype", np.dtype(object)), np.floating):
+        if x.shape[0] == 0:
+            raise UserError(f"{what} have no rows; featurize at least one example")
+        return x
+    return check_matrix(x, what)
+
+
 def raise_if_nonfinite(chunk: np.ndarray, offset: int, what: str) -> None:
     """Raise a UserError naming the rows (global indices) of `chunk` that hold NaN or Inf."""
     if np.issubdtype(chunk.dtype, np.integer):

@@ -4,6 +4,11 @@
 
 Weights act on the query side only, so Ψ is computed once and every weighted score is one float32
 matmul of the scaled query features against row chunks of Ψ (never a Q × N × M tensor).
+
+Query-side mode (`query_kernel` set): K is symmetric, so φ(q)ᵀ K φ(x) = (K φ(q))ᵀ φ(x). Then `psi` holds
+Φ itself (e.g. the feature store's memmap) and K is applied to the (few) queries instead of the (many)
+training rows: no N × k copy of Ψ is ever made, and only the Ψ rows a caller asks for (the top-k rows of
+`contributions`) are computed.
 """
 from __future__ import annotations
 
@@ -38,11 +43,39 @@ class FittedMethod:
     psi: np.ndarray
     group_slices: list
     info: dict[str, Any] = field(default_factory=dict)
+    query_kernel: list | None = None  # [(K_block float64, start, stop), ...]: psi holds Φ (query-side mode)
 
     def __post_init__(self) -> None:
         if self.psi.ndim != 2:
             raise UserError(f"psi must be 2-D (N, k), got shape {tuple(self.psi.shape)}")
         self.group_slices = check_group_slices(self.group_slices, self.psi.shape[1])
+        if self.query_kernel is not None:
+            for k_mat, start, stop in self.query_kernel:
+                if k_mat.shape != (stop - start, stop - start) or not 0 <= start < stop <= self.psi.shape[1]:
+                    raise UserError(f"query_kernel block of shape {k_mat.shape} does not fit columns "
+                                    f"{start}:{stop} of {self.psi.shape[1]}")
+
+    @property
+    def query_side(self) -> bool:
+        """True when `psi` holds Φ and the kernel is applied to the queries."""
+        return self.query_kernel is not None
+
+    def psi_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of Ψ = Φ K as float32 (computed in float64 in query-side mode)."""
+        if not self.query_side:
+            return as_float32_rows(self.psi, start, stop)
+        return self._apply_kernel(np.asarray(self.psi[start:stop], dtype=np.float64))
+
+    def _apply_kernel(self, x: np.ndarray) -> np.ndarray:
+        """x K (blockwise, float64) as float32; x is (rows, k). K symmetric, so this is also K xᵀ."""
+        out = np.zeros(x.shape, dtype=np.float64)
+        for k_mat, start, stop in self.query_kernel:
+            out[:, start:stop] = x[:, start:stop] @ k_mat
+        return out.astype(np.float32)
+
+    def _scoring_queries(self, qw: np.ndarray) -> np.ndarray:
+        """What is multiplied with `psi` rows: w ⊙ φ(q), or K (w ⊙ φ(q)) in query-side mode."""
+        return self._apply_kernel(qw.astype(np.float64)) if self.query_side else qw
 
     # ---- shape facts -------------------------------------------------------------------------
     @property
@@ -74,7 +107,7 @@ class FittedMethod:
     def scores(self, query_features: Any, weights: Any = None, *, chunk_rows: int = 65536,
                group_slices: Any = None, progress: bool = False) -> np.ndarray:
         """Scores τ_w (Q, N) float32 for every training row; `weights` (M,) non-negative or None (all ones)."""
-        qw = self.weighted_queries(query_features, weights, group_slices=group_slices)
+        qw = self._scoring_queries(self.weighted_queries(query_features, weights, group_slices=group_slices))
         rows = effective_chunk_rows(check_positive_int(chunk_rows, "chunk_rows"), 4 * self.dim)
         out = np.empty((qw.shape[0], self.n_train), dtype=np.float32)
         for start, stop in row_chunks(self.n_train, rows, progress=progress, desc="scores"):
@@ -91,7 +124,7 @@ class FittedMethod:
         k = check_positive_int(k, "k")
         if k > self.n_train:
             raise UserError(f"k = {k} is larger than the training set ({self.n_train} rows); pass k <= {self.n_train}")
-        qw = self.weighted_queries(query_features, weights, group_slices=group_slices)
+        qw = self._scoring_queries(self.weighted_queries(query_features, weights, group_slices=group_slices))
         n_q = qw.shape[0]
         rows = check_positive_int(chunk_rows, "chunk_rows")
         rows = effective_chunk_rows(rows, 4 * (self.dim + n_q))  # a Ψ block plus its (Q, rows) scores
@@ -112,7 +145,11 @@ class FittedMethod:
         if size > MAX_CONTRIBUTION_BYTES:
             raise UserError(f"contributions for {q.shape[0]} queries x {n_rows} rows x {self.n_groups} groups "
                             f"would take {size / 2**30:.1f} GiB; pass rows= (e.g. the top-k indices)")
-        psi = np.asarray(self.psi if sel is None else self.psi[sel], dtype=np.float32)
+        if self.query_side:
+            phi = self.psi[:] if sel is None else self.psi[sel]
+            psi = self._apply_kernel(np.asarray(phi, dtype=np.float64))
+        else:
+            psi = np.asarray(self.psi if sel is None else self.psi[sel], dtype=np.float32)
         out = np.empty((q.shape[0], n_rows, self.n_groups), dtype=np.float32)
         for j, (_, start, stop) in enumerate(self.group_slices):
             out[:, :, j] = q[:, start:stop] @ psi[:, start:stop].T
@@ -124,17 +161,18 @@ class FittedMethod:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / PSI_FILE
-        source = getattr(self.psi, "filename", None)
+        source = None if self.query_side else getattr(self.psi, "filename", None)
         if source is None or Path(source).resolve() != target.resolve():
             tmp = directory / f".{PSI_FILE}.tmp.npy"
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.psi.shape)
             rows = effective_chunk_rows(chunk_rows, 4 * self.dim)
             for start, stop in row_chunks(self.n_train, rows):
-                out[start:stop] = as_float32_rows(self.psi, start, stop)
+                out[start:stop] = self.psi_rows(start, stop)
             out.flush()
             del out
             os.replace(tmp, target)
-        manifest = {"format": FORMAT, "info": self.info,
+        info = {k: v for k, v in self.info.items() if k != "query_side"}  # saved as Ψ
+        manifest = {"format": FORMAT, "info": info,
                     "group_slices": [list(s) for s in self.group_slices],
                     "shape": [self.n_train, self.dim], "versions": versions()}
         if extra:

@@ -29,8 +29,8 @@ import scipy.linalg
 
 from gradtrace.errors import UserError
 from gradtrace.methods.base import Method
-from gradtrace.methods.checks import (check_group_slices, check_matrix, check_positive_int, check_same_layout,
-                                      raise_if_nonfinite)
+from gradtrace.methods.checks import (check_group_slices, check_positive_int, check_same_layout,
+                                      check_train_matrix, raise_if_nonfinite)
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import allocate_psi, effective_chunk_rows, finish_psi, row_chunks
 
@@ -121,22 +121,30 @@ class TRAK(Method):
     def gram(self, train_features: Any, group_slices: Any, *, chunk_rows: int = 65536,
              progress: bool = False) -> Gram:
         """The Gram blocks this kernel needs; pass to `fit(..., gram=)` to refit several c cheaply."""
-        phi = check_matrix(train_features, "training features")
+        phi = check_train_matrix(train_features)
         slices = check_group_slices(group_slices, phi.shape[1])
         self._check_width(phi.shape[1])
         return accumulate_gram(phi, slices, self.kernel, chunk_rows=check_positive_int(chunk_rows, "chunk_rows"),
                                progress=progress)
 
     def fit(self, train_features: Any, group_slices: Any, *, chunk_rows: int = 65536, progress: bool = False,
-            psi_path: str | os.PathLike | None = None, gram: Gram | None = None) -> FittedMethod:
-        """As `Method.fit`; `gram` (from `self.gram` on the same features) skips the Gram pass."""
-        phi = check_matrix(train_features, "training features")
+            psi_path: str | os.PathLike | None = None, gram: Gram | None = None,
+            query_side: bool = False) -> FittedMethod:
+        """As `Method.fit`; `gram` (from `self.gram` on the same features) skips the Gram pass.
+
+        `query_side=True` keeps Φ as it is (e.g. a memmap) and applies K to the queries instead of writing
+        Ψ = Φ K: same scores, no N × k copy (for scoring large stores; the weight learner needs Ψ)."""
+        phi = check_train_matrix(train_features)
         slices = check_group_slices(group_slices, phi.shape[1])
         rows = check_positive_int(chunk_rows, "chunk_rows")
-        return self._fit(phi, slices, chunk_rows=rows, progress=progress, psi_path=psi_path, gram=gram)
+        if query_side and psi_path is not None:
+            raise UserError("query_side=True writes no Ψ; drop psi_path")
+        return self._fit(phi, slices, chunk_rows=rows, progress=progress, psi_path=psi_path, gram=gram,
+                         query_side=query_side)
 
     def _fit(self, phi: np.ndarray, group_slices: list[tuple[str, int, int]], *, chunk_rows: int,
-             progress: bool, psi_path: str | os.PathLike | None, gram: Gram | None = None) -> FittedMethod:
+             progress: bool, psi_path: str | os.PathLike | None, gram: Gram | None = None,
+             query_side: bool = False) -> FittedMethod:
         n, k = phi.shape
         self._check_width(k)
         if gram is None:
@@ -145,6 +153,10 @@ class TRAK(Method):
             self._check_gram(gram, n, group_slices)
         solved = [regularised_inverse(block, self.c) for block in gram.blocks]
         spans = [(0, k)] if self.kernel == "shared" else [(s, e) for _, s, e in group_slices]
+        if query_side:
+            return FittedMethod(psi=phi, group_slices=group_slices,
+                                info={**self._info(solved, group_slices, n, k), "query_side": True},
+                                query_kernel=[(sol[0], s, e) for sol, (s, e) in zip(solved, spans)])
         psi = allocate_psi(n, k, psi_path)
         rows = effective_chunk_rows(chunk_rows, 16 * k)
         for start, stop in row_chunks(n, rows, progress=progress, desc=f"{self.name}: psi"):

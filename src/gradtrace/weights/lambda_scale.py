@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.methods.checks import check_group_slices, check_matrix, raise_if_nonfinite
+from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
 from gradtrace.methods.registry import get_method, lambda_grid
 from gradtrace.methods.trak import TRAK
 from gradtrace.weights.defaults import DEFAULT_K
@@ -26,7 +26,7 @@ def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_f
 
     `method` is "trak" or "dtrak" (a kernel with a λ); `grid` defaults to `lambda_grid()` (1e-4..1).
     """
-    phi = check_matrix(train_features, "training features")
+    phi = check_train_matrix(train_features)
     slices = check_group_slices(group_slices, phi.shape[1])
     queries = check_matrix(learning_query_features, "learning query features", phi.shape[1])
     raise_if_nonfinite(queries, 0, "learning query features")

@@ -67,6 +67,8 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
     """
     if not isinstance(fitted, FittedMethod):
         raise UserError(f"fitted must be a FittedMethod (from a method's .fit), got {type(fitted).__name__}")
+    if fitted.query_side:
+        raise UserError("the weight learner needs Ψ = Φ K; fit the method without query_side=True")
     phi_q = check_matrix(query_features, "learning query features", fitted.dim)
     raise_if_nonfinite(phi_q, 0, "learning query features")
     phi_q = np.asarray(phi_q, dtype=np.float64)
