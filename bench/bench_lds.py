@@ -132,7 +132,11 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
         return {"method": label, "kernel": kernel, "weights": weighting, "c": c, "lds": both,
                 **{f"lds_{q}": summarize(pq[q]) for q in sets}, "seconds": round(seconds, 2)}
 
-    rows, learned, fits, lambdas = [], {}, {}, {}
+    rows, learned, fits, lambdas, paired, uniform_pq = [], {}, {}, {}, [], {}
+
+    def both(pq: dict) -> np.ndarray:
+        return np.concatenate([pq[q] for q in sets])
+
     learning = _learning()
     for method, kernel in METHODS:
         t = time.perf_counter()
@@ -145,8 +149,11 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
         fitted = fit_method(stores[meas]["train"], method, kernel=kernel_arg, c=c, progress=False)
         fits[(method, kernel)] = fitted
         qf = {q: np.asarray(stores[meas][q].features) for q in sets}
-        rows.append(row(method, kernel, "uniform", per_query({q: fitted.scores(qf[q]) for q in sets}),
-                        time.perf_counter() - t, c))
+        uniform_pq[(method, kernel)] = per_query({q: fitted.scores(qf[q]) for q in sets})
+        rows.append(row(method, kernel, "uniform", uniform_pq[(method, kernel)], time.perf_counter() - t, c))
+        if kernel == "per-group":  # paired over queries: per-group minus shared kernel, uniform weights
+            paired.append({"comparison": f"{method}: per-group − shared kernel (uniform)",
+                           "delta": summarize(both(uniform_pq[(method, kernel)]) - both(uniform_pq[(method, "shared")]))})
         if grid_table:  # diagnostic only: LDS at every c of the grid, to check the label-free choice
             tr = stores[meas]["train"]
             gram = get_method(method, c=grid_table[0][0], kernel=kernel_arg).gram(tr.features, tr.group_slices)
@@ -163,8 +170,10 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
             w, info = for_attribution(stores[meas]["train"], stores[meas]["heldout"], weights_path=path,
                                       method=method, kernel=kernel_arg)
             learned[f"{method}/{kernel}"] = {"path": str(path), "weights": info["weights"]}
-            rows.append(row(method, kernel, "learned", per_query({q: fitted.scores(qf[q], weights=w) for q in sets}),
-                            time.perf_counter() - t, c))
+            pq = per_query({q: fitted.scores(qf[q], weights=w) for q in sets})
+            rows.append(row(method, kernel, "learned", pq, time.perf_counter() - t, c))
+            paired.append({"comparison": f"{method} ({kernel}): learned − uniform",
+                           "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
     widths = set()
     for dim, ks in kron.items():
         if ks["train"].features.shape[1] in widths:  # tiny settings: every group at its minimum width
@@ -212,7 +221,7 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
     results = {"settings": s, "feature_spec": asdict(FeatureSpec(total_dim=s["dim"], num_timesteps=s["timesteps"])),
                "splits": {"train_ids_n": len(train_ids), "heldout_ids": heldout_ids.tolist(),
                           "eval_sample_seed": EVAL_SAMPLE_SEED, "learn_sample_seed": LEARN_SAMPLE_SEED},
-               "rows": rows, "lambda": lambdas, "learned_weights": learned or None, "weights_available": learning is not None,
+               "rows": rows, "paired": paired, "lambda": lambdas, "learned_weights": learned or None, "weights_available": learning is not None,
                "per_group": per_group,
                "counterfactual": {"summary": cf["summary"], "per_query": cf["per_query"],
                                   "table": counterfactual_table(cf), "method": "trak per-group kernel",
@@ -243,6 +252,13 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['method']} | {r['kernel']} | {r['weights']} | {c} | {_fmt(r['lds'])} | "
                      f"{_fmt(r['lds_heldout'])} | {_fmt(r['lds_samples'])} | {r['lds']['n_undefined']} | "
                      f"{r['seconds']} |")
+    if results.get("paired"):
+        lines += ["", "Paired differences (per query, both query sets; bootstrap 95% CI over queries):", "",
+                  "| comparison | Δ LDS (95% CI) | CI excludes 0 |", "|---|---|---|"]
+        for d in results["paired"]:
+            lo, hi = d["delta"]["ci95"]
+            excl = "—" if lo is None else ("yes" if lo > 0 or hi < 0 else "no")
+            lines.append(f"| {d['comparison']} | {_fmt(d['delta'])} | {excl} |")
     grids = {key: v["snr_grid"] for key, v in results.get("lambda", {}).items() if v["snr_grid"]}
     if grids:
         keys = list(grids)
