@@ -13,13 +13,19 @@ from conftest import FEAT  # noqa: E402
 
 
 def test_attributions_match_closed_form_trak(pipeline):
+    """The default kernel is per-group: K = blockdiag_j (Φ_jᵀΦ_j + λ_j I)⁻¹, λ_j = c · mean diag(Φ_jᵀΦ_j)."""
     doc = json.loads((pipeline / "attr" / "attributions.json").read_text())
+    assert doc["manifest"]["method"]["kernel"] == "per-group"
     phi = np.load(pipeline / "ft" / "features.npy").astype(np.float64)
     q = np.load(pipeline / "fq" / "features.npy").astype(np.float64)
     train_ids = np.load(pipeline / "ft" / "ids.npy")
-    gram = phi.T @ phi
-    lam = 0.1 * np.mean(np.diag(gram))
-    scores = q @ np.linalg.solve(gram + lam * np.eye(len(gram)), phi.T)
+    groups = json.loads((pipeline / "ft" / "manifest.json").read_text())["settings"]["groups"]
+    scores = np.zeros((len(q), len(phi)))
+    for g in groups:
+        p_j, q_j = phi[:, g["start"]:g["stop"]], q[:, g["start"]:g["stop"]]
+        gram = p_j.T @ p_j
+        lam = 0.1 * np.mean(np.diag(gram))
+        scores += q_j @ np.linalg.solve(gram + lam * np.eye(len(gram)), p_j.T)
     assert len(doc["queries"]) == 3 and len(train_ids) == 48
     for r, entry in enumerate(doc["queries"]):
         order = np.argsort(-scores[r], kind="stable")[:5]

@@ -17,7 +17,8 @@ def _error(capsys, argv, pattern):
 def learned(pipeline):
     out = pipeline / "w" / "general.json"
     assert main(["learn-weights", "--train", str(pipeline / "ft"), "--generate", "4", "--sample-steps", "3",
-                 "--lambda-c", "auto", "--k", "3", "--steps", "20", "--out", str(out), "--no-progress"]) == 0
+                 "--lambda-c", "auto", "--kernel", "shared", "--k", "3", "--steps", "20", "--out", str(out),
+                 "--no-progress"]) == 0
     return out
 
 
@@ -32,7 +33,7 @@ def test_weights_file_and_weighted_attribution(pipeline, learned, tmp_path):
     assert prov["lambda_c"] == pytest.approx(grid[np.argmin(grid[:, 1]), 0])
     assert prov["loss_last"] <= prov["loss_first"] + 1e-12
     assert main(["attribute", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "fq"), "--top-k", "4",
-                 "--weights", str(learned), "--out", str(tmp_path / "a"), "--no-progress", "--no-report"]) == 0
+                 "--kernel", "shared", "--weights", str(learned), "--out", str(tmp_path / "a"), "--no-progress", "--no-report"]) == 0
     res = json.loads((tmp_path / "a" / "attributions.json").read_text())
     phi = np.load(pipeline / "ft" / "features.npy").astype(np.float64)
     q = np.load(pipeline / "fq" / "features.npy").astype(np.float64)
@@ -56,14 +57,15 @@ def test_mismatched_weights_are_refused(pipeline, learned, tmp_path, capsys):
     bad = tmp_path / "other_groups.json"
     bad.write_text(json.dumps(doc))
     args = ["attribute", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "fq"), "--no-report",
-            "--out", str(tmp_path / "a")]
+            "--kernel", "shared", "--out", str(tmp_path / "a")]
     _error(capsys, [*args, "--weights", str(bad)], "other parameter groups")
     _error(capsys, [*args, "--weights", str(learned), "--method", "tracin"], "was learned for trak/shared")
     _error(capsys, [*args, "--aspect", "style"], "no weights for aspect 'style'")
     # the learning queries themselves cannot be the evaluation queries
     learning = json.loads(learned.read_text())["provenance"]["learning_queries"]["store"]
     _error(capsys, ["attribute", "--train", str(pipeline / "ft"), "--queries", learning, "--no-report",
-                    "--weights", str(learned), "--out", str(tmp_path / "a")], "are the learning queries")
+                    "--kernel", "shared", "--weights", str(learned), "--out", str(tmp_path / "a")],
+           "are the learning queries")
 
 
 @pytest.mark.parametrize("kernel", ["shared", "per-group"])

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="feature store of the training set")
     p.add_argument("--queries", required=True, help="feature store of the queries")
     p.add_argument("--method", choices=known_methods(), default="trak")
-    p.add_argument("--kernel", choices=KERNELS, default="shared")
+    p.add_argument("--kernel", choices=KERNELS, default="per-group",
+                   help="TRAK/D-TRAK kernel: one per parameter group (default) or one shared")
     p.add_argument("--lambda-c", default=None,
                    help=f"λ = c · mean diag(ΦᵀΦ), or 'auto' (SNR-best on --learning-queries); "
                         f"default: the weights' c, else {DEFAULT_C}")
@@ -106,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--method", choices=known_methods(), default="trak")
-    p.add_argument("--kernel", choices=KERNELS, default="shared")
-    p.add_argument("--lambda-c", default=str(DEFAULT_C), help="λ scale c, or 'auto' (SNR-best on the learning queries)")
+    p.add_argument("--kernel", choices=KERNELS, default="per-group",
+                   help="TRAK/D-TRAK kernel: one per parameter group (default) or one shared")
+    p.add_argument("--lambda-c", default="auto",
+                   help="λ scale c, or 'auto' (default: the SNR-best c on the learning queries)")
     p.add_argument("--k", type=int, default=None, help="top-k of the objective (default 10)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)

@@ -49,7 +49,7 @@ def run_demo(out, *, quick: bool = False, progress: bool = True, settings: dict 
     stage("featurize-queries", featurize_run, ckpt, out / "features" / "queries", samples=out / "queries",
           spec=spec, overwrite=True, progress=progress)
     doc = stage("attribute", attribute_run, train_store.path, out / "features" / "queries", out,
-                method="trak", kernel="shared", top_k=s["top_k"], progress=progress)
+                method="trak", kernel="per-group", top_k=s["top_k"], progress=progress)
     timings["total"] = round(time.perf_counter() - start, 2)
     n_rows = len(train_store.ids)
     summary = {"mode": mode, "settings": s, "feature_spec": asdict(spec), "timings_s": timings,

@@ -41,7 +41,7 @@ def add_commands(sub) -> None:
         q.add_argument("--train-features", required=True, help="feature store of the run's training set")
         q.add_argument("--queries", required=True, help="feature store of the evaluation queries")
         q.add_argument("--method", choices=known_methods(), default="trak")
-        q.add_argument("--kernel", choices=KERNELS, default="shared")
+        q.add_argument("--kernel", choices=KERNELS, default="per-group")
         q.add_argument("--lambda-c", type=float, default=None,
                        help=f"λ = c · mean diag(ΦᵀΦ) (default: the weights' c, else {DEFAULT_C})")
         q.add_argument("--weights", default=None, help="learned group weights file (default: uniform)")
