@@ -17,27 +17,10 @@ from gradtrace.features.projection import GroupProjector
 from gradtrace.features.store import FeatureStore
 from gradtrace.groups import make_groups
 from gradtrace.measure import Measurement
-from gradtrace.models.configs import default_model_config
-from gradtrace.models.unet import build_model, make_scheduler, model_fingerprint
+from gradtrace.models.unet import model_fingerprint
 
-ATTRS = {"subject": ["circle", "square", "cross"], "style": ["solid", "outline"], "background": ["plain", "checker"]}
-
-
-def _model(kind):
-    if kind == "unconditional":
-        cfg = default_model_config("unconditional", channels=1, size=8)
-    else:
-        cfg = default_model_config("conditional", channels=3, size=16, attributes=ATTRS)
-    return build_model(cfg, seed=1), make_scheduler(cfg)
-
-
-def _inputs(model, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((n, model.channels, model.size, model.size), generator=gen) * 2 - 1
-    cond = None
-    if model.conditional:
-        cond = np.stack([torch.randint(-1, len(v), (n,), generator=gen).numpy() for v in ATTRS.values()], 1)
-    return x, np.arange(100, 100 + n), cond
+from conftest import random_inputs as _inputs
+from conftest import tiny_model as _model
 
 
 _EXACT: dict = {}

@@ -13,13 +13,7 @@ from gradtrace.evaluate.outputs import GT_STREAM, OutputGrid, query_losses
 from gradtrace.evaluate.subsets import draw_subsets, load_subsets, save_subsets
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster and immune to OpenMP spin-waits when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded for this module
 
 
 def _problem(seed=0, n=30, q=7, s=12, m=15):

@@ -33,13 +33,7 @@ def tiny_cond_config():
     return cfg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded: on a shared 2-core machine two OpenMP threads can be 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded for this module
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,7 @@ UNCOND = default_model_config("unconditional", channels=1, size=8)
 QUICK = dict(steps=4, batch_size=8, warmup_steps=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded: on a shared 2-core machine two OpenMP threads can be 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded for this module
 
 
 def state(model) -> dict:

@@ -18,13 +18,7 @@ from gradtrace.evaluate.retrain import open_retraining, retrain_run
 SUBSETS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster and immune to OpenMP spin-waits when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded for this module
 
 
 @pytest.fixture(scope="module")
