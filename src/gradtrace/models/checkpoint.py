@@ -82,6 +82,7 @@ def save_checkpoint(path_dir, model: DiffusionModel, *, train_config, dataset_in
         "fingerprint": model_fingerprint(model),
         "versions": versions(),
         "train_wall_s": log.get("wall_s"),
+        "train_optimizer": log.get("optimizer"),
         "train_loss_final": _final_loss(log.get("losses")),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "extra": extra or {},
