@@ -25,7 +25,7 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) demo_out
 
-# LDS benchmark (bench/bench_lds.py): the full one takes about an hour of both cores; quick is tiny.
+# LDS benchmark (bench/bench_lds.py): the full one takes about 80 min of both cores; quick is tiny.
 .PHONY: bench-lds bench-lds-quick
 
 bench-lds: $(STAMP)
@@ -43,3 +43,9 @@ bench-aspects: $(STAMP)
 
 bench-aspects-quick: $(STAMP)
 	$(PY) bench/bench_aspects.py --quick --out bench_out/aspects_quick
+
+# Training step time by AdamW implementation (bench/bench_train_step.py): about 10 min.
+.PHONY: bench-train-step
+
+bench-train-step: $(STAMP)
+	$(PY) bench/bench_train_step.py

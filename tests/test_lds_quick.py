@@ -149,6 +149,40 @@ def test_cli_eval_lds_with_weights_file_and_cache(bench, tmp_path, monkeypatch, 
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_cli_eval_lds_lambda_auto_chooses_c_on_the_learning_queries(bench, tmp_path, capsys):
+    from gradtrace.features.store import FeatureStore
+    from gradtrace.methods import get_method
+    from gradtrace.weights import choose_lambda_scale
+
+    store = bench / "features" / "loss"
+    base = ["eval", "lds", "--run", str(bench / "run"), "--retrain", str(bench / "retrain"), "--train-features",
+            str(store / "train"), "--queries", str(store / "heldout"), "--method", "trak", "--kernel", "per-group",
+            "--timesteps", "2", "--draws", "1", "--out", str(tmp_path / "eval"), "--no-progress"]
+    assert cli_main(base + ["--lambda-c", "auto", "--learning-queries", str(store / "learn")]) == 0, \
+        capsys.readouterr().err
+    capsys.readouterr()
+    doc = json.loads((tmp_path / "eval" / "lds.json").read_text())
+    chosen = doc["manifest"]["lambda"]
+    train, learn = FeatureStore.open(store / "train"), FeatureStore.open(store / "learn")
+    best, _ = choose_lambda_scale(train.features, train.group_slices, np.asarray(learn.features), method="trak",
+                                  kernel="per-group", k=min(10, len(train.ids)))
+    assert chosen["rule"].startswith("auto") and chosen["c"] == pytest.approx(float(best))
+    assert chosen["learning_queries"]["store"] == str(learn.path)
+    assert doc["manifest"]["method"]["c"] == pytest.approx(float(best))
+    fitted = get_method("trak", kernel="per-group", c=float(best)).fit(train.features, train.group_slices)
+    q = FeatureStore.open(store / "heldout").features
+    corr, _ = _dattri_mean(bench, "heldout", fitted.scores(q))
+    ours = np.array([np.nan if v is None else v for v in doc["lds"]["per_query"]])
+    np.testing.assert_allclose(ours, corr, rtol=1e-9, atol=1e-12)
+    # refused, one line, exit 2: the evaluation queries as learning queries, a non-number, a store without auto
+    for extra in (["--lambda-c", "auto", "--learning-queries", str(store / "heldout")], ["--lambda-c", "nope"],
+                  ["--learning-queries", str(store / "learn")], ["--lambda-c", "auto"]):
+        assert cli_main(base[:-3] + ["--out", str(tmp_path / "refused")] + base[-1:] + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("lambda-c" in err or "learning" in err), err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_counterfactual_removes_the_top_k_and_reports_loss_changes(bench):
     from gradtrace.evaluate.outputs import OutputGrid, query_losses, store_examples
     from gradtrace.features.store import FeatureStore

@@ -42,8 +42,11 @@ def add_commands(sub) -> None:
         q.add_argument("--queries", required=True, help="feature store of the evaluation queries")
         q.add_argument("--method", choices=known_methods(), default="trak")
         q.add_argument("--kernel", choices=KERNELS, default="per-group")
-        q.add_argument("--lambda-c", type=float, default=None,
-                       help=f"λ = c · mean diag(ΦᵀΦ) (default: the weights' c, else {DEFAULT_C})")
+        q.add_argument("--lambda-c", default=None,
+                       help=f"λ = c · mean diag(ΦᵀΦ): a number, or auto = the SNR-best c on --learning-queries "
+                            f"(default: the weights' c, else {DEFAULT_C})")
+        q.add_argument("--learning-queries", default=None,
+                       help="with --lambda-c auto: feature store of learning queries (never the --queries)")
         q.add_argument("--weights", default=None, help="learned group weights file (default: uniform)")
         q.add_argument("--timesteps", type=int, default=10, help="timesteps of the model-output grid")
         q.add_argument("--draws", type=int, default=4, help="noise draws per timestep of the model-output grid")
@@ -79,8 +82,16 @@ def _grid(args):
 
 
 def _check_c(args) -> None:
-    if args.lambda_c is not None and not args.lambda_c > 0:
+    """--lambda-c: None, 'auto' or a number > 0 (stored back as a float)."""
+    if args.lambda_c is None or str(args.lambda_c).lower() == "auto":
+        return
+    try:
+        value = float(args.lambda_c)
+    except ValueError:
+        raise UserError(f"--lambda-c must be a number or 'auto', got {args.lambda_c!r}") from None
+    if not value > 0:
         raise UserError(f"--lambda-c must be > 0, got {args.lambda_c}")
+    args.lambda_c = value
 
 
 def cmd_retrain(args) -> None:
@@ -105,7 +116,8 @@ def cmd_eval_lds(args) -> None:
         warnings.simplefilter("ignore", UserWarning)
         doc = eval_lds_run(args.run, args.retrain, args.train_features, args.queries, args.out, method=args.method,
                            kernel=args.kernel, c=args.lambda_c, weights_path=args.weights, per_group=args.per_group,
-                           grid=_grid(args), seed=args.seed, progress=not args.no_progress)
+                           learning_queries=args.learning_queries, grid=_grid(args), seed=args.seed,
+                           progress=not args.no_progress)
     r = doc["lds"]
     if r["warning"]:
         print(f"gradtrace eval lds: warning: {r['warning']}", file=sys.stderr)
@@ -123,7 +135,8 @@ def cmd_eval_counterfactual(args) -> None:
         raise UserError(f"--max-models must be >= 0, got {args.max_models}")
     doc = counterfactual_run(args.run, args.train_features, args.queries, args.out, method=args.method,
                              kernel=args.kernel, c=args.lambda_c, weights_path=args.weights,
-                             num_queries=args.num_queries, k=args.top_k, n_seeds=args.seeds, workers=args.workers,
+                             learning_queries=args.learning_queries, num_queries=args.num_queries, k=args.top_k,
+                             n_seeds=args.seeds, workers=args.workers,
                              random_seed=args.random_seed, grid=_grid(args), max_models=args.max_models,
                              progress=not args.no_progress)
     if not doc.get("finished"):

@@ -40,7 +40,8 @@ def counterfactual_jobs(train_ids, query_ids, top_ids, random_ids, seeds) -> lis
 
 
 def counterfactual_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = "shared",
-                       c: float | None = None, weights=None, weights_path=None, num_queries: int = 5, k: int = 10,
+                       c=None, weights=None, weights_path=None, learning_queries=None, num_queries: int = 5,
+                       k: int = 10,
                        n_seeds: int = 1, workers: int = 1, random_seed: int = 0, grid: OutputGrid = OutputGrid(),
                        max_models: int | None = None, progress: bool = True) -> dict:
     from gradtrace.evaluate.scoring import score_queries
@@ -59,7 +60,7 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     if k >= len(recipe.train_ids):
         raise UserError(f"--top-k {k} must be smaller than the training set ({len(recipe.train_ids)} examples)")
     scored = score_queries(train, query, method=method, kernel=kernel, c=c, weights=weights,
-                           weights_path=weights_path, progress=progress)
+                           weights_path=weights_path, learning_queries=learning_queries, progress=progress)
     nq = min(int(num_queries), len(query.ids))
     top_rows, _ = scored.fitted.topk(scored.query_features[:nq], int(k), scored.weights)
     top_ids = np.sort(np.asarray(train.ids)[top_rows], axis=1)
@@ -69,7 +70,8 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     seeds = recipe.replicate_seeds(n_seeds)
     jobs = counterfactual_jobs(recipe.train_ids, query_ids, top_ids, random_ids, seeds)
     settings = {"kind": "counterfactual", "recipe": recipe.summary(), "method": scored.fitted.info,
-                "weights": scored.weights_info, "query_features": str(Path(queries).resolve()),
+                "weights": scored.weights_info, "lambda": scored.lambda_info,
+                "query_features": str(Path(queries).resolve()),
                 "query_ids": query_ids.tolist(), "k": int(k), "random_seed": int(random_seed),
                 "top_ids": top_ids.tolist(), "random_ids": random_ids.tolist(), "seeds": seeds,
                 "jobs": [j.name for j in jobs]}

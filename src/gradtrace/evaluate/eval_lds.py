@@ -113,8 +113,8 @@ def plot_per_group(per_group: dict, overall: dict, path, title: str) -> None:
 
 
 def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "trak", kernel: str = "shared",
-                 c: float | None = None, weights_path=None, per_group: bool = False, grid: OutputGrid = OutputGrid(),
-                 seed: int = 0, progress: bool = True) -> dict:
+                 c=None, weights_path=None, per_group: bool = False, grid: OutputGrid = OutputGrid(),
+                 seed: int = 0, learning_queries=None, progress: bool = True) -> dict:
     """The CLI stage: LDS (mean, 95% CI, per query) of one method; writes lds.json (+ the per-group plot)."""
     from gradtrace.evaluate.scoring import score_queries
     from gradtrace.features.store import FeatureStore
@@ -125,7 +125,7 @@ def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "t
     query = FeatureStore.open(queries)
     problem = load_problem(run, retrain, train, query, grid=grid, progress=progress)
     scored = score_queries(train, query, method=method, kernel=kernel, c=c, weights_path=weights_path,
-                           progress=progress)
+                           learning_queries=learning_queries, progress=progress)
     result = problem.evaluate(scored.scores(), seed=seed)
     doc = {"manifest": eval_manifest(problem, train, query, scored, grid, seed), "lds": result}
     out = Path(out)
@@ -150,7 +150,7 @@ def eval_manifest(problem: LDSProblem, train, query, scored, grid: OutputGrid, s
             "query_source": query.settings["source"], "query_ids_sha256": sha256_arrays([problem.query_ids]),
             "method": scored.fitted.info, "groups": scored.fitted.group_names,
             "measurement": train.settings["measurement"], "projection": train.settings["projection"],
-            "weights": scored.weights_info, "model_output": {"name": "diffusion loss", "grid": grid.info(),
-                                                             "target": "negative loss, mean over seeds",
-                                                             "cache": problem.outputs_info.get("path")},
+            "weights": scored.weights_info, "lambda": scored.lambda_info,
+            "model_output": {"name": "diffusion loss", "grid": grid.info(), "target": "negative loss, mean over seeds",
+                             "cache": problem.outputs_info.get("path")},
             "bootstrap_seed": seed, "versions": versions()}

@@ -16,6 +16,7 @@ class Scored:
     query_features: np.ndarray
     weights: np.ndarray | None
     weights_info: dict | None
+    lambda_info: dict | None = None  # how c was chosen (given, the weights', default, or auto on learning queries)
 
     def scores(self, weights=None) -> np.ndarray:
         """(Q, N) τ_w; `weights` None = the loaded weights (or uniform when none were loaded)."""
@@ -67,14 +68,15 @@ def _plain_weights(path: Path, doc, group_names: list[str]) -> np.ndarray:
     return w
 
 
-def score_queries(train_store, query_store, *, method: str = "trak", kernel: str = "shared", c: float | None = None,
-                  weights=None, weights_path=None, progress: bool = True) -> Scored:
+def score_queries(train_store, query_store, *, method: str = "trak", kernel: str = "shared", c=None,
+                  weights=None, weights_path=None, learning_queries=None, progress: bool = True) -> Scored:
     """Fit `method` on the training store and prepare the query features (compatible stores only).
 
     `weights` (M,) array or `weights_path` (a file) set the group weights; both None = uniform. A weights
     file from `gradtrace learn-weights` goes through `gradtrace.learning.weights_for_attribution`, which
     refuses files for another store or method and queries that were the weights' learning queries.
-    λ scale: `c` when given, else the c the weights were learned with, else the default.
+    λ scale: `c` when given, else the c the weights were learned with, else the default; c = "auto" chooses
+    it by the SNR rule on `learning_queries` (a feature store other than the queries scored).
     """
     from gradtrace.attribute import fit_method
     from gradtrace.methods import DEFAULT_C
@@ -88,11 +90,20 @@ def score_queries(train_store, query_store, *, method: str = "trak", kernel: str
     elif weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
         info = {"weights": dict(zip(train_store.group_names, weights.tolist()))}
-    if c is None:
-        c = info["lambda_c"] if info and info.get("lambda_c") is not None else DEFAULT_C
+    if (c is not None and str(c).lower() == "auto") or learning_queries is not None:
+        from gradtrace.learning import resolve_lambda_for_attribution
+
+        c, lambda_info = resolve_lambda_for_attribution(train_store, query_store, method=method, kernel=kernel, c=c,
+                                                        weights_info=info, learning_queries=learning_queries)
+    elif c is None:
+        from_weights = bool(info) and info.get("lambda_c") is not None
+        c = info["lambda_c"] if from_weights else DEFAULT_C
+        lambda_info = {"c": float(c), "rule": "weights file" if from_weights else "default"}
+    else:
+        lambda_info = {"c": float(c), "rule": "given"}
     fitted = fit_method(train_store, method, kernel=kernel, c=c, progress=progress)
     return Scored(fitted=fitted, query_features=np.asarray(query_store.features), weights=weights,
-                  weights_info=info)
+                  weights_info=info, lambda_info=lambda_info)
 
 
 def _weights_file(train_store, query_store, path, method: str, kernel: str) -> tuple[np.ndarray, dict]:
