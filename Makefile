@@ -25,7 +25,7 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) demo_out
 
-# LDS benchmark (bench/bench_lds.py): the full one takes about 80 min of both cores; quick is tiny.
+# LDS benchmark (bench/bench_lds.py): the full one took 84 min of both cores; quick is tiny.
 .PHONY: bench-lds bench-lds-quick
 
 bench-lds: $(STAMP)

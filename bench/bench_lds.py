@@ -2,7 +2,7 @@
 """LDS benchmark on digits: TracIn, TRAK and D-TRAK (shared / per-group kernel, uniform / learned weights)
 against pixel-space and random baselines, the per-group LDS picture and a counterfactual check.
 
-    python bench/bench_lds.py --out bench_out/lds            # full: 1,000 images, 64 subsets (about 80 min here)
+    python bench/bench_lds.py --out bench_out/lds            # full: 1,000 images, 64 subsets (84 min measured here)
     python bench/bench_lds.py --quick --out bench_out/lds_q  # tiny settings, about a minute
 
 Protocol (DESIGN §3): the tiny unconditional UNet trained with the default recipe, shortened to 1,250 steps,

@@ -70,8 +70,7 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     seeds = recipe.replicate_seeds(n_seeds)
     jobs = counterfactual_jobs(recipe.train_ids, query_ids, top_ids, random_ids, seeds)
     settings = {"kind": "counterfactual", "recipe": recipe.summary(), "method": scored.fitted.info,
-                "weights": scored.weights_info, "lambda": scored.lambda_info,
-                "query_features": str(Path(queries).resolve()),
+                "weights": scored.weights_info, "query_features": str(Path(queries).resolve()),
                 "query_ids": query_ids.tolist(), "k": int(k), "random_seed": int(random_seed),
                 "top_ids": top_ids.tolist(), "random_ids": random_ids.tolist(), "seeds": seeds,
                 "jobs": [j.name for j in jobs]}
@@ -90,7 +89,7 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
                                  progress=progress)
     doc = summarize_counterfactual(jobs, losses, query_ids, len(seeds), top_ids, random_ids, seed=random_seed)
     doc["manifest"] = {"format": "gradtrace-counterfactual", "format_version": 1, "run": recipe.run,
-                       "command": " ".join(["gradtrace", *sys.argv[1:]]), **settings,
+                       "command": " ".join(["gradtrace", *sys.argv[1:]]), **settings, "lambda": scored.lambda_info,
                        "model_output": {"name": "diffusion loss", "grid": grid.info(), "cache": info["path"]},
                        "versions": versions()}
     doc["stats"] = {k: v for k, v in stats.items() if k != "model_wall_s"}
