@@ -7,15 +7,15 @@ against pixel-space and random baselines, the per-group LDS picture and a counte
 
 Protocol (DESIGN §3): the tiny unconditional UNet trained with the default recipe, shortened to 1,250 steps,
 on n_train digits (a seeded split); S subsets at α = 0.5 retrained with the same recipe (R seeds). 1,250 rather
-than the default 3,000 steps: one step of this model takes 75–90 ms per worker with two workers on the two
-cores here, so 64 subset models of 3,000 steps would take about 2.5 hours, and 1,500 steps measured 111 min in
-all, both over the 90-minute budget. Evaluation queries =
-held-out digits (ids not in training) and generated samples (sample seed EVAL_SAMPLE_SEED); learning queries
-for the weights and for the λ choice (c = auto) = other generated samples (LEARN_SAMPLE_SEED), never the
-evaluation queries. LDS = mean over all evaluation queries of the per-query Spearman correlation, with a
-bootstrap 95% CI over queries. TRAK is also scored on Kronecker (LoGra-style) features of the same loss at
-the same dimension (shared and per-group kernel) and at 4x the dimension (per-group kernel only: a shared
-kernel over 8,178 columns cost 8 of the 90 minutes), uniform weights, to compare the projection kinds by LDS. Writes results.json and
+than the default 3,000 steps: with two workers on the two cores here one step takes about 94 ms per worker
+(measured in the full run), so 64 subset models of 3,000 steps would take about 2.5 hours, and 1,500 steps
+took 111 min in all, both over the 90-minute budget. Evaluation queries = held-out digits (ids not in
+training) and generated samples (sample seed EVAL_SAMPLE_SEED); learning queries for the weights and for the
+λ choice (c = auto) = other generated samples (LEARN_SAMPLE_SEED), never the evaluation queries. LDS = mean
+over all evaluation queries of the per-query Spearman correlation, with a bootstrap 95% CI over queries. TRAK
+is also scored on Kronecker (LoGra-style) features of the same loss, uniform weights, to compare the
+projection kinds by LDS: at the same dimension (shared and per-group kernel) and at 4x the dimension
+(per-group kernel only: a shared kernel over 8,178 columns cost 8 of the 90 minutes). Writes results.json and
 results.md into --out and prints the markdown. A rerun into the same --out reuses the feature stores, the
 retrained models (the retraining resumes model by model) and the cached model outputs. Torch runs
 single-threaded in this process (the tiny model gains little from a second thread, and on shared cores
