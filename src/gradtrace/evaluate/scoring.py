@@ -79,7 +79,7 @@ def score_queries(train_store, query_store, *, method: str = "trak", kernel: str
     it by the SNR rule on `learning_queries` (a feature store other than the queries scored).
     """
     from gradtrace.attribute import fit_method
-    from gradtrace.methods import DEFAULT_C
+    from gradtrace.learning import resolve_lambda_for_attribution
 
     if weights is not None and weights_path is not None:
         raise UserError("pass group weights either as an array or as a file, not both")
@@ -90,17 +90,8 @@ def score_queries(train_store, query_store, *, method: str = "trak", kernel: str
     elif weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
         info = {"weights": dict(zip(train_store.group_names, weights.tolist()))}
-    if (c is not None and str(c).lower() == "auto") or learning_queries is not None:
-        from gradtrace.learning import resolve_lambda_for_attribution
-
-        c, lambda_info = resolve_lambda_for_attribution(train_store, query_store, method=method, kernel=kernel, c=c,
-                                                        weights_info=info, learning_queries=learning_queries)
-    elif c is None:
-        from_weights = bool(info) and info.get("lambda_c") is not None
-        c = info["lambda_c"] if from_weights else DEFAULT_C
-        lambda_info = {"c": float(c), "rule": "weights file" if from_weights else "default"}
-    else:
-        lambda_info = {"c": float(c), "rule": "given"}
+    c, lambda_info = resolve_lambda_for_attribution(train_store, query_store, method=method, kernel=kernel, c=c,
+                                                    weights_info=info, learning_queries=learning_queries)
     fitted = fit_method(train_store, method, kernel=kernel, c=c, progress=progress)
     return Scored(fitted=fitted, query_features=np.asarray(query_store.features), weights=weights,
                   weights_info=info, lambda_info=lambda_info)
