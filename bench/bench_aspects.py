@@ -50,7 +50,7 @@ def log(msg: str) -> None:
 
 def query_sets(values: dict, s: dict) -> dict[str, np.ndarray]:
     """name -> (n, A) conditioning codes: the evaluation set, the general and the per-aspect learning sets."""
-    from gradtrace.aspects import query_codes
+    from gradtrace.adapters.diffusion.aspects import query_codes
 
     sets = {"eval": (query_codes(values, s["n_eval"], aspect=None, seed=EVAL_SEED), EVAL_SEED),
             "learn-general": (query_codes(values, s["n_learn"], aspect=None, seed=LEARN_SEED), LEARN_SEED)}
@@ -62,16 +62,16 @@ def query_sets(values: dict, s: dict) -> dict[str, np.ndarray]:
 
 def make_samples(ckpt, fingerprint: str, path: Path, codes: np.ndarray, seed: int, s: dict) -> None:
     """Sample (or reuse samples made by this very model with the same codes, seed and sampler settings)."""
-    from gradtrace.commands import sample_run
-    from gradtrace.manifest import read_json
+    from gradtrace.io import read_json
+    from gradtrace.pipeline import SampleSpec, sample_run
 
     if (path / "cond.npy").exists() and np.array_equal(np.load(path / "cond.npy"), codes):
         m = read_json(path / "manifest.json", "samples manifest")
         if (m.get("model_fingerprint"), m.get("seed"), m.get("sample_steps"), m.get("guidance"), m.get("eta")) == \
                 (fingerprint, seed, s["sample_steps"], s["guidance"], 1.0):
             return
-    sample_run(ckpt, path, num=len(codes), codes=codes, guidance=s["guidance"], sample_steps=s["sample_steps"],
-               seed=seed, progress=False)
+    sample_run(SampleSpec(checkpoint=str(ckpt), out=str(path), num=len(codes), codes=codes, guidance=s["guidance"],
+                          sample_steps=s["sample_steps"], seed=seed), progress=False)
 
 
 def fidelity(train_x, train_codes, held_x, held_codes, sets: dict, images: dict) -> dict:
@@ -93,8 +93,8 @@ def fidelity(train_x, train_codes, held_x, held_codes, sets: dict, images: dict)
 
 def weights_current(path: Path, train, queries, s: dict) -> bool:
     """True when `path` holds weights learned for exactly this training store and learning-query set."""
-    from gradtrace.learning import query_set_id, store_identity
-    from gradtrace.manifest import read_json
+    from gradtrace.attribution import query_set_id, store_identity
+    from gradtrace.io import read_json
 
     if not path.exists():
         return False
@@ -121,15 +121,14 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
     import torch
     from scipy.stats import spearmanr
 
-    from gradtrace.attribute import fit_method
-    from gradtrace.commands import featurize_run, train_run
+    from gradtrace.adapters import get_adapter
+    from gradtrace.attribution import fit_method, read_group_weights
     from gradtrace.data import load_dataset
     from gradtrace.evaluate.retrieval import average_precision, recall_at_k, shared_value_relevance
-    from gradtrace.features.featurize import FeatureSpec
     from gradtrace.features.store import FeatureStore
-    from gradtrace.learning import learn_weights_run, weights_for_attribution
-    from gradtrace.manifest import read_json, versions, write_json_atomic
-    from gradtrace.models import load_checkpoint
+    from gradtrace.io import read_json, versions, write_json_atomic
+    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, TrainSpec, featurize_run, learn_weights_run,
+                                    train_run)
     from gradtrace.weights import solo_quality
 
     torch.set_num_threads(int(s["threads"]))  # 1: OpenMP spin-waits make 2 threads far slower on shared cores
@@ -145,9 +144,10 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         log(f"{name} done in {timings[name]} s")
         return result
 
-    ckpt = stage("train", train_run, "shapes", out / "model", n=s["n_train"], steps=s["steps"],
-                 batch_size=s["batch_size"], lr=s["lr"], seed=0, progress=False)
-    model = load_checkpoint(ckpt)
+    ckpt = str(stage("train", train_run, TrainSpec(data="shapes", out=str(out / "model"), n=s["n_train"],
+                                                   steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], seed=0),
+                     progress=False))
+    model = get_adapter().load(ckpt)
     values = model.model.attribute_values
     train_log = read_json(Path(ckpt) / "config.json", "checkpoint config")
     sets = query_sets(values, s)
@@ -156,14 +156,15 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
 
     stores: dict[str, dict[str, FeatureStore]] = {}
     for meas in ("loss", "dtrak"):
-        spec = FeatureSpec(groups="block", projection="rademacher", total_dim=s["dim"], measurement=meas,
-                           num_timesteps=s["timesteps"])
-        stores[meas] = {"train": stage(f"featurize train ({meas})", featurize_run, ckpt, out / "features" / meas /
-                                       "train", spec=spec, overwrite=True, progress=True)}
+        spec = dict(checkpoint=ckpt, groups="block", projection="rademacher", dim=s["dim"], measurement=meas,
+                    timesteps=s["timesteps"], overwrite=True)
+        stores[meas] = {"train": stage(f"featurize train ({meas})", featurize_run,
+                                       FeaturizeSpec(out=str(out / "features" / meas / "train"), **spec),
+                                       progress=True)}
         for name in sets:
-            stores[meas][name] = stage(f"featurize {name} ({meas})", featurize_run, ckpt,
-                                       out / "features" / meas / name, samples=out / "samples" / name, spec=spec,
-                                       overwrite=True, progress=False)
+            stores[meas][name] = stage(f"featurize {name} ({meas})", featurize_run,
+                                       FeaturizeSpec(out=str(out / "features" / meas / name),
+                                                     samples=str(out / "samples" / name), **spec), progress=False)
 
     train_store = stores["loss"]["train"]
     train_codes = np.asarray(train_store.cond)
@@ -203,9 +204,11 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         for wset in ("general", *ASPECTS):
             path = out / "weights" / f"{method}-{kernel}-{wset}.json"
             if not weights_current(path, train, stores[meas][f"learn-{wset}"], s):
-                stage(f"learn {key} {wset}", learn_weights_run, train.path, path,
-                      queries_path=stores[meas][f"learn-{wset}"].path, method=method, kernel=kernel,
-                      c="auto", k=s["k"], steps=s["learn_steps"], progress=False)
+                stage(f"learn {key} {wset}", learn_weights_run,
+                      LearnWeightsSpec(train=str(train.path), out=str(path),
+                                       queries=str(stores[meas][f"learn-{wset}"].path), method=method,
+                                       kernel="shared" if kernel == "identity" else kernel,  # TracIn: no kernel
+                                       lambda_c="auto", k=s["k"], steps=s["learn_steps"]), progress=False)
             docs[wset] = read_json(path, "weights file")
 
         def fitted_at(c):
@@ -219,8 +222,8 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         entry = {"uniform": {"weights": np.ones(len(names)), "c": c_general,
                              "metrics": metrics(fitted_at(c_general).scores(qf))}}
         for wset in ("general", *ASPECTS):
-            w, info = weights_for_attribution(train, ev_store, weights_path=out / "weights" /
-                                              f"{method}-{kernel}-{wset}.json", method=method, kernel=kernel)
+            w, info = read_group_weights(train, ev_store, out / "weights" / f"{method}-{kernel}-{wset}.json",
+                                         method=method, kernel=kernel)
             entry[wset] = {"weights": w, "c": info["lambda_c"],
                            "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf, weights=w)),
                            "loss_first": docs[wset]["learning"].get("first_loss"),
@@ -319,8 +322,8 @@ def markdown(doc: dict) -> str:
 
 
 def pictures(results, stores, sets, out, img_dir, s, train_codes, values, relevant) -> None:
-    from gradtrace.attribute import fit_method
-    from gradtrace.report_weights import attribution_comparison, cosine_heatmap, weights_bars
+    from gradtrace.attribution import fit_method
+    from gradtrace.report.weights import attribution_comparison, cosine_heatmap, weights_bars
 
     img_dir.mkdir(parents=True, exist_ok=True)
     vectors = {}
@@ -357,7 +360,7 @@ def pictures(results, stores, sets, out, img_dir, s, train_codes, values, releva
 
 
 def _train_images(train):
-    from gradtrace.sources import load_source
+    from gradtrace.data.sources import load_source
 
     return load_source(train.settings["source"]).images.numpy()
 

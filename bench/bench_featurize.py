@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def prepare(workdir: Path, name: str, n: int, n_query: int, steps: int) -> Path:
     """Train the model of `name` on its first n examples; save the checkpoint and the example ids."""
     from gradtrace.data.registry import load_dataset
-    from gradtrace.models import TrainConfig, default_model_config, save_checkpoint, train
+    from gradtrace.adapters.checkpoint import save_checkpoint
+    from gradtrace.adapters.diffusion import TrainConfig, default_model_config, train
 
     path = workdir / name
     if (path / "config.json").exists():
@@ -66,9 +67,9 @@ def prepare(workdir: Path, name: str, n: int, n_query: int, steps: int) -> Path:
 def load(path: Path, which: str = "train"):
     """(checkpoint, images, ids, cond codes or None) of the train or query examples."""
     from gradtrace.data.registry import load_dataset
-    from gradtrace.models import load_checkpoint
+    from gradtrace.adapters import get_adapter
 
-    ckpt = load_checkpoint(path)
+    ckpt = get_adapter().load(path)
     ds = load_dataset(path.name)
     ids = ckpt.train_ids if which == "train" else np.load(path / "query_ids.npy")
     rows = ds.index_of(ids)
@@ -78,15 +79,16 @@ def load(path: Path, which: str = "train"):
 
 # ------------------------------------------------------------------------------------------- workers
 def worker(path: Path, config: str, T: int, dim: int, chunk: int, out_dir: Path) -> dict:
-    from gradtrace.features.featurize import FeatureSpec, featurize
+    from gradtrace.adapters import get_adapter
+    from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 
     ckpt, images, ids, cond = load(path)
-    model, sched = ckpt.model, ckpt.scheduler
+    model, sched = ckpt.model, ckpt.extras["scheduler"]
     spec = FeatureSpec(projection="kronecker" if config.startswith("kron") else "rademacher",
                        total_dim=4 * dim if config == "kron4x" else dim, num_timesteps=T, chunk_rows=chunk)
     noise = xt = None
     if config in ("traker", "dattri"):
-        from gradtrace.measure import Measurement
+        from gradtrace.adapters.diffusion.measure import Measurement
         m = Measurement.create("loss", T, sched.config.num_train_timesteps)
         noise = m.noise(ids, tuple(images.shape[1:]))
         xt, _ = m.noisy_inputs(images, noise, sched.alphas_cumprod)
@@ -96,7 +98,8 @@ def worker(path: Path, config: str, T: int, dim: int, chunk: int, out_dir: Path)
         train_floor(model, sched, images, cond, T, chunk)
         k = 0
     elif config in ("vmap", "kron", "kron4x"):
-        store = featurize(model, sched, images, ids, out_dir / "store", spec=spec, cond=cond,
+        featurizer, _ = featurizer_for(get_adapter(), ckpt, spec)
+        store = featurize(featurizer, images, ids, out_dir / "store", spec=spec, cond=cond,
                           model_fingerprint=ckpt.fingerprint, progress=False)
         k = store.features.shape[1]
     elif config == "traker":
@@ -198,14 +201,15 @@ def quality(path: Path, T: int, dim: int, seeds: int, c: float = 0.01, top: int 
     dim-wide projection, the library's default), through the push-through identity
     φ(q)ᵀ(ΦᵀΦ + λI)⁻¹Φᵀ = φ(q)ᵀΦᵀ(ΦΦᵀ + λI)⁻¹ (N < k), so only the projection noise differs.
     """
-    from gradtrace.features.featurize import FeatureSpec, build_featurizer
+    from gradtrace.adapters import get_adapter
+    from gradtrace.features.featurize import FeatureSpec, featurizer_for
 
     ckpt, xtr, ids_tr, c_tr = load(path, "train")
     _, xq, ids_q, c_q = load(path, "query")
 
     def feats(projection, seed, k):
-        fz, _ = build_featurizer(ckpt.model, ckpt.scheduler, FeatureSpec(projection=projection, total_dim=k,
-                                                                         projection_seed=seed, num_timesteps=T))
+        fz, _ = featurizer_for(get_adapter(), ckpt, FeatureSpec(projection=projection, total_dim=k,
+                                                                projection_seed=seed, num_timesteps=T))
         out = [fz.features(x[s:s + 64], i[s:s + 64], None if cc is None else cc[s:s + 64])
                for x, i, cc in ((xtr, ids_tr, c_tr), (xq, ids_q, c_q)) for s in range(0, len(x), 64)]
         n_tr = (len(xtr) + 63) // 64
@@ -242,15 +246,15 @@ def profile(path: Path, T: int, dim: int, chunk: int, top: int = 8) -> list[str]
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from gradtrace.features.featurize import FeatureSpec, build_featurizer
+    from gradtrace.adapters import get_adapter
+    from gradtrace.features.featurize import FeatureSpec, featurizer_for
 
     ckpt, images, ids, cond = load(path)
     x, i, c = images[:chunk], ids[:chunk], None if cond is None else cond[:chunk]
-    fz, _ = build_featurizer(ckpt.model, ckpt.scheduler, FeatureSpec(projection="kronecker", total_dim=dim,
-                                                                     num_timesteps=T))
+    fz, _ = featurizer_for(get_adapter(), ckpt, FeatureSpec(projection="kronecker", total_dim=dim, num_timesteps=T))
     fz.features(x, i, c)  # warm (and the first-call check)
     times = {}
-    for name, fn in (("floor", lambda: train_floor(ckpt.model, ckpt.scheduler, x, c, T, chunk)),
+    for name, fn in (("floor", lambda: train_floor(ckpt.model, ckpt.extras["scheduler"], x, c, T, chunk)),
                      ("kron", lambda: fz.features(x, i, c))):
         fn()
         ckpt.model.eval()

@@ -50,15 +50,6 @@ METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("
            ("dtrak", "per-group")]
 
 
-def _learning():
-    """(learn_weights_run, weights_for_attribution) when gradtrace's weight learner is installed, else None."""
-    try:
-        from gradtrace.learning import learn_weights_run, weights_for_attribution
-    except ImportError:
-        return None
-    return learn_weights_run, weights_for_attribution
-
-
 def run_bench(out, s: dict, *, progress: bool = True) -> dict:
     """Run every stage into `out` (finished retrained models, features and outputs are reused)."""
     import torch
@@ -72,16 +63,17 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
 
 
 def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
-    from gradtrace.attribute import fit_method
-    from gradtrace.commands import featurize_run, sample_run, train_run
+    from gradtrace.adapters import get_adapter
+    from gradtrace.attribution import fit_method, read_group_weights, resolve_learning_c
     from gradtrace.evaluate import counterfactual_run, counterfactual_table, load_problem, retrain_run, summarize
-    from gradtrace.evaluate.eval_lds import plot_per_group
     from gradtrace.evaluate.outputs import OutputGrid, store_examples
     from gradtrace.features.featurize import FeatureSpec
     from gradtrace.features.store import FeatureStore
-    from gradtrace.learning import resolve_lambda
-    from gradtrace.manifest import versions, write_json_atomic
+    from gradtrace.io import versions, write_json_atomic
     from gradtrace.methods import get_method
+    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, SampleSpec, TrainSpec, featurize_run,
+                                    learn_weights_run, sample_run, train_run)
+    from gradtrace.report.lds import plot_per_group
     from gradtrace.weights.defaults import DEFAULT_K
 
     out = Path(out)
@@ -98,25 +90,26 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
     perm = np.random.default_rng(s["split_seed"]).permutation(N_DIGITS)
     train_ids = np.sort(perm[:s["n_train"]])
     heldout_ids = np.sort(perm[s["n_train"]:s["n_train"] + s["n_heldout"]])
-    run = stage("train", train_run, "digits", out / "run", ids=train_ids, steps=s["steps"],
-                batch_size=s["batch_size"], progress=progress)
-    stage("sample", sample_run, run, out / "samples_eval", num=s["n_samples"], sample_steps=s["sample_steps"],
-          seed=EVAL_SAMPLE_SEED, progress=progress)
-    stage("sample", sample_run, run, out / "samples_learn", num=s["n_learn"], sample_steps=s["sample_steps"],
-          seed=LEARN_SAMPLE_SEED, progress=progress)
+    run = str(stage("train", train_run, TrainSpec(data="digits", out=str(out / "run"), ids=train_ids,
+                                                  steps=s["steps"], batch_size=s["batch_size"]), progress=progress))
+    stage("sample", sample_run, SampleSpec(checkpoint=run, out=str(out / "samples_eval"), num=s["n_samples"],
+                                           sample_steps=s["sample_steps"], seed=EVAL_SAMPLE_SEED), progress=progress)
+    stage("sample", sample_run, SampleSpec(checkpoint=run, out=str(out / "samples_learn"), num=s["n_learn"],
+                                           sample_steps=s["sample_steps"], seed=LEARN_SAMPLE_SEED), progress=progress)
     sources = {"train": {}, "heldout": {"data": "digits", "ids": heldout_ids},
-               "samples": {"samples": out / "samples_eval"}, "learn": {"samples": out / "samples_learn"}}
+               "samples": {"samples": str(out / "samples_eval")}, "learn": {"samples": str(out / "samples_learn")}}
 
-    def featurize_all(spec: FeatureSpec, f: Path) -> dict[str, FeatureStore]:
-        return {name: stage("featurize", featurize_run, run, f / name, spec=spec, progress=progress, **src)
+    def featurize_all(features: dict, f: Path) -> dict[str, FeatureStore]:
+        return {name: stage("featurize", featurize_run, FeaturizeSpec(checkpoint=run, out=str(f / name), **features,
+                                                                      **src), progress=progress)
                 for name, src in sources.items()}
 
     stores: dict[str, dict[str, FeatureStore]] = {}
     for meas in ("loss", "dtrak"):
-        spec = FeatureSpec(total_dim=s["dim"], num_timesteps=s["timesteps"], measurement=meas)
-        stores[meas] = featurize_all(spec, out / "features" / meas)
+        stores[meas] = featurize_all(dict(dim=s["dim"], timesteps=s["timesteps"], measurement=meas),
+                                     out / "features" / meas)
     # Kronecker (LoGra-style) features of the loss, at the same and at 4x the dimension: TRAK rows only
-    kron = {dim: featurize_all(FeatureSpec(projection="kronecker", total_dim=dim, num_timesteps=s["timesteps"]),
+    kron = {dim: featurize_all(dict(projection="kronecker", dim=dim, timesteps=s["timesteps"]),
                                out / "features" / f"kronecker{dim}") for dim in (s["dim"], 4 * s["dim"])}
     retrain = stage("retrain", retrain_run, run, out / "retrain", n_subsets=s["subsets"], fraction=s["fraction"],
                     n_seeds=s["seeds"], workers=s["workers"], progress=progress)
@@ -139,14 +132,13 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
     def both(pq: dict) -> np.ndarray:
         return np.concatenate([pq[q] for q in sets])
 
-    learning = _learning()
     for method, kernel in METHODS:
         t = time.perf_counter()
         meas = "dtrak" if method == "dtrak" else "loss"
         kernel_arg = "shared" if kernel == "identity" else kernel
         # λ scale c: a number, or "auto" = the SNR-best c on the learning queries (never the evaluation ones)
-        c, grid_table = resolve_lambda(stores[meas]["train"], stores[meas]["learn"], method, kernel_arg, s["c"],
-                                       min(DEFAULT_K, s["n_train"]))
+        c, grid_table = resolve_learning_c(stores[meas]["train"], stores[meas]["learn"], method, kernel_arg, s["c"],
+                                           min(DEFAULT_K, s["n_train"]))
         lambdas[f"{method}/{kernel}"] = {"c": c, "snr_grid": grid_table}
         fitted = fit_method(stores[meas]["train"], method, kernel=kernel_arg, c=c, progress=False)
         fits[(method, kernel)] = fitted
@@ -163,19 +155,19 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
                 f_c = get_method(method, c=entry[0], kernel=kernel_arg).fit(tr.features, tr.group_slices, gram=gram)
                 pq = per_query({q: f_c.scores(qf[q]) for q in sets})
                 entry.append(summarize(np.concatenate([pq[q] for q in sets])))
-        if learning is not None:  # learned on the learning queries only, read back as `eval lds --weights` does
-            t = time.perf_counter()
-            learn_run, for_attribution = learning
-            path, _ = learn_run(stores[meas]["train"].path, out / "weights" / f"{method}-{kernel}.json",
-                                queries_path=stores[meas]["learn"].path, method=method, kernel=kernel_arg,
-                                c=str(c), steps=s["learn_steps"], progress=False)
-            w, info = for_attribution(stores[meas]["train"], stores[meas]["heldout"], weights_path=path,
-                                      method=method, kernel=kernel_arg)
-            learned[f"{method}/{kernel}"] = {"path": str(path), "weights": info["weights"]}
-            pq = per_query({q: fitted.scores(qf[q], weights=w) for q in sets})
-            rows.append(row(method, kernel, "learned", pq, time.perf_counter() - t, c))
-            paired.append({"comparison": f"{method} ({kernel}): learned − uniform",
-                           "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
+        # learned on the learning queries only, read back as `eval lds --weights` does
+        t = time.perf_counter()
+        path, _ = learn_weights_run(LearnWeightsSpec(
+            train=str(stores[meas]["train"].path), out=str(out / "weights" / f"{method}-{kernel}.json"),
+            queries=str(stores[meas]["learn"].path), method=method, kernel=kernel_arg, lambda_c=str(c),
+            steps=s["learn_steps"]), progress=False)
+        w, info = read_group_weights(stores[meas]["train"], stores[meas]["heldout"], path, method=method,
+                                     kernel=kernel_arg)
+        learned[f"{method}/{kernel}"] = {"path": str(path), "weights": info["weights"]}
+        pq = per_query({q: fitted.scores(qf[q], weights=w) for q in sets})
+        rows.append(row(method, kernel, "learned", pq, time.perf_counter() - t, c))
+        paired.append({"comparison": f"{method} ({kernel}): learned − uniform",
+                       "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
     widths = set()
     for dim, ks in kron.items():
         if ks["train"].features.shape[1] in widths:  # tiny settings: every group at its minimum width
@@ -183,16 +175,18 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
         widths.add(ks["train"].features.shape[1])
         for kernel in ("shared", "per-group") if dim == s["dim"] else ("per-group",):
             t = time.perf_counter()
-            c, _ = resolve_lambda(ks["train"], ks["learn"], "trak", kernel, s["c"], min(DEFAULT_K, s["n_train"]))
+            c, _ = resolve_learning_c(ks["train"], ks["learn"], "trak", kernel, s["c"], min(DEFAULT_K, s["n_train"]))
             fitted = fit_method(ks["train"], "trak", kernel=kernel, c=c, progress=False)
             pq = per_query({q: fitted.scores(np.asarray(ks[q].features)) for q in sets})
             rows.append(row(f"trak, kronecker {ks['train'].features.shape[1]}-dim", kernel, "uniform", pq,
                             time.perf_counter() - t, c))
     t = time.perf_counter()
-    train_img = store_examples(stores["loss"]["train"])[0].flatten(1).double().numpy()
+    adapter = get_adapter()
+    model_config = adapter.load(run).model_config
+    train_img = store_examples(adapter, model_config, stores["loss"]["train"]).images.flatten(1).double().numpy()
     pix, rnd = {}, {}
     for k, q in enumerate(sets):
-        query_img = store_examples(stores["loss"][q])[0].flatten(1).double().numpy()
+        query_img = store_examples(adapter, model_config, stores["loss"][q]).images.flatten(1).double().numpy()
         pix[q] = -((query_img[:, None, :] - train_img[None]) ** 2).sum(-1)
         rnd[q] = np.random.default_rng(100 + k).normal(size=pix[q].shape)
     rows.append(row("pixel -L2", "-", "-", per_query(pix), time.perf_counter() - t))
@@ -223,7 +217,7 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
     results = {"settings": s, "feature_spec": asdict(FeatureSpec(total_dim=s["dim"], num_timesteps=s["timesteps"])),
                "splits": {"train_ids_n": len(train_ids), "heldout_ids": heldout_ids.tolist(),
                           "eval_sample_seed": EVAL_SAMPLE_SEED, "learn_sample_seed": LEARN_SAMPLE_SEED},
-               "rows": rows, "paired": paired, "lambda": lambdas, "learned_weights": learned or None, "weights_available": learning is not None,
+               "rows": rows, "paired": paired, "lambda": lambdas, "learned_weights": learned or None,
                "per_group": per_group,
                "counterfactual": {"summary": cf["summary"], "per_query": cf["per_query"],
                                   "table": counterfactual_table(cf), "method": "trak per-group kernel",

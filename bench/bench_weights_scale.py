@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.weights import learn_weights, planted_problem, planted_recall
+from gradtrace.weights import learn_weights
 from gradtrace.weights.defaults import DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted problems are a test fixture
+from fixtures.planted import planted_problem, planted_recall  # noqa: E402
 
 SCALE = dict(n_train=100_000, n_queries=1000, n_groups=200, dim=2048, signal_dim=32, strength=45.0)
 QUICK = dict(n_train=5_000, n_queries=50, n_groups=50, dim=512, signal_dim=32, strength=30.0)  # smoke run

@@ -1,33 +1,9 @@
-"""Shared fixtures and helpers: one tiny trained pipeline (checkpoint, samples, train/query feature stores),
-untrained tiny models with random inputs, and a single-threaded torch for a test module."""
-import numpy as np
+"""Shared fixtures: one tiny trained pipeline (checkpoint, samples, train/query feature stores) and a
+single-threaded torch for a test module; helpers live in tests/fixtures/."""
 import pytest
 import torch
 
 from gradtrace.cli import main
-from gradtrace.models.configs import default_model_config
-from gradtrace.models.unet import build_model, make_scheduler
-
-ATTRS = {"subject": ["circle", "square", "cross"], "style": ["solid", "outline"], "background": ["plain", "checker"]}
-
-
-def tiny_model(kind):
-    """(untrained default model of `kind`, its scheduler): 8x8 grey unconditional or 16x16 RGB on ATTRS."""
-    if kind == "unconditional":
-        cfg = default_model_config("unconditional", channels=1, size=8)
-    else:
-        cfg = default_model_config("conditional", channels=3, size=16, attributes=ATTRS)
-    return build_model(cfg, seed=1), make_scheduler(cfg)
-
-
-def random_inputs(model, n, seed=0):
-    """(images in [-1, 1], ids 100.., codes with nulls or None) for `model`, seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((n, model.channels, model.size, model.size), generator=gen) * 2 - 1
-    cond = None
-    if model.conditional:
-        cond = np.stack([torch.randint(-1, len(v), (n,), generator=gen).numpy() for v in ATTRS.values()], 1)
-    return x, np.arange(100, 100 + n), cond
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ def load_digits_dataset(*, size: int | None = None, n: int | None = None) -> Ima
 
     `size` other than 8 resizes bilinearly (values stay in [-1, 1]); `n` keeps the first n rows.
     """
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn loads in ~1 s: only when digits are asked for
 
     bunch = load_digits()
     pixels = np.asarray(bunch.images, dtype=np.float32)  # (1797, 8, 8), values 0..16

@@ -4,6 +4,9 @@ from __future__ import annotations
 from numbers import Integral
 
 from gradtrace.data.base import ImageDataset
+from gradtrace.data.digits import load_digits_dataset
+from gradtrace.data.imagefolder import load_imagefolder
+from gradtrace.data.shapes import load_shapes
 from gradtrace.errors import UserError
 
 KNOWN_SPECS = ("digits", "shapes", "imagefolder:PATH")
@@ -30,18 +33,12 @@ def load_dataset(spec: str, *, size: int | None = None, seed: int = 0, n: int | 
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     text = str(spec).strip()
     if text == "digits":
-        from gradtrace.data.digits import load_digits_dataset
-
         return load_digits_dataset(size=size, n=n)
     if text == "shapes":
-        from gradtrace.data.shapes import load_shapes
-
         return load_shapes(size=size, seed=int(seed), n=n)
     if text.startswith("imagefolder:"):
         path = text[len("imagefolder:"):]
         if not path:
             raise UserError("imagefolder needs a folder: pass imagefolder:PATH")
-        from gradtrace.data.imagefolder import load_imagefolder
-
         return load_imagefolder(path, size=size, n=n)
     raise UserError(f"unknown dataset {spec!r}; known: {', '.join(KNOWN_SPECS)}")

@@ -14,7 +14,7 @@ _EXPORTS = {
     "eval_lds": ["LDSProblem", "eval_lds_run", "load_problem", "per_group_lds"],
     "harness": ["Job", "train_jobs"],
     "lds": ["bootstrap_ci", "lds", "lds_per_query", "subset_mask", "subset_predictions", "summarize"],
-    "outputs": ["OutputGrid", "model_outputs", "query_losses"],
+    "outputs": ["OutputGrid", "model_outputs", "store_examples"],
     "recipe": ["Recipe", "load_recipe"],
     "retrain": ["Retraining", "open_retraining", "retrain_run"],
     "subsets": ["draw_subsets", "load_subsets", "save_subsets"],

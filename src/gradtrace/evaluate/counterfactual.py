@@ -12,18 +12,21 @@ Good attributions give Δ_top > Δ_random (removing what helped raises the loss)
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from gradtrace.attribution import score_queries
+from gradtrace.data.sources import Examples
 from gradtrace.errors import UserError
 from gradtrace.evaluate.harness import Job, is_finished, model_dir, train_jobs
 from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
 from gradtrace.evaluate.recipe import load_recipe
 from gradtrace.evaluate.retrain import open_or_create
-from gradtrace.manifest import versions, write_json_atomic
+from gradtrace.features.store import FeatureStore
+from gradtrace.io import command_line, versions, write_json_atomic
+from gradtrace.methods import DEFAULT_KERNEL
 
 RESULT = "counterfactual.json"
 
@@ -39,14 +42,12 @@ def counterfactual_jobs(train_ids, query_ids, top_ids, random_ids, seeds) -> lis
     return jobs
 
 
-def counterfactual_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = "shared",
+def counterfactual_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL,
                        c=None, weights=None, weights_path=None, learning_queries=None, num_queries: int = 5,
                        k: int = 10,
                        n_seeds: int = 1, workers: int = 1, random_seed: int = 0, grid: OutputGrid = OutputGrid(),
                        max_models: int | None = None, progress: bool = True) -> dict:
-    from gradtrace.evaluate.scoring import score_queries
-    from gradtrace.features.store import FeatureStore
-
+    """Train the models that remain (resumable), then measure each query's Δ_top and Δ_random."""
     for value, flag in ((num_queries, "--num-queries"), (k, "--top-k")):
         if int(value) != value or value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
@@ -82,15 +83,16 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     missing = [j.name for j in jobs if not is_finished(out, j)]
     if missing:
         return {"finished": False, "missing": missing, "stats": stats}
-    values = recipe.model_config.get("attributes") or None
-    images, ids, cond, source = store_examples(query, values)
-    losses, info = model_outputs([(j.name, model_dir(out, j)) for j in jobs], images[:nq], ids[:nq],
-                                 None if cond is None else cond[:nq], source, out / "outputs", grid,
+    adapter = recipe.adapter
+    ex = store_examples(adapter, recipe.model_config, query)
+    first = Examples(images=ex.images[:nq], ids=ex.ids[:nq], cond=None if ex.cond is None else ex.cond[:nq],
+                     captions=ex.captions[:nq], source=ex.source)
+    losses, info = model_outputs(adapter, [(j.name, model_dir(out, j)) for j in jobs], first, out / "outputs", grid,
                                  progress=progress)
     doc = summarize_counterfactual(jobs, losses, query_ids, len(seeds), top_ids, random_ids, seed=random_seed)
     doc["manifest"] = {"format": "gradtrace-counterfactual", "format_version": 1, "run": recipe.run,
-                       "command": " ".join(["gradtrace", *sys.argv[1:]]), **settings, "lambda": scored.lambda_info,
-                       "model_output": {"name": "diffusion loss", "grid": grid.info(), "cache": info["path"]},
+                       "command": command_line(), **settings, "lambda": scored.lambda_info,
+                       "model_output": {"name": adapter.output_name, "grid": grid.info(), "cache": info["path"]},
                        "versions": versions()}
     doc["stats"] = {k: v for k, v in stats.items() if k != "model_wall_s"}
     doc["finished"] = True

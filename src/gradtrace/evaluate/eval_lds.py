@@ -7,19 +7,22 @@ computes the ground-truth outputs (cached in the retraining directory), scores t
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gradtrace.attribution import Scored, score_queries
 from gradtrace.errors import UserError
 from gradtrace.evaluate.lds import N_BOOTSTRAP, lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
-from gradtrace.evaluate.recipe import load_recipe
+from gradtrace.evaluate.recipe import Recipe, load_recipe
 from gradtrace.evaluate.retrain import Retraining, open_retraining
-from gradtrace.manifest import sha256_arrays, versions, write_json_atomic
+from gradtrace.features.store import FeatureStore
+from gradtrace.io import command_line, sha256_arrays, versions, write_json_atomic
+from gradtrace.methods import DEFAULT_KERNEL
+from gradtrace.report.lds import plot_per_group
 
 RESULT = "lds.json"
 PLOT = "lds_per_group.png"
@@ -35,14 +38,16 @@ class LDSProblem:
     targets: np.ndarray     # (S, Q) −loss averaged over seeds
     query_ids: np.ndarray
     outputs_info: dict
+    recipe: Recipe
 
     def evaluate(self, scores: np.ndarray, *, seed: int = 0, n_bootstrap: int = N_BOOTSTRAP) -> dict:
         return lds(scores, self.mask, self.targets, query_ids=self.query_ids, seed=seed, n_bootstrap=n_bootstrap)
 
 
-def targets_from_outputs(outputs: np.ndarray, n_subsets: int, n_seeds: int) -> np.ndarray:
-    """(S, Q) = −mean over seeds of the (S·R, Q) losses (job i = s·R + r)."""
-    return -np.asarray(outputs, dtype=np.float64).reshape(n_subsets, n_seeds, -1).mean(1)
+def targets_from_outputs(outputs: np.ndarray, n_subsets: int, n_seeds: int, negate: bool = True) -> np.ndarray:
+    """(S, Q) = mean over seeds of the (S·R, Q) outputs (job i = s·R + r), negated for a loss."""
+    mean = np.asarray(outputs, dtype=np.float64).reshape(n_subsets, n_seeds, -1).mean(1)
+    return -mean if negate else mean
 
 
 def load_problem(run, retrain, train_store, query_store, *, grid: OutputGrid = OutputGrid(),
@@ -56,13 +61,13 @@ def load_problem(run, retrain, train_store, query_store, *, grid: OutputGrid = O
                         f"{len(recipe.train_ids)} training ids; featurize the run's training set")
     train_store.check_compatible(query_store)
     mask = subset_mask(retraining.subsets, train_store.ids)
-    values = recipe.model_config.get("attributes") or None
-    images, ids, cond, source = store_examples(query_store, values)
-    outputs, info = model_outputs(list(zip(retraining.jobs, retraining.model_paths())), images, ids, cond, source,
+    adapter = recipe.adapter
+    examples = store_examples(adapter, recipe.model_config, query_store)
+    outputs, info = model_outputs(adapter, list(zip(retraining.jobs, retraining.model_paths())), examples,
                                   retraining.path / "outputs", grid, progress=progress)
-    targets = targets_from_outputs(outputs, retraining.n_subsets, retraining.n_seeds)
-    return LDSProblem(retraining=retraining, mask=mask, outputs=outputs, targets=targets, query_ids=ids,
-                      outputs_info=info)
+    targets = targets_from_outputs(outputs, retraining.n_subsets, retraining.n_seeds, negate=adapter.output_is_loss)
+    return LDSProblem(retraining=retraining, mask=mask, outputs=outputs, targets=targets, query_ids=examples.ids,
+                      outputs_info=info, recipe=recipe)
 
 
 def finished_retraining(run, retrain):
@@ -74,7 +79,7 @@ def finished_retraining(run, retrain):
     return recipe, retraining
 
 
-def per_group_lds(problem: LDSProblem, scored, *, seed: int = 0) -> dict:
+def per_group_lds(problem: LDSProblem, scored: Scored, *, seed: int = 0) -> dict:
     """LDS with each group's contribution alone (one-hot group weights), summary per group name."""
     out = {}
     names = scored.fitted.group_names
@@ -86,39 +91,11 @@ def per_group_lds(problem: LDSProblem, scored, *, seed: int = 0) -> dict:
     return out
 
 
-def plot_per_group(per_group: dict, overall: dict, path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(per_group)
-    means = np.array([np.nan if per_group[n]["mean"] is None else per_group[n]["mean"] for n in names])
-    lo = np.array([np.nan if per_group[n]["ci95"][0] is None else per_group[n]["ci95"][0] for n in names])
-    hi = np.array([np.nan if per_group[n]["ci95"][1] is None else per_group[n]["ci95"][1] for n in names])
-    err = np.nan_to_num(np.stack([means - lo, hi - means]), nan=0.0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.6))
-    ax.bar(range(len(names)), np.nan_to_num(means), yerr=err, capsize=3, color="#4C72B0")
-    if overall.get("mean") is not None:
-        ax.axhline(overall["mean"], color="#C44E52", ls="--", lw=1.2, label=f"all groups: {overall['mean']:.3f}")
-        ax.legend(loc="best", fontsize=8)
-    ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("LDS (mean, 95% CI)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "trak", kernel: str = "shared",
+def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL,
                  c=None, weights_path=None, per_group: bool = False, grid: OutputGrid = OutputGrid(),
                  seed: int = 0, learning_queries=None, progress: bool = True) -> dict:
-    """The CLI stage: LDS (mean, 95% CI, per query) of one method; writes lds.json (+ the per-group plot)."""
-    from gradtrace.evaluate.scoring import score_queries
-    from gradtrace.features.store import FeatureStore
-
+    """LDS (mean, 95% CI, per query) of one method; writes lds.json (+ with `per_group`, each group's LDS
+    alone and its picture)."""
     start = time.perf_counter()
     finished_retraining(run, retrain)  # the cheap checks first
     train = FeatureStore.open(train_features)
@@ -143,7 +120,7 @@ def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "t
 
 def eval_manifest(problem: LDSProblem, train, query, scored, grid: OutputGrid, seed: int) -> dict:
     r = problem.retraining
-    return {"format": "gradtrace-lds", "format_version": 1, "command": " ".join(["gradtrace", *sys.argv[1:]]),
+    return {"format": "gradtrace-lds", "format_version": 1, "command": command_line(),
             "run": r.manifest.get("run"), "run_fingerprint": r.settings["recipe"]["run_fingerprint"],
             "retrain": str(r.path.resolve()), "subsets": r.settings["subsets"], "seeds": r.seeds,
             "train_features": str(train.path.resolve()), "query_features": str(query.path.resolve()),
@@ -151,6 +128,8 @@ def eval_manifest(problem: LDSProblem, train, query, scored, grid: OutputGrid, s
             "method": scored.fitted.info, "groups": scored.fitted.group_names,
             "measurement": train.settings["measurement"], "projection": train.settings["projection"],
             "weights": scored.weights_info, "lambda": scored.lambda_info,
-            "model_output": {"name": "diffusion loss", "grid": grid.info(), "target": "negative loss, mean over seeds",
+            "model_output": {"name": problem.recipe.adapter.output_name, "grid": grid.info(),
+                             "target": ("negative loss" if problem.recipe.adapter.output_is_loss else "output")
+                                       + ", mean over seeds",
                              "cache": problem.outputs_info.get("path")},
             "bootstrap_seed": seed, "versions": versions()}

@@ -14,9 +14,11 @@ Training is deterministic for a seed at a fixed thread count, so every path give
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue as queue_mod
 import shutil
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -24,10 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.multiprocessing as mp
+from multiprocessing import forkserver
+from multiprocessing.connection import wait
 from tqdm.auto import tqdm
 
 from gradtrace.errors import UserError
+from gradtrace.adapters.checkpoint import save_checkpoint
 from gradtrace.evaluate.recipe import Recipe, load_run_dataset
+from gradtrace.io import command_line
 
 MODELS = "models"
 
@@ -103,19 +110,19 @@ def train_jobs(out, jobs: list[Job], recipe: Recipe, *, workers: int = 1, rank: 
 
 
 def train_one(out, job: Job, recipe: Recipe, dataset, command: str = "") -> float:
-    """Train and save one job's model (temp dir, then rename); returns its training wall time."""
-    from gradtrace.models import TrainConfig, save_checkpoint, train
-
+    """Train and save one job's model with the run's adapter (temp dir, then rename); returns its wall time."""
     final = model_dir(out, job)
     _remove_stale_tmp(final)
     tmp = final.parent / f".tmp-{job.name}-{os.getpid()}"
     start = time.perf_counter()
-    cfg = TrainConfig.from_dict(recipe.train_config_with_seed(job.seed))
-    model = train(recipe.model_config, dataset, cfg, ids=np.asarray(job.train_ids, dtype=np.int64), progress=False)
+    adapter = recipe.adapter
+    cfg = adapter.train_config(recipe.train_config_with_seed(job.seed))
+    model = adapter.train(recipe.model_config, dataset, cfg, ids=np.asarray(job.train_ids, dtype=np.int64),
+                          progress=False)
     extra = {"job": job.name, "retrain_of": recipe.run, "run_fingerprint": recipe.fingerprint,
              "command": command, **job.extra}
     save_checkpoint(tmp, model, train_config=cfg, dataset_info=recipe.dataset,
-                    train_ids=np.asarray(job.train_ids, dtype=np.int64), extra=extra)
+                    train_ids=np.asarray(job.train_ids, dtype=np.int64), extra=extra, adapter=adapter.name)
     if is_finished(out, job):  # another process finished it meanwhile: keep theirs
         shutil.rmtree(tmp)
     else:
@@ -148,12 +155,12 @@ def _alive(pid: int) -> bool:
 
 
 def _train_in_process(out, pending: list[Job], recipe: Recipe, bar, stats: dict) -> None:
-    dataset = load_run_dataset(recipe.source, recipe.dataset.get("fingerprint"))
+    dataset = load_run_dataset(recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic as a worker process: bit-identical weights
     try:
         for job in pending:
-            wall = train_one(out, job, recipe, dataset, _command())
+            wall = train_one(out, job, recipe, dataset, command_line())
             stats["trained"] += 1
             stats["model_wall_s"][job.name] = wall
             bar.update(1)
@@ -162,10 +169,10 @@ def _train_in_process(out, pending: list[Job], recipe: Recipe, bar, stats: dict)
 
 
 def _train_in_workers(out, pending: list[Job], recipe: Recipe, workers: int, bar, stats: dict) -> None:
-    ctx = _context()
+    ctx = _context(recipe)
     results = ctx.Queue()
     shares = [pending[w::workers] for w in range(workers)]
-    procs = [ctx.Process(target=_worker, args=(str(out), share, recipe.to_dict(), results, _command()),
+    procs = [ctx.Process(target=_worker, args=(str(out), share, recipe.to_dict(), results, command_line()),
                          daemon=True) for share in shares]
     for p in procs:
         p.start()
@@ -198,24 +205,20 @@ def _train_in_workers(out, pending: list[Job], recipe: Recipe, workers: int, bar
                 p.join()
 
 
-def prestart_workers(workers: int) -> None:
-    """Start the forkserver (it imports torch and diffusers) now, so that it loads while this process does
+def prestart_workers(workers: int, recipe: Recipe) -> None:
+    """Start the forkserver (it imports torch and the run's adapter) now, so that it loads while this process does
     other work; only when worker processes will be used. A no-op for spawn or one worker."""
-    if int(workers) > 1 and distributed_rank() is None and _context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
+    if int(workers) > 1 and distributed_rank() is None and _context(recipe).get_start_method() == "forkserver":
         forkserver.ensure_running()
 
 
-def _context():
-    """forkserver with torch and diffusers preloaded (imported once, then each worker is a cheap fork of a
+def _context(recipe: Recipe):
+    """forkserver with torch and the run's adapter preloaded (imported once, then each worker is a cheap fork of a
     process that never ran a torch op); spawn where forkserver does not exist. Never plain fork: the parent
     may hold OpenMP threads."""
-    import torch.multiprocessing as mp
-
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["gradtrace.evaluate.harness", "gradtrace.models"])
+        ctx.set_forkserver_preload(["gradtrace.evaluate.harness", type(recipe.adapter).__module__])
         return ctx
     return mp.get_context("spawn")
 
@@ -227,7 +230,7 @@ def _worker(out: str, jobs: list[Job], recipe_dict: dict, results, command: str)
     name = "?"
     try:
         recipe = Recipe.from_dict(recipe_dict)
-        dataset = load_run_dataset(recipe.source, recipe.dataset.get("fingerprint"))
+        dataset = load_run_dataset(recipe)
         for job in jobs:
             name = job.name
             results.put(("done", name, train_one(out, job, recipe, dataset, command)))
@@ -245,10 +248,6 @@ def _exit_with_parent() -> None:
     when the parent dies, whatever the start method) and then exits the process; the unfinished model's temp
     directory is removed by the next run.
     """
-    import multiprocessing
-    import threading
-    from multiprocessing.connection import wait
-
     parent = multiprocessing.parent_process()
     if parent is None or parent.sentinel is None:
         return
@@ -258,9 +257,3 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _command() -> str:
-    import sys
-
-    return " ".join(["gradtrace", *sys.argv[1:]])

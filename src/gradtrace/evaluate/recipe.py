@@ -1,8 +1,9 @@
 """The training recipe of a run: everything needed to retrain its model on other training ids.
 
-A run is a checkpoint directory of the full model; its config.json records the model config, the train
-config, the dataset (with its source {"spec", "n", "size", "seed"} and fingerprint) and the train ids.
-Retrained models use the same recipe except the training ids and the seed.
+A run is a checkpoint directory of the full model; its config.json records the adapter (the kind of model),
+the model config, the train config, the dataset (with its source record, `gradtrace.data.sources`, and
+fingerprint) and the train ids. Retrained models use the same recipe except the training ids and the seed;
+the adapter trains them.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gradtrace.adapters import DEFAULT_ADAPTER, ModelAdapter, get_adapter
+from gradtrace.data.sources import open_dataset
 from gradtrace.errors import UserError
-from gradtrace.manifest import read_json, sha256_arrays
+from gradtrace.io import read_json, sha256_arrays
 
 
 @dataclass
@@ -26,6 +29,11 @@ class Recipe:
     train_config: dict
     dataset: dict          # the run's dataset info, with "source" and "fingerprint"
     train_ids: np.ndarray  # sorted int64
+    adapter_name: str = DEFAULT_ADAPTER
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return get_adapter(self.adapter_name)
 
     @property
     def source(self) -> dict:
@@ -48,13 +56,14 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return {"run": self.run, "fingerprint": self.fingerprint, "model_config": self.model_config,
-                "train_config": self.train_config, "dataset": self.dataset, "train_ids": self.train_ids.tolist()}
+                "train_config": self.train_config, "dataset": self.dataset, "train_ids": self.train_ids.tolist(),
+                "adapter": self.adapter_name}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         return cls(run=d["run"], fingerprint=d["fingerprint"], model_config=d["model_config"],
                    train_config=d["train_config"], dataset=d["dataset"],
-                   train_ids=np.asarray(d["train_ids"], dtype=np.int64))
+                   train_ids=np.asarray(d["train_ids"], dtype=np.int64), adapter_name=d["adapter"])
 
     def summary(self) -> dict:
         """What a retraining must agree on (compared on resume; the run's path is not: runs may move)."""
@@ -86,18 +95,13 @@ def load_recipe(run) -> Recipe:
             raise UserError(f"{config_file} lacks '{key}'; retrain the full model with this gradtrace")
     ids = config.get("train_ids")
     if ids is None:
-        ids = load_run_dataset(source, dataset.get("fingerprint")).ids
+        ids = open_dataset(source, dataset.get("fingerprint")).ids
     return Recipe(run=str(path.resolve()), fingerprint=config["fingerprint"], model_config=config["model_config"],
                   train_config=dict(config["train_config"]), dataset=dataset,
-                  train_ids=np.sort(np.asarray(ids, dtype=np.int64)))
+                  train_ids=np.sort(np.asarray(ids, dtype=np.int64)),
+                  adapter_name=config.get("adapter", DEFAULT_ADAPTER))
 
 
-def load_run_dataset(source: dict, fingerprint: str | None):
+def load_run_dataset(recipe: Recipe):
     """Reload the run's dataset from its source and refuse it if its fingerprint changed."""
-    from gradtrace.data import load_dataset
-
-    ds = load_dataset(source["spec"], n=source.get("n"), size=source.get("size"), seed=source.get("seed", 0))
-    if fingerprint and ds.fingerprint() != fingerprint:
-        raise UserError(f"dataset '{source['spec']}' no longer matches the one the run was trained on "
-                        "(fingerprint differs); retrain the full model on the current data")
-    return ds
+    return open_dataset(recipe.source, recipe.dataset.get("fingerprint"))

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.evaluate.harness import Job, _command, is_finished, model_dir, prestart_workers, train_jobs
+from gradtrace.evaluate.harness import Job, is_finished, model_dir, prestart_workers, train_jobs
 from gradtrace.evaluate.recipe import Recipe, load_recipe
 from gradtrace.evaluate.subsets import draw_subsets, load_subsets, save_subsets
-from gradtrace.manifest import read_json, sha256_arrays, versions, write_json_atomic
+from gradtrace.io import command_line, jsonable, read_json, sha256_arrays, versions, write_json_atomic
 
 FORMAT = "gradtrace-retrain"
 MANIFEST = "manifest.json"
@@ -42,16 +42,16 @@ def open_or_create(out, settings: dict, what: str, fix: str, info: dict | None =
         old = read_json(path, f"{what} manifest")
         if not isinstance(old, dict) or old.get("format") != FORMAT:
             raise UserError(f"{out} holds something other than a gradtrace retraining; choose another --out")
-        if old.get("settings") != _jsonable(settings):
-            key = next((k for k in settings if old.get("settings", {}).get(k) != _jsonable(settings[k])), "?")
+        if old.get("settings") != jsonable(settings):
+            key = next((k for k in settings if old.get("settings", {}).get(k) != jsonable(settings[k])), "?")
             raise UserError(f"{out} holds a {what} made with other settings ('{key}' differs); {fix}")
         return old
     own = {MANIFEST, "models", "subsets.npy", "subsets.json", "outputs"}  # another rank may be writing them
     if out.exists() and (not out.is_dir() or any(p.name not in own and not p.name.startswith(".")
                                                  for p in out.iterdir())):
         raise UserError(f"{out} exists and is not a retraining directory; choose an empty or new --out")
-    manifest = {"format": FORMAT, "format_version": 1, "kind": settings.get("kind"), **_jsonable(info or {}),
-                "settings": _jsonable(settings), "versions": versions()}
+    manifest = {"format": FORMAT, "format_version": 1, "kind": settings.get("kind"), **jsonable(info or {}),
+                "settings": jsonable(settings), "versions": versions()}
     write_json_atomic(path, manifest)
     return manifest
 
@@ -61,7 +61,7 @@ def retrain_run(run, out=None, *, n_subsets: int = 64, fraction: float = 0.5, n_
                 world: int | None = None, progress: bool = True) -> dict:
     """Draw the subsets (or reload them), then train every unfinished (subset, seed) model of this rank."""
     recipe = load_recipe(run)
-    prestart_workers(workers)
+    prestart_workers(workers, recipe)
     out = Path(out) if out is not None else Path(run) / "retrain"
     subsets = draw_subsets(recipe.train_ids, n_subsets, fraction, subset_seed)
     seeds = recipe.replicate_seeds(n_seeds)
@@ -72,7 +72,7 @@ def retrain_run(run, out=None, *, n_subsets: int = 64, fraction: float = 0.5, n_
                 "seeds": seeds, "jobs": [j.name for j in jobs]}
     fix = "pass the same --subsets/--fraction/--seeds/--subset-seed to resume, or choose a new --out"
     had_manifest = (out / MANIFEST).exists()
-    open_or_create(out, settings, "retraining", fix, {"run": recipe.run, "command": _command()})
+    open_or_create(out, settings, "retraining", fix, {"run": recipe.run, "command": command_line()})
     if had_manifest and (out / "subsets.npy").exists():
         saved, _ = load_subsets(out)
         if not np.array_equal(saved, subsets):
@@ -138,11 +138,3 @@ def open_retraining(path) -> Retraining:
         raise UserError(f"subsets in {path} do not match its manifest; rerun `gradtrace retrain` into a new --out")
     return Retraining(path=path, manifest=manifest, subsets=subsets, seeds=list(settings["seeds"]),
                       jobs=list(settings["jobs"]))
-
-
-def _jsonable(obj):
-    import json
-
-    from gradtrace.manifest import _json_default
-
-    return json.loads(json.dumps(obj, default=_json_default))

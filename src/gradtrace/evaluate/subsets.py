@@ -9,13 +9,12 @@ On disk (beside the retrained models): ``subsets.npy`` (S, m) int64 training ids
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.manifest import read_json, sha256_arrays, versions, write_json_atomic
+from gradtrace.io import read_json, sha256_arrays, versions, write_json_atomic, write_npy_atomic
 
 FORMAT = "gradtrace-lds-subsets"
 NPY = "subsets.npy"
@@ -62,9 +61,7 @@ def save_subsets(directory, subsets: np.ndarray, train_ids, fraction: float, see
     """Write subsets.npy and subsets.json (atomically) into `directory`; returns the JSON document."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{NPY}.{os.getpid()}.tmp.npy"  # per process: ranks may write the same file at once
-    np.save(tmp, np.asarray(subsets, dtype=np.int64))
-    tmp.replace(directory / NPY)
+    write_npy_atomic(directory / NPY, np.asarray(subsets, dtype=np.int64))  # ranks may write it at once
     doc = subsets_doc(subsets, train_ids, fraction, seed)
     write_json_atomic(directory / JSON, doc)
     return doc

@@ -1,4 +1,8 @@
-"""Featurize a set of examples into a resumable feature store."""
+"""Featurize a set of examples into a resumable feature store.
+
+    featurizer, groups = featurizer_for(adapter, checkpoint, spec)   # what the adapter differentiates
+    store = featurize(featurizer, inputs, ids, out, spec=spec, cond=cond, model_fingerprint=..., source=...)
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -7,14 +11,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradtrace.adapters.base import Checkpoint, ModelAdapter, Objective
 from gradtrace.errors import UserError
 from gradtrace.features.gradients import GradientFeaturizer
+from gradtrace.features.groups import make_groups
 from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProjector
 from gradtrace.features.kronecker import KroneckerFeaturizer
 from gradtrace.features.projection import DEFAULT_TOTAL_DIM, GroupProjector
 from gradtrace.features.store import FeatureStore, storage_dtype
-from gradtrace.groups import make_groups
-from gradtrace.measure import Measurement
 
 
 @dataclass
@@ -32,19 +36,29 @@ class FeatureSpec:
     dtype: str = "float32"  # storage: float32 | float16 | bfloat16 (scoring upcasts chunks to float32)
 
 
-def build_featurizer(model, scheduler, spec: FeatureSpec):
-    """(featurizer, groups): GradientFeaturizer (vmap), or KroneckerFeaturizer for projection 'kronecker'."""
-    groups = make_groups(model, spec.groups)
-    measurement = Measurement.create(spec.measurement, spec.num_timesteps,
-                                     scheduler.config.num_train_timesteps, spec.noise_seed)
+def build_featurizer(model: torch.nn.Module, objective: Objective, spec: FeatureSpec, preset_key=None,
+                     adapter_presets: tuple[str, ...] = ()):
+    """(featurizer, groups): GradientFeaturizer (vmap), or KroneckerFeaturizer for projection 'kronecker'.
+
+    `preset_key` / `adapter_presets`: the adapter's own group presets (see `make_groups`)."""
+    groups = make_groups(model, spec.groups, preset_key, adapter_presets)
     if spec.projection == KRONECKER:
         projector = KroneckerProjector.create(model, groups, total_dim=spec.total_dim, seed=spec.projection_seed)
-        return KroneckerFeaturizer(model, scheduler.alphas_cumprod, groups, projector, measurement), groups
+        return KroneckerFeaturizer(model, objective, groups, projector), groups
     named = dict(model.named_parameters())
     sizes = [sum(named[p].numel() for p in g.params) for g in groups]
     projector = GroupProjector.create(spec.projection, [g.name for g in groups], sizes,
                                       total_dim=spec.total_dim, seed=spec.projection_seed)
-    return GradientFeaturizer(model, scheduler.alphas_cumprod, groups, projector, measurement), groups
+    return GradientFeaturizer(model, objective, groups, projector), groups
+
+
+def featurizer_for(adapter: ModelAdapter, checkpoint: Checkpoint, spec: FeatureSpec):
+    """(featurizer, groups) of a checkpoint: its adapter's objective and group presets with `spec`."""
+    if spec.measurement not in adapter.measurements:
+        raise UserError(f"unknown measurement '{spec.measurement}' for {adapter.name} models; use one of "
+                        f"{', '.join(adapter.measurements)}")
+    objective = adapter.objective(checkpoint, spec.measurement, spec.num_timesteps, spec.noise_seed)
+    return build_featurizer(checkpoint.model, objective, spec, adapter.group_key, adapter.group_presets)
 
 
 def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
@@ -55,35 +69,28 @@ def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
                        "exact": featurizer.projector.is_exact(len(slices)), "params": list(g.params)})
         start += k
     return {"model_fingerprint": model_fingerprint, "groups_spec": spec.groups, "groups": slices,
-            "projection": featurizer.projector.info(), "measurement": featurizer.measurement.info(),
+            "projection": featurizer.projector.info(), "measurement": featurizer.objective.info(),
             "dtype": spec.dtype, "dim": start, "chunk_rows": int(spec.chunk_rows), "source": source,
             "spec": asdict(spec)}
 
 
-def spec_of(settings: dict) -> FeatureSpec:
-    """The FeatureSpec a store was made with (to featurize more examples exactly the same way)."""
-    return FeatureSpec(**settings["spec"])
-
-
-def featurize(model: torch.nn.Module, scheduler, images: torch.Tensor, ids, out, *,
-              spec: FeatureSpec | None = None, cond=None, model_fingerprint: str,
-              source: dict | None = None, provenance: dict | None = None, overwrite: bool = False,
-              progress: bool = True, stop_after_chunks: int | None = None) -> FeatureStore:
-    """Compute and store per-example features for `images` (ids and optional conditioning codes).
+def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, cond=None,
+              model_fingerprint: str, source: dict | None = None, provenance: dict | None = None,
+              overwrite: bool = False, progress: bool = True, stop_after_chunks: int | None = None) -> FeatureStore:
+    """Compute and store per-example features of `inputs` (ids and optional conditioning) with a featurizer
+    built from `spec` (`featurizer_for` / `build_featurizer`).
 
     Resumes an unfinished store with the same settings; `stop_after_chunks` stops early (tests of
     resumption).
     """
-    spec = spec or FeatureSpec()
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if images.dim() != 4 or images.shape[0] != len(ids):
-        raise UserError(f"expected images of shape (N, C, H, W) with N = {len(ids)} ids, got {tuple(images.shape)}")
+    if inputs.shape[0] != len(ids):
+        raise UserError(f"expected {len(ids)} examples (one per id), got inputs of shape {tuple(inputs.shape)}")
     if cond is not None and len(cond) != len(ids):
         raise UserError(f"got {len(cond)} conditioning rows for {len(ids)} examples")
     if spec.chunk_rows < 1:
         raise UserError(f"chunk size must be positive, got {spec.chunk_rows}")
     storage_dtype(spec.dtype)  # refuses an unknown storage dtype before any work
-    featurizer, _ = build_featurizer(model, scheduler, spec)
     settings = store_settings(featurizer, spec, model_fingerprint, source or {})
     store = FeatureStore.create(out, settings, ids, cond, provenance=provenance, overwrite=overwrite)
     if store.complete:
@@ -95,7 +102,7 @@ def featurize(model: torch.nn.Module, scheduler, images: torch.Tensor, ids, out,
     while start < n:
         stop = min(start + step, n)
         c = None if cond is None else cond[start:stop]
-        block = featurizer.features(images[start:stop], ids[start:stop], c)
+        block = featurizer.features(inputs[start:stop], ids[start:stop], c)
         store.write(start, block)
         bar.update(stop - start)
         start = stop

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gradtrace.features.projection import DEFAULT_TOTAL_DIM, _name_seed, split_dims
-from gradtrace.groups import Group
+from gradtrace.features.projection import DEFAULT_TOTAL_DIM, name_seed, split_dims
+from gradtrace.features.groups import Group
 
 KIND = "kronecker"
 
@@ -166,7 +166,7 @@ class KroneckerProjector:
             return None
         key = (member.params[0], side)
         if key not in self._mats:
-            gen = torch.Generator().manual_seed(_name_seed(self.seed, f"{member.params[0]}#kron-{side}"))
+            gen = torch.Generator().manual_seed(name_seed(self.seed, f"{member.params[0]}#kron-{side}"))
             bits = torch.randint(0, 2, (d, k), generator=gen, dtype=torch.int8)
             self._mats[key] = (bits * 2 - 1).float() / math.sqrt(k)
         return self._mats[key]

@@ -1,7 +1,7 @@
 """Kronecker-projected (LoGra-style) per-example gradient features from one ordinary batched pass.
 
-For a chunk of B examples, the B·T noisy copies (example-major rows) go through the model as ONE
-ordinary batch. Forward hooks on every Linear, Conv2d, GroupNorm and LayerNorm record the call's input
+For a chunk of B examples, the adapter's objective sends all their rows (example-major, the same number
+per example: for diffusion the B·T noisy copies) through the model as ONE ordinary batch. Forward hooks on every Linear, Conv2d, GroupNorm and LayerNorm record the call's input
 and output; ``torch.autograd.grad`` of Σ_b f_b (the sum of the examples' measurements) with respect to
 those outputs gives every row's output gradient, because rows do not interact (autograd computes no
 weight gradients at all: only the paths to the requested outputs). Then, per example b and layer:
@@ -12,11 +12,12 @@ weight gradients at all: only the paths to the requested outputs). Then, per exa
   with P_in as its kernel, so the unfolded patches are never built either.
 - the other tensors of a group (the ``dense`` member, see kron_projection) get exact per-example
   gradients, projected by a dense seeded matrix: Linear / Conv2d biases Σ g_out, GroupNorm / LayerNorm
-  weights Σ g_out·x̂ and biases Σ g_out (x̂ recomputed from the recorded input); DiffusionModel's conditioning tables (outside the UNet) by a
-  vmap over examples through ``encode_cond`` given the gradient of the UNet's encoder_hidden_states;
+  weights Σ g_out·x̂ and biases Σ g_out (x̂ recomputed from the recorded input); parameters the objective
+  declares a `ContextStage` (e.g. conditioning tables outside the UNet) by a vmap over examples through
+  the stage's encoder, given the gradient of the tensor it feeds to the network;
   anything else by the vmap(grad) path of GradientFeaturizer restricted to those tensors (slow).
 
-Sums over the T timesteps happen in projected space. The first call is checked on its first two
+Sums over an example's rows (e.g. its T timesteps) happen in projected space. The first call is checked on its first two
 examples: Σ_b of their features must equal the projection of the ordinary batch gradient, or the
 featurizer refuses (a model that uses a parameter outside its module's forward would otherwise give
 silently wrong features).
@@ -28,14 +29,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.nn import functional as F
 
+from gradtrace.adapters.base import Objective
 from gradtrace.errors import UserError
 from gradtrace.features.gradients import GradientFeaturizer
+from gradtrace.features.groups import Group
 from gradtrace.features.kron_projection import KroneckerProjector, Member
-from gradtrace.groups import Group
-from gradtrace.measure import Measurement
 
 CHECK_RTOL = 1e-3
 
@@ -69,27 +70,15 @@ def _padded(module: nn.Conv2d, a: torch.Tensor):
     return F.pad(a, module._reversed_padding_repeated_twice, mode=mode), 0
 
 
-class _CondEncoder(nn.Module):
-    """Calls DiffusionModel.encode_cond so that torch.func.functional_call can swap its tables."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_cond(cond, cond.shape[0])
-
-
 class KroneckerFeaturizer:
-    """Turns (images, ids, conditioning codes) into Kronecker-projected per-example gradient features."""
+    """Turns (inputs, ids, conditioning) into Kronecker-projected per-example gradient features."""
 
-    def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, groups: list[Group],
-                 projector: KroneckerProjector, measurement: Measurement, *, check_first_chunk: bool = True):
+    def __init__(self, model: nn.Module, objective: Objective, groups: list[Group],
+                 projector: KroneckerProjector, *, check_first_chunk: bool = True):
         self.model = model.eval()
         self.groups = groups
         self.projector = projector
-        self.measurement = measurement
-        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32)
+        self.objective = objective
         self.named = dict(model.named_parameters())
         missing = [p for g in groups for p in g.params if p not in self.named]
         if missing:
@@ -120,41 +109,36 @@ class KroneckerFeaturizer:
             raise UserError(f"weight {sorted(set(self.kron) - handled)[0]} has no hooked module; "
                             f"use another projection")
         rest = [n for n in self.param_names if n not in handled]
-        via_cond = hasattr(model, "encode_cond") and isinstance(getattr(model, "unet", None), nn.Module)
-        self.cond_params = [n for n in rest if via_cond and not n.startswith("unet.")]
+        self.stage = objective.context_stage(model)
+        staged = set(self.stage.params) if self.stage is not None else set()
+        self.cond_params = [n for n in rest if n in staged]
         self.vmap_params = [n for n in rest if n not in self.cond_params]
-        self._encoder = _CondEncoder(model) if self.cond_params else None
-        self._fallback = (GradientFeaturizer(model, alphas_cumprod, [Group("fallback", tuple(self.vmap_params))],
-                                             None, measurement) if self.vmap_params else None)
+        self._fallback = (GradientFeaturizer(model, objective, [Group("fallback", tuple(self.vmap_params))], None)
+                          if self.vmap_params else None)
         self._conv_kernels: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------- main entry
-    def features(self, images: torch.Tensor, ids, cond=None) -> np.ndarray:
+    def features(self, inputs: torch.Tensor, ids, cond=None) -> np.ndarray:
         """(B, k) float32 projected features, group blocks in group order, members in layout order.
 
         The first call first checks the model on its first two examples (see the module docstring).
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        images = torch.as_tensor(images, dtype=torch.float32)
         if self.check_pending:
-            self._features(images[:2], ids[:2], None if cond is None else cond[:2], check=True)
+            self._features(inputs[:2], ids[:2], None if cond is None else cond[:2], check=True)
             self.check_pending = False
-        return self._features(images, ids, cond, check=False)
+        return self._features(inputs, ids, cond, check=False)
 
-    def _features(self, images: torch.Tensor, ids: np.ndarray, cond, *, check: bool) -> np.ndarray:
-        B = images.shape[0]
-        noise = self.measurement.noise(ids, tuple(images.shape[1:]))
-        xt, t = self.measurement.noisy_inputs(images, noise, self.alphas_cumprod)
-        T = int(t.shape[0])
+    def _features(self, inputs: torch.Tensor, ids: np.ndarray, cond, *, check: bool) -> np.ndarray:
+        B = len(ids)
         codes = None if cond is None else torch.as_tensor(np.asarray(cond), dtype=torch.long)
-        rows_c = None if codes is None else codes.repeat_interleave(T, dim=0)
         with torch.enable_grad(), self._recording() as rec:
-            eps = self.model(xt.reshape(B * T, *images.shape[1:]), t.repeat(B), rows_c)
-            total = vmap(self.measurement.reduce)(eps.reshape(B, T, *eps.shape[1:]), noise).sum()
+            total = self.objective.batch_total(self.model, inputs, ids, cond)
             targets = [call[3] for call in rec["calls"]]
             if self.cond_params:
                 if rec.get("context") is None:
-                    raise UserError("the model's UNet got no encoder_hidden_states; use another projection")
+                    raise UserError(f"the model's {type(self.stage.module).__name__} got no {self.stage.kwarg}; "
+                                    "use another projection")
                 targets.append(rec["context"])
             grads = torch.autograd.grad(total, targets, allow_unused=True, retain_graph=check)
             batch_grads = (torch.autograd.grad(total, [self.named[n] for n in self.param_names],
@@ -164,11 +148,11 @@ class KroneckerFeaturizer:
         with torch.no_grad():
             for (module, kind, own, _out, inp), g in zip(rec["calls"], grads):
                 if g is not None:
-                    self._accumulate(module, kind, own, inp, g, B, T, out, dense)
+                    self._accumulate(module, kind, own, inp, g, B, out, dense)
             if self.cond_params:
-                dense.update(self._cond_grads(grads[-1], codes, B, T))
+                dense.update(self._cond_grads(grads[-1], codes, B))
         if self._fallback is not None:
-            per = self._fallback.per_example_grads(images, ids, cond)
+            per = self._fallback.per_example_grads(inputs, ids, cond)
             dense.update({n: v.detach().reshape(B, -1) for n, v in per.items()})
         with torch.no_grad():
             for start, m in self.dense:
@@ -199,8 +183,8 @@ class KroneckerFeaturizer:
             handles.append(module.register_forward_hook(make_hook(kind, own)))
         if self.cond_params:
             def pre_hook(module, args, kwargs):
-                rec["context"] = kwargs.get("encoder_hidden_states")
-            handles.append(self.model.unet.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                rec["context"] = kwargs.get(self.stage.kwarg)
+            handles.append(self.stage.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         try:
             yield rec
         finally:
@@ -208,8 +192,10 @@ class KroneckerFeaturizer:
                 h.remove()
 
     # ---------------------------------------------------------------------------------- per layer
-    def _accumulate(self, module, kind, own, a, g, B, T, out, dense) -> None:
-        """Add one recorded call's per-example contributions (weights into `out`, the rest into `dense`)."""
+    def _accumulate(self, module, kind, own, a, g, B, out, dense) -> None:
+        """Add one recorded call's per-example contributions (weights into `out`, the rest into `dense`).
+
+        Rows are example-major with the same number per example, so (R, ...) reshapes to (B, R // B, ...)."""
         def add(name, value):
             dense[name] = dense[name] + value if name in dense else value
 
@@ -236,16 +222,17 @@ class KroneckerFeaturizer:
                 gp = _left(self.projector.factor(m, "out"), gl)         # (R, k_out, L)
                 a, padding = _padded(module, a)
                 cols = self._project_patches(module, own["weight"], m, a, padding)   # (R, k_in, L)
-                block = torch.bmm(gp, cols.transpose(1, 2)).reshape(B, T, *m.dims).sum(1)
+                block = torch.bmm(gp, cols.transpose(1, 2)).reshape(B, R // B, *m.dims).sum(1)
                 out[:, start + m.start:start + m.stop] += block.reshape(B, -1)
             if "bias" in own:
-                add(own["bias"], gl.sum(2).reshape(B, T, C_out).sum(1))
+                add(own["bias"], gl.sum(2).reshape(B, R // B, C_out).sum(1))
         elif kind == "groupnorm":
             xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
             C = g.shape[1]
-            gg = g.reshape(B, T, C, -1)
+            per = g.shape[0] // B
+            gg = g.reshape(B, per, C, -1)
             if "weight" in own:
-                add(own["weight"], (gg * xhat.reshape(B, T, C, -1)).sum((1, 3)))
+                add(own["weight"], (gg * xhat.reshape(B, per, C, -1)).sum((1, 3)))
             if "bias" in own:
                 add(own["bias"], gg.sum((1, 3)))
         else:  # layernorm
@@ -266,20 +253,20 @@ class KroneckerFeaturizer:
         cols = F.conv2d(a, self._conv_kernels[name], None, module.stride, padding, module.dilation)
         return cols.reshape(cols.shape[0], cols.shape[1], -1)
 
-    def _cond_grads(self, g_ctx, codes, B, T) -> dict[str, torch.Tensor]:
-        """Per-example gradients of the conditioning tables through encode_cond (vmap over examples)."""
+    def _cond_grads(self, g_ctx, codes, B) -> dict[str, torch.Tensor]:
+        """Per-example gradients of the context stage's parameters through its encoder (vmap over examples)."""
         if g_ctx is None:
             return {}
-        gsum = g_ctx.reshape(B, T, *g_ctx.shape[1:]).sum(1)
+        gsum = g_ctx.reshape(B, -1, *g_ctx.shape[1:]).sum(1)
         if codes is None:
-            codes = self.model.null_cond(B)
-        params = {f"model.{n}": self.named[n].detach() for n in self.cond_params}
+            codes = self.stage.default_codes(B)
+        params = {n: self.named[n].detach() for n in self.cond_params}
 
         def f(p, c, gs):
-            return (functional_call(self._encoder, p, (c.unsqueeze(0),))[0] * gs).sum()
+            return (self.stage.encode(p, c.unsqueeze(0))[0] * gs).sum()
 
         per = vmap(grad(f), in_dims=(None, 0, 0))(params, codes, gsum)
-        return {n: per[f"model.{n}"].reshape(B, -1) for n in self.cond_params}
+        return {n: per[n].reshape(B, -1) for n in self.cond_params}
 
     # ---------------------------------------------------------------------------------- self-check
     def _check(self, out: torch.Tensor, batch: dict[str, torch.Tensor | None]) -> None:

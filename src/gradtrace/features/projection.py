@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradtrace.errors import UserError
-from gradtrace.measure import derive_seed
+from gradtrace.io import derive_seed
 
 KINDS = ("rademacher", "gaussian", "identity", "kronecker")  # kronecker: see kron_projection.py
 DEFAULT_TOTAL_DIM = 2048
@@ -46,7 +46,7 @@ def split_dims(sizes: list[int], total: int) -> list[int]:
     return dims
 
 
-def _name_seed(seed: int, name: str) -> int:
+def name_seed(seed: int, name: str) -> int:
     return derive_seed(seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little"))
 
 
@@ -91,7 +91,7 @@ class GroupProjector:
         """P_j, (d_j, k_j) float32, generated once from (seed, group name) and cached."""
         if j not in self._mats:
             d, k = self.sizes[j], self.dims[j]
-            gen = torch.Generator().manual_seed(_name_seed(self.seed, self.names[j]))
+            gen = torch.Generator().manual_seed(name_seed(self.seed, self.names[j]))
             if self.kind == "gaussian":
                 mat = torch.randn((d, k), generator=gen) / math.sqrt(k)
             else:

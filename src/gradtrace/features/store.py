@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.manifest import check_match, read_json, versions, write_json_atomic
+from gradtrace.io import check_match, jsonable, read_json, versions, write_json_atomic
 
 FORMAT = "gradtrace-features"
 FORMAT_VERSION = 1
@@ -62,12 +62,12 @@ class FeatureStore:
         if path.exists() and any(path.iterdir()):
             if (path / "manifest.json").exists():
                 old = read_json(path / "manifest.json", "feature store manifest")
-                same = old.get("settings") == _jsonable(settings) and np.array_equal(
+                same = old.get("settings") == jsonable(settings) and np.array_equal(
                     np.load(path / "ids.npy"), ids)
                 if same:
                     return cls(path, old, writable=True)
                 if not overwrite:
-                    key = _first_difference(old.get("settings", {}), _jsonable(settings)) or "ids"
+                    key = _first_difference(old.get("settings", {}), jsonable(settings)) or "ids"
                     raise UserError(f"{path} holds a feature store made with other settings ('{key}' "
                                     f"differs); choose a new output directory or pass --overwrite")
             elif not set(os.listdir(path)) <= OWN_FILES | {f for f in os.listdir(path) if f.startswith(".")}:
@@ -87,7 +87,7 @@ class FeatureStore:
         del arr
         write_json_atomic(path / "progress.json", {"rows_done": 0})
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "incomplete",
-                    "rows": n, "settings": _jsonable(settings), "provenance": provenance or {},
+                    "rows": n, "settings": jsonable(settings), "provenance": provenance or {},
                     "versions": versions()}
         write_json_atomic(path / "manifest.json", manifest)  # last: its presence marks a store
         return cls(path, manifest, writable=True)
@@ -218,11 +218,3 @@ def _first_difference(a: dict, b: dict) -> str | None:
         if a.get(key) != b.get(key):
             return key
     return None
-
-
-def _jsonable(obj):
-    import json
-
-    from gradtrace.manifest import _json_default
-
-    return json.loads(json.dumps(obj, default=_json_default))

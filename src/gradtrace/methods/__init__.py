@@ -7,9 +7,10 @@
     idx, top = fitted.topk(query_features, k=10, weights=w)    # streamed over Ψ
 """
 from gradtrace.methods.base import FittedMethod, Method
-from gradtrace.methods.registry import get_method, known_methods, lambda_grid
+from gradtrace.methods.registry import configure, get_method, known_methods, lambda_grid
 from gradtrace.methods.tracin import TracIn
-from gradtrace.methods.trak import DEFAULT_C, KERNELS, TRAK, Gram, accumulate_gram, regularised_inverse
+from gradtrace.methods.trak import (DEFAULT_C, DEFAULT_KERNEL, KERNELS, TRAK, Gram, accumulate_gram, check_c,
+                                    regularised_inverse)
 
-__all__ = ["Method", "FittedMethod", "TracIn", "TRAK", "Gram", "get_method", "known_methods", "lambda_grid",
-           "accumulate_gram", "regularised_inverse", "DEFAULT_C", "KERNELS"]
+__all__ = ["Method", "FittedMethod", "TracIn", "TRAK", "Gram", "configure", "get_method", "known_methods", "lambda_grid",
+           "accumulate_gram", "regularised_inverse", "check_c", "DEFAULT_C", "DEFAULT_KERNEL", "KERNELS"]

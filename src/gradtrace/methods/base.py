@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_positive_int, check_train_matrix
 from gradtrace.methods.fitted import FittedMethod
 
@@ -20,9 +21,28 @@ __all__ = ["Method", "FittedMethod"]
 
 
 class Method(ABC):
-    """A base attribution method. Subclasses set `name` and implement `_fit`."""
+    """A base attribution method. Subclasses set `name` and implement `_fit`.
+
+    Facts callers need are properties, never name tests: `uses_lambda` (a damping λ = c · mean diag, so a λ
+    scale c, 'auto' and the λ grid apply), `kernel_kind` ("identity", "shared", "per-group"), and
+    `required_measurement` (features must come from this measurement, e.g. D-TRAK's; None = any).
+    """
 
     name: str = "method"
+    uses_lambda: bool = False
+    required_measurement: str | None = None
+
+    @property
+    def kernel_kind(self) -> str:
+        return "identity"
+
+    def check_measurement(self, measurement: str, where: str) -> None:
+        """Refuse features of another measurement than this method requires, with a one-line reason."""
+        need = self.required_measurement
+        if need is not None and measurement != need:
+            raise UserError(f"method '{self.name}' needs features of measurement '{need}', but {where} was "
+                            f"featurized with '{measurement}'; featurize with --measurement {need} or use "
+                            f"another --method")
 
     def fit(self, train_features: Any, group_slices: Any, *, chunk_rows: int = 65536, progress: bool = False,
             psi_path: str | os.PathLike | None = None) -> FittedMethod:

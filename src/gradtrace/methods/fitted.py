@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.manifest import read_json, versions, write_json_atomic
+from gradtrace.io import atomic_write, read_json, versions, write_json_atomic
 from gradtrace.methods.checks import (block_scale, check_group_slices, check_matrix, check_positive_int,
                                       check_rows, check_same_layout, check_weights, raise_if_nonfinite)
 from gradtrace.methods.rows import as_float32_rows, effective_chunk_rows, row_chunks
@@ -163,14 +163,13 @@ class FittedMethod:
         target = directory / PSI_FILE
         source = None if self.query_side else getattr(self.psi, "filename", None)
         if source is None or Path(source).resolve() != target.resolve():
-            tmp = directory / f".{PSI_FILE}.tmp.npy"
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.psi.shape)
-            rows = effective_chunk_rows(chunk_rows, 4 * self.dim)
-            for start, stop in row_chunks(self.n_train, rows):
-                out[start:stop] = self.psi_rows(start, stop)
-            out.flush()
-            del out
-            os.replace(tmp, target)
+            with atomic_write(target, suffix=".tmp.npy") as tmp:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.psi.shape)
+                rows = effective_chunk_rows(chunk_rows, 4 * self.dim)
+                for start, stop in row_chunks(self.n_train, rows):
+                    out[start:stop] = self.psi_rows(start, stop)
+                out.flush()
+                del out
         info = {k: v for k, v in self.info.items() if k != "query_side"}  # saved as Ψ
         manifest = {"format": FORMAT, "info": info,
                     "group_slices": [list(s) for s in self.group_slices],

@@ -8,7 +8,7 @@ import numpy as np
 from gradtrace.errors import UserError
 from gradtrace.methods.base import Method
 from gradtrace.methods.tracin import TracIn
-from gradtrace.methods.trak import TRAK
+from gradtrace.methods.trak import DEFAULT_C, DEFAULT_KERNEL, TRAK
 
 
 def _tracin(**kwargs: Any) -> Method:
@@ -17,23 +17,23 @@ def _tracin(**kwargs: Any) -> Method:
     return TracIn()
 
 
-def _trak_named(name: str) -> Callable[..., Method]:
+def _trak_named(name: str, required_measurement: str | None = None) -> Callable[..., Method]:
     def make(**kwargs: Any) -> Method:
         allowed = {"c", "kernel"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise UserError(f"method '{name}' does not take {', '.join(unknown)}; its options are: c, kernel")
-        return TRAK(**kwargs, name=name)
+        return TRAK(**kwargs, name=name, required_measurement=required_measurement)
 
     return make
 
 
 # "dtrak" is the TRAK kernel applied to D-TRAK features (gradients of mean(out**2)); the feature code
-# differs, not the method. The name is recorded in FittedMethod.info.
+# differs, not the kernel, so the method requires that measurement. The name is recorded in FittedMethod.info.
 METHODS: dict[str, Callable[..., Method]] = {
     "tracin": _tracin,
     "trak": _trak_named("trak"),
-    "dtrak": _trak_named("dtrak"),
+    "dtrak": _trak_named("dtrak", required_measurement="dtrak"),
 }
 
 
@@ -48,6 +48,13 @@ def get_method(name: str, **kwargs: Any) -> Method:
     if key not in METHODS:
         raise UserError(f"unknown method '{name}'; use one of: {', '.join(METHODS)}")
     return METHODS[key](**kwargs)
+
+
+def configure(name: str, *, kernel: str = DEFAULT_KERNEL, c: float = DEFAULT_C) -> Method:
+    """A base method with the stages' settings: `kernel` and `c` go to the methods that have a λ, the
+    others take none (so callers never test method names)."""
+    method = get_method(name)
+    return get_method(name, kernel=kernel, c=c) if method.uses_lambda else method
 
 
 def lambda_grid(num: int = 9, low: float = 1e-4, high: float = 1.0) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 # Upper bound on the bytes of one working block (e.g. a float64 copy of a feature chunk, or a Q x rows
 # score block); a requested chunk_rows is lowered to respect it, never raised.
@@ -25,8 +26,6 @@ def row_chunks(n: int, chunk_rows: int, *, progress: bool = False, desc: str = "
     """Yield (start, stop) row ranges covering [0, n) in blocks of `chunk_rows`; tqdm when `progress`."""
     starts = range(0, n, chunk_rows)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, total=(n + chunk_rows - 1) // chunk_rows, desc=desc, unit="chunk")
     for start in starts:
         yield start, min(start + chunk_rows, n)

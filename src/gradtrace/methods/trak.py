@@ -36,8 +36,22 @@ from gradtrace.methods.rows import allocate_psi, effective_chunk_rows, finish_ps
 
 DEFAULT_C = 0.01
 KERNELS = ("shared", "per-group")
+# The kernel every stage uses unless told otherwise (the bare `TRAK` class keeps the textbook shared one):
+# per-group beat shared for TRAK and D-TRAK in both benchmarks (docs/benchmarks.md).
+DEFAULT_KERNEL = "per-group"
 # A shared kernel needs a few dense k x k float64 matrices (2 GiB each at this width).
 MAX_SHARED_DIM = 16384
+
+
+def check_c(c: Any) -> float:
+    """The one rule for a λ scale c: a finite number >= 0 (0 = no damping: the pseudo-inverse of the Gram)."""
+    try:
+        value = float(c)
+    except (TypeError, ValueError):
+        raise UserError(f"c must be a number, got {c!r}; pass e.g. c={DEFAULT_C}") from None
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"c must be finite and >= 0, got {c}; pass e.g. c={DEFAULT_C}")
+    return value
 
 
 @dataclass
@@ -103,17 +117,18 @@ class TRAK(Method):
     """
 
     name = "trak"
+    uses_lambda = True
 
-    def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak"):
-        try:
-            c = float(c)
-        except (TypeError, ValueError):
-            raise UserError(f"c must be a number, got {c!r}; pass e.g. c={DEFAULT_C}") from None
-        if not math.isfinite(c) or c < 0:
-            raise UserError(f"c must be finite and >= 0, got {c}; pass e.g. c={DEFAULT_C}")
-        self.c = c
+    def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak",
+                 required_measurement: str | None = None):
+        self.c = check_c(c)
         self.kernel = normalise_kernel(kernel)
         self.name = name
+        self.required_measurement = required_measurement
+
+    @property
+    def kernel_kind(self) -> str:
+        return self.kernel
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "c": self.c, "kernel": self.kernel}

@@ -1,4 +1,4 @@
-"""Learned parameter-group weights, without labels (DESIGN §2).
+"""Learned parameter-group weights, without labels (the method: README, "Learned group weights and aspects").
 
     result = learn_weights(fitted, learning_query_features)      # WeightsResult: weights sum to 1
     fitted.scores(eval_query_features, weights=result.weights)
@@ -15,9 +15,8 @@ from gradtrace.weights.diagnostics import cosine, solo_quality
 from gradtrace.weights.lambda_scale import choose_lambda_scale
 from gradtrace.weights.learn import WeightsResult, dense_contributions, learn_weights
 from gradtrace.weights.objective import snr_loss
-from gradtrace.weights.synthetic import PlantedProblem, planted_problem, planted_recall
 
 __all__ = ["snr_loss", "learn_weights", "WeightsResult", "dense_contributions", "choose_lambda_scale",
-           "save_weights", "load_weights", "solo_quality", "cosine", "planted_problem", "planted_recall",
-           "PlantedProblem", "DEFAULT_K", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_L2", "DEFAULT_POOL",
+           "save_weights", "load_weights", "solo_quality", "cosine",
+           "DEFAULT_K", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_L2", "DEFAULT_POOL",
            "DEFAULT_REFRESH", "DEFAULT_MEMORY_BUDGET"]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.manifest import read_json, versions, write_json_atomic
+from gradtrace.io import read_json, versions, write_json_atomic
 from gradtrace.weights.learn import WeightsResult
 
 FORMAT = "gradtrace.group-weights/1"

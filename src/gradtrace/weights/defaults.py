@@ -1,6 +1,6 @@
 """Default settings of the weight learner; the sweep behind them is in docs/benchmarks.md.
 
-k = 10 (DESIGN §2); lr = 0.05 and steps = 200: lr·steps = 10, twice where the objective settled on the
+k = 10 (the method's default); lr = 0.05 and steps = 200: lr·steps = 10, twice where the objective settled on the
 planted problems; l2 = 0 (it only pulls towards uniform); pool of 256 candidates per query (512 cost more
 per step than it saved in refreshes); refresh "exact" (identical to the dense path). The dense path (the
 reference) is used only when its float64 (Q, N, M) tensor fits 64 MiB: above a few million contributions

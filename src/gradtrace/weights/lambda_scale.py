@@ -13,14 +13,14 @@ import numpy as np
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
 from gradtrace.methods.registry import get_method, lambda_grid
-from gradtrace.methods.trak import TRAK
+from gradtrace.methods.trak import DEFAULT_KERNEL, TRAK
 from gradtrace.weights.defaults import DEFAULT_K
 from gradtrace.weights.objective import check_k
 from gradtrace.weights.streamed import snr_at
 
 
 def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_features: Any, *,
-                        method: str = "trak", kernel: str = "shared", grid: Any = None, k: int = DEFAULT_K,
+                        method: str = "trak", kernel: str = DEFAULT_KERNEL, grid: Any = None, k: int = DEFAULT_K,
                         chunk_rows: int = 65536, progress: bool = False) -> tuple[float, list[tuple[float, float]]]:
     """(best c, [(c, loss), ...] for every c in `grid`) with loss = mean_q L(uniform; q) on the learning queries.
 

@@ -1,4 +1,4 @@
-"""Learn one non-negative weight per parameter group, without labels (DESIGN §2).
+"""Learn one non-negative weight per parameter group, without labels.
 
     w = softmax(θ), θ₀ = 0 (uniform);  θ* = argmin_θ mean_q L(w; q) + λ ‖w‖²
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_matrix, raise_if_nonfinite
@@ -104,8 +105,6 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
     curve: list[float] = []
     loop = range(steps + 1)
     if progress:
-        from tqdm.auto import tqdm
-
         loop = tqdm(loop, desc="weights: learn", unit="step")
     for step in loop:
         w = softmax_weights(theta)

@@ -1,0 +1,52 @@
+"""Model adapters by name: the one place that maps a checkpoint to the code that knows its kind of model.
+
+    adapter = get_adapter("diffusion-unet")          # a built-in adapter
+    adapter = get_adapter("mypkg.adapters:MyAdapter")  # any ModelAdapter subclass by import path
+    adapter = adapter_of(checkpoint_dir)             # the adapter named in a checkpoint's manifest
+
+Adapters are imported on first use, so nothing model-specific loads until a stage asks for it. See
+`gradtrace.adapters.base` for the interface and docs/architecture.md for how to write one.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+
+from gradtrace.adapters.base import DEFAULT_ADAPTER, Checkpoint, ContextStage, ModelAdapter, Objective
+from gradtrace.errors import UserError
+from gradtrace.io import read_json
+
+BUILTIN = {"diffusion-unet": "gradtrace.adapters.diffusion.adapter:TinyUNetAdapter"}
+_CACHE: dict[str, ModelAdapter] = {}
+
+__all__ = ["BUILTIN", "Checkpoint", "ContextStage", "DEFAULT_ADAPTER", "ModelAdapter", "Objective", "adapter_of",
+           "get_adapter"]
+
+
+def get_adapter(name: str = DEFAULT_ADAPTER) -> ModelAdapter:
+    """The adapter called `name`: a built-in one, or "module:Class" naming a ModelAdapter subclass."""
+    if name not in _CACHE:
+        target = BUILTIN.get(name, name)
+        if ":" not in target:
+            raise UserError(f"unknown model adapter '{name}'; use one of {', '.join(BUILTIN)} or module:Class")
+        module, cls = target.split(":", 1)
+        try:
+            adapter_cls = getattr(import_module(module), cls)
+        except (ImportError, AttributeError) as exc:
+            raise UserError(f"cannot import model adapter '{name}' ({exc}); install it or fix the name")
+        if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, ModelAdapter)):
+            raise UserError(f"'{name}' is not a gradtrace ModelAdapter subclass")
+        _CACHE[name] = adapter_cls()
+    return _CACHE[name]
+
+
+def adapter_of(checkpoint) -> ModelAdapter:
+    """The adapter named in a checkpoint directory's manifest (config.json)."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory not found: {path}; train a model first or fix the path")
+    if not (path / "config.json").exists():
+        raise UserError(f"not a checkpoint (no config.json, the save did not finish): {path}; re-run training")
+    config = read_json(path / "config.json", "checkpoint config")
+    name = config.get("adapter", DEFAULT_ADAPTER) if isinstance(config, dict) else DEFAULT_ADAPTER
+    return get_adapter(name)

@@ -1,0 +1,187 @@
+"""The model-adapter seam: the one interface behind which everything that depends on the kind of model lives.
+
+gradtrace's stages below the pipeline (`features/`, `methods/`, `weights/`, `attribution/`, `evaluate/`)
+never know what kind of model they work on. They ask an adapter (found by name in
+`gradtrace.adapters.get_adapter`) for exactly these things:
+
+- **checkpoints**: `load(path)` → `Checkpoint` (module in eval mode, manifest, fingerprint), `build(model_config,
+  seed)`; checkpoints are written by `gradtrace.adapters.checkpoint.save_checkpoint` with the adapter's name;
+- **groups**: `group_key(preset)`, the adapter's own presets (e.g. `block`) beside the generic `tensor` and
+  `module`;
+- **measurements**: `objective(checkpoint, name, repeats, seed)` → `Objective`, what is differentiated per
+  example (the featurizers call it, see below);
+- **examples**: `examples(model_config, source, ids)` → `Examples` (inputs, ids, conditioning) of a data
+  source record (`gradtrace.data.sources`), checked against the model;
+- **training**: `default_model_config(dataset, kind)`, `train(model_config, dataset, train_config, ids)`, the
+  recipe `train` and subset retraining replay;
+- **evaluation**: `outputs(checkpoint, examples, grid)`, the model output per query used as the LDS target;
+- **queries**: `sample(...)` / `query_codes(...)`, generated learning and evaluation queries (generative
+  models only; the default refuses).
+
+An `Objective` turns one chunk of examples (inputs, ids, cond) into what the featurizers differentiate:
+`example_inputs` gives the per-example tensors (and their vmap in_dims) for the exact `torch.func` path,
+`example_output(forward, *args)` the scalar output of ONE example given `forward(*model_args)` (the model
+with swapped parameters), and `batch_total(model, ...)` the sum of every example's output from one ordinary
+batched forward pass (rows example-major, the same number per example) for the Kronecker path.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradtrace.errors import UserError
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode), its manifest (config.json), fingerprint and path.
+
+    `extras` holds what an adapter derives from the manifest once (e.g. a diffusion noise scheduler).
+    """
+
+    model: nn.Module
+    config: dict
+    fingerprint: str
+    path: Path
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def train_ids(self) -> np.ndarray | None:
+        ids = self.config.get("train_ids")
+        return None if ids is None else np.asarray(ids, dtype=np.int64)
+
+    @property
+    def model_config(self) -> dict:
+        return self.config["model_config"]
+
+    @property
+    def adapter(self) -> str:
+        return self.config.get("adapter", DEFAULT_ADAPTER)
+
+
+@dataclass
+class ContextStage:
+    """Parameters that reach the network only through one tensor, e.g. a conditioning embedding.
+
+    The Kronecker featurizer captures that tensor where `module` receives it as keyword `kwarg`, and gets the
+    per-example gradients of `params` by a vmap of `encode(params, codes_of_one_example)` against it.
+    `default_codes(B)` gives the encoder's input for a batch without conditioning.
+    """
+
+    params: list[str]
+    module: nn.Module
+    kwarg: str
+    encode: Callable[[dict, torch.Tensor], torch.Tensor]
+    default_codes: Callable[[int], torch.Tensor]
+
+
+class Objective(ABC):
+    """What is differentiated for each example (see the module docstring)."""
+
+    @abstractmethod
+    def info(self) -> dict:
+        """JSON-able description, recorded as the feature store's `measurement` (must include "name")."""
+
+    @abstractmethod
+    def example_inputs(self, inputs: torch.Tensor, ids: np.ndarray, cond) -> tuple[tuple, tuple]:
+        """(args, in_dims): per-example tensors (leading dim B; in_dim 0) and shared ones (in_dim None)."""
+
+    @abstractmethod
+    def example_output(self, forward: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+        """The scalar output of one example from its slice of `args`; `forward(*model_args)` runs the model."""
+
+    def batch_total(self, model: nn.Module, inputs: torch.Tensor, ids: np.ndarray, cond) -> torch.Tensor:
+        """Σ_b f_b from one ordinary batched forward (rows example-major, equal per example)."""
+        raise UserError(f"measurement '{self.info().get('name')}' has no batched form; use --projection rademacher")
+
+    def context_stage(self, model: nn.Module) -> ContextStage | None:
+        return None
+
+
+GT_STREAM = 0x4C4453  # "LDS": keeps ground-truth draws apart from featurization draws (same seed, same ids)
+
+
+@dataclass(frozen=True)
+class OutputGrid:
+    """The fixed grid of draws on which every retrained model's output is measured (the LDS targets):
+    `num_timesteps` repeats (diffusion: timesteps spaced over the schedule) × `num_draws` seeded draws."""
+
+    num_timesteps: int = 10
+    num_draws: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_timesteps < 1 or self.num_draws < 1:
+            raise UserError(f"the output grid needs >= 1 timestep and >= 1 noise draw, got "
+                            f"{self.num_timesteps} x {self.num_draws}")
+
+    def info(self) -> dict:
+        return {**asdict(self), "stream": GT_STREAM}
+
+
+class ModelAdapter(ABC):
+    """One kind of model. Subclasses set `name`, `measurements` and `group_presets` (see the module docstring)."""
+
+    name: str = "adapter"
+    measurements: tuple[str, ...] = ("loss",)
+    group_presets: tuple[str, ...] = ()
+    model_kinds: tuple[str, ...] = ()
+    output_name: str = "loss"          # what `outputs` returns, as recorded in evaluation manifests
+    output_is_loss: bool = True        # LDS targets are −output when True (a helpful example lowers the loss)
+
+    # ------------------------------------------------------------------ checkpoints
+    @abstractmethod
+    def build(self, model_config: dict, seed: int = 0) -> nn.Module:
+        """A fresh model for `model_config`, parameters initialised deterministically from `seed`.
+        The module must carry its config as `.config` (saved in the checkpoint manifest)."""
+
+    @abstractmethod
+    def load(self, path) -> Checkpoint:
+        """Load a checkpoint directory; a missing, corrupt or mismatched one raises UserError naming it."""
+
+    # ------------------------------------------------------------------ groups and measurements
+    def group_key(self, preset: str) -> Callable[[str], str] | None:
+        """The parameter-name → group-name rule of one of this adapter's presets (None: not one of them)."""
+        return None
+
+    @abstractmethod
+    def objective(self, checkpoint: Checkpoint, measurement: str, repeats: int, seed: int) -> Objective:
+        """The per-example output function `measurement`, averaged over `repeats` draws seeded by `seed`."""
+
+    # ------------------------------------------------------------------ data
+    @abstractmethod
+    def examples(self, model_config: dict, source: dict, ids=None):
+        """`gradtrace.data.sources.Examples` of a source record, in the form the model takes."""
+
+    # ------------------------------------------------------------------ training
+    @abstractmethod
+    def default_model_config(self, dataset, kind: str) -> dict:
+        """The default model config of `kind` (one of `model_kinds`, or "auto") for `dataset`."""
+
+    @abstractmethod
+    def train_config(self, values: dict | None) -> Any:
+        """The adapter's training recipe object from a dict (refusing unknown keys); `asdict`-able."""
+
+    @abstractmethod
+    def train(self, model_config: dict, dataset, train_config: Any, ids=None, progress: bool = True) -> nn.Module:
+        """Train a fresh model (seed in `train_config`) on `dataset` rows `ids` (None = all); deterministic."""
+
+    # ------------------------------------------------------------------ evaluation and queries
+    @abstractmethod
+    def outputs(self, checkpoint: Checkpoint, examples, grid) -> np.ndarray:
+        """(Q,) float64 model output per query (the LDS ground truth), on the shared `grid` of draws."""
+
+    def sample(self, checkpoint: Checkpoint, num: int, **options):
+        raise UserError(f"{self.name} models do not generate queries; pass featurized queries instead")
+
+    def query_codes(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int):
+        raise UserError(f"{self.name} models have no aspects; drop --aspect")
+
+
+DEFAULT_ADAPTER = "diffusion-unet"

@@ -1,0 +1,139 @@
+"""Checkpoints: a directory with `model.safetensors` and `config.json` (the manifest, written last).
+
+A directory without config.json is not a checkpoint, so a crash mid-save never leaves something that
+loads. Loading re-computes the model fingerprint and refuses weights that do not match the manifest.
+The manifest names the adapter that built the model (absent in older checkpoints: the tiny diffusion
+UNets), so every later stage finds the code that knows this kind of model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gradtrace.adapters.base import DEFAULT_ADAPTER, Checkpoint
+from gradtrace.errors import UserError
+from gradtrace.io import atomic_write, read_json, versions, write_json_atomic
+
+FORMAT = "gradtrace.checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every parameter, names sorted."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        a = p.detach().cpu().contiguous().numpy()
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(path_dir, model: nn.Module, *, train_config, dataset_info: dict | None,
+                    train_ids=None, extra: dict | None = None, adapter: str = DEFAULT_ADAPTER) -> Path:
+    """Write `model.safetensors` then `config.json` into `path_dir` (created), both atomically.
+
+    `model.config` is the model config; `train_ids` None falls back to `model.train_ids` (set by training);
+    None there too means "all". Returns the directory.
+    """
+    path = Path(path_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if train_ids is None:
+        train_ids = getattr(model, "train_ids", None)
+    if dataclasses.is_dataclass(train_config):
+        train_config = dataclasses.asdict(train_config)
+    config_file = path / CONFIG
+    if config_file.exists():  # overwriting: invalidate first, so a crash never pairs old config + new weights
+        config_file.unlink()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    log = getattr(model, "train_log", None) or {}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": model.config,
+        "train_config": train_config,
+        "dataset": dataset_info,
+        "train_ids": None if train_ids is None else np.asarray(train_ids, dtype=np.int64).tolist(),
+        "n_parameters": count_parameters(model),
+        "fingerprint": model_fingerprint(model),
+        "versions": versions(),
+        "train_wall_s": log.get("wall_s"),
+        "train_optimizer": log.get("optimizer"),
+        "train_loss_final": _final_loss(log.get("losses")),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "extra": extra or {},
+    }
+    manifest["adapter"] = adapter
+    write_json_atomic(config_file, manifest)
+    return path
+
+
+def _final_loss(losses) -> float | None:
+    """Mean training loss over the last 100 steps (None if the model was not trained here)."""
+    if losses is None or len(losses) == 0:
+        return None
+    return float(np.mean(np.asarray(losses)[-100:]))
+
+
+def load_checkpoint(path_dir, build: Callable[[dict], nn.Module]) -> Checkpoint:
+    """Load a checkpoint directory with `build(model_config)`; a missing, corrupt or mismatched one raises
+    UserError naming it. The model is returned in eval mode with `train_ids` set from the manifest."""
+    path = Path(path_dir)
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory not found: {path}; train a model first or fix the path")
+    config_file, weights_file = path / CONFIG, path / WEIGHTS
+    if not config_file.exists():
+        raise UserError(f"not a checkpoint (no {CONFIG}, the save did not finish): {path}; re-run training")
+    config = read_json(config_file, "checkpoint config")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{config_file} is not a gradtrace checkpoint config; point at a checkpoint directory")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {config.get('format_version')}, this gradtrace "
+                        f"reads {FORMAT_VERSION}; retrain or use a matching gradtrace")
+    if not weights_file.exists():
+        raise UserError(f"checkpoint weights missing: {weights_file}; re-run training")
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint weights are corrupt: {weights_file} ({exc}); re-run training")
+    try:
+        model = build(config.get("model_config"))
+    except UserError as exc:
+        raise UserError(f"checkpoint config {config_file} has a bad model config ({exc}); re-run training")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint weights do not fit the model config: {weights_file} ({first}); "
+                        "re-run training")
+    fingerprint = model_fingerprint(model)
+    if fingerprint != config.get("fingerprint"):
+        raise UserError(f"checkpoint weights do not match the fingerprint in {config_file}; the files were "
+                        "modified or mixed, re-run training")
+    model.eval()
+    ids = config.get("train_ids")
+    model.train_ids = None if ids is None else np.asarray(ids, dtype=np.int64)
+    return Checkpoint(model=model, config=config, fingerprint=fingerprint, path=path)
+
+
+def is_checkpoint(path_dir) -> bool:
+    """True if `path_dir` holds a finished checkpoint (config.json present)."""
+    return (Path(path_dir) / CONFIG).is_file()

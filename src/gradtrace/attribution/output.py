@@ -1,0 +1,70 @@
+"""The attributions artefact: each query's top-k training examples with scores and per-group breakdown.
+
+Written into an output directory:
+
+    attributions.json      manifest + per query: its top-k training ids with scores and per-group breakdown
+    topk_ids.npy           (Q, k) training ids
+    topk_scores.npy        (Q, k) float32
+    topk_contributions.npy (Q, k, M) float32 per-group contributions (sum over M = the score)
+    scores.npy             (Q, N) float32, only when Q·N is small enough (see FULL_SCORES_MAX)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gradtrace.attribution.scoring import Scored
+from gradtrace.errors import UserError
+from gradtrace.features.store import FeatureStore
+from gradtrace.io import command_line, versions, write_json_atomic, write_npy_atomic
+
+FORMAT = "gradtrace-attributions"
+FULL_SCORES_MAX = 50_000_000  # entries of the dense (Q, N) score matrix worth saving
+PSI_IN_MEMORY = 256 * 2**20  # bytes of a float32 Ψ kept in memory; larger stores are scored query-side
+
+
+def query_side_for(train: FeatureStore) -> bool:
+    """Above PSI_IN_MEMORY bytes, Ψ = Φ K is not materialised: K goes on the queries (same scores)."""
+    return len(train.ids) * int(train.settings["dim"]) * 4 > PSI_IN_MEMORY
+
+
+def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStore, out, *, top_k: int = 10,
+                       progress: bool = True) -> dict:
+    """Top-k training examples per query with per-group breakdown; returns the JSON document written."""
+    if top_k < 1 or top_k > len(train.ids):
+        raise UserError(f"--top-k must be in 1..{len(train.ids)} (the training set size), got {top_k}")
+    fitted, qf, weights = scored.fitted, scored.query_features, scored.weights
+    idx, top = fitted.topk(qf, top_k, weights, progress=progress)
+    w = np.ones(fitted.n_groups, dtype=np.float32) if weights is None else np.asarray(weights, np.float32)
+    contrib = np.stack([fitted.contributions(qf[q:q + 1], rows=idx[q])[0] for q in range(len(qf))]) * w
+    names = fitted.group_names
+    top_ids = train.ids[idx]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_npy_atomic(out / "topk_ids.npy", top_ids)
+    write_npy_atomic(out / "topk_scores.npy", top)
+    write_npy_atomic(out / "topk_contributions.npy", contrib.astype(np.float32))
+    if len(qf) * len(train.ids) <= FULL_SCORES_MAX:
+        write_npy_atomic(out / "scores.npy", scored.scores())
+    doc = {
+        "manifest": {
+            "format": FORMAT, "format_version": 1,
+            "command": command_line(), "method": fitted.info, "top_k": top_k,
+            "train_store": str(train.path), "query_store": str(queries.path),
+            "model_fingerprint": train.settings["model_fingerprint"],
+            "groups_spec": train.settings["groups_spec"], "measurement": train.settings["measurement"],
+            "projection": train.settings["projection"], "weights": scored.weights_info,
+            "lambda": scored.lambda_info, "versions": versions(),
+        },
+        "groups": names,
+        "queries": [
+            {"query_id": int(queries.ids[q]),
+             "top": [{"rank": r + 1, "train_id": int(top_ids[q, r]), "score": float(top[q, r]),
+                      "contributions": {n: float(v) for n, v in zip(names, contrib[q, r])}}
+                     for r in range(top_k)]}
+            for q in range(len(qf))
+        ],
+    }
+    write_json_atomic(out / "attributions.json", doc)
+    return doc

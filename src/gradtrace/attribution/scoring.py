@@ -1,0 +1,72 @@
+"""The one scoring recipe of every stage that scores queries (`attribute`, `eval lds`, `eval counterfactual`,
+`learn-weights`): fit the base method on the training store, read the group weights, resolve λ.
+
+    scored = score_queries(train, queries, method="trak", weights_path="w.json")   # defaults: per-group, c rule
+    scored.scores()                                    # (Q, N) τ_w
+    scored.fitted.topk(scored.query_features, 10, scored.weights)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradtrace.attribution.lambda_rule import resolve_scoring_c
+from gradtrace.attribution.weights_file import default_weights_path, read_group_weights
+from gradtrace.errors import UserError
+from gradtrace.features.store import FeatureStore
+from gradtrace.methods import DEFAULT_C, DEFAULT_KERNEL, FittedMethod, configure
+
+
+def fit_method(train: FeatureStore, method: str = "trak", *, kernel: str = DEFAULT_KERNEL, c: float = DEFAULT_C,
+               progress: bool = True, query_side: bool = False) -> FittedMethod:
+    """The fitted base method for a training store (Ψ = Φ K), refusing features of another measurement
+    than the method requires. `query_side` (methods with a λ): K goes on the queries, Φ is scored directly."""
+    base = configure(method, kernel=kernel, c=c)
+    base.check_measurement(train.settings["measurement"]["name"], str(train.path))
+    if query_side and base.uses_lambda:
+        return base.fit(train.features, train.group_slices, progress=progress, query_side=True)
+    return base.fit(train.features, train.group_slices, progress=progress)
+
+
+@dataclass
+class Scored:
+    fitted: FittedMethod
+    query_features: np.ndarray
+    weights: np.ndarray | None
+    weights_info: dict | None
+    lambda_info: dict | None = None  # how c was chosen (given, the weights', default, or auto on learning queries)
+
+    def scores(self, weights=None) -> np.ndarray:
+        """(Q, N) τ_w; `weights` None = the loaded weights (or uniform when none were loaded)."""
+        return self.fitted.scores(self.query_features, weights=self.weights if weights is None else weights)
+
+
+def score_queries(train: FeatureStore, queries: FeatureStore, *, method: str = "trak", kernel: str = DEFAULT_KERNEL,
+                  c=None, weights=None, weights_path=None, aspect: str | None = None, learning_queries=None,
+                  query_side: bool = False, progress: bool = True) -> Scored:
+    """Fit `method` on the training store and prepare the query features (compatible stores only).
+
+    Group weights: an (M,) array `weights`, a file `weights_path` (`gradtrace.attribution.weights_file`'s
+    rule), or `aspect` (the store's learned weights for that aspect); none = uniform. λ scale: see
+    `gradtrace.attribution.lambda_rule` (`c` given, "auto" on `learning_queries`, else the weights' c).
+    """
+    if sum(x is not None for x in (weights, weights_path, aspect)) > 1:
+        raise UserError("pass group weights one way: an array, --weights FILE or --aspect NAME")
+    train.check_compatible(queries)
+    info = None
+    if aspect is not None:
+        weights_path = default_weights_path(train, method, kernel, aspect)
+        if not weights_path.exists():
+            raise UserError(f"no weights for aspect '{aspect}' at {weights_path}; run `gradtrace learn-weights "
+                            f"--train {train.path} --generate 64 --aspect {aspect} --method {method}` first")
+    if weights_path is not None:
+        weights, info = read_group_weights(train, queries, weights_path, method=method, kernel=kernel)
+    elif weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        info = {"weights": dict(zip(train.group_names, weights.tolist()))}
+    c, lambda_info = resolve_scoring_c(train, queries, method=method, kernel=kernel, c=c, weights_info=info,
+                                       learning_queries=learning_queries)
+    fitted = fit_method(train, method, kernel=kernel, c=c, progress=progress, query_side=query_side)
+    return Scored(fitted=fitted, query_features=np.asarray(queries.features), weights=weights,
+                  weights_info=info, lambda_info=lambda_info)

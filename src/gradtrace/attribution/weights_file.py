@@ -1,0 +1,100 @@
+"""Which group-weights files a scoring stage accepts: one rule for `attribute`, `eval lds` and `eval counterfactual`.
+
+A weights file is either
+
+- a file written by `learn-weights` (``"format": "gradtrace.group-weights/1"``): its groups must be the
+  training store's, it must have been learned for this training store (model, groups, projection,
+  measurement, training ids) and this method and kernel, and the queries scored must not be its learning
+  queries; or
+- a plain JSON ``{"weights": {group: weight, ...}}`` (no "format" key), naming every group of the store
+  exactly, with finite non-negative weights that are not all zero (weights from elsewhere; nothing to check
+  them against but the groups).
+
+Learning and evaluation queries are identified by `query_set_id` (their source and a hash of their ids).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gradtrace.errors import UserError
+from gradtrace.features.store import FeatureStore
+from gradtrace.io import read_json, sha256_arrays
+from gradtrace.methods import configure
+from gradtrace.weights import load_weights
+
+STORE_KEYS = ("model_fingerprint", "groups_spec", "projection", "measurement", "train_ids_sha256")
+
+
+def query_set_id(store: FeatureStore) -> dict:
+    """Identity of a query set: its source and a hash of its ids (recorded in weights provenance)."""
+    return {"source": store.settings.get("source", {}), "ids_sha256": sha256_arrays([store.ids])}
+
+
+def store_identity(store: FeatureStore) -> dict:
+    """What a weights file must match to be used with a training store."""
+    s = store.settings
+    return {"model_fingerprint": s["model_fingerprint"], "groups_spec": s["groups_spec"],
+            "projection": s["projection"], "measurement": s["measurement"],
+            "train_ids_sha256": sha256_arrays([store.ids])}
+
+
+def default_weights_path(train: FeatureStore, method: str, kernel: str, aspect: str | None) -> Path:
+    """STORE/weights/METHOD-KERNEL-ASPECT.json, where `learn-weights` writes and `--aspect` reads."""
+    kind = configure(method, kernel=kernel).kernel_kind
+    return train.path / "weights" / f"{method}-{kind}-{aspect or 'general'}.json"
+
+
+def read_group_weights(train: FeatureStore, queries: FeatureStore, path, *, method: str,
+                       kernel: str) -> tuple[np.ndarray, dict]:
+    """(weights (M,) float64 in the store's group order, a description for manifests); see the module rule."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"weights file not found: {path}")
+    doc = read_json(path, "weights file")
+    if isinstance(doc, dict) and "format" in doc:
+        w, doc = load_weights(path, train.group_names)
+        _check_learned_for(doc.get("provenance", {}), train, queries, path, method, kernel)
+    else:
+        w = _plain_weights(path, doc, train.group_names)
+    prov = doc.get("provenance", {}) if isinstance(doc.get("provenance"), dict) else {}
+    return np.asarray(w, dtype=np.float64), {
+        "path": str(path.resolve()), "format": doc.get("format", "plain"), "aspect": prov.get("aspect"),
+        "lambda_c": prov.get("lambda_c"), "weights": dict(zip(train.group_names, np.asarray(w).tolist()))}
+
+
+def _check_learned_for(prov: dict, train: FeatureStore, queries: FeatureStore, path: Path, method: str,
+                       kernel: str) -> None:
+    mine = store_identity(train)
+    for key in STORE_KEYS:
+        if prov.get("store", {}).get(key) != mine[key]:
+            raise UserError(f"{path} was learned for another training store ('{key}' differs); "
+                            f"learn weights for {train.path}")
+    kind = configure(method, kernel=kernel).kernel_kind
+    if (prov.get("method"), prov.get("kernel")) != (method, kind):
+        raise UserError(f"{path} was learned for {prov.get('method')}/{prov.get('kernel')}, not "
+                        f"{method}/{kind}; pass the matching --method/--kernel or learn weights for this one")
+    learned_on = prov.get("learning_queries", {})
+    mine_q = query_set_id(queries)
+    if learned_on.get("ids_sha256") == mine_q["ids_sha256"] and learned_on.get("source") == mine_q["source"]:
+        raise UserError(f"the queries {queries.path} are the learning queries of {path}; evaluate "
+                        f"on other queries (learning and evaluation queries must be disjoint)")
+
+
+def _plain_weights(path: Path, doc, group_names: list[str]) -> np.ndarray:
+    table = doc.get("weights") if isinstance(doc, dict) else None
+    if not isinstance(table, dict):
+        raise UserError(f"{path} has no 'weights' object; write {{\"weights\": {{group: weight, ...}}}}")
+    missing = [g for g in group_names if g not in table]
+    extra = [g for g in table if g not in group_names]
+    if missing or extra:
+        raise UserError(f"weights in {path} do not name the feature groups (missing {missing[:3]}, unknown "
+                        f"{extra[:3]}); learn them on features with the same groups")
+    try:
+        w = np.asarray([float(table[g]) for g in group_names], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"weights in {path} must be numbers") from None
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise UserError(f"weights in {path} must be finite, non-negative and not all zero")
+    return w

@@ -1,0 +1,162 @@
+"""The `gradtrace` command: one subcommand per pipeline stage (`eval` has its own), plus `demo`.
+
+Each subcommand parses its arguments from its stage's spec (`gradtrace.cli.args`), builds the spec, makes
+one pipeline call and prints one line. Bad input ends with one line on stderr and exit code 2 (``--debug``
+shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from gradtrace import __version__
+from gradtrace.cli.args import add_spec_arguments, common_arguments, spec_from_args
+from gradtrace.errors import UserError
+from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT, counterfactual_table
+from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
+from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, EvalLDSSpec, FeaturizeSpec,
+                                LearnWeightsSpec, RetrainSpec, SampleSpec, TrainSpec, attribute_run,
+                                eval_counterfactual, eval_lds, featurize_run, learn_weights_run, retrain, run_demo,
+                                sample_run, train_run)
+from gradtrace.pipeline.evaluate import RETRAIN_EPILOG
+
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    spec: type
+    run: Callable
+    say: Callable  # (result, spec) -> the one line printed
+    help: str
+    epilog: str | None = None
+    takes_log: bool = False       # the run reports its stages through a `log` callback (printed)
+    one_line_warnings: bool = False  # `say` prints the stage's warnings itself, as one line
+
+
+def _say_train(path, spec) -> str:
+    return f"checkpoint: {path}"
+
+
+def _say_sample(path, spec) -> str:
+    return f"samples: {path}"
+
+
+def _say_featurize(store, spec) -> str:
+    return f"features: {store.path} ({store.features.shape[0]} x {store.features.shape[1]})"
+
+
+def _say_attribute(doc, spec) -> str:
+    return f"attributions: {Path(spec.out) / 'attributions.json'}"
+
+
+def _say_weights(result, spec) -> str:
+    path, doc = result
+    prov = doc["provenance"]
+    top = sorted(doc["weights"].items(), key=lambda kv: -kv[1])[:5]
+    return (f"weights: {path} (loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
+            + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
+
+
+def _say_demo(summary, spec) -> str:
+    return f"demo: {summary['outputs']['attributions']}, {summary['outputs']['report']}"
+
+
+def _say_retrain(res, spec) -> str:
+    line = f"retraining: {res['out']} ({res['finished']}/{res['models']} models finished"
+    if res.get("world", 1) > 1:
+        line += f"; rank {res['rank']}/{res['world']} trained {res['trained']}"
+    return line + ")"
+
+
+def _say_lds(doc, spec) -> str:
+    r = doc["lds"]
+    if r["warning"]:
+        print(f"gradtrace eval lds: warning: {r['warning']}", file=sys.stderr)
+    mean = "undefined" if r["mean"] is None else f"{r['mean']:.4f}"
+    ci = "" if r["ci95"][0] is None else f" [95% CI {r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]"
+    undef = f", {r['n_undefined']} undefined" if r["n_undefined"] else ""
+    return f"LDS {mean}{ci} over {r['n_defined']} queries{undef}: {Path(spec.out) / LDS_RESULT}"
+
+
+def _say_counterfactual(doc, spec) -> str:
+    if not doc.get("finished"):
+        return f"counterfactual: {len(doc['missing'])} models still to train; rerun the same command"
+    return f"{counterfactual_table(doc)}\ncounterfactual: {Path(spec.out) / COUNTERFACTUAL_RESULT}"
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(TrainSpec, train_run, _say_train, "train a model (default: a tiny diffusion UNet, DDPM)"),
+    "sample": Command(SampleSpec, sample_run, _say_sample, "generate images from a checkpoint"),
+    "featurize": Command(FeaturizeSpec, featurize_run, _say_featurize,
+                         "per-example projected gradient features into a feature store"),
+    "attribute": Command(AttributeSpec, attribute_run, _say_attribute,
+                         "top-k training examples per query with per-group breakdown"),
+    "learn-weights": Command(LearnWeightsSpec, learn_weights_run, _say_weights,
+                             "learn one non-negative weight per parameter group, without labels"),
+    "demo": Command(DemoSpec, run_demo, _say_demo, "train, sample, featurize, attribute and draw, end to end",
+                    takes_log=True),
+    "retrain": Command(RetrainSpec, retrain, _say_retrain,
+                       "retrain the run's model on random training subsets (for the LDS)", RETRAIN_EPILOG),
+}
+EVAL_COMMANDS: dict[str, Command] = {
+    "lds": Command(EvalLDSSpec, eval_lds, _say_lds, "linear datamodeling score against a finished retraining",
+                   one_line_warnings=True),
+    "counterfactual": Command(CounterfactualSpec, eval_counterfactual, _say_counterfactual,
+                              "retrain without each query's top-k and k random training images"),
+}
+
+
+def _add(sub, name: str, command: Command, path: str) -> None:
+    p = sub.add_parser(name, help=command.help, epilog=command.epilog)
+    add_spec_arguments(p, command.spec)
+    common_arguments(p)
+    p.set_defaults(command_path=path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradtrace", description="Training data attribution with learned "
+                                     "parameter-group weights, with per-group breakdown.")
+    parser.add_argument("--version", action="version", version=f"gradtrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        _add(sub, name, command, name)
+    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining)")
+    esub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
+    for name, command in EVAL_COMMANDS.items():
+        _add(esub, name, command, f"eval {name}")
+    return parser
+
+
+def command_of(path: str) -> Command:
+    return EVAL_COMMANDS[path.split()[1]] if path.startswith("eval ") else COMMANDS[path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = command_of(args.command_path)
+    try:
+        spec = spec_from_args(command.spec, args)
+        extra = {"log": (lambda line: print(line, flush=True))} if command.takes_log and not args.no_progress else {}
+        with warnings.catch_warnings():
+            if command.one_line_warnings:
+                warnings.simplefilter("ignore", UserWarning)
+            result = command.run(spec, progress=not args.no_progress, **extra)
+        print(command.say(result, spec))
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"gradtrace {args.command_path}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gradtrace: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Files and manifests: atomic writes that follow the umask, JSON-safe values, hashes, the command line.
+
+Every artefact gradtrace writes goes through `atomic_write` (a temporary file in the same directory,
+renamed into place once complete), so a crash never leaves half a file, and the result has the mode any
+other new file would have under the process umask (never the 0600 of a bare temporary file).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from gradtrace.errors import UserError
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape numbers."""
+    import gradtrace  # the package's own version (set before any submodule loads)
+
+    out = {"gradtrace": gradtrace.__version__, "torch": torch.__version__, "numpy": np.__version__,
+           "python": sys.version.split()[0], "platform": platform.platform()}
+    try:  # read the installed version without importing diffusers (seconds of start-up)
+        out["diffusers"] = version("diffusers")
+    except PackageNotFoundError:  # pragma: no cover - diffusers is a hard dependency
+        pass
+    return out
+
+
+def command_line() -> str:
+    """The command that is running, as recorded in manifests: ``gradtrace <arguments>``."""
+    return " ".join(["gradtrace", *sys.argv[1:]])
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path` with the umask's mode.
+
+    The temporary name is unique per call (several processes may write the same file at once: the last
+    rename wins, and every version is complete). On error the temporary file is removed. `suffix` lets
+    writers that insist on an extension (``np.save`` adds ``.npy``) keep it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to `path` atomically (see `atomic_write`)."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, default=json_default)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_npy_atomic(path: str | os.PathLike, array: Any) -> None:
+    """Write one array as ``.npy`` to `path` atomically (see `atomic_write`)."""
+    with atomic_write(path, suffix=".tmp.npy") as tmp:
+        np.save(tmp, np.asarray(array))
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read JSON, turning a missing or broken file into a one-line UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} is not valid JSON: {path} ({exc.msg if hasattr(exc, 'msg') else exc})")
+
+
+def json_default(obj: Any) -> Any:
+    """`json.dump`'s `default` for numpy scalars and arrays and paths."""
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples become lists, numpy values plain numbers)."""
+    return json.loads(json.dumps(obj, default=json_default))
+
+
+def sha256_arrays(arrays: Iterable[Any]) -> str:
+    """Fingerprint of a sequence of numpy arrays / torch tensors (dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if hasattr(a, "detach"):
+            a = a.detach().cpu().contiguous().numpy()
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across platforms and processes."""
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def check_match(expected: dict, found: dict, keys: Iterable[str], what: str, fix: str) -> None:
+    """Refuse with a one-line reason when any of `keys` differs between two manifests."""
+    for key in keys:
+        if expected.get(key) != found.get(key):
+            raise UserError(f"{what}: '{key}' differs ({_short(found.get(key))} vs expected "
+                            f"{_short(expected.get(key))}); {fix}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=json_default)
+    return text if len(text) <= 60 else text[:57] + "..."

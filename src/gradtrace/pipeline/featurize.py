@@ -1,0 +1,83 @@
+"""The featurize stage: per-example projected gradient features of a dataset or a samples directory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradtrace.adapters import adapter_of
+from gradtrace.data.sources import dataset_source
+from gradtrace.errors import UserError
+from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
+from gradtrace.features.projection import DEFAULT_TOTAL_DIM, KINDS
+from gradtrace.features.store import DTYPES, FeatureStore
+from gradtrace.io import command_line
+from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.pipeline.train import resolve_ids
+
+
+@dataclass
+class FeaturizeSpec(Spec):
+    checkpoint: str = option(None, "checkpoint directory", required=True)
+    out: str = option(None, "feature store directory", required=True)
+    data: str | None = option(None, "digits | shapes | imagefolder:PATH (default: the checkpoint's training data)",
+                              type=str)
+    samples: str | None = option(None, "featurize a samples directory instead of a dataset", type=str)
+    n: int | None = option(None, "use the first N images of the dataset", type=int, check=positive)
+    size: int | None = option(None, "image size (shapes, imagefolder)", type=int, check=positive)
+    data_seed: int = option(0, "seed of a generated dataset (shapes)")
+    ids: object = option(None, "file of example ids to use (.npy, .json or one per line)", type=str)
+    groups: str = option("block", "tensor | module | an adapter preset (block) | 'name=regex,...;name2=regex'")
+    projection: str = option("rademacher", "projection of each group's gradient", choices=KINDS)
+    dim: int = option(DEFAULT_TOTAL_DIM, "total projection dimension", check=positive)
+    proj_seed: int = option(0, "projection seed")
+    measurement: str = option("loss", "what is differentiated (the adapter's measurements: loss, dtrak, mean)")
+    timesteps: int = option(10, "T timesteps averaged per example", check=positive)
+    noise_seed: int = option(0, "seed of the per-example noise")
+    chunk: int = option(64, "examples per chunk", check=positive)
+    dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
+    overwrite: bool = option(False, "replace a store made with other settings")
+
+    def validate(self) -> None:
+        if self.data and self.samples:
+            raise UserError("pass either --data or --samples, not both")
+        if self.samples and self.ids is not None:
+            raise UserError("--ids selects dataset examples; it cannot be used with --samples")
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(groups=self.groups, projection=self.projection, total_dim=self.dim,
+                           projection_seed=self.proj_seed, measurement=self.measurement,
+                           num_timesteps=self.timesteps, noise_seed=self.noise_seed, chunk_rows=self.chunk,
+                           dtype=self.dtype)
+
+    @classmethod
+    def like(cls, settings: dict, **where) -> "FeaturizeSpec":
+        """A spec that featurizes more examples exactly as a store was made (`settings` = its settings)."""
+        s = settings["spec"]
+        return cls(groups=s["groups"], projection=s["projection"], dim=s["total_dim"], proj_seed=s["projection_seed"],
+                   measurement=s["measurement"], timesteps=s["num_timesteps"], noise_seed=s["noise_seed"],
+                   chunk=s["chunk_rows"], dtype=s["dtype"], **where)
+
+
+def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore:
+    """Featurize the examples of `spec` (default: the checkpoint's own training data and ids)."""
+    adapter = adapter_of(spec.checkpoint)
+    ckpt = adapter.load(spec.checkpoint)
+    ids = resolve_ids(spec.ids)
+    if spec.samples:
+        source = {"kind": "samples", "path": str(spec.samples)}
+    elif spec.data:
+        source = dataset_source(spec.data, n=spec.n, size=spec.size, seed=spec.data_seed)
+    else:
+        source = (ckpt.config.get("dataset") or {}).get("source")
+        if not source or not source.get("spec"):
+            raise UserError("the checkpoint does not record its dataset; pass --data")
+        if ids is None:
+            ids = ckpt.train_ids
+    examples = adapter.examples(ckpt.model_config, source, ids=ids)
+    features = spec.feature_spec()
+    featurizer, _ = featurizer_for(adapter, ckpt, features)
+    provenance = {"command": command_line(), "checkpoint": str(Path(spec.checkpoint).resolve()),
+                  "adapter": adapter.name}
+    return featurize(featurizer, examples.images, examples.ids, spec.out, spec=features, cond=examples.cond,
+                     model_fingerprint=ckpt.fingerprint, source=examples.source, provenance=provenance,
+                     overwrite=spec.overwrite, progress=progress)

@@ -1,0 +1,84 @@
+"""The train stage: train a model of the chosen adapter on a dataset (or reuse an identical checkpoint)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gradtrace.adapters import DEFAULT_ADAPTER, get_adapter
+from gradtrace.adapters.checkpoint import save_checkpoint
+from gradtrace.data.sources import dataset_source, open_dataset, read_ids
+from gradtrace.errors import UserError
+from gradtrace.io import command_line
+from gradtrace.pipeline.spec import Spec, option, positive
+
+
+@dataclass
+class TrainSpec(Spec):
+    data: str = option(None, "digits | shapes | imagefolder:PATH", required=True)
+    out: str = option(None, "checkpoint directory", required=True)
+    n: int | None = option(None, "use the first N images of the dataset", type=int, check=positive)
+    size: int | None = option(None, "image size (shapes, imagefolder)", type=int, check=positive)
+    data_seed: int = option(0, "seed of a generated dataset (shapes)")
+    ids: object = option(None, "file of example ids to use (.npy, .json or one per line)", type=str)
+    adapter: str = option(DEFAULT_ADAPTER, "kind of model: a built-in adapter or module:Class")
+    model: str = option("auto", "model kind of the adapter; auto: conditional when the dataset has attributes "
+                        "(digits: unconditional)")
+    steps: int = option(3000, "training steps", check=positive)
+    batch_size: int = option(64, "examples per step", check=positive)
+    lr: float | None = option(None, "learning rate (default: the recipe's)", type=float)
+    seed: int = option(0, "training seed")
+
+    def validate(self) -> None:
+        kinds = get_adapter(self.adapter).model_kinds
+        if self.model != "auto" and self.model not in kinds:
+            raise UserError(f"--model must be auto or one of {', '.join(kinds)}, got {self.model!r}")
+
+
+def resolve_ids(ids) -> np.ndarray | None:
+    """Training ids from a file path or an array (None = all)."""
+    if ids is None:
+        return None
+    if isinstance(ids, (str, Path)):
+        return read_ids(ids)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
+    """Train (or reuse, when an identical checkpoint exists at `spec.out`) and save a checkpoint."""
+    adapter = get_adapter(spec.adapter)
+    ids = resolve_ids(spec.ids)
+    source = dataset_source(spec.data, n=spec.n, size=spec.size, seed=spec.data_seed)
+    ds = open_dataset(source)
+    model_config = adapter.default_model_config(ds, spec.model)
+    values = {"steps": spec.steps, "batch_size": spec.batch_size, "seed": spec.seed}
+    if spec.lr is not None:
+        values["lr"] = spec.lr
+    train_config = adapter.train_config(values)
+    out = Path(spec.out)
+    if _cached_checkpoint(out, model_config, train_config, ds, ids):
+        return out
+    model = adapter.train(model_config, ds, train_config, ids=ids, progress=progress)
+    save_checkpoint(out, model, train_config=train_config, dataset_info={**ds.info(), "source": source},
+                    train_ids=None if ids is None else [int(i) for i in ids],
+                    extra={"command": command_line(), "spec": spec.to_dict()}, adapter=adapter.name)
+    return out
+
+
+def _cached_checkpoint(out: Path, model_config, train_config, ds, ids) -> bool:
+    """True when `out` already holds a checkpoint trained with exactly these settings and data."""
+    path = out / "config.json"
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    want_ids = None if ids is None else sorted(int(i) for i in ids)
+    old_ids = old.get("train_ids")
+    return (old.get("model_config") == json.loads(json.dumps(model_config))
+            and old.get("train_config") == json.loads(json.dumps(asdict(train_config)))
+            and (old.get("dataset") or {}).get("fingerprint") == ds.fingerprint()
+            and (None if old_ids is None else sorted(old_ids)) == want_ids)

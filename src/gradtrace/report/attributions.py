@@ -1,0 +1,28 @@
+"""The picture of an attribution run: each query, then its top-k training examples with their scores."""
+from __future__ import annotations
+
+import numpy as np
+
+from gradtrace.data.sources import load_source
+from gradtrace.features.store import FeatureStore
+from gradtrace.report.grids import attribution_grid
+
+MAX_QUERIES = 16
+
+
+def draw_attributions(train: FeatureStore, queries: FeatureStore, doc: dict, path) -> None:
+    """Draw the first MAX_QUERIES queries of an attributions document, reloading images from the stores' sources."""
+    train_ex = load_source(train.settings["source"])
+    query_ex = load_source(queries.settings["source"])
+    pos_t = {int(i): r for r, i in enumerate(train_ex.ids)}
+    pos_q = {int(i): r for r, i in enumerate(query_ex.ids)}
+    rows = doc["queries"][:MAX_QUERIES]
+    q_img = np.stack([query_ex.images[pos_q[r["query_id"]]].numpy() for r in rows])
+    t_img = np.stack([[train_ex.images[pos_t[t["train_id"]]].numpy() for t in r["top"]] for r in rows])
+    scores = np.array([[t["score"] for t in r["top"]] for r in rows])
+    q_titles = [query_ex.captions[pos_q[r["query_id"]]] for r in rows]
+    t_titles = [[train_ex.captions[pos_t[t["train_id"]]] for t in r["top"]] for r in rows]
+    info = doc["manifest"]["method"]
+    title = (f"{info.get('method', '?')} ({info.get('kernel', 'identity')} kernel): query, then "
+             f"top-{doc['manifest']['top_k']}")
+    attribution_grid(q_img, t_img, scores, path, query_titles=q_titles, train_titles=t_titles, title=title)
