@@ -12,7 +12,7 @@ Stages and their specs live in `gradtrace.pipeline`, kinds of model in `gradtrac
 """
 from importlib import import_module
 
-from gradtrace.errors import UserError
+from gradtrace.errors import UserError  # noqa: F401  (in __all__)
 
 __version__ = "0.1.0"
 

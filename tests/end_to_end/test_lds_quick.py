@@ -207,9 +207,10 @@ def test_counterfactual_removes_the_top_k_and_reports_loss_changes(bench):
             kept = set(ckpt.config["train_ids"])
             assert kept == set(train.ids.tolist()) - set(row[f"removed_{kind}"])
             assert len(row[f"removed_{kind}"]) == settings["cf_k"]
-            losses[kind] = query_losses(ckpt.model, ckpt.extras["scheduler"].alphas_cumprod, images[q:q + 1], ids[q:q + 1],
-                                        None, grid)[0]
-        base = query_losses(full.model, full.extras["scheduler"].alphas_cumprod, images[q:q + 1], ids[q:q + 1], None, grid)[0]
+            losses[kind] = query_losses(ckpt.model, ckpt.extras["scheduler"].alphas_cumprod, images[q:q + 1],
+                                        ids[q:q + 1], None, grid)[0]
+        base = query_losses(full.model, full.extras["scheduler"].alphas_cumprod, images[q:q + 1], ids[q:q + 1], None,
+                            grid)[0]
         assert row["delta_top"] == pytest.approx(losses["top"] - base, rel=1e-5, abs=1e-7)
         assert row["delta_random"] == pytest.approx(losses["random"] - base, rel=1e-5, abs=1e-7)
     assert doc["summary"]["delta_top"]["mean"] == pytest.approx(np.mean([r["delta_top"] for r in doc["per_query"]]))

@@ -177,6 +177,10 @@ class ModelAdapter(ABC):
     def outputs(self, checkpoint: Checkpoint, examples, grid) -> np.ndarray:
         """(Q,) float64 model output per query (the LDS ground truth), on the shared `grid` of draws."""
 
+    def attributes(self, checkpoint: Checkpoint) -> dict[str, list[str]]:
+        """The conditioning vocabulary a generated query can set (attribute name → values); {} = none."""
+        return {}
+
     def sample(self, checkpoint: Checkpoint, num: int, **options):
         raise UserError(f"{self.name} models do not generate queries; pass featurized queries instead")
 

@@ -30,8 +30,9 @@ def query_side_for(train: FeatureStore) -> bool:
 
 
 def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStore, out, *, top_k: int = 10,
-                       progress: bool = True) -> dict:
-    """Top-k training examples per query with per-group breakdown; returns the JSON document written."""
+                       progress: bool = True, spec: dict | None = None) -> dict:
+    """Top-k training examples per query with per-group breakdown; returns the JSON document written.
+    `spec` (the stage's settings) is recorded in the manifest."""
     if top_k < 1 or top_k > len(train.ids):
         raise UserError(f"--top-k must be in 1..{len(train.ids)} (the training set size), got {top_k}")
     fitted, qf, weights = scored.fitted, scored.query_features, scored.weights
@@ -55,7 +56,7 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
             "model_fingerprint": train.settings["model_fingerprint"],
             "groups_spec": train.settings["groups_spec"], "measurement": train.settings["measurement"],
             "projection": train.settings["projection"], "weights": scored.weights_info,
-            "lambda": scored.lambda_info, "versions": versions(),
+            "lambda": scored.lambda_info, "spec": spec, "versions": versions(),
         },
         "groups": names,
         "queries": [

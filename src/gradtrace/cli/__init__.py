@@ -137,6 +137,9 @@ def command_of(path: str) -> Command:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m gradtrace.cli -- retrain ...` (the -- keeps torchrun off our options)
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     command = command_of(args.command_path)
     try:

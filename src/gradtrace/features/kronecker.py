@@ -1,8 +1,8 @@
 """Kronecker-projected (LoGra-style) per-example gradient features from one ordinary batched pass.
 
 For a chunk of B examples, the adapter's objective sends all their rows (example-major, the same number
-per example: for diffusion the B·T noisy copies) through the model as ONE ordinary batch. Forward hooks on every Linear, Conv2d, GroupNorm and LayerNorm record the call's input
-and output; ``torch.autograd.grad`` of Σ_b f_b (the sum of the examples' measurements) with respect to
+per example: for diffusion the B·T noisy copies) through the model as ONE ordinary batch. Forward hooks on
+every Linear, Conv2d, GroupNorm and LayerNorm record the call's input and output; ``torch.autograd.grad`` of Σ_b f_b (the sum of the examples' measurements) with respect to
 those outputs gives every row's output gradient, because rows do not interact (autograd computes no
 weight gradients at all: only the paths to the requested outputs). Then, per example b and layer:
 
@@ -17,8 +17,8 @@ weight gradients at all: only the paths to the requested outputs). Then, per exa
   the stage's encoder, given the gradient of the tensor it feeds to the network;
   anything else by the vmap(grad) path of GradientFeaturizer restricted to those tensors (slow).
 
-Sums over an example's rows (e.g. its T timesteps) happen in projected space. The first call is checked on its first two
-examples: Σ_b of their features must equal the projection of the ordinary batch gradient, or the
+Sums over an example's rows (e.g. its T timesteps) happen in projected space. The first call is checked on
+its first two examples: Σ_b of their features must equal the projection of the ordinary batch gradient, or the
 featurizer refuses (a model that uses a parameter outside its module's forward would otherwise give
 silently wrong features).
 """

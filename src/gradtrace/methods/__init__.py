@@ -12,5 +12,5 @@ from gradtrace.methods.tracin import TracIn
 from gradtrace.methods.trak import (DEFAULT_C, DEFAULT_KERNEL, KERNELS, TRAK, Gram, accumulate_gram, check_c,
                                     regularised_inverse)
 
-__all__ = ["Method", "FittedMethod", "TracIn", "TRAK", "Gram", "configure", "get_method", "known_methods", "lambda_grid",
-           "accumulate_gram", "regularised_inverse", "check_c", "DEFAULT_C", "DEFAULT_KERNEL", "KERNELS"]
+__all__ = ["Method", "FittedMethod", "TracIn", "TRAK", "Gram", "configure", "get_method", "known_methods",
+           "lambda_grid", "accumulate_gram", "regularised_inverse", "check_c", "DEFAULT_C", "DEFAULT_KERNEL", "KERNELS"]

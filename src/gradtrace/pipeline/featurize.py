@@ -77,7 +77,7 @@ def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore
     features = spec.feature_spec()
     featurizer, _ = featurizer_for(adapter, ckpt, features)
     provenance = {"command": command_line(), "checkpoint": str(Path(spec.checkpoint).resolve()),
-                  "adapter": adapter.name}
+                  "adapter": adapter.name, "spec": spec.to_dict()}
     return featurize(featurizer, examples.images, examples.ids, spec.out, spec=features, cond=examples.cond,
                      model_fingerprint=ckpt.fingerprint, source=examples.source, provenance=provenance,
                      overwrite=spec.overwrite, progress=progress)

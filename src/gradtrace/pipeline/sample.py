@@ -48,17 +48,17 @@ def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
     adapter = adapter_of(spec.checkpoint)
     ckpt = adapter.load(spec.checkpoint)
     attrs = parse_attrs(spec.attr)
-    conditional = bool(getattr(ckpt.model, "conditional", False))
-    if attrs and not conditional:
+    vocabulary = adapter.attributes(ckpt)
+    if attrs and not vocabulary:
         raise UserError("this checkpoint is unconditional; drop --attr or train with --model conditional")
     request = spec.codes if spec.codes is not None else (attrs or None)
     images, cond = adapter.sample(ckpt, spec.num, attributes=request, guidance_scale=spec.guidance,
                                   steps=spec.sample_steps, sampler=spec.sampler, seed=spec.seed, eta=spec.eta,
                                   progress=progress)
     info = {"checkpoint": str(Path(spec.checkpoint).resolve()), "model_fingerprint": ckpt.fingerprint,
-            "attributes": attrs, "attribute_values": ckpt.model.attribute_values if conditional else {},
+            "attributes": attrs, "attribute_values": vocabulary,
             "guidance": spec.guidance, "sampler": spec.sampler, "sample_steps": spec.sample_steps, "seed": spec.seed,
-            "eta": spec.eta if spec.sampler == "ddim" else None, "command": command_line()}
+            "eta": spec.eta if spec.sampler == "ddim" else None, "command": command_line(), "spec": spec.to_dict()}
     save_samples(spec.out, images, cond, info)
     image_grid(images.numpy(), Path(spec.out) / "grid.png")
     return Path(spec.out)

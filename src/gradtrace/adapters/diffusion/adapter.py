@@ -94,6 +94,9 @@ class TinyUNetAdapter(ModelAdapter):
         return query_losses(checkpoint.model, scheduler.alphas_cumprod, images, examples.ids, examples.cond, grid,
                             noise=self._noise)
 
+    def attributes(self, checkpoint: Checkpoint) -> dict[str, list[str]]:
+        return checkpoint.model.attribute_values if checkpoint.model.conditional else {}
+
     def sample(self, checkpoint: Checkpoint, num: int, **options):
         """(images, codes) from `sample` with the checkpoint's model and scheduler."""
         return sample(checkpoint.model, checkpoint.extras["scheduler"], num, **options)
