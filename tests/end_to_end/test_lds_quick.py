@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import gradtrace.adapters.diffusion.adapter as unet_adapter
+import gradtrace.adapters.diffusion.outputs as unet_outputs
 from gradtrace.adapters import get_adapter
 from gradtrace.adapters.diffusion.outputs import query_losses
 from gradtrace.cli import main as cli_main
@@ -108,8 +108,8 @@ def test_cli_eval_lds_with_weights_file_and_cache(bench, tmp_path, monkeypatch, 
     before = np.load(victim)
     victim.unlink()
     calls = []
-    real = unet_adapter.query_losses
-    monkeypatch.setattr(unet_adapter, "query_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = unet_outputs.query_losses
+    monkeypatch.setattr(unet_outputs, "query_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = ["eval", "lds", "--run", str(bench / "run"), "--retrain", str(bench / "retrain"), "--train-features",
             str(bench / "features" / "loss" / "train"), "--queries", str(bench / "features" / "loss" / "heldout"),
             "--method", "trak", "--kernel", "per-group", "--weights", str(tmp_path / "w.json"), "--per-group",

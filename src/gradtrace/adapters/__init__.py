@@ -16,7 +16,9 @@ from gradtrace.adapters.base import DEFAULT_ADAPTER, Checkpoint, ContextStage, M
 from gradtrace.errors import UserError
 from gradtrace.io import read_json
 
-BUILTIN = {"diffusion-unet": "gradtrace.adapters.diffusion.adapter:TinyUNetAdapter"}
+BUILTIN = {"diffusion-unet": "gradtrace.adapters.diffusion.adapter:TinyUNetAdapter",
+           "diffusers": "gradtrace.adapters.diffusers.adapter:DiffusersAdapter"}
+PIPELINE_ADAPTER = "diffusers"  # a folder saved by diffusers' save_pretrained (model_index.json)
 _CACHE: dict[str, ModelAdapter] = {}
 
 __all__ = ["BUILTIN", "Checkpoint", "ContextStage", "DEFAULT_ADAPTER", "ModelAdapter", "Objective", "adapter_of",
@@ -41,12 +43,18 @@ def get_adapter(name: str = DEFAULT_ADAPTER) -> ModelAdapter:
 
 
 def adapter_of(checkpoint) -> ModelAdapter:
-    """The adapter named in a checkpoint directory's manifest (config.json)."""
+    """The adapter of a checkpoint directory: named in its manifest (config.json), or `diffusers` for a
+    pipeline folder (model_index.json)."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise UserError(f"checkpoint directory not found: {path}; train a model first or fix the path")
+    if (path / "model_index.json").is_file():
+        return get_adapter(PIPELINE_ADAPTER)
     if not (path / "config.json").exists():
         raise UserError(f"not a checkpoint (no config.json, the save did not finish): {path}; re-run training")
     config = read_json(path / "config.json", "checkpoint config")
+    if isinstance(config, dict) and "_class_name" in config:  # one component of a diffusers pipeline
+        raise UserError(f"{path} holds a diffusers {config['_class_name']} alone; pass the pipeline folder that "
+                        "contains it (the one with model_index.json)")
     name = config.get("adapter", DEFAULT_ADAPTER) if isinstance(config, dict) else DEFAULT_ADAPTER
     return get_adapter(name)

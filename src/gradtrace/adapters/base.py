@@ -27,7 +27,7 @@ batched forward pass (rows example-major, the same number per example) for the K
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,34 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradtrace.adapters.checkpoint import DEFAULT_ADAPTER, Checkpoint, save_checkpoint
 from gradtrace.errors import UserError
 
-
-@dataclass
-class Checkpoint:
-    """A loaded checkpoint: the model (eval mode), its manifest (config.json), fingerprint and path.
-
-    `extras` holds what an adapter derives from the manifest once (e.g. a diffusion noise scheduler).
-    """
-
-    model: nn.Module
-    config: dict
-    fingerprint: str
-    path: Path
-    extras: dict = field(default_factory=dict)
-
-    @property
-    def train_ids(self) -> np.ndarray | None:
-        ids = self.config.get("train_ids")
-        return None if ids is None else np.asarray(ids, dtype=np.int64)
-
-    @property
-    def model_config(self) -> dict:
-        return self.config["model_config"]
-
-    @property
-    def adapter(self) -> str:
-        return self.config.get("adapter", DEFAULT_ADAPTER)
+__all__ = ["Checkpoint", "ContextStage", "DEFAULT_ADAPTER", "GT_STREAM", "ModelAdapter", "Objective", "OutputGrid"]
 
 
 @dataclass
@@ -145,6 +121,12 @@ class ModelAdapter(ABC):
     def load(self, path) -> Checkpoint:
         """Load a checkpoint directory; a missing, corrupt or mismatched one raises UserError naming it."""
 
+    def save(self, path, model: nn.Module, *, train_config, dataset_info: dict | None, train_ids=None,
+             extra: dict | None = None) -> Path:
+        """Write a trained model as a checkpoint `load` reads (default: safetensors + manifest)."""
+        return save_checkpoint(path, model, train_config=train_config, dataset_info=dataset_info,
+                               train_ids=train_ids, extra=extra, adapter=self.name)
+
     # ------------------------------------------------------------------ groups and measurements
     def group_key(self, preset: str) -> Callable[[str], str] | None:
         """The parameter-name → group-name rule of one of this adapter's presets (None: not one of them)."""
@@ -156,13 +138,15 @@ class ModelAdapter(ABC):
 
     # ------------------------------------------------------------------ data
     @abstractmethod
-    def examples(self, model_config: dict, source: dict, ids=None):
-        """`gradtrace.data.sources.Examples` of a source record, in the form the model takes."""
+    def examples(self, model_config: dict, source: dict, ids=None, cache_dir: Path | None = None):
+        """`gradtrace.data.sources.Examples` of a source record, in the form the model takes; `cache_dir` is
+        where derived inputs may be cached (e.g. VAE latents), beside the feature stores."""
 
     # ------------------------------------------------------------------ training
     @abstractmethod
-    def default_model_config(self, dataset, kind: str) -> dict:
-        """The default model config of `kind` (one of `model_kinds`, or "auto") for `dataset`."""
+    def default_model_config(self, dataset, kind: str, **options) -> dict:
+        """The model config of `kind` (one of `model_kinds`, or "auto") for `dataset`; `options` are the train
+        stage's adapter-specific settings (e.g. base and lora_rank), None when not given."""
 
     @abstractmethod
     def train_config(self, values: dict | None) -> Any:
@@ -187,5 +171,3 @@ class ModelAdapter(ABC):
     def query_codes(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int):
         raise UserError(f"{self.name} models have no aspects; drop --aspect")
 
-
-DEFAULT_ADAPTER = "diffusion-unet"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gradtrace.adapters.base import DEFAULT_ADAPTER, Checkpoint
 from gradtrace.errors import UserError
 from gradtrace.io import atomic_write, read_json, versions, write_json_atomic
 
@@ -26,6 +26,34 @@ FORMAT = "gradtrace.checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+DEFAULT_ADAPTER = "diffusion-unet"  # checkpoints without an "adapter" key: the tiny diffusion UNets
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode), its manifest (config.json), fingerprint and path.
+
+    `extras` holds what an adapter derives from the manifest once (e.g. a diffusion noise scheduler).
+    """
+
+    model: nn.Module
+    config: dict
+    fingerprint: str
+    path: Path
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def train_ids(self) -> np.ndarray | None:
+        ids = self.config.get("train_ids")
+        return None if ids is None else np.asarray(ids, dtype=np.int64)
+
+    @property
+    def model_config(self) -> dict:
+        return self.config["model_config"]
+
+    @property
+    def adapter(self) -> str:
+        return self.config.get("adapter", DEFAULT_ADAPTER)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -52,18 +80,30 @@ def save_checkpoint(path_dir, model: nn.Module, *, train_config, dataset_info: d
     `model.config` is the model config; `train_ids` None falls back to `model.train_ids` (set by training);
     None there too means "all". Returns the directory.
     """
+    path = start_checkpoint(path_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    return write_manifest(path, model, fingerprint=model_fingerprint(model), train_config=train_config,
+                          dataset_info=dataset_info, train_ids=train_ids, extra=extra, adapter=adapter)
+
+
+def start_checkpoint(path_dir) -> Path:
+    """Create the directory and remove an old manifest first, so a crash never pairs it with new weights."""
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
+    if (path / CONFIG).exists():
+        (path / CONFIG).unlink()
+    return path
+
+
+def write_manifest(path: Path, model: nn.Module, *, fingerprint: str, train_config, dataset_info: dict | None,
+                   train_ids=None, extra: dict | None = None, adapter: str = DEFAULT_ADAPTER) -> Path:
+    """Write config.json (last: its presence marks a finished checkpoint); returns the directory."""
     if train_ids is None:
         train_ids = getattr(model, "train_ids", None)
     if dataclasses.is_dataclass(train_config):
         train_config = dataclasses.asdict(train_config)
-    config_file = path / CONFIG
-    if config_file.exists():  # overwriting: invalidate first, so a crash never pairs old config + new weights
-        config_file.unlink()
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(path / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     log = getattr(model, "train_log", None) or {}
     manifest = {
         "format": FORMAT,
@@ -73,16 +113,16 @@ def save_checkpoint(path_dir, model: nn.Module, *, train_config, dataset_info: d
         "dataset": dataset_info,
         "train_ids": None if train_ids is None else np.asarray(train_ids, dtype=np.int64).tolist(),
         "n_parameters": count_parameters(model),
-        "fingerprint": model_fingerprint(model),
+        "fingerprint": fingerprint,
         "versions": versions(),
         "train_wall_s": log.get("wall_s"),
         "train_optimizer": log.get("optimizer"),
         "train_loss_final": _final_loss(log.get("losses")),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "extra": extra or {},
+        "adapter": adapter,
     }
-    manifest["adapter"] = adapter
-    write_json_atomic(config_file, manifest)
+    write_json_atomic(path / CONFIG, manifest)
     return path
 
 
@@ -97,17 +137,8 @@ def load_checkpoint(path_dir, build: Callable[[dict], nn.Module]) -> Checkpoint:
     """Load a checkpoint directory with `build(model_config)`; a missing, corrupt or mismatched one raises
     UserError naming it. The model is returned in eval mode with `train_ids` set from the manifest."""
     path = Path(path_dir)
-    if not path.is_dir():
-        raise UserError(f"checkpoint directory not found: {path}; train a model first or fix the path")
+    config = read_manifest(path)
     config_file, weights_file = path / CONFIG, path / WEIGHTS
-    if not config_file.exists():
-        raise UserError(f"not a checkpoint (no {CONFIG}, the save did not finish): {path}; re-run training")
-    config = read_json(config_file, "checkpoint config")
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise UserError(f"{config_file} is not a gradtrace checkpoint config; point at a checkpoint directory")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format version {config.get('format_version')}, this gradtrace "
-                        f"reads {FORMAT_VERSION}; retrain or use a matching gradtrace")
     if not weights_file.exists():
         raise UserError(f"checkpoint weights missing: {weights_file}; re-run training")
     try:
@@ -132,6 +163,22 @@ def load_checkpoint(path_dir, build: Callable[[dict], nn.Module]) -> Checkpoint:
     ids = config.get("train_ids")
     model.train_ids = None if ids is None else np.asarray(ids, dtype=np.int64)
     return Checkpoint(model=model, config=config, fingerprint=fingerprint, path=path)
+
+
+def read_manifest(path: Path) -> dict:
+    """The checkpoint manifest of a directory, refusing a missing, unfinished or foreign one in one line."""
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory not found: {path}; train a model first or fix the path")
+    config_file = path / CONFIG
+    if not config_file.exists():
+        raise UserError(f"not a checkpoint (no {CONFIG}, the save did not finish): {path}; re-run training")
+    config = read_json(config_file, "checkpoint config")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{config_file} is not a gradtrace checkpoint config; point at a checkpoint directory")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {config.get('format_version')}, this gradtrace "
+                        f"reads {FORMAT_VERSION}; retrain or use a matching gradtrace")
+    return config
 
 
 def is_checkpoint(path_dir) -> bool:

@@ -17,6 +17,7 @@ SUBJECTS = ["circle", "square", "triangle", "cross", "diamond", "bar"]
 STYLES = ["solid", "outline", "stripes", "dots"]
 BACKGROUNDS = ["plain", "checker", "gradient", "noise"]
 ATTRIBUTES = {"subject": SUBJECTS, "style": STYLES, "background": BACKGROUNDS}
+STYLE_WORDS = {"solid": "solid", "outline": "outlined", "stripes": "striped", "dots": "dotted"}
 
 DEFAULT_SIZE = 16
 MIN_SIZE = 12
@@ -206,11 +207,16 @@ def render_shape(subject: str, style: str, background: str, size: int = DEFAULT_
     return _render(*idx, size, jit)[0]
 
 
+def caption(subject: str, style: str, background: str) -> str:
+    """The generated caption of a shapes image, e.g. "a striped circle on a checker background"."""
+    return f"a {STYLE_WORDS[style]} {subject} on a {background} background"
+
+
 def load_shapes(*, size: int | None = None, seed: int = 0, n: int | None = None) -> ImageDataset:
     """The shapes dataset: image i has combination i mod 96 (see `combo_of`) and its own jitter.
 
-    Default N = 96 combinations x 10 = 960, RGB, 16x16. ids = 0..N-1. Metadata holds the three factors and the
-    jitter: dx, dy (centre shift in units of size/16, within +-1) and scale (within 1 +- 0.1).
+    Default N = 96 combinations x 10 = 960, RGB, 16x16. ids = 0..N-1. Metadata holds the three factors, a
+    caption naming them ("text", the Hugging Face caption column, see `caption`) and the jitter: dx, dy (centre shift in units of size/16, within +-1) and scale (within 1 +- 0.1).
     """
     size = _check_size(DEFAULT_SIZE if size is None else size)
     n = N_COMBOS * REPEATS if n is None else int(n)
@@ -221,6 +227,7 @@ def load_shapes(*, size: int | None = None, seed: int = 0, n: int | None = None)
     images = _render(subject, style, background, size, jit)
     metadata = [
         {"subject": SUBJECTS[a], "style": STYLES[b], "background": BACKGROUNDS[c],
+         "text": caption(SUBJECTS[a], STYLES[b], BACKGROUNDS[c]),
          "dx": round(float(dx), 4), "dy": round(float(dy), 4), "scale": round(float(sc), 4)}
         for a, b, c, dx, dy, sc in zip(subject.tolist(), style.tolist(), background.tolist(),
                                        jit["dx"].tolist(), jit["dy"].tolist(), jit["scale"].tolist())

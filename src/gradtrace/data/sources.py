@@ -31,6 +31,7 @@ class Examples:
     cond: np.ndarray | None
     captions: list[str]
     source: dict
+    texts: list[str] | None = None  # the text each example is conditioned on: "text" column or sample prompt
 
 
 def read_ids(path) -> np.ndarray:
@@ -81,9 +82,10 @@ def dataset_examples(spec: str, *, n: int | None = None, size: int | None = None
                             f"model was trained on ({sorted(attribute_values)}); use the model's training data")
         cond = ds.attribute_codes()
     captions = [_caption(m) for m in ds.metadata]
+    texts = [m["text"] for m in ds.metadata] if all(isinstance(m.get("text"), str) for m in ds.metadata) else None
     source = {**dataset_source(spec, n=n, size=size, seed=seed), "ids_sha256": sha256_arrays([ds.ids]),
               "fingerprint": ds.fingerprint()}
-    return Examples(images=ds.images, ids=ds.ids, cond=cond, captions=captions, source=source)
+    return Examples(images=ds.images, ids=ds.ids, cond=cond, captions=captions, source=source, texts=texts)
 
 
 def _caption(meta: dict) -> str:
@@ -126,9 +128,14 @@ def samples_examples(path, *, attribute_values: dict | None = None) -> Examples:
         else:
             names = list(values)
             captions.append(" ".join(values[names[a]][c] if c >= 0 else "·" for a, c in enumerate(cond[r])))
+    prompts = manifest.get("prompts")
+    if prompts is not None:
+        if len(prompts) != len(ids):
+            raise UserError(f"samples in {path} have {len(ids)} images but {len(prompts)} prompts; sample again")
+        captions = list(prompts)
     source = {"kind": "samples", "path": str(path.resolve()), "fingerprint": manifest.get("fingerprint")}
     return Examples(images=torch.from_numpy(images), ids=ids.astype(np.int64), cond=cond, captions=captions,
-                    source=source)
+                    source=source, texts=None if prompts is None else list(prompts))
 
 
 def load_source(source: dict, *, attribute_values: dict | None = None, ids=None) -> Examples:

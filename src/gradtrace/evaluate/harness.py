@@ -32,7 +32,6 @@ from multiprocessing.connection import wait
 from tqdm.auto import tqdm
 
 from gradtrace.errors import UserError
-from gradtrace.adapters.checkpoint import save_checkpoint
 from gradtrace.evaluate.recipe import Recipe, load_run_dataset
 from gradtrace.io import command_line
 
@@ -121,8 +120,8 @@ def train_one(out, job: Job, recipe: Recipe, dataset, command: str = "") -> floa
                           progress=False)
     extra = {"job": job.name, "retrain_of": recipe.run, "run_fingerprint": recipe.fingerprint,
              "command": command, **job.extra}
-    save_checkpoint(tmp, model, train_config=cfg, dataset_info=recipe.dataset,
-                    train_ids=np.asarray(job.train_ids, dtype=np.int64), extra=extra, adapter=adapter.name)
+    adapter.save(tmp, model, train_config=cfg, dataset_info=recipe.dataset,
+                 train_ids=np.asarray(job.train_ids, dtype=np.int64), extra=extra)
     if is_finished(out, job):  # another process finished it meanwhile: keep theirs
         shutil.rmtree(tmp)
     else:

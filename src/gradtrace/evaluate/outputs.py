@@ -22,6 +22,7 @@ from gradtrace.adapters import ModelAdapter
 from gradtrace.adapters.base import OutputGrid
 from gradtrace.data.sources import Examples
 from gradtrace.errors import UserError
+from gradtrace.features.store import cache_dir_for
 from gradtrace.io import read_json, sha256_arrays, versions, write_json_atomic, write_npy_atomic
 
 __all__ = ["OutputGrid", "cache_key", "model_outputs", "store_examples"]
@@ -65,7 +66,7 @@ def model_outputs(adapter: ModelAdapter, models: list[tuple[str, Path]], example
 
 def store_examples(adapter: ModelAdapter, model_config: dict, store) -> Examples:
     """The examples a feature store was made from, in the store's row order (its conditioning if it has one)."""
-    ex = adapter.examples(model_config, store.settings["source"])
+    ex = adapter.examples(model_config, store.settings["source"], cache_dir=cache_dir_for(store.path))
     pos = {int(i): r for r, i in enumerate(ex.ids)}
     missing = [int(i) for i in store.ids if int(i) not in pos]
     if missing:
@@ -73,4 +74,5 @@ def store_examples(adapter: ModelAdapter, model_config: dict, store) -> Examples
     rows = torch.as_tensor([pos[int(i)] for i in store.ids], dtype=torch.long)
     cond = store.cond if store.cond is not None else (None if ex.cond is None else ex.cond[rows.numpy()])
     return Examples(images=ex.images[rows], ids=np.asarray(store.ids, dtype=np.int64), cond=cond,
-                    captions=[ex.captions[int(r)] for r in rows], source=store.settings["source"])
+                    captions=[ex.captions[int(r)] for r in rows], source=store.settings["source"],
+                    texts=None if ex.texts is None else [ex.texts[int(r)] for r in rows])

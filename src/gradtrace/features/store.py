@@ -32,6 +32,7 @@ OWN_FILES = {"manifest.json", "features.npy", "ids.npy", "cond.npy", "progress.j
 COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype")
 DTYPES = ("float32", "float16", "bfloat16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+CACHE = ".gradtrace-cache"
 
 
 class FeatureStore:
@@ -153,6 +154,12 @@ class FeatureStore:
         check_match(self.settings, other.settings, COMPAT_KEYS,
                     what=f"query features {other.path} do not match training features {self.path}",
                     fix="featurize both with the same checkpoint, groups, projection and measurement")
+
+
+def cache_dir_for(store_path) -> Path:
+    """Where derived inputs of a store's examples (e.g. VAE latents) are cached: beside the store, shared by
+    the stores of one directory."""
+    return Path(store_path).resolve().parent / CACHE
 
 
 def storage_dtype(name: str) -> np.dtype:

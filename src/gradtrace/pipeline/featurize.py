@@ -9,7 +9,7 @@ from gradtrace.data.sources import dataset_source
 from gradtrace.errors import UserError
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.projection import DEFAULT_TOTAL_DIM, KINDS
-from gradtrace.features.store import DTYPES, FeatureStore
+from gradtrace.features.store import DTYPES, FeatureStore, cache_dir_for
 from gradtrace.io import command_line
 from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.pipeline.train import resolve_ids
@@ -73,7 +73,7 @@ def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore
             raise UserError("the checkpoint does not record its dataset; pass --data")
         if ids is None:
             ids = ckpt.train_ids
-    examples = adapter.examples(ckpt.model_config, source, ids=ids)
+    examples = adapter.examples(ckpt.model_config, source, ids=ids, cache_dir=cache_dir_for(spec.out))
     features = spec.feature_spec()
     featurizer, _ = featurizer_for(adapter, ckpt, features)
     provenance = {"command": command_line(), "checkpoint": str(Path(spec.checkpoint).resolve()),

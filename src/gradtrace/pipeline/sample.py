@@ -12,6 +12,7 @@ from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.report.grids import image_grid
 
 SAMPLERS = ("ddim", "ddpm")
+DEFAULT_NUM = 16
 
 
 def parse_attrs(pairs: list[str]) -> dict[str, str]:
@@ -29,10 +30,14 @@ def parse_attrs(pairs: list[str]) -> dict[str, str]:
 class SampleSpec(Spec):
     checkpoint: str = option(None, "checkpoint directory", required=True)
     out: str = option(None, "samples directory", required=True)
-    num: int = option(16, "number of images", check=positive)
+    num: int | None = option(None, "number of images (default: 16, or one per line of --prompts)", type=int,
+                             check=positive)
     attr: list = option([], "set one attribute token (repeatable); unset attributes use the null token",
                         append=True, metavar="NAME=VALUE")
     codes: object = option(None, "conditioning codes per image (num, A), from Python", cli=False)
+    prompt: str | None = option(None, "text-to-image models: the prompt of every image", type=str)
+    prompts: str | None = option(None, "text-to-image models: a file with one prompt per line (one image each)",
+                                 type=str)
     guidance: float = option(1.0, "classifier-free guidance scale (1 = off)")
     sampler: str = option("ddim", "sampler", choices=SAMPLERS)
     sample_steps: int = option(50, "sampling steps", check=positive)
@@ -41,6 +46,30 @@ class SampleSpec(Spec):
 
     def validate(self) -> None:
         parse_attrs(self.attr)
+        if self.prompt is not None and self.prompts is not None:
+            raise UserError("pass either --prompt TEXT or --prompts FILE, not both")
+        if self.prompt is not None and not self.prompt.strip():
+            raise UserError("--prompt is empty; write the text the images should show")
+
+    def prompt_list(self) -> list[str] | None:
+        """The prompt of each image (None: the model is not prompted)."""
+        if self.prompts is not None:
+            path = Path(self.prompts)
+            if not path.is_file():
+                raise UserError(f"prompt file not found: {path}; write one prompt per line")
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not lines:
+                raise UserError(f"prompt file {path} is empty; write one prompt per line")
+            if self.num is not None and self.num != len(lines):
+                raise UserError(f"--num {self.num} but {path} has {len(lines)} prompts; drop --num (one image per "
+                                "prompt)")
+            return lines
+        if self.prompt is not None:
+            return [self.prompt.strip()] * self.count()
+        return None
+
+    def count(self) -> int:
+        return DEFAULT_NUM if self.num is None else self.num
 
 
 def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
@@ -49,16 +78,17 @@ def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
     ckpt = adapter.load(spec.checkpoint)
     attrs = parse_attrs(spec.attr)
     vocabulary = adapter.attributes(ckpt)
-    if attrs and not vocabulary:
-        raise UserError("this checkpoint is unconditional; drop --attr or train with --model conditional")
     request = spec.codes if spec.codes is not None else (attrs or None)
-    images, cond = adapter.sample(ckpt, spec.num, attributes=request, guidance_scale=spec.guidance,
+    prompts = spec.prompt_list()
+    num = len(prompts) if prompts is not None else (len(spec.codes) if spec.codes is not None else spec.count())
+    images, cond = adapter.sample(ckpt, num, attributes=request, prompts=prompts, guidance_scale=spec.guidance,
                                   steps=spec.sample_steps, sampler=spec.sampler, seed=spec.seed, eta=spec.eta,
                                   progress=progress)
     info = {"checkpoint": str(Path(spec.checkpoint).resolve()), "model_fingerprint": ckpt.fingerprint,
             "attributes": attrs, "attribute_values": vocabulary,
             "guidance": spec.guidance, "sampler": spec.sampler, "sample_steps": spec.sample_steps, "seed": spec.seed,
-            "eta": spec.eta if spec.sampler == "ddim" else None, "command": command_line(), "spec": spec.to_dict()}
+            "eta": spec.eta if spec.sampler == "ddim" else None, "prompts": prompts, "command": command_line(),
+            "spec": spec.to_dict()}
     save_samples(spec.out, images, cond, info)
     image_grid(images.numpy(), Path(spec.out) / "grid.png")
     return Path(spec.out)

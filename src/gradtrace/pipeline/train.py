@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.adapters import DEFAULT_ADAPTER, get_adapter
-from gradtrace.adapters.checkpoint import save_checkpoint
 from gradtrace.data.sources import dataset_source, open_dataset, read_ids
 from gradtrace.errors import UserError
 from gradtrace.io import command_line
@@ -23,15 +22,28 @@ class TrainSpec(Spec):
     size: int | None = option(None, "image size (shapes, imagefolder)", type=int, check=positive)
     data_seed: int = option(0, "seed of a generated dataset (shapes)")
     ids: object = option(None, "file of example ids to use (.npy, .json or one per line)", type=str)
-    adapter: str = option(DEFAULT_ADAPTER, "kind of model: a built-in adapter or module:Class")
+    adapter: str | None = option(None, "kind of model: a built-in adapter or module:Class (default: diffusers "
+                                 "with --base, else diffusion-unet)", type=str)
+    base: str | None = option(None, "fine-tune this diffusers pipeline folder (with --lora-rank: LoRA adapters on "
+                              "the UNet's attention)", type=str)
+    lora_rank: int | None = option(None, "rank of the LoRA adapters (with --base)", type=int, check=positive)
     model: str = option("auto", "model kind of the adapter; auto: conditional when the dataset has attributes "
                         "(digits: unconditional)")
-    steps: int = option(3000, "training steps", check=positive)
-    batch_size: int = option(64, "examples per step", check=positive)
+    steps: int | None = option(None, "training steps (default: the recipe's: 3000 for the tiny UNets)", type=int,
+                               check=positive)
+    batch_size: int | None = option(None, "examples per step (default: the recipe's: 64 for the tiny UNets)",
+                                    type=int, check=positive)
     lr: float | None = option(None, "learning rate (default: the recipe's)", type=float)
     seed: int = option(0, "training seed")
 
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            self.adapter = "diffusers" if self.base is not None else DEFAULT_ADAPTER
+        super().__post_init__()
+
     def validate(self) -> None:
+        if self.lora_rank is not None and self.base is None:
+            raise UserError("--lora-rank fine-tunes a pipeline; pass --base PIPELINE too")
         kinds = get_adapter(self.adapter).model_kinds
         if self.model != "auto" and self.model not in kinds:
             raise UserError(f"--model must be auto or one of {', '.join(kinds)}, got {self.model!r}")
@@ -52,18 +64,17 @@ def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
     ids = resolve_ids(spec.ids)
     source = dataset_source(spec.data, n=spec.n, size=spec.size, seed=spec.data_seed)
     ds = open_dataset(source)
-    model_config = adapter.default_model_config(ds, spec.model)
-    values = {"steps": spec.steps, "batch_size": spec.batch_size, "seed": spec.seed}
-    if spec.lr is not None:
-        values["lr"] = spec.lr
+    model_config = adapter.default_model_config(ds, spec.model, base=spec.base, lora_rank=spec.lora_rank)
+    values = {"seed": spec.seed, **{k: v for k, v in (("steps", spec.steps), ("batch_size", spec.batch_size),
+                                                       ("lr", spec.lr)) if v is not None}}
     train_config = adapter.train_config(values)
     out = Path(spec.out)
     if _cached_checkpoint(out, model_config, train_config, ds, ids):
         return out
     model = adapter.train(model_config, ds, train_config, ids=ids, progress=progress)
-    save_checkpoint(out, model, train_config=train_config, dataset_info={**ds.info(), "source": source},
-                    train_ids=None if ids is None else [int(i) for i in ids],
-                    extra={"command": command_line(), "spec": spec.to_dict()}, adapter=adapter.name)
+    adapter.save(out, model, train_config=train_config, dataset_info={**ds.info(), "source": source},
+                 train_ids=None if ids is None else [int(i) for i in ids],
+                 extra={"command": command_line(), "spec": spec.to_dict()})
     return out
 
 

@@ -9,15 +9,14 @@ output is the query's loss on a fixed grid of timesteps × noise draws (`outputs
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, OutputGrid
 from gradtrace.adapters.checkpoint import load_checkpoint
 from gradtrace.adapters.diffusion.aspects import query_codes
 from gradtrace.adapters.diffusion.configs import KINDS, default_model_config
 from gradtrace.adapters.diffusion.groups import PRESETS, block_key
-from gradtrace.adapters.diffusion.measure import MEASUREMENTS, DiffusionObjective, timestep_grid
-from gradtrace.adapters.diffusion.outputs import grid_noise, query_losses
+from gradtrace.adapters.diffusion.measure import MEASUREMENTS, DiffusionObjective
+from gradtrace.adapters.diffusion.outputs import GridLosses
 from gradtrace.adapters.diffusion.sample import sample
 from gradtrace.adapters.diffusion.train import TrainConfig, train
 from gradtrace.adapters.diffusion.unet import build_model, make_scheduler
@@ -37,8 +36,7 @@ class TinyUNetAdapter(ModelAdapter):
     output_is_loss = True
 
     def __init__(self):
-        self._noise_key = None
-        self._noise = None
+        self._losses = GridLosses()
 
     # ------------------------------------------------------------------ checkpoints
     def build(self, model_config: dict, seed: int = 0):
@@ -57,7 +55,7 @@ class TinyUNetAdapter(ModelAdapter):
         return DiffusionObjective.create(checkpoint.extras["scheduler"], measurement, repeats, seed)
 
     # ------------------------------------------------------------------ data
-    def examples(self, model_config: dict, source: dict, ids=None) -> Examples:
+    def examples(self, model_config: dict, source: dict, ids=None, cache_dir=None) -> Examples:
         values = model_config.get("attributes") or None if model_config.get("kind") == "conditional" else None
         ex = load_source(source, attribute_values=values, ids=ids)
         want = (int(model_config["channels"]), int(model_config["size"]), int(model_config["size"]))
@@ -67,7 +65,10 @@ class TinyUNetAdapter(ModelAdapter):
         return ex
 
     # ------------------------------------------------------------------ training
-    def default_model_config(self, dataset, kind: str = "auto") -> dict:
+    def default_model_config(self, dataset, kind: str = "auto", base=None, lora_rank=None) -> dict:
+        if base is not None or lora_rank is not None:
+            raise UserError("the diffusion-unet adapter trains tiny UNets from scratch; --base and --lora-rank "
+                            "fine-tune a diffusers pipeline (drop --adapter)")
         if kind == "auto":
             kind = AUTO_MODEL.get(dataset.name, "conditional" if dataset.attributes else "unconditional")
         if kind == "conditional" and not dataset.attributes:
@@ -85,20 +86,18 @@ class TinyUNetAdapter(ModelAdapter):
     # ------------------------------------------------------------------ evaluation and queries
     def outputs(self, checkpoint: Checkpoint, examples: Examples, grid: OutputGrid) -> np.ndarray:
         """Each query's diffusion loss on the grid; the grid's noise is drawn once for a query set."""
-        scheduler = checkpoint.extras["scheduler"]
-        images = torch.as_tensor(examples.images, dtype=torch.float32)
-        timesteps = timestep_grid(grid.num_timesteps, int(scheduler.alphas_cumprod.shape[0]))
-        key = (tuple(np.asarray(examples.ids).tolist()), tuple(images.shape[1:]), grid, timesteps)
-        if key != self._noise_key:
-            self._noise_key, self._noise = key, grid_noise(grid, examples.ids, tuple(images.shape[1:]), timesteps)
-        return query_losses(checkpoint.model, scheduler.alphas_cumprod, images, examples.ids, examples.cond, grid,
-                            noise=self._noise)
+        return self._losses(checkpoint.model, checkpoint.extras["scheduler"], examples.images, examples.ids,
+                            examples.cond, grid)
 
     def attributes(self, checkpoint: Checkpoint) -> dict[str, list[str]]:
         return checkpoint.model.attribute_values if checkpoint.model.conditional else {}
 
-    def sample(self, checkpoint: Checkpoint, num: int, **options):
+    def sample(self, checkpoint: Checkpoint, num: int, *, prompts=None, **options):
         """(images, codes) from `sample` with the checkpoint's model and scheduler."""
+        if prompts:
+            raise UserError("this model is conditioned on attribute tokens, not text; use --attr NAME=VALUE")
+        if options.get("attributes") is not None and not checkpoint.model.conditional:
+            raise UserError("this checkpoint is unconditional; drop --attr or train with --model conditional")
         return sample(checkpoint.model, checkpoint.extras["scheduler"], num, **options)
 
     def query_codes(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int):

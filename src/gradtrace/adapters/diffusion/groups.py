@@ -5,7 +5,8 @@ each ``down_blocks.i``, ``mid_block``, each ``up_blocks.i``, ``conv_out`` (with 
 conditioning embedding; inside attention the query / key / value / output projections get their own groups,
 with self-attention and cross-attention kept apart (``down_blocks.1.self_attn.q``,
 ``up_blocks.1.cross_attn.out``...). ``describe_group`` reads such a name back (for the pictures). Both use
-the one grammar below: ``<block>[.<self_attn|cross_attn>.<q|k|v|out>]``.
+the one grammar below: ``<block>[.<self_attn|cross_attn>.<q|k|v|out>][.<lora_A|lora_B>]`` (LoRA factors of a
+module, where present, are groups of their own).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ WRAPPER_PREFIX = "unet."
 PRESETS = ("block",)
 _KIND_LABEL = {"self_attn": "self", "cross_attn": "cross"}
 _ATTN_PROJ = re.compile(r"\.(to_q|to_k|to_v|to_out)(\.|$)")
+_LORA = re.compile(r"\.(lora_A|lora_B)(\.|$)")
 _PROJ_NAME = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out": "out"}
 
 
@@ -33,11 +35,13 @@ def block_key(name: str) -> str:
         block = "time_embedding"
     else:
         block = head
+    lora = _LORA.search(inner)
+    suffix = f".{lora.group(1)}" if lora else ""
     m = _ATTN_PROJ.search(inner)
     if m and ".attentions." in f".{inner}":
         kind = "cross_attn" if ".attn2." in inner else "self_attn"
-        return f"{block}.{kind}.{_PROJ_NAME[m.group(1)]}"
-    return block
+        return f"{block}.{kind}.{_PROJ_NAME[m.group(1)]}{suffix}"
+    return block + suffix
 
 
 def describe_group(name: str) -> dict:

@@ -116,22 +116,26 @@ class DiffusionObjective(Objective):
         xt, t = self.measurement.noisy_inputs(images, noise, self.alphas_cumprod)
         return images, noise, xt, t
 
+    def condition(self, cond) -> torch.Tensor:
+        """The model's conditioning input for a chunk's `cond` (here: attribute codes as a long tensor)."""
+        return torch.as_tensor(np.asarray(cond), dtype=torch.long)
+
     def example_inputs(self, inputs, ids, cond):
         _, noise, xt, t = self._noisy(inputs, ids)
         if cond is None:
             return (xt, noise, None, t), (0, 0, None, None)
-        return (xt, noise, torch.as_tensor(np.asarray(cond), dtype=torch.long), t), (0, 0, 0, None)
+        return (xt, noise, self.condition(cond), t), (0, 0, 0, None)
 
     def example_output(self, forward, xt, noise, cond, t):
         if cond is not None:
-            cond = cond.unsqueeze(0).expand(t.shape[0], cond.shape[-1])
+            cond = cond.unsqueeze(0).expand(t.shape[0], *cond.shape)
         return self.measurement.reduce(forward(xt, t, cond), noise)
 
     def batch_total(self, model, inputs, ids, cond):
         """All B·T noisy copies (example-major) through the model as one batch; Σ_b of the measurements."""
         images, noise, xt, t = self._noisy(inputs, ids)
         B, T = images.shape[0], int(t.shape[0])
-        codes = None if cond is None else torch.as_tensor(np.asarray(cond), dtype=torch.long)
+        codes = None if cond is None else self.condition(cond)
         rows_c = None if codes is None else codes.repeat_interleave(T, dim=0)
         eps = model(xt.reshape(B * T, *images.shape[1:]), t.repeat(B), rows_c)
         return vmap(self.measurement.reduce)(eps.reshape(B, T, *eps.shape[1:]), noise).sum()

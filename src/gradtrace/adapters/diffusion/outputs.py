@@ -41,8 +41,9 @@ def query_losses(model, alphas_cumprod: torch.Tensor, images: torch.Tensor, ids,
     flat_eps = noise.reshape_as(flat_x)
     flat_t = t.repeat(q * d)
     flat_c = None
-    if cond is not None:
-        flat_c = torch.as_tensor(np.asarray(cond), dtype=torch.long).repeat_interleave(d * n_t, dim=0)
+    if cond is not None:  # attribute codes (numpy or long tensor), or any conditioning tensor of the model
+        cond = torch.as_tensor(np.asarray(cond), dtype=torch.long) if isinstance(cond, np.ndarray) else cond
+        flat_c = cond.repeat_interleave(d * n_t, dim=0)
     per_row = torch.empty(q * d * n_t, dtype=torch.float64)
     model.eval()
     for start in range(0, q * d * n_t, batch_rows):
@@ -51,3 +52,19 @@ def query_losses(model, alphas_cumprod: torch.Tensor, images: torch.Tensor, ids,
         eps = model(flat_x[start:stop], flat_t[start:stop], c)
         per_row[start:stop] = ((eps - flat_eps[start:stop]) ** 2).flatten(1).mean(1).double()
     return per_row.view(q, d * n_t).mean(1).numpy()
+
+
+class GridLosses:
+    """`query_losses` of many models on one query set: the grid's noise is drawn once per query set."""
+
+    def __init__(self):
+        self._key = None
+        self._noise = None
+
+    def __call__(self, model, scheduler, inputs: torch.Tensor, ids, cond, grid: OutputGrid) -> np.ndarray:
+        inputs = torch.as_tensor(inputs, dtype=torch.float32)
+        timesteps = timestep_grid(grid.num_timesteps, int(scheduler.alphas_cumprod.shape[0]))
+        key = (tuple(np.asarray(ids).tolist()), tuple(inputs.shape[1:]), grid, timesteps)
+        if key != self._key:
+            self._key, self._noise = key, grid_noise(grid, ids, tuple(inputs.shape[1:]), timesteps)
+        return query_losses(model, scheduler.alphas_cumprod, inputs, ids, cond, grid, noise=self._noise)

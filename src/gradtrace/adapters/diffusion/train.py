@@ -81,8 +81,8 @@ def train(model_config: dict, dataset, train_config: TrainConfig | dict | None =
     alphas_cumprod = make_scheduler(model_config).alphas_cumprod.to(torch.float32)
     num_t = alphas_cumprod.shape[0]
     n = images.shape[0]
-    gens = _generators(cfg.seed)
-    batches = _batch_stream(n, cfg.batch_size, gens["batch"])
+    gens = stream_generators(cfg.seed)
+    batches = batch_stream(n, cfg.batch_size, gens["batch"])
 
     params = list(model.parameters())
     # fused: one kernel for the whole update, the fastest of torch's three AdamW implementations here
@@ -177,7 +177,7 @@ def _select(model_config: dict, dataset, ids):
     return images.contiguous(), codes, used_ids
 
 
-def _generators(seed: int) -> dict[str, torch.Generator]:
+def stream_generators(seed: int) -> dict[str, torch.Generator]:
     """Independent generators for each random stream, derived from one seed."""
     out = {}
     for k, name in enumerate(("batch", "t", "noise", "drop")):
@@ -186,7 +186,7 @@ def _generators(seed: int) -> dict[str, torch.Generator]:
     return out
 
 
-def _batch_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+def batch_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless batches of row indices: shuffled epochs, each row once per epoch (batches may span two)."""
     buf = torch.empty(0, dtype=torch.long)
     while True:

@@ -42,7 +42,7 @@ class DiffusionModel(nn.Module):
                 self.unet = UNet2DModel(**unet_kwargs)
         except (TypeError, ValueError) as exc:
             raise UserError(f"model config 'unet' is not valid for diffusers: {exc}")
-        _use_vmap_friendly_attention(self.unet)
+        use_vmap_friendly_attention(self.unet)
         if self.conditional:
             dim = int(unet_kwargs["cross_attention_dim"])
             self.cond_embed = nn.ParameterDict({
@@ -98,7 +98,7 @@ class DiffusionModel(nn.Module):
         return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
 
 
-def _use_vmap_friendly_attention(unet: nn.Module) -> None:
+def use_vmap_friendly_attention(unet: nn.Module) -> None:
     """Replace the attention processors by the plain (bmm + softmax) one with a contiguous output.
 
     Why: torch.func has no batching rule for CPU scaled_dot_product_attention (it falls back to a slow

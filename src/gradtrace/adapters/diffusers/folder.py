@@ -1,0 +1,112 @@
+"""A user's diffusers pipeline folder (saved with `save_pretrained`): what it holds, its fingerprint, its parts.
+
+A Stable-Diffusion-layout folder has `model_index.json` and the subfolders unet, vae, text_encoder,
+tokenizer and scheduler (any pipeline class whose model_index names those components is read the same way,
+so SD 1.x/2.x folders and the small pipelines of `gradtrace build-pipeline` load alike). The fingerprint is
+a sha256 over the bytes of every weights file (and the configs), so it names exactly these weights.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel
+
+from gradtrace.errors import UserError
+from gradtrace.io import read_json
+
+TEXT_TO_IMAGE = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+CONFIG_NAMES = ("config.json", "scheduler_config.json", "model_index.json")
+
+
+@dataclass
+class Components:
+    """The loaded parts of a text-to-image pipeline (all in eval mode, frozen)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: object
+    scheduler: DDPMScheduler
+    fingerprint: str
+    vae_fingerprint: str
+    path: Path
+
+
+def is_pipeline_folder(path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def check_text_to_image(path) -> Path:
+    """The folder as a Path, refusing anything that is not a text-to-image pipeline with one line."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"pipeline folder not found: {root}; pass a folder saved with save_pretrained")
+    if not is_pipeline_folder(root):
+        raise UserError(f"{root} has no model_index.json; pass a diffusers pipeline folder (save_pretrained)")
+    index = read_json(root / "model_index.json", "pipeline index")
+    missing = [c for c in TEXT_TO_IMAGE if c not in index or not (root / c).is_dir()]
+    if missing:
+        raise UserError(f"pipeline {root} ({index.get('_class_name', '?')}) lacks {', '.join(missing)}; a "
+                        f"text-to-image pipeline needs {', '.join(TEXT_TO_IMAGE)}")
+    for part in ("unet", "vae", "text_encoder"):
+        if not weight_files(root / part):
+            raise UserError(f"pipeline {root} has no weights in {part}/ (*.safetensors or *.bin); save it again")
+    return root
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def files_fingerprint(root: Path, parts) -> str:
+    """sha256 over (relative name, bytes) of the weights and config files of `parts` (sub-folder names)."""
+    h = hashlib.sha256(b"gradtrace.diffusers-files.v1\n")
+    for part in parts:
+        folder = root / part
+        files = weight_files(folder) + sorted(p for p in folder.iterdir() if p.name in CONFIG_NAMES)
+        for f in files:
+            h.update(f"{part}/{f.name}\n".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def files_state(path) -> str:
+    """The folder's path and the size and modification time of every file in it (a cheap change check)."""
+    root = Path(path).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return f"{root}|" + "|".join(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def load_components(path) -> Components:
+    """Load unet, vae, text encoder, tokenizer and the training noise scheduler of a pipeline folder."""
+    root = check_text_to_image(path).resolve()
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the pipeline in {root} ({first}); pass a folder saved with save_pretrained")
+    for module in (unet, vae, text_encoder):
+        module.eval()
+        module.requires_grad_(False)
+    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                      fingerprint=files_fingerprint(root, TEXT_TO_IMAGE[:3] + ("scheduler",)),
+                      vae_fingerprint=files_fingerprint(root, ("vae",)), path=root)
+
+
+def text_ids(components: Components, texts: list[str]) -> torch.Tensor:
+    """(B, L) long token ids, padded to the text encoder's length (77 for CLIP)."""
+    length = min(int(components.tokenizer.model_max_length),
+                 int(components.text_encoder.config.max_position_embeddings))
+    return components.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
+                                return_tensors="pt").input_ids

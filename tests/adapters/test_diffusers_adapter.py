@@ -1,0 +1,168 @@
+"""A user's diffusers text-to-image pipeline (written by diffusers itself) with LoRA, through the CLI: features
+against a plain autograd loop over the LoRA parameters, prompts, the latent cache, and one-line refusals."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fixtures.pipelines import tiny_pipeline
+from gradtrace.adapters import adapter_of, get_adapter
+from gradtrace.adapters.diffusers.latents import encode_latents, fit_resolution
+from gradtrace.cli import main
+from gradtrace.data import load_dataset
+from gradtrace.features.store import FeatureStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FEAT = ["--projection", "identity", "--timesteps", "2", "--chunk", "5", "--no-progress"]
+PROMPT = "a striped circle on a plain background"
+
+
+def run(*argv):
+    assert main([*map(str, argv), "--no-progress"] if "--no-progress" not in argv else list(map(str, argv))) == 0
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    tiny_pipeline(root / "pipe")
+    run("train", "--base", root / "pipe", "--lora-rank", 2, "--data", "shapes", "--n", 12, "--steps", 4,
+        "--batch-size", 4, "--out", root / "ft")
+    run("featurize", "--checkpoint", root / "ft", "--out", root / "feat" / "train", *FEAT)
+    run("sample", "--checkpoint", root / "ft", "--prompt", PROMPT, "--num", 2, "--sample-steps", 2,
+        "--out", root / "samples")
+    run("featurize", "--checkpoint", root / "ft", "--samples", root / "samples", "--out", root / "feat" / "q", *FEAT)
+    return root
+
+
+def autograd_features(ckpt, latents, ids, texts, store) -> np.ndarray:
+    """Each example's gradient of its loss over the LoRA parameters by a plain loop (no torch.func)."""
+    adapter = get_adapter("diffusers")
+    model, parts = ckpt.model, ckpt.model.components
+    objective = adapter.objective(ckpt, "loss", 2, 0)
+    m = objective.measurement
+    names = [p for g in store.settings["groups"] for p in g["params"]]
+    params = dict(model.named_parameters())
+    ids_tok = parts.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    states = model.encode_text(ids_tok)
+    rows = []
+    for i in range(len(ids)):
+        noise = m.noise([int(ids[i])], tuple(latents.shape[1:]))
+        xt, t = m.noisy_inputs(latents[i:i + 1], noise, objective.alphas_cumprod)
+        model.zero_grad()
+        loss = m.reduce(model(xt[0], t, states[i:i + 1].expand(len(t), -1, -1)), noise[0])
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).numpy())
+    return np.stack(rows)
+
+
+def test_lora_features_equal_a_plain_autograd_loop(sd):
+    store = FeatureStore.open(sd / "feat" / "train")
+    ckpt = get_adapter("diffusers").load(sd / "ft")
+    names = [p for g in store.settings["groups"] for p in g["params"]]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)  # LoRA parameters only
+    assert {g["name"] for g in store.settings["groups"]} >= {"down_blocks.1.self_attn.q.lora_A",
+                                                               "mid_block.cross_attn.v.lora_B"}
+    ds = load_dataset("shapes", n=12)
+    parts = ckpt.model.components
+    latents = encode_latents(parts.vae, parts.vae_fingerprint, ds.images, 16)
+    texts = [m["text"] for m in ds.metadata]
+    want = autograd_features(ckpt, latents, ds.ids, texts, store)
+    np.testing.assert_allclose(np.asarray(store.features), want, rtol=2e-4, atol=1e-6)
+
+
+def test_samples_keep_their_prompt_and_are_featurized_with_it(sd):
+    manifest = json.loads((sd / "samples" / "manifest.json").read_text())
+    assert manifest["prompts"] == [PROMPT, PROMPT]
+    store = FeatureStore.open(sd / "feat" / "q")
+    parts = get_adapter("diffusers").load(sd / "ft").model.components
+    want = parts.tokenizer([PROMPT] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    np.testing.assert_array_equal(store.cond, want.numpy())
+
+
+def test_a_pipeline_written_by_diffusers_attributes_with_tracin_closed_form(sd, tmp_path):
+    assert adapter_of(sd / "pipe").name == "diffusers"
+    run("featurize", "--checkpoint", sd / "pipe", "--data", "shapes", "--n", 6, "--out", tmp_path / "t",
+        "--projection", "rademacher", "--dim", 64, "--timesteps", 1)
+    run("featurize", "--checkpoint", sd / "pipe", "--samples", sd / "samples", "--out", tmp_path / "q",
+        "--projection", "rademacher", "--dim", 64, "--timesteps", 1)
+    run("attribute", "--train", tmp_path / "t", "--queries", tmp_path / "q", "--method", "tracin", "--top-k", 3,
+        "--out", tmp_path / "a")
+    train, q = FeatureStore.open(tmp_path / "t"), FeatureStore.open(tmp_path / "q")
+    assert not any("lora" in g for g in train.group_names)  # no LoRA: the whole UNet
+    scores = np.asarray(q.features, np.float64) @ np.asarray(train.features, np.float64).T
+    doc = json.loads((tmp_path / "a" / "attributions.json").read_text())
+    for row, s in zip(doc["queries"], scores):
+        assert [t["train_id"] for t in row["top"]] == np.argsort(-s, kind="stable")[:3].tolist()
+        assert [t["score"] for t in row["top"]] == pytest.approx(np.sort(s)[::-1][:3].tolist(), rel=1e-4)
+
+
+def test_lora_fine_tune_is_deterministic_and_refused_on_another_base(sd, tmp_path):
+    args = ["train", "--base", sd / "pipe", "--lora-rank", 2, "--data", "shapes", "--n", 12, "--steps", 4,
+            "--batch-size", 4, "--out"]
+    run(*args, tmp_path / "again")
+    a, b = load_file(sd / "ft" / "pytorch_lora_weights.safetensors"), load_file(
+        tmp_path / "again" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = tmp_path / "other"
+    shutil.copytree(sd / "pipe", other)
+    run("train", "--base", other, "--lora-rank", 2, "--data", "shapes", "--n", 12, "--steps", 1,
+        "--batch-size", 4, "--out", tmp_path / "on-other")
+    weights = next((other / "unet").glob("*.safetensors"))
+    state = load_file(weights)
+    key = next(iter(state))
+    state[key] = state[key] + 1.0
+    save_file(state, weights)
+    assert main(["featurize", "--checkpoint", str(tmp_path / "on-other"), "--out", str(tmp_path / "f"),
+                 "--no-progress"]) == 2
+    wrong_rank = tmp_path / "rank"
+    shutil.copytree(tmp_path / "again", wrong_rank)
+    lora = {k: torch.cat([v, v], dim=0 if ".lora_A." in k else 1) for k, v in a.items()}
+    save_file(lora, wrong_rank / "pytorch_lora_weights.safetensors")
+    assert main(["featurize", "--checkpoint", str(wrong_rank), "--out", str(tmp_path / "g"), "--no-progress"]) == 2
+
+
+def test_latent_cache_is_keyed_by_the_vae(sd, tmp_path):
+    parts = get_adapter("diffusers").load(sd / "pipe").model.components
+    images = load_dataset("shapes", n=4).images
+    first = encode_latents(parts.vae, "a" * 64, images, 16, tmp_path)
+    files = list(tmp_path.rglob("*.npy"))
+    assert len(files) == 1 and torch.equal(torch.from_numpy(np.load(files[0])), first)
+    with torch.no_grad():
+        direct = parts.vae.encode(fit_resolution(images, 16)).latent_dist.mean * parts.vae.config.scaling_factor
+    torch.testing.assert_close(first, direct)
+    changed = get_adapter("diffusers").load(sd / "pipe").model.components.vae
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.5)
+    second = encode_latents(changed, "b" * 64, images, 16, tmp_path)
+    assert len(list(tmp_path.rglob("*.npy"))) == 2 and not torch.allclose(first, second)
+    assert torch.equal(encode_latents(parts.vae, "a" * 64, images, 16, tmp_path), first)  # read back
+
+
+@pytest.mark.parametrize("case", ["no-index", "missing-vae", "empty-prompts", "no-captions", "attr-on-text"])
+def test_bad_input_is_one_line_and_exit_2(sd, tmp_path, capsys, case):
+    if case == "no-index":
+        argv = ["featurize", "--checkpoint", str(sd / "pipe" / "unet"), "--out", str(tmp_path / "f")]
+    elif case == "missing-vae":
+        broken = tmp_path / "broken"
+        shutil.copytree(sd / "pipe", broken)
+        shutil.rmtree(broken / "vae")
+        argv = ["featurize", "--checkpoint", str(broken), "--out", str(tmp_path / "f")]
+    elif case == "empty-prompts":
+        (tmp_path / "p.txt").write_text("\n \n")
+        argv = ["sample", "--checkpoint", str(sd / "ft"), "--prompts", str(tmp_path / "p.txt"), "--out",
+                str(tmp_path / "s")]
+    elif case == "no-captions":
+        argv = ["train", "--base", str(sd / "pipe"), "--lora-rank", "2", "--data", "digits", "--out",
+                str(tmp_path / "t")]
+    else:
+        argv = ["sample", "--checkpoint", str(sd / "ft"), "--attr", "style=dots", "--out", str(tmp_path / "s")]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gradtrace "), err
+    words = {"no-index": "model_index.json", "missing-vae": "lacks vae", "empty-prompts": "empty",
+             "no-captions": "text", "attr-on-text": "prompt"}[case]
+    assert words in err
+    assert not any(p.name in ("f", "s", "t") for p in tmp_path.iterdir())
