@@ -166,3 +166,21 @@ def test_bad_input_is_one_line_and_exit_2(sd, tmp_path, capsys, case):
              "no-captions": "text", "attr-on-text": "prompt"}[case]
     assert words in err
     assert not any(p.name in ("f", "s", "t") for p in tmp_path.iterdir())
+
+
+def test_aspect_learning_queries_are_prompts_naming_only_that_aspect(sd, tmp_path):
+    run("learn-weights", "--train", sd / "feat" / "train", "--generate", 4, "--aspect", "style", "--sample-steps", 2,
+        "--steps", 5, "--out", tmp_path / "style.json")
+    prompts = json.loads((tmp_path / "style" / "samples" / "manifest.json").read_text())["prompts"]
+    assert sorted(prompts) == sorted(["a dotted shape", "an outlined shape", "a solid shape", "a striped shape"])
+    learn = FeatureStore.open(tmp_path / "style" / "features")
+    parts = get_adapter("diffusers").load(sd / "ft").model.components
+    want = parts.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    np.testing.assert_array_equal(learn.cond, want.numpy())
+    doc = json.loads((tmp_path / "style.json").read_text())
+    assert doc["provenance"]["aspect"] == "style" and sum(doc["weights"].values()) == pytest.approx(1.0)
+    (tmp_path / "mine.txt").write_text("a circle\na bar\n")
+    run("learn-weights", "--train", sd / "feat" / "train", "--generate", 3, "--prompts", tmp_path / "mine.txt",
+        "--sample-steps", 2, "--steps", 5, "--out", tmp_path / "mine.json")
+    assert json.loads((tmp_path / "mine" / "samples" / "manifest.json").read_text())["prompts"] == [
+        "a circle", "a bar", "a circle"]

@@ -44,7 +44,7 @@ def get_adapter(name: str = DEFAULT_ADAPTER) -> ModelAdapter:
 
 def adapter_of(checkpoint) -> ModelAdapter:
     """The adapter of a checkpoint directory: named in its manifest (config.json), or `diffusers` for a
-    pipeline folder (model_index.json)."""
+    pipeline folder (model_index.json) or a UNet2DModel folder with its scheduler_config.json."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise UserError(f"checkpoint directory not found: {path}; train a model first or fix the path")
@@ -53,7 +53,9 @@ def adapter_of(checkpoint) -> ModelAdapter:
     if not (path / "config.json").exists():
         raise UserError(f"not a checkpoint (no config.json, the save did not finish): {path}; re-run training")
     config = read_json(path / "config.json", "checkpoint config")
-    if isinstance(config, dict) and "_class_name" in config:  # one component of a diffusers pipeline
+    if isinstance(config, dict) and "_class_name" in config:  # a diffusers model folder
+        if config["_class_name"] == "UNet2DModel" and (path / "scheduler_config.json").is_file():
+            return get_adapter(PIPELINE_ADAPTER)
         raise UserError(f"{path} holds a diffusers {config['_class_name']} alone; pass the pipeline folder that "
                         "contains it (the one with model_index.json)")
     name = config.get("adapter", DEFAULT_ADAPTER) if isinstance(config, dict) else DEFAULT_ADAPTER

@@ -15,8 +15,8 @@ never know what kind of model they work on. They ask an adapter (found by name i
 - **training**: `default_model_config(dataset, kind)`, `train(model_config, dataset, train_config, ids)`, the
   recipe `train` and subset retraining replay;
 - **evaluation**: `outputs(checkpoint, examples, grid)`, the model output per query used as the LDS target;
-- **queries**: `sample(...)` / `query_codes(...)`, generated learning and evaluation queries (generative
-  models only; the default refuses).
+- **queries**: `sample(...)` / `query_request(...)`, generated learning and evaluation queries (generative
+  models only; the default refuses): the conditioning of each query, all of it or only one aspect.
 
 An `Objective` turns one chunk of examples (inputs, ids, cond) into what the featurizers differentiate:
 `example_inputs` gives the per-example tensors (and their vmap in_dims) for the exact `torch.func` path,
@@ -168,6 +168,9 @@ class ModelAdapter(ABC):
     def sample(self, checkpoint: Checkpoint, num: int, **options):
         raise UserError(f"{self.name} models do not generate queries; pass featurized queries instead")
 
-    def query_codes(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int):
-        raise UserError(f"{self.name} models have no aspects; drop --aspect")
+    def query_request(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int,
+                      prompts: list[str] | None = None) -> dict:
+        """How to generate `num` queries (keyword arguments of `SampleSpec`: "codes" or "texts"): with every
+        aspect specified, or only `aspect`; `prompts` are the user's own (text-conditioned models)."""
+        raise UserError(f"{self.name} models do not generate queries; pass --queries with featurized ones")
 

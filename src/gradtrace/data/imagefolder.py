@@ -6,8 +6,9 @@ with "/" separators) and any other columns.
 
 Ids are the row index in sorted order of the relative paths (case-sensitive, "/"-separated). They are stable
 as long as the set of files does not change; adding or removing a file renumbers the files sorted after it.
-Columns whose value is a string or an integer in every row become attributes (values sorted as strings);
-every column is kept in each image's metadata, together with "file_name".
+Columns whose value is a string or an integer in every row become attributes (values sorted as strings),
+except "text", the caption of a text-to-image example; every column is kept in each image's metadata,
+together with "file_name".
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from gradtrace.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 METADATA_FILE = "metadata.jsonl"
+CAPTION = "text"  # the caption column (Hugging Face convention): kept in metadata, never an attribute
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -61,10 +63,11 @@ def read_metadata(path: Path) -> dict[str, dict]:
 
 
 def attribute_vocab(rows: list[dict]) -> dict[str, list[str]]:
-    """Columns (other than file_name) whose value is a str or int in every row -> sorted string values."""
+    """Columns (other than file_name and the caption, "text") whose value is a str or int in every row
+    -> sorted string values."""
     if not rows:
         return {}
-    columns = [k for k in rows[0] if k != "file_name"]
+    columns = [k for k in rows[0] if k not in ("file_name", CAPTION)]
     vocab = {}
     for col in columns:
         values = [r.get(col) for r in rows]

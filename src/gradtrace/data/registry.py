@@ -6,6 +6,7 @@ from numbers import Integral
 from gradtrace.data.base import ImageDataset
 from gradtrace.data.digits import load_digits_dataset
 from gradtrace.data.imagefolder import load_imagefolder
+from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption
 from gradtrace.data.shapes import load_shapes
 from gradtrace.errors import UserError
 
@@ -18,6 +19,11 @@ def _check_positive(name: str, value: int | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def aspect_caption(spec: str, aspect: str, value: str) -> str | None:
+    """A built-in caption naming only `aspect` = `value` for a dataset's images (None: the dataset has none)."""
+    return shapes_aspect_caption(aspect, value) if str(spec).strip() == "shapes" else None
 
 
 def load_dataset(spec: str, *, size: int | None = None, seed: int = 0, n: int | None = None) -> ImageDataset:

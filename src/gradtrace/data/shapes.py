@@ -209,14 +209,30 @@ def render_shape(subject: str, style: str, background: str, size: int = DEFAULT_
 
 def caption(subject: str, style: str, background: str) -> str:
     """The generated caption of a shapes image, e.g. "a striped circle on a checker background"."""
-    return f"a {STYLE_WORDS[style]} {subject} on a {background} background"
+    return f"{_a(STYLE_WORDS[style])} {subject} on a {background} background"
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def aspect_caption(aspect: str, value: str) -> str:
+    """A caption that names only one factor: "a circle", "a striped shape", "a shape on a checker background"."""
+    if aspect == "subject":
+        return _a(value)
+    if aspect == "style":
+        return f"{_a(STYLE_WORDS[value])} shape"
+    if aspect == "background":
+        return f"a shape on a {value} background"
+    raise UserError(f"unknown shapes aspect {aspect!r}; use one of {', '.join(ATTRIBUTES)}")
 
 
 def load_shapes(*, size: int | None = None, seed: int = 0, n: int | None = None) -> ImageDataset:
     """The shapes dataset: image i has combination i mod 96 (see `combo_of`) and its own jitter.
 
     Default N = 96 combinations x 10 = 960, RGB, 16x16. ids = 0..N-1. Metadata holds the three factors, a
-    caption naming them ("text", the Hugging Face caption column, see `caption`) and the jitter: dx, dy (centre shift in units of size/16, within +-1) and scale (within 1 +- 0.1).
+    caption naming them ("text", the Hugging Face caption column, see `caption`) and the jitter: dx, dy (centre
+    shift in units of size/16, within +-1) and scale (within 1 +- 0.1).
     """
     size = _check_size(DEFAULT_SIZE if size is None else size)
     n = N_COMBOS * REPEATS if n is None else int(n)

@@ -18,7 +18,7 @@ from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json
 from gradtrace.methods import configure
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
-from gradtrace.pipeline.sample import SampleSpec, sample_run
+from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, method_option
 from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.weights import DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, learn_weights, save_weights
@@ -30,7 +30,10 @@ class LearnWeightsSpec(Spec):
     queries: str | None = option(None, "feature store of learning queries (never evaluation queries)", type=str)
     generate: int | None = option(None, "generate N learning queries from the store's checkpoint instead of "
                                   "--queries", type=int, metavar="N", check=positive)
-    aspect: str | None = option(None, "with --generate: set only this attribute (e.g. style)", type=str)
+    aspect: str | None = option(None, "with --generate: set only this attribute (e.g. style); text-to-image "
+                                "models: prompts that name only it (built in for shapes, else --prompts)", type=str)
+    prompts: str | None = option(None, "with --generate, text-to-image models: a file of learning prompts, one per "
+                                 "line (e.g. naming only --aspect), cycled over the N queries", type=str)
     sample_seed: int = option(1, "seed of the generated learning queries")
     guidance: float = option(1.0, "classifier-free guidance of the generated learning queries")
     sample_steps: int = option(50, "sampling steps of the generated learning queries", check=positive)
@@ -46,21 +49,24 @@ class LearnWeightsSpec(Spec):
     def validate(self) -> None:
         if (self.queries is None) == (self.generate is None):
             raise UserError("pass exactly one of --queries STORE or --generate N")
+        if self.prompts is not None and self.generate is None:
+            raise UserError("--prompts generates learning queries; use it with --generate N")
         if self.aspect is not None and self.queries is not None:
             raise UserError("--aspect generates its own learning queries; use it with --generate N, not --queries")
 
 
 def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspect: str | None, seed: int,
-                              guidance: float, sample_steps: int, progress: bool) -> FeatureStore:
-    """Sample `num` learning queries from the training store's checkpoint (only `aspect` set, if given)
-    and featurize them with the training store's exact settings."""
+                              guidance: float, sample_steps: int, progress: bool,
+                              prompts: list[str] | None = None) -> FeatureStore:
+    """Sample `num` learning queries from the training store's checkpoint (only `aspect` set, if given; or
+    the user's `prompts`) and featurize them with the training store's exact settings."""
     checkpoint = train.manifest.get("provenance", {}).get("checkpoint")
     if not checkpoint:
         raise UserError(f"{train.path} does not record its checkpoint; pass --queries with featurized learning queries")
     adapter = adapter_of(checkpoint)
-    codes = adapter.query_codes(adapter.load(checkpoint), num, aspect=aspect, seed=seed)
-    sample_run(SampleSpec(checkpoint=checkpoint, out=str(out / "samples"), num=num, codes=codes, guidance=guidance,
-                          sample_steps=sample_steps, seed=seed), progress=progress)
+    request = adapter.query_request(adapter.load(checkpoint), num, aspect=aspect, seed=seed, prompts=prompts)
+    sample_run(SampleSpec(checkpoint=checkpoint, out=str(out / "samples"), num=num, guidance=guidance,
+                          sample_steps=sample_steps, seed=seed, **request), progress=progress)
     spec = FeaturizeSpec.like(train.settings, checkpoint=checkpoint, out=str(out / "features"),
                               samples=str(out / "samples"), overwrite=True)
     return featurize_run(spec, progress=progress)
@@ -73,7 +79,8 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
     if spec.generate is not None:
         queries = generate_learning_queries(train, out.with_suffix(""), num=spec.generate, aspect=spec.aspect,
                                             seed=spec.sample_seed, guidance=spec.guidance,
-                                            sample_steps=spec.sample_steps, progress=progress)
+                                            sample_steps=spec.sample_steps, progress=progress,
+                                            prompts=read_prompts(spec.prompts) if spec.prompts else None)
     else:
         queries = FeatureStore.open(spec.queries)
     train.check_compatible(queries)

@@ -15,6 +15,17 @@ SAMPLERS = ("ddim", "ddpm")
 DEFAULT_NUM = 16
 
 
+def read_prompts(path) -> list[str]:
+    """The non-empty lines of a prompt file, stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}; write one prompt per line")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"prompt file {path} is empty; write one prompt per line")
+    return lines
+
+
 def parse_attrs(pairs: list[str]) -> dict[str, str]:
     """["name=value", ...] → {name: value}."""
     out = {}
@@ -35,6 +46,7 @@ class SampleSpec(Spec):
     attr: list = option([], "set one attribute token (repeatable); unset attributes use the null token",
                         append=True, metavar="NAME=VALUE")
     codes: object = option(None, "conditioning codes per image (num, A), from Python", cli=False)
+    texts: list | None = option(None, "the prompt of each image, from Python", cli=False)
     prompt: str | None = option(None, "text-to-image models: the prompt of every image", type=str)
     prompts: str | None = option(None, "text-to-image models: a file with one prompt per line (one image each)",
                                  type=str)
@@ -53,13 +65,11 @@ class SampleSpec(Spec):
 
     def prompt_list(self) -> list[str] | None:
         """The prompt of each image (None: the model is not prompted)."""
+        if self.texts is not None:
+            return [str(t) for t in self.texts]
         if self.prompts is not None:
-            path = Path(self.prompts)
-            if not path.is_file():
-                raise UserError(f"prompt file not found: {path}; write one prompt per line")
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if not lines:
-                raise UserError(f"prompt file {path} is empty; write one prompt per line")
+            lines = read_prompts(self.prompts)
+            path = self.prompts
             if self.num is not None and self.num != len(lines):
                 raise UserError(f"--num {self.num} but {path} has {len(lines)} prompts; drop --num (one image per "
                                 "prompt)")

@@ -14,34 +14,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, OutputGrid
 from gradtrace.adapters.checkpoint import CONFIG, read_manifest, start_checkpoint, write_manifest
-from gradtrace.adapters.diffusers.folder import (Components, files_state, is_pipeline_folder, load_components,
-                                                text_ids)
-from gradtrace.adapters.diffusers.latents import encode_latents
-from gradtrace.adapters.diffusers.model import LORA_TARGETS, TextToImage
+from gradtrace.adapters.diffusers.folder import (Components, PixelComponents, files_state, is_bare_unet,
+                                                is_pipeline_folder, is_text_to_image, load_components,
+                                                load_pixel_components, text_ids)
+from gradtrace.adapters.diffusers.latents import encode_latents, fit_resolution
+from gradtrace.adapters.diffusers.model import LORA_TARGETS, PixelDiffusion, TextToImage
 from gradtrace.adapters.diffusers.objective import TextObjective
 from gradtrace.adapters.diffusers.train import FineTuneConfig, fine_tune, select_rows
 from gradtrace.adapters.diffusion.groups import PRESETS, block_key
-from gradtrace.adapters.diffusion.measure import MEASUREMENTS, Measurement
+from gradtrace.adapters.diffusion.measure import MEASUREMENTS, DiffusionObjective, Measurement
 from gradtrace.adapters.diffusion.outputs import GridLosses
-from gradtrace.data.sources import Examples, load_source
+from gradtrace.data.registry import aspect_caption
+from gradtrace.data.sources import Examples, load_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.io import atomic_write
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KIND = "text-to-image"
+PIXEL = "unconditional"
 
 
 class DiffusersAdapter(ModelAdapter):
     name = "diffusers"
     measurements = MEASUREMENTS
     group_presets = PRESETS
-    model_kinds = (KIND,)
+    model_kinds = (KIND, PIXEL)
     output_name = "latent diffusion loss"
     output_is_loss = True
 
@@ -54,7 +57,7 @@ class DiffusersAdapter(ModelAdapter):
         """The base pipeline's parts, loaded once per process (again when its files change)."""
         key = files_state(base)
         if key not in self._components:
-            self._components[key] = load_components(base)
+            self._components[key] = load_components(base) if is_text_to_image(base) else load_pixel_components(base)
         return self._components[key]
 
     def base_of(self, model_config: dict) -> Components:
@@ -64,17 +67,19 @@ class DiffusersAdapter(ModelAdapter):
                             "(fingerprint differs); pass the base it was trained on, or train again")
         return parts
 
-    def build(self, model_config: dict, seed: int = 0) -> TextToImage:
+    def build(self, model_config: dict, seed: int = 0):
+        if model_config["kind"] == PIXEL:
+            return PixelDiffusion(self.base_of(model_config), model_config)
         return TextToImage(self.base_of(model_config), model_config, lora_seed=seed)
 
     def load(self, path) -> Checkpoint:
         path = Path(path)
-        if is_pipeline_folder(path):
+        if is_pipeline_folder(path) or is_bare_unet(path):
             parts = self.components(path)
             config = {"format": "gradtrace.checkpoint", "adapter": self.name, "fingerprint": parts.fingerprint,
                       "model_config": self.pipeline_config(parts, lora_rank=None), "dataset": None,
                       "train_ids": None}
-            model = TextToImage(parts, config["model_config"])
+            model = self.build(config["model_config"])
         else:
             config = read_manifest(path)
             model = self.build(config["model_config"])
@@ -104,11 +109,19 @@ class DiffusersAdapter(ModelAdapter):
     def objective(self, checkpoint: Checkpoint, measurement: str, repeats: int, seed: int) -> TextObjective:
         scheduler = checkpoint.extras["scheduler"]
         m = Measurement.create(measurement, repeats, scheduler.config.num_train_timesteps, seed)
+        if checkpoint.model_config["kind"] == PIXEL:
+            return DiffusionObjective(m, scheduler.alphas_cumprod)
         return TextObjective(m, scheduler.alphas_cumprod, checkpoint.model.encode_text)
 
     # ------------------------------------------------------------------ data
     def examples(self, model_config: dict, source: dict, ids=None, cache_dir=None) -> Examples:
         ex = load_source(source, ids=ids)
+        if model_config["kind"] == PIXEL:
+            images = fit_resolution(ex.images, int(model_config["resolution"]))
+            if images.shape[1] != model_config["channels"]:
+                raise UserError(f"images have {images.shape[1]} channels but the model takes "
+                                f"{model_config['channels']}; pass matching data")
+            return Examples(images=images, ids=ex.ids, cond=None, captions=ex.captions, source=ex.source)
         if ex.texts is None:
             where = "the samples have no prompts; sample with --prompt" if source.get("kind") == "samples" else \
                 "its metadata.jsonl has no 'text' column; add one caption per image"
@@ -120,7 +133,10 @@ class DiffusersAdapter(ModelAdapter):
                         source=ex.source, texts=ex.texts)
 
     # ------------------------------------------------------------------ training
-    def pipeline_config(self, parts: Components, lora_rank: int | None) -> dict:
+    def pipeline_config(self, parts: Components | PixelComponents, lora_rank: int | None) -> dict:
+        if isinstance(parts, PixelComponents):
+            return {"kind": PIXEL, "base": str(parts.path), "base_fingerprint": parts.fingerprint, "lora": None,
+                    "resolution": int(parts.unet.config.sample_size), "channels": int(parts.unet.config.in_channels)}
         scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         lora = None if lora_rank is None else {"rank": int(lora_rank), "alpha": float(lora_rank),
                                                "targets": list(LORA_TARGETS)}
@@ -130,6 +146,9 @@ class DiffusersAdapter(ModelAdapter):
     def default_model_config(self, dataset, kind: str = "auto", base=None, lora_rank=None) -> dict:
         if base is None or lora_rank is None:
             raise UserError("fine-tuning a pipeline trains LoRA adapters: pass --base PIPELINE and --lora-rank R")
+        if not is_text_to_image(base):
+            raise UserError(f"{base} is not a text-to-image pipeline; gradtrace fine-tunes text-to-image pipelines "
+                            "with LoRA (attribute an unconditional one with --checkpoint)")
         if not all(isinstance(m.get("text"), str) for m in dataset.metadata):
             raise UserError(f"dataset '{dataset.name}' has no 'text' caption per image; add a text column to "
                             "metadata.jsonl")
@@ -152,16 +171,51 @@ class DiffusersAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ evaluation and queries
     def outputs(self, checkpoint: Checkpoint, examples: Examples, grid: OutputGrid) -> np.ndarray:
+        if checkpoint.model_config["kind"] == PIXEL:
+            return self._losses(checkpoint.model, checkpoint.extras["scheduler"], examples.images, examples.ids,
+                                None, grid)
         states = checkpoint.model.encode_text(torch.as_tensor(examples.cond, dtype=torch.long))
         return self._losses(checkpoint.model, checkpoint.extras["scheduler"], examples.images, examples.ids, states,
                             grid)
+
+    def query_request(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int,
+                      prompts: list[str] | None = None) -> dict:
+        """Prompts of `num` generated queries: the user's (cycled), else training captions drawn at random, or
+        with `aspect` captions that name only it (one value after another, balanced)."""
+        if checkpoint.model_config["kind"] == PIXEL:
+            if prompts or aspect is not None:
+                raise UserError("an unconditional model has neither prompts nor aspects; drop --prompts/--aspect")
+            return {}
+        if prompts:
+            return {"texts": [prompts[i % len(prompts)] for i in range(num)]}
+        dataset = checkpoint.config.get("dataset") or {}
+        if not dataset.get("source"):
+            raise UserError(f"{checkpoint.path} records no training captions to draw prompts from; pass "
+                            "--prompts FILE with one learning prompt per line")
+        ds = open_dataset(dataset["source"], dataset.get("fingerprint"))
+        rng = np.random.default_rng([int(seed), 7919])
+        if aspect is None:
+            rows = np.arange(len(ds)) if checkpoint.train_ids is None else ds.index_of(checkpoint.train_ids)
+            return {"texts": [ds.metadata[int(r)]["text"] for r in rng.choice(rows, size=num)]}
+        if aspect not in ds.attributes:
+            raise UserError(f"unknown aspect '{aspect}'; the training data's attributes are "
+                            f"{', '.join(ds.attributes) or 'none'}")
+        values = ds.attributes[aspect]
+        texts = [aspect_caption(dataset["source"]["spec"], aspect, values[int(i)])
+                 for i in rng.permutation(np.arange(num) % len(values))]
+        if texts[0] is None:
+            raise UserError(f"no built-in prompts name only '{aspect}' for {dataset['source']['spec']}; write "
+                            "them in a file (one per line) and pass --prompts FILE")
+        return {"texts": texts}
 
     def sample(self, checkpoint: Checkpoint, num: int, *, prompts=None, guidance_scale: float = 1.0,
                steps: int = 50, sampler: str = "ddim", seed: int = 0, eta: float = 1.0, progress: bool = True,
                attributes=None):
         """(images (num, 3, H, W) in [-1, 1], None) for `prompts` (one per image) with the checkpoint's model."""
         if attributes:
-            raise UserError("a text-to-image model is conditioned on prompts; pass --prompt or --prompts, not --attr")
+            raise UserError("this model is conditioned on prompts, not attribute tokens; drop --attr")
+        if checkpoint.model_config["kind"] == PIXEL:
+            return self._sample_pixels(checkpoint, num, prompts, steps, sampler, seed, eta, progress), None
         if not prompts or len(prompts) != num:
             raise UserError("a text-to-image model needs one prompt per image; pass --prompt TEXT or --prompts FILE")
         model, parts = checkpoint.model, checkpoint.model.components
@@ -176,6 +230,23 @@ class DiffusersAdapter(ModelAdapter):
             out = pipe(list(prompts), height=res, width=res, num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=torch.Generator().manual_seed(int(seed)), output_type="pt", **extra).images
         return (out.to(torch.float32) * 2.0 - 1.0).clamp(-1.0, 1.0), None
+
+
+    def _sample_pixels(self, checkpoint, num, prompts, steps, sampler, seed, eta, progress) -> torch.Tensor:
+        if prompts:
+            raise UserError("an unconditional model takes no prompts; drop --prompt/--prompts")
+        parts = checkpoint.model.components
+        if sampler == "ddim":
+            pipe, extra = DDIMPipeline(unet=checkpoint.model.unet, scheduler=DDIMScheduler.from_config(
+                parts.scheduler.config)), {"eta": eta}
+        else:
+            pipe, extra = DDPMPipeline(unet=checkpoint.model.unet, scheduler=DDPMScheduler.from_config(
+                parts.scheduler.config)), {}
+        pipe.set_progress_bar_config(disable=not progress)
+        with torch.no_grad():
+            out = pipe(batch_size=num, generator=torch.Generator().manual_seed(int(seed)), num_inference_steps=steps,
+                       output_type="np", **extra).images
+        return (torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2) * 2.0 - 1.0).clamp(-1.0, 1.0)
 
 
 def checkpoint_fingerprint(model_config: dict, lora_file: Path) -> str:

@@ -2,7 +2,9 @@
 
 A Stable-Diffusion-layout folder has `model_index.json` and the subfolders unet, vae, text_encoder,
 tokenizer and scheduler (any pipeline class whose model_index names those components is read the same way,
-so SD 1.x/2.x folders and the small pipelines of `gradtrace build-pipeline` load alike). The fingerprint is
+so SD 1.x/2.x folders and the small pipelines of `gradtrace build-pipeline` load alike). An unconditional
+pipeline (`DDPMPipeline`, `DDIMPipeline`: unet and scheduler) or a bare `UNet2DModel` folder with its
+`scheduler_config.json` beside its `config.json` is read as a pixel-space diffusion model. The fingerprint is
 a sha256 over the bytes of every weights file (and the configs), so it names exactly these weights.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import AutoTokenizer, CLIPTextModel
 
 from gradtrace.errors import UserError
@@ -37,8 +39,61 @@ class Components:
     path: Path
 
 
+@dataclass
+class PixelComponents:
+    """The loaded parts of an unconditional diffusion pipeline (or a bare UNet2DModel with its scheduler)."""
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    fingerprint: str
+    path: Path
+
+
 def is_pipeline_folder(path) -> bool:
     return (Path(path) / "model_index.json").is_file()
+
+
+def is_bare_unet(path) -> bool:
+    """A UNet2DModel folder with the scheduler config beside it."""
+    root = Path(path)
+    if not ((root / "config.json").is_file() and (root / "scheduler_config.json").is_file()):
+        return False
+    config = read_json(root / "config.json", "model config")
+    return isinstance(config, dict) and config.get("_class_name") == "UNet2DModel"
+
+
+def is_text_to_image(path) -> bool:
+    return is_pipeline_folder(path) and "text_encoder" in read_json(Path(path) / "model_index.json",
+                                                                    "pipeline index")
+
+
+def load_pixel_components(path) -> PixelComponents:
+    """An unconditional pipeline folder (unet + scheduler) or a bare UNet2DModel folder, frozen, eval mode."""
+    root = Path(path).resolve()
+    if is_bare_unet(root):
+        unet_dir, scheduler_dir, parts = root, root, (".",)
+    elif is_pipeline_folder(root):
+        index = read_json(root / "model_index.json", "pipeline index")
+        missing = [c for c in ("unet", "scheduler") if c not in index or not (root / c).is_dir()]
+        if missing:
+            raise UserError(f"pipeline {root} ({index.get('_class_name', '?')}) lacks {', '.join(missing)}; an "
+                            "unconditional pipeline needs unet and scheduler")
+        unet_dir, scheduler_dir, parts = root / "unet", root / "scheduler", ("unet", "scheduler")
+    else:
+        raise UserError(f"{root} is neither a diffusers pipeline (model_index.json) nor a UNet2DModel folder with "
+                        "scheduler_config.json; pass a folder saved with save_pretrained")
+    if not weight_files(unet_dir):
+        raise UserError(f"{unet_dir} has no weights (*.safetensors or *.bin); save the model again")
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir)
+        scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the diffusion model in {root} ({first}); pass a folder saved with "
+                        "save_pretrained")
+    unet.eval()
+    unet.requires_grad_(False)
+    return PixelComponents(unet=unet, scheduler=scheduler, fingerprint=files_fingerprint(root, parts), path=root)
 
 
 def check_text_to_image(path) -> Path:

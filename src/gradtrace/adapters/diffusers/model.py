@@ -16,7 +16,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from gradtrace.adapters.diffusers.folder import Components
+from gradtrace.adapters.diffusers.folder import Components, PixelComponents
 from gradtrace.adapters.diffusion.unet import use_vmap_friendly_attention
 from gradtrace.errors import UserError
 
@@ -66,6 +66,23 @@ class TextToImage(nn.Module):
         if result is None or unexpected or set(unet_state) != want:
             raise UserError(f"LoRA weights in {where} do not fit this base pipeline's UNet (other modules or "
                             "rank); pass the base they were trained on")
+
+
+class PixelDiffusion(nn.Module):
+    """An unconditional diffusers UNet2DModel on images; every UNet parameter is trainable."""
+
+    def __init__(self, components: PixelComponents, config: dict):
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        self.unet = copy.deepcopy(components.unet)
+        self.components = components
+        use_vmap_friendly_attention(self.unet)
+        self.unet.requires_grad_(True)
+        self.train_ids = None
+        self.train_log = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.unet(x, t, return_dict=False)[0]
 
 
 def attach_lora(unet: nn.Module, lora: dict, *, seed: int) -> None:

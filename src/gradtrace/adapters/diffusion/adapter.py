@@ -100,9 +100,12 @@ class TinyUNetAdapter(ModelAdapter):
             raise UserError("this checkpoint is unconditional; drop --attr or train with --model conditional")
         return sample(checkpoint.model, checkpoint.extras["scheduler"], num, **options)
 
-    def query_codes(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int):
-        """Conditioning codes of `num` generated queries: only `aspect` set, or all set (None: unconditional)."""
+    def query_request(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int,
+                      prompts: list[str] | None = None) -> dict:
+        """Conditioning codes of `num` generated queries: only `aspect`'s token set, or all set."""
+        if prompts:
+            raise UserError("this model is conditioned on attribute tokens, not text; drop --prompts")
         model = checkpoint.model
         if aspect is None and not model.conditional:
-            return None
-        return query_codes(model.attribute_values, num, aspect=aspect, seed=seed)
+            return {}
+        return {"codes": query_codes(model.attribute_values, num, aspect=aspect, seed=seed)}
