@@ -79,6 +79,10 @@ class Objective(ABC):
     def context_stage(self, model: nn.Module) -> ContextStage | None:
         return None
 
+    def to(self, device: torch.device) -> "Objective":
+        """Compute on `device` (the model's); inputs arrive on the CPU and are moved by the objective."""
+        return self
+
 
 GT_STREAM = 0x4C4453  # "LDS": keeps ground-truth draws apart from featurization draws (same seed, same ids)
 

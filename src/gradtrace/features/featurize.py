@@ -52,12 +52,19 @@ def build_featurizer(model: torch.nn.Module, objective: Objective, spec: Feature
     return GradientFeaturizer(model, objective, groups, projector), groups
 
 
-def featurizer_for(adapter: ModelAdapter, checkpoint: Checkpoint, spec: FeatureSpec):
-    """(featurizer, groups) of a checkpoint: its adapter's objective and group presets with `spec`."""
+def featurizer_for(adapter: ModelAdapter, checkpoint: Checkpoint, spec: FeatureSpec,
+                   device: torch.device | None = None):
+    """(featurizer, groups) of a checkpoint: its adapter's objective and group presets with `spec`; with
+    `device`, the model and the objective compute there (features come back as CPU arrays)."""
+    if device is not None and device.type != "cpu" and spec.projection == KRONECKER:
+        raise UserError("the kronecker projection computes on the CPU; use --device cpu or --projection rademacher")
     if spec.measurement not in adapter.measurements:
         raise UserError(f"unknown measurement '{spec.measurement}' for {adapter.name} models; use one of "
                         f"{', '.join(adapter.measurements)}")
     objective = adapter.objective(checkpoint, spec.measurement, spec.num_timesteps, spec.noise_seed)
+    if device is not None:
+        checkpoint.model.to(device)
+        objective.to(device)
     return build_featurizer(checkpoint.model, objective, spec, adapter.group_key, adapter.group_presets)
 
 

@@ -60,4 +60,4 @@ class GradientFeaturizer:
             first = int(np.asarray(ids).reshape(-1)[int(torch.nonzero(bad)[0])])
             raise UserError(f"gradients contain NaN/Inf for example id {first}; check the checkpoint "
                             f"and the input images (values must be finite, in [-1, 1])")
-        return out.detach().numpy().astype(np.float32, copy=False)
+        return out.detach().cpu().numpy().astype(np.float32, copy=False)

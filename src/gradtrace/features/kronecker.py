@@ -2,9 +2,10 @@
 
 For a chunk of B examples, the adapter's objective sends all their rows (example-major, the same number
 per example: for diffusion the B·T noisy copies) through the model as ONE ordinary batch. Forward hooks on
-every Linear, Conv2d, GroupNorm and LayerNorm record the call's input and output; ``torch.autograd.grad`` of Σ_b f_b (the sum of the examples' measurements) with respect to
-those outputs gives every row's output gradient, because rows do not interact (autograd computes no
-weight gradients at all: only the paths to the requested outputs). Then, per example b and layer:
+every Linear, Conv2d, GroupNorm and LayerNorm record the call's input and output; ``torch.autograd.grad``
+of Σ_b f_b (the sum of the examples' measurements) with respect to those outputs gives every row's output
+gradient, because rows do not interact (autograd computes no weight gradients at all: only the paths to the
+requested outputs). Then, per example b and layer:
 
 - Linear / Conv2d weight (d_out × d_in):  Σ_{t, positions} (P_outᵀ g_out)(P_inᵀ a_in)ᵀ, flattened
   k_out·k_in — the Kronecker projection of the example's weight gradient, never materialised. For a

@@ -100,7 +100,10 @@ class GroupProjector:
         return self._mats[j]
 
     def project(self, j: int, grads: torch.Tensor) -> torch.Tensor:
-        """(B, d_j) flattened group gradients → (B, k_j)."""
+        """(B, d_j) flattened group gradients → (B, k_j) (on the gradients' device)."""
         if self.is_exact(j):
             return grads
-        return grads @ self.matrix(j)
+        mat = self.matrix(j)
+        if mat.device != grads.device:
+            mat = self._mats[j] = mat.to(grads.device)
+        return grads @ mat

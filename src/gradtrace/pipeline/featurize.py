@@ -11,6 +11,7 @@ from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.projection import DEFAULT_TOTAL_DIM, KINDS
 from gradtrace.features.store import DTYPES, FeatureStore, cache_dir_for
 from gradtrace.io import command_line
+from gradtrace.pipeline.devices import device_option, resolve_device
 from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.pipeline.train import resolve_ids
 
@@ -36,6 +37,7 @@ class FeaturizeSpec(Spec):
     chunk: int = option(64, "examples per chunk", check=positive)
     dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     overwrite: bool = option(False, "replace a store made with other settings")
+    device: str = device_option()
 
     def validate(self) -> None:
         if self.data and self.samples:
@@ -75,9 +77,10 @@ def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore
             ids = ckpt.train_ids
     examples = adapter.examples(ckpt.model_config, source, ids=ids, cache_dir=cache_dir_for(spec.out))
     features = spec.feature_spec()
-    featurizer, _ = featurizer_for(adapter, ckpt, features)
+    device = resolve_device(spec.device)
+    featurizer, _ = featurizer_for(adapter, ckpt, features, device=device)
     provenance = {"command": command_line(), "checkpoint": str(Path(spec.checkpoint).resolve()),
-                  "adapter": adapter.name, "spec": spec.to_dict()}
+                  "adapter": adapter.name, "device": str(device), "spec": spec.to_dict()}
     return featurize(featurizer, examples.images, examples.ids, spec.out, spec=features, cond=examples.cond,
                      model_fingerprint=ckpt.fingerprint, source=examples.source, provenance=provenance,
                      overwrite=spec.overwrite, progress=progress)

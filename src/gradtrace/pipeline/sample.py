@@ -8,6 +8,7 @@ from gradtrace.adapters import adapter_of
 from gradtrace.data.sources import save_samples
 from gradtrace.errors import UserError
 from gradtrace.io import command_line
+from gradtrace.pipeline.devices import device_option, resolve_device
 from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.report.grids import image_grid
 
@@ -55,6 +56,7 @@ class SampleSpec(Spec):
     sample_steps: int = option(50, "sampling steps", check=positive)
     eta: float = option(1.0, "DDIM noise level in [0, 1] (0 = deterministic DDIM)")
     seed: int = option(0, "sampling seed")
+    device: str = device_option()
 
     def validate(self) -> None:
         parse_attrs(self.attr)
@@ -86,6 +88,7 @@ def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
     """Generate `spec.num` images (attributes from `attr`, or per-image `codes`); writes a samples directory."""
     adapter = adapter_of(spec.checkpoint)
     ckpt = adapter.load(spec.checkpoint)
+    ckpt.model.to(resolve_device(spec.device))
     attrs = parse_attrs(spec.attr)
     vocabulary = adapter.attributes(ckpt)
     request = spec.codes if spec.codes is not None else (attrs or None)

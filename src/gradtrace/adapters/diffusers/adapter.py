@@ -224,12 +224,13 @@ class DiffusersAdapter(ModelAdapter):
                                        unet=model.unet, scheduler=cls.from_config(parts.scheduler.config),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=not progress)
+        pipe.to(next(model.unet.parameters()).device)
         res = int(model.config["resolution"])
         extra = {"eta": eta} if sampler == "ddim" else {}
         with torch.no_grad():
             out = pipe(list(prompts), height=res, width=res, num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=torch.Generator().manual_seed(int(seed)), output_type="pt", **extra).images
-        return (out.to(torch.float32) * 2.0 - 1.0).clamp(-1.0, 1.0), None
+        return (out.to(torch.float32).cpu() * 2.0 - 1.0).clamp(-1.0, 1.0), None
 
 
     def _sample_pixels(self, checkpoint, num, prompts, steps, sampler, seed, eta, progress) -> torch.Tensor:
@@ -243,6 +244,7 @@ class DiffusersAdapter(ModelAdapter):
             pipe, extra = DDPMPipeline(unet=checkpoint.model.unet, scheduler=DDPMScheduler.from_config(
                 parts.scheduler.config)), {}
         pipe.set_progress_bar_config(disable=not progress)
+        pipe.to(next(checkpoint.model.unet.parameters()).device)
         with torch.no_grad():
             out = pipe(batch_size=num, generator=torch.Generator().manual_seed(int(seed)), num_inference_steps=steps,
                        output_type="np", **extra).images

@@ -45,7 +45,8 @@ class TextToImage(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(torch.as_tensor(token_ids, dtype=torch.long))[0]
+        ids = torch.as_tensor(token_ids, dtype=torch.long).to(next(self.text_encoder.parameters()).device)
+        return self.text_encoder(ids)[0]
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The LoRA factors in diffusers' standard LoRA format (keys prefixed "unet.")."""

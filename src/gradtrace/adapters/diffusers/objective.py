@@ -20,4 +20,4 @@ class TextObjective(DiffusionObjective):
 
     def condition(self, cond) -> torch.Tensor:
         """Token ids (B, L) → encoder hidden states (B, L, D)."""
-        return self.encode_text(torch.as_tensor(np.asarray(cond), dtype=torch.long))
+        return self.encode_text(torch.as_tensor(np.asarray(cond), dtype=torch.long).to(self.device))

@@ -96,6 +96,8 @@ class TinyUNetAdapter(ModelAdapter):
         """(images, codes) from `sample` with the checkpoint's model and scheduler."""
         if prompts:
             raise UserError("this model is conditioned on attribute tokens, not text; use --attr NAME=VALUE")
+        if next(checkpoint.model.parameters()).device.type != "cpu":
+            raise UserError("the tiny UNets sample on the CPU; use --device cpu")
         if options.get("attributes") is not None and not checkpoint.model.conditional:
             raise UserError("this checkpoint is unconditional; drop --attr or train with --model conditional")
         return sample(checkpoint.model, checkpoint.extras["scheduler"], num, **options)

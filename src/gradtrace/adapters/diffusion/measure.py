@@ -110,15 +110,23 @@ class DiffusionObjective(Objective):
     def info(self) -> dict:
         return self.measurement.info()
 
+    def to(self, device: torch.device) -> "DiffusionObjective":
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
     def _noisy(self, inputs, ids):
-        images = torch.as_tensor(inputs, dtype=torch.float32)
-        noise = self.measurement.noise(ids, tuple(images.shape[1:]))
+        images = torch.as_tensor(inputs, dtype=torch.float32).to(self.device)
+        noise = self.measurement.noise(ids, tuple(images.shape[1:])).to(self.device)
         xt, t = self.measurement.noisy_inputs(images, noise, self.alphas_cumprod)
-        return images, noise, xt, t
+        return images, noise, xt, t.to(self.device)
 
     def condition(self, cond) -> torch.Tensor:
         """The model's conditioning input for a chunk's `cond` (here: attribute codes as a long tensor)."""
-        return torch.as_tensor(np.asarray(cond), dtype=torch.long)
+        return torch.as_tensor(np.asarray(cond), dtype=torch.long).to(self.device)
 
     def example_inputs(self, inputs, ids, cond):
         _, noise, xt, t = self._noisy(inputs, ids)
