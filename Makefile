@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo demo-t2i test clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gradtrace demo --out demo_out
 
+demo-t2i: $(STAMP)
+	$(VENV)/bin/gradtrace demo --text-to-image --out demo_t2i_out
+
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out demo_t2i_out
 
 # LDS benchmark (bench/bench_lds.py): the full one took 84 min of both cores; quick is tiny.
 .PHONY: bench-lds bench-lds-quick

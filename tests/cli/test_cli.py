@@ -122,3 +122,16 @@ def test_sample_eta_is_used_and_recorded(pipeline, tmp_path, capsys):
     _one_line_error(capsys, ["sample", "--checkpoint", run, "--eta", "2", "--out", str(tmp_path / "bad")],
                     "eta must be in [0, 1]")
     assert not (tmp_path / "bad").exists()
+
+
+def test_text_to_image_demo_quick_path_writes_both_files(tmp_path):
+    tiny = {"vae_steps": 3, "unet_steps": 3, "n_train": 12, "lora_steps": 3, "sample_steps": 2, "dim": 64,
+            "timesteps": 1, "top_k": 3}
+    summary = run_demo(DemoSpec(out=str(tmp_path / "t2i"), quick=True, text_to_image=True), progress=False,
+                       settings=tiny)
+    doc = json.loads((tmp_path / "t2i" / "attributions.json").read_text())
+    assert len(doc["queries"]) == 4 and all(len(q["top"]) == 3 for q in doc["queries"])
+    assert all(".lora_" in g for g in doc["groups"])  # features over the LoRA factors only
+    manifest = json.loads((tmp_path / "t2i" / "queries" / "manifest.json").read_text())
+    assert manifest["prompts"] == summary["prompts"]
+    assert (tmp_path / "t2i" / "report.png").stat().st_size > 1000 and summary["train_examples"] == 12

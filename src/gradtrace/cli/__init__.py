@@ -22,6 +22,7 @@ from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, Eva
                                 LearnWeightsSpec, RetrainSpec, SampleSpec, TrainSpec, attribute_run,
                                 eval_counterfactual, eval_lds, featurize_run, learn_weights_run, retrain, run_demo,
                                 sample_run, train_run)
+from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG
 
 EXIT_USAGE = 2
@@ -60,6 +61,10 @@ def _say_weights(result, spec) -> str:
     top = sorted(doc["weights"].items(), key=lambda kv: -kv[1])[:5]
     return (f"weights: {path} (loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
             + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
+
+
+def _say_build(path, spec) -> str:
+    return f"pipeline: {path}"
 
 
 def _say_demo(summary, spec) -> str:
@@ -102,6 +107,8 @@ COMMANDS: dict[str, Command] = {
                     takes_log=True),
     "retrain": Command(RetrainSpec, retrain, _say_retrain,
                        "retrain the run's model on random training subsets (for the LDS)", RETRAIN_EPILOG),
+    "build-pipeline": Command(BuildPipelineSpec, build_pipeline_run, _say_build,
+                              "build and pretrain a small text-to-image pipeline (SD layout) from configs"),
 }
 EVAL_COMMANDS: dict[str, Command] = {
     "lds": Command(EvalLDSSpec, eval_lds, _say_lds, "linear datamodeling score against a finished retraining",

@@ -16,7 +16,9 @@ from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.learn_weights import LearnWeightsSpec, learn_weights_run
 from gradtrace.pipeline.sample import SampleSpec, sample_run
 from gradtrace.pipeline.train import TrainSpec, train_run
+from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 
 __all__ = ["AttributeSpec", "CounterfactualSpec", "DemoSpec", "EvalLDSSpec", "FeaturizeSpec", "LearnWeightsSpec",
            "RetrainSpec", "SampleSpec", "TrainSpec", "attribute_run", "eval_counterfactual", "eval_lds",
            "featurize_run", "learn_weights_run", "retrain", "run_demo", "sample_run", "train_run"]
+__all__ += ["BuildPipelineSpec", "build_pipeline_run"]

@@ -13,6 +13,7 @@ from typing import Callable
 
 from gradtrace.io import versions, write_json_atomic
 from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
+from gradtrace.pipeline.demo_t2i import run_text_to_image_demo
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.sample import SampleSpec, sample_run
 from gradtrace.pipeline.spec import Spec, option
@@ -30,6 +31,7 @@ SETTINGS = {
 class DemoSpec(Spec):
     out: str = option("demo_out", "output directory")
     quick: bool = option(False, "tiny settings (about a minute)")
+    text_to_image: bool = option(False, "the text-to-image path instead: a small SD-layout pipeline, LoRA, prompts")
 
 
 def run_demo(spec: DemoSpec, *, progress: bool = True, settings: dict | None = None,
@@ -37,6 +39,8 @@ def run_demo(spec: DemoSpec, *, progress: bool = True, settings: dict | None = N
     """Train, sample, featurize, attribute and draw on digits; `settings` overrides SETTINGS[mode] (tests);
     `log` receives one line per stage and a summary (the CLI prints them)."""
     log = log or (lambda line: None)
+    if spec.text_to_image:
+        return run_text_to_image_demo(spec.out, quick=spec.quick, progress=progress, settings=settings, log=log)
     mode = "quick" if spec.quick else "full"
     s = {**SETTINGS[mode], **(settings or {})}
     out = Path(spec.out)
