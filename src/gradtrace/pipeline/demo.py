@@ -6,13 +6,12 @@ query images, featurize the training set and the queries, attribute with TRAK, a
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from gradtrace.io import versions, write_json_atomic
 from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
+from gradtrace.pipeline.demo_clock import DemoClock
 from gradtrace.pipeline.demo_t2i import run_text_to_image_demo
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.sample import SampleSpec, sample_run
@@ -45,40 +44,24 @@ def run_demo(spec: DemoSpec, *, progress: bool = True, settings: dict | None = N
     s = {**SETTINGS[mode], **(settings or {})}
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    def stage(name, fn, *a, **kw):
-        t = time.perf_counter()
-        log(f"[demo] {name} ...")
-        result = fn(*a, **kw)
-        timings[name] = round(time.perf_counter() - t, 2)
-        return result
-
-    start = time.perf_counter()
+    clock = DemoClock(log, progress)
+    stage = clock.stage
     ckpt = str(stage("train", train_run, TrainSpec(data="digits", out=str(out / f"model-{mode}"), n=s["n_train"],
-                                                   steps=s["steps"]), progress=progress))
+                                                   steps=s["steps"])))
     stage("sample", sample_run, SampleSpec(checkpoint=ckpt, out=str(out / "queries"), num=s["n_queries"],
-                                           sample_steps=s["sample_steps"], seed=2024), progress=progress)
+                                           sample_steps=s["sample_steps"], seed=2024))
     features = dict(groups="block", projection="rademacher", dim=s["dim"], measurement="loss",
                     timesteps=s["timesteps"], overwrite=True)
     train_store = stage("featurize-train", featurize_run,
-                        FeaturizeSpec(checkpoint=ckpt, out=str(out / "features" / "train"), **features),
-                        progress=progress)
+                        FeaturizeSpec(checkpoint=ckpt, out=str(out / "features" / "train"), **features))
     query_spec = FeaturizeSpec(checkpoint=ckpt, out=str(out / "features" / "queries"), samples=str(out / "queries"),
                                **features)
-    stage("featurize-queries", featurize_run, query_spec, progress=progress)
+    stage("featurize-queries", featurize_run, query_spec)
     doc = stage("attribute", attribute_run,
                 AttributeSpec(train=str(train_store.path), queries=query_spec.out, out=str(out), method="trak",
-                              kernel="per-group", top_k=s["top_k"]), progress=progress)
-    timings["total"] = round(time.perf_counter() - start, 2)
+                              kernel="per-group", top_k=s["top_k"]))
     n_rows = len(train_store.ids)
-    summary = {"mode": mode, "settings": s, "feature_spec": asdict(query_spec.feature_spec()), "timings_s": timings,
-               "train_examples": n_rows,
-               "featurize_examples_x_timesteps_per_s": round(n_rows * s["timesteps"] / timings["featurize-train"], 1),
-               "outputs": {"attributions": str(out / "attributions.json"), "report": str(out / "report.png")},
-               "versions": versions()}
-    write_json_atomic(out / "demo.json", summary)
-    first = doc["queries"][0]
-    log(f"[demo] query {first['query_id']}: top training ids {[t['train_id'] for t in first['top']]}")
-    log(f"[demo] done in {timings['total']:.1f} s: {out / 'attributions.json'}, {out / 'report.png'}")
-    return summary
+    rate = round(n_rows * s["timesteps"] / clock.timings["featurize-train"], 1)
+    return clock.finish(out, {"mode": mode, "settings": s, "feature_spec": asdict(query_spec.feature_spec()),
+                              "train_examples": n_rows, "featurize_examples_x_timesteps_per_s": rate}, doc,
+                        f"query {doc['queries'][0]['query_id']}")

@@ -7,13 +7,12 @@ only) and the queries, attribute with TRAK, and write ``attributions.json``, ``r
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
-from gradtrace.io import versions, write_json_atomic
 from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
+from gradtrace.pipeline.demo_clock import DemoClock
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.sample import SampleSpec, sample_run
 from gradtrace.pipeline.train import TrainSpec, train_run
@@ -35,16 +34,8 @@ def run_text_to_image_demo(out, *, quick: bool, progress: bool = True, settings:
     s = {**SETTINGS[mode], **(settings or {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    def stage(name, fn, spec):
-        t = time.perf_counter()
-        log(f"[demo] {name} ...")
-        result = fn(spec, progress=progress)
-        timings[name] = round(time.perf_counter() - t, 2)
-        return result
-
-    start = time.perf_counter()
+    clock = DemoClock(log, progress)
+    stage = clock.stage
     steps = {k: s[k] for k in ("vae_steps", "unet_steps") if s[k] is not None}
     pipe = str(stage("build-pipeline", build_pipeline_run, BuildPipelineSpec(out=str(out / f"pipeline-{mode}"),
                                                                              **steps)))
@@ -62,13 +53,5 @@ def run_text_to_image_demo(out, *, quick: bool, progress: bool = True, settings:
     stage("featurize-queries", featurize_run, queries)
     doc = stage("attribute", attribute_run, AttributeSpec(train=str(train.path), queries=queries.out, out=str(out),
                                                           top_k=s["top_k"]))
-    timings["total"] = round(time.perf_counter() - start, 2)
-    summary = {"mode": f"text-to-image {mode}", "settings": s, "prompts": PROMPTS, "timings_s": timings,
-               "train_examples": len(train.ids),
-               "outputs": {"attributions": str(out / "attributions.json"), "report": str(out / "report.png")},
-               "versions": versions()}
-    write_json_atomic(out / "demo.json", summary)
-    first = doc["queries"][0]
-    log(f"[demo] '{PROMPTS[0]}': top training ids {[t['train_id'] for t in first['top']]}")
-    log(f"[demo] done in {timings['total']:.1f} s: {out / 'attributions.json'}, {out / 'report.png'}")
-    return summary
+    return clock.finish(out, {"mode": f"text-to-image {mode}", "settings": s, "prompts": PROMPTS,
+                              "train_examples": len(train.ids)}, doc, f"'{PROMPTS[0]}'")
