@@ -51,10 +51,6 @@ class Checkpoint:
     def model_config(self) -> dict:
         return self.config["model_config"]
 
-    @property
-    def adapter(self) -> str:
-        return self.config.get("adapter", DEFAULT_ADAPTER)
-
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over (name, dtype, shape, bytes) of every parameter, names sorted."""

@@ -33,6 +33,14 @@ class Examples:
     source: dict
     texts: list[str] | None = None  # the text each example is conditioned on: "text" column or sample prompt
 
+    def take(self, rows) -> "Examples":
+        """The examples at positions `rows` (integers), every per-example field alike."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Examples(images=self.images[torch.as_tensor(rows)], ids=self.ids[rows],
+                        cond=None if self.cond is None else self.cond[rows],
+                        captions=[self.captions[r] for r in rows], source=self.source,
+                        texts=None if self.texts is None else [self.texts[r] for r in rows])
+
 
 def read_ids(path) -> np.ndarray:
     """Training ids from a .npy file, a JSON list or a text file with one integer per line."""

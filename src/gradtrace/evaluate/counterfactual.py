@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.attribution import score_queries
-from gradtrace.data.sources import Examples
 from gradtrace.errors import UserError
 from gradtrace.evaluate.harness import Job, is_finished, model_dir, train_jobs
 from gradtrace.evaluate.lds import bootstrap_ci
@@ -85,8 +84,7 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
         return {"finished": False, "missing": missing, "stats": stats}
     adapter = recipe.adapter
     ex = store_examples(adapter, recipe.model_config, query)
-    first = Examples(images=ex.images[:nq], ids=ex.ids[:nq], cond=None if ex.cond is None else ex.cond[:nq],
-                     captions=ex.captions[:nq], source=ex.source, texts=None if ex.texts is None else ex.texts[:nq])
+    first = ex.take(np.arange(nq))
     losses, info = model_outputs(adapter, [(j.name, model_dir(out, j)) for j in jobs], first, out / "outputs", grid,
                                  progress=progress)
     doc = summarize_counterfactual(jobs, losses, query_ids, len(seeds), top_ids, random_ids, seed=random_seed)

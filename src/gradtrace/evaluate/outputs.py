@@ -10,6 +10,7 @@ weights change gets a new file, so only missing models are ever computed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -71,8 +72,6 @@ def store_examples(adapter: ModelAdapter, model_config: dict, store) -> Examples
     missing = [int(i) for i in store.ids if int(i) not in pos]
     if missing:
         raise UserError(f"feature store {store.path} has ids not in its source (e.g. {missing[0]}); featurize again")
-    rows = torch.as_tensor([pos[int(i)] for i in store.ids], dtype=torch.long)
-    cond = store.cond if store.cond is not None else (None if ex.cond is None else ex.cond[rows.numpy()])
-    return Examples(images=ex.images[rows], ids=np.asarray(store.ids, dtype=np.int64), cond=cond,
-                    captions=[ex.captions[int(r)] for r in rows], source=store.settings["source"],
-                    texts=None if ex.texts is None else [ex.texts[int(r)] for r in rows])
+    picked = ex.take([pos[int(i)] for i in store.ids])
+    return dataclasses.replace(picked, ids=np.asarray(store.ids, dtype=np.int64), source=store.settings["source"],
+                               cond=store.cond if store.cond is not None else picked.cond)
