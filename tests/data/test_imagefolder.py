@@ -97,13 +97,20 @@ def test_grayscale_and_non_square(tmp_path):
     ds = load_dataset(f"imagefolder:{gray}")
     assert ds.images.shape == (2, 1, 5, 5)
     np.testing.assert_allclose(ds.images[1].numpy(), expected(gray / "y.png", mode="L"), atol=1e-6)
-    # one colour image makes the whole set RGB; a non-square image is resized to size x size
-    write_png(gray / "z.png", rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    # one colour image makes the whole set RGB; a non-square image is centre-cropped, not squashed
+    z = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    write_png(gray / "z.png", z)
     mixed = load_dataset(f"imagefolder:{gray}")
     assert mixed.images.shape == (3, 3, 5, 5)
     np.testing.assert_allclose(mixed.images[0].numpy(), expected(gray / "x.png"), atol=1e-6)
     assert torch.equal(mixed.images[0, 0], mixed.images[0, 2])  # gray -> RGB copies the channel
-    np.testing.assert_allclose(mixed.images[2].numpy(), expected(gray / "z.png", size=5), atol=1e-6)
+    np.testing.assert_allclose(mixed.images[2].numpy(), z[:, 1:6].transpose(2, 0, 1) / 127.5 - 1.0, atol=1e-6)
+    # a larger one has its shorter side resized to the size first (10 x 14 -> 5 x 7), then the centre kept
+    big = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    write_png(gray / "zz.png", big)
+    small = np.asarray(Image.fromarray(big).resize((7, 5), Image.Resampling.BICUBIC)).astype(np.float64)
+    again = load_dataset(f"imagefolder:{gray}")
+    np.testing.assert_allclose(again.images[3].numpy(), small[:, 1:6].transpose(2, 0, 1) / 127.5 - 1.0, atol=1e-6)
 
 
 def test_folder_errors(tmp_path):

@@ -87,11 +87,27 @@ def _open(path: Path):
         raise UserError(f"cannot read image {path}: {exc}; replace or remove the file") from None
 
 
+def fit_square(img, size: int):
+    """Resize the shorter side to `size` (bicubic), then centre-crop to size x size."""
+    from PIL import Image
+
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if new != (w, h):
+        img = img.resize(new, resample=Image.Resampling.BICUBIC)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def load_imagefolder(path: str, *, size: int | None = None, n: int | None = None) -> ImageDataset:
     """Load a folder of images as (N, C, size, size) in [-1, 1]; C = 1 if every image is grayscale, else 3.
 
-    `size` defaults to the first image's width (its smaller side if not square); every image is resized to
-    size x size (bicubic) unless it already is. `n` keeps the first n images in sorted order.
+    `size` defaults to the first image's smaller side. An image of another size has its shorter side resized
+    to `size` (bicubic) and is then centre-cropped to size x size, so nothing is squashed (the Resize +
+    CenterCrop of torchvision and of diffusers' training scripts). `n` keeps the first n images in sorted order.
     """
     from PIL import Image
 
@@ -134,8 +150,7 @@ def load_imagefolder(path: str, *, size: int | None = None, n: int | None = None
     arrays = []
     for name, img in zip(files, images):
         img = img.convert(mode)
-        if img.size != (size, size):
-            img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
+        img = fit_square(img, size)
         arr = np.asarray(img, dtype=np.float32)
         arrays.append(arr[None] if mode == "L" else arr.transpose(2, 0, 1))
     pixels = np.stack(arrays) / 127.5 - 1.0
