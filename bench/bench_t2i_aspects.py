@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Aspect retrieval with prompt-defined aspects on a text-to-image LoRA fine-tune: do weights learned on prompts
+that name only one aspect retrieve training images that share that aspect with the query?
+
+    python bench/bench_t2i_aspects.py --pipeline PIPE --out bench_out/t2i_aspects    # full settings
+    python bench/bench_t2i_aspects.py --quick --out bench_out/t2i_aspects_q            # tiny smoke run
+
+Protocol. The small SD-layout pipeline (`gradtrace build-pipeline`, or --pipeline) is fine-tuned with LoRA on
+n_train captioned shapes. Evaluation queries: images generated from full captions ("a striped circle on a
+checker background") of seeded random attribute combinations (EVAL_SEED). Learning queries (never the
+evaluation ones): "general" = images generated from training captions drawn at random (what `learn-weights
+--generate` does), and per aspect a = images generated from prompts that name only a ("a striped shape"), as
+`learn-weights --generate --aspect a` makes them (`query_request(aspect=a)`). Per base method and kernel, general
+and per-aspect weights are learned with λ chosen label-free on that learning set. A training image is relevant to
+a query for aspect a when it has the query's value of a, judged two ways: (prompt) the value the query's prompt
+asked for; (shown) the value a pixel logistic-regression classifier, trained on the real training images and
+reported with its held-out accuracy, reads off the generated image. Recall@10 and mAP per aspect for uniform,
+general and each aspect's weights, pixel −L2 and random; paired bootstrap CI of Recall@10(aspect weights) −
+Recall@10(uniform) on the own aspect. Writes results.json and results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_aspects import effective_groups, paired_ci
+
+EVAL_SEED = 1001
+LEARN_SEED = 2002  # general; aspect i uses LEARN_SEED + 1 + i
+RANDOM_SEED = 7
+ASPECTS = ("subject", "style", "background")
+SETTINGS = {
+    "full": {"n_train": 240, "rank": 4, "steps": 200, "batch_size": 16, "n_eval": 60, "n_learn": 48,
+             "sample_steps": 25, "guidance": 3.0, "dim": 2048, "timesteps": 6, "learn_steps": 200, "k": 10,
+             "bootstrap": 2000, "split_seed": 0, "threads": 1},
+    "quick": {"n_train": 24, "rank": 2, "steps": 4, "batch_size": 8, "n_eval": 4, "n_learn": 4, "sample_steps": 2,
+              "guidance": 2.0, "dim": 32, "timesteps": 1, "learn_steps": 5, "k": 3, "bootstrap": 200,
+              "split_seed": 0, "threads": 1, "vae_steps": 5, "unet_steps": 5},
+}
+METHODS = [("tracin", "shared", "loss"), ("trak", "shared", "loss"), ("trak", "per-group", "loss"),
+           ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak")]
+
+
+def log(msg: str) -> None:
+    print(f"[bench-t2i-aspects] {msg}", file=sys.stderr, flush=True)
+
+
+def eval_prompts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """`n` full captions of random attribute combinations and their (n, 3) value codes."""
+    from gradtrace.data.shapes import ATTRIBUTES, caption
+
+    rng = np.random.default_rng([seed, 31])
+    codes = np.stack([rng.integers(0, len(ATTRIBUTES[a]), n) for a in ASPECTS], axis=1)
+    texts = [caption(*(ATTRIBUTES[a][int(c)] for a, c in zip(ASPECTS, row))) for row in codes]
+    return texts, codes
+
+
+def run(out: Path, s: dict, pipeline: str | None) -> dict:
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from gradtrace.adapters import adapter_of
+    from gradtrace.attribution import fit_method, read_group_weights
+    from gradtrace.data import load_dataset
+    from gradtrace.data.shapes import ATTRIBUTES
+    from gradtrace.evaluate.retrieval import average_precision, recall_at_k, shared_value_relevance
+    from gradtrace.io import versions, write_json_atomic
+    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, SampleSpec, TrainSpec, featurize_run,
+                                    learn_weights_run, sample_run, train_run)
+    from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
+
+    torch.set_num_threads(int(s["threads"]))
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def stage(name, fn, *a, **kw):
+        t = time.perf_counter()
+        log(f"{name} ...")
+        result = fn(*a, **kw)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
+        return result
+
+    if pipeline is None:
+        steps = {k: s[k] for k in ("vae_steps", "unet_steps") if k in s}
+        pipeline = str(stage("build-pipeline", build_pipeline_run,
+                             BuildPipelineSpec(out=str(out / "pipeline"), **steps), progress=False))
+    ds = load_dataset("shapes")
+    perm = np.random.default_rng(s["split_seed"]).permutation(len(ds))
+    train_ids = np.sort(perm[:s["n_train"]])
+    held_ids = np.sort(perm[s["n_train"]:])
+    run_dir = str(stage("fine-tune", train_run, TrainSpec(data="shapes", out=str(out / "run"), ids=train_ids,
+                                                          base=pipeline, lora_rank=s["rank"], steps=s["steps"],
+                                                          batch_size=s["batch_size"]), progress=False))
+    adapter = adapter_of(run_dir)
+    ckpt = adapter.load(run_dir)
+    texts, eval_codes = eval_prompts(s["n_eval"], EVAL_SEED)
+    sets = {"eval": (texts, EVAL_SEED),
+            "learn-general": (adapter.query_request(ckpt, s["n_learn"], aspect=None, seed=LEARN_SEED)["texts"],
+                              LEARN_SEED)}
+    for i, a in enumerate(ASPECTS):
+        seed = LEARN_SEED + 1 + i
+        sets[f"learn-{a}"] = (adapter.query_request(ckpt, s["n_learn"], aspect=a, seed=seed)["texts"], seed)
+    for name, (prompts, seed) in sets.items():
+        stage("sample", sample_run, SampleSpec(checkpoint=run_dir, out=str(out / "samples" / name), texts=prompts,
+                                               num=len(prompts), guidance=s["guidance"],
+                                               sample_steps=s["sample_steps"], seed=seed), progress=False)
+    stores = {}
+    for meas in ("loss", "dtrak"):
+        spec = dict(checkpoint=run_dir, dim=s["dim"], measurement=meas, timesteps=s["timesteps"], overwrite=True)
+        stores[meas] = {"train": stage("featurize", featurize_run, FeaturizeSpec(
+            out=str(out / "features" / meas / "train"), **spec), progress=False)}
+        for name in sets:
+            stores[meas][name] = stage("featurize", featurize_run, FeaturizeSpec(
+                out=str(out / "features" / meas / name), samples=str(out / "samples" / name), **spec), progress=False)
+
+    # ---- relevance: by the prompt's value, and by what a classifier reads off the generated image
+    codes = ds.attribute_codes()
+    pos = ds.index_of(train_ids)
+    train_codes = codes[pos]
+    train_x = ds.images[torch.as_tensor(pos)].flatten(1).double().numpy()
+    held_pos = ds.index_of(held_ids)
+    held_x = ds.images[torch.as_tensor(held_pos)].flatten(1).double().numpy()
+    imgs = {name: np.load(out / "samples" / name / "images.npy").reshape(len(p), -1).astype(np.float64)
+            for name, (p, _) in sets.items()}
+    shown = np.empty_like(eval_codes)
+    fidelity = {}
+    for i, a in enumerate(ASPECTS):
+        clf = LogisticRegression(max_iter=3000, C=0.1).fit(train_x, train_codes[:, i])
+        shown[:, i] = clf.predict(imgs["eval"])
+        fidelity[a] = {"heldout_accuracy": float((clf.predict(held_x) == codes[held_pos, i]).mean()),
+                       "eval_matches_prompt": float((shown[:, i] == eval_codes[:, i]).mean())}
+    relevance = {"prompt": {a: shared_value_relevance(eval_codes[:, i], train_codes[:, i])
+                            for i, a in enumerate(ASPECTS)},
+                 "shown": {a: shared_value_relevance(shown[:, i], train_codes[:, i]) for i, a in enumerate(ASPECTS)}}
+
+    def metrics(scores: np.ndarray) -> dict:
+        return {judge: {a: {"recall": recall_at_k(scores, rel[a], s["k"]).values,
+                            "map": average_precision(scores, rel[a]).values} for a in ASPECTS}
+                for judge, rel in relevance.items()}
+
+    ev = imgs["eval"]
+    pixel = -((ev ** 2).sum(1)[:, None] - 2 * ev @ train_x.T + (train_x ** 2).sum(1)[None, :])
+    baselines = {"pixel −L2": metrics(pixel),
+                 "random": metrics(np.random.default_rng(RANDOM_SEED).normal(size=pixel.shape))}
+    methods = {}
+    for method, kernel, meas in METHODS:
+        key = f"{method}/{kernel}"
+        train, ev_store = stores[meas]["train"], stores[meas]["eval"]
+        rows, fitted_by_c = {}, {}
+
+        def fitted_at(c):
+            if float(c) not in fitted_by_c:
+                fitted_by_c[float(c)] = fit_method(train, method, kernel=kernel, c=float(c), progress=False)
+            return fitted_by_c[float(c)]
+
+        qf = np.asarray(ev_store.features)
+        for wset in ("general", *ASPECTS):
+            path = out / "weights" / f"{method}-{kernel}-{wset}.json"
+            stage("learn-weights", learn_weights_run, LearnWeightsSpec(
+                train=str(train.path), out=str(path), queries=str(stores[meas][f"learn-{wset}"].path), method=method,
+                kernel=kernel, lambda_c="auto", k=s["k"], steps=s["learn_steps"]), progress=False)
+            w, info = read_group_weights(train, ev_store, path, method=method, kernel=kernel)
+            if wset == "general":
+                rows["uniform"] = {"c": info["lambda_c"], "n_eff": float(len(w)),
+                                   "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf))}
+            rows[wset] = {"c": info["lambda_c"], "n_eff": effective_groups(w), "weights": w.tolist(),
+                          "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf, weights=w))}
+        methods[key] = {"group_names": train.group_names, "rows": rows}
+    timings["total"] = round(time.perf_counter() - t_all, 1)
+    doc = {"settings": s, "pipeline": pipeline, "run": run_dir, "groups": len(stores["loss"]["train"].group_names),
+           "seeds": {"eval": EVAL_SEED, "learn": LEARN_SEED, "random": RANDOM_SEED},
+           "prompts": {name: p for name, (p, _) in sets.items()}, "fidelity": fidelity,
+           "chance": {a: 1.0 / len(ATTRIBUTES[a]) for a in ASPECTS},
+           "summary": summarize(methods, baselines, s), "timings_s": timings, "versions": versions(),
+           "command": " ".join(["python", *sys.argv])}
+    doc["markdown"] = markdown(doc)
+    write_json_atomic(out / "results.json", doc)
+    (out / "results.md").write_text(doc["markdown"] + "\n")
+    return doc
+
+
+def _mean(v: np.ndarray) -> float | None:
+    v = np.asarray(v, dtype=np.float64)
+    return None if np.isnan(v).all() else float(np.nanmean(v))
+
+
+def summarize(methods: dict, baselines: dict, s: dict) -> dict:
+    table, verdict = [], []
+    for judge in ("prompt", "shown"):
+        for key, r in methods.items():
+            for wset, row in r["rows"].items():
+                m = row["metrics"][judge]
+                table.append({"judge": judge, "method": key, "weights": wset, "c": row["c"], "n_eff": row["n_eff"],
+                              **{f"{a}_{x}": _mean(m[a][x]) for a in ASPECTS for x in ("recall", "map")}})
+            for a in ASPECTS:
+                u = r["rows"]["uniform"]["metrics"][judge][a]["recall"]
+                for cmp in ("general", a):
+                    w = r["rows"][cmp]["metrics"][judge][a]["recall"]
+                    ok = ~np.isnan(u) & ~np.isnan(w)
+                    ci = paired_ci(w[ok], u[ok], s["bootstrap"])
+                    verdict.append({"judge": judge, "method": key, "aspect": a, "weights": cmp,
+                                    "uniform": float(np.mean(u[ok])), "learned": float(np.mean(w[ok])),
+                                    "delta": float(np.mean(w[ok] - u[ok])), "ci95": ci,
+                                    "verdict": "beats" if ci[0] > 0 else ("worse" if ci[1] < 0 else "no clear difference")})
+        for name, m in baselines.items():
+            table.append({"judge": judge, "method": name, "weights": "—", "c": None, "n_eff": None,
+                          **{f"{a}_{x}": _mean(m[judge][a][x]) for a in ASPECTS for x in ("recall", "map")}})
+    return {"table": table, "verdict": verdict}
+
+
+def markdown(doc: dict) -> str:
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    s = doc["settings"]
+    lines = [f"Prompt-defined aspects on a text-to-image LoRA fine-tune ({s['n_train']} captioned shapes, "
+             f"{doc['groups']} groups): {s['n_eval']} generated evaluation queries, {s['n_learn']} learning queries "
+             "per set.", ""]
+    for judge, what in (("prompt", "relevance by the value the prompt asked for"),
+                        ("shown", "relevance by the value the classifier reads off the generated image")):
+        lines += [f"Recall@{s['k']} and mAP, {what}:", "",
+                  "| method | weights | λ c | n_eff | " + " | ".join(f"{a} R@{s['k']} | {a} mAP" for a in ASPECTS) + " |",
+                  "|" + "---|" * (4 + 2 * len(ASPECTS))]
+        for r in doc["summary"]["table"]:
+            if r["judge"] != judge:
+                continue
+            c = "—" if r["c"] is None else f"{r['c']:g}"
+            n_eff = "—" if r["n_eff"] is None else f"{r['n_eff']:.1f}"
+            lines.append(f"| {r['method']} | {r['weights']} | {c} | {n_eff} | " +
+                         " | ".join(f"{fmt(r[f'{a}_recall'])} | {fmt(r[f'{a}_map'])}" for a in ASPECTS) + " |")
+        lines += ["", f"Recall@{s['k']} of learned weights − uniform on each aspect ({judge}; paired bootstrap 95% CI "
+                  "over evaluation queries):", "",
+                  "| method | aspect | weights | uniform | learned | Δ | 95% CI | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for v in doc["summary"]["verdict"]:
+            if v["judge"] == judge:
+                lines.append(f"| {v['method']} | {v['aspect']} | {v['weights']} | {v['uniform']:.3f} | "
+                             f"{v['learned']:.3f} | {v['delta']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | "
+                             f"{v['verdict']} |")
+        lines.append("")
+    lines += ["Classifier of the 'shown' relevance (pixel logistic regression trained on the training images): "
+              "accuracy on held-out real shapes, and how often it reads the prompt's value off the generated "
+              "evaluation image:", "", "| aspect | chance | held-out real | generated = prompt |", "|---|---|---|---|"]
+    for a, row in doc["fidelity"].items():
+        lines.append(f"| {a} | {doc['chance'][a]:.3f} | {row['heldout_accuracy']:.3f} | {row['eval_matches_prompt']:.3f} |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in doc["timings_s"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings")
+    p.add_argument("--out", default=None, help="output directory (default bench_out/t2i_aspects[_quick])")
+    p.add_argument("--pipeline", default=None, help="an existing base pipeline folder (default: build one in --out)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    args = p.parse_args(argv)
+    s = dict(SETTINGS["quick" if args.quick else "full"])
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        if key not in s:
+            p.error(f"unknown setting {key!r}; known: {', '.join(s)}")
+        s[key] = type(s[key])(json.loads(value))
+    out = Path(args.out or ("bench_out/t2i_aspects_quick" if args.quick else "bench_out/t2i_aspects"))
+    doc = run(out, s, args.pipeline)
+    print(doc["markdown"])
+    print(f"\nresults: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
