@@ -32,7 +32,7 @@ EVAL_SEED = 1001
 LEARN_SEED = 2002
 N_SHAPES = 960
 SETTINGS = {
-    "full": {"n_train": 240, "rank": 4, "steps": 200, "batch_size": 16, "subsets": 32, "fraction": 0.5, "seeds": 1,
+    "full": {"n_train": 320, "rank": 4, "steps": 300, "batch_size": 16, "subsets": 64, "fraction": 0.5, "seeds": 1,
              "workers": 2, "n_heldout": 60, "n_samples": 60, "n_learn": 60, "sample_steps": 25, "guidance": 2.0,
              "dim": 2048, "timesteps": 10, "grid_timesteps": 10, "grid_draws": 4, "learn_steps": 200,
              "split_seed": 0, "c": "auto", "threads": 1},
