@@ -114,6 +114,8 @@ class ModelAdapter(ABC):
     model_kinds: tuple[str, ...] = ()
     output_name: str = "loss"          # what `outputs` returns, as recorded in evaluation manifests
     output_is_loss: bool = True        # LDS targets are −output when True (a helpful example lowers the loss)
+    train_devices: tuple[str, ...] = ("cpu",)          # device types `train` runs on
+    train_precisions: tuple[str, ...] = ("float32",)   # compute precisions `train` runs at
 
     # ------------------------------------------------------------------ checkpoints
     @abstractmethod
@@ -158,7 +160,9 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def train(self, model_config: dict, dataset, train_config: Any, ids=None, progress: bool = True) -> nn.Module:
-        """Train a fresh model (seed in `train_config`) on `dataset` rows `ids` (None = all); deterministic."""
+        """Train a fresh model (seed in `train_config`) on `dataset` rows `ids` (None = all); deterministic.
+        An adapter listing more than the CPU in `train_devices` also takes `device=torch.device`, and one
+        listing bfloat16 in `train_precisions` reads the precision from its `train_config` ("precision")."""
 
     # ------------------------------------------------------------------ evaluation and queries
     @abstractmethod

@@ -24,6 +24,7 @@ from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, Eva
                                 sample_run, train_run)
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG
+from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
 
 EXIT_USAGE = 2
 
@@ -109,6 +110,8 @@ COMMANDS: dict[str, Command] = {
                        "retrain the run's model on random training subsets (for the LDS)", RETRAIN_EPILOG),
     "build-pipeline": Command(BuildPipelineSpec, build_pipeline_run, _say_build,
                               "build and pretrain a small text-to-image pipeline (SD layout) from configs"),
+    "import-lora": Command(ImportLoraSpec, import_lora_run, _say_train,
+                           "UNet LoRA weights trained elsewhere (diffusers' scripts) + their base, as a checkpoint"),
 }
 EVAL_COMMANDS: dict[str, Command] = {
     "lds": Command(EvalLDSSpec, eval_lds, _say_lds, "linear datamodeling score against a finished retraining",

@@ -34,6 +34,7 @@ class FeatureSpec:
     noise_seed: int = 0
     chunk_rows: int = 64
     dtype: str = "float32"  # storage: float32 | float16 | bfloat16 (scoring upcasts chunks to float32)
+    precision: str = "float32"  # compute: float32 | bfloat16 forward and backward (gradients reach float32)
 
 
 def build_featurizer(model: torch.nn.Module, objective: Objective, spec: FeatureSpec, preset_key=None,
@@ -43,13 +44,16 @@ def build_featurizer(model: torch.nn.Module, objective: Objective, spec: Feature
     `preset_key` / `adapter_presets`: the adapter's own group presets (see `make_groups`)."""
     groups = make_groups(model, spec.groups, preset_key, adapter_presets)
     if spec.projection == KRONECKER:
+        if spec.precision != "float32":
+            raise UserError("the kronecker projection computes in float32; drop --dtype or use --projection "
+                            "rademacher")
         projector = KroneckerProjector.create(model, groups, total_dim=spec.total_dim, seed=spec.projection_seed)
         return KroneckerFeaturizer(model, objective, groups, projector), groups
     named = dict(model.named_parameters())
     sizes = [sum(named[p].numel() for p in g.params) for g in groups]
     projector = GroupProjector.create(spec.projection, [g.name for g in groups], sizes,
                                       total_dim=spec.total_dim, seed=spec.projection_seed)
-    return GradientFeaturizer(model, objective, groups, projector), groups
+    return GradientFeaturizer(model, objective, groups, projector, precision=spec.precision), groups
 
 
 def featurizer_for(adapter: ModelAdapter, checkpoint: Checkpoint, spec: FeatureSpec,
@@ -77,7 +81,7 @@ def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
         start += k
     return {"model_fingerprint": model_fingerprint, "groups_spec": spec.groups, "groups": slices,
             "projection": featurizer.projector.info(), "measurement": featurizer.objective.info(),
-            "dtype": spec.dtype, "dim": start, "chunk_rows": int(spec.chunk_rows), "source": source,
+            "dtype": spec.dtype, "precision": spec.precision, "dim": start, "chunk_rows": int(spec.chunk_rows), "source": source,
             "spec": asdict(spec)}
 
 

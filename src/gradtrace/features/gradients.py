@@ -15,14 +15,17 @@ from gradtrace.adapters.base import Objective
 from gradtrace.errors import UserError
 from gradtrace.features.groups import Group
 from gradtrace.features.projection import GroupProjector
+from gradtrace.precision import cast_floating, check_precision
 
 
 class GradientFeaturizer:
     """Turns (inputs, ids, conditioning) into per-example projected gradient features."""
 
     def __init__(self, model: torch.nn.Module, objective: Objective, groups: list[Group],
-                 projector: GroupProjector | None):
+                 projector: GroupProjector | None, precision: str = "float32"):
         self.model = model.eval()
+        self.precision = precision
+        self.compute_dtype = check_precision(precision)
         self.groups = groups
         self.projector = projector
         self.objective = objective
@@ -39,8 +42,15 @@ class GradientFeaturizer:
 
     def _output(self, params, *args):
         tensors = {**params, **self.frozen, **self.buffers}
-        return self.objective.example_output(lambda *model_args: functional_call(self.model, tensors, model_args),
-                                             *args)
+        if self.compute_dtype == torch.float32:
+            return self.objective.example_output(
+                lambda *model_args: functional_call(self.model, tensors, model_args), *args)
+        # reduced precision: the forward (and so the backward) runs on cast copies; the gradient reaching the
+        # float32 parameters through the cast is float32, and the measurement reduces a float32 prediction
+        low = cast_floating(tensors, self.compute_dtype)
+        return self.objective.example_output(
+            lambda *model_args: functional_call(self.model, low, cast_floating(model_args, self.compute_dtype)).float(),
+            *args)
 
     def per_example_grads(self, inputs: torch.Tensor, ids, cond=None) -> dict[str, torch.Tensor]:
         """{param name: (B, *param shape)} gradients of each example's output."""

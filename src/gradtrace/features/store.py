@@ -29,7 +29,8 @@ FORMAT = "gradtrace-features"
 FORMAT_VERSION = 1
 OWN_FILES = {"manifest.json", "features.npy", "ids.npy", "cond.npy", "progress.json"}
 # Settings that must agree between training features and query features to score one against the other.
-COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype")
+COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype", "precision")
+COMPAT_DEFAULTS = {"precision": "float32"}  # stores written before the key existed
 DTYPES = ("float32", "float16", "bfloat16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 CACHE = ".gradtrace-cache"
@@ -151,9 +152,9 @@ class FeatureStore:
 
     def check_compatible(self, other: "FeatureStore") -> None:
         """Refuse to score `other` (queries) against this store (training set) unless settings agree."""
-        check_match(self.settings, other.settings, COMPAT_KEYS,
+        check_match({**COMPAT_DEFAULTS, **self.settings}, {**COMPAT_DEFAULTS, **other.settings}, COMPAT_KEYS,
                     what=f"query features {other.path} do not match training features {self.path}",
-                    fix="featurize both with the same checkpoint, groups, projection and measurement")
+                    fix="featurize both with the same checkpoint, groups, projection, measurement and dtypes")
 
 
 def cache_dir_for(store_path) -> Path:

@@ -11,7 +11,7 @@ from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.projection import DEFAULT_TOTAL_DIM, KINDS
 from gradtrace.features.store import DTYPES, FeatureStore, cache_dir_for
 from gradtrace.io import command_line
-from gradtrace.pipeline.devices import device_option, resolve_device
+from gradtrace.pipeline.devices import device_option, dtype_option, resolve_device
 from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.pipeline.train import resolve_ids
 
@@ -35,9 +35,10 @@ class FeaturizeSpec(Spec):
     timesteps: int = option(10, "T timesteps averaged per example", check=positive)
     noise_seed: int = option(0, "seed of the per-example noise")
     chunk: int = option(64, "examples per chunk", check=positive)
-    dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
+    store_dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     overwrite: bool = option(False, "replace a store made with other settings")
     device: str = device_option()
+    dtype: str = dtype_option()
 
     def validate(self) -> None:
         if self.data and self.samples:
@@ -49,7 +50,7 @@ class FeaturizeSpec(Spec):
         return FeatureSpec(groups=self.groups, projection=self.projection, total_dim=self.dim,
                            projection_seed=self.proj_seed, measurement=self.measurement,
                            num_timesteps=self.timesteps, noise_seed=self.noise_seed, chunk_rows=self.chunk,
-                           dtype=self.dtype)
+                           dtype=self.store_dtype, precision=self.dtype)
 
     @classmethod
     def like(cls, settings: dict, **where) -> "FeaturizeSpec":
@@ -57,7 +58,7 @@ class FeaturizeSpec(Spec):
         s = settings["spec"]
         return cls(groups=s["groups"], projection=s["projection"], dim=s["total_dim"], proj_seed=s["projection_seed"],
                    measurement=s["measurement"], timesteps=s["num_timesteps"], noise_seed=s["noise_seed"],
-                   chunk=s["chunk_rows"], dtype=s["dtype"], **where)
+                   chunk=s["chunk_rows"], store_dtype=s["dtype"], dtype=s.get("precision", "float32"), **where)
 
 
 def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore:

@@ -4,12 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from gradtrace.adapters import adapter_of
 from gradtrace.data.sources import save_samples
 from gradtrace.errors import UserError
 from gradtrace.io import command_line
-from gradtrace.pipeline.devices import device_option, resolve_device
+from gradtrace.pipeline.devices import device_option, dtype_option, resolve_device
 from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.precision import autocast
 from gradtrace.report.grids import image_grid
 
 SAMPLERS = ("ddim", "ddpm")
@@ -57,6 +60,7 @@ class SampleSpec(Spec):
     eta: float = option(1.0, "DDIM noise level in [0, 1] (0 = deterministic DDIM)")
     seed: int = option(0, "sampling seed")
     device: str = device_option()
+    dtype: str = dtype_option()
 
     def validate(self) -> None:
         parse_attrs(self.attr)
@@ -88,15 +92,18 @@ def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
     """Generate `spec.num` images (attributes from `attr`, or per-image `codes`); writes a samples directory."""
     adapter = adapter_of(spec.checkpoint)
     ckpt = adapter.load(spec.checkpoint)
-    ckpt.model.to(resolve_device(spec.device))
     attrs = parse_attrs(spec.attr)
     vocabulary = adapter.attributes(ckpt)
     request = spec.codes if spec.codes is not None else (attrs or None)
     prompts = spec.prompt_list()
     num = len(prompts) if prompts is not None else (len(spec.codes) if spec.codes is not None else spec.count())
-    images, cond = adapter.sample(ckpt, num, attributes=request, prompts=prompts, guidance_scale=spec.guidance,
-                                  steps=spec.sample_steps, sampler=spec.sampler, seed=spec.seed, eta=spec.eta,
-                                  progress=progress)
+    device = resolve_device(spec.device)
+    ckpt.model.to(device)
+    with autocast(device, spec.dtype):
+        images, cond = adapter.sample(ckpt, num, attributes=request, prompts=prompts, guidance_scale=spec.guidance,
+                                      steps=spec.sample_steps, sampler=spec.sampler, seed=spec.seed, eta=spec.eta,
+                                      progress=progress)
+    images = images.to(torch.float32)
     info = {"checkpoint": str(Path(spec.checkpoint).resolve()), "model_fingerprint": ckpt.fingerprint,
             "attributes": attrs, "attribute_values": vocabulary,
             "guidance": spec.guidance, "sampler": spec.sampler, "sample_steps": spec.sample_steps, "seed": spec.seed,

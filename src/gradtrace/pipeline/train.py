@@ -11,6 +11,7 @@ from gradtrace.adapters import DEFAULT_ADAPTER, get_adapter
 from gradtrace.data.sources import dataset_source, open_dataset, read_ids
 from gradtrace.errors import UserError
 from gradtrace.io import command_line
+from gradtrace.pipeline.devices import device_option, dtype_option, resolve_device
 from gradtrace.pipeline.spec import Spec, option, positive
 
 
@@ -35,6 +36,8 @@ class TrainSpec(Spec):
                                     type=int, check=positive)
     lr: float | None = option(None, "learning rate (default: the recipe's)", type=float)
     seed: int = option(0, "training seed")
+    device: str = device_option()
+    dtype: str = dtype_option()
 
     def __post_init__(self) -> None:
         if self.adapter is None:
@@ -44,7 +47,13 @@ class TrainSpec(Spec):
     def validate(self) -> None:
         if self.lora_rank is not None and self.base is None:
             raise UserError("--lora-rank fine-tunes a pipeline; pass --base PIPELINE too")
-        kinds = get_adapter(self.adapter).model_kinds
+        adapter = get_adapter(self.adapter)
+        kinds = adapter.model_kinds
+        if self.dtype not in adapter.train_precisions:
+            raise UserError(f"--dtype {self.dtype}: {adapter.name} models train in "
+                            f"{' or '.join(adapter.train_precisions)}; drop --dtype")
+        if self.device == "cuda" and "cuda" not in adapter.train_devices:
+            raise UserError(f"{adapter.name} models train on the CPU; use --device cpu (or auto)")
         if self.model != "auto" and self.model not in kinds:
             raise UserError(f"--model must be auto or one of {', '.join(kinds)}, got {self.model!r}")
 
@@ -67,11 +76,15 @@ def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
     model_config = adapter.default_model_config(ds, spec.model, base=spec.base, lora_rank=spec.lora_rank)
     values = {"seed": spec.seed, **{k: v for k, v in (("steps", spec.steps), ("batch_size", spec.batch_size),
                                                        ("lr", spec.lr)) if v is not None}}
+    if spec.dtype != "float32":  # the precision is part of the recipe: subset models are retrained alike
+        values["precision"] = spec.dtype
     train_config = adapter.train_config(values)
     out = Path(spec.out)
     if _cached_checkpoint(out, model_config, train_config, ds, ids):
         return out
-    model = adapter.train(model_config, ds, train_config, ids=ids, progress=progress)
+    device = resolve_device(spec.device) if "cuda" in adapter.train_devices else None
+    on_gpu = {} if device is None or device.type == "cpu" else {"device": device}
+    model = adapter.train(model_config, ds, train_config, ids=ids, progress=progress, **on_gpu)
     adapter.save(out, model, train_config=train_config, dataset_info={**ds.info(), "source": source},
                  train_ids=None if ids is None else [int(i) for i in ids],
                  extra={"command": command_line(), "spec": spec.to_dict()})

@@ -24,7 +24,7 @@ from gradtrace.adapters.diffusers.folder import (Components, PixelComponents, fi
                                                 is_pipeline_folder, is_text_to_image, load_components,
                                                 load_pixel_components, text_ids)
 from gradtrace.adapters.diffusers.latents import encode_latents, fit_resolution
-from gradtrace.adapters.diffusers.model import LORA_TARGETS, PixelDiffusion, TextToImage
+from gradtrace.adapters.diffusers.model import LORA_TARGETS, PixelDiffusion, TextToImage, lora_shape, peft_format
 from gradtrace.adapters.diffusers.objective import TextObjective
 from gradtrace.adapters.diffusers.train import FineTuneConfig, fine_tune, select_rows
 from gradtrace.adapters.diffusion.groups import PRESETS, block_key
@@ -47,6 +47,8 @@ class DiffusersAdapter(ModelAdapter):
     model_kinds = (KIND, PIXEL)
     output_name = "latent diffusion loss"
     output_is_loss = True
+    train_devices = ("cpu", "cuda")
+    train_precisions = ("float32", "bfloat16")
 
     def __init__(self):
         self._components: dict[str, Components] = {}
@@ -101,6 +103,27 @@ class DiffusersAdapter(ModelAdapter):
         fingerprint = checkpoint_fingerprint(model.config, path / LORA_FILE)
         return write_manifest(path, model, fingerprint=fingerprint, train_config=train_config,
                               dataset_info=dataset_info, train_ids=train_ids, extra=extra, adapter=self.name)
+
+    def import_lora(self, base, lora, out, *, alpha: float | None = None, extra: dict | None = None) -> Path:
+        """A fine-tune folder gradtrace loads, from UNet LoRA weights saved by diffusers (its training scripts'
+        `pytorch_lora_weights.safetensors`, in either key format) and the base pipeline they were trained on."""
+        lora = Path(lora)
+        file = lora / LORA_FILE if lora.is_dir() else lora
+        if not file.is_file():
+            raise UserError(f"no LoRA weights at {file}; pass the folder diffusers saved them in (with {LORA_FILE}) "
+                            "or the .safetensors file")
+        if not is_text_to_image(base):
+            raise UserError(f"{base} is not a text-to-image pipeline folder; pass the base the LoRA was trained on")
+        parts = self.components(base)
+        state = peft_format(_read_lora(file))
+        unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
+        rank, targets = lora_shape(unet_state, str(file))
+        config = self.pipeline_config(parts, rank)
+        config["lora"].update(alpha=float(rank if alpha is None else alpha), targets=targets)
+        model = TextToImage(parts, config)
+        model.load_lora_state(state, str(file))
+        return self.save(out, model, train_config=None, dataset_info=None,
+                         extra={"imported_from": str(file.resolve()), **(extra or {})})
 
     # ------------------------------------------------------------------ groups and measurements
     def group_key(self, preset: str):
@@ -157,7 +180,8 @@ class DiffusersAdapter(ModelAdapter):
     def train_config(self, values: dict | None) -> FineTuneConfig:
         return FineTuneConfig.from_dict(values)
 
-    def train(self, model_config: dict, dataset, train_config: FineTuneConfig, ids=None, progress: bool = True):
+    def train(self, model_config: dict, dataset, train_config: FineTuneConfig, ids=None, progress: bool = True,
+              device: torch.device | None = None):
         model = self.build(model_config, seed=train_config.seed)
         parts = model.components
         rows = select_rows(dataset, ids)
@@ -165,7 +189,8 @@ class DiffusersAdapter(ModelAdapter):
         latents = encode_latents(parts.vae, parts.vae_fingerprint, dataset.images[rows], model_config["resolution"])
         states = model.encode_text(text_ids(parts, texts))
         empty = model.encode_text(text_ids(parts, [""]))
-        fine_tune(model, latents, states, empty, parts.scheduler.alphas_cumprod, train_config, progress=progress)
+        fine_tune(model, latents, states, empty, parts.scheduler.alphas_cumprod, train_config, progress=progress,
+                  device=device)
         model.train_ids = None if ids is None else np.sort(np.asarray(ids, dtype=np.int64))
         return model
 

@@ -54,10 +54,15 @@ class TextToImage(nn.Module):
                 for k, v in get_peft_model_state_dict(self.unet).items()}
 
     def load_lora_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        state = peft_format(state)
+        if any(k.startswith("text_encoder") for k in state):
+            raise UserError(f"{where} also holds LoRA weights of the text encoder; gradtrace attributes UNet LoRA "
+                            "fine-tunes: save the UNet's LoRA layers only")
         unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
         if not unet_state or len(unet_state) != len(state):
-            raise UserError(f"{where} holds no UNet LoRA weights in diffusers' format (keys 'unet.…lora_A…'); "
-                            "save them with gradtrace train --base or diffusers' save_lora_weights")
+            raise UserError(f"{where} holds no UNet LoRA weights in diffusers' format (keys 'unet.…lora_A…' or "
+                            "'unet.…lora.down…'); save them with gradtrace train --base or diffusers' "
+                            "save_lora_weights")
         want = {k for k in get_peft_model_state_dict(self.unet)}
         try:
             result = set_peft_model_state_dict(self.unet, unet_state)
@@ -84,6 +89,26 @@ class PixelDiffusion(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         return self.unet(x, t, return_dict=False)[0]
+
+
+def peft_format(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA keys as peft names them (lora_A / lora_B); diffusers' training scripts save lora.down / lora.up."""
+    if not any(".lora.down." in k or ".lora.up." in k for k in state):
+        return state
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    return convert_unet_state_dict_to_peft(dict(state))
+
+
+def lora_shape(state: dict[str, torch.Tensor], where: str) -> tuple[int, list[str]]:
+    """(rank, target module names) of UNet LoRA weights in peft format, refusing mixed ranks."""
+    ranks = {int(v.shape[0]) for k, v in state.items() if ".lora_A." in k}
+    if len(ranks) != 1:
+        raise UserError(f"{where} holds {'no LoRA factors' if not ranks else f'LoRA factors of ranks {sorted(ranks)}'}; "
+                        "pass UNet LoRA weights of one rank")
+    modules = {k.split(".lora_A.")[0] for k in state if ".lora_A." in k}
+    targets = sorted({"to_out.0" if m.endswith("to_out.0") else m.rsplit(".", 1)[-1] for m in modules})
+    return ranks.pop(), targets
 
 
 def attach_lora(unet: nn.Module, lora: dict, *, seed: int) -> None:

@@ -3,8 +3,10 @@
 ε-prediction MSE on VAE latents (the posterior mean, scaled), conditioned on the frozen text encoder's
 states of each image's caption; AdamW on the trainable parameters only (the LoRA factors with LoRA, else the
 UNet), a constant learning rate after a short warm-up, gradient clipping. Every random draw (batches,
-timesteps, noise, caption dropout, the LoRA initialisation) comes from generators derived from the seed, so
-the same seed, data and ids give bit-identical weights.
+timesteps, noise, caption dropout, the LoRA initialisation) comes from CPU generators derived from the seed, so
+the same seed, data and ids give bit-identical weights on one device. On a GPU (`device`) the model and the
+batches move there (the draws stay the same); `precision` bfloat16 runs the forward under autocast (the
+LoRA factors and AdamW's state stay float32).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gradtrace.adapters.diffusion.train import batch_stream, stream_generators
 from gradtrace.errors import UserError
+from gradtrace.precision import autocast, check_precision
 
 
 @dataclasses.dataclass
@@ -31,6 +34,7 @@ class FineTuneConfig:
     warmup_steps: int = 20
     grad_clip: float | None = 1.0
     caption_dropout: float = 0.0   # fraction of captions replaced by "" (classifier-free guidance)
+    precision: str = "float32"     # compute precision of the forward: float32 | bfloat16 (autocast)
     seed: int = 0
 
     @classmethod
@@ -45,16 +49,21 @@ class FineTuneConfig:
                             f"{cfg.lr})")
         if not 0.0 <= cfg.caption_dropout <= 1.0:
             raise UserError(f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
+        check_precision(cfg.precision)
         return cfg
 
 
 def fine_tune(model, latents: torch.Tensor, states: torch.Tensor, empty_state: torch.Tensor, alphas_cumprod,
-              cfg: FineTuneConfig, *, progress: bool = True):
-    """Train `model` (a `TextToImage`) in place on latents (N, c, h, w) with text states (N, L, D)."""
+              cfg: FineTuneConfig, *, progress: bool = True, device: torch.device | None = None):
+    """Train `model` (a `TextToImage`) in place on latents (N, c, h, w) with text states (N, L, D), on `device`
+    (default: where the model is); the model is left on the CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters; pass --lora-rank or a pipeline to fine-tune")
-    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    model.to(device)
+    latents, states, empty_state = latents.to(device), states.to(device), empty_state.to(device)
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float32).to(device)
     gens = stream_generators(cfg.seed)
     batches = batch_stream(len(latents), cfg.batch_size, gens["batch"])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -64,25 +73,28 @@ def fine_tune(model, latents: torch.Tensor, states: torch.Tensor, empty_state: t
     model.train()
     start = time.perf_counter()
     for step in tqdm(range(cfg.steps), desc="fine-tune", disable=not progress, leave=False):
-        idx = next(batches)
+        idx = torch.as_tensor(next(batches)).to(device)
         x0, ctx = latents[idx], states[idx]
         b = x0.shape[0]
-        t = torch.randint(0, abar.shape[0], (b,), generator=gens["t"])
-        noise = torch.randn(x0.shape, generator=gens["noise"])
+        t = torch.randint(0, abar.shape[0], (b,), generator=gens["t"]).to(device)
+        noise = torch.randn(x0.shape, generator=gens["noise"]).to(device)
         if cfg.caption_dropout > 0:
-            drop = torch.rand(b, generator=gens["drop"]) < cfg.caption_dropout
+            drop = (torch.rand(b, generator=gens["drop"]) < cfg.caption_dropout).to(device)
             ctx = torch.where(drop.view(b, 1, 1), empty_state.expand_as(ctx), ctx)
         a = abar[t].view(b, 1, 1, 1)
         xt = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(model(xt, t, ctx), noise)
+        with autocast(device, cfg.precision):
+            pred = model(xt, t, ctx)
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        losses[step] = loss.detach()
+        losses[step] = loss.detach().cpu()
     model.eval()
+    model.to("cpu")
     wall = time.perf_counter() - start
     model.train_log = {"losses": losses.numpy(), "wall_s": wall, "ms_per_step": 1000.0 * wall / cfg.steps,
                        "train_config": dataclasses.asdict(cfg), "n_train": int(len(latents)),
