@@ -1,7 +1,7 @@
 """Featurization cost of a text-to-image LoRA fine-tune: LoRA-only per-example features against the
 forward+backward floor of the same pipeline, and against full-UNet features of the base pipeline.
 
-    .venv/bin/python bench/bench_t2i_featurize.py --out bench_out/t2i_featurize
+    .venv/bin/python bench/bench_t2i_featurize.py --out bench_out/t2i_featurize [--pipeline PIPE]
 
 Each configuration runs in its own process (peak RSS is per process), torch on one thread, on the same N
 training images × T timesteps; rates are examples × timesteps per second and ratios are against the floor
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=96)
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--pipeline", default=None, help="an existing base pipeline folder (default: build one in --out)")
     p.add_argument("--worker", nargs=2, metavar=("CONFIG", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.n, args.timesteps, args.chunk, out)))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    pipe = build_pipeline_run(BuildPipelineSpec(out=str(out / "pipe")), progress=False)
+    pipe = args.pipeline or build_pipeline_run(BuildPipelineSpec(out=str(out / "pipe")), progress=False)
     lora = train_run(TrainSpec(data="shapes", n=args.n, base=str(pipe), lora_rank=4, steps=100, batch_size=16,
                                out=str(out / "lora")), progress=False)
     rows = []
