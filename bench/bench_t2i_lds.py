@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""LDS of a text-to-image LoRA fine-tune: TracIn, TRAK and D-TRAK (shared / per-group kernel, uniform / learned
-weights) against pixel-space and random baselines.
+"""LDS of a text-to-image LoRA fine-tune: TracIn, TRAK, D-TRAK and DAS (shared / per-group kernel, uniform /
+learned weights) against pixel-space and random baselines.
 
     python bench/bench_t2i_lds.py --out bench_out/t2i_lds            # full settings (time in docs/benchmarks.md)
     python bench/bench_t2i_lds.py --quick --out bench_out/t2i_lds_q  # tiny settings, a few minutes
@@ -42,7 +42,8 @@ SETTINGS = {
               "c": "auto", "threads": 1, "vae_steps": 5, "unet_steps": 5},
 }
 METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
-           ("dtrak", "per-group")]
+           ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]
+MEASUREMENT = {"dtrak": "dtrak", "das": "das"}  # the others differentiate the loss
 SETS = ("heldout", "samples")
 
 
@@ -109,7 +110,7 @@ def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> d
     sources = {"train": {}, "heldout": {"data": "shapes", "ids": heldout_ids},
                "samples": {"samples": str(out / "samples_eval")}, "learn": {"samples": str(out / "samples_learn")}}
     stores = {}
-    for meas in ("loss", "dtrak"):
+    for meas in ("loss", "dtrak", "das"):
         stores[meas] = {name: stage("featurize", featurize_run, FeaturizeSpec(
             checkpoint=run, out=str(out / "features" / meas / name), dim=s["dim"], timesteps=s["timesteps"],
             measurement=meas, **src), progress=progress) for name, src in sources.items()}
@@ -133,7 +134,7 @@ def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> d
     rows, paired, lambdas, learned, uniform_pq = [], [], {}, {}, {}
     for method, kernel in METHODS:
         t = time.perf_counter()
-        meas = "dtrak" if method == "dtrak" else "loss"
+        meas = MEASUREMENT.get(method, "loss")
         kernel_arg = "shared" if kernel == "identity" else kernel
         st = stores[meas]
         c, grid_table = resolve_learning_c(st["train"], st["learn"], method, kernel_arg, s["c"],
@@ -158,6 +159,9 @@ def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> d
         paired.append({"comparison": f"{method} ({kernel}): learned − uniform",
                        "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
 
+    for kernel in ("shared", "per-group"):  # the published ordering: DAS >= D-TRAK at uniform weights
+        paired.append({"comparison": f"das − dtrak ({kernel}, uniform)",
+                       "delta": summarize(both(uniform_pq[("das", kernel)]) - both(uniform_pq[("dtrak", kernel)]))})
     t = time.perf_counter()  # baselines on the images themselves (pixels), not on latents
 
     def pixels(store) -> np.ndarray:

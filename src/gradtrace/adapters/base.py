@@ -79,6 +79,15 @@ class Objective(ABC):
     def context_stage(self, model: nn.Module) -> ContextStage | None:
         return None
 
+    def row_scale_info(self) -> dict | None:
+        """What `row_scale` computes (recorded in the feature store), or None when this objective has none."""
+        return None
+
+    def row_scale(self, model: nn.Module, inputs, ids, cond) -> np.ndarray | None:
+        """(B,) float64 per-example factor a method multiplies each training example's scores by (e.g. DAS's
+        residual factor), from forward passes only; None when the measurement has none."""
+        return None
+
     def to(self, device: torch.device) -> "Objective":
         """Compute on `device` (the model's); inputs arrive on the CPU and are moved by the objective."""
         return self

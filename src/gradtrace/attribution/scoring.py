@@ -24,6 +24,8 @@ def fit_method(train: FeatureStore, method: str = "trak", *, kernel: str = DEFAU
     than the method requires. `query_side` (methods with a λ): K goes on the queries, Φ is scored directly."""
     base = configure(method, kernel=kernel, c=c)
     base.check_measurement(train.settings["measurement"]["name"], str(train.path))
+    if base.needs_row_scale:  # Ψ's rows carry the factor, so it is written out (no query-side mode)
+        return base.fit(train.features, train.group_slices, progress=progress, row_scale=train.row_scale)
     if query_side and base.uses_lambda:
         return base.fit(train.features, train.group_slices, progress=progress, query_side=True)
     return base.fit(train.features, train.group_slices, progress=progress)

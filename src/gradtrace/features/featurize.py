@@ -79,10 +79,14 @@ def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
         slices.append({"name": g.name, "start": start, "stop": start + k, "size": size,
                        "exact": featurizer.projector.is_exact(len(slices)), "params": list(g.params)})
         start += k
-    return {"model_fingerprint": model_fingerprint, "groups_spec": spec.groups, "groups": slices,
-            "projection": featurizer.projector.info(), "measurement": featurizer.objective.info(),
-            "dtype": spec.dtype, "precision": spec.precision, "dim": start, "chunk_rows": int(spec.chunk_rows), "source": source,
-            "spec": asdict(spec)}
+    settings = {"model_fingerprint": model_fingerprint, "groups_spec": spec.groups, "groups": slices,
+                "projection": featurizer.projector.info(), "measurement": featurizer.objective.info(),
+                "dtype": spec.dtype, "precision": spec.precision, "dim": start, "chunk_rows": int(spec.chunk_rows),
+                "source": source, "spec": asdict(spec)}
+    scale_info = featurizer.objective.row_scale_info()
+    if scale_info is not None:
+        settings["row_scale"] = scale_info
+    return settings
 
 
 def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, cond=None,
@@ -114,7 +118,8 @@ def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, 
         stop = min(start + step, n)
         c = None if cond is None else cond[start:stop]
         block = featurizer.features(inputs[start:stop], ids[start:stop], c)
-        store.write(start, block)
+        scale = featurizer.objective.row_scale(featurizer.model, inputs[start:stop], ids[start:stop], c)
+        store.write(start, block, scale)
         bar.update(stop - start)
         start = stop
         done_chunks += 1

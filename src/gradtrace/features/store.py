@@ -27,7 +27,8 @@ from gradtrace.io import check_match, jsonable, read_json, versions, write_json_
 
 FORMAT = "gradtrace-features"
 FORMAT_VERSION = 1
-OWN_FILES = {"manifest.json", "features.npy", "ids.npy", "cond.npy", "progress.json"}
+OWN_FILES = {"manifest.json", "features.npy", "ids.npy", "cond.npy", "progress.json", "row_scale.npy"}
+ROW_SCALE = "row_scale.npy"  # (N,) float64 per-example factor of a method (settings["row_scale"] says which)
 # Settings that must agree between training features and query features to score one against the other.
 COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype", "precision")
 COMPAT_DEFAULTS = {"precision": "float32"}  # stores written before the key existed
@@ -49,6 +50,13 @@ class FeatureStore:
         self.ids = np.load(self.path / "ids.npy")
         cond_path = self.path / "cond.npy"
         self.cond = np.load(cond_path) if cond_path.exists() else None
+        scale_path = self.path / ROW_SCALE
+        self._row_scale = np.load(scale_path, mmap_mode=mode) if scale_path.exists() else None
+
+    @property
+    def row_scale(self) -> np.ndarray | None:
+        """The per-example factor a method needs beside the features (DAS's residual factor), or None."""
+        return None if self._row_scale is None else np.asarray(self._row_scale, dtype=np.float64)
 
     # ----------------------------------------------------------------- creation and resume
     @classmethod
@@ -64,12 +72,12 @@ class FeatureStore:
         if path.exists() and any(path.iterdir()):
             if (path / "manifest.json").exists():
                 old = read_json(path / "manifest.json", "feature store manifest")
-                same = old.get("settings") == jsonable(settings) and np.array_equal(
+                same = _with_defaults(old.get("settings", {})) == jsonable(settings) and np.array_equal(
                     np.load(path / "ids.npy"), ids)
                 if same:
                     return cls(path, old, writable=True)
                 if not overwrite:
-                    key = _first_difference(old.get("settings", {}), jsonable(settings)) or "ids"
+                    key = _first_difference(_with_defaults(old.get("settings", {})), jsonable(settings)) or "ids"
                     raise UserError(f"{path} holds a feature store made with other settings ('{key}' "
                                     f"differs); choose a new output directory or pass --overwrite")
             elif not set(os.listdir(path)) <= OWN_FILES | {f for f in os.listdir(path) if f.startswith(".")}:
@@ -87,6 +95,10 @@ class FeatureStore:
         arr = np.lib.format.open_memmap(path / "features.npy", mode="w+", dtype=storage, shape=(n, dim))
         arr.flush()
         del arr
+        if settings.get("row_scale"):
+            scale = np.lib.format.open_memmap(path / ROW_SCALE, mode="w+", dtype=np.float64, shape=(n,))
+            scale.flush()
+            del scale
         write_json_atomic(path / "progress.json", {"rows_done": 0})
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "incomplete",
                     "rows": n, "settings": jsonable(settings), "provenance": provenance or {},
@@ -104,14 +116,24 @@ class FeatureStore:
     def complete(self) -> bool:
         return self.manifest.get("status") == "complete"
 
-    def write(self, start: int, block: np.ndarray) -> None:
-        """Write rows [start, start+len(block)) and record them as done once they are on disk."""
+    def write(self, start: int, block: np.ndarray, row_scale: np.ndarray | None = None) -> None:
+        """Write rows [start, start+len(block)) (and their row factors, when the store keeps them) and record
+        them as done once they are on disk."""
         if not self.writable:
             raise RuntimeError("store opened read-only")
         if start != self.rows_done:
             raise RuntimeError(f"chunk starts at {start} but {self.rows_done} rows are done")
+        if (row_scale is None) != (self._row_scale is None):
+            raise RuntimeError("row factors must be written exactly when the store keeps them")
         self._raw[start:start + len(block)] = encode_rows(block, self.dtype)
         self._raw.flush()
+        if row_scale is not None:
+            scale = np.asarray(row_scale, dtype=np.float64)
+            if scale.shape != (len(block),) or not np.isfinite(scale).all():
+                raise UserError(f"row factors of rows {start}..{start + len(block) - 1} are not finite; check "
+                                "the model and the inputs")
+            self._row_scale[start:start + len(block)] = scale
+            self._row_scale.flush()
         write_json_atomic(self.path / "progress.json", {"rows_done": start + len(block)})
 
     def finish(self) -> None:
@@ -129,7 +151,8 @@ class FeatureStore:
             raise UserError(f"{path} is not a gradtrace feature store of format version {FORMAT_VERSION}")
         if require_complete and manifest.get("status") != "complete":
             raise UserError(f"feature store {path} is unfinished; rerun the same featurize command to resume it")
-        for name in ("features.npy", "ids.npy"):
+        needed = ("features.npy", "ids.npy") + ((ROW_SCALE,) if manifest.get("settings", {}).get("row_scale") else ())
+        for name in needed:
             if not (path / name).exists():
                 raise UserError(f"feature store {path} lacks {name}; featurize again into a new directory")
         store = cls(path, manifest, writable=False)
@@ -155,6 +178,15 @@ class FeatureStore:
         check_match({**COMPAT_DEFAULTS, **self.settings}, {**COMPAT_DEFAULTS, **other.settings}, COMPAT_KEYS,
                     what=f"query features {other.path} do not match training features {self.path}",
                     fix="featurize both with the same checkpoint, groups, projection, measurement and dtypes")
+
+
+def _with_defaults(settings: dict) -> dict:
+    """Settings of a store written before a key existed, with that key at its default (so it still resumes and
+    is reused by a newer version)."""
+    out = {**COMPAT_DEFAULTS, **settings}
+    if isinstance(out.get("spec"), dict):
+        out["spec"] = {**COMPAT_DEFAULTS, **out["spec"]}
+    return out
 
 
 def cache_dir_for(store_path) -> Path:

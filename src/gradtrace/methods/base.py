@@ -25,12 +25,15 @@ class Method(ABC):
 
     Facts callers need are properties, never name tests: `uses_lambda` (a damping λ = c · mean diag, so a λ
     scale c, 'auto' and the λ grid apply), `kernel_kind` ("identity", "shared", "per-group"), and
-    `required_measurement` (features must come from this measurement, e.g. D-TRAK's; None = any).
+    `required_measurement` (features must come from this measurement, e.g. D-TRAK's; None = any), and
+    `needs_row_scale` (each training example's scores are multiplied by a per-example factor the feature store
+    keeps beside the features, e.g. DAS's residual factor: pass it to `fit(row_scale=)`).
     """
 
     name: str = "method"
     uses_lambda: bool = False
     required_measurement: str | None = None
+    needs_row_scale: bool = False
 
     @property
     def kernel_kind(self) -> str:

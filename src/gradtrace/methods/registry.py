@@ -17,23 +17,28 @@ def _tracin(**kwargs: Any) -> Method:
     return TracIn()
 
 
-def _trak_named(name: str, required_measurement: str | None = None) -> Callable[..., Method]:
+def _trak_named(name: str, required_measurement: str | None = None,
+                needs_row_scale: bool = False) -> Callable[..., Method]:
     def make(**kwargs: Any) -> Method:
         allowed = {"c", "kernel"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise UserError(f"method '{name}' does not take {', '.join(unknown)}; its options are: c, kernel")
-        return TRAK(**kwargs, name=name, required_measurement=required_measurement)
+        return TRAK(**kwargs, name=name, required_measurement=required_measurement, needs_row_scale=needs_row_scale)
 
     return make
 
 
 # "dtrak" is the TRAK kernel applied to D-TRAK features (gradients of mean(out**2)); the feature code
 # differs, not the kernel, so the method requires that measurement. The name is recorded in FittedMethod.info.
+# "das" (Diffusion Attribution Score, Lin et al., ICLR 2025) is the same kernel on gradients of the mean
+# output, each training example's scores multiplied by its residual factor e_n (kept in the store):
+#     τ(q, n) = φ(q)ᵀ (ΦᵀΦ + λI)⁻¹ φ(x_n) · e_n          (per group with the per-group kernel)
 METHODS: dict[str, Callable[..., Method]] = {
     "tracin": _tracin,
     "trak": _trak_named("trak"),
     "dtrak": _trak_named("dtrak", required_measurement="dtrak"),
+    "das": _trak_named("das", required_measurement="das", needs_row_scale=True),
 }
 
 

@@ -120,11 +120,12 @@ class TRAK(Method):
     uses_lambda = True
 
     def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak",
-                 required_measurement: str | None = None):
+                 required_measurement: str | None = None, needs_row_scale: bool = False):
         self.c = check_c(c)
         self.kernel = normalise_kernel(kernel)
         self.name = name
         self.required_measurement = required_measurement
+        self.needs_row_scale = bool(needs_row_scale)
 
     @property
     def kernel_kind(self) -> str:
@@ -144,22 +145,40 @@ class TRAK(Method):
 
     def fit(self, train_features: Any, group_slices: Any, *, chunk_rows: int = 65536, progress: bool = False,
             psi_path: str | os.PathLike | None = None, gram: Gram | None = None,
-            query_side: bool = False) -> FittedMethod:
+            query_side: bool = False, row_scale: Any = None) -> FittedMethod:
         """As `Method.fit`; `gram` (from `self.gram` on the same features) skips the Gram pass.
 
         `query_side=True` keeps Φ as it is (e.g. a memmap) and applies K to the queries instead of writing
-        Ψ = Φ K: same scores, no N × k copy (for scoring large stores; the weight learner needs Ψ)."""
+        Ψ = Φ K: same scores, no N × k copy (for scoring large stores; the weight learner needs Ψ).
+        `row_scale` (N,): Ψ's row n is multiplied by row_scale[n] (methods with `needs_row_scale`, e.g. DAS)."""
         phi = check_train_matrix(train_features)
         slices = check_group_slices(group_slices, phi.shape[1])
         rows = check_positive_int(chunk_rows, "chunk_rows")
         if query_side and psi_path is not None:
             raise UserError("query_side=True writes no Ψ; drop psi_path")
+        scale = self._check_row_scale(row_scale, phi.shape[0])
+        if query_side and scale is not None:
+            raise UserError(f"method '{self.name}' scales Ψ's rows; fit it without query_side")
         return self._fit(phi, slices, chunk_rows=rows, progress=progress, psi_path=psi_path, gram=gram,
-                         query_side=query_side)
+                         query_side=query_side, row_scale=scale)
+
+    def _check_row_scale(self, row_scale: Any, n: int) -> np.ndarray | None:
+        if not self.needs_row_scale:
+            if row_scale is not None:
+                raise UserError(f"method '{self.name}' takes no per-example factor; drop row_scale")
+            return None
+        if row_scale is None:
+            raise UserError(f"method '{self.name}' needs each training example's factor beside its features; "
+                            f"featurize the training set with --measurement {self.required_measurement}")
+        scale = np.asarray(row_scale, dtype=np.float64).reshape(-1)
+        if scale.shape != (n,) or not np.isfinite(scale).all():
+            raise UserError(f"the per-example factor must be {n} finite numbers (one per training row), got "
+                            f"shape {scale.shape}; featurize the training set again")
+        return scale
 
     def _fit(self, phi: np.ndarray, group_slices: list[tuple[str, int, int]], *, chunk_rows: int,
              progress: bool, psi_path: str | os.PathLike | None, gram: Gram | None = None,
-             query_side: bool = False) -> FittedMethod:
+             query_side: bool = False, row_scale: np.ndarray | None = None) -> FittedMethod:
         n, k = phi.shape
         self._check_width(k)
         if gram is None:
@@ -177,10 +196,14 @@ class TRAK(Method):
         for start, stop in row_chunks(n, rows, progress=progress, desc=f"{self.name}: psi"):
             x = np.asarray(phi[start:stop], dtype=np.float64)
             raise_if_nonfinite(x, start, "training features")
+            if row_scale is not None:
+                x *= row_scale[start:stop, None]  # (e_n φ_n) K = e_n (φ_n K): the kernel is shared by all rows
             for (k_mat, _, _, _), (s, e) in zip(solved, spans):
                 psi[start:stop, s:e] = x[:, s:e] @ k_mat
-        return FittedMethod(psi=finish_psi(psi), group_slices=group_slices,
-                            info=self._info(solved, group_slices, n, k))
+        info = self._info(solved, group_slices, n, k)
+        if row_scale is not None:
+            info["row_scale"] = {"min": float(row_scale.min()), "max": float(row_scale.max())}
+        return FittedMethod(psi=finish_psi(psi), group_slices=group_slices, info=info)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _info(self, solved: list, group_slices: list[tuple[str, int, int]], n: int, k: int) -> dict[str, Any]:

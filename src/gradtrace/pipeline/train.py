@@ -80,7 +80,7 @@ def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
         values["precision"] = spec.dtype
     train_config = adapter.train_config(values)
     out = Path(spec.out)
-    if _cached_checkpoint(out, model_config, train_config, ds, ids):
+    if _cached_checkpoint(out, adapter, model_config, train_config, ds, ids):
         return out
     device = resolve_device(spec.device) if "cuda" in adapter.train_devices else None
     on_gpu = {} if device is None or device.type == "cpu" else {"device": device}
@@ -91,8 +91,9 @@ def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
     return out
 
 
-def _cached_checkpoint(out: Path, model_config, train_config, ds, ids) -> bool:
-    """True when `out` already holds a checkpoint trained with exactly these settings and data."""
+def _cached_checkpoint(out: Path, adapter, model_config, train_config, ds, ids) -> bool:
+    """True when `out` already holds a checkpoint trained with exactly these settings and data (its recipe read
+    through the adapter, so a setting added later with its default value still matches)."""
     path = out / "config.json"
     if not path.exists():
         return False
@@ -103,6 +104,13 @@ def _cached_checkpoint(out: Path, model_config, train_config, ds, ids) -> bool:
     want_ids = None if ids is None else sorted(int(i) for i in ids)
     old_ids = old.get("train_ids")
     return (old.get("model_config") == json.loads(json.dumps(model_config))
-            and old.get("train_config") == json.loads(json.dumps(asdict(train_config)))
+            and _recipe(adapter, old.get("train_config")) == json.loads(json.dumps(asdict(train_config)))
             and (old.get("dataset") or {}).get("fingerprint") == ds.fingerprint()
             and (None if old_ids is None else sorted(old_ids)) == want_ids)
+
+
+def _recipe(adapter, values) -> dict | None:
+    try:
+        return json.loads(json.dumps(asdict(adapter.train_config(values))))
+    except (UserError, TypeError):
+        return None

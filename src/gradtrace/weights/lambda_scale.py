@@ -21,10 +21,12 @@ from gradtrace.weights.streamed import snr_at
 
 def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_features: Any, *,
                         method: str = "trak", kernel: str = DEFAULT_KERNEL, grid: Any = None, k: int = DEFAULT_K,
-                        chunk_rows: int = 65536, progress: bool = False) -> tuple[float, list[tuple[float, float]]]:
+                        chunk_rows: int = 65536, progress: bool = False,
+                        row_scale: Any = None) -> tuple[float, list[tuple[float, float]]]:
     """(best c, [(c, loss), ...] for every c in `grid`) with loss = mean_q L(uniform; q) on the learning queries.
 
-    `method` is "trak" or "dtrak" (a kernel with a λ); `grid` defaults to `lambda_grid()` (1e-4..1).
+    `method` is a kernel with a λ ("trak", "dtrak", "das"; "das" with the store's `row_scale`); `grid`
+    defaults to `lambda_grid()` (1e-4..1).
     """
     phi = check_train_matrix(train_features)
     slices = check_group_slices(group_slices, phi.shape[1])
@@ -34,12 +36,13 @@ def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_f
     k = check_k(k, phi.shape[0])
     values = _check_grid(lambda_grid() if grid is None else grid)
     if not isinstance(get_method(method), TRAK):
-        raise UserError(f"method '{method}' has no λ to choose; use 'trak' or 'dtrak'")
+        raise UserError(f"method '{method}' has no λ to choose; use 'trak', 'dtrak' or 'das'")
     base = get_method(method, c=values[0], kernel=kernel)
     gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress)
     table: list[tuple[float, float]] = []
     for c in values:
-        fitted = get_method(method, c=c, kernel=kernel).fit(phi, slices, chunk_rows=chunk_rows, gram=gram)
+        fitted = get_method(method, c=c, kernel=kernel).fit(phi, slices, chunk_rows=chunk_rows, gram=gram,
+                                                            row_scale=row_scale)
         table.append((c, snr_at(fitted, queries, k, chunk_rows=chunk_rows)))
     best = min(range(len(table)), key=lambda i: (table[i][1], table[i][0]))
     return table[best][0], table

@@ -9,7 +9,9 @@ For an example x0 with id i, T timesteps t_1..t_T spaced uniformly over the sche
 with m one of
 - ``loss``:  mean((ε_θ − ε)²), the ε-prediction training loss (TRAK's output function);
 - ``dtrak``: mean(ε_θ²), the squared L2 norm of the output (D-TRAK);
-- ``mean``:  mean(ε_θ).
+- ``mean``:  mean(ε_θ);
+- ``das``:   mean(ε_θ), the output function of DAS (Lin et al., ICLR 2025), whose stores also hold each
+  example's residual factor (`residual_factor`, the DAS method's per-training-example scale).
 
 An example's noise depends only on (seed, id, t), never on batch size, order or composition.
 `DiffusionObjective` is this measurement as the featurizers see it (`gradtrace.adapters.base.Objective`).
@@ -27,7 +29,11 @@ from gradtrace.adapters.base import ContextStage, Objective
 from gradtrace.errors import UserError
 from gradtrace.io import derive_seed
 
-MEASUREMENTS = ("loss", "dtrak", "mean")
+MEASUREMENTS = ("loss", "dtrak", "mean", "das")
+# DAS's residual factor: E timesteps spaced over the schedule (the DAS code uses 1,000; 100 keeps the cost
+# at 10x the T = 10 featurization forward passes) and its own noise stream.
+RESIDUAL_TIMESTEPS = 100
+RESIDUAL_STREAM = 0x444153  # "DAS"
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,41 @@ class DiffusionObjective(Objective):
         if cond is not None:
             cond = cond.unsqueeze(0).expand(t.shape[0], *cond.shape)
         return self.measurement.reduce(forward(xt, t, cond), noise)
+
+    def row_scale_info(self) -> dict | None:
+        if self.measurement.name != "das":
+            return None
+        grid = timestep_grid(RESIDUAL_TIMESTEPS, int(self.alphas_cumprod.shape[0]))
+        return {"kind": "das-residual", "timesteps": list(grid),
+                "noise_seed": derive_seed(RESIDUAL_STREAM, self.measurement.noise_seed),
+                "definition": "mean_t r_t / ||r||_2, r_t = RMS(eps_theta(x_t, t) - eps)"}
+
+    @torch.no_grad()
+    def row_scale(self, model, inputs, ids, cond) -> np.ndarray | None:
+        """DAS's residual factor of each example (None for other measurements): with r_t the RMS of
+        ε_θ(x_t, t) − ε on each timestep t of an E-point grid (one noise draw per (example, t)),
+        e = mean_t r_t / ‖r‖₂, as the DAS code computes its training error (scale-free: in [1/E, 1/√E],
+        the flatness of the residual over the schedule)."""
+        info = self.row_scale_info()
+        if info is None:
+            return None
+        grid = tuple(info["timesteps"])
+        images = torch.as_tensor(inputs, dtype=torch.float32)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        states = None if cond is None else self.condition(cond)
+        t_all = torch.tensor(grid, dtype=torch.long, device=self.device)
+        abar = self.alphas_cumprod[t_all].view(-1, *([1] * (images.dim() - 1)))
+        out = np.empty(len(ids), dtype=np.float64)
+        for b in range(len(ids)):
+            noise = example_noise(info["noise_seed"], ids[b:b + 1], grid, tuple(images.shape[1:]))[0]
+            noise = noise.to(self.device)
+            x0 = images[b:b + 1].to(self.device)
+            xt = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+            c = None if states is None else states[b:b + 1].expand(len(grid), *states.shape[1:])
+            eps = model(xt, t_all, c)
+            r = ((eps.float() - noise) ** 2).flatten(1).mean(1).sqrt().double()
+            out[b] = float(r.mean() / r.norm())
+        return out
 
     def batch_total(self, model, inputs, ids, cond):
         """All B·T noisy copies (example-major) through the model as one batch; Σ_b of the measurements."""
