@@ -33,7 +33,8 @@ LEARN_SEED = 2002  # general learning queries; aspect i uses LEARN_SEED + 1 + i
 RANDOM_SEED = 3003
 ASPECTS = ("subject", "style", "background")
 METHODS = [("tracin", "identity", "loss"), ("trak", "shared", "loss"), ("trak", "per-group", "loss"),
-           ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak")]
+           ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak"), ("das", "shared", "das"),
+           ("das", "per-group", "das")]
 PICTURE_METHOD = "trak/per-group"  # fixed in advance for the attribution grids (not chosen on results)
 SETTINGS = {
     "full": {"n_train": None, "steps": 1500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64, "sample_steps": 50,
@@ -155,7 +156,7 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         stage(f"sample {name}", make_samples, ckpt, model.fingerprint, out / "samples" / name, codes, seed, s)
 
     stores: dict[str, dict[str, FeatureStore]] = {}
-    for meas in ("loss", "dtrak"):
+    for meas in ("loss", "dtrak", "das"):
         spec = dict(checkpoint=ckpt, groups="block", projection="rademacher", dim=s["dim"], measurement=meas,
                     timesteps=s["timesteps"], overwrite=True)
         stores[meas] = {"train": stage(f"featurize train ({meas})", featurize_run,

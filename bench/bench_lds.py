@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""LDS benchmark on digits: TracIn, TRAK and D-TRAK (shared / per-group kernel, uniform / learned weights)
+"""LDS benchmark on digits: TracIn, TRAK, D-TRAK and DAS (shared / per-group kernel, uniform / learned weights)
 against pixel-space and random baselines, the per-group LDS picture and a counterfactual check.
 
     python bench/bench_lds.py --out bench_out/lds            # full: 1,000 images, 64 subsets (84 min measured here)
@@ -47,7 +47,8 @@ SETTINGS = {
               "c": "auto", "threads": 1},
 }
 METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
-           ("dtrak", "per-group")]
+           ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]
+MEASUREMENT = {"dtrak": "dtrak", "das": "das"}  # the others differentiate the loss
 
 
 def run_bench(out, s: dict, *, progress: bool = True) -> dict:
@@ -105,7 +106,7 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
                 for name, src in sources.items()}
 
     stores: dict[str, dict[str, FeatureStore]] = {}
-    for meas in ("loss", "dtrak"):
+    for meas in ("loss", "dtrak", "das"):
         stores[meas] = featurize_all(dict(dim=s["dim"], timesteps=s["timesteps"], measurement=meas),
                                      out / "features" / meas)
     # Kronecker (LoGra-style) features of the loss, at the same and at 4x the dimension: TRAK rows only
@@ -134,7 +135,7 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
 
     for method, kernel in METHODS:
         t = time.perf_counter()
-        meas = "dtrak" if method == "dtrak" else "loss"
+        meas = MEASUREMENT.get(method, "loss")
         kernel_arg = "shared" if kernel == "identity" else kernel
         # λ scale c: a number, or "auto" = the SNR-best c on the learning queries (never the evaluation ones)
         c, grid_table = resolve_learning_c(stores[meas]["train"], stores[meas]["learn"], method, kernel_arg, s["c"],
@@ -152,7 +153,8 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
             tr = stores[meas]["train"]
             gram = get_method(method, c=grid_table[0][0], kernel=kernel_arg).gram(tr.features, tr.group_slices)
             for entry in grid_table:
-                f_c = get_method(method, c=entry[0], kernel=kernel_arg).fit(tr.features, tr.group_slices, gram=gram)
+                f_c = get_method(method, c=entry[0], kernel=kernel_arg).fit(tr.features, tr.group_slices, gram=gram,
+                                                                          row_scale=tr.row_scale if method == "das" else None)
                 pq = per_query({q: f_c.scores(qf[q]) for q in sets})
                 entry.append(summarize(np.concatenate([pq[q] for q in sets])))
         # learned on the learning queries only, read back as `eval lds --weights` does
@@ -168,6 +170,9 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
         rows.append(row(method, kernel, "learned", pq, time.perf_counter() - t, c))
         paired.append({"comparison": f"{method} ({kernel}): learned − uniform",
                        "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
+    for kernel in ("shared", "per-group"):  # the published ordering: DAS >= D-TRAK at uniform weights
+        paired.append({"comparison": f"das − dtrak ({kernel}, uniform)",
+                       "delta": summarize(both(uniform_pq[("das", kernel)]) - both(uniform_pq[("dtrak", kernel)]))})
     widths = set()
     for dim, ks in kron.items():
         if ks["train"].features.shape[1] in widths:  # tiny settings: every group at its minimum width
