@@ -43,7 +43,8 @@ SETTINGS = {
               "split_seed": 0, "threads": 1, "vae_steps": 5, "unet_steps": 5},
 }
 METHODS = [("tracin", "shared", "loss"), ("trak", "shared", "loss"), ("trak", "per-group", "loss"),
-           ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak")]
+           ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak"), ("das", "shared", "das"),
+           ("das", "per-group", "das")]
 
 
 def log(msg: str) -> None:
@@ -111,7 +112,7 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
                                                num=len(prompts), guidance=s["guidance"],
                                                sample_steps=s["sample_steps"], seed=seed), progress=False)
     stores = {}
-    for meas in ("loss", "dtrak"):
+    for meas in ("loss", "dtrak", "das"):
         spec = dict(checkpoint=run_dir, dim=s["dim"], measurement=meas, timesteps=s["timesteps"], overwrite=True)
         stores[meas] = {"train": stage("featurize", featurize_run, FeaturizeSpec(
             out=str(out / "features" / meas / "train"), **spec), progress=False)}
