@@ -52,3 +52,17 @@ bench-aspects-quick: $(STAMP)
 
 bench-train-step: $(STAMP)
 	$(PY) bench/bench_train_step.py
+
+# Text-to-image benchmarks on the small SD-layout pipeline (built once into bench_out/t2i_pipe, about 4 min):
+# LDS of a LoRA fine-tune (about 45 min), prompt-defined aspects (about 8 min), featurization cost (2 min).
+.PHONY: bench-t2i bench-t2i-pipe
+
+bench_out/t2i_pipe/gradtrace_build.json: $(STAMP)
+	$(VENV)/bin/gradtrace build-pipeline --out bench_out/t2i_pipe
+
+bench-t2i-pipe: bench_out/t2i_pipe/gradtrace_build.json
+
+bench-t2i: bench-t2i-pipe
+	$(PY) bench/bench_t2i_lds.py --pipeline bench_out/t2i_pipe --out bench_out/t2i_lds
+	$(PY) bench/bench_t2i_aspects.py --pipeline bench_out/t2i_pipe --out bench_out/t2i_aspects
+	$(PY) bench/bench_t2i_featurize.py --pipeline bench_out/t2i_pipe --out bench_out/t2i_featurize
