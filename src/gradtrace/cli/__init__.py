@@ -15,7 +15,7 @@ from typing import Callable
 
 from gradtrace import __version__
 from gradtrace.cli.args import add_spec_arguments, common_arguments, spec_from_args
-from gradtrace.errors import UserError
+from gradtrace.errors import UserError, os_error_line
 from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT, counterfactual_table
 from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
 from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, EvalLDSSpec, FeaturizeSpec,
@@ -121,6 +121,14 @@ EVAL_COMMANDS: dict[str, Command] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors (an unknown option, a value that is not a number, an invalid choice) in one line, like every
+    other error, instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _add(sub, name: str, command: Command, path: str) -> None:
     p = sub.add_parser(name, help=command.help, epilog=command.epilog)
     add_spec_arguments(p, command.spec)
@@ -129,8 +137,8 @@ def _add(sub, name: str, command: Command, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradtrace", description="Training data attribution with learned "
-                                     "parameter-group weights, with per-group breakdown.")
+    parser = OneLineParser(prog="gradtrace", description="Training data attribution with learned "
+                           "parameter-group weights, with per-group breakdown.")
     parser.add_argument("--version", action="version", version=f"gradtrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
@@ -160,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("ignore", UserWarning)
             result = command.run(spec, progress=not args.no_progress, **extra)
         print(command.say(result, spec))
-    except UserError as exc:
+    except (UserError, OSError) as exc:
         if args.debug:
             raise
-        print(f"gradtrace {args.command_path}: error: {exc}", file=sys.stderr)
+        line = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"gradtrace {args.command_path}: error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gradtrace: interrupted", file=sys.stderr)

@@ -58,6 +58,8 @@ def read_ids(path) -> np.ndarray:
         raise UserError(f"cannot read ids from {path}: {exc}; write one integer id per line")
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
         raise UserError(f"ids in {path} must be a flat list of integers, got shape {ids.shape} dtype {ids.dtype}")
+    if ids.size == 0:
+        raise UserError(f"{path} holds no ids; write at least one example id (one integer per line)")
     return ids.astype(np.int64)
 
 

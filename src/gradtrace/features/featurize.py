@@ -108,6 +108,13 @@ def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, 
     storage_dtype(spec.dtype)  # refuses an unknown storage dtype before any work
     settings = store_settings(featurizer, spec, model_fingerprint, source or {})
     store = FeatureStore.create(out, settings, ids, cond, provenance=provenance, overwrite=overwrite)
+    try:
+        return _fill(featurizer, store, inputs, ids, cond, spec, progress, stop_after_chunks)
+    finally:
+        store.release()
+
+
+def _fill(featurizer, store, inputs, ids, cond, spec: FeatureSpec, progress: bool, stop_after_chunks) -> FeatureStore:
     if store.complete:
         return store
     n, step = len(ids), spec.chunk_rows

@@ -47,7 +47,14 @@ def make_groups(model: torch.nn.Module, spec: str = "module",
     if spec in PRESETS:
         return _collect(names, {"tensor": _tensor_key, "module": _module_key}[spec])
     if "=" in spec:
-        return _collect(names, _pattern_key(parse_patterns(spec)))
+        patterns = parse_patterns(spec)
+        groups = _collect(names, _pattern_key(patterns))
+        found = {g.name for g in groups}
+        empty = [name for name, _ in patterns if name not in found]
+        if empty:
+            raise UserError(f"group pattern '{empty[0]}' matches no trainable parameter (its parameters would "
+                            f"land in 'other'); fix the regex (parameter names look like {names[0]})")
+        return groups
     raise UserError(f"unknown group preset '{spec}'; use one of {', '.join((*PRESETS, *adapter_presets))} "
                     f"or patterns like 'attn=attn;conv=conv'")
 

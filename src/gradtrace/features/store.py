@@ -16,6 +16,8 @@ arrays bit-identical to an uninterrupted run. A store made with other settings i
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +30,7 @@ from gradtrace.io import check_match, jsonable, read_json, versions, write_json_
 FORMAT = "gradtrace-features"
 FORMAT_VERSION = 1
 OWN_FILES = {"manifest.json", "features.npy", "ids.npy", "cond.npy", "progress.json", "row_scale.npy"}
+LOCK = ".lock"  # held by the one process writing a store
 ROW_SCALE = "row_scale.npy"  # (N,) float64 per-example factor of a method (settings["row_scale"] says which)
 # Settings that must agree between training features and query features to score one against the other.
 COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype", "precision")
@@ -62,13 +65,28 @@ class FeatureStore:
     @classmethod
     def create(cls, path, settings: dict, ids, cond=None, *, provenance: dict | None = None,
                overwrite: bool = False) -> "FeatureStore":
-        """Open `path` for writing: a new store, or the unfinished/finished store with equal settings."""
+        """Open `path` for writing: a new store, or the unfinished/finished store with equal settings. The
+        store is locked (`.lock`, an exclusive flock) until `finish`, `release` or the process ends, so a
+        second writer is refused in one line instead of interleaving rows."""
         path = Path(path)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(np.unique(ids)) != len(ids):
             raise UserError("example ids must be unique; deduplicate the input set")
         if path.exists() and not path.is_dir():
             raise UserError(f"feature store path is a file, not a directory: {path}; choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        lock = _lock(path)
+        try:
+            store = cls._create(path, settings, ids, cond, provenance=provenance, overwrite=overwrite)
+        except BaseException:
+            lock.close()
+            raise
+        store._lock = lock
+        return store
+
+    @classmethod
+    def _create(cls, path: Path, settings: dict, ids: np.ndarray, cond, *, provenance: dict | None,
+                overwrite: bool) -> "FeatureStore":
         if path.exists() and any(path.iterdir()):
             if (path / "manifest.json").exists():
                 old = read_json(path / "manifest.json", "feature store manifest")
@@ -95,10 +113,12 @@ class FeatureStore:
         arr = np.lib.format.open_memmap(path / "features.npy", mode="w+", dtype=storage, shape=(n, dim))
         arr.flush()
         del arr
+        reserve(path / "features.npy")
         if settings.get("row_scale"):
             scale = np.lib.format.open_memmap(path / ROW_SCALE, mode="w+", dtype=np.float64, shape=(n,))
             scale.flush()
             del scale
+            reserve(path / ROW_SCALE)
         write_json_atomic(path / "progress.json", {"rows_done": 0})
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "incomplete",
                     "rows": n, "settings": jsonable(settings), "provenance": provenance or {},
@@ -139,27 +159,61 @@ class FeatureStore:
     def finish(self) -> None:
         self.manifest["status"] = "complete"
         write_json_atomic(self.path / "manifest.json", self.manifest)
+        self.release()
+
+    def release(self) -> None:
+        """Give up the writer's lock (a later `create` of the same store may then resume it)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
 
     # ----------------------------------------------------------------- reading
     @classmethod
     def open(cls, path, *, require_complete: bool = True) -> "FeatureStore":
+        """A finished store (or, with require_complete=False, an unfinished one), its arrays checked against
+        the manifest: readable, of the manifest's dtype and shape, one id (and conditioning row, and factor)
+        per row. Anything else is refused in one line naming the file."""
         path = Path(path)
         if not (path / "manifest.json").exists():
             raise UserError(f"no feature store at {path} (manifest.json missing); run `gradtrace featurize` first")
         manifest = read_json(path / "manifest.json", "feature store manifest")
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+            raise UserError(f"{path / 'manifest.json'} is not a feature store manifest (a JSON object with "
+                            "settings); featurize again into a new directory")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{path} is not a gradtrace feature store of format version {FORMAT_VERSION}")
         if require_complete and manifest.get("status") != "complete":
             raise UserError(f"feature store {path} is unfinished; rerun the same featurize command to resume it")
-        needed = ("features.npy", "ids.npy") + ((ROW_SCALE,) if manifest.get("settings", {}).get("row_scale") else ())
+        needed = ("features.npy", "ids.npy") + ((ROW_SCALE,) if manifest["settings"].get("row_scale") else ())
         for name in needed:
             if not (path / name).exists():
                 raise UserError(f"feature store {path} lacks {name}; featurize again into a new directory")
-        store = cls(path, manifest, writable=False)
-        if store.features.shape != (manifest["rows"], manifest["settings"]["dim"]):
-            raise UserError(f"feature store {path}: features.npy has shape {store.features.shape}, "
-                            f"manifest says ({manifest['rows']}, {manifest['settings']['dim']}); featurize again")
+        try:
+            store = cls(path, manifest, writable=False)
+        except (ValueError, OSError, EOFError) as exc:  # truncated or not an .npy file at all
+            raise UserError(f"feature store {path} has an unreadable array ({str(exc).splitlines()[0][:120]}); "
+                            "featurize again into a new directory") from None
+        store._check_arrays()
         return store
+
+    def _check_arrays(self) -> None:
+        m, where = self.manifest, self.path
+        try:
+            rows, dim = int(m["rows"]), int(m["settings"]["dim"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{where / 'manifest.json'} lacks rows or settings.dim; featurize again") from None
+        want = storage_dtype(self.settings.get("dtype", "float32"))
+        if self._raw.dtype != want:
+            raise UserError(f"feature store {where}: features.npy holds {self._raw.dtype}, the manifest says "
+                            f"{self.settings.get('dtype', 'float32')}; featurize again into a new directory")
+        if self.features.shape != (rows, dim):
+            raise UserError(f"feature store {where}: features.npy has shape {self.features.shape}, "
+                            f"manifest says ({rows}, {dim}); featurize again")
+        for name, arr in (("ids.npy", self.ids), ("cond.npy", self.cond), (ROW_SCALE, self._row_scale)):
+            if arr is not None and (arr.ndim < 1 or arr.shape[0] != rows):
+                raise UserError(f"feature store {where}: {name} has {arr.shape[0] if arr.ndim else 0} rows, the "
+                                f"manifest says {rows}; featurize again into a new directory")
 
     @property
     def settings(self) -> dict:
@@ -178,6 +232,31 @@ class FeatureStore:
         check_match({**COMPAT_DEFAULTS, **self.settings}, {**COMPAT_DEFAULTS, **other.settings}, COMPAT_KEYS,
                     what=f"query features {other.path} do not match training features {self.path}",
                     fix="featurize both with the same checkpoint, groups, projection, measurement and dtypes")
+
+
+def _lock(path: Path):
+    """An exclusive, non-blocking flock on `path/.lock`, held by the returned open file."""
+    fh = open(path / LOCK, "a+b")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise UserError(f"another process is writing the feature store {path}; wait for it to finish (then run "
+                        "the same command to resume or reuse it) or choose another --out") from None
+    return fh
+
+
+def reserve(file: Path) -> None:
+    """Allocate a sparse array file's blocks now, so a full disk fails here with ENOSPC (an OSError the CLI
+    reports in one line) instead of killing a later memmap write with SIGBUS. Filesystems without
+    fallocate are left as they are."""
+    with open(file, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise OSError(exc.errno, exc.strerror, str(file)) from None
 
 
 def _with_defaults(settings: dict) -> dict:

@@ -45,6 +45,9 @@ class FeaturizeSpec(Spec):
             raise UserError("pass either --data or --samples, not both")
         if self.samples and self.ids is not None:
             raise UserError("--ids selects dataset examples; it cannot be used with --samples")
+        if not self.data and (self.n is not None or self.size is not None):
+            raise UserError("--n and --size select and shape dataset images; pass --data too (without it the "
+                            "checkpoint's own training images are featurized as they were trained)")
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(groups=self.groups, projection=self.projection, total_dim=self.dim,

@@ -11,6 +11,7 @@ stage's manifest stores `spec.to_dict()`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, field, fields
 from typing import Any, Callable
 
@@ -58,6 +59,8 @@ class Spec:
             value = getattr(self, f.name)
             if f.metadata.get("required") and value is None:
                 raise UserError(f"{flag_of(f)} is required")
+            if isinstance(value, float) and not math.isfinite(value):  # every number a spec takes is finite
+                raise UserError(f"{flag_of(f)} must be a finite number, got {value}")
             if f.metadata.get("choices") and value is not None and value not in f.metadata["choices"]:
                 raise UserError(f"{flag_of(f)} must be one of {', '.join(map(str, f.metadata['choices']))}, "
                                 f"got {value!r}")

@@ -1,0 +1,138 @@
+"""Bad input and faults, tried as a user would: each case ends with one line on stderr, exit code 2, no
+traceback, and every artefact already on disk byte-for-byte unchanged."""
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradtrace.cli import main
+from gradtrace.features.store import FeatureStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FEAT = ["--dim", "64", "--timesteps", "1", "--chunk", "4"]
+
+
+def ok(*argv):
+    assert main([*map(str, argv), "--no-progress"]) == 0
+
+
+def digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, argv, words, untouched: Path):
+    """Run the CLI; assert exit 2, one line naming `words`, and no file under `untouched` changed."""
+    before = digest(untouched)
+    capsys.readouterr()
+    code = main([str(a) for a in argv] + ["--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "usage:" not in err, err
+    assert words in err, err
+    assert digest(untouched) == before
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    ok("train", "--data", "digits", "--n", 12, "--steps", 2, "--batch-size", 4, "--out", root / "ckpt")
+    ok("featurize", "--checkpoint", root / "ckpt", "--out", root / "train", *FEAT)
+    ok("featurize", "--checkpoint", root / "ckpt", "--data", "digits", "--n", 16, "--out", root / "queries", *FEAT)
+    (root / "a-file").write_text("mine\n")
+    return root
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["featurize", "--checkpoint", "x", "--out", "y", "--dim", "abc"], "invalid int value"),
+    (["featurize", "--checkpoint", "x", "--out", "y", "--projection", "nope"], "invalid choice"),
+    (["featurize", "--out", "y"], "required"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_are_one_line(run, capsys, argv, words):
+    before = digest(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and words in err and "usage:" not in err, err
+    assert digest(run) == before
+
+
+@pytest.mark.parametrize("stage", ["train", "sample", "featurize", "attribute"])
+def test_out_naming_a_file_is_refused(run, capsys, stage):
+    out = run / "a-file"
+    argv = {"train": ["train", "--data", "digits", "--n", 8, "--steps", 1, "--out", out],
+            "sample": ["sample", "--checkpoint", run / "ckpt", "--num", 1, "--sample-steps", 1, "--out", out],
+            "featurize": ["featurize", "--checkpoint", run / "ckpt", "--out", out / "sub", *FEAT],
+            "attribute": ["attribute", "--train", run / "train", "--queries", run / "queries", "--out", out]}[stage]
+    refused(capsys, argv, "is a file", run)
+    assert (run / "a-file").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("fault", ["truncated", "garbage", "short-ids", "manifest-list", "dtype"])
+def test_corrupt_store_arrays_are_refused(run, tmp_path, capsys, fault):
+    bad = tmp_path / "bad"
+    shutil.copytree(run / "queries", bad)
+    feats = bad / "features.npy"
+    if fault == "truncated":
+        feats.write_bytes(feats.read_bytes()[:200])
+    elif fault == "garbage":
+        feats.write_bytes(b"not an array at all" * 10)
+    elif fault == "short-ids":
+        np.save(bad / "ids.npy", np.load(bad / "ids.npy")[:-1])
+    elif fault == "manifest-list":
+        (bad / "manifest.json").write_text("[1, 2, 3]")
+    else:
+        np.save(feats, np.load(feats).astype(np.float64))
+    words = {"truncated": "unreadable", "garbage": "unreadable", "short-ids": "ids.npy has 15 rows",
+             "manifest-list": "not a feature store manifest", "dtype": "holds float64"}[fault]
+    refused(capsys, ["attribute", "--train", run / "train", "--queries", bad, "--out", tmp_path / "a"], words, run)
+    assert not (tmp_path / "a").exists()
+
+
+def test_meaningless_input_is_refused(run, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    refused(capsys, ["featurize", "--checkpoint", run / "ckpt", "--data", "digits", "--ids", tmp_path / "empty.txt",
+                     "--out", tmp_path / "f", *FEAT], "holds no ids", run)
+    refused(capsys, ["featurize", "--checkpoint", run / "ckpt", "--groups", "attn=no_such_module", "--out",
+                     tmp_path / "f", *FEAT], "matches no trainable parameter", run)
+    refused(capsys, ["featurize", "--checkpoint", run / "ckpt", "--n", 5, "--out", tmp_path / "f", *FEAT],
+            "pass --data too", run)
+    refused(capsys, ["sample", "--checkpoint", run / "ckpt", "--guidance", "nan", "--out", tmp_path / "s"],
+            "--guidance must be a finite number", run)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_store(run, tmp_path, capsys):
+    first = FeatureStore.create(tmp_path / "f", FeatureStore.open(run / "queries").settings,
+                                np.arange(16))  # a writer that has not finished
+    refused(capsys, ["featurize", "--checkpoint", run / "ckpt", "--data", "digits", "--n", 16, "--out",
+                     tmp_path / "f", *FEAT], "another process is writing", run)
+    first.release()
+    ok("featurize", "--checkpoint", run / "ckpt", "--data", "digits", "--n", 16, "--out", tmp_path / "f", *FEAT,
+       "--overwrite")
+    assert (tmp_path / "f" / "features.npy").read_bytes() == (run / "queries" / "features.npy").read_bytes()
+
+
+def test_full_disk_is_one_line_and_the_store_resumes_once_space_is_freed(run, tmp_path, capsys):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the full-disk drill needs one")
+    try:
+        argv = ["featurize", "--checkpoint", run / "ckpt", "--data", "digits", "--n", 300, "--out", mnt / "f",
+                *FEAT]
+        refused(capsys, argv, "no space left on the device", run)
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        ok(*argv)
+        ok("featurize", "--checkpoint", run / "ckpt", "--data", "digits", "--n", 300, "--out", tmp_path / "ref",
+           *FEAT)
+        assert (mnt / "f" / "features.npy").read_bytes() == (tmp_path / "ref" / "features.npy").read_bytes()
+        assert json.loads((mnt / "f" / "manifest.json").read_text())["status"] == "complete"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
