@@ -136,3 +136,22 @@ def test_full_disk_is_one_line_and_the_store_resumes_once_space_is_freed(run, tm
         assert json.loads((mnt / "f" / "manifest.json").read_text())["status"] == "complete"
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_attribute_on_a_full_disk_keeps_the_previous_attributions_whole(run, tmp_path, capsys):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the full-disk drill needs one")
+    try:
+        base = ["attribute", "--train", run / "train", "--queries", run / "queries", "--out", mnt / "a"]
+        ok(*base, "--top-k", 3)
+        before = digest(mnt / "a")
+        free = subprocess.run(["df", "--output=avail", "-B1", str(mnt)], capture_output=True, text=True)
+        filler = max(0, int(free.stdout.split()[-1]) - 8192)
+        (mnt / "filler").write_bytes(b"\0" * filler)  # leave about 8 KB: less than the new set needs
+        refused(capsys, [*base, "--top-k", 10], "no space left on the device", run)
+        assert digest(mnt / "a") == before  # the previous set, whole; no staging folder left behind
+        assert sorted(p.name for p in (mnt / "a").iterdir()) == sorted(before)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

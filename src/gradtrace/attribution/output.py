@@ -7,9 +7,15 @@ Written into an output directory:
     topk_scores.npy        (Q, k) float32
     topk_contributions.npy (Q, k, M) float32 per-group contributions (sum over M = the score)
     scores.npy             (Q, N) float32, only when Q·N is small enough (see FULL_SCORES_MAX)
+
+The files are first written into a hidden staging folder inside the output directory, then renamed into
+place, attributions.json last: a run that fails part-way (a full disk) leaves the previous set as it was and
+never a new array beside an old or missing attributions.json.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +23,7 @@ import numpy as np
 from gradtrace.attribution.scoring import Scored
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import command_line, versions, write_json_atomic, write_npy_atomic
+from gradtrace.io import command_line, versions, write_json_atomic
 
 FORMAT = "gradtrace-attributions"
 FULL_SCORES_MAX = 50_000_000  # entries of the dense (Q, N) score matrix worth saving
@@ -41,13 +47,9 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
     contrib = np.stack([fitted.contributions(qf[q:q + 1], rows=idx[q])[0] for q in range(len(qf))]) * w
     names = fitted.group_names
     top_ids = train.ids[idx]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_npy_atomic(out / "topk_ids.npy", top_ids)
-    write_npy_atomic(out / "topk_scores.npy", top)
-    write_npy_atomic(out / "topk_contributions.npy", contrib.astype(np.float32))
+    arrays = {"topk_ids.npy": top_ids, "topk_scores.npy": top, "topk_contributions.npy": contrib.astype(np.float32)}
     if len(qf) * len(train.ids) <= FULL_SCORES_MAX:
-        write_npy_atomic(out / "scores.npy", scored.scores())
+        arrays["scores.npy"] = scored.scores()
     doc = {
         "manifest": {
             "format": FORMAT, "format_version": 1,
@@ -67,5 +69,23 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
             for q in range(len(qf))
         ],
     }
-    write_json_atomic(out / "attributions.json", doc)
+    _write_set(Path(out), arrays, doc)
     return doc
+
+
+def _write_set(out: Path, arrays: dict[str, np.ndarray], doc: dict) -> None:
+    """Every file into a staging folder in `out`, then renamed into place with attributions.json last."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / f".attributions-{os.getpid()}.tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        for name, arr in arrays.items():
+            np.save(stage / name, arr)
+        write_json_atomic(stage / "attributions.json", doc)
+        for name in [*arrays, "attributions.json"]:
+            os.replace(stage / name, out / name)
+        if "scores.npy" not in arrays and (out / "scores.npy").exists():
+            (out / "scores.npy").unlink()  # from an earlier, smaller run: it would not match this one
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
