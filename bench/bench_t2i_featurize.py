@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pipe = args.pipeline or build_pipeline_run(BuildPipelineSpec(out=str(out / "pipe")), progress=False)
     lora = train_run(TrainSpec(data="shapes", n=args.n, base=str(pipe), lora_rank=4, steps=100, batch_size=16,
-                               out=str(out / "lora")), progress=False)
+                               out=str(out / "lora"), overwrite=True), progress=False)
     rows = []
     for config in CONFIGS:
         checkpoint = str(pipe if config == "full-unet" else lora)

@@ -155,3 +155,13 @@ def test_attribute_on_a_full_disk_keeps_the_previous_attributions_whole(run, tmp
         assert sorted(p.name for p in (mnt / "a").iterdir()) == sorted(before)
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_train_never_replaces_another_checkpoint_without_overwrite(run, tmp_path, capsys):
+    shutil.copytree(run / "ckpt", tmp_path / "ckpt")
+    args = ["train", "--data", "digits", "--n", 12, "--batch-size", 4, "--out", tmp_path / "ckpt"]
+    ok(*args, "--steps", 2)  # the same settings: the checkpoint is reused as it is
+    assert digest(tmp_path / "ckpt") == digest(run / "ckpt")
+    refused(capsys, [*args, "--steps", 3], "pass --overwrite", tmp_path)
+    ok(*args, "--steps", 3, "--overwrite")
+    assert digest(tmp_path / "ckpt") != digest(run / "ckpt")

@@ -38,6 +38,7 @@ class TrainSpec(Spec):
     seed: int = option(0, "training seed")
     device: str = device_option()
     dtype: str = dtype_option()
+    overwrite: bool = option(False, "replace a checkpoint in --out that was trained with other settings or data")
 
     def __post_init__(self) -> None:
         if self.adapter is None:
@@ -82,6 +83,9 @@ def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
     out = Path(spec.out)
     if _cached_checkpoint(out, adapter, model_config, train_config, ds, ids):
         return out
+    if (out / "config.json").exists() and not spec.overwrite:
+        raise UserError(f"{out} holds a checkpoint trained with other settings or data; choose a new --out, or "
+                        "pass --overwrite to replace it")
     device = resolve_device(spec.device) if "cuda" in adapter.train_devices else None
     on_gpu = {} if device is None or device.type == "cpu" else {"device": device}
     model = adapter.train(model_config, ds, train_config, ids=ids, progress=progress, **on_gpu)
