@@ -135,6 +135,7 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     store = FeatureStore.create(tmp_path / "killed", FeatureStore.open(tmp_path / "whole").settings,
                                 np.arange(24))
     assert 0 < store.rows_done < 24, "the kill should land mid-run"
+    store.release()  # this process only looked; the rerun below is the writer
     subprocess.run([sys.executable, str(script), str(tmp_path / "killed")], check=True, env=env)
     a = np.load(tmp_path / "whole" / "features.npy")
     b = np.load(tmp_path / "killed" / "features.npy")
