@@ -165,3 +165,20 @@ def test_train_never_replaces_another_checkpoint_without_overwrite(run, tmp_path
     refused(capsys, [*args, "--steps", 3], "pass --overwrite", tmp_path)
     ok(*args, "--steps", 3, "--overwrite")
     assert digest(tmp_path / "ckpt") != digest(run / "ckpt")
+
+
+@pytest.mark.parametrize("stage", ["train", "featurize", "attribute", "learn-weights"])
+def test_out_on_a_read_only_mount_is_one_line(run, tmp_path, capsys, stage):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root); the read-only drill needs one")
+    try:
+        argv = {"train": ["train", "--data", "digits", "--n", 8, "--steps", 1, "--out", mnt / "x"],
+                "featurize": ["featurize", "--checkpoint", run / "ckpt", "--out", mnt / "x", *FEAT],
+                "attribute": ["attribute", "--train", run / "train", "--queries", run / "queries", "--out", mnt / "x"],
+                "learn-weights": ["learn-weights", "--train", run / "train", "--queries", run / "queries", "--steps",
+                                  2, "--out", mnt / "w.json"]}[stage]
+        refused(capsys, argv, "Read-only file system", run)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
