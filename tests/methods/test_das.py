@@ -108,3 +108,17 @@ def test_das_stores_are_never_mixed_with_other_measurements(setup, capsys):
                  "--method", "das", "--out", str(root / "a"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--measurement das" in err
+
+
+def test_das_fit_leaves_the_callers_features_as_they_were():
+    from gradtrace.methods import get_method
+
+    phi = np.random.default_rng(0).normal(size=(20, 6))  # float64: rows are views, not copies
+    before = phi.copy()
+    scale = np.linspace(0.5, 1.5, 20)
+    fitted = get_method("das", kernel="shared", c=0.1).fit(phi, [("a", 0, 3), ("b", 3, 6)], row_scale=scale)
+    np.testing.assert_array_equal(phi, before)
+    k = np.linalg.inv(phi.T @ phi + 0.1 * np.mean(np.diag(phi.T @ phi)) * np.eye(6))
+    np.testing.assert_allclose(fitted.psi, (phi @ k) * scale[:, None], rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="needs each training example's factor"):
+        get_method("das").fit(phi, [("a", 0, 6)])

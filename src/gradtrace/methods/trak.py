@@ -197,7 +197,7 @@ class TRAK(Method):
             x = np.asarray(phi[start:stop], dtype=np.float64)
             raise_if_nonfinite(x, start, "training features")
             if row_scale is not None:
-                x *= row_scale[start:stop, None]  # (e_n φ_n) K = e_n (φ_n K): the kernel is shared by all rows
+                x = x * row_scale[start:stop, None]  # (e_n φ_n) K = e_n (φ_n K); a copy: x may view the input
             for (k_mat, _, _, _), (s, e) in zip(solved, spans):
                 psi[start:stop, s:e] = x[:, s:e] @ k_mat
         info = self._info(solved, group_slices, n, k)

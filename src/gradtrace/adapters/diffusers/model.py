@@ -104,8 +104,8 @@ def lora_shape(state: dict[str, torch.Tensor], where: str) -> tuple[int, list[st
     """(rank, target module names) of UNet LoRA weights in peft format, refusing mixed ranks."""
     ranks = {int(v.shape[0]) for k, v in state.items() if ".lora_A." in k}
     if len(ranks) != 1:
-        raise UserError(f"{where} holds {'no LoRA factors' if not ranks else f'LoRA factors of ranks {sorted(ranks)}'}; "
-                        "pass UNet LoRA weights of one rank")
+        found = "no LoRA factors" if not ranks else f"LoRA factors of ranks {sorted(ranks)}"
+        raise UserError(f"{where} holds {found}; pass UNet LoRA weights of one rank")
     modules = {k.split(".lora_A.")[0] for k in state if ".lora_A." in k}
     targets = sorted({"to_out.0" if m.endswith("to_out.0") else m.rsplit(".", 1)[-1] for m in modules})
     return ranks.pop(), targets
