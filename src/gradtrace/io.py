@@ -6,6 +6,7 @@ other new file would have under the process umask (never the 0600 of a bare temp
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -56,6 +57,8 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path
     writers that insist on an extension (``np.save`` adds ``.npy``) keep it.
     """
     path = Path(path)
+    if path.is_dir():  # named before any temporary file exists, so the error names the user's path
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)

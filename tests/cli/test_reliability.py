@@ -182,3 +182,12 @@ def test_out_on_a_read_only_mount_is_one_line(run, tmp_path, capsys, stage):
         refused(capsys, argv, "Read-only file system", run)
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_directory_where_a_file_goes_is_one_line(run, tmp_path, capsys):
+    (tmp_path / "dir").mkdir()
+    refused(capsys, ["attribute", "--train", run / "train", "--queries", run / "queries", "--weights", tmp_path / "dir",
+                     "--out", tmp_path / "a"], "is a directory", run)
+    refused(capsys, ["learn-weights", "--train", run / "train", "--queries", run / "queries", "--steps", 2, "--out",
+                     tmp_path / "dir"], f"{tmp_path / 'dir'} is a directory", run)
+    assert list((tmp_path / "dir").iterdir()) == [] and not (tmp_path / "a").exists()
