@@ -242,24 +242,45 @@ def _fmt(summary: dict) -> str:
     return f"{summary['mean']:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
 
 
-def markdown(results: dict) -> str:
-    s = results["settings"]
-    lines = [f"LDS on digits: {s['n_train']} training images, {s['subsets']} subsets at α = {s['fraction']}, "
-             f"{s['seeds']} seed(s); {s['n_heldout']} held-out + {s['n_samples']} generated evaluation queries.", "",
-             "| method | kernel | weights | λ scale c | LDS (95% CI) | held-out | generated | undefined | s |",
+def lds_tables(rows: list[dict], paired: list[dict]) -> list[str]:
+    """Markdown lines: the LDS table of `rows` (held-out / generated columns) and the paired differences."""
+    lines = ["| method | kernel | weights | λ scale c | LDS (95% CI) | held-out | generated | undefined | s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
+    for r in rows:
         c = "-" if not r.get("c") else f"{r['c']:g}"
         lines.append(f"| {r['method']} | {r['kernel']} | {r['weights']} | {c} | {_fmt(r['lds'])} | "
                      f"{_fmt(r['lds_heldout'])} | {_fmt(r['lds_samples'])} | {r['lds']['n_undefined']} | "
                      f"{r['seconds']} |")
-    if results.get("paired"):
+    if paired:
         lines += ["", "Paired differences (per query, both query sets; bootstrap 95% CI over queries):", "",
                   "| comparison | Δ LDS (95% CI) | CI excludes 0 |", "|---|---|---|"]
-        for d in results["paired"]:
+        for d in paired:
             lo, hi = d["delta"]["ci95"]
             excl = "—" if lo is None else ("yes" if lo > 0 or hi < 0 else "no")
             lines.append(f"| {d['comparison']} | {_fmt(d['delta'])} | {excl} |")
+    return lines
+
+
+def apply_overrides(parser: argparse.ArgumentParser, settings: dict, pairs: list[str]) -> dict:
+    """`settings` with each --set KEY=VALUE applied (JSON values, else the bare string, cast to the key's type)."""
+    s = dict(settings)
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in s:
+            parser.error(f"unknown setting {key!r}; known: {', '.join(s)}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a bare string such as c=auto
+        s[key] = type(s[key])(parsed)
+    return s
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"LDS on digits: {s['n_train']} training images, {s['subsets']} subsets at α = {s['fraction']}, "
+             f"{s['seeds']} seed(s); {s['n_heldout']} held-out + {s['n_samples']} generated evaluation queries.", "",
+             *lds_tables(results["rows"], results.get("paired"))]
     grids = {key: v["snr_grid"] for key, v in results.get("lambda", {}).items() if v["snr_grid"]}
     if grids:
         keys = list(grids)
@@ -287,16 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    s = dict(SETTINGS["quick" if args.quick else "full"])
-    for pair in args.set:
-        key, _, value = pair.partition("=")
-        if key not in s:
-            p.error(f"unknown setting {key!r}; known: {', '.join(s)}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value  # a bare string such as c=auto
-        s[key] = type(s[key])(parsed)
+    s = apply_overrides(p, SETTINGS["quick" if args.quick else "full"], args.set)
     out = args.out or ("bench_out/lds_quick" if args.quick else "bench_out/lds")
     results = run_bench(out, s, progress=not args.no_progress)
     print(results["markdown"])

@@ -21,7 +21,6 @@ Recall@10(uniform) on the own aspect. Writes results.json and results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_aspects import effective_groups, paired_ci
+from bench_lds import apply_overrides
 
 EVAL_SEED = 1001
 LEARN_SEED = 2002  # general; aspect i uses LEARN_SEED + 1 + i
@@ -258,12 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", default=None, help="an existing base pipeline folder (default: build one in --out)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     args = p.parse_args(argv)
-    s = dict(SETTINGS["quick" if args.quick else "full"])
-    for pair in args.set:
-        key, _, value = pair.partition("=")
-        if key not in s:
-            p.error(f"unknown setting {key!r}; known: {', '.join(s)}")
-        s[key] = type(s[key])(json.loads(value))
+    s = apply_overrides(p, SETTINGS["quick" if args.quick else "full"], args.set)
     out = Path(args.out or ("bench_out/t2i_aspects_quick" if args.quick else "bench_out/t2i_aspects"))
     doc = run(out, s, args.pipeline)
     print(doc["markdown"])

@@ -21,12 +21,13 @@ model outputs. Override any setting with --set KEY=VALUE.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_lds import apply_overrides, lds_tables
 
 EVAL_SEED = 1001
 LEARN_SEED = 2002
@@ -45,13 +46,6 @@ METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("
            ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]
 MEASUREMENT = {"dtrak": "dtrak", "das": "das"}  # the others differentiate the loss
 SETS = ("heldout", "samples")
-
-
-def _fmt(summary: dict) -> str:
-    if summary["mean"] is None:
-        return "undefined"
-    ci = summary["ci95"]
-    return f"{summary['mean']:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
 
 
 def run_bench(out, s: dict, pipeline: str | None = None, *, progress: bool = True) -> dict:
@@ -199,20 +193,7 @@ def markdown(results: dict) -> str:
     lines = [f"LDS on a text-to-image LoRA fine-tune (rank {s['rank']}, {results['lora_trainable_params']:,} LoRA "
              f"parameters, {results['groups']} groups): {s['n_train']} captioned shapes, {s['subsets']} subsets at "
              f"α = {s['fraction']}, {s['seeds']} seed(s); {s['n_heldout']} held-out + {s['n_samples']} generated "
-             "evaluation queries.", "",
-             "| method | kernel | weights | λ scale c | LDS (95% CI) | held-out | generated | undefined | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        c = "-" if not r.get("c") else f"{r['c']:g}"
-        lines.append(f"| {r['method']} | {r['kernel']} | {r['weights']} | {c} | {_fmt(r['lds'])} | "
-                     f"{_fmt(r['lds_heldout'])} | {_fmt(r['lds_samples'])} | {r['lds']['n_undefined']} | "
-                     f"{r['seconds']} |")
-    lines += ["", "Paired differences (per query, both query sets; bootstrap 95% CI over queries):", "",
-              "| comparison | Δ LDS (95% CI) | CI excludes 0 |", "|---|---|---|"]
-    for d in results["paired"]:
-        lo, hi = d["delta"]["ci95"]
-        excl = "—" if lo is None else ("yes" if lo > 0 or hi < 0 else "no")
-        lines.append(f"| {d['comparison']} | {_fmt(d['delta'])} | {excl} |")
+             "evaluation queries.", "", *lds_tables(results["rows"], results["paired"])]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()),
               f"Mean wall time of one subset fine-tune: {results['retrain_model_s_mean'] or 0:.1f} s"]
     return "\n".join(lines)
@@ -226,16 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    s = dict(SETTINGS["quick" if args.quick else "full"])
-    for pair in args.set:
-        key, _, value = pair.partition("=")
-        if key not in s:
-            p.error(f"unknown setting {key!r}; known: {', '.join(s)}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        s[key] = type(s[key])(parsed)
+    s = apply_overrides(p, SETTINGS["quick" if args.quick else "full"], args.set)
     out = args.out or ("bench_out/t2i_lds_quick" if args.quick else "bench_out/t2i_lds")
     results = run_bench(out, s, args.pipeline, progress=not args.no_progress)
     print(results["markdown"])

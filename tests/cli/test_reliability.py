@@ -1,5 +1,6 @@
 """Bad input and faults, tried as a user would: each case ends with one line on stderr, exit code 2, no
 traceback, and every artefact already on disk byte-for-byte unchanged."""
+import contextlib
 import hashlib
 import json
 import shutil
@@ -35,6 +36,19 @@ def refused(capsys, argv, words, untouched: Path):
     assert len(err.splitlines()) == 1 and "Traceback" not in err and "usage:" not in err, err
     assert words in err, err
     assert digest(untouched) == before
+
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str, why: str):
+    """A tmpfs mounted at `mnt` with `options` for the block (unmounted after); skips where mounting is not
+    allowed (it needs root)."""
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root); {why}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +134,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_store(run, tmp_pat
 
 
 def test_full_disk_is_one_line_and_the_store_resumes_once_space_is_freed(run, tmp_path, capsys):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root); the full-disk drill needs one")
-    try:
+    with tmpfs(tmp_path / "small", "size=64k", "the full-disk drill needs one") as mnt:
         argv = ["featurize", "--checkpoint", run / "ckpt", "--data", "digits", "--n", 300, "--out", mnt / "f",
                 *FEAT]
         refused(capsys, argv, "no space left on the device", run)
@@ -134,16 +144,10 @@ def test_full_disk_is_one_line_and_the_store_resumes_once_space_is_freed(run, tm
            *FEAT)
         assert (mnt / "f" / "features.npy").read_bytes() == (tmp_path / "ref" / "features.npy").read_bytes()
         assert json.loads((mnt / "f" / "manifest.json").read_text())["status"] == "complete"
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_attribute_on_a_full_disk_keeps_the_previous_attributions_whole(run, tmp_path, capsys):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root); the full-disk drill needs one")
-    try:
+    with tmpfs(tmp_path / "small", "size=1m", "the full-disk drill needs one") as mnt:
         base = ["attribute", "--train", run / "train", "--queries", run / "queries", "--out", mnt / "a"]
         ok(*base, "--top-k", 3)
         before = digest(mnt / "a")
@@ -153,8 +157,6 @@ def test_attribute_on_a_full_disk_keeps_the_previous_attributions_whole(run, tmp
         refused(capsys, [*base, "--top-k", 10], "no space left on the device", run)
         assert digest(mnt / "a") == before  # the previous set, whole; no staging folder left behind
         assert sorted(p.name for p in (mnt / "a").iterdir()) == sorted(before)
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_train_never_replaces_another_checkpoint_without_overwrite(run, tmp_path, capsys):
@@ -169,19 +171,13 @@ def test_train_never_replaces_another_checkpoint_without_overwrite(run, tmp_path
 
 @pytest.mark.parametrize("stage", ["train", "featurize", "attribute", "learn-weights"])
 def test_out_on_a_read_only_mount_is_one_line(run, tmp_path, capsys, stage):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root); the read-only drill needs one")
-    try:
+    with tmpfs(tmp_path / "ro", "size=1m,ro", "the read-only drill needs one") as mnt:
         argv = {"train": ["train", "--data", "digits", "--n", 8, "--steps", 1, "--out", mnt / "x"],
                 "featurize": ["featurize", "--checkpoint", run / "ckpt", "--out", mnt / "x", *FEAT],
                 "attribute": ["attribute", "--train", run / "train", "--queries", run / "queries", "--out", mnt / "x"],
                 "learn-weights": ["learn-weights", "--train", run / "train", "--queries", run / "queries", "--steps",
                                   2, "--out", mnt / "w.json"]}[stage]
         refused(capsys, argv, "Read-only file system", run)
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_a_directory_where_a_file_goes_is_one_line(run, tmp_path, capsys):

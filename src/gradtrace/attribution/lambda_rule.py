@@ -13,7 +13,7 @@ import numpy as np
 from gradtrace.attribution.weights_file import query_set_id
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.methods import DEFAULT_C, check_c, configure, get_method
+from gradtrace.methods import DEFAULT_C, check_c, get_method
 from gradtrace.weights import DEFAULT_K, choose_lambda_scale
 
 AUTO = "auto"
@@ -33,8 +33,6 @@ def parse_c(value) -> float | str | None:
 
 def choose_c(train: FeatureStore, learning: FeatureStore, method: str, kernel: str, k: int) -> tuple[float, list]:
     """(c, [[c, loss], ...]): the SNR-best c of the grid on the learning queries, with uniform weights."""
-    train.check_compatible(learning)
-    configure(method).check_measurement(train.settings["measurement"]["name"], str(train.path))
     scale = train.row_scale if get_method(method).needs_row_scale else None
     best, table = choose_lambda_scale(train.features, train.group_slices, np.asarray(learning.features),
                                       method=method, kernel=kernel, k=k, row_scale=scale)

@@ -84,14 +84,18 @@ def _train_vae(vae, images, *, steps, batch_size, lr, seed, progress) -> list[fl
     losses = []
     for _ in tqdm(range(steps), desc="vae", disable=not progress, leave=False):
         idx = torch.randint(len(images), (batch_size,), generator=pick)
-        loss = vae_loss(vae, images[idx], draw)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(opt, schedule, vae_loss(vae, images[idx], draw)))
     vae.eval()
     return losses
+
+
+def _step(opt, schedule, loss: torch.Tensor) -> float:
+    """One optimizer and schedule step on `loss`; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    schedule.step()
+    return float(loss.detach())
 
 
 def _train_denoiser(unet, text_encoder, scheduler, latents, ids, empty, *, steps, batch_size, lr, seed,
@@ -109,12 +113,8 @@ def _train_denoiser(unet, text_encoder, scheduler, latents, ids, empty, *, steps
         t = torch.randint(n_t, (batch_size,), generator=noise_g)
         noise = torch.randn(latents[idx].shape, generator=noise_g)
         batch_ids = torch.where((torch.rand(batch_size, generator=drop) < CAPTION_DROPOUT)[:, None], empty, ids[idx])
-        loss = denoise_loss(unet, text_encoder, scheduler, latents[idx], batch_ids, t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(opt, schedule, denoise_loss(unet, text_encoder, scheduler, latents[idx], batch_ids, t,
+                                                        noise)))
     unet.eval()
     text_encoder.eval()
     return losses
