@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -48,19 +50,75 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def process_alive(pid: int) -> bool:
+    """True while process `pid` (of this host) exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process whose parent died may linger as a zombie nobody reaps: that is dead too
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _writer_tag() -> str:
+    """Host and pid of this writer, as temporary names carry them (dots in the host name would confuse parsing)."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete the temporary files of `path` left by writers of this host that died mid-write (e.g. SIGKILL); a
+    live writer's (of this host or another sharing the folder) are kept."""
+    path = Path(path)
+    host = _writer_tag().rsplit("-", 1)[0]
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(host)}-(\d+)\.[A-Za-z0-9_]+\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        found = pattern.match(name)
+        if found and not process_alive(int(found.group(1))):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass
+
+
+def check_can_write(directory: str | os.PathLike) -> None:
+    """Raise the OSError that writing into `directory` (made if missing) would meet: a file in its place or above
+    it, a read-only filesystem, no permission. Nothing is created; long stages call it before they start."""
+    path = Path(directory).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path` with the umask's mode.
 
-    The temporary name is unique per call (several processes may write the same file at once: the last
-    rename wins, and every version is complete). On error the temporary file is removed. `suffix` lets
-    writers that insist on an extension (``np.save`` adds ``.npy``) keep it.
+    The temporary name is unique per call and carries the writer's host and pid (several processes may write
+    the same file at once: the last rename wins, and every version is complete). On error the temporary file
+    is removed; one left by a killed writer is removed by the next write of `path`. `suffix` (starting with
+    ".tmp") lets writers that insist on an extension (``np.save`` adds ``.npy``) keep it.
     """
     path = Path(path)
     if path.is_dir():  # named before any temporary file exists, so the error names the user's path
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -10,7 +10,8 @@ import gradtrace
 ROOT = Path(gradtrace.__file__).parent
 AGNOSTIC = ("features", "methods", "weights", "evaluate", "attribution")
 # The model-adapter interface and registry; everything else under adapters/ is one kind of model.
-SEAM = {"gradtrace.adapters", "gradtrace.adapters.base", "gradtrace.adapters.checkpoint"}
+SEAM = {"gradtrace.adapters", "gradtrace.adapters.base", "gradtrace.adapters.checkpoint",
+        "gradtrace.adapters.train_state"}
 
 
 def module_name(path: Path) -> str:

@@ -12,8 +12,8 @@ never know what kind of model they work on. They ask an adapter (found by name i
   example (the featurizers call it, see below);
 - **examples**: `examples(model_config, source, ids)` → `Examples` (inputs, ids, conditioning) of a data
   source record (`gradtrace.data.sources`), checked against the model;
-- **training**: `default_model_config(dataset, kind)`, `train(model_config, dataset, train_config, ids)`, the
-  recipe `train` and subset retraining replay;
+- **training**: `default_model_config(dataset, kind)`, `train(model_config, dataset, train_config, ids, resume)`,
+  the recipe `train` and subset retraining replay (`resume`: the resumable state, `adapters.train_state`);
 - **evaluation**: `outputs(checkpoint, examples, grid)`, the model output per query used as the LDS target;
 - **queries**: `sample(...)` / `query_request(...)`, generated learning and evaluation queries (generative
   models only; the default refuses): the conditioning of each query, all of it or only one aspect.
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from gradtrace.adapters.checkpoint import DEFAULT_ADAPTER, Checkpoint, save_checkpoint
+from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 
 __all__ = ["Checkpoint", "ContextStage", "DEFAULT_ADAPTER", "GT_STREAM", "ModelAdapter", "Objective", "OutputGrid"]
@@ -168,8 +169,12 @@ class ModelAdapter(ABC):
         """The adapter's training recipe object from a dict (refusing unknown keys); `asdict`-able."""
 
     @abstractmethod
-    def train(self, model_config: dict, dataset, train_config: Any, ids=None, progress: bool = True) -> nn.Module:
+    def train(self, model_config: dict, dataset, train_config: Any, ids=None, progress: bool = True,
+              resume: TrainState | None = None) -> nn.Module:
         """Train a fresh model (seed in `train_config`) on `dataset` rows `ids` (None = all); deterministic.
+        `resume` (a `gradtrace.adapters.train_state.TrainState`, given by the train stage and subset retraining):
+        register the loop's state with `resume.restore(...)`, start at the step it returns and call
+        `resume.step_done(step)` after each step, so a killed run continues to the same weights.
         An adapter listing more than the CPU in `train_devices` also takes `device=torch.device`, and one
         listing bfloat16 in `train_precisions` reads the precision from its `train_config` ("precision")."""
 

@@ -31,9 +31,10 @@ from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from tqdm.auto import tqdm
 
+from gradtrace.adapters.train_state import STATE_FILE, TrainState
 from gradtrace.errors import UserError
 from gradtrace.evaluate.recipe import Recipe, load_run_dataset
-from gradtrace.io import command_line
+from gradtrace.io import command_line, process_alive, sha256_arrays
 
 MODELS = "models"
 
@@ -84,6 +85,9 @@ def train_jobs(out, jobs: list[Job], recipe: Recipe, *, workers: int = 1, rank: 
     for j in mine:  # temp dirs of killed runs are never reused, whether or not their job is pending
         _remove_stale_tmp(model_dir(out, j))
     pending = [j for j in mine if not is_finished(out, j)]
+    for j in mine:  # the training state of a model killed after it was saved
+        if is_finished(out, j):
+            TrainState(state_path(out, j)).clear()
     skipped = len(mine) - len(pending)
     if max_models is not None:
         pending = pending[:max(0, int(max_models))]
@@ -108,16 +112,26 @@ def train_jobs(out, jobs: list[Job], recipe: Recipe, *, workers: int = 1, rank: 
     return stats
 
 
+def state_path(out, job_or_name) -> Path:
+    """Where a job's resumable training state is kept while it trains (`gradtrace.adapters.train_state`)."""
+    final = model_dir(out, job_or_name)
+    return final.parent / f".{final.name}{STATE_FILE}"
+
+
 def train_one(out, job: Job, recipe: Recipe, dataset, command: str = "") -> float:
-    """Train and save one job's model with the run's adapter (temp dir, then rename); returns its wall time."""
+    """Train and save one job's model with the run's adapter (temp dir, then rename); returns its wall time.
+    A job killed mid-training continues from its saved training state when it is trained again."""
     final = model_dir(out, job)
     _remove_stale_tmp(final)
     tmp = final.parent / f".tmp-{job.name}-{os.getpid()}"
     start = time.perf_counter()
     adapter = recipe.adapter
     cfg = adapter.train_config(recipe.train_config_with_seed(job.seed))
-    model = adapter.train(recipe.model_config, dataset, cfg, ids=np.asarray(job.train_ids, dtype=np.int64),
-                          progress=False)
+    ids = np.asarray(job.train_ids, dtype=np.int64)
+    state = TrainState(state_path(out, job), {"run": recipe.fingerprint, "job": job.name, "seed": int(job.seed),
+                                               "ids": sha256_arrays([np.sort(ids)]),
+                                               "train_config": recipe.train_config_with_seed(job.seed)})
+    model = adapter.train(recipe.model_config, dataset, cfg, ids=ids, progress=False, resume=state)
     extra = {"job": job.name, "retrain_of": recipe.run, "run_fingerprint": recipe.fingerprint,
              "command": command, **job.extra}
     adapter.save(tmp, model, train_config=cfg, dataset_info=recipe.dataset,
@@ -128,6 +142,7 @@ def train_one(out, job: Job, recipe: Recipe, dataset, command: str = "") -> floa
         if final.exists():  # a directory without config.json under the final name is junk, not a model
             shutil.rmtree(final)
         os.rename(tmp, final)
+    state.clear()
     return time.perf_counter() - start
 
 
@@ -135,22 +150,8 @@ def _remove_stale_tmp(final: Path) -> None:
     """Delete temp dirs of this job left by dead processes (a killed run): they are never reused."""
     for tmp in final.parent.glob(f".tmp-{final.name}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed worker whose parent died may linger as a zombie nobody reaps: that is dead too
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _train_in_process(out, pending: list[Job], recipe: Recipe, bar, stats: dict) -> None:

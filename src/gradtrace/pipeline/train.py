@@ -1,4 +1,8 @@
-"""The train stage: train a model of the chosen adapter on a dataset (or reuse an identical checkpoint)."""
+"""The train stage: train a model of the chosen adapter on a dataset (or reuse an identical checkpoint).
+
+Training saves its resumable state into `OUT/.train-state.pt` now and then (`gradtrace.adapters.train_state`):
+the same command run again after a kill continues from it, to the same weights; the file is removed once the
+checkpoint is saved."""
 from __future__ import annotations
 
 import json
@@ -8,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.adapters import DEFAULT_ADAPTER, get_adapter
+from gradtrace.adapters.train_state import STATE_FILE, TrainState
 from gradtrace.data.sources import dataset_source, open_dataset, read_ids
 from gradtrace.errors import UserError
-from gradtrace.io import command_line
+from gradtrace.io import check_can_write, command_line, jsonable, sha256_arrays
 from gradtrace.pipeline.devices import device_option, dtype_option, resolve_device
 from gradtrace.pipeline.spec import Spec, option, positive
 
@@ -82,16 +87,23 @@ def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
     train_config = adapter.train_config(values)
     out = Path(spec.out)
     if _cached_checkpoint(out, adapter, model_config, train_config, ds, ids):
+        TrainState(out / STATE_FILE).clear()  # left by a run killed after its checkpoint was saved
         return out
     if (out / "config.json").exists() and not spec.overwrite:
         raise UserError(f"{out} holds a checkpoint trained with other settings or data; choose a new --out, or "
                         "pass --overwrite to replace it")
     device = resolve_device(spec.device) if "cuda" in adapter.train_devices else None
     on_gpu = {} if device is None or device.type == "cpu" else {"device": device}
-    model = adapter.train(model_config, ds, train_config, ids=ids, progress=progress, **on_gpu)
+    key = {"adapter": adapter.name, "model_config": model_config, "train_config": asdict(train_config),
+           "dataset": ds.fingerprint(), "ids": None if ids is None else sha256_arrays([np.sort(ids)]),
+           "device": "cpu" if device is None else device.type}
+    state = TrainState(out / STATE_FILE, jsonable(key))
+    check_can_write(out)  # an --out that cannot be written fails now, not after training
+    model = adapter.train(model_config, ds, train_config, ids=ids, progress=progress, resume=state, **on_gpu)
     adapter.save(out, model, train_config=train_config, dataset_info={**ds.info(), "source": source},
                  train_ids=None if ids is None else [int(i) for i in ids],
                  extra={"command": command_line(), "spec": spec.to_dict()})
+    state.clear()
     return out
 
 

@@ -181,7 +181,7 @@ class DiffusersAdapter(ModelAdapter):
         return FineTuneConfig.from_dict(values)
 
     def train(self, model_config: dict, dataset, train_config: FineTuneConfig, ids=None, progress: bool = True,
-              device: torch.device | None = None):
+              device: torch.device | None = None, resume=None):
         model = self.build(model_config, seed=train_config.seed)
         parts = model.components
         rows = select_rows(dataset, ids)
@@ -190,7 +190,7 @@ class DiffusersAdapter(ModelAdapter):
         states = model.encode_text(text_ids(parts, texts))
         empty = model.encode_text(text_ids(parts, [""]))
         fine_tune(model, latents, states, empty, parts.scheduler.alphas_cumprod, train_config, progress=progress,
-                  device=device)
+                  device=device, resume=resume)
         model.train_ids = None if ids is None else np.sort(np.asarray(ids, dtype=np.int64))
         return model
 

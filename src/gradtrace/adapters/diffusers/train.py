@@ -4,14 +4,14 @@
 states of each image's caption; AdamW on the trainable parameters only (the LoRA factors with LoRA, else the
 UNet), a constant learning rate after a short warm-up, gradient clipping. Every random draw (batches,
 timesteps, noise, caption dropout, the LoRA initialisation) comes from CPU generators derived from the seed, so
-the same seed, data and ids give bit-identical weights on one device. On a GPU (`device`) the model and the
+the same seed, data and ids give bit-identical weights on one device; with a `TrainState` (`resume`) a killed
+fine-tune continues from its last saved state to the same bits. On a GPU (`device`) the model and the
 batches move there (the draws stay the same); `precision` bfloat16 runs the forward under autocast (the
 LoRA factors and AdamW's state stay float32).
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradtrace.adapters.diffusion.train import batch_stream, stream_generators
+from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 from gradtrace.precision import autocast, check_precision
 
@@ -54,7 +55,8 @@ class FineTuneConfig:
 
 
 def fine_tune(model, latents: torch.Tensor, states: torch.Tensor, empty_state: torch.Tensor, alphas_cumprod,
-              cfg: FineTuneConfig, *, progress: bool = True, device: torch.device | None = None):
+              cfg: FineTuneConfig, *, progress: bool = True, device: torch.device | None = None,
+              resume: TrainState | None = None):
     """Train `model` (a `TextToImage`) in place on latents (N, c, h, w) with text states (N, L, D), on `device`
     (default: where the model is); the model is left on the CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -69,10 +71,13 @@ def fine_tune(model, latents: torch.Tensor, states: torch.Tensor, empty_state: t
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, min(cfg.warmup_steps, cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
-    losses = torch.empty(cfg.steps)
+    losses = torch.zeros(cfg.steps)
+    resume = resume or TrainState.off()
+    first = resume.restore(steps=cfg.steps, model=model, optimizer=opt, scheduler=sched, generators=gens,
+                           batches=batches, losses=losses)
     model.train()
-    start = time.perf_counter()
-    for step in tqdm(range(cfg.steps), desc="fine-tune", disable=not progress, leave=False):
+    for step in tqdm(range(first, cfg.steps), desc="fine-tune", disable=not progress, leave=False, initial=first,
+                     total=cfg.steps):
         idx = torch.as_tensor(next(batches)).to(device)
         x0, ctx = latents[idx], states[idx]
         b = x0.shape[0]
@@ -93,9 +98,10 @@ def fine_tune(model, latents: torch.Tensor, states: torch.Tensor, empty_state: t
         opt.step()
         sched.step()
         losses[step] = loss.detach().cpu()
+        resume.step_done(step + 1)
     model.eval()
     model.to("cpu")
-    wall = time.perf_counter() - start
+    wall = resume.wall_s()
     model.train_log = {"losses": losses.numpy(), "wall_s": wall, "ms_per_step": 1000.0 * wall / cfg.steps,
                        "train_config": dataclasses.asdict(cfg), "n_train": int(len(latents)),
                        "optimizer": "torch.optim.AdamW"}

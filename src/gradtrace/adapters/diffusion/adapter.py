@@ -80,8 +80,8 @@ class TinyUNetAdapter(ModelAdapter):
     def train_config(self, values: dict | None) -> TrainConfig:
         return TrainConfig.from_dict(values)
 
-    def train(self, model_config: dict, dataset, train_config, ids=None, progress: bool = True):
-        return train(model_config, dataset, train_config, ids=ids, progress=progress)
+    def train(self, model_config: dict, dataset, train_config, ids=None, progress: bool = True, resume=None):
+        return train(model_config, dataset, train_config, ids=ids, progress=progress, resume=resume)
 
     # ------------------------------------------------------------------ evaluation and queries
     def outputs(self, checkpoint: Checkpoint, examples: Examples, grid: OutputGrid) -> np.ndarray:

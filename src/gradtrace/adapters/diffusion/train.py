@@ -3,19 +3,21 @@
 Every random draw comes from its own explicit torch.Generator derived from `TrainConfig.seed`
 (batches, timesteps, noise, token dropout; the initial weights come from build_model(seed)), so the
 same seed, data and ids give bit-identical weights (on the same machine and thread count), and the
-global RNG is never touched.
+global RNG is never touched. With a `TrainState` (`resume`), the loop's state (weights, AdamW, schedule,
+generators, batch order, losses, EMA) is saved now and then, and a killed run continues from it to the same
+bits.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 from gradtrace.adapters.diffusion.configs import check_model_config
 from gradtrace.adapters.diffusion.unet import DiffusionModel, build_model, make_scheduler
@@ -65,9 +67,9 @@ class TrainConfig:
 
 
 def train(model_config: dict, dataset, train_config: TrainConfig | dict | None = None,
-          ids=None, progress: bool = True) -> DiffusionModel:
+          ids=None, progress: bool = True, resume: TrainState | None = None) -> DiffusionModel:
     """Train a fresh model (initialised from `train_config.seed`) on `dataset` (or the rows whose id is
-    in `ids`) and return it in eval mode.
+    in `ids`) and return it in eval mode; `resume` saves the loop's state and continues a killed run.
 
     The returned model carries `train_ids` (sorted ids used, or None = all) and `train_log`
     (per-step losses, wall time, ms/step, the resolved train config).
@@ -91,9 +93,12 @@ def train(model_config: dict, dataset, train_config: TrainConfig | dict | None =
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = [p.detach().clone() for p in params] if cfg.ema_decay is not None else None
 
-    losses = torch.empty(cfg.steps)
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, leave=False)
+    losses = torch.zeros(cfg.steps)
+    resume = resume or TrainState.off()
+    first = resume.restore(steps=cfg.steps, model=model, optimizer=opt, scheduler=sched, generators=gens,
+                           batches=batches, losses=losses, ema=ema)
+    bar = tqdm(range(first, cfg.steps), desc="train", disable=not progress, leave=False, initial=first,
+               total=cfg.steps)
     for step in bar:
         idx = next(batches)
         x0 = images[idx]
@@ -121,8 +126,9 @@ def train(model_config: dict, dataset, train_config: TrainConfig | dict | None =
         losses[step] = loss.detach()
         if progress and (step % 50 == 0 or step == cfg.steps - 1):
             bar.set_postfix(loss=f"{losses[max(0, step - 49):step + 1].mean():.4f}")
+        resume.step_done(step + 1)
     bar.close()
-    wall = time.perf_counter() - start
+    wall = resume.wall_s()
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):
@@ -186,14 +192,33 @@ def stream_generators(seed: int) -> dict[str, torch.Generator]:
     return out
 
 
-def batch_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless batches of row indices: shuffled epochs, each row once per epoch (batches may span two)."""
-    buf = torch.empty(0, dtype=torch.long)
-    while True:
-        while buf.shape[0] < batch_size:
-            buf = torch.cat([buf, torch.randperm(n, generator=gen)])
-        yield buf[:batch_size]
-        buf = buf[batch_size:]
+class BatchStream:
+    """Endless batches of row indices: shuffled epochs, each row once per epoch (batches may span two). Its state
+    (the rows drawn but not yet used) is saved with the training state; the generator is saved on its own."""
+
+    def __init__(self, n: int, batch_size: int, gen: torch.Generator):
+        self.n, self.batch_size, self.gen = int(n), int(batch_size), gen
+        self.buf = torch.empty(0, dtype=torch.long)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        while self.buf.shape[0] < self.batch_size:
+            self.buf = torch.cat([self.buf, torch.randperm(self.n, generator=self.gen)])
+        out, self.buf = self.buf[:self.batch_size], self.buf[self.batch_size:]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"buf": self.buf.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buf = state["buf"].clone()
+
+
+def batch_stream(n: int, batch_size: int, gen: torch.Generator) -> BatchStream:
+    """The batches of `n` rows drawn with `gen` (see `BatchStream`)."""
+    return BatchStream(n, batch_size, gen)
 
 
 def _lr_lambda(cfg: TrainConfig):
