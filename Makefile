@@ -22,7 +22,9 @@ demo: $(STAMP)
 demo-t2i: $(STAMP)
 	$(VENV)/bin/gradtrace demo --text-to-image --out demo_t2i_out
 
+# the HTML report tests drive a real headless Chromium (installed from Debian where missing)
 test: $(STAMP)
+	bash scripts/ensure_chromium.sh
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 clean:

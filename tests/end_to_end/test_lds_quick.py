@@ -214,3 +214,25 @@ def test_counterfactual_removes_the_top_k_and_reports_loss_changes(bench):
         assert row["delta_top"] == pytest.approx(losses["top"] - base, rel=1e-5, abs=1e-7)
         assert row["delta_random"] == pytest.approx(losses["random"] - base, rel=1e-5, abs=1e-7)
     assert doc["summary"]["delta_top"]["mean"] == pytest.approx(np.mean([r["delta_top"] for r in doc["per_query"]]))
+
+
+def test_report_shows_the_lds_and_counterfactual_results(bench, tmp_path, capsys):
+    import base64
+
+    stores = bench / "features" / "loss"
+    assert cli_main(["eval", "lds", "--run", str(bench / "run"), "--retrain", str(bench / "retrain"),
+                     "--train-features", str(stores / "train"), "--queries", str(stores / "heldout"), "--per-group",
+                     "--timesteps", "2", "--draws", "1", "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert cli_main(["attribute", "--train", str(stores / "train"), "--queries", str(stores / "heldout"), "--top-k",
+                     "3", "--no-report", "--out", str(tmp_path / "attr"), "--no-progress"]) == 0
+    assert cli_main(["report", "--attributions", str(tmp_path / "attr"), "--lds", str(tmp_path / "eval"),
+                     "--counterfactual", str(bench / "counterfactual"), "--out", str(tmp_path / "r.html"),
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    text = (tmp_path / "r.html").read_text()
+    lds = json.loads((tmp_path / "eval" / "lds.json").read_text())["lds"]
+    assert f"{lds['mean']:.4f} [{lds['ci95'][0]:.4f}, {lds['ci95'][1]:.4f}]" in text
+    assert base64.b64encode((tmp_path / "eval" / "lds_per_group.png").read_bytes()).decode() in text
+    cf = json.loads((bench / "counterfactual" / "counterfactual.json").read_text())["summary"]
+    assert f"{cf['delta_top']['mean']:.4f}" in text and f"{cf['fraction_top_above_random']:.2f}" in text
+    n_queries = len(json.loads((tmp_path / "attr" / "attributions.json").read_text())["queries"])
+    assert text.count('<section class="query"') == min(n_queries, 24)

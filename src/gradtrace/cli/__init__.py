@@ -25,6 +25,7 @@ from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, Eva
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
+from gradtrace.pipeline.report import ReportSpec, report_run
 
 EXIT_USAGE = 2
 
@@ -68,8 +69,12 @@ def _say_build(path, spec) -> str:
     return f"pipeline: {path}"
 
 
+def _say_report(path, spec) -> str:
+    return f"report: {path}"
+
+
 def _say_demo(summary, spec) -> str:
-    return f"demo: {summary['outputs']['attributions']}, {summary['outputs']['report']}"
+    return "demo: " + ", ".join(str(v) for v in summary["outputs"].values())
 
 
 def _say_retrain(res, spec) -> str:
@@ -104,6 +109,8 @@ COMMANDS: dict[str, Command] = {
                          "top-k training examples per query with per-group breakdown"),
     "learn-weights": Command(LearnWeightsSpec, learn_weights_run, _say_weights,
                              "learn one non-negative weight per parameter group, without labels"),
+    "report": Command(ReportSpec, report_run, _say_report,
+                      "one self-contained HTML page: queries, top-k per run, weights, LDS and counterfactual"),
     "demo": Command(DemoSpec, run_demo, _say_demo, "train, sample, featurize, attribute and draw, end to end",
                     takes_log=True),
     "retrain": Command(RetrainSpec, retrain, _say_retrain,

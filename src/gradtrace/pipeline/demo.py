@@ -1,8 +1,10 @@
 """`gradtrace demo`: the whole pipeline on an embedded default (scikit-learn's 8×8 digits).
 
 Train the tiny unconditional UNet (reused when an identical checkpoint is already in --out), generate
-query images, featurize the training set and the queries, attribute with TRAK, and write
-``attributions.json`` and ``report.png`` into --out, with ``demo.json`` recording settings and timings.
+query images, featurize the training set and the queries, learn group weights without labels on generated
+learning queries, attribute with TRAK under uniform and learned weights, and write ``attributions.json`` and
+``report.png`` (uniform), ``learned/`` (learned) and ``report.html`` (both side by side, with the weights)
+into --out, with ``demo.json`` recording settings and timings (`gradtrace.pipeline.demo_method`).
 """
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
 from gradtrace.pipeline.demo_clock import DemoClock
+from gradtrace.pipeline.demo_method import uniform_and_learned
 from gradtrace.pipeline.demo_t2i import run_text_to_image_demo
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.sample import SampleSpec, sample_run
@@ -20,9 +22,9 @@ from gradtrace.pipeline.train import TrainSpec, train_run
 
 SETTINGS = {
     "quick": {"n_train": 300, "steps": 400, "n_queries": 6, "sample_steps": 25, "dim": 512, "timesteps": 4,
-              "top_k": 6},
+              "top_k": 6, "n_learn": 16},
     "full": {"n_train": None, "steps": 3000, "n_queries": 12, "sample_steps": 50, "dim": 2048, "timesteps": 10,
-             "top_k": 8},
+             "top_k": 8, "n_learn": 48},
 }
 
 
@@ -57,9 +59,9 @@ def run_demo(spec: DemoSpec, *, progress: bool = True, settings: dict | None = N
     query_spec = FeaturizeSpec(checkpoint=ckpt, out=str(out / "features" / "queries"), samples=str(out / "queries"),
                                **features)
     stage("featurize-queries", featurize_run, query_spec)
-    doc = stage("attribute", attribute_run,
-                AttributeSpec(train=str(train_store.path), queries=query_spec.out, out=str(out), method="trak",
-                              kernel="per-group", top_k=s["top_k"]))
+    doc = uniform_and_learned(clock, out, str(train_store.path), query_spec.out, n_learn=s["n_learn"],
+                              sample_steps=s["sample_steps"], top_k=s["top_k"],
+                              title="gradtrace demo: digits, tiny diffusion UNet, TRAK")
     n_rows = len(train_store.ids)
     rate = round(n_rows * s["timesteps"] / clock.timings["featurize-train"], 1)
     return clock.finish(out, {"mode": mode, "settings": s, "feature_spec": asdict(query_spec.feature_spec()),

@@ -26,10 +26,13 @@ class DemoClock:
         """Write demo.json (the summary with timings, outputs and versions) and log the first query's top ids."""
         self.timings["total"] = round(time.perf_counter() - self.start, 2)
         summary = {**summary, "timings_s": self.timings,
-                   "outputs": {"attributions": str(out / "attributions.json"), "report": str(out / "report.png")},
+                   "outputs": {"attributions": str(out / "attributions.json"), "report": str(out / "report.png"),
+                               "learned": str(out / "learned" / "attributions.json"),
+                               "html": str(out / "report.html")},
                    "versions": versions()}
         write_json_atomic(out / "demo.json", summary)
         first = doc["queries"][0]
         self.log(f"[demo] {first_query}: top training ids {[t['train_id'] for t in first['top']]}")
-        self.log(f"[demo] done in {self.timings['total']:.1f} s: {out / 'attributions.json'}, {out / 'report.png'}")
+        self.log(f"[demo] done in {self.timings['total']:.1f} s: open {out / 'report.html'} in a browser "
+                 f"(uniform and learned weights side by side)")
         return summary

@@ -33,7 +33,9 @@ def attribution_grid(query_images, train_images, scores, path, *, query_titles: 
     """
     query_images, train_images, scores = map(np.asarray, (query_images, train_images, scores))
     q, k = scores.shape
-    fig, axes = plt.subplots(q, k + 1, figsize=(1.15 * (k + 1), 1.3 * q + (0.4 if title else 0)), squeeze=False)
+    # constrained layout places the title right above the grid (a fixed figure height left an empty band)
+    fig, axes = plt.subplots(q, k + 1, figsize=(1.15 * (k + 1), 1.3 * q + (0.3 if title else 0)), squeeze=False,
+                             layout="constrained")
     for r in range(q):
         show_image(axes[r, 0], query_images[r])
         axes[r, 0].set_title(query_titles[r] if query_titles else f"query {r}", fontsize=7, color="tab:blue")

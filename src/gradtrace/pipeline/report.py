@@ -1,0 +1,149 @@
+"""The report stage: one self-contained HTML page from attribution runs, weights files and evaluation results.
+
+    report_run(ReportSpec(attributions=["out/uniform", "out/learned"], weights=["w.json"], out="report.html"))
+
+Several attribution runs over the same queries are shown side by side per query (e.g. uniform and learned
+weights). The page embeds every image and chart and its own manifest (what made it, from which inputs).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradtrace import __version__
+from gradtrace.data.sources import load_source
+from gradtrace.errors import UserError
+from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT
+from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
+from gradtrace.features.store import FeatureStore
+from gradtrace.io import atomic_write, command_line, read_json
+from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.report import html, sections
+
+ATTRIBUTIONS = "attributions.json"
+
+
+@dataclass
+class ReportSpec(Spec):
+    attributions: list = option([], "an attribute output folder (repeat: runs over the same queries are shown "
+                                "side by side)", append=True, metavar="DIR")
+    weights: list = option([], "a learn-weights JSON file to chart beside uniform (repeatable)", append=True,
+                           metavar="FILE")
+    lds: list = option([], "an `eval lds` output folder (repeatable)", append=True, metavar="DIR")
+    counterfactual: list = option([], "an `eval counterfactual` output folder (repeatable)", append=True,
+                                  metavar="DIR")
+    out: str = option(None, "the HTML file to write", required=True)
+    max_queries: int = option(24, "queries shown (the first ones of the runs)", check=positive)
+    title: str = option("gradtrace report", "the page's title")
+
+    def validate(self) -> None:
+        if not self.attributions:
+            raise UserError("pass at least one --attributions DIR (an `attribute` output folder)")
+
+
+def _store(recorded: str, doc_path: Path, what: str) -> FeatureStore:
+    path = Path(recorded)
+    if not path.exists():
+        raise UserError(f"the {what} store {recorded} named by {doc_path} is not found; run the report from the "
+                        "directory the attribution ran in, or attribute again")
+    return FeatureStore.open(path)
+
+
+def _json(folder: str, name: str, what: str, key: str) -> tuple[Path, dict]:
+    path = Path(folder)
+    file = path / name if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{folder} has no {name}; pass the output folder of {what}")
+    doc = read_json(file, what)
+    if not isinstance(doc, dict) or key not in doc:
+        raise UserError(f"{file} is not a {what} result (no '{key}'); pass the output folder of {what}")
+    return file.parent, doc
+
+
+def load_run(folder: str, label: str) -> sections.Run:
+    path, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
+    manifest = doc.get("manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
+        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; pass an `attribute` output folder")
+    train = _store(manifest["train_store"], path / ATTRIBUTIONS, "training")
+    queries = _store(manifest["query_store"], path / ATTRIBUTIONS, "query")
+    return sections.Run(label=label, path=path, doc=doc, train=load_source(train.settings["source"]),
+                        queries=load_source(queries.settings["source"]))
+
+
+def run_label(doc: dict) -> str:
+    weights = doc["manifest"].get("weights")
+    if not weights:
+        return "uniform weights"
+    return f"learned weights ({weights.get('aspect') or 'general'})" if weights.get("format") != "plain" \
+        else f"weights {Path(weights.get('path', '?')).name}"
+
+
+def _labelled(folders: list[str]) -> list[sections.Run]:
+    runs, seen = [], {}
+    for folder in folders:
+        _, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
+        label = run_label(doc)
+        seen[label] = seen.get(label, 0) + 1
+        runs.append(load_run(folder, label if seen[label] == 1 else f"{label} #{seen[label]}"))
+    return runs
+
+
+def _weights(path: str) -> tuple[Path, dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"weights file not found: {path}; pass a file written by `gradtrace learn-weights`")
+    doc = read_json(p, "weights file")
+    table = doc.get("weights") if isinstance(doc, dict) else None
+    if not isinstance(table, dict) or not table or not all(
+            isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf") for v in table.values()):
+        raise UserError(f"{path} is not a weights file ({{\"weights\": {{group: non-negative number}}}}); "
+                        "pass a file written by `gradtrace learn-weights`")
+    return p, doc
+
+
+def report_run(spec: ReportSpec, *, progress: bool = True) -> Path:
+    """Write the HTML page; returns its path."""
+    runs = _labelled(spec.attributions)
+    ids = [int(q["query_id"]) for q in runs[0].doc["queries"]]
+    for run in runs[1:]:
+        if [int(q["query_id"]) for q in run.doc["queries"]] != ids or \
+                run.queries.source != runs[0].queries.source:
+            raise UserError(f"{run.path} attributes other queries than {runs[0].path}; runs shown side by side "
+                            "must score the same query store")
+    weights = [_weights(w) for w in spec.weights]
+    lds = [_json(d, LDS_RESULT, "`gradtrace eval lds`", "lds") for d in spec.lds]
+    counterfactual = [_json(d, COUNTERFACTUAL_RESULT, "`gradtrace eval counterfactual`", "summary")
+                      for d in spec.counterfactual]
+    unfinished = [str(p) for p, d in counterfactual if not d.get("finished")]
+    if unfinished:
+        raise UserError(f"counterfactual retraining in {unfinished[0]} is not finished; rerun its command first")
+    shown = ids[:spec.max_queries]
+    group_names = list(runs[0].doc["groups"])
+    body = [sections.runs_section(runs)]
+    nav = [("runs", "runs"), ("queries", f"queries ({len(shown)} of {len(ids)})")]
+    if weights:
+        body.append(sections.weights_section(weights))
+        nav.append(("weights", "weights"))
+    body.append(sections.query_sections(runs, shown, group_names))
+    if lds:
+        body.append(sections.lds_section(lds))
+        nav.append(("lds", "LDS"))
+    if counterfactual:
+        body.append(sections.counterfactual_section(counterfactual))
+        nav.append(("counterfactual", "counterfactual"))
+    manifest = {"format": "gradtrace-report", "format_version": 1, "gradtrace": __version__,
+                "command": command_line(), "spec": spec.to_dict(),
+                "inputs": {"attributions": [str(r.path.resolve()) for r in runs],
+                           "weights": [str(p.resolve()) for p, _ in weights],
+                           "lds": [str(p.resolve()) for p, _ in lds],
+                           "counterfactual": [str(p.resolve()) for p, _ in counterfactual]}}
+    body.append('<section id="made-by"><h2>How this page was made</h2>' + html.facts("manifest", manifest)
+                + '<script type="application/json" id="gradtrace-manifest">'
+                + json.dumps(manifest).replace("</", "<\\/") + "</script></section>")
+    page = html.page(spec.title, body, nav)
+    out = Path(spec.out)
+    with atomic_write(out, suffix=".tmp.html") as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+    return out

@@ -1,0 +1,163 @@
+"""The sections of the HTML report: the runs, each query with its top-k per run, the group weights, LDS and
+counterfactual results. Each function takes loaded artefacts and returns an HTML fragment (`report.html`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gradtrace.data.sources import Examples
+from gradtrace.report.html import contribution_svg, esc, facts, figure_uri, file_uri, legend, png_uri, table
+from gradtrace.report.weights import weights_figure
+
+
+@dataclass
+class Run:
+    """One attributions folder, with the examples its ids refer to."""
+
+    label: str
+    path: Path
+    doc: dict
+    train: Examples
+    queries: Examples
+
+    @property
+    def manifest(self) -> dict:
+        return self.doc["manifest"]
+
+    def describe(self) -> dict:
+        m = self.manifest
+        info = m.get("method") or {}
+        weights = m.get("weights") or {}
+        lam = m.get("lambda") or {}
+        return {"label": self.label, "method": info.get("method", "?"), "kernel": info.get("kernel", "identity"),
+                "c": info.get("c"), "weights": weights.get("path", "uniform") if weights else "uniform",
+                "aspect": weights.get("aspect") if weights else None, "lambda": lam.get("rule"),
+                "top_k": m.get("top_k"), "queries": len(self.doc["queries"])}
+
+
+def _caption(examples: Examples, pos: int) -> str:
+    return str(examples.captions[pos]) if examples.captions else ""
+
+
+def runs_section(runs: Sequence[Run]) -> str:
+    rows = []
+    for run in runs:
+        d = run.describe()
+        c = "—" if d["c"] is None else f"{d['c']:.4g}" + (f" ({d['lambda']})" if d["lambda"] else "")
+        rows.append((d["label"], d["method"], d["kernel"], c, d["weights"], d["aspect"] or "—", d["top_k"],
+                     d["queries"]))
+    blocks = [facts(f"manifest of {run.label} ({run.path})", {
+        "model_fingerprint": run.manifest.get("model_fingerprint"), "method": run.manifest.get("method", {}),
+        "groups": run.manifest.get("groups_spec"), "measurement": run.manifest.get("measurement"),
+        "projection": run.manifest.get("projection"), "lambda": run.manifest.get("lambda"),
+        "weights provenance": {k: v for k, v in (run.manifest.get("weights") or {}).items() if k != "weights"}
+        or "uniform", "train_store": run.manifest.get("train_store"), "query_store": run.manifest.get("query_store"),
+        "command": run.manifest.get("command"), "versions": run.manifest.get("versions")}) for run in runs]
+    return ('<section id="runs"><h2>Attribution runs</h2>'
+            + table(("run", "method", "kernel", "λ scale c", "weights", "aspect", "top-k", "queries"), rows)
+            + "".join(blocks) + "</section>")
+
+
+def query_sections(runs: Sequence[Run], query_ids: Sequence[int], group_names: Sequence[str]) -> str:
+    """Per query: its image and caption, then per run its top-k training images with rank, id, score and the
+    per-group contribution chart of each."""
+    first = runs[0]
+    qpos = {int(i): r for r, i in enumerate(first.queries.ids)}
+    by_run = [{int(q["query_id"]): q for q in run.doc["queries"]} for run in runs]
+    tpos = [{int(i): r for r, i in enumerate(run.train.ids)} for run in runs]
+    out = ['<section id="queries"><h2>Queries and their most influential training examples</h2>'
+           '<p class="note">Under each training image: rank, training id, score, and its per-group contributions '
+           '(one bar per parameter group, in model order; up = raises the score; hover a bar for its group). '
+           'The contributions of an image sum to its score.</p>' + legend(group_names)]
+    for qid in query_ids:
+        pos = qpos[qid]
+        cap = _caption(first.queries, pos)
+        out.append(f'<section class="query" id="query-{qid}"><div class="qhead"><figure class="query">'
+                   f'<img alt="query {qid}" src="{png_uri(first.queries.images[pos].numpy())}">'
+                   f'<figcaption>query {qid}<br>{esc(cap)}</figcaption></figure><div>')
+        for run, table_q, tp in zip(runs, by_run, tpos):
+            out.append(f'<div class="run"><h3>{esc(run.label)}</h3><div class="topk">')
+            for t in table_q[qid]["top"]:
+                tid = int(t["train_id"])
+                values = [t["contributions"].get(g, 0.0) for g in group_names]
+                img = run.train.images[tp[tid]].numpy()
+                out.append(f'<figure class="train"><img alt="training example {tid}" src="{png_uri(img)}">'
+                           f'<figcaption>#{t["rank"]} · id {tid} · {t["score"]:.4g}<br>'
+                           f'{esc(_caption(run.train, tp[tid]))}</figcaption>'
+                           f'{contribution_svg(values, group_names)}</figure>')
+            out.append("</div></div>")
+        out.append("</div></div></section>")
+    out.append("</section>")
+    return "".join(out)
+
+
+def weights_section(weight_docs: Sequence[tuple[Path, dict]]) -> str:
+    """Per aspect: the learned weights of every file for it beside uniform, coloured by block; then facts."""
+    by_aspect: dict[str, list[tuple[Path, dict]]] = {}
+    for path, doc in weight_docs:
+        aspect = (doc.get("provenance") or {}).get("aspect") or "general"
+        by_aspect.setdefault(aspect, []).append((path, doc))
+    out = ['<section id="weights"><h2>Learned group weights</h2><p class="note">Normalised to sum to 1; the '
+           'dotted line is the uniform weight 1/M. Learned without labels on generated learning queries.</p>']
+    for aspect, items in by_aspect.items():
+        names = list(items[0][1]["weights"])
+        sets = {"uniform": np.ones(len(names))}
+        for path, doc in items:
+            prov = doc.get("provenance") or {}
+            label = f"{prov.get('method', '?')}/{prov.get('kernel', '?')}"
+            sets[label if label not in sets else f"{label} ({path.stem})"] = [doc["weights"][n] for n in names]
+        fig = weights_figure(sets, names)
+        out.append(f'<h3 id="weights-{esc(aspect)}">Aspect: {esc(aspect)}</h3>'
+                   f'<img class="chart" alt="weights for {esc(aspect)}" src="{figure_uri(fig)}">')
+        for path, doc in items:
+            prov = doc.get("provenance") or {}
+            out.append(facts(f"provenance of {path}", {
+                "method": prov.get("method"), "kernel": prov.get("kernel"), "lambda_c": prov.get("lambda_c"),
+                "k": prov.get("k"), "steps": prov.get("steps"), "loss first → last":
+                f"{prov.get('loss_first')} → {prov.get('loss_last')}",
+                "learning queries": prov.get("learning_queries"), "train_store": prov.get("train_store"),
+                "command": prov.get("command")}))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _ci(r: dict) -> str:
+    if r.get("mean") is None:
+        return "undefined"
+    lo, hi = (r.get("ci95") or [None, None])[:2]
+    return f"{r['mean']:.4f}" + ("" if lo is None else f" [{lo:.4f}, {hi:.4f}]")
+
+
+def lds_section(results: Sequence[tuple[Path, dict]]) -> str:
+    rows, plots = [], []
+    for path, doc in results:
+        m = doc.get("manifest", {})
+        info = m.get("method") or {}
+        weights = m.get("weights") or {}
+        r = doc["lds"]
+        rows.append((str(path), info.get("method", "?"), info.get("kernel", "identity"),
+                     weights.get("path", "uniform") if weights else "uniform", _ci(r), r.get("n_defined")))
+        plot = path / "lds_per_group.png"
+        if doc.get("per_group") and plot.exists():
+            plots.append(f'<h3>{esc(path)}</h3><img class="chart" alt="per-group LDS" src="{file_uri(plot)}">')
+    return ('<section id="lds"><h2>Linear datamodeling score</h2><p class="note">Spearman correlation between '
+            'predicted and actual model outputs over retrained subsets; mean over queries with a bootstrap 95% '
+            'CI.</p>' + table(("result", "method", "kernel", "weights", "LDS [95% CI]", "queries"), rows)
+            + "".join(plots) + "".join(facts(f"manifest of {p}", d.get("manifest", {})) for p, d in results)
+            + "</section>")
+
+
+def counterfactual_section(results: Sequence[tuple[Path, dict]]) -> str:
+    rows = []
+    for path, doc in results:
+        s = doc["summary"]
+        rows.append((str(path), s["n_queries"], _ci(s["delta_top"]), _ci(s["delta_random"]),
+                     _ci(s["delta_top_minus_random"]), f"{s['fraction_top_above_random']:.2f}"))
+    return ('<section id="counterfactual"><h2>Counterfactual retraining</h2><p class="note">Change of the query\'s '
+            'loss when the model is retrained without its top-k training examples, against without k random '
+            'ones.</p>' + table(("result", "queries", "Δ without top-k", "Δ without random k", "difference",
+                                 "fraction top > random"), rows)
+            + "".join(facts(f"manifest of {p}", d.get("manifest", {})) for p, d in results) + "</section>")
