@@ -78,8 +78,8 @@ def save_checkpoint(path_dir, model: nn.Module, *, train_config, dataset_info: d
     """
     path = start_checkpoint(path_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(path / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    with atomic_write(path / WEIGHTS) as tmp:  # one metadata key: safetensors writes its metadata in hash order,
+        save_file(state, str(tmp), metadata={"format": FORMAT})  # so two would order differently run to run
     return write_manifest(path, model, fingerprint=model_fingerprint(model), train_config=train_config,
                           dataset_info=dataset_info, train_ids=train_ids, extra=extra, adapter=adapter)
 
