@@ -42,13 +42,34 @@ SETTINGS = {
              "timesteps": 10, "grid_timesteps": 10, "grid_draws": 4, "learn_steps": 200, "cf_queries": 5, "cf_k": 10,
              "split_seed": 0, "c": "auto", "threads": 1},
     "quick": {"n_train": 24, "steps": 4, "batch_size": 8, "subsets": 3, "fraction": 0.5, "seeds": 1, "workers": 1,
-              "n_heldout": 3, "n_samples": 3, "n_learn": 3, "sample_steps": 2, "dim": 32, "timesteps": 1,
+              "n_heldout": 3, "n_samples": 3, "n_learn": 4, "sample_steps": 2, "dim": 32, "timesteps": 1,
               "grid_timesteps": 2, "grid_draws": 1, "learn_steps": 5, "cf_queries": 1, "cf_k": 2, "split_seed": 0,
               "c": "auto", "threads": 1},
 }
 METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
            ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]
 MEASUREMENT = {"dtrak": "dtrak", "das": "das"}  # the others differentiate the loss
+GUARD_ROWS = ("none", "holdout")  # learned weights as learned, and with the label-free holdout guard
+
+
+def learned_weights(stores: dict, folder: Path, method: str, kernel: str, c, steps: int, guard: str):
+    """Weights learned on stores["learn"] (guard "none" or "holdout"), read back as `eval lds --weights` reads
+    them: (weights in group order, a record {key, kind, label, path, weights, shrink})."""
+    from gradtrace.attribution.weights_file import read_group_weights
+    from gradtrace.pipeline import LearnWeightsSpec, learn_weights_run
+
+    kernel_arg = "shared" if kernel == "identity" else kernel
+    suffix = "" if guard == "none" else "-guarded"
+    path, doc = learn_weights_run(LearnWeightsSpec(
+        train=str(stores["train"].path), out=str(folder / f"{method}-{kernel}{suffix}.json"),
+        queries=str(stores["learn"].path), method=method, kernel=kernel_arg, lambda_c=str(c), steps=steps,
+        guard=guard), progress=False)
+    w, info = read_group_weights(stores["train"], stores["heldout"], path, method=method, kernel=kernel_arg)
+    shrink = (doc["provenance"].get("guard") or {}).get("shrink")
+    kind = "learned" if guard == "none" else "guarded"
+    return w, {"key": f"{method}/{kernel}{'' if guard == 'none' else '/guarded'}", "kind": kind,
+               "label": kind if shrink is None else f"{kind} (shrink {shrink:g})", "path": str(path),
+               "weights": info["weights"], "shrink": shrink}
 
 
 def run_bench(out, s: dict, *, progress: bool = True) -> dict:
@@ -65,15 +86,14 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
 
 def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
     from gradtrace.adapters import get_adapter
-    from gradtrace.attribution import fit_method, read_group_weights, resolve_learning_c
+    from gradtrace.attribution import fit_method, resolve_learning_c
     from gradtrace.evaluate import counterfactual_run, counterfactual_table, load_problem, retrain_run, summarize
     from gradtrace.evaluate.outputs import OutputGrid, store_examples
     from gradtrace.features.featurize import FeatureSpec
     from gradtrace.features.store import FeatureStore
     from gradtrace.io import versions, write_json_atomic
     from gradtrace.methods import get_method
-    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, SampleSpec, TrainSpec, featurize_run,
-                                    learn_weights_run, sample_run, train_run)
+    from gradtrace.pipeline import FeaturizeSpec, SampleSpec, TrainSpec, featurize_run, sample_run, train_run
     from gradtrace.report.lds import plot_per_group
     from gradtrace.weights.defaults import DEFAULT_K
 
@@ -157,19 +177,14 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
                                                                           row_scale=tr.row_scale if method == "das" else None)
                 pq = per_query({q: f_c.scores(qf[q]) for q in sets})
                 entry.append(summarize(np.concatenate([pq[q] for q in sets])))
-        # learned on the learning queries only, read back as `eval lds --weights` does
-        t = time.perf_counter()
-        path, _ = learn_weights_run(LearnWeightsSpec(
-            train=str(stores[meas]["train"].path), out=str(out / "weights" / f"{method}-{kernel}.json"),
-            queries=str(stores[meas]["learn"].path), method=method, kernel=kernel_arg, lambda_c=str(c),
-            steps=s["learn_steps"]), progress=False)
-        w, info = read_group_weights(stores[meas]["train"], stores[meas]["heldout"], path, method=method,
-                                     kernel=kernel_arg)
-        learned[f"{method}/{kernel}"] = {"path": str(path), "weights": info["weights"]}
-        pq = per_query({q: fitted.scores(qf[q], weights=w) for q in sets})
-        rows.append(row(method, kernel, "learned", pq, time.perf_counter() - t, c))
-        paired.append({"comparison": f"{method} ({kernel}): learned − uniform",
-                       "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
+        for guard in GUARD_ROWS:  # learned on the learning queries only, read back as `eval lds --weights` does
+            t = time.perf_counter()
+            w, record = learned_weights(stores[meas], out / "weights", method, kernel, c, s["learn_steps"], guard)
+            learned[record["key"]] = record
+            pq = per_query({q: fitted.scores(qf[q], weights=w) for q in sets})
+            rows.append(row(method, kernel, record["label"], pq, time.perf_counter() - t, c))
+            paired.append({"comparison": f"{method} ({kernel}): {record['kind']} − uniform",
+                           "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
     for kernel in ("shared", "per-group"):  # the published ordering: DAS >= D-TRAK at uniform weights
         paired.append({"comparison": f"das − dtrak ({kernel}, uniform)",
                        "delta": summarize(both(uniform_pq[("das", kernel)]) - both(uniform_pq[("dtrak", kernel)]))})

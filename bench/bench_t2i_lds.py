@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_lds import apply_overrides, lds_tables
+from bench_lds import GUARD_ROWS, apply_overrides, lds_tables, learned_weights
 
 EVAL_SEED = 1001
 LEARN_SEED = 2002
@@ -38,7 +38,7 @@ SETTINGS = {
              "dim": 2048, "timesteps": 10, "grid_timesteps": 10, "grid_draws": 4, "learn_steps": 200,
              "split_seed": 0, "c": "auto", "threads": 1},
     "quick": {"n_train": 24, "rank": 2, "steps": 4, "batch_size": 8, "subsets": 3, "fraction": 0.5, "seeds": 1,
-              "workers": 1, "n_heldout": 3, "n_samples": 3, "n_learn": 3, "sample_steps": 2, "guidance": 2.0,
+              "workers": 1, "n_heldout": 3, "n_samples": 3, "n_learn": 4, "sample_steps": 2, "guidance": 2.0,
               "dim": 32, "timesteps": 1, "grid_timesteps": 2, "grid_draws": 1, "learn_steps": 5, "split_seed": 0,
               "c": "auto", "threads": 1, "vae_steps": 5, "unet_steps": 5},
 }
@@ -61,13 +61,12 @@ def run_bench(out, s: dict, pipeline: str | None = None, *, progress: bool = Tru
 
 def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> dict:
     from gradtrace.adapters import adapter_of
-    from gradtrace.attribution import fit_method, read_group_weights, resolve_learning_c
+    from gradtrace.attribution import fit_method, resolve_learning_c
     from gradtrace.data.sources import load_source
     from gradtrace.evaluate import load_problem, retrain_run, summarize
     from gradtrace.evaluate.outputs import OutputGrid
     from gradtrace.io import versions, write_json_atomic
-    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, SampleSpec, TrainSpec, featurize_run,
-                                    learn_weights_run, sample_run, train_run)
+    from gradtrace.pipeline import FeaturizeSpec, SampleSpec, TrainSpec, featurize_run, sample_run, train_run
     from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
     from gradtrace.weights.defaults import DEFAULT_K
 
@@ -141,17 +140,14 @@ def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> d
         if kernel == "per-group":
             paired.append({"comparison": f"{method}: per-group − shared kernel (uniform)",
                            "delta": summarize(both(uniform_pq[(method, kernel)]) - both(uniform_pq[(method, "shared")]))})
-        t = time.perf_counter()
-        path, _ = learn_weights_run(LearnWeightsSpec(
-            train=str(st["train"].path), out=str(out / "weights" / f"{method}-{kernel}.json"),
-            queries=str(st["learn"].path), method=method, kernel=kernel_arg, lambda_c=str(c),
-            steps=s["learn_steps"]), progress=False)
-        w, info = read_group_weights(st["train"], st["heldout"], path, method=method, kernel=kernel_arg)
-        learned[f"{method}/{kernel}"] = {"path": str(path), "weights": info["weights"]}
-        pq = per_query({q: fitted.scores(qf[q], weights=w) for q in SETS})
-        rows.append(row(method, kernel, "learned", pq, time.perf_counter() - t, c))
-        paired.append({"comparison": f"{method} ({kernel}): learned − uniform",
-                       "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
+        for guard in GUARD_ROWS:  # learned on the learning queries only, read back as `eval lds --weights` does
+            t = time.perf_counter()
+            w, record = learned_weights(st, out / "weights", method, kernel, c, s["learn_steps"], guard)
+            learned[record["key"]] = record
+            pq = per_query({q: fitted.scores(qf[q], weights=w) for q in SETS})
+            rows.append(row(method, kernel, record["label"], pq, time.perf_counter() - t, c))
+            paired.append({"comparison": f"{method} ({kernel}): {record['kind']} − uniform",
+                           "delta": summarize(both(pq) - both(uniform_pq[(method, kernel)]))})
 
     for kernel in ("shared", "per-group"):  # the published ordering: DAS >= D-TRAK at uniform weights
         paired.append({"comparison": f"das − dtrak ({kernel}, uniform)",

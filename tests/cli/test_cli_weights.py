@@ -89,3 +89,17 @@ def test_large_store_path_scores_query_side_with_the_same_result(pipeline, learn
             assert tb["score"] == pytest.approx(ta["score"], abs=1e-5 * top)
             for name, value in ta["contributions"].items():
                 assert tb["contributions"][name] == pytest.approx(value, abs=1e-5 * top)
+
+
+def test_guarded_weights_are_the_shrunk_learned_ones(pipeline, learned, tmp_path):
+    out = tmp_path / "guarded.json"
+    assert main(["learn-weights", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "w" / "general" / "features"),
+                 "--lambda-c", "auto", "--kernel", "shared", "--k", "3", "--steps", "20", "--guard", "holdout",
+                 "--out", str(out), "--no-progress"]) == 0
+    doc, plain = json.loads(out.read_text()), json.loads(learned.read_text())
+    guard = doc["provenance"]["guard"]
+    assert doc["provenance"]["spec"]["guard"] == "holdout" and guard["shrink"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    names = list(plain["weights"])
+    theta = np.log([plain["weights"][n] for n in names])  # softmax(θ) = w: θ up to a constant
+    shrunk = np.exp(guard["shrink"] * (theta - theta.max()))
+    np.testing.assert_allclose([doc["weights"][n] for n in names], shrunk / shrunk.sum(), rtol=1e-9, atol=1e-12)

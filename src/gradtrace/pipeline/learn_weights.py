@@ -21,7 +21,8 @@ from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, method_option
 from gradtrace.pipeline.spec import Spec, option, positive
-from gradtrace.weights import DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, learn_weights, save_weights
+from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, GUARDS, learn_weights,
+                               save_weights)
 
 
 @dataclass
@@ -44,6 +45,9 @@ class LearnWeightsSpec(Spec):
     steps: int = option(DEFAULT_STEPS, "optimiser steps", check=positive)
     lr: float = option(DEFAULT_LR, "AdamW learning rate on θ")
     l2: float = option(DEFAULT_L2, "λ‖w‖² penalty")
+    guard: str = option(DEFAULT_GUARD, "holdout: learn on each half of the learning queries, score on the other, "
+                        "and shrink the weights towards uniform as far as the gain does not carry over",
+                        choices=GUARDS)
     out: str | None = option(None, "weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)", type=str)
 
     def validate(self) -> None:
@@ -87,7 +91,7 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
     c_value, lambda_table = resolve_learning_c(train, queries, spec.method, spec.kernel, spec.lambda_c, spec.k)
     fitted = fit_method(train, spec.method, kernel=spec.kernel, c=c_value, progress=progress)
     result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
-                           l2=spec.l2, progress=progress)
+                           l2=spec.l2, guard=spec.guard, progress=progress)
     provenance = {
         "command": command_line(), "spec": spec.to_dict(),
         "base_method": fitted.info, "method": spec.method,
@@ -95,7 +99,7 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
         "lambda_c": c_value, "lambda_grid": lambda_table, "aspect": spec.aspect,
         "train_store": str(train.path), "store": store_identity(train),
         "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
-        "steps": result.info["steps"], "lr": result.info["lr"],
+        "steps": result.info["steps"], "lr": result.info["lr"], "guard": result.info.get("guard"),
         "learning_queries": {"store": str(queries.path), **query_set_id(queries)},
         "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1],
         "learner": result.info,

@@ -32,8 +32,9 @@ from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_matrix, raise_if_nonfinite
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
-from gradtrace.weights.defaults import (DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_MEMORY_BUDGET, DEFAULT_POOL,
-                                        DEFAULT_REFRESH, DEFAULT_STEPS)
+from gradtrace.weights.defaults import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_MEMORY_BUDGET,
+                                        DEFAULT_POOL, DEFAULT_REFRESH, DEFAULT_STEPS)
+from gradtrace.weights.guard import GUARDS, holdout_shrink
 from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
 from gradtrace.weights.pool import TRIGGERS
 from gradtrace.weights.scalable import ScalableObjective
@@ -58,13 +59,15 @@ class WeightsResult:
 def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT_K, steps: int = DEFAULT_STEPS,
                   lr: float = DEFAULT_LR, l2: float = DEFAULT_L2, seed: int = 0,
                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, pool_size: int = DEFAULT_POOL,
-                  refresh: str = DEFAULT_REFRESH, progress: bool = True) -> WeightsResult:
+                  refresh: str = DEFAULT_REFRESH, guard: str = DEFAULT_GUARD, progress: bool = True) -> WeightsResult:
     """Learn group weights on learning queries (never the evaluation queries) for a fitted base method.
 
     `query_features` (Q, dim) are the learning queries' features in the fitted method's layout. The
     dense path is used when Q·N·M·8 bytes ≤ `memory_budget_bytes`, else the scalable path with
     `pool_size` candidates per query and `refresh` "exact" (default; rigorous) or "fast" (approximate,
-    see `gradtrace.weights.pool`). Deterministic for given inputs and `seed`.
+    see `gradtrace.weights.pool`). `guard` "holdout" shrinks the weights towards uniform as far as their gain
+    does not carry over to held-out learning queries (`gradtrace.weights.guard`); "none" returns them as
+    learned. Deterministic for given inputs and `seed`.
     """
     if not isinstance(fitted, FittedMethod):
         raise UserError(f"fitted must be a FittedMethod (from a method's .fit), got {type(fitted).__name__}")
@@ -74,42 +77,78 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
     raise_if_nonfinite(phi_q, 0, "learning query features")
     phi_q = np.asarray(phi_q, dtype=np.float64)
     k = check_k(k, fitted.n_train)
-    steps = _check_int(steps, "steps", 0)
-    seed = _check_int(seed, "seed", 0)
-    lr = _check_number(lr, "lr", positive=True)
-    l2 = _check_number(l2, "l2", positive=False)
-    budget = _check_int(memory_budget_bytes, "memory_budget_bytes", 1)
-    pool_size = _check_int(pool_size, "pool_size", 1)
+    opts = {"k": k, "steps": _check_int(steps, "steps", 0), "lr": _check_number(lr, "lr", positive=True),
+            "l2": _check_number(l2, "l2", positive=False), "seed": _check_int(seed, "seed", 0),
+            "budget": _check_int(memory_budget_bytes, "memory_budget_bytes", 1),
+            "pool_size": _check_int(pool_size, "pool_size", 1), "refresh": refresh}
     if refresh not in TRIGGERS:
         raise UserError(f"unknown refresh '{refresh}'; use one of: {', '.join(TRIGGERS)}")
-    n_q, n, m = phi_q.shape[0], fitted.n_train, fitted.n_groups
-    dense_bytes = n_q * n * m * 8
-    torch.manual_seed(seed)
-
+    if guard not in GUARDS:
+        raise UserError(f"unknown guard '{guard}'; use one of: {', '.join(GUARDS)}")
     start = time.perf_counter()
-    info: dict[str, Any] = {"k": k, "steps": steps, "lr": lr, "l2": l2, "seed": seed, "Q": n_q, "N": n, "M": m,
-                            "dense_bytes": dense_bytes}
-    if dense_bytes <= budget:
+    alpha, table = 1.0, None
+    if guard == "holdout":
+        objectives: dict = {}
+
+        def held_out_loss(rows: np.ndarray, w: np.ndarray) -> float:
+            key = rows.tobytes()
+            if key not in objectives:
+                objectives[key] = _objective(fitted, phi_q[rows], opts, progress=False)[0]
+            return float(objectives[key](torch.from_numpy(np.asarray(w, np.float64)), last=True).detach())
+
+        alpha, table = holdout_shrink(len(phi_q), lambda rows: _learn(fitted, phi_q[rows], opts, False)[0],
+                                      held_out_loss, seed=opts["seed"])
+    theta, curve, info = _learn(fitted, phi_q, opts, progress)
+    weights = softmax_weights(torch.from_numpy(alpha * theta)).numpy().astype(np.float64)
+    if table is not None:
+        table["seconds"] = time.perf_counter() - start - sum(info["seconds"].values())
+        info["guard"] = table
+        if alpha != 1.0:  # the objective at the weights returned, not at the unshrunk ones
+            info["unguarded_final_loss"] = info["final_loss"]
+            info["final_loss"] = _objective_value(fitted, phi_q, opts, weights)
+    info["guard_mode"] = guard
+    return WeightsResult(weights=weights, theta=alpha * theta, group_names=fitted.group_names, loss_curve=curve,
+                         info=info)
+
+
+def _objective(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool):
+    """(callable w -> mean_q L(w; q), "dense" | "scalable") for these learning queries."""
+    k = opts["k"]
+    if phi_q.shape[0] * fitted.n_train * fitted.n_groups * 8 <= opts["budget"]:
         contrib = torch.from_numpy(dense_contributions(fitted, phi_q))
-        objective = lambda w, last=False: snr_loss(contrib, w, k)  # noqa: E731
-        info["path"] = "dense"
-    else:
-        if pool_size < k:
-            raise UserError(f"pool_size = {pool_size} is smaller than k = {k}; pass pool_size >= k (e.g. 256)")
-        objective = ScalableObjective(fitted, phi_q, k=k, pool_size=pool_size, trigger=refresh, progress=progress)
-        info["path"] = "scalable"
+        return (lambda w, last=False: snr_loss(contrib, w, k)), "dense"  # noqa: E731
+    if opts["pool_size"] < k:
+        raise UserError(f"pool_size = {opts['pool_size']} is smaller than k = {k}; pass pool_size >= k (e.g. 256)")
+    return ScalableObjective(fitted, phi_q, k=k, pool_size=opts["pool_size"], trigger=opts["refresh"],
+                             progress=progress), "scalable"
+
+
+def _objective_value(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, w: np.ndarray) -> float:
+    objective, _ = _objective(fitted, phi_q, opts, progress=False)
+    return float(objective(torch.from_numpy(np.asarray(w, np.float64)), last=True).detach())
+
+
+def _learn(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool) -> tuple[np.ndarray, list, dict]:
+    """(θ, loss curve, info) of AdamW on θ from 0 (uniform) for these learning queries."""
+    n_q, n, m = phi_q.shape[0], fitted.n_train, fitted.n_groups
+    torch.manual_seed(opts["seed"])
+    start = time.perf_counter()
+    info: dict[str, Any] = {"k": opts["k"], "steps": opts["steps"], "lr": opts["lr"], "l2": opts["l2"],
+                            "seed": opts["seed"], "Q": n_q, "N": n, "M": m, "dense_bytes": n_q * n * m * 8}
+    objective, info["path"] = _objective(fitted, phi_q, opts, progress)
     precompute = time.perf_counter() - start
 
     theta = torch.zeros(m, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.AdamW([theta], lr=lr, weight_decay=0.0)
+    optimiser = torch.optim.AdamW([theta], lr=opts["lr"], weight_decay=0.0)
     curve: list[float] = []
+    steps = opts["steps"]
     loop = range(steps + 1)
     if progress:
         loop = tqdm(loop, desc="weights: learn", unit="step")
     for step in loop:
         w = softmax_weights(theta)
         snr = objective(w, last=step == steps)
-        total = snr + l2 * torch.dot(w, w)
+        total = snr + opts["l2"] * torch.dot(w, w)
         curve.append(float(total.detach()))
         if step == 0:
             info["uniform_loss"] = float(snr.detach())
@@ -124,9 +163,7 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
         info["seconds"].update(objective.seconds)
         info["pool"] = objective.pool_info()
         info["memory_bytes"] = objective.memory_bytes()
-    weights = softmax_weights(theta).detach().numpy().astype(np.float64)
-    return WeightsResult(weights=weights, theta=theta.detach().numpy().copy(), group_names=fitted.group_names,
-                         loss_curve=curve, info=info)
+    return theta.detach().numpy().copy(), curve, info
 
 
 def dense_contributions(fitted: FittedMethod, phi_q: np.ndarray, *, chunk_rows: int = 65536) -> np.ndarray:
