@@ -26,10 +26,11 @@ from gradtrace.adapters.diffusers.folder import (Components, PixelComponents, fi
 from gradtrace.adapters.diffusers.latents import encode_latents, fit_resolution
 from gradtrace.adapters.diffusers.model import LORA_TARGETS, PixelDiffusion, TextToImage, lora_shape, peft_format
 from gradtrace.adapters.diffusers.objective import TextObjective
-from gradtrace.adapters.diffusers.train import FineTuneConfig, fine_tune, select_rows
+from gradtrace.adapters.diffusers.train import FineTuneConfig, fine_tune
 from gradtrace.adapters.diffusion.groups import PRESETS, block_key
 from gradtrace.adapters.diffusion.measure import MEASUREMENTS, DiffusionObjective, Measurement
 from gradtrace.adapters.diffusion.outputs import GridLosses
+from gradtrace.adapters.loop import select_rows
 from gradtrace.data.registry import aspect_caption
 from gradtrace.data.sources import Examples, load_source, open_dataset
 from gradtrace.errors import UserError

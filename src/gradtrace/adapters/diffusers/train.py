@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradtrace.adapters.diffusion.train import batch_stream, stream_generators
+from gradtrace.adapters.loop import batch_stream, stream_generators
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 from gradtrace.precision import autocast, check_precision
@@ -106,13 +105,3 @@ def fine_tune(model, latents: torch.Tensor, states: torch.Tensor, empty_state: t
                        "train_config": dataclasses.asdict(cfg), "n_train": int(len(latents)),
                        "optimizer": "torch.optim.AdamW"}
     return model
-
-
-def select_rows(dataset, ids) -> np.ndarray:
-    """Row positions of `ids` in the dataset (all rows when None), refusing unknown or repeated ids."""
-    if ids is None:
-        return np.arange(len(dataset))
-    ids = np.asarray(ids, dtype=np.int64).ravel()
-    if len(np.unique(ids)) != len(ids):
-        raise UserError("training ids contain duplicates; pass each id once")
-    return dataset.index_of(ids)

@@ -10,13 +10,13 @@ bits.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradtrace.adapters.loop import batch_stream, stream_generators, warmup_cosine
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 from gradtrace.adapters.diffusion.configs import check_model_config
@@ -90,7 +90,7 @@ def train(model_config: dict, dataset, train_config: TrainConfig | dict | None =
     # fused: one kernel for the whole update, the fastest of torch's three AdamW implementations here
     # (bench/bench_train_step.py: 1–10% less time per step than foreach); same algorithm, other rounding.
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.lr_min_ratio))
     ema = [p.detach().clone() for p in params] if cfg.ema_decay is not None else None
 
     losses = torch.zeros(cfg.steps)
@@ -181,53 +181,3 @@ def _select(model_config: dict, dataset, ids):
     if images.shape[0] == 0:
         raise UserError("no training images (empty dataset or empty ids); pass at least one image")
     return images.contiguous(), codes, used_ids
-
-
-def stream_generators(seed: int) -> dict[str, torch.Generator]:
-    """Independent generators for each random stream, derived from one seed."""
-    out = {}
-    for k, name in enumerate(("batch", "t", "noise", "drop")):
-        state = np.random.SeedSequence([int(seed), k]).generate_state(2, dtype=np.uint32)
-        out[name] = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-    return out
-
-
-class BatchStream:
-    """Endless batches of row indices: shuffled epochs, each row once per epoch (batches may span two). Its state
-    (the rows drawn but not yet used) is saved with the training state; the generator is saved on its own."""
-
-    def __init__(self, n: int, batch_size: int, gen: torch.Generator):
-        self.n, self.batch_size, self.gen = int(n), int(batch_size), gen
-        self.buf = torch.empty(0, dtype=torch.long)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        while self.buf.shape[0] < self.batch_size:
-            self.buf = torch.cat([self.buf, torch.randperm(self.n, generator=self.gen)])
-        out, self.buf = self.buf[:self.batch_size], self.buf[self.batch_size:]
-        return out
-
-    def state_dict(self) -> dict:
-        return {"buf": self.buf.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buf = state["buf"].clone()
-
-
-def batch_stream(n: int, batch_size: int, gen: torch.Generator) -> BatchStream:
-    """The batches of `n` rows drawn with `gen` (see `BatchStream`)."""
-    return BatchStream(n, batch_size, gen)
-
-
-def _lr_lambda(cfg: TrainConfig):
-    warm = max(0, min(cfg.warmup_steps, cfg.steps - 1))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, cfg.steps - warm)
-        return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
