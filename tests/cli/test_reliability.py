@@ -1,54 +1,18 @@
 """Bad input and faults, tried as a user would: each case ends with one line on stderr, exit code 2, no
 traceback, and every artefact already on disk byte-for-byte unchanged."""
-import contextlib
-import hashlib
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fixtures.reliability import digest, ok, refused, tmpfs
 from gradtrace.cli import main
 from gradtrace.features.store import FeatureStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FEAT = ["--dim", "64", "--timesteps", "1", "--chunk", "4"]
-
-
-def ok(*argv):
-    assert main([*map(str, argv), "--no-progress"]) == 0
-
-
-def digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, argv, words, untouched: Path):
-    """Run the CLI; assert exit 2, one line naming `words`, and no file under `untouched` changed."""
-    before = digest(untouched)
-    capsys.readouterr()
-    code = main([str(a) for a in argv] + ["--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err and "usage:" not in err, err
-    assert words in err, err
-    assert digest(untouched) == before
-
-
-@contextlib.contextmanager
-def tmpfs(mnt: Path, options: str, why: str):
-    """A tmpfs mounted at `mnt` with `options` for the block (unmounted after); skips where mounting is not
-    allowed (it needs root)."""
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root); {why}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,9 @@ def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
             "guidance": spec.guidance, "sampler": spec.sampler, "sample_steps": spec.sample_steps, "seed": spec.seed,
             "eta": spec.eta if spec.sampler == "ddim" else None, "prompts": prompts, "command": command_line(),
             "spec": spec.to_dict()}
-    save_samples(spec.out, images, cond, info)
-    image_grid(images.numpy(), Path(spec.out) / "grid.png")
-    return Path(spec.out)
+    out = Path(spec.out)
+    if out.is_dir():  # an earlier set's manifest never describes the new arrays, even if this run is killed
+        (out / "manifest.json").unlink(missing_ok=True)
+    image_grid(images.numpy(), out / "grid.png")
+    save_samples(out, images, cond, info)  # the manifest last: its presence marks a finished samples directory
+    return out
