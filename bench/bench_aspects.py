@@ -92,8 +92,15 @@ def fidelity(train_x, train_codes, held_x, held_codes, sets: dict, images: dict)
     return out
 
 
-def weights_current(path: Path, train, queries, s: dict) -> bool:
-    """True when `path` holds weights learned for exactly this training store and learning-query set."""
+WEIGHT_SETS = [(w, g) for g in ("none", "holdout") for w in ("general", *ASPECTS)]  # learning set × guard
+
+
+def weights_label(wset: str, guard: str) -> str:
+    return wset if guard == "none" else f"{wset} (guarded)"
+
+
+def weights_current(path: Path, train, queries, s: dict, guard: str = "none") -> bool:
+    """True when `path` holds weights learned for exactly this training store, learning-query set and guard."""
     from gradtrace.attribution import query_set_id, store_identity
     from gradtrace.io import read_json
 
@@ -102,6 +109,7 @@ def weights_current(path: Path, train, queries, s: dict) -> bool:
     doc = read_json(path, "weights file")
     prov, ids = doc.get("provenance", {}), query_set_id(queries)
     return (prov.get("store") == store_identity(train) and doc.get("learning", {}).get("steps") == s["learn_steps"]
+            and (prov.get("spec") or {}).get("guard", "none") == guard
             and prov.get("learning_queries", {}).get("ids_sha256") == ids["ids_sha256"]
             and prov.get("learning_queries", {}).get("source") == ids["source"])
 
@@ -202,15 +210,17 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         train, ev_store = stores[meas]["train"], stores[meas]["eval"]
         names = train.group_names
         docs, fitted_by_c = {}, {}
-        for wset in ("general", *ASPECTS):
-            path = out / "weights" / f"{method}-{kernel}-{wset}.json"
-            if not weights_current(path, train, stores[meas][f"learn-{wset}"], s):
-                stage(f"learn {key} {wset}", learn_weights_run,
+        for wset, guard in WEIGHT_SETS:
+            label = weights_label(wset, guard)
+            path = out / "weights" / f"{method}-{kernel}-{label.replace(' (', '-').rstrip(')')}.json"
+            if not weights_current(path, train, stores[meas][f"learn-{wset}"], s, guard):
+                stage(f"learn {key} {label}", learn_weights_run,
                       LearnWeightsSpec(train=str(train.path), out=str(path),
                                        queries=str(stores[meas][f"learn-{wset}"].path), method=method,
                                        kernel="shared" if kernel == "identity" else kernel,  # TracIn: no kernel
-                                       lambda_c="auto", k=s["k"], steps=s["learn_steps"]), progress=False)
-            docs[wset] = read_json(path, "weights file")
+                                       lambda_c="auto", k=s["k"], steps=s["learn_steps"], guard=guard),
+                      progress=False)
+            docs[label] = (path, read_json(path, "weights file"))
 
         def fitted_at(c):
             c = float(c)
@@ -219,16 +229,16 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
             return fitted_by_c[c]
 
         qf = np.asarray(ev_store.features)
-        c_general = docs["general"]["provenance"]["lambda_c"]
+        c_general = docs["general"][1]["provenance"]["lambda_c"]
         entry = {"uniform": {"weights": np.ones(len(names)), "c": c_general,
                              "metrics": metrics(fitted_at(c_general).scores(qf))}}
-        for wset in ("general", *ASPECTS):
-            w, info = read_group_weights(train, ev_store, out / "weights" / f"{method}-{kernel}-{wset}.json",
-                                         method=method, kernel=kernel)
-            entry[wset] = {"weights": w, "c": info["lambda_c"],
-                           "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf, weights=w)),
-                           "loss_first": docs[wset]["learning"].get("first_loss"),
-                           "loss_last": docs[wset]["learning"].get("last_loss")}
+        for label, (path, wdoc) in docs.items():
+            w, info = read_group_weights(train, ev_store, path, method=method, kernel=kernel)
+            entry[label] = {"weights": w, "c": info["lambda_c"],
+                            "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf, weights=w)),
+                            "loss_first": wdoc["learning"].get("first_loss"),
+                            "loss_last": wdoc["learning"].get("last_loss"),
+                            "shrink": (wdoc["provenance"].get("guard") or {}).get("shrink")}
         # label-free solo quality per learning set, and (diagnostic only) per-group Recall@10 on eval queries
         fg = fitted_at(c_general)
         solo = {wset: solo_quality(fg, np.asarray(stores[meas][f"learn-{wset}"].features), k=s["k"])
@@ -275,7 +285,7 @@ def summarize(results: dict, baselines: dict, s: dict) -> dict:
                           **{f"{a}_{m}": row["metrics"][a][m] for a in ASPECTS for m in ("recall", "map")}})
         for a in ASPECTS:
             u = r["rows"]["uniform"]["metrics"][a]["recall_per_query"]
-            for cmp in ("general", a):
+            for cmp in ("general", a, weights_label("general", "holdout"), weights_label(a, "holdout")):
                 w = r["rows"][cmp]["metrics"][a]["recall_per_query"]
                 ok = ~np.isnan(u) & ~np.isnan(w)
                 ci = paired_ci(w[ok], u[ok], s["bootstrap"])
