@@ -89,6 +89,26 @@ def test_resize_n_and_no_metadata(folder):
     assert [m["file_name"] for m in bare.metadata] == ["a.jpg", "b.png", "sub/c.png"]
 
 
+def test_class_sub_folders_are_the_label_without_metadata(tmp_path):
+    """torchvision's ImageFolder convention: PATH/<class>/<image> (deeper inside a class allowed); the classes
+    sorted; a metadata.jsonl wins; an image directly in the folder means no classes."""
+    rng = np.random.default_rng(2)
+    root = tmp_path / "animals"
+    for name in ["zebra/1.png", "ant/b.png", "ant/a.png", "cat/deep/er/x.png"]:
+        write_png(root / name, rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    ds = load_dataset(f"imagefolder:{root}")
+    assert [m["file_name"] for m in ds.metadata] == ["ant/a.png", "ant/b.png", "cat/deep/er/x.png", "zebra/1.png"]
+    assert ds.attributes == {"label": ["ant", "cat", "zebra"]}
+    assert ds.attribute_codes()[:, 0].tolist() == [0, 0, 1, 2]
+    assert [m["label"] for m in load_dataset(f"imagefolder:{root}", n=2).metadata] == ["ant", "ant"]
+    assert load_dataset(f"imagefolder:{root}", n=2).attributes == {"label": ["ant", "cat", "zebra"]}  # all classes
+    write_meta(root, [{"file_name": m["file_name"], "kind": "k"} for m in ds.metadata])
+    assert load_dataset(f"imagefolder:{root}").attributes == {"kind": ["k"]}
+    (root / "metadata.jsonl").unlink()
+    write_png(root / "loose.png", rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    assert load_dataset(f"imagefolder:{root}").attributes == {}
+
+
 def test_grayscale_and_non_square(tmp_path):
     rng = np.random.default_rng(1)
     gray = tmp_path / "gray"

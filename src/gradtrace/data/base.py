@@ -134,6 +134,26 @@ class ImageDataset:
                 codes[r, j] = code
         return codes
 
+    def class_indices(self, attribute: str, classes: list[str], rows=None) -> np.ndarray:
+        """int64 (N,) (or one per position in `rows`): each image's index in `classes` of its value of `attribute`
+        (compared as strings), the label of a classifier; an image without a value, or with a value not in
+        `classes`, raises UserError."""
+        lookup = {str(c): k for k, c in enumerate(classes)}
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
+        out = np.empty(len(rows), dtype=np.int64)
+        for k, r in enumerate(rows.tolist()):
+            value = self.metadata[r].get(attribute)
+            if value is None:
+                raise UserError(f"dataset {self.name}: image id {int(self.ids[r])} has no {attribute!r} label; give "
+                                f"every image one (a metadata.jsonl column or a class sub-folder)")
+            code = lookup.get(str(value))
+            if code is None:
+                shown = ", ".join(map(str, classes[:12])) + (", ..." if len(classes) > 12 else "")
+                raise UserError(f"dataset {self.name}: image id {int(self.ids[r])} has {attribute}={value!r}, not "
+                                f"one of the model's classes ({shown}); use images of those classes or retrain")
+            out[k] = code
+        return out
+
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
         """sha256 hex over the ids, the image bytes, the attribute vocabulary and each image's attribute codes."""

@@ -9,6 +9,11 @@ as long as the set of files does not change; adding or removing a file renumbers
 Columns whose value is a string or an integer in every row become attributes (values sorted as strings),
 except "text", the caption of a text-to-image example; every column is kept in each image's metadata,
 together with "file_name".
+
+Without metadata.jsonl, a folder whose images all lie in sub-folders (`PATH/<class>/<image>`, deeper folders
+inside a class allowed: torchvision's `ImageFolder` convention) gets one attribute, "label": the name of each
+image's top-level sub-folder (the classes sorted, as torchvision sorts them). Images directly in the folder
+mean no classes: then no attribute at all.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from gradtrace.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 METADATA_FILE = "metadata.jsonl"
 CAPTION = "text"  # the caption column (Hugging Face convention): kept in metadata, never an attribute
+LABEL = "label"   # a classifier's label column, or the class sub-folder of an image (no metadata.jsonl)
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -74,6 +80,15 @@ def attribute_vocab(rows: list[dict]) -> dict[str, list[str]]:
         if all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
             vocab[col] = sorted({str(v) for v in values})
     return vocab
+
+
+def class_folder_rows(files: list[str]) -> tuple[list[dict], dict[str, list[str]]]:
+    """(rows, vocabulary) of a folder without metadata: "label" = the top-level sub-folder of each image when
+    every image lies in one (torchvision's ImageFolder convention), else no attribute."""
+    if not files or any("/" not in name for name in files):
+        return [{"file_name": name} for name in files], {}
+    rows = [{"file_name": name, LABEL: name.split("/", 1)[0]} for name in files]
+    return rows, {LABEL: sorted({row[LABEL] for row in rows})}
 
 
 def _open(path: Path):
@@ -135,8 +150,7 @@ def load_imagefolder(path: str, *, size: int | None = None, n: int | None = None
         rows = [dict(table[name]) for name in files]
         vocab = attribute_vocab(rows)  # over every image, so the vocabulary does not depend on n
     else:
-        rows = [{"file_name": name} for name in files]
-        vocab = {}
+        rows, vocab = class_folder_rows(files)
 
     if n is not None:
         if n > len(files):

@@ -80,13 +80,17 @@ def open_dataset(source: dict, fingerprint: str | None = None):
 
 
 def dataset_examples(spec: str, *, n: int | None = None, size: int | None = None, seed: int = 0,
-                     ids=None, attribute_values: dict | None = None) -> Examples:
-    """Examples of a dataset (optionally a subset of ids); codes checked against a model's vocabulary."""
+                     ids=None, attribute_values: dict | None = None,
+                     labels: tuple[str, list[str]] | None = None) -> Examples:
+    """Examples of a dataset (optionally a subset of ids); codes checked against a model's vocabulary, or with
+    `labels` = (attribute, classes) the conditioning is each image's class index (N,) (a classifier's label)."""
     ds = open_dataset(dataset_source(spec, n=n, size=size, seed=seed))
     if ids is not None:
         ds = ds.subset(np.asarray(ids, dtype=np.int64))
     cond = None
-    if attribute_values:
+    if labels is not None:
+        cond = ds.class_indices(*labels)
+    elif attribute_values:
         if {k: list(v) for k, v in ds.attributes.items()} != {k: list(v) for k, v in attribute_values.items()}:
             raise UserError(f"dataset '{spec}' has attributes {sorted(ds.attributes)} with other values than the "
                             f"model was trained on ({sorted(attribute_values)}); use the model's training data")
@@ -148,15 +152,20 @@ def samples_examples(path, *, attribute_values: dict | None = None) -> Examples:
                     source=source, texts=None if prompts is None else list(prompts))
 
 
-def load_source(source: dict, *, attribute_values: dict | None = None, ids=None) -> Examples:
-    """The examples of a source record (a dataset's optionally only `ids`), e.g. those a store was made from."""
+def load_source(source: dict, *, attribute_values: dict | None = None, ids=None,
+                labels: tuple[str, list[str]] | None = None) -> Examples:
+    """The examples of a source record (a dataset's optionally only `ids`), e.g. those a store was made from;
+    `labels` (attribute, classes): labelled dataset images, whose conditioning is their class index."""
     if source.get("kind") == "samples":
         if ids is not None:
             raise UserError("--ids selects dataset examples; it cannot be used with --samples")
+        if labels is not None:
+            raise UserError("a classifier attributes labelled images, not generated samples; pass --data "
+                            "(and --ids) instead of --samples")
         ex = samples_examples(source["path"], attribute_values=attribute_values)
     elif source.get("kind") == "dataset":
         ex = dataset_examples(source["spec"], n=source.get("n"), size=source.get("size"),
-                              seed=source.get("seed", 0), ids=ids, attribute_values=attribute_values)
+                              seed=source.get("seed", 0), ids=ids, attribute_values=attribute_values, labels=labels)
     else:
         raise UserError(f"unknown example source {source!r}; featurize again with this version of gradtrace")
     if source.get("fingerprint") and ex.source.get("fingerprint") and \
