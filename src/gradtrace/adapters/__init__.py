@@ -1,6 +1,6 @@
 """Model adapters by name: the one place that maps a checkpoint to the code that knows its kind of model.
 
-    adapter = get_adapter("diffusion-unet")          # a built-in adapter
+    adapter = get_adapter("diffusion-unet")          # a built-in adapter (also "diffusers", "classifier")
     adapter = get_adapter("mypkg.adapters:MyAdapter")  # any ModelAdapter subclass by import path
     adapter = adapter_of(checkpoint_dir)             # the adapter named in a checkpoint's manifest
 
@@ -17,7 +17,8 @@ from gradtrace.errors import UserError
 from gradtrace.io import read_json
 
 BUILTIN = {"diffusion-unet": "gradtrace.adapters.diffusion.adapter:TinyUNetAdapter",
-           "diffusers": "gradtrace.adapters.diffusers.adapter:DiffusersAdapter"}
+           "diffusers": "gradtrace.adapters.diffusers.adapter:DiffusersAdapter",
+           "classifier": "gradtrace.adapters.classifier.adapter:ClassifierAdapter"}
 PIPELINE_ADAPTER = "diffusers"  # a folder saved by diffusers' save_pretrained (model_index.json)
 _CACHE: dict[str, ModelAdapter] = {}
 

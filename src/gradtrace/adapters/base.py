@@ -9,7 +9,7 @@ never know what kind of model they work on. They ask an adapter (found by name i
 - **groups**: `group_key(preset)`, the adapter's own presets (e.g. `block`) beside the generic `tensor` and
   `module`;
 - **measurements**: `objective(checkpoint, name, repeats, seed)` → `Objective`, what is differentiated per
-  example (the featurizers call it, see below);
+  example (the featurizers call it, see below); `default_measurement` is the one `featurize` uses by default;
 - **examples**: `examples(model_config, source, ids)` → `Examples` (inputs, ids, conditioning) of a data
   source record (`gradtrace.data.sources`), checked against the model;
 - **training**: `default_model_config(dataset, kind)`, `train(model_config, dataset, train_config, ids, resume)`,
@@ -120,6 +120,7 @@ class ModelAdapter(ABC):
 
     name: str = "adapter"
     measurements: tuple[str, ...] = ("loss",)
+    default_measurement: str = "loss"  # what `featurize` differentiates when --measurement is not given
     group_presets: tuple[str, ...] = ()
     model_kinds: tuple[str, ...] = ()
     output_name: str = "loss"          # what `outputs` returns, as recorded in evaluation manifests

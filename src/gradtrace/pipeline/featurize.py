@@ -1,7 +1,7 @@
 """The featurize stage: per-example projected gradient features of a dataset or a samples directory."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gradtrace.adapters import adapter_of
@@ -31,7 +31,9 @@ class FeaturizeSpec(Spec):
     projection: str = option("rademacher", "projection of each group's gradient", choices=KINDS)
     dim: int = option(DEFAULT_TOTAL_DIM, "total projection dimension", check=positive)
     proj_seed: int = option(0, "projection seed")
-    measurement: str = option("loss", "what is differentiated (the adapter's measurements: loss, dtrak, mean)")
+    measurement: str | None = option(None, "what is differentiated (default: the model's own: loss for diffusion "
+                                     "models, of loss, dtrak, mean, das; margin for classifiers, of margin, loss)",
+                                     type=str)
     timesteps: int = option(10, "T timesteps averaged per example", check=positive)
     noise_seed: int = option(0, "seed of the per-example noise")
     chunk: int = option(64, "examples per chunk", check=positive)
@@ -67,6 +69,8 @@ class FeaturizeSpec(Spec):
 def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore:
     """Featurize the examples of `spec` (default: the checkpoint's own training data and ids)."""
     adapter = adapter_of(spec.checkpoint)
+    if spec.measurement is None:  # the model's own default, recorded in the store's spec
+        spec = replace(spec, measurement=adapter.default_measurement)
     ckpt = adapter.load(spec.checkpoint)
     ids = resolve_ids(spec.ids)
     if spec.samples:

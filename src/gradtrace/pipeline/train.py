@@ -15,7 +15,7 @@ from gradtrace.adapters import DEFAULT_ADAPTER, get_adapter
 from gradtrace.adapters.train_state import STATE_FILE, TrainState
 from gradtrace.data.sources import dataset_source, open_dataset, read_ids
 from gradtrace.errors import UserError
-from gradtrace.io import check_can_write, command_line, jsonable, sha256_arrays
+from gradtrace.io import check_can_write, command_line, jsonable, read_json, sha256_arrays
 from gradtrace.pipeline.devices import device_option, dtype_option, resolve_device
 from gradtrace.pipeline.spec import Spec, option, positive
 
@@ -34,7 +34,10 @@ class TrainSpec(Spec):
                               "the UNet's attention)", type=str)
     lora_rank: int | None = option(None, "rank of the LoRA adapters (with --base)", type=int, check=positive)
     model: str = option("auto", "model kind of the adapter; auto: conditional when the dataset has attributes "
-                        "(digits: unconditional)")
+                        "(digits: unconditional); classifier: resnet (auto), vit or factory")
+    model_options: str | None = option(None, "the model's own settings as a JSON object, inline or a .json file "
+                                       "(classifier: e.g. '{\"widths\": [16, 32], \"blocks\": [1, 1]}', or "
+                                       "'{\"factory\": \"pkg.module:function\", \"kwargs\": {...}}')", type=str)
     steps: int | None = option(None, "training steps (default: the recipe's: 3000 for the tiny UNets)", type=int,
                                check=positive)
     batch_size: int | None = option(None, "examples per step (default: the recipe's: 64 for the tiny UNets)",
@@ -73,13 +76,33 @@ def resolve_ids(ids) -> np.ndarray | None:
     return np.asarray(ids, dtype=np.int64)
 
 
+def read_model_options(text: str) -> dict:
+    """--model-options: a JSON object, inline or in a .json file."""
+    source = str(text).strip()
+    if source.startswith("{"):
+        try:
+            value = json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--model-options is not valid JSON ({exc.msg} at character {exc.pos}); pass a JSON "
+                            "object such as '{\"widths\": [16, 32]}'") from None
+    elif Path(source).is_file():
+        value = read_json(source, "--model-options file")
+    else:
+        raise UserError(f"--model-options {source!r} is neither a JSON object nor a .json file; pass e.g. "
+                        "'{\"widths\": [16, 32]}'")
+    if not isinstance(value, dict):
+        raise UserError(f"--model-options must be a JSON object (settings by name), got {type(value).__name__}")
+    return value
+
+
 def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
     """Train (or reuse, when an identical checkpoint exists at `spec.out`) and save a checkpoint."""
     adapter = get_adapter(spec.adapter)
     ids = resolve_ids(spec.ids)
     source = dataset_source(spec.data, n=spec.n, size=spec.size, seed=spec.data_seed)
     ds = open_dataset(source)
-    model_config = adapter.default_model_config(ds, spec.model, base=spec.base, lora_rank=spec.lora_rank)
+    options = {} if spec.model_options is None else {"model_options": read_model_options(spec.model_options)}
+    model_config = adapter.default_model_config(ds, spec.model, base=spec.base, lora_rank=spec.lora_rank, **options)
     values = {"seed": spec.seed, **{k: v for k, v in (("steps", spec.steps), ("batch_size", spec.batch_size),
                                                        ("lr", spec.lr)) if v is not None}}
     if spec.dtype != "float32":  # the precision is part of the recipe: subset models are retrained alike

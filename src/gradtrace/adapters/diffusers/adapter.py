@@ -167,7 +167,10 @@ class DiffusersAdapter(ModelAdapter):
         return {"kind": KIND, "base": str(parts.path), "base_fingerprint": parts.fingerprint, "lora": lora,
                 "resolution": int(parts.unet.config.sample_size) * scale}
 
-    def default_model_config(self, dataset, kind: str = "auto", base=None, lora_rank=None) -> dict:
+    def default_model_config(self, dataset, kind: str = "auto", base=None, lora_rank=None, model_options=None) -> dict:
+        if model_options is not None:
+            raise UserError("--model-options sets a classifier's architecture; a pipeline fine-tune takes --base and "
+                            "--lora-rank (drop --model-options)")
         if base is None or lora_rank is None:
             raise UserError("fine-tuning a pipeline trains LoRA adapters: pass --base PIPELINE and --lora-rank R")
         if not is_text_to_image(base):

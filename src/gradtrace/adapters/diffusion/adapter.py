@@ -65,7 +65,10 @@ class TinyUNetAdapter(ModelAdapter):
         return ex
 
     # ------------------------------------------------------------------ training
-    def default_model_config(self, dataset, kind: str = "auto", base=None, lora_rank=None) -> dict:
+    def default_model_config(self, dataset, kind: str = "auto", base=None, lora_rank=None, model_options=None) -> dict:
+        if model_options is not None:
+            raise UserError("--model-options sets a classifier's architecture (--adapter classifier); the tiny UNets "
+                            "take --model and --size (drop --model-options)")
         if base is not None or lora_rank is not None:
             raise UserError("the diffusion-unet adapter trains tiny UNets from scratch; --base and --lora-rank "
                             "fine-tune a diffusers pipeline (drop --adapter)")
