@@ -175,7 +175,7 @@ def explicit_kronecker(projector, grads: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate(blocks, axis=1)
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", ["resnet", "resnet-batch", "vit", "factory"])
 def test_kronecker_features_agree_with_the_exact_gradients(digits, name):
     """With every factor the identity the Kronecker path gives the exact gradients (tensor groups keep the vmap
     order); projected, it equals the explicit Kronecker projection of the exact gradients. Layers it does not
@@ -196,6 +196,17 @@ def test_kronecker_features_agree_with_the_exact_gradients(digits, name):
                                                                   total_dim=96, projection_seed=2), ADAPTER.group_key)
     assert not all(projected.projector.is_exact(j) for j in range(len(projected.groups)))
     assert rel(projected.features(x, ids, y), explicit_kronecker(projected.projector, ref)) <= 1e-5
+
+
+def test_kronecker_refuses_torchs_own_attention(digits):
+    """nn.MultiheadAttention's forward uses out_proj's weight without calling out_proj (torchvision's ViT calls it so):
+    the Kronecker featurizer's check sees that the features do not add up and refuses in one line."""
+    model, config = model_of("factory-attention", digits)
+    x, ids, y = batch(digits, config)
+    fz, _ = build_featurizer(model, ClassifierObjective("margin"), FeatureSpec(groups="block", projection="kronecker",
+                                                                              total_dim=64), ADAPTER.group_key)
+    with pytest.raises(UserError, match=r"attention.out_proj.weight do not add up .* use --projection rademacher"):
+        fz.features(x, ids, y)
 
 
 def test_batch_total_is_the_sum_of_the_examples_outputs(digits):
