@@ -6,6 +6,7 @@ import stat
 import numpy as np
 import pytest
 
+from gradtrace.cli import main
 from gradtrace.io import atomic_write, command_line, jsonable, write_json_atomic, write_npy_atomic
 
 
@@ -42,3 +43,22 @@ def test_jsonable_and_command_line(monkeypatch):
     assert jsonable({"a": (1, np.float32(0.5)), "b": np.arange(2)}) == {"a": [1, 0.5], "b": [0, 1]}
     monkeypatch.setattr("sys.argv", ["/usr/bin/gradtrace", "attribute", "--top-k", "3"])
     assert command_line() == "gradtrace attribute --top-k 3"
+
+
+def test_every_artefact_file_follows_the_umask(tmp_path):
+    """Checkpoints (model.safetensors, config.json), samples, stores and attributions: each file has the mode any
+    new file gets under the umask (0640 under 027), never a temporary file's 0600."""
+    commands = ["train --data digits --n 8 --steps 2 --batch-size 4 --out {t}/ck",
+                "sample --checkpoint {t}/ck --num 2 --sample-steps 2 --out {t}/s",
+                "featurize --checkpoint {t}/ck --out {t}/f --dim 32 --timesteps 1",
+                "featurize --checkpoint {t}/ck --samples {t}/s --out {t}/q --dim 32 --timesteps 1",
+                "attribute --train {t}/f --queries {t}/q --top-k 2 --out {t}/a"]
+    old = os.umask(0o027)
+    try:
+        for command in commands:
+            assert main(command.format(t=tmp_path).split() + ["--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*") if p.is_file()}
+    assert {"ck/model.safetensors", "ck/config.json", "f/features.npy", "a/attributions.json"} <= set(modes)
+    assert {name: oct(mode) for name, mode in modes.items() if mode != 0o640} == {}

@@ -20,7 +20,7 @@ from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
 from gradtrace.evaluate.recipe import Recipe, load_recipe
 from gradtrace.evaluate.retrain import Retraining, open_retraining
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import command_line, sha256_arrays, versions, write_json_atomic
+from gradtrace.io import check_can_write, command_line, sha256_arrays, versions, write_json_atomic
 from gradtrace.methods import DEFAULT_KERNEL
 from gradtrace.report.lds import plot_per_group
 
@@ -53,12 +53,7 @@ def targets_from_outputs(outputs: np.ndarray, n_subsets: int, n_seeds: int, nega
 def load_problem(run, retrain, train_store, query_store, *, grid: OutputGrid = OutputGrid(),
                  progress: bool = True) -> LDSProblem:
     recipe, retraining = finished_retraining(run, retrain)
-    if train_store.settings.get("model_fingerprint") != recipe.fingerprint:
-        raise UserError(f"training features {train_store.path} were not made from the run's model {recipe.run}; "
-                        "featurize the training set with that checkpoint")
-    if not np.array_equal(np.sort(np.asarray(train_store.ids)), recipe.train_ids):
-        raise UserError(f"training features {train_store.path} cover {len(train_store.ids)} examples, not the run's "
-                        f"{len(recipe.train_ids)} training ids; featurize the run's training set")
+    check_training_store(train_store, recipe)
     train_store.check_compatible(query_store)
     mask = subset_mask(retraining.subsets, train_store.ids)
     adapter = recipe.adapter
@@ -68,6 +63,16 @@ def load_problem(run, retrain, train_store, query_store, *, grid: OutputGrid = O
     targets = targets_from_outputs(outputs, retraining.n_subsets, retraining.n_seeds, negate=adapter.output_is_loss)
     return LDSProblem(retraining=retraining, mask=mask, outputs=outputs, targets=targets, query_ids=examples.ids,
                       outputs_info=info, recipe=recipe)
+
+
+def check_training_store(train_store, recipe: Recipe) -> None:
+    """Refuse training features that are not the run's training set featurized with the run's model."""
+    if train_store.settings.get("model_fingerprint") != recipe.fingerprint:
+        raise UserError(f"training features {train_store.path} were not made from the run's model {recipe.run}; "
+                        "featurize the training set with that checkpoint")
+    if not np.array_equal(np.sort(np.asarray(train_store.ids)), recipe.train_ids):
+        raise UserError(f"training features {train_store.path} cover {len(train_store.ids)} examples, not the run's "
+                        f"{len(recipe.train_ids)} training ids; featurize the run's training set")
 
 
 def finished_retraining(run, retrain):
@@ -97,12 +102,15 @@ def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "t
     """LDS (mean, 95% CI, per query) of one method; writes lds.json (+ with `per_group`, each group's LDS
     alone and its picture)."""
     start = time.perf_counter()
-    finished_retraining(run, retrain)  # the cheap checks first
+    recipe, _ = finished_retraining(run, retrain)  # the cheap checks first
+    check_can_write(out)
     train = FeatureStore.open(train_features)
     query = FeatureStore.open(queries)
-    problem = load_problem(run, retrain, train, query, grid=grid, progress=progress)
+    check_training_store(train, recipe)
+    # scoring refuses bad weights, λ and mismatched stores before any model output is computed and cached
     scored = score_queries(train, query, method=method, kernel=kernel, c=c, weights_path=weights_path,
                            learning_queries=learning_queries, progress=progress)
+    problem = load_problem(run, retrain, train, query, grid=grid, progress=progress)
     result = problem.evaluate(scored.scores(), seed=seed)
     doc = {"manifest": eval_manifest(problem, train, query, scored, grid, seed), "lds": result}
     out = Path(out)

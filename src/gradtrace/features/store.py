@@ -74,6 +74,8 @@ class FeatureStore:
             raise UserError("example ids must be unique; deduplicate the input set")
         if path.exists() and not path.is_dir():
             raise UserError(f"feature store path is a file, not a directory: {path}; choose another --out")
+        if path.is_dir() and not (path / "manifest.json").exists():
+            _refuse_foreign(path)  # before the lock file, so a refused folder is left as it was
         path.mkdir(parents=True, exist_ok=True)
         lock = _lock(path)
         try:
@@ -98,8 +100,8 @@ class FeatureStore:
                     key = _first_difference(_with_defaults(old.get("settings", {})), jsonable(settings)) or "ids"
                     raise UserError(f"{path} holds a feature store made with other settings ('{key}' "
                                     f"differs); choose a new output directory or pass --overwrite")
-            elif not set(os.listdir(path)) <= OWN_FILES | {f for f in os.listdir(path) if f.startswith(".")}:
-                raise UserError(f"{path} is not empty and is not a feature store; choose an empty directory")
+            else:
+                _refuse_foreign(path)
             if overwrite:
                 for name in OWN_FILES:
                     if (path / name).exists():
@@ -232,6 +234,12 @@ class FeatureStore:
         check_match({**COMPAT_DEFAULTS, **self.settings}, {**COMPAT_DEFAULTS, **other.settings}, COMPAT_KEYS,
                     what=f"query features {other.path} do not match training features {self.path}",
                     fix="featurize both with the same checkpoint, groups, projection, measurement and dtypes")
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Refuse a folder holding files that are not a feature store's (its own, or hidden ones)."""
+    if any(name not in OWN_FILES and not name.startswith(".") for name in os.listdir(path)):
+        raise UserError(f"{path} is not empty and is not a feature store; choose an empty directory")
 
 
 def _lock(path: Path):
