@@ -140,6 +140,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             os.fsync(fh.fileno())
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_write`). Serializers that write files themselves (torch.save,
+    safetensors) report a full disk as their own RuntimeError or SafetensorError; serialized to bytes first, a
+    full disk is an OSError (ENOSPC), which the CLI reports in one line."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def write_npy_atomic(path: str | os.PathLike, array: Any) -> None:
     """Write one array as ``.npy`` to `path` atomically (see `atomic_write`)."""
     with atomic_write(path, suffix=".tmp.npy") as tmp:

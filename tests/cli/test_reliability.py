@@ -6,8 +6,10 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from fixtures.reliability import digest, ok, refused, tmpfs
+from gradtrace.adapters.train_state import STATE_FILE
 from gradtrace.cli import main
 from gradtrace.features.store import FeatureStore
 
@@ -151,3 +153,22 @@ def test_a_directory_where_a_file_goes_is_one_line(run, tmp_path, capsys):
     refused(capsys, ["learn-weights", "--train", run / "train", "--queries", run / "queries", "--steps", 2, "--out",
                      tmp_path / "dir"], f"{tmp_path / 'dir'} is a directory", run)
     assert list((tmp_path / "dir").iterdir()) == [] and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("what", ["training state", "checkpoint"])
+def test_train_on_a_full_disk_is_one_line_and_resumes_once_space_is_freed(run, tmp_path, capsys, monkeypatch, what):
+    """A training state saved after every step (about 2.2 MB: the second does not fit in 3 MB), or none and a
+    checkpoint (720 KB) that does not fit in 512 KB: one line; then, with space, the same bytes."""
+    monkeypatch.setenv("GRADTRACE_TRAIN_STATE_EVERY", "1" if what == "training state" else "100")
+    args = ["train", "--data", "digits", "--n", 12, "--steps", 3, "--batch-size", 4, "--out"]
+    ok(*args, tmp_path / "ref")
+    with tmpfs(tmp_path / "small", "size=3m" if what == "training state" else "size=512k", "the drill needs one") \
+            as mnt:
+        refused(capsys, [*args, mnt / "ck"], "no space left on the device", run)
+        if what == "training state":  # the first state is kept, whole; the next run continues from it
+            assert torch.load(mnt / "ck" / STATE_FILE, weights_only=True)["step"] == 1
+        assert sorted(p.name for p in (mnt / "ck").iterdir()) == ([STATE_FILE] if what == "training state" else [])
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
+        ok(*args, mnt / "ck")
+        assert digest(mnt / "ck").keys() == {"config.json", "model.safetensors"}
+        assert (mnt / "ck" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()

@@ -16,11 +16,11 @@ from typing import Callable
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from gradtrace.errors import UserError
-from gradtrace.io import atomic_write, read_json, versions, write_json_atomic
+from gradtrace.io import read_json, versions, write_bytes_atomic, write_json_atomic
 
 FORMAT = "gradtrace.checkpoint"
 FORMAT_VERSION = 1
@@ -78,8 +78,8 @@ def save_checkpoint(path_dir, model: nn.Module, *, train_config, dataset_info: d
     """
     path = start_checkpoint(path_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(path / WEIGHTS) as tmp:  # one metadata key: safetensors writes its metadata in hash order,
-        save_file(state, str(tmp), metadata={"format": FORMAT})  # so two would order differently run to run
+    # one metadata key: safetensors writes its metadata in hash order, so two would order differently run to run
+    write_bytes_atomic(path / WEIGHTS, save(state, metadata={"format": FORMAT}))
     return write_manifest(path, model, fingerprint=model_fingerprint(model), train_config=train_config,
                           dataset_info=dataset_info, train_ids=train_ids, extra=extra, adapter=adapter)
 

@@ -25,6 +25,7 @@ every 60 s of training, never after the last step (the checkpoint follows).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from gradtrace.errors import UserError
-from gradtrace.io import atomic_write, json_default, remove_stale_temps
+from gradtrace.io import json_default, remove_stale_temps, write_bytes_atomic
 
 STATE_FILE = ".train-state.pt"
 EVERY_ENV = "GRADTRACE_TRAIN_STATE_EVERY"
@@ -106,8 +107,9 @@ class TrainState:
     def save(self, step: int) -> None:
         doc = {"format": FORMAT, "key": self.key, "layout": _layout(self.parts), "step": int(step),
                "wall_s": self.wall_s(), "parts": {name: _pack(part) for name, part in self.parts.items()}}
-        with atomic_write(self.path) as tmp:
-            torch.save(doc, tmp)
+        buffer = io.BytesIO()  # torch.save on a full disk raises an opaque RuntimeError; a write of bytes, ENOSPC
+        torch.save(doc, buffer)
+        write_bytes_atomic(self.path, buffer.getvalue())
         self._saved_at, self._last_step = time.perf_counter(), int(step)
 
     def wall_s(self) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, OutputGrid
 from gradtrace.adapters.checkpoint import CONFIG, read_manifest, start_checkpoint, write_manifest
@@ -34,7 +34,7 @@ from gradtrace.adapters.loop import select_rows
 from gradtrace.data.registry import aspect_caption
 from gradtrace.data.sources import Examples, load_source, open_dataset
 from gradtrace.errors import UserError
-from gradtrace.io import atomic_write
+from gradtrace.io import write_bytes_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KIND = "text-to-image"
@@ -99,8 +99,7 @@ class DiffusersAdapter(ModelAdapter):
 
     def save(self, path, model: TextToImage, *, train_config, dataset_info, train_ids=None, extra=None) -> Path:
         path = start_checkpoint(path)
-        with atomic_write(path / LORA_FILE, suffix=".tmp") as tmp:
-            save_file(model.lora_state(), str(tmp), metadata={"format": "pt"})
+        write_bytes_atomic(path / LORA_FILE, save(model.lora_state(), metadata={"format": "pt"}))
         fingerprint = checkpoint_fingerprint(model.config, path / LORA_FILE)
         return write_manifest(path, model, fingerprint=fingerprint, train_config=train_config,
                               dataset_info=dataset_info, train_ids=train_ids, extra=extra, adapter=self.name)
