@@ -151,6 +151,16 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(fh.fileno())
 
 
+def os_error_of(exc: Exception, path: str | os.PathLike) -> OSError | None:
+    """The OSError a library's own I/O error stands for, from the "(os error N)" of Rust crates' messages
+    (safetensors: "I/O error: No space left on device (os error 28)"); None when it names none."""
+    found = re.search(r"os error (\d+)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
 def write_npy_atomic(path: str | os.PathLike, array: Any) -> None:
     """Write one array as ``.npy`` to `path` atomically (see `atomic_write`)."""
     with atomic_write(path, suffix=".tmp.npy") as tmp:

@@ -172,3 +172,11 @@ def test_train_on_a_full_disk_is_one_line_and_resumes_once_space_is_freed(run, t
         ok(*args, mnt / "ck")
         assert digest(mnt / "ck").keys() == {"config.json", "model.safetensors"}
         assert (mnt / "ck" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+def test_build_pipeline_on_a_full_disk_is_one_line(run, tmp_path, capsys):
+    """diffusers' save_pretrained writes the weights with safetensors, whose full-disk error is not an OSError."""
+    with tmpfs(tmp_path / "small", "size=256k", "the full-disk drill needs one") as mnt:
+        refused(capsys, ["build-pipeline", "--n", 8, "--vae-steps", 1, "--unet-steps", 1, "--batch-size", 4, "--out",
+                         mnt / "p"], "no space left on the device", run)
+        assert not (mnt / "p" / "gradtrace_build.json").exists()  # unfinished: not a pipeline gradtrace reuses

@@ -21,10 +21,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors import SafetensorError
 
 from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.errors import UserError
-from gradtrace.io import command_line, read_json, versions, write_json_atomic
+from gradtrace.io import check_can_write, command_line, os_error_of, read_json, versions, write_json_atomic
 from gradtrace.pipeline.spec import Spec, option, positive
 
 MANIFEST = "gradtrace_build.json"
@@ -88,6 +89,7 @@ def build_pipeline_run(spec: BuildPipelineSpec, *, progress: bool = True) -> Pat
     dataset_info = {**dataset.info(), "captions_sha256": captions_digest(captions)}
     if _cached_build(out, spec, dataset_info):
         return out
+    check_can_write(out)  # before minutes of pretraining
     code = _diffusers_code()
     start = time.perf_counter()
     components = code.build.build_components(captions, image_size=dataset.size, channels=dataset.channels,
@@ -101,7 +103,10 @@ def build_pipeline_run(spec: BuildPipelineSpec, *, progress: bool = True) -> Pat
                          tokenizer=components["tokenizer"], unet=components["unet"],
                          scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
                          requires_safety_checker=False)
-    pipe.save_pretrained(out)
+    try:
+        pipe.save_pretrained(out)
+    except SafetensorError as exc:  # diffusers writes weights with safetensors, whose I/O errors are not OSErrors
+        raise (os_error_of(exc, out) or exc) from None
     code.build.save_vocab_files(components["tokenizer"], out / "tokenizer")
     log["wall_seconds"] = round(time.perf_counter() - start, 2)
     log["torch_threads"] = torch.get_num_threads()
