@@ -10,13 +10,13 @@ from gradtrace.methods import FittedMethod, get_method
 SLICES = [("a", 0, 8), ("b", 8, 20), ("c", 20, 24)]
 
 
-def _settings(dtype):
+def _settings(dtype, chunk=700):
     return {"model_fingerprint": "x", "groups": [{"name": n, "start": s, "stop": e} for n, s, e in SLICES],
-            "projection": {"kind": "test"}, "measurement": {"name": "loss"}, "dtype": dtype, "dim": 24}
+            "projection": {"kind": "test"}, "measurement": {"name": "loss"}, "dtype": dtype, "dim": 24, "chunk_rows": chunk}
 
 
 def _store(tmp_path, dtype, phi, chunk=700):
-    store = FeatureStore.create(tmp_path / dtype, _settings(dtype), np.arange(len(phi)) + 10)
+    store = FeatureStore.create(tmp_path / dtype, _settings(dtype, chunk), np.arange(len(phi)) + 10)
     for s in range(0, len(phi), chunk):
         store.write(s, phi[s:s + chunk])
     store.finish()

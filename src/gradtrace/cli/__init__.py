@@ -50,7 +50,11 @@ def _say_sample(path, spec) -> str:
 
 
 def _say_featurize(store, spec) -> str:
-    return f"features: {store.path} ({store.features.shape[0]} x {store.features.shape[1]})"
+    line = f"features: {store.path} ({store.features.shape[0]} x {store.features.shape[1]})"
+    if not store.complete:  # a rank whose share is done while other ranks still write
+        line += (f"; {len(store.missing_chunks())} chunks left to other ranks (the last to finish completes the "
+                 "store; rerun the same command if one was stopped)")
+    return line
 
 
 def _say_attribute(doc, spec) -> str:

@@ -35,6 +35,7 @@ from gradtrace.adapters.train_state import STATE_FILE, TrainState
 from gradtrace.errors import UserError
 from gradtrace.evaluate.recipe import Recipe, load_run_dataset
 from gradtrace.io import command_line, process_alive, sha256_arrays
+from gradtrace.ranks import distributed_rank
 
 MODELS = "models"
 
@@ -55,16 +56,6 @@ def model_dir(out, job_or_name) -> Path:
 def is_finished(out, job_or_name) -> bool:
     """A model is finished when its final directory holds config.json (written last, then renamed)."""
     return (model_dir(out, job_or_name) / "config.json").is_file()
-
-
-def distributed_rank() -> tuple[int, int] | None:
-    """(rank, world size) when launched by torchrun (or any launcher setting RANK/WORLD_SIZE), else None."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if not 0 <= rank < world:
-            raise UserError(f"RANK={rank} is not in 0..WORLD_SIZE-1={world - 1}; fix the launcher settings")
-        return rank, world
-    return None
 
 
 def train_jobs(out, jobs: list[Job], recipe: Recipe, *, workers: int = 1, rank: int | None = None,

@@ -19,6 +19,7 @@ from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProje
 from gradtrace.features.kronecker import KroneckerFeaturizer
 from gradtrace.features.projection import DEFAULT_TOTAL_DIM, GroupProjector
 from gradtrace.features.store import FeatureStore, storage_dtype
+from gradtrace.ranks import rank_and_world
 
 
 @dataclass
@@ -91,12 +92,15 @@ def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
 
 def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, cond=None,
               model_fingerprint: str, source: dict | None = None, provenance: dict | None = None,
-              overwrite: bool = False, progress: bool = True, stop_after_chunks: int | None = None) -> FeatureStore:
+              overwrite: bool = False, progress: bool = True, stop_after_chunks: int | None = None,
+              rank: int | None = None, world: int | None = None) -> FeatureStore:
     """Compute and store per-example features of `inputs` (ids and optional conditioning) with a featurizer
     built from `spec` (`featurizer_for` / `build_featurizer`).
 
-    Resumes an unfinished store with the same settings; `stop_after_chunks` stops early (tests of
-    resumption).
+    Resumes an unfinished store with the same settings. `rank` of `world` writers (default: torchrun's RANK and
+    WORLD_SIZE, else 0 of 1) computes the chunks c with c % world == rank that nobody has recorded; the writer
+    that finds every chunk recorded finishes the store (the others return it unfinished). `stop_after_chunks`
+    stops early (tests of resumption).
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if inputs.shape[0] != len(ids):
@@ -106,31 +110,36 @@ def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, 
     if spec.chunk_rows < 1:
         raise UserError(f"chunk size must be positive, got {spec.chunk_rows}")
     storage_dtype(spec.dtype)  # refuses an unknown storage dtype before any work
+    if rank is None or world is None:
+        rank, world = rank_and_world()
     settings = store_settings(featurizer, spec, model_fingerprint, source or {})
-    store = FeatureStore.create(out, settings, ids, cond, provenance=provenance, overwrite=overwrite)
+    store = FeatureStore.create(out, settings, ids, cond, provenance=provenance, overwrite=overwrite, rank=rank,
+                                world=world)
     try:
-        return _fill(featurizer, store, inputs, ids, cond, spec, progress, stop_after_chunks)
+        return _fill(featurizer, store, inputs, ids, cond, progress, stop_after_chunks, rank, world)
     finally:
         store.release()
 
 
-def _fill(featurizer, store, inputs, ids, cond, spec: FeatureSpec, progress: bool, stop_after_chunks) -> FeatureStore:
+def _fill(featurizer, store, inputs, ids, cond, progress: bool, stop_after_chunks, rank: int,
+          world: int) -> FeatureStore:
     if store.complete:
         return store
-    n, step = len(ids), spec.chunk_rows
-    start = store.rows_done
-    bar = tqdm(total=n, initial=start, desc="featurize", unit="ex", disable=not progress)
-    done_chunks = 0
-    while start < n:
-        stop = min(start + step, n)
-        c = None if cond is None else cond[start:stop]
-        block = featurizer.features(inputs[start:stop], ids[start:stop], c)
-        scale = featurizer.objective.row_scale(featurizer.model, inputs[start:stop], ids[start:stop], c)
+    bounds = store.progress.bounds
+    done = store.progress.done()
+    todo = [c for c in range(len(bounds)) if c % world == rank and c not in done]
+    label = "featurize" if world == 1 else f"featurize (rank {rank}/{world})"
+    rows = sum(bounds[c][1] - bounds[c][0] for c in range(len(bounds)) if c % world == rank)
+    bar = tqdm(total=rows, initial=rows - sum(bounds[c][1] - bounds[c][0] for c in todo), desc=label, unit="ex",
+               disable=not progress)
+    for n_done, c in enumerate(todo, start=1):
+        start, stop = bounds[c]
+        part = None if cond is None else cond[start:stop]
+        block = featurizer.features(inputs[start:stop], ids[start:stop], part)
+        scale = featurizer.objective.row_scale(featurizer.model, inputs[start:stop], ids[start:stop], part)
         store.write(start, block, scale)
         bar.update(stop - start)
-        start = stop
-        done_chunks += 1
-        if stop_after_chunks is not None and done_chunks >= stop_after_chunks and start < n:
+        if stop_after_chunks is not None and n_done >= stop_after_chunks and n_done < len(todo):
             bar.close()
             return store
     bar.close()

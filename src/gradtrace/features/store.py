@@ -8,16 +8,18 @@ Layout::
                      its raw uint16 bits; `features` decodes rows to float32), written chunk by chunk
     ids.npy          (N,) int64 example ids
     cond.npy         (N, A) int64 conditioning codes (conditional models only)
-    progress.json    rows finished so far (written after each chunk is flushed)
+    progress.json    the chunks finished so far, one file per writer (`gradtrace.features.progress`)
 
 Writing is resumable: chunks have fixed boundaries and each chunk's rows depend only on the example
 and the settings, so a run killed at any point and started again with the same settings finishes with
-arrays bit-identical to an uninterrupted run. A store made with other settings is refused.
+arrays bit-identical to an uninterrupted run. Several writers (the ranks of a torchrun job) may fill one store,
+each its own chunks; the store is finished (status "complete") by the writer that finds every chunk recorded,
+after checking each chunk's bytes against the digest its writer recorded. A store made with other settings
+is refused.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -25,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.errors import UserError
+from gradtrace.features.locks import create_lock, writer_locks
+from gradtrace.features.progress import ChunkProgress, digest, is_progress_file
 from gradtrace.io import check_match, jsonable, read_json, versions, write_json_atomic
 
 FORMAT = "gradtrace-features"
 FORMAT_VERSION = 1
 OWN_FILES = {"manifest.json", "features.npy", "ids.npy", "cond.npy", "progress.json", "row_scale.npy"}
-LOCK = ".lock"  # held by the one process writing a store
 ROW_SCALE = "row_scale.npy"  # (N,) float64 per-example factor of a method (settings["row_scale"] says which)
 # Settings that must agree between training features and query features to score one against the other.
 COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype", "precision")
@@ -64,26 +67,35 @@ class FeatureStore:
     # ----------------------------------------------------------------- creation and resume
     @classmethod
     def create(cls, path, settings: dict, ids, cond=None, *, provenance: dict | None = None,
-               overwrite: bool = False) -> "FeatureStore":
-        """Open `path` for writing: a new store, or the unfinished/finished store with equal settings. The
-        store is locked (`.lock`, an exclusive flock) until `finish`, `release` or the process ends, so a
-        second writer is refused in one line instead of interleaving rows."""
+               overwrite: bool = False, rank: int = 0, world: int = 1) -> "FeatureStore":
+        """Open `path` for writing: a new store, or the unfinished/finished store with equal settings. A single
+        writer (`world` 1) holds `.lock` exclusively until `finish`, `release` or the process ends, so a second
+        writer is refused in one line instead of interleaving rows; the ranks of one job (`world` > 1) share it
+        and each holds its own `.lock-rank<r>`."""
         path = Path(path)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(np.unique(ids)) != len(ids):
             raise UserError("example ids must be unique; deduplicate the input set")
+        if not isinstance(settings.get("chunk_rows"), int) or settings["chunk_rows"] < 1:
+            raise UserError("store settings need chunk_rows, a positive integer (the rows of one write)")
         if path.exists() and not path.is_dir():
             raise UserError(f"feature store path is a file, not a directory: {path}; choose another --out")
         if path.is_dir() and not (path / "manifest.json").exists():
             _refuse_foreign(path)  # before the lock file, so a refused folder is left as it was
         path.mkdir(parents=True, exist_ok=True)
-        lock = _lock(path)
+        locks = writer_locks(path, rank, world)
         try:
-            store = cls._create(path, settings, ids, cond, provenance=provenance, overwrite=overwrite)
+            with create_lock(path):
+                if overwrite and world > 1:
+                    raise UserError("--overwrite replaces a store; run it once without torchrun, then featurize "
+                                    "with the ranks")
+                store = cls._create(path, settings, ids, cond, provenance=provenance, overwrite=overwrite)
         except BaseException:
-            lock.close()
+            for lock in locks:
+                lock.close()
             raise
-        store._lock = lock
+        store._locks = locks
+        store.progress = ChunkProgress(path, len(ids), int(settings["chunk_rows"]), rank)
         return store
 
     @classmethod
@@ -103,8 +115,8 @@ class FeatureStore:
             else:
                 _refuse_foreign(path)
             if overwrite:
-                for name in OWN_FILES:
-                    if (path / name).exists():
+                for name in os.listdir(path):
+                    if name in OWN_FILES or is_progress_file(name):
                         (path / name).unlink()
         path.mkdir(parents=True, exist_ok=True)
         n, dim = len(ids), int(settings["dim"])
@@ -121,7 +133,7 @@ class FeatureStore:
             scale.flush()
             del scale
             reserve(path / ROW_SCALE)
-        write_json_atomic(path / "progress.json", {"rows_done": 0})
+        ChunkProgress(path, n, int(settings["chunk_rows"])).start()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "incomplete",
                     "rows": n, "settings": jsonable(settings), "provenance": provenance or {},
                     "versions": versions()}
@@ -132,43 +144,72 @@ class FeatureStore:
     def rows_done(self) -> int:
         if self.manifest.get("status") == "complete":
             return len(self.ids)
-        return int(read_json(self.path / "progress.json", "feature store progress")["rows_done"])
+        return self._progress().rows_done()
 
     @property
     def complete(self) -> bool:
         return self.manifest.get("status") == "complete"
 
+    def _progress(self) -> ChunkProgress:
+        progress = getattr(self, "progress", None)
+        return progress if progress is not None else ChunkProgress(self.path, len(self.ids),
+                                                                   int(self.settings["chunk_rows"]))
+
+    def missing_chunks(self) -> list[int]:
+        """Indices of the chunks no writer has recorded (none once the store is complete)."""
+        return [] if self.complete else self._progress().missing()
+
     def write(self, start: int, block: np.ndarray, row_scale: np.ndarray | None = None) -> None:
-        """Write rows [start, start+len(block)) (and their row factors, when the store keeps them) and record
-        them as done once they are on disk."""
+        """Write rows [start, start+len(block)), whole chunks (and their row factors, when the store keeps them),
+        and record each chunk as done once it is on disk."""
         if not self.writable:
             raise RuntimeError("store opened read-only")
-        if start != self.rows_done:
-            raise RuntimeError(f"chunk starts at {start} but {self.rows_done} rows are done")
+        progress = self.progress
+        stop = start + len(block)
+        first, last = start // progress.chunk_rows, -(-stop // progress.chunk_rows)
+        if start % progress.chunk_rows or not 0 <= first < last <= len(progress.bounds) or \
+                stop != progress.bounds[last - 1][1]:
+            raise RuntimeError(f"rows {start}..{stop} are not whole chunks of {progress.chunk_rows} rows")
         if (row_scale is None) != (self._row_scale is None):
             raise RuntimeError("row factors must be written exactly when the store keeps them")
-        self._raw[start:start + len(block)] = encode_rows(block, self.dtype)
+        self._raw[start:stop] = encode_rows(block, self.dtype)
         self._raw.flush()
         if row_scale is not None:
             scale = np.asarray(row_scale, dtype=np.float64)
             if scale.shape != (len(block),) or not np.isfinite(scale).all():
-                raise UserError(f"row factors of rows {start}..{start + len(block) - 1} are not finite; check "
+                raise UserError(f"row factors of rows {start}..{stop - 1} are not finite; check "
                                 "the model and the inputs")
-            self._row_scale[start:start + len(block)] = scale
+            self._row_scale[start:stop] = scale
             self._row_scale.flush()
-        write_json_atomic(self.path / "progress.json", {"rows_done": start + len(block)})
+        for c in range(first, last):
+            progress.mark(c, self._chunk_digest(*progress.bounds[c]))
 
-    def finish(self) -> None:
-        self.manifest["status"] = "complete"
-        write_json_atomic(self.path / "manifest.json", self.manifest)
+    def _chunk_digest(self, start: int, stop: int) -> str:
+        return digest(self._raw[start:stop], None if self._row_scale is None else self._row_scale[start:stop])
+
+    def finish(self) -> bool:
+        """Mark the store complete when every chunk is recorded and its bytes match the digest its writer
+        recorded (True); leave it unfinished while chunks are missing (False: other ranks still writing)."""
+        with create_lock(self.path):
+            self.manifest = read_json(self.path / "manifest.json", "feature store manifest")
+            if not self.complete:
+                done = self.progress.done()
+                if len(done) < len(self.progress.bounds):
+                    return False
+                for c, (start, stop) in enumerate(self.progress.bounds):
+                    if done[c] is not None and done[c] != self._chunk_digest(start, stop):
+                        raise UserError(f"feature store {self.path}: rows {start}..{stop - 1} changed after they "
+                                        "were written; featurize again into a new directory")
+                self.manifest["status"] = "complete"
+                write_json_atomic(self.path / "manifest.json", self.manifest)
         self.release()
+        return True
 
     def release(self) -> None:
-        """Give up the writer's lock (a later `create` of the same store may then resume it)."""
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
+        """Give up the writer's locks (a later `create` of the same store may then resume it)."""
+        for lock in getattr(self, "_locks", []):
             lock.close()
-            self._lock = None
+        self._locks = []
 
     # ----------------------------------------------------------------- reading
     @classmethod
@@ -238,20 +279,9 @@ class FeatureStore:
 
 def _refuse_foreign(path: Path) -> None:
     """Refuse a folder holding files that are not a feature store's (its own, or hidden ones)."""
-    if any(name not in OWN_FILES and not name.startswith(".") for name in os.listdir(path)):
+    if any(name not in OWN_FILES and not is_progress_file(name) and not name.startswith(".")
+           for name in os.listdir(path)):
         raise UserError(f"{path} is not empty and is not a feature store; choose an empty directory")
-
-
-def _lock(path: Path):
-    """An exclusive, non-blocking flock on `path/.lock`, held by the returned open file."""
-    fh = open(path / LOCK, "a+b")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise UserError(f"another process is writing the feature store {path}; wait for it to finish (then run "
-                        "the same command to resume or reuse it) or choose another --out") from None
-    return fh
 
 
 def reserve(file: Path) -> None:

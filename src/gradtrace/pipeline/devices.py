@@ -6,6 +6,7 @@ import torch
 
 from gradtrace.errors import UserError
 from gradtrace.precision import PRECISIONS
+from gradtrace.ranks import local_rank
 from gradtrace.pipeline.spec import option
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,9 +22,16 @@ def dtype_option():
 
 
 def resolve_device(name: str) -> torch.device:
-    """torch.device of a --device value; cuda without a GPU is refused in one line."""
+    """torch.device of a --device value; cuda without a GPU is refused in one line. Under torchrun a GPU is
+    the one of the process's LOCAL_RANK (one process per GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no GPU here; use --device cpu (or auto)")
+    if name == "cuda":
+        index = local_rank()
+        if index >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK={index} but torch sees {torch.cuda.device_count()} GPU(s) here; start at "
+                            "most one process per GPU (--nproc-per-node)")
+        return torch.device("cuda", index)
     return torch.device(name)
