@@ -180,3 +180,23 @@ def test_cli_bad_inputs_exit_2_with_one_line(run, reference, tmp_path, capsys):
         main(["eval", "lds", "--run", "r", "--retrain", "d", "--train-features", "x", "--queries", "y",
               "--out", "o", "--method", "nope"])
     assert exc.value.code == 2
+
+
+def test_counterfactual_deltas_point_to_worse_for_losses_and_margins():
+    from gradtrace.evaluate.counterfactual import counterfactual_jobs, summarize_counterfactual
+
+    train = np.arange(10)
+    jobs = counterfactual_jobs(train, [3, 7], [[0, 1], [2, 4]], [[5, 6], [8, 9]], [11])
+    value = {"full-r0": [1.0, 2.0], "q3-top-r0": [1.5, 0.0], "q3-random-r0": [0.9, 0.0],
+             "q7-top-r0": [0.0, 2.6], "q7-random-r0": [0.0, 2.2]}
+    outputs = np.array([value[j.name] for j in jobs])
+    as_loss = summarize_counterfactual(jobs, outputs, [3, 7], 1, [[0, 1], [2, 4]], [[5, 6], [8, 9]])
+    assert [(r["delta_top"], r["delta_random"]) for r in as_loss["per_query"]] == \
+        [pytest.approx((0.5, -0.1)), pytest.approx((0.6, 0.2))]
+    assert as_loss["summary"]["fraction_top_above_random"] == 1.0
+    as_margin = summarize_counterfactual(jobs, outputs, [3, 7], 1, [[0, 1], [2, 4]], [[5, 6], [8, 9]],
+                                         harm_sign=-1.0)  # a margin that rose is the model doing better
+    assert [(r["delta_top"], r["delta_random"]) for r in as_margin["per_query"]] == \
+        [pytest.approx((-0.5, 0.1)), pytest.approx((-0.6, -0.2))]
+    assert as_margin["summary"]["fraction_top_above_random"] == 0.0
+    assert as_margin["per_query"][0]["output_full"] == 1.0

@@ -3,11 +3,12 @@
 For each of the first `num_queries` queries, three kinds of models are trained with the run's recipe and the
 same seeds: on the full training set (shared by all queries), without the query's top-k training images
 (by the method's scores), and without k training images drawn at random (seeded). The result per query is
-the change of its diffusion loss (the LDS output grid), averaged over seeds:
+how much worse the model does on it (its LDS output on the shared grid, averaged over seeds), s = +1 for an
+output that is a loss (diffusion) and −1 for one that is not (a classifier's margin):
 
-    Δ_top(q) = loss(q | D \\ top_k(q)) − loss(q | D),     Δ_random(q) = loss(q | D \\ random_k) − loss(q | D)
+    Δ_top(q) = s·(f(q | D \\ top_k(q)) − f(q | D)),     Δ_random(q) = s·(f(q | D \\ random_k) − f(q | D))
 
-Good attributions give Δ_top > Δ_random (removing what helped raises the loss). Models live in
+Good attributions give Δ_top > Δ_random (removing what helped makes the model worse on the query). Models live in
 ``OUT/models/``, resumable like `gradtrace retrain`; results in ``OUT/counterfactual.json``.
 """
 from __future__ import annotations
@@ -87,10 +88,12 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     first = ex.take(np.arange(nq))
     losses, info = model_outputs(adapter, [(j.name, model_dir(out, j)) for j in jobs], first, out / "outputs", grid,
                                  progress=progress)
-    doc = summarize_counterfactual(jobs, losses, query_ids, len(seeds), top_ids, random_ids, seed=random_seed)
+    doc = summarize_counterfactual(jobs, losses, query_ids, len(seeds), top_ids, random_ids, seed=random_seed,
+                                   harm_sign=1.0 if adapter.output_is_loss else -1.0)
     doc["manifest"] = {"format": "gradtrace-counterfactual", "format_version": 1, "run": recipe.run,
                        "command": command_line(), **settings, "lambda": scored.lambda_info,
-                       "model_output": {"name": adapter.output_name, "grid": grid.info(), "cache": info["path"]},
+                       "model_output": {"name": adapter.output_name, "grid": grid.info(), "cache": info["path"],
+                                        "worse_when": "higher" if adapter.output_is_loss else "lower"},
                        "versions": versions()}
     doc["stats"] = {k: v for k, v in stats.items() if k != "model_wall_s"}
     doc["finished"] = True
@@ -98,20 +101,22 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     return doc
 
 
-def summarize_counterfactual(jobs: list[Job], losses: np.ndarray, query_ids, n_seeds: int, top_ids, random_ids,
-                             *, seed: int = 0) -> dict:
-    """Per-query Δ_top and Δ_random (mean over seeds) and their means over queries with bootstrap CIs."""
+def summarize_counterfactual(jobs: list[Job], outputs: np.ndarray, query_ids, n_seeds: int, top_ids, random_ids,
+                             *, seed: int = 0, harm_sign: float = 1.0) -> dict:
+    """Per-query Δ_top and Δ_random (mean over seeds; `harm_sign` −1 for an output that is not a loss) and their
+    means over queries with bootstrap CIs."""
     index = {j.name: i for i, j in enumerate(jobs)}
 
-    def mean_loss(prefix: str, q: int) -> float:
-        return float(np.mean([losses[index[f"{prefix}-r{r}"], q] for r in range(n_seeds)]))
+    def mean_output(prefix: str, q: int) -> float:
+        return float(np.mean([outputs[index[f"{prefix}-r{r}"], q] for r in range(n_seeds)]))
 
     rows = []
     for q, qid in enumerate(query_ids):
-        base = mean_loss("full", q)
-        top, rand = mean_loss(f"q{int(qid)}-top", q), mean_loss(f"q{int(qid)}-random", q)
-        rows.append({"query_id": int(qid), "loss_full": base, "loss_without_top": top, "loss_without_random": rand,
-                     "delta_top": top - base, "delta_random": rand - base,
+        base = mean_output("full", q)
+        top, rand = mean_output(f"q{int(qid)}-top", q), mean_output(f"q{int(qid)}-random", q)
+        rows.append({"query_id": int(qid), "output_full": base, "output_without_top": top,
+                     "output_without_random": rand,
+                     "delta_top": harm_sign * (top - base), "delta_random": harm_sign * (rand - base),
                      "removed_top": [int(i) for i in top_ids[q]], "removed_random": [int(i) for i in random_ids[q]]})
     d_top = np.array([r["delta_top"] for r in rows])
     d_rand = np.array([r["delta_random"] for r in rows])
@@ -127,10 +132,11 @@ def summarize_counterfactual(jobs: list[Job], losses: np.ndarray, query_ids, n_s
 
 
 def counterfactual_table(doc: dict) -> str:
-    """A markdown table of the per-query losses and changes, with the mean row."""
-    lines = ["| query | loss (full) | Δ without top-k | Δ without random k |", "|---|---|---|---|"]
+    """A markdown table of the per-query outputs and changes (positive = worse on the query), with the mean row."""
+    name = doc.get("manifest", {}).get("model_output", {}).get("name", "output")
+    lines = [f"| query | {name} (full) | Δ without top-k | Δ without random k |", "|---|---|---|---|"]
     for r in doc["per_query"]:
-        lines.append(f"| {r['query_id']} | {r['loss_full']:.5f} | {r['delta_top']:+.5f} | {r['delta_random']:+.5f} |")
+        lines.append(f"| {r['query_id']} | {r['output_full']:.5f} | {r['delta_top']:+.5f} | {r['delta_random']:+.5f} |")
     s = doc["summary"]
     lines.append(f"| mean | | {s['delta_top']['mean']:+.5f} | {s['delta_random']['mean']:+.5f} |")
     return "\n".join(lines)
