@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fixtures.unet import random_inputs, tiny_model, build_featurizer
+from gradtrace.attribution import fit_method
 from gradtrace.cli import main
 from gradtrace.errors import UserError
 from gradtrace.features.featurize import FeatureSpec, featurize
@@ -104,3 +105,22 @@ def test_torchrun_two_processes_give_the_bytes_of_one(pipeline, tmp_path):
     store = FeatureStore.open(tmp_path / "two")
     assert store.complete and (tmp_path / "two" / "progress-rank1.json").exists()
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
+
+
+def test_shards_of_machines_merge_to_the_unsharded_store_and_scores(tmp_path, capsys):
+    _run(tmp_path / "whole", 0, 1)
+    _run(tmp_path / "node0", 0, 2)  # a job over two machines without a shared filesystem: one directory each
+    _run(tmp_path / "node1", 1, 2)
+    assert main(["merge-features", "--shard", str(tmp_path / "node0"), "--out", str(tmp_path / "part"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "3 chunk(s) are in none of the shards (rows 4..7" in err
+    assert main(["merge-features", "--shard", str(tmp_path / "node0"), "--shard", str(tmp_path / "node1"),
+                 "--out", str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert _files(tmp_path / "merged") == _files(tmp_path / "whole")
+    merged, whole = FeatureStore.open(tmp_path / "merged"), FeatureStore.open(tmp_path / "whole")
+    q = np.asarray(whole.features[:5])
+    a = fit_method(merged, "trak", c=0.1, progress=False).topk(q, 4)
+    b = fit_method(whole, "trak", c=0.1, progress=False).topk(q, 4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])

@@ -25,6 +25,7 @@ from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, Eva
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
+from gradtrace.pipeline.merge_features import MergeFeaturesSpec, merge_features_run
 from gradtrace.pipeline.report import ReportSpec, report_run
 
 EXIT_USAGE = 2
@@ -109,6 +110,8 @@ COMMANDS: dict[str, Command] = {
     "sample": Command(SampleSpec, sample_run, _say_sample, "generate images from a checkpoint"),
     "featurize": Command(FeaturizeSpec, featurize_run, _say_featurize,
                          "per-example projected gradient features into a feature store"),
+    "merge-features": Command(MergeFeaturesSpec, merge_features_run, _say_featurize,
+                              "one feature store from the partial stores of a torchrun job's machines"),
     "attribute": Command(AttributeSpec, attribute_run, _say_attribute,
                          "top-k training examples per query with per-group breakdown"),
     "learn-weights": Command(LearnWeightsSpec, learn_weights_run, _say_weights,

@@ -60,6 +60,11 @@ class FeatureStore:
         self._row_scale = np.load(scale_path, mmap_mode=mode) if scale_path.exists() else None
 
     @property
+    def stored(self) -> np.ndarray:
+        """The rows as stored (float32, float16, or bfloat16's raw uint16 bits): what chunk digests are of."""
+        return self._raw
+
+    @property
     def row_scale(self) -> np.ndarray | None:
         """The per-example factor a method needs beside the features (DAS's residual factor), or None."""
         return None if self._row_scale is None else np.asarray(self._row_scale, dtype=np.float64)
