@@ -27,6 +27,7 @@ from fixtures.reliability import canonical, ok
 from fixtures.zygote import Zygote
 from gradtrace.adapters.train_state import STATE_FILE
 from gradtrace.evaluate.harness import is_finished
+from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,38 +59,49 @@ def run(zygote, argv, log: Path, env=None) -> int:
     return zygote.wait()
 
 
-def run_until(zygote, argv, log: Path, reached, env=None, timeout: float = 300.0) -> int:
-    """Start the command and SIGKILL it as soon as `reached()` holds; returns its exit code (-9 when killed)."""
+def run_until(zygote, argv, log: Path, progress, kill_at: float, env=None, timeout: float = 300.0):
+    """Start the command and SIGKILL it as soon as `progress()` reaches `kill_at` (never, for infinity); returns its
+    exit code (-9 when killed) and the lowest progress seen while it ran."""
     pid = zygote.start(argv + ["--no-progress"], log, env)
-    deadline = time.monotonic() + timeout
+    deadline, lowest = time.monotonic() + timeout, float("inf")
     while not zygote.finished() and time.monotonic() < deadline:
         try:
-            if reached():
+            value = progress()
+        except (OSError, ValueError, KeyError, RuntimeError, UserError):  # a file between writes: look again
+            value = None
+        if value is not None:
+            lowest = min(lowest, value)
+            if value >= kill_at:
                 os.kill(pid, signal.SIGKILL)
                 break
-        except (OSError, ValueError, KeyError, RuntimeError):  # a file between writes: look again
-            pass
         time.sleep(0.005)
-    return zygote.wait()
+    return zygote.wait(), lowest
 
 
-def drill(zygote, tmp_path, argv_for, points, *, env=None, prepare=None, check=None):
-    """Run `argv_for(root)` uninterrupted under tmp/ref, then under tmp/kill killed at each of `points` (name,
-    reached(root)) and finally to the end; after each kill `check(kill_root, ref_root)`; then the trees must be
-    equal. Returns both roots."""
+def drill(zygote, tmp_path, argv_for, progress, points, *, env=None, prepare=None, check=None):
+    """Run `argv_for(root)` uninterrupted under tmp/ref, then under tmp/kill: killed when `progress(kill)` reaches
+    each of `points` ({name: value}), then run to the end. After each kill `check(kill_root, ref_root)`, and the
+    next run must continue (its progress never reads below the progress at the kill: no restart from zero). Then
+    the two trees must be equal. Returns both roots."""
     ref, kill = tmp_path / "ref", tmp_path / "kill"
     for root in (ref, kill):
         root.mkdir()
         if prepare:
             prepare(root)
     assert run(zygote, argv_for(ref), tmp_path / "ref.log", env) == 0, (tmp_path / "ref.log").read_text()
-    for name, reached in points:
-        code = run_until(zygote, argv_for(kill), tmp_path / f"{name}.log", lambda: reached(kill), env)
-        assert code == KILLED, f"{name}: exit {code} before the kill point\n{(tmp_path / f'{name}.log').read_text()}"
+    done = 0
+    for name, kill_at in [*points.items(), ("last", float("inf"))]:
+        log = tmp_path / f"{name}.log"
+        code, lowest = run_until(zygote, argv_for(kill), log, lambda: progress(kill), kill_at, env)
+        assert lowest >= done, f"{name}: progress fell to {lowest} after a kill at {done}: the run started over"
+        if name == "last":
+            assert code == 0, log.read_text()
+            break
+        assert code == KILLED, f"{name}: exit {code} before the kill point\n{log.read_text()}"
         nothing_torn(kill)
         if check:
             check(kill, ref)
-    assert run(zygote, argv_for(kill), tmp_path / "last.log", env) == 0, (tmp_path / "last.log").read_text()
+        done = progress(kill)
     assert canonical(kill, kill) == canonical(ref, ref)
     return ref, kill
 
@@ -151,23 +163,18 @@ def same_finished_models(kill: Path, ref: Path) -> None:
 def test_train(zygote, tmp_path):
     argv = lambda root: ["train", "--data", "digits", "--n", 40, "--steps", 40, "--batch-size", 4, "--out",
                          root / "ckpt"]
-    state = lambda root: state_step(root / "ckpt" / STATE_FILE)
-    points = [("early", lambda r: state(r) >= 5), ("midway", lambda r: state(r) >= 20),
-              ("late", lambda r: state(r) >= 30)]
+    progress = lambda root: 40 if (root / "ckpt" / "config.json").exists() else state_step(root / "ckpt" / STATE_FILE)
 
     def check(kill, ref):
         assert not (kill / "ckpt" / "config.json").exists()  # unfinished: not a checkpoint
-        assert state(kill) > 0
+        assert state_step(kill / "ckpt" / STATE_FILE) > 0
 
-    drill(zygote, tmp_path, argv, points, env=EVERY, check=check)
+    drill(zygote, tmp_path, argv, progress, {"early": 5, "midway": 20, "late": 30}, env=EVERY, check=check)
 
 
 def test_featurize(zygote, inputs, tmp_path):
     argv = lambda root: ["featurize", "--checkpoint", inputs / "ckpt", "--out", root / "store", "--dim", 64,
                          "--timesteps", 1, "--chunk", 2]
-    rows = lambda root: rows_done(root / "store")
-    points = [("early", lambda r: rows(r) >= 6), ("midway", lambda r: rows(r) >= 20),
-              ("late", lambda r: rows(r) >= 30)]
 
     def check(kill, ref):
         store = FeatureStore.open(kill / "store", require_complete=False)
@@ -176,7 +183,8 @@ def test_featurize(zygote, inputs, tmp_path):
         assert 0 < done < 40
         assert np.array_equal(store.features[:done], FeatureStore.open(ref / "store").features[:done])
 
-    drill(zygote, tmp_path, argv, points, check=check)
+    drill(zygote, tmp_path, argv, lambda root: rows_done(root / "store"), {"early": 6, "midway": 20, "late": 30},
+          check=check)
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +194,8 @@ def retrained(zygote, inputs, tmp_path_factory):
     names = [f"s{s:04d}-r0" for s in range(4)]
     argv = lambda root: ["retrain", "--run", inputs / "ckpt", "--subsets", 4, "--out", root / "retrain"]
     progress = lambda root: models_progress(root / "retrain", names)
-    points = [("early", lambda r: progress(r) >= 5), ("midway", lambda r: progress(r) >= 40),
-              ("late", lambda r: progress(r) >= 65)]
     check = lambda kill, ref: same_finished_models(kill / "retrain", ref / "retrain")
-    return drill(zygote, tmp, argv, points, env=EVERY, check=check)
+    return drill(zygote, tmp, argv, progress, {"early": 5, "midway": 40, "late": 65}, env=EVERY, check=check)
 
 
 def test_retrain(retrained):
@@ -201,10 +207,11 @@ def test_learn_weights(zygote, inputs, tmp_path):
     argv = lambda root: ["learn-weights", "--train", inputs / "train", "--generate", 8, "--sample-steps", 8,
                          "--steps", 300, "--out", root / "w.json"]
     made = lambda root: root / "w"
-    points = [("early", lambda r: (made(r) / "samples" / "manifest.json").exists()),
-              ("midway", lambda r: rows_done(made(r) / "features") >= 4),
-              ("late", lambda r: json.loads((made(r) / "features" / "manifest.json").read_text())["status"]
-               == "complete")]
+
+    def progress(root):  # samples written (1), learning-query rows featurized (8), store complete (1)
+        store = made(root) / "features"
+        return ((made(root) / "samples" / "manifest.json").exists() + rows_done(store)
+                + ((store / "manifest.json").exists() and FeatureStore.open(store, require_complete=False).complete))
 
     def check(kill, ref):
         assert not (kill / "w.json").exists()
@@ -215,7 +222,7 @@ def test_learn_weights(zygote, inputs, tmp_path):
             done = store.rows_done
             assert np.array_equal(store.features[:done], FeatureStore.open(made(ref) / "features").features[:done])
 
-    drill(zygote, tmp_path, argv, points, check=check)
+    drill(zygote, tmp_path, argv, progress, {"early": 1, "midway": 5, "late": 10}, check=check)
 
 
 def test_eval_lds(zygote, inputs, retrained, tmp_path):
@@ -224,16 +231,16 @@ def test_eval_lds(zygote, inputs, retrained, tmp_path):
     argv = lambda root: ["eval", "lds", "--run", inputs / "ckpt", "--retrain", root / "retrain", "--train-features",
                          inputs / "train", "--queries", inputs / "queries", "--per-group", "--timesteps", 8,
                          "--draws", 8, "--out", root / "lds"]
-    cached = lambda root: len(list((root / "retrain" / "outputs").glob("*/[!.]*.npy")))
-    points = [("early", lambda r: any((r / "retrain" / "outputs").glob("*/manifest.json"))),
-              ("midway", lambda r: cached(r) >= 2), ("late", lambda r: cached(r) >= 3)]
+    outputs = lambda root: root / "retrain" / "outputs"
+    # the cache's manifest (1), then one file per retrained model (4); a killed write's temporary file is hidden
+    progress = lambda root: len(list(outputs(root).glob("*/manifest.json")) + list(outputs(root).glob("*/[!.]*.npy")))
 
     def check(kill, ref):
         assert not (kill / "lds").exists() or not any((kill / "lds").iterdir())
-        for npy in (kill / "retrain" / "outputs").glob("*/[!.]*.npy"):  # a killed write's temporary file is hidden
+        for npy in outputs(kill).glob("*/[!.]*.npy"):
             same_file(npy, ref / npy.relative_to(kill))
 
-    drill(zygote, tmp_path, argv, points, prepare=prepare, check=check)
+    drill(zygote, tmp_path, argv, progress, {"early": 1, "midway": 3, "late": 4}, prepare=prepare, check=check)
 
 
 def test_eval_counterfactual(zygote, inputs, tmp_path):
@@ -241,12 +248,11 @@ def test_eval_counterfactual(zygote, inputs, tmp_path):
                          "--queries", inputs / "queries", "--num-queries", 1, "--top-k", 3, "--timesteps", 4,
                          "--draws", 4, "--out", root / "cf"]
     names = lambda root: json.loads((root / "cf" / "manifest.json").read_text())["settings"]["jobs"]
-    progress = lambda root: models_progress(root / "cf", names(root))
-    points = [("early", lambda r: progress(r) >= 5), ("midway", lambda r: progress(r) >= 30),
-              ("late", lambda r: progress(r) >= 50)]  # models: the full set, without the top 3, without 3 random
+    # the models: trained on the full set, without the query's top 3, without 3 random ones
+    progress = lambda root: models_progress(root / "cf", names(root)) if (root / "cf" / "manifest.json").exists() else 0
 
     def check(kill, ref):
         assert not (kill / "cf" / "counterfactual.json").exists()
         same_finished_models(kill / "cf", ref / "cf")
 
-    drill(zygote, tmp_path, argv, points, env=EVERY, check=check)
+    drill(zygote, tmp_path, argv, progress, {"early": 5, "midway": 30, "late": 50}, env=EVERY, check=check)

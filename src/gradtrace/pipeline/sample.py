@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gradtrace.adapters import adapter_of
 from gradtrace.data.sources import save_samples
 from gradtrace.errors import UserError
-from gradtrace.io import command_line
+from gradtrace.io import command_line, read_json, sha256_arrays
 from gradtrace.pipeline.devices import device_option, dtype_option, resolve_device
 from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.precision import autocast
@@ -98,6 +99,9 @@ def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
     prompts = spec.prompt_list()
     num = len(prompts) if prompts is not None else (len(spec.codes) if spec.codes is not None else spec.count())
     device = resolve_device(spec.device)
+    out = Path(spec.out)
+    if _finished_identical(out, spec, ckpt.fingerprint, device):  # e.g. learn-weights --generate after a kill
+        return out
     ckpt.model.to(device)
     with autocast(device, spec.dtype):
         images, cond = adapter.sample(ckpt, num, attributes=request, prompts=prompts, guidance_scale=spec.guidance,
@@ -108,10 +112,23 @@ def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
             "attributes": attrs, "attribute_values": vocabulary,
             "guidance": spec.guidance, "sampler": spec.sampler, "sample_steps": spec.sample_steps, "seed": spec.seed,
             "eta": spec.eta if spec.sampler == "ddim" else None, "prompts": prompts, "command": command_line(),
-            "spec": spec.to_dict()}
-    out = Path(spec.out)
+            "device": str(device), "spec": spec.to_dict()}
     if out.is_dir():  # an earlier set's manifest never describes the new arrays, even if this run is killed
         (out / "manifest.json").unlink(missing_ok=True)
     image_grid(images.numpy(), out / "grid.png")
     save_samples(out, images, cond, info)  # the manifest last: its presence marks a finished samples directory
     return out
+
+
+def _finished_identical(out: Path, spec: SampleSpec, fingerprint: str, device) -> bool:
+    """True when `out` holds a finished samples folder of the same settings from the same model on the same kind
+    of device, its images as they were written: sampling again would give the same bytes, so it is reused."""
+    try:
+        old = read_json(out / "manifest.json", "samples manifest")
+        settings = {k: v for k, v in spec.to_dict().items() if k != "out"}
+        same = (isinstance(old, dict) and old.get("model_fingerprint") == fingerprint
+                and old.get("device") == str(device) and isinstance(old.get("spec"), dict)
+                and {k: v for k, v in old["spec"].items() if k != "out"} == settings)
+        return same and sha256_arrays([np.load(out / "images.npy")]) == old.get("fingerprint")
+    except (UserError, OSError, ValueError):
+        return False
