@@ -244,6 +244,12 @@ CASES = [
     ("report-weights-garbage", "report --attributions {new} --weights {weights_text} --out {new}",
      "has no attributions.json"),
     ("demo-t2i-out-file", "demo --text-to-image --quick --out {a_file}", "is a file"),
+    ("merge-no-shards", "merge-features --out {new}", "pass at least one --shard DIR"),
+    ("merge-shard-not-a-store", "merge-features --shard {empty_dir} --out {new}", "no feature store"),
+    ("merge-mismatched-shards", "merge-features --shard {train} --shard {other_queries} --out {new}",
+     "is not a shard of the same store"),
+    ("merge-out-is-shard", "merge-features --shard {train} --out {train}", "not one of the shards"),
+    ("merge-into-other-store", "merge-features --shard {train_unfinished} --out {queries}", "other settings"),
 ]
 if not torch.cuda.is_available():
     CASES.append(("featurize-cuda", "featurize --checkpoint {ckpt} --device cuda --out {new}", "torch sees no GPU"))
