@@ -61,14 +61,15 @@ def _json(folder: str, name: str, what: str, key: str) -> tuple[Path, dict]:
     return file.parent, doc
 
 
-def load_run(folder: str, label: str) -> sections.Run:
+def load_run(folder: str) -> sections.Run:
+    """An attribute output folder with the examples its ids refer to, labelled by its weights."""
     path, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
     manifest = doc.get("manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
         raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; pass an `attribute` output folder")
     train = _store(manifest["train_store"], path / ATTRIBUTIONS, "training")
     queries = _store(manifest["query_store"], path / ATTRIBUTIONS, "query")
-    return sections.Run(label=label, path=path, doc=doc, train=load_source(train.settings["source"]),
+    return sections.Run(label=run_label(doc), path=path, doc=doc, train=load_source(train.settings["source"]),
                         queries=load_source(queries.settings["source"]))
 
 
@@ -81,12 +82,12 @@ def run_label(doc: dict) -> str:
 
 
 def _labelled(folders: list[str]) -> list[sections.Run]:
-    runs, seen = [], {}
-    for folder in folders:
-        _, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
-        label = run_label(doc)
-        seen[label] = seen.get(label, 0) + 1
-        runs.append(load_run(folder, label if seen[label] == 1 else f"{label} #{seen[label]}"))
+    """The runs, a label repeated by several of them numbered (#2, #3, ...)."""
+    runs, seen = [load_run(folder) for folder in folders], {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} #{seen[run.label]}"
     return runs
 
 
