@@ -4,6 +4,7 @@ batch order, the warm-up + cosine learning-rate schedule, and the rows of a data
     gens = stream_generators(seed)                        # {"batch", "t", "noise", "drop"} generators
     batches = batch_stream(n, batch_size, gens["batch"])  # endless shuffled epochs (its state resumes)
     sched = LambdaLR(opt, warmup_cosine(warmup, steps, min_ratio))
+    optimizer_step(opt, sched, loss, params, grad_clip)   # backward, clip, step, schedule
 
 A `BatchStream`, the generators and the schedule are parts a `TrainState` saves and restores, so a killed run
 continues with the same draws.
@@ -74,6 +75,18 @@ def warmup_cosine(warmup_steps: int, steps: int, min_ratio: float) -> Callable[[
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+def optimizer_step(opt, sched, loss: torch.Tensor, params=None, grad_clip: float | None = None, *,
+                   foreach: bool | None = True) -> None:
+    """One update on `loss`: zero the gradients, backward, clip `params` to `grad_clip` (when given; `foreach` as
+    torch.nn.utils.clip_grad_norm_ takes it), optimizer step, schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=foreach)
+    opt.step()
+    sched.step()
 
 
 def select_rows(dataset, ids) -> np.ndarray:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from gradtrace.adapters.classifier.configs import check_model_config
 from gradtrace.adapters.classifier.models import build_model
-from gradtrace.adapters.loop import batch_stream, select_rows, stream_generators, warmup_cosine
+from gradtrace.adapters.loop import batch_stream, optimizer_step, select_rows, stream_generators, warmup_cosine
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 
@@ -109,12 +109,7 @@ def train(model_config: dict, dataset, train_config: TrainConfig | dict | None =
     for step in bar:
         idx = next(batches)
         loss = F.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, params, cfg.grad_clip)
         losses[step] = loss.detach()
         if progress and (step % 50 == 0 or step == cfg.steps - 1):
             bar.set_postfix(loss=f"{losses[max(0, step - 49):step + 1].mean():.4f}")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gradtrace.adapters.diffusers.build import MAX_LENGTH
+from gradtrace.adapters.loop import optimizer_step
 from gradtrace.errors import UserError
 from gradtrace.io import derive_seed
 
@@ -91,10 +92,7 @@ def _train_vae(vae, images, *, steps, batch_size, lr, seed, progress) -> list[fl
 
 def _step(opt, schedule, loss: torch.Tensor) -> float:
     """One optimizer and schedule step on `loss`; returns its value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    schedule.step()
+    optimizer_step(opt, schedule, loss)
     return float(loss.detach())
 
 

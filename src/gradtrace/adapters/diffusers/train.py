@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gradtrace.adapters.loop import batch_stream, stream_generators
+from gradtrace.adapters.loop import batch_stream, optimizer_step, stream_generators
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 from gradtrace.precision import autocast, check_precision
@@ -90,12 +90,7 @@ def fine_tune(model, latents: torch.Tensor, states: torch.Tensor, empty_state: t
         with autocast(device, cfg.precision):
             pred = model(xt, t, ctx)
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, params, cfg.grad_clip, foreach=None)
         losses[step] = loss.detach().cpu()
         resume.step_done(step + 1)
     model.eval()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradtrace.adapters.loop import batch_stream, stream_generators, warmup_cosine
+from gradtrace.adapters.loop import batch_stream, optimizer_step, stream_generators, warmup_cosine
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 from gradtrace.adapters.diffusion.configs import check_model_config
@@ -114,12 +114,7 @@ def train(model_config: dict, dataset, train_config: TrainConfig | dict | None =
             drop = (u[:, :-1] < cfg.p_drop) | (u[:, -1:] < cfg.p_drop_all)
             cond = torch.where(drop, torch.full_like(cond, -1), cond)
         loss = torch.nn.functional.mse_loss(model(xt, t, cond), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, params, cfg.grad_clip)
         if ema is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.ema_decay)
