@@ -94,32 +94,35 @@ def legend(group_names: Sequence[str]) -> str:
     return '<div class="legend">' + "".join(items) + "</div>"
 
 
-def contribution_svg(values: Iterable[float], group_names: Sequence[str], *, width: int = 150,
+def bar_styles(group_names: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """(group name, block colour, attention kind) per group: what `contribution_svg` draws each bar with,
+    worked out once for a page."""
+    colours = hex_colours(group_names)
+    described = [describe_group(n) for n in group_names]
+    return [(str(n), colours[d["block"]], d["attention"]) for n, d in zip(group_names, described)]
+
+
+def contribution_svg(values: Iterable[float], styles: Sequence[tuple[str, str, str | None]], *, width: int = 150,
                      height: int = 46) -> str:
     """A bar per group (in group order, so blocks sit together), up for positive and down for negative
     contributions from a zero line; colour = block, lighter = self-attention, hatched = cross-attention,
-    tooltip = group and value."""
+    tooltip = group and value. `styles` from `bar_styles`."""
     v = np.asarray(list(values), dtype=np.float64)
-    m = len(group_names)
-    colours = hex_colours(group_names)
     top, bottom = max(float(v.max()), 0.0), min(float(v.min()), 0.0)
     span = (top - bottom) or 1.0
     zero = height * top / span
-    bar = width / max(m, 1)
+    bar = width / max(len(styles), 1)
     parts = [f'<svg class="contrib" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
              f'xmlns="http://www.w3.org/2000/svg" role="img">', HATCH]
-    for j, (name, value) in enumerate(zip(group_names, v)):
-        d = describe_group(name)
+    for j, ((name, colour, attention), value) in enumerate(zip(styles, v)):
         h = abs(value) / span * height
         y = zero - h if value >= 0 else zero
-        x = j * bar
+        box = f'x="{j * bar:.2f}" y="{y:.2f}" width="{max(bar - 0.6, 0.6):.2f}" height="{max(h, 0.4):.2f}"'
         tip = f"<title>{esc(name)}: {value:.4g}</title>"
-        shade = ' fill-opacity="0.5"' if d["attention"] == "self" else ""
-        parts.append(f'<rect x="{x:.2f}" y="{y:.2f}" width="{max(bar - 0.6, 0.6):.2f}" height="{max(h, 0.4):.2f}" '
-                     f'fill="{colours[d["block"]]}"{shade}>{tip}</rect>')
-        if d["attention"] == "cross":
-            parts.append(f'<rect x="{x:.2f}" y="{y:.2f}" width="{max(bar - 0.6, 0.6):.2f}" height="{max(h, 0.4):.2f}" '
-                         f'fill="url(#hatch)">{tip}</rect>')
+        shade = ' fill-opacity="0.5"' if attention == "self" else ""
+        parts.append(f'<rect {box} fill="{colour}"{shade}>{tip}</rect>')
+        if attention == "cross":
+            parts.append(f'<rect {box} fill="url(#hatch)">{tip}</rect>')
     parts.append(f'<line x1="0" y1="{zero:.2f}" x2="{width}" y2="{zero:.2f}" stroke="#444" stroke-width="0.6"/>')
     parts.append("</svg>")
     return "".join(parts)

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from gradtrace.data.sources import Examples
-from gradtrace.report.html import contribution_svg, esc, facts, figure_uri, file_uri, legend, png_uri, table
+from gradtrace.report.html import bar_styles, contribution_svg, esc, facts, figure_uri, file_uri, legend, png_uri, table
 from gradtrace.report.weights import weights_figure
 
 
@@ -72,6 +72,7 @@ def query_sections(runs: Sequence[Run], query_ids: Sequence[int], group_names: S
            '<p class="note">Under each training image: rank, training id, score, and its per-group contributions '
            '(one bar per parameter group, in model order; up = raises the score; hover a bar for its group). '
            'The contributions of an image sum to its score.</p>' + legend(group_names)]
+    styles = bar_styles(group_names)
     for qid in query_ids:
         pos = qpos[qid]
         cap = _caption(first.queries, pos)
@@ -87,7 +88,7 @@ def query_sections(runs: Sequence[Run], query_ids: Sequence[int], group_names: S
                 out.append(f'<figure class="train"><img alt="training example {tid}" src="{png_uri(img)}">'
                            f'<figcaption>#{t["rank"]} · id {tid} · {t["score"]:.4g}<br>'
                            f'{esc(_caption(run.train, tp[tid]))}</figcaption>'
-                           f'{contribution_svg(values, group_names)}</figure>')
+                           f'{contribution_svg(values, styles)}</figure>')
             out.append("</div></div>")
         out.append("</div></div></section>")
     out.append("</section>")
