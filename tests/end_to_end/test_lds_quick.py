@@ -236,3 +236,30 @@ def test_report_shows_the_lds_and_counterfactual_results(bench, tmp_path, capsys
     assert f"{cf['delta_top']['mean']:.4f}" in text and f"{cf['fraction_top_above_random']:.2f}" in text
     n_queries = len(json.loads((tmp_path / "attr" / "attributions.json").read_text())["queries"])
     assert text.count('<section class="query"') == min(n_queries, 24)
+
+
+def test_counterfactual_folder_is_reused_when_the_top_k_is_the_same(bench):
+    """The folder's identity is the removed ids: weights scaled by 2 (the same top-k) reuse every model and
+    record the new weights; another k (other removed ids) is refused in one line."""
+    from gradtrace.errors import UserError
+    from gradtrace.evaluate import counterfactual_run
+
+    results = json.loads((bench / "results.json").read_text())
+    settings, folder = results["settings"], bench / "counterfactual"
+    before = json.loads((folder / "counterfactual.json").read_text())
+    train = FeatureStore.open(bench / "features" / "loss" / "train")
+    learned = (results["learned_weights"] or {}).get("trak/per-group")
+    w = np.ones(len(train.group_names)) if learned is None else \
+        np.array([learned["weights"][n] for n in train.group_names])
+    grid = OutputGrid(**{k: before["manifest"]["model_output"]["grid"][k]
+                         for k in ("num_timesteps", "num_draws", "seed")})
+    kwargs = dict(method="trak", kernel="per-group", c=results["lambda"]["trak/per-group"]["c"], grid=grid,
+                  num_queries=settings["cf_queries"], n_seeds=settings["seeds"], progress=False)
+    doc = counterfactual_run(bench / "run", train.path, bench / "features" / "loss" / "heldout", folder,
+                             weights=2.0 * w, k=settings["cf_k"], **kwargs)
+    assert doc["stats"]["trained"] == 0
+    assert doc["per_query"] == before["per_query"]
+    assert doc["manifest"]["weights"] != before["manifest"]["weights"]
+    with pytest.raises(UserError, match="'k' differs"):
+        counterfactual_run(bench / "run", train.path, bench / "features" / "loss" / "heldout", folder,
+                           weights=w, k=settings["cf_k"] + 1, **kwargs)

@@ -70,11 +70,14 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     query_ids = np.asarray(query.ids[:nq], dtype=np.int64)
     seeds = recipe.replicate_seeds(n_seeds)
     jobs = counterfactual_jobs(recipe.train_ids, query_ids, top_ids, random_ids, seeds)
-    settings = {"kind": "counterfactual", "recipe": recipe.summary(), "method": scored.fitted.info,
-                "weights": scored.weights_info, "query_features": str(Path(queries).resolve()),
+    # The folder's identity is what decides the models trained in it (the removed ids, seeds, recipe, queries);
+    # the method and weights that chose the top-k are provenance: weights equal up to rounding, or another
+    # method, that pick the same ids reuse the same models.
+    settings = {"kind": "counterfactual", "recipe": recipe.summary(), "query_features": str(Path(queries).resolve()),
                 "query_ids": query_ids.tolist(), "k": int(k), "random_seed": int(random_seed),
                 "top_ids": top_ids.tolist(), "random_ids": random_ids.tolist(), "seeds": seeds,
                 "jobs": [j.name for j in jobs]}
+    chosen_by = {"method": scored.fitted.info, "weights": scored.weights_info}
     out = Path(out)
     open_or_create(out, settings, "counterfactual retraining",
                    "pass the same method, queries, --top-k, --seeds and --random-seed to resume, or a new --out",
@@ -91,7 +94,7 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     doc = summarize_counterfactual(jobs, losses, query_ids, len(seeds), top_ids, random_ids, seed=random_seed,
                                    harm_sign=1.0 if adapter.output_is_loss else -1.0)
     doc["manifest"] = {"format": "gradtrace-counterfactual", "format_version": 1, "run": recipe.run,
-                       "command": command_line(), **settings, "lambda": scored.lambda_info,
+                       "command": command_line(), **settings, **chosen_by, "lambda": scored.lambda_info,
                        "model_output": {"name": adapter.output_name, "grid": grid.info(), "cache": info["path"],
                                         "worse_when": "higher" if adapter.output_is_loss else "lower"},
                        "versions": versions()}
