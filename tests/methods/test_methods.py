@@ -250,10 +250,11 @@ def test_float32_ill_conditioned_close_to_float64_reference(c):
 
 def test_rank_deficient_unregularised_uses_pseudo_inverse():
     rng = np.random.default_rng(5)
-    phi = rng.standard_normal((12, K)).astype(np.float32)  # N < k: ΦᵀΦ is singular
+    # N < k: ΦᵀΦ is singular; the rows repeat, so the dual ΦΦᵀ (12 x 12, rank 6) is singular too
+    phi = np.tile(rng.standard_normal((6, K)), (2, 1)).astype(np.float32)
     q = rng.standard_normal((3, K)).astype(np.float32)
     fitted = TRAK(c=0.0).fit(phi, SLICES)
-    assert fitted.info["solver"] == "eigh"
+    assert fitted.info["solver"] == "eigh" and fitted.info["dual_blocks"] == ["all"]
     p = phi.astype(np.float64)
     expected = q.astype(np.float64) @ np.linalg.pinv(p.T @ p, rcond=1e-10) @ p.T
     assert np.isfinite(fitted.scores(q)).all() and rel_err(fitted.scores(q), expected) < 1e-4
@@ -347,3 +348,31 @@ def test_query_side_fit_equals_psi_fit(data, kernel, tmp_path):
         learn_weights(qs, q, progress=False)
     with pytest.raises(UserError, match="psi_path"):
         method.fit(phi, SLICES, query_side=True, psi_path=tmp_path / "psi.npy")
+
+
+# ---- blocks wider than the training set: the dual form ------------------------------------------
+@pytest.mark.parametrize("kernel", ["shared", "per-group"])
+@pytest.mark.parametrize("c", [0.0, 0.003, 0.5])
+def test_blocks_wider_than_n_use_the_dual_form_and_equal_the_closed_form(data, kernel, c):
+    """12 rows: the 15-column group (and the 30-column shared block) are wider than N and solved as
+    (Φ_jΦ_jᵀ + λ_j I)⁻¹Φ_j; scores equal the primal closed form (pseudo-inverse at c = 0)."""
+    phi, q = data[0][:12], data[1]
+    fitted = get_method("trak", c=c, kernel=kernel).fit(phi, SLICES, chunk_rows=5)
+    p, qq = phi.astype(np.float64), q.astype(np.float64)
+    spans = [(0, K)] if kernel == "shared" else BLOCKS
+    expected = np.zeros((len(q), 12))
+    for s, e in spans:
+        g = p[:, s:e].T @ p[:, s:e]
+        lam = c * np.trace(g) / g.shape[0]
+        inv = np.linalg.pinv(g) if c == 0 else np.linalg.inv(g + lam * np.eye(e - s))
+        expected += qq[:, s:e] @ inv @ p[:, s:e].T
+    assert rel_err(fitted.scores(q), expected) < 1e-4
+    assert fitted.info["dual_blocks"] == (["all"] if kernel == "shared" else ["up"])
+    if kernel == "per-group":
+        lam_up = c * np.trace(p[:, 15:].T @ p[:, 15:]) / 15
+        assert fitted.info["lambda_per_group"]["up"] == pytest.approx(lam_up, rel=1e-9)
+
+
+def test_dual_blocks_refuse_the_query_side_mode(data):
+    with pytest.raises(UserError, match="dual form"):
+        get_method("trak", c=0.01, kernel="per-group").fit(data[0][:12], SLICES, query_side=True)

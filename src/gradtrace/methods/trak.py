@@ -8,6 +8,11 @@ Three passes of work: the Gram matrix accumulated in float64 over row chunks; a 
 float64 and stored as float32. D-TRAK is this kernel on features of another measurement, so it is the
 same class under another name.
 
+A block wider than the training set (k_j > N, e.g. exact gradients of a small training set) is solved in
+its dual form: with A_j = Φ_j Φ_jᵀ (N × N), Ψ_j = Φ_j (Φ_jᵀΦ_j + λ_j I)⁻¹ = (A_j + λ_j I)⁻¹ Φ_j (the
+push-through identity; for λ_j = 0 both are Φ_j⁺ᵀ), so no k_j × k_j matrix is built. λ_j is the same,
+c · trace(A_j) / k_j = c · mean diag(Φ_jᵀΦ_j). Only Ψ is written in this form (not the query-side mode).
+
 Default c = 0.01. λ = c · mean diag(ΦᵀΦ) is c times the mean eigenvalue of the Gram matrix, so c is
 scale-free (rescaling the features leaves the scores' ranking unchanged). At c = 0.01, directions
 carrying more than ~1% of the average energy are whitened almost exactly (the TRAK inverse), weaker
@@ -41,6 +46,8 @@ KERNELS = ("shared", "per-group")
 DEFAULT_KERNEL = "per-group"
 # A shared kernel needs a few dense k x k float64 matrices (2 GiB each at this width).
 MAX_SHARED_DIM = 16384
+# A block wider than N is solved in the dual form (N x N) while N stays at most this.
+MAX_DUAL_ROWS = 16384
 
 
 def check_c(c: Any) -> float:
@@ -56,39 +63,60 @@ def check_c(c: Any) -> float:
 
 @dataclass
 class Gram:
-    """Float64 Gram blocks of Φ: one k × k block (shared) or one k_j × k_j block per group (per-group)."""
+    """Float64 Gram blocks of Φ: one k × k block (shared) or one k_j × k_j block per group (per-group); a
+    block wider than N holds A_j = Φ_j Φ_jᵀ (N × N) instead (`dual[j]`, see the module docstring)."""
 
     kernel: str
     blocks: list[np.ndarray]
     group_slices: list[tuple[str, int, int]]
     n: int
+    dual: list[bool] | None = None
+
+    def is_dual(self, j: int) -> bool:
+        return bool(self.dual and self.dual[j])
+
+
+def uses_dual(width: int, n: int) -> bool:
+    """A block of `width` columns over `n` rows is solved in the dual form (N × N) when that is smaller."""
+    return width > n and n <= MAX_DUAL_ROWS
+
+
+def kernel_spans(kernel: str, group_slices: list[tuple[str, int, int]], k: int) -> list[tuple[int, int]]:
+    return [(0, k)] if kernel == "shared" else [(s, e) for _, s, e in group_slices]
 
 
 def accumulate_gram(phi: np.ndarray, group_slices: list[tuple[str, int, int]], kernel: str, *,
                     chunk_rows: int = 65536, progress: bool = False) -> Gram:
-    """ΦᵀΦ (or its diagonal blocks) in float64, reading Φ in row chunks; NaN/Inf rows raise UserError."""
+    """ΦᵀΦ (or its diagonal blocks) in float64, reading Φ in row chunks; NaN/Inf rows raise UserError.
+    Blocks wider than N hold Φ_j Φ_jᵀ, computed from the whole column block."""
     n, k = phi.shape
-    spans = [(0, k)] if kernel == "shared" else [(s, e) for _, s, e in group_slices]
-    blocks = [np.zeros((e - s, e - s), dtype=np.float64) for s, e in spans]
+    spans = kernel_spans(kernel, group_slices, k)
+    dual = [uses_dual(e - s, n) for s, e in spans]
+    blocks = [np.zeros((n, n) if d else (e - s, e - s), dtype=np.float64) for (s, e), d in zip(spans, dual)]
     rows = effective_chunk_rows(chunk_rows, 8 * k)
     for start, stop in row_chunks(n, rows, progress=progress, desc="trak: gram"):
         x = np.asarray(phi[start:stop], dtype=np.float64)
         raise_if_nonfinite(x, start, "training features")
-        for block, (s, e) in zip(blocks, spans):
-            xs = x[:, s:e]
-            block += xs.T @ xs
-    return Gram(kernel=kernel, blocks=blocks, group_slices=list(group_slices), n=int(n))
+        for block, (s, e), d in zip(blocks, spans, dual):
+            if not d:
+                xs = x[:, s:e]
+                block += xs.T @ xs
+    for block, (s, e), d in zip(blocks, spans, dual):
+        if d:
+            xs = np.asarray(phi[:, s:e], dtype=np.float64)
+            block += xs @ xs.T
+    return Gram(kernel=kernel, blocks=blocks, group_slices=list(group_slices), n=int(n), dual=dual)
 
 
-def regularised_inverse(gram: np.ndarray, c: float) -> tuple[np.ndarray, float, float, str]:
-    """(K, λ, mean diag, solver) with K = (G + λ I)⁻¹ and λ = c · mean diag(G).
+def regularised_inverse(gram: np.ndarray, c: float, scale: float | None = None) -> tuple[np.ndarray, float, float, str]:
+    """(K, λ, mean diag, solver) with K = (G + λ I)⁻¹ and λ = c · mean diag(G) (or c · `scale`, given).
 
     Cholesky in float64; when G + λ I is not numerically positive definite (Cholesky fails, or its
     diagonal shows a condition number beyond ~1/(k·eps)), the eigh pseudo-inverse is used instead
     (eigenvalues below k·eps·max are dropped). A group whose features are all zero gets K = 0.
     """
     dim = gram.shape[0]
-    scale = float(np.mean(np.diag(gram)))
+    scale = float(np.mean(np.diag(gram))) if scale is None else float(scale)
     lam = c * scale
     a = gram + lam * np.eye(dim)
     rcond = dim * np.finfo(np.float64).eps
@@ -139,7 +167,7 @@ class TRAK(Method):
         """The Gram blocks this kernel needs; pass to `fit(..., gram=)` to refit several c cheaply."""
         phi = check_train_matrix(train_features)
         slices = check_group_slices(group_slices, phi.shape[1])
-        self._check_width(phi.shape[1])
+        self._check_width(phi.shape[1], phi.shape[0])
         return accumulate_gram(phi, slices, self.kernel, chunk_rows=check_positive_int(chunk_rows, "chunk_rows"),
                                progress=progress)
 
@@ -180,13 +208,18 @@ class TRAK(Method):
              progress: bool, psi_path: str | os.PathLike | None, gram: Gram | None = None,
              query_side: bool = False, row_scale: np.ndarray | None = None) -> FittedMethod:
         n, k = phi.shape
-        self._check_width(k)
+        self._check_width(k, n)
         if gram is None:
             gram = accumulate_gram(phi, group_slices, self.kernel, chunk_rows=chunk_rows, progress=progress)
         else:
             self._check_gram(gram, n, group_slices)
-        solved = [regularised_inverse(block, self.c) for block in gram.blocks]
-        spans = [(0, k)] if self.kernel == "shared" else [(s, e) for _, s, e in group_slices]
+        spans = kernel_spans(self.kernel, group_slices, k)
+        # a dual block's λ scale is mean diag(Φ_jᵀΦ_j) = trace(Φ_j Φ_jᵀ) / k_j
+        solved = [regularised_inverse(block, self.c, float(np.trace(block)) / (e - s) if gram.is_dual(j) else None)
+                  for j, (block, (s, e)) in enumerate(zip(gram.blocks, spans))]
+        if query_side and any(gram.is_dual(j) for j in range(len(spans))):
+            raise UserError(f"a kernel block wider than the {n} training rows is solved in its dual form, which "
+                            f"writes Ψ; fit without query_side (or project to fewer columns than rows)")
         if query_side:
             return FittedMethod(psi=phi, group_slices=group_slices,
                                 info={**self._info(solved, group_slices, n, k), "query_side": True},
@@ -198,9 +231,17 @@ class TRAK(Method):
             raise_if_nonfinite(x, start, "training features")
             if row_scale is not None:
                 x = x * row_scale[start:stop, None]  # (e_n φ_n) K = e_n (φ_n K); a copy: x may view the input
-            for (k_mat, _, _, _), (s, e) in zip(solved, spans):
-                psi[start:stop, s:e] = x[:, s:e] @ k_mat
+            for j, ((k_mat, _, _, _), (s, e)) in enumerate(zip(solved, spans)):
+                if not gram.is_dual(j):
+                    psi[start:stop, s:e] = x[:, s:e] @ k_mat
+        for j, ((inv_a, _, _, _), (s, e)) in enumerate(zip(solved, spans)):
+            if gram.is_dual(j):  # Ψ_j = (A_j + λ_j I)⁻¹ Φ_j, then each row times its factor
+                x = inv_a @ np.asarray(phi[:, s:e], dtype=np.float64)
+                psi[:, s:e] = x if row_scale is None else x * row_scale[:, None]
         info = self._info(solved, group_slices, n, k)
+        if gram.dual and any(gram.dual):
+            info["dual_blocks"] = [name for name, d in zip(
+                ["all"] if self.kernel == "shared" else [g[0] for g in group_slices], gram.dual) if d]
         if row_scale is not None:
             info["row_scale"] = {"min": float(row_scale.min()), "max": float(row_scale.max())}
         return FittedMethod(psi=finish_psi(psi), group_slices=group_slices, info=info)
@@ -220,8 +261,8 @@ class TRAK(Method):
                          "solver": {nm: s[3] for nm, s in zip(names, solved)}})
         return info
 
-    def _check_width(self, k: int) -> None:
-        if self.kernel == "shared" and k > MAX_SHARED_DIM:
+    def _check_width(self, k: int, n: int | None = None) -> None:
+        if self.kernel == "shared" and k > MAX_SHARED_DIM and not (n is not None and uses_dual(k, n)):
             raise UserError(f"a shared TRAK kernel over {k} feature columns needs several {k}x{k} float64 "
                             f"matrices; use kernel='per-group' or project to <= {MAX_SHARED_DIM} columns")
 
