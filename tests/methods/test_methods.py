@@ -376,3 +376,20 @@ def test_blocks_wider_than_n_use_the_dual_form_and_equal_the_closed_form(data, k
 def test_dual_blocks_refuse_the_query_side_mode(data):
     with pytest.raises(UserError, match="dual form"):
         get_method("trak", c=0.01, kernel="per-group").fit(data[0][:12], SLICES, query_side=True)
+
+
+def test_per_group_damping_uses_each_groups_own_c(data):
+    phi, q = data
+    group_c = {"down": 0.3, "up": 0.001}  # "mid" keeps c
+    fitted = TRAK(c=0.05, kernel="per-group", group_c=group_c).fit(phi, SLICES)
+    p, qq = phi.astype(np.float64), q.astype(np.float64)
+    expected = 0
+    for (name, s, e) in SLICES:
+        kinv, _ = _inv_reg(p[:, s:e], group_c.get(name, 0.05))
+        expected = expected + qq[:, s:e] @ kinv @ p[:, s:e].T
+    assert rel_err(fitted.scores(q), expected) < 1e-5
+    assert fitted.info["c_per_group"] == {"down": 0.3, "mid": 0.05, "up": 0.001}
+    with pytest.raises(UserError, match="kernel='per-group'"):
+        TRAK(c=0.05, kernel="shared", group_c=group_c)
+    with pytest.raises(UserError, match="do not have: side"):
+        TRAK(c=0.05, kernel="per-group", group_c={"side": 0.1}).fit(phi, SLICES)

@@ -148,9 +148,14 @@ class TRAK(Method):
     uses_lambda = True
 
     def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak",
-                 required_measurement: str | None = None, needs_row_scale: bool = False):
+                 required_measurement: str | None = None, needs_row_scale: bool = False,
+                 group_c: dict[str, float] | None = None):
         self.c = check_c(c)
         self.kernel = normalise_kernel(kernel)
+        # per-group damping: λ_j = group_c[name_j] · mean diag(Φ_jᵀΦ_j) (groups not named keep c)
+        self.group_c = None if group_c is None else {str(k): check_c(v) for k, v in dict(group_c).items()}
+        if self.group_c is not None and self.kernel != "per-group":
+            raise UserError("per-group damping (group_c) needs kernel='per-group'")
         self.name = name
         self.required_measurement = required_measurement
         self.needs_row_scale = bool(needs_row_scale)
@@ -160,7 +165,12 @@ class TRAK(Method):
         return self.kernel
 
     def config(self) -> dict[str, Any]:
-        return {"method": self.name, "c": self.c, "kernel": self.kernel}
+        return {"method": self.name, "c": self.c, "kernel": self.kernel,
+                **({"group_c": dict(self.group_c)} if self.group_c else {})}
+
+    def c_of(self, group: str) -> float:
+        """The λ scale of one group's block (its own with per-group damping, else c)."""
+        return self.c if not self.group_c else self.group_c.get(group, self.c)
 
     def gram(self, train_features: Any, group_slices: Any, *, chunk_rows: int = 65536,
              progress: bool = False) -> Gram:
@@ -215,8 +225,13 @@ class TRAK(Method):
             self._check_gram(gram, n, group_slices)
         spans = kernel_spans(self.kernel, group_slices, k)
         # a dual block's λ scale is mean diag(Φ_jᵀΦ_j) = trace(Φ_j Φ_jᵀ) / k_j
-        solved = [regularised_inverse(block, self.c, float(np.trace(block)) / (e - s) if gram.is_dual(j) else None)
-                  for j, (block, (s, e)) in enumerate(zip(gram.blocks, spans))]
+        names = ["all"] if self.kernel == "shared" else [g[0] for g in group_slices]
+        if self.group_c and set(self.group_c) - set(names):
+            raise UserError(f"group_c names groups the features do not have: "
+                            f"{', '.join(sorted(set(self.group_c) - set(names)))}")
+        solved = [regularised_inverse(block, self.c_of(name),
+                                      float(np.trace(block)) / (e - s) if gram.is_dual(j) else None)
+                  for j, (block, (s, e), name) in enumerate(zip(gram.blocks, spans, names))]
         if query_side and any(gram.is_dual(j) for j in range(len(spans))):
             raise UserError(f"a kernel block wider than the {n} training rows is solved in its dual form, which "
                             f"writes Ψ; fit without query_side (or project to fewer columns than rows)")
@@ -240,8 +255,8 @@ class TRAK(Method):
                 psi[:, s:e] = x if row_scale is None else x * row_scale[:, None]
         info = self._info(solved, group_slices, n, k)
         if gram.dual and any(gram.dual):
-            info["dual_blocks"] = [name for name, d in zip(
-                ["all"] if self.kernel == "shared" else [g[0] for g in group_slices], gram.dual) if d]
+            info["dual_blocks"] = [name for name, d in zip(names, gram.dual) if d]
+
         if row_scale is not None:
             info["row_scale"] = {"min": float(row_scale.min()), "max": float(row_scale.max())}
         return FittedMethod(psi=finish_psi(psi), group_slices=group_slices, info=info)
@@ -251,6 +266,8 @@ class TRAK(Method):
         names = [name for name, _, _ in group_slices]
         info: dict[str, Any] = {"method": self.name, "kernel": self.kernel, "c": self.c,
                                 "N": int(n), "k": int(k), "groups": names}
+        if self.group_c:
+            info["c_per_group"] = {name: self.c_of(name) for name in names}
         if self.kernel == "shared":
             _, lam, scale, solver = solved[0]
             info.update({"lambda": lam, "lambda_per_group": None, "gram_mean_diag": scale, "solver": solver})
