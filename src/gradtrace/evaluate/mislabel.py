@@ -13,7 +13,8 @@ Steps, each kept in OUT and reused by a rerun (resumable; every file written ato
 4. per method: λ scale c (a number, or "auto": SNR-best on the learning queries), per-group self-influence
    c_j(x_n, x_n) (N, M), group weights learned on the learning queries (``weights/``, as `learn-weights`), and
    τ_w(x_n, x_n) = Σ_j w_j c_j(x_n, x_n) for uniform and learned w;
-5. ``mislabel.json``: ROC AUC (flipped = positive) and the fraction of the flipped found in the top 10%, with
+5. ``self_influence.npz`` (training ids, flipped, and each "METHOD/KERNEL/uniform|learned" score vector, in the
+   training store's row order) and ``mislabel.json``: ROC AUC (flipped = positive) and the fraction of the flipped found in the top 10%, with
    bootstrap 95% CIs, and the paired learned − uniform differences, per method; and the manifest.
 
 The function boundary for other methods: `self_influence(inputs, method, kernel, c)` returns a
@@ -35,22 +36,23 @@ import numpy as np
 
 from gradtrace.adapters import ModelAdapter
 from gradtrace.adapters.train_state import TrainState
-from gradtrace.attribution import fit_method, resolve_learning_c
-from gradtrace.data.sources import Examples, dataset_source
+from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, store_identity
+from gradtrace.data.sources import Examples, dataset_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, bilinear_self_influence, check_fraction, \
     detection_table, flip_labels
 from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import check_can_write, command_line, jsonable, read_json, sha256_arrays, versions, write_json_atomic
-from gradtrace.methods import KERNELS, known_methods
-from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS
+from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, read_json, sha256_arrays, versions,
+                          write_json_atomic)
+from gradtrace.methods import KERNELS, FittedMethod, configure, get_method, known_methods
+from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, save_weights
 
-RESULT, MANIFEST, FLIPS, MODEL = "mislabel.json", "manifest.json", "flips.json", "model"
+RESULT, MANIFEST, FLIPS, MODEL, SCORES = "mislabel.json", "manifest.json", "flips.json", "model", "self_influence.npz"
 FORMAT = "gradtrace-mislabel"
 DEFAULT_METHODS = "tracin,trak:shared,trak:per-group"
-OWN = {RESULT, MANIFEST, FLIPS, MODEL, "features", "weights"}
+OWN = {RESULT, MANIFEST, FLIPS, MODEL, SCORES, "features", "weights"}
 
 
 @dataclass
@@ -70,6 +72,7 @@ class GroupSelfInfluence:
     values: np.ndarray   # (N, M) float64: c_j(x_n, x_n) in the training store's row order
     group_names: list[str]
     info: dict
+    fitted: FittedMethod | None = None  # the bilinear method the weight learner scores the learning queries with
 
 
 Provider = Callable[[SelfInfluenceInputs, str, str, float, bool], GroupSelfInfluence]
@@ -86,7 +89,7 @@ def store_self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, 
     """A bilinear method fitted on the training store: c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n)."""
     fitted = fit_method(inputs.train, method, kernel=kernel, c=c, progress=progress)
     values = bilinear_self_influence(fitted, inputs.train.features, progress=progress)
-    return GroupSelfInfluence(values, fitted.group_names, fitted.info)
+    return GroupSelfInfluence(values, fitted.group_names, fitted.info, fitted)
 
 
 def self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: float,
@@ -101,8 +104,6 @@ def self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: flo
 
 def parse_methods(text: str) -> list[tuple[str, str]]:
     """'tracin,trak:shared,trak:per-group' → [(method, kernel)]; a method without λ gets kernel 'identity'."""
-    from gradtrace.methods import get_method
-
     out = []
     for item in [t.strip() for t in str(text).split(",") if t.strip()]:
         name, _, kernel = item.partition(":")
@@ -142,8 +143,6 @@ def learning_source(recipe: Recipe, learning_data: str | None, learning_ids, num
             raise UserError(f"--learning-ids holds {int(np.isin(ids, recipe.train_ids).sum())} of the run's training "
                             "ids; learning queries must be held-out images")
         return source, ids
-    from gradtrace.data.sources import open_dataset
-
     pool = np.asarray(open_dataset(source).ids, dtype=np.int64)
     if same:
         pool = np.setdiff1d(pool, recipe.train_ids)
@@ -205,19 +204,24 @@ def featurize_examples(adapter, checkpoint: Path, examples: Examples, out: Path,
                      progress=progress)
 
 
-def learned_group_weights(inputs: SelfInfluenceInputs, out: Path, method: str, kernel: str, c: float, *,
-                          steps: int, guard: str, progress: bool) -> tuple[np.ndarray, dict]:
-    """Weights learned on the learning queries by the `learn-weights` stage (label-free), in group order."""
-    from gradtrace.pipeline.learn_weights import LearnWeightsSpec, learn_weights_run
-
-    kernel_arg = "shared" if kernel == "identity" else kernel
-    path, doc = learn_weights_run(LearnWeightsSpec(
-        train=str(inputs.train.path), queries=str(inputs.learn.path), method=method, kernel=kernel_arg,
-        lambda_c=str(c), steps=steps, guard=guard, out=str(out / "weights" / f"{method}-{kernel}.json")),
-        progress=progress)
-    w = np.array([doc["weights"][n] for n in inputs.train.group_names], dtype=np.float64)
-    return w, {"path": str(path), "weights": doc["weights"], "guard": guard,
-               "loss_first": doc["provenance"]["loss_first"], "loss_last": doc["provenance"]["loss_last"]}
+def learned_group_weights(inputs: SelfInfluenceInputs, fitted: FittedMethod, path: Path, method: str, kernel: str,
+                          c: float, *, steps: int, guard: str, progress: bool) -> tuple[np.ndarray, dict]:
+    """Weights learned on the learning queries as `learn-weights` learns them (label-free objective, top-k =
+    min(10, N)), saved to `path`; (weights in group order, a record)."""
+    train, learn = inputs.train, inputs.learn
+    result = learn_weights(fitted, np.asarray(learn.features), k=min(DEFAULT_K, len(train.ids)), steps=steps,
+                           guard=guard, progress=progress)
+    provenance = {"command": command_line(), "base_method": fitted.info, "method": method,
+                  "kernel": configure(method, kernel=kernel).kernel_kind, "lambda_c": c,
+                  "train_store": str(train.path), "store": store_identity(train),
+                  "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
+                  "steps": result.info["steps"], "lr": result.info["lr"], "guard": result.info.get("guard"),
+                  "learning_queries": {"store": str(learn.path), **query_set_id(learn)},
+                  "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1], "learner": result.info}
+    save_weights(path, result, provenance)
+    w = np.asarray(result.weights, dtype=np.float64)
+    return w, {"path": str(path), "weights": dict(zip(result.group_names, w.tolist())), "guard": guard,
+               "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1]}
 
 
 def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods: str = DEFAULT_METHODS,
@@ -259,16 +263,20 @@ def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods
     train = featurize_examples(adapter, checkpoint, noisy_ex, out / "features" / "train", spec, progress)
     learn = featurize_examples(adapter, checkpoint, learn_ex, out / "features" / "learn", spec, progress)
     inputs = SelfInfluenceInputs(adapter, checkpoint, train, learn, noisy_ex, learn_ex)
-    results = []
+    results, arrays = [], {"ids": np.asarray(train.ids), "flipped": flipped}
     for method, kernel in entries:
         t = time.perf_counter()
         kernel_arg = "shared" if kernel == "identity" else kernel
         c, grid = resolve_learning_c(train, learn, method, kernel_arg, lambda_c, min(DEFAULT_K, len(train.ids)))
         si = self_influence(inputs, method, kernel_arg, c, progress)
-        w, w_info = learned_group_weights(inputs, out, method, kernel, c, steps=learn_steps, guard=guard,
-                                          progress=progress)
-        table = detection_table({"uniform": si.values.sum(1), "learned": si.values @ w}, flipped, baseline="uniform",
-                                fraction=top_fraction, n_bootstrap=n_bootstrap, seed=seed, progress=progress)
+        if si.fitted is None:
+            raise ValueError(f"the self-influence provider of {method} gives no fitted method to learn weights with")
+        w, w_info = learned_group_weights(inputs, si.fitted, out / "weights" / f"{method}-{kernel}.json", method,
+                                          kernel_arg, c, steps=learn_steps, guard=guard, progress=progress)
+        scores = {"uniform": si.values.sum(1), "learned": si.values @ w}
+        table = detection_table(scores, flipped, baseline="uniform", fraction=top_fraction, n_bootstrap=n_bootstrap,
+                                seed=seed, progress=progress)
+        arrays.update({f"{method}/{kernel}/{k}": v for k, v in scores.items()})
         results.append({"method": method, "kernel": kernel, "c": c, "lambda_grid": grid, "fitted": si.info,
                         "learned_weights": w_info, **table, "seconds": round(time.perf_counter() - t, 3)})
     doc = {"manifest": {"format": FORMAT, "format_version": 1, "command": command_line(), "run": recipe.run,
@@ -277,7 +285,9 @@ def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods
                         "groups": train.group_names, "model": str(checkpoint.resolve()),
                         "learn_steps": int(learn_steps), "guard": guard, "lambda_c": str(lambda_c),
                         "versions": versions()},
-           "results": results, "wall_s": round(time.perf_counter() - start, 3)}
+           "results": results, "scores_file": SCORES, "wall_s": round(time.perf_counter() - start, 3)}
+    with atomic_write(out / SCORES, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, **arrays)
     write_json_atomic(out / RESULT, doc)
     return doc
 
