@@ -113,7 +113,7 @@ class MislabelSpec(Spec):
     guard: str = option(DEFAULT_GUARD, "the weight learner's guard (see learn-weights)", choices=GUARDS)
     top_fraction: float = option(TOP_FRACTION, "report the fraction of flipped examples in this top fraction",
                                  check=lambda v, flag: check_fraction(v, flag))
-    bootstrap: int = option(N_BOOTSTRAP, "bootstrap replicates of the 95% CIs", check=positive)
+    bootstrap: int = option(N_BOOTSTRAP, "bootstrap replicates of the 95%% CIs", check=positive)
     seed: int = option(0, "bootstrap seed")
 
 
