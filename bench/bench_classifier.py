@@ -16,7 +16,8 @@ per-query Spearman correlation, bootstrap 95% CI over queries; paired difference
 λ scale c = "auto" (SNR-best on the learning queries) per method, shared by its uniform and learned rows. Learned
 weights: learned on the learning queries (`bench_lds.learned_weights`: as `learn-weights`, each guard of
 `GUARD_ROWS`). Mislabel detection (`gradtrace eval mislabel`): 10% of the training labels flipped (seeded), the
-same recipe trained on them, self-influence at the corrupted labels, ROC AUC and the fraction found in the top
+same recipe trained on them (once; shared by the measurements), self-influence at the corrupted labels of the
+margin and of the cross-entropy (`mislabel_measurements`), ROC AUC and the fraction found in the top
 10% with bootstrap CIs over training examples (paired for learned − uniform); its learning queries are the same
 held-out learning images. Each row's time is its own scoring (fit, λ choice, weight learning, scores).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,11 +52,11 @@ SETTINGS = {
     "full": {"n_train": 1000, "steps": 500, "batch_size": 64, "subsets": 64, "fraction": 0.5, "seeds": 1,
              "workers": 2, "n_heldout": 100, "n_learn": 100, "dim": 2048, "learn_steps": 200, "split_seed": 0,
              "c": "auto", "flip_fraction": 0.1, "flip_seed": 0, "bootstrap": 1000, "threads": 1,
-             "models": "resnet,vit"},
+             "models": "resnet,vit", "mislabel_measurements": "margin,loss"},
     "quick": {"n_train": 120, "steps": 40, "batch_size": 64, "subsets": 4, "fraction": 0.5, "seeds": 1,
               "workers": 1, "n_heldout": 12, "n_learn": 12, "dim": 128, "learn_steps": 20, "split_seed": 0,
               "c": "auto", "flip_fraction": 0.1, "flip_seed": 0, "bootstrap": 200, "threads": 1,
-              "models": "resnet,vit"},
+              "models": "resnet,vit", "mislabel_measurements": "margin,loss"},
 }
 
 
@@ -125,13 +127,20 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
                          "learned_weights": record["weights"]})
             paired.append({"comparison": f"{name} {method} ({kernel}): {record['kind']} − uniform",
                            "delta": summarize(pq - uniform)})
-    spec = FeatureSpec(total_dim=s["dim"], measurement="margin")
     methods = ",".join(m if k == "identity" else f"{m}:{k}" for m, k in METHODS)
-    ml = stage("mislabel", mislabel_run, run, out / "mislabel", fraction=s["flip_fraction"], flip_seed=s["flip_seed"],
-               methods=methods, feature_spec=spec, learning_ids=ids["learn"], learn_steps=s["learn_steps"],
-               n_bootstrap=s["bootstrap"], progress=progress)
-    mislabel = [{"model": name, **{k: r[k] for k in ("method", "kernel", "c", "scores", "paired", "seconds")}}
-                for r in ml["results"]]
+    mislabel, first = [], None
+    for measurement in s["mislabel_measurements"].split(","):
+        folder = out / f"mislabel-{measurement}"
+        if first is not None and not (folder / "model").exists():  # the same flips and recipe: the same model
+            shutil.copytree(first / "model", folder / "model")
+        ml = stage("mislabel", mislabel_run, run, folder, fraction=s["flip_fraction"], flip_seed=s["flip_seed"],
+                   methods=methods, feature_spec=FeatureSpec(total_dim=s["dim"], measurement=measurement),
+                   learning_ids=ids["learn"], learn_steps=s["learn_steps"], n_bootstrap=s["bootstrap"],
+                   progress=progress)
+        first = first or folder
+        mislabel += [{"model": name, "measurement": measurement,
+                      **{k: r[k] for k in ("method", "kernel", "c", "scores", "paired", "seconds")}}
+                     for r in ml["results"]]
     extra = run_hooks({"model": name, "run": run, "stores": stores, "problem": problem, "settings": s, "out": out,
                        "per_query": per_query})
     wall = list(retrain.get("model_wall_s", {}).values())
@@ -151,10 +160,14 @@ def estimate_full_minutes(results: dict) -> float | None:
             return None
         per_step = m["retrain_model_s_mean"] / s["steps"]
         train_steps = full["steps"] * (2 + full["subsets"] * full["seeds"] / full["workers"])
-        n_feat = s["n_train"] * 2 + s["n_heldout"] + 2 * s["n_learn"]
-        per_example = (t.get(f"{name} featurize", 0.0) + 0.5 * t.get(f"{name} mislabel", 0.0)) / n_feat
+        k = len(s["mislabel_measurements"].split(","))
+        n_feat = s["n_train"] + s["n_heldout"] + s["n_learn"] + k * (s["n_train"] + s["n_learn"])
+        feat_s = t.get(f"{name} featurize", 0.0) + t.get(f"{name} mislabel", 0.0) - per_step * s["steps"]
+        per_example = max(0.0, feat_s) / n_feat
         scoring = sum(r["seconds"] for r in m["rows"]) + sum(r["seconds"] for r in m["mislabel"])
-        total += per_step * train_steps + per_example * (full["n_train"] * 2 + full["n_heldout"] + 2 * full["n_learn"])
+        k_full = len(full["mislabel_measurements"].split(","))
+        total += per_step * train_steps + per_example * (full["n_train"] + full["n_heldout"] + full["n_learn"]
+                                                         + k_full * (full["n_train"] + full["n_learn"]))
         total += scoring * (full["n_train"] / s["n_train"]) * (full["dim"] / s["dim"])
     return round(total / 60.0, 1)
 
@@ -219,12 +232,13 @@ def markdown(results: dict) -> str:
     frac = s["flip_fraction"]
     lines += ["", f"Mislabel detection: {100 * frac:g}% of the training labels flipped; self-influence ranks the "
               "training set (flipped = positive); bootstrap 95% CIs over training examples, paired for Δ.", "",
-              "| model | method | kernel | AUC uniform | AUC learned | Δ AUC (paired) | Δ excludes 0 | top-10% found "
-              "uniform | learned | Δ found (paired) | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | measurement | method | kernel | AUC uniform | AUC learned | Δ AUC (paired) | Δ excludes 0 | "
+              "top-10% found uniform | learned | Δ found (paired) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["models"].items():
         for r in m["mislabel"]:
             u, lw, d = r["scores"]["uniform"], r["scores"]["learned"], r["paired"]["learned - uniform"]
-            lines.append(f"| {name} | {r['method']} | {r['kernel']} | {_cell(u, 'auc')} | {_cell(lw, 'auc')} | "
+            lines.append(f"| {name} | {r['measurement']} | {r['method']} | {r['kernel']} | {_cell(u, 'auc')} | "
+                         f"{_cell(lw, 'auc')} | "
                          f"{_signed(d)} | {_excludes_zero(d['auc_ci95'])} | {_cell(u, 'top_found')} | "
                          f"{_cell(lw, 'top_found')} | {_signed(d, 'top_found')} | {r['seconds']} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()),
