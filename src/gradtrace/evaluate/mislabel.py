@@ -44,8 +44,8 @@ from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, bilinear_sel
 from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, read_json, sha256_arrays, versions,
-                          write_json_atomic)
+from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, process_alive, read_json, sha256_arrays,
+                          versions, write_json_atomic)
 from gradtrace.methods import KERNELS, FittedMethod, configure, get_method, known_methods
 from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, save_weights
 
@@ -136,7 +136,7 @@ def learning_source(recipe: Recipe, learning_data: str | None, learning_ids, num
     src = recipe.source
     source = src if learning_data is None else dataset_source(learning_data, size=src.get("size"),
                                                               seed=src.get("seed", 0))
-    same = source.get("spec") == src.get("spec") and source.get("n") == src.get("n")
+    same = source.get("spec") == src.get("spec")  # ids are stable across --n and --size
     if learning_ids is not None:
         ids = np.unique(np.asarray(learning_ids, dtype=np.int64))
         if same and np.isin(ids, recipe.train_ids).any():
@@ -174,6 +174,10 @@ def open_workdir(out: Path, settings: dict) -> None:
 def train_corrupted(recipe: Recipe, out: Path, noisy: np.ndarray, train_ids: np.ndarray, progress: bool) -> Path:
     """Train the run's recipe on the corrupted labels into OUT/model (temp folder, then rename; resumable)."""
     final = out / MODEL
+    for tmp in out.glob(".tmp-model-*"):  # left by a killed run (never reused)
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
     if (final / "config.json").is_file():
         return final
     adapter = recipe.adapter
