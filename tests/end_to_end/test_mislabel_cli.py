@@ -1,7 +1,7 @@
 """`gradtrace eval mislabel` end to end on digits with a tiny ResNet: the flips, the model trained on them (equal to
 a plain training run on a hand-relabelled copy of the data), the corrupted-label features, self-influence against a
 dense numpy Φ K Φᵀ built from the stored features, AUC against sklearn, the top-10% count, resumption, and bad
-input in one line with exit 2."""
+input in one line with exit 2, and a method that brings its own per-group self-influence."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,11 @@ from sklearn.metrics import roc_auc_score
 
 from gradtrace.adapters import get_adapter
 from gradtrace.adapters.classifier import train as train_classifier
+from gradtrace.attribution import fit_method
 from gradtrace.cli import main
 from gradtrace.data import load_dataset
+from gradtrace.evaluate.mislabel import PROVIDERS, GroupSelfInfluence, mislabel_run, register_self_influence
+from gradtrace.features.featurize import FeatureSpec
 from gradtrace.features.store import FeatureStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,3 +141,32 @@ def test_bad_input_is_one_line_and_exit_2(done, tmp_path, capsys):
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, (argv, err)
     for name in "abcde":
         assert not (tmp_path / name).exists()
+
+
+def test_a_method_with_its_own_self_influence_plugs_in(done):
+    """A provider (as EK-FAC will be) returns per-group self-influence (N, M) and the fitted method the weight
+    learner uses; the stage ranks by exactly its numbers."""
+    train = FeatureStore.open(done / "ml" / "features" / "train")
+    phi = np.asarray(train.features, dtype=np.float64)
+    want = 3.0 * dense_self_influence(phi, train.group_slices, "trak", "per-group", 0.5)
+    seen = {}
+
+    def provider(inputs, method, kernel, c, progress):
+        seen.update(method=method, kernel=kernel, n=len(inputs.train_examples.ids))
+        fitted = fit_method(inputs.train, "trak", kernel="per-group", c=0.5, progress=False)
+        return GroupSelfInfluence(want, list(inputs.train.group_names), {"method": "scaled trak"}, fitted)
+
+    register_self_influence("scaled", provider)
+    try:
+        doc = mislabel_run(done / "run", done / "ml", methods="scaled", feature_spec=FeatureSpec(total_dim=64,
+                           measurement=None), num_learning=30, learn_steps=20, n_bootstrap=50, progress=False)
+    finally:
+        PROVIDERS.pop("scaled")
+    assert seen == {"method": "scaled", "kernel": "per-group", "n": len(TRAIN)}
+    r = doc["results"][0]
+    w = np.array([r["learned_weights"]["weights"][n] for n in train.group_names])
+    scores = np.load(done / "ml" / "self_influence.npz")
+    np.testing.assert_allclose(scores["scaled/per-group/uniform"], want.sum(1), rtol=1e-12)
+    np.testing.assert_allclose(scores["scaled/per-group/learned"], want @ w, rtol=1e-12)
+    flipped = scores["flipped"]
+    assert r["scores"]["uniform"]["auc"] == pytest.approx(roc_auc_score(flipped, want.sum(1)), abs=1e-12)

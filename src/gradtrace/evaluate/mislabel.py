@@ -109,8 +109,9 @@ def parse_methods(text: str) -> list[tuple[str, str]]:
         name, _, kernel = item.partition(":")
         if name not in known_methods() and name not in PROVIDERS:
             raise UserError(f"--methods: unknown method {name!r}; use {', '.join(known_methods())}")
-        uses_lambda = name in PROVIDERS or get_method(name).uses_lambda
-        if not uses_lambda:
+        if name in PROVIDERS and name not in known_methods():
+            kernel = kernel or "per-group"  # the provider's own kernel kind, recorded as given
+        elif not get_method(name).uses_lambda:
             kernel = "identity"
         elif kernel not in KERNELS:
             raise UserError(f"--methods: {name} needs a kernel, {name}:shared or {name}:per-group; got {item!r}")
@@ -215,8 +216,9 @@ def learned_group_weights(inputs: SelfInfluenceInputs, fitted: FittedMethod, pat
     train, learn = inputs.train, inputs.learn
     result = learn_weights(fitted, np.asarray(learn.features), k=min(DEFAULT_K, len(train.ids)), steps=steps,
                            guard=guard, progress=progress)
-    provenance = {"command": command_line(), "base_method": fitted.info, "method": method,
-                  "kernel": configure(method, kernel=kernel).kernel_kind, "lambda_c": c,
+    kind = configure(method, kernel=kernel).kernel_kind if method in known_methods() else kernel
+    provenance = {"command": command_line(), "base_method": fitted.info, "method": method, "kernel": kind,
+                  "lambda_c": c,
                   "train_store": str(train.path), "store": store_identity(train),
                   "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
                   "steps": result.info["steps"], "lr": result.info["lr"], "guard": result.info.get("guard"),
@@ -271,7 +273,8 @@ def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods
     for method, kernel in entries:
         t = time.perf_counter()
         kernel_arg = "shared" if kernel == "identity" else kernel
-        c, grid = resolve_learning_c(train, learn, method, kernel_arg, lambda_c, min(DEFAULT_K, len(train.ids)))
+        c, grid = (0.0, None) if method not in known_methods() else \
+            resolve_learning_c(train, learn, method, kernel_arg, lambda_c, min(DEFAULT_K, len(train.ids)))
         si = self_influence(inputs, method, kernel_arg, c, progress)
         if si.fitted is None:
             raise ValueError(f"the self-influence provider of {method} gives no fitted method to learn weights with")
