@@ -68,3 +68,13 @@ bench-t2i: bench-t2i-pipe
 	$(PY) bench/bench_t2i_lds.py --pipeline bench_out/t2i_pipe --out bench_out/t2i_lds
 	$(PY) bench/bench_t2i_aspects.py --pipeline bench_out/t2i_pipe --out bench_out/t2i_aspects
 	$(PY) bench/bench_t2i_featurize.py --pipeline bench_out/t2i_pipe --out bench_out/t2i_featurize
+
+# Classifier benchmark (bench/bench_classifier.py): LDS and mislabel AUC of a small ResNet and ViT on digits,
+# sized for about 45-90 min of the shared 2-core machine; quick is a smoke run of about a minute.
+.PHONY: bench-classifier bench-classifier-quick
+
+bench-classifier: $(STAMP)
+	$(PY) bench/bench_classifier.py --out bench_out/classifier
+
+bench-classifier-quick: $(STAMP)
+	$(PY) bench/bench_classifier.py --quick --out bench_out/classifier_quick

@@ -161,7 +161,9 @@ CASES = [
     ("retrain-other-settings", "retrain --run {ckpt} --subsets 3 --out {retrain}", "other settings"),
     ("retrain-foreign-folder", "retrain --run {ckpt} --subsets 2 --out {foreign_dir}",
      "is not a retraining directory"),
-    # -- eval lds / eval counterfactual
+    # -- eval lds / eval counterfactual / eval mislabel
+    ("mislabel-not-classifier", "eval mislabel --run {ckpt} --out {new}", "without class labels"),
+    ("mislabel-fraction", "eval mislabel --run {ckpt} --fraction 1 --out {new}", "strictly between 0 and 1"),
     ("lds-no-retraining", "eval lds --run {ckpt} --retrain {new} --train-features {train} --queries {queries} "
      "--out {new}", "no retraining"),
     ("lds-store-as-retraining", "eval lds --run {ckpt} --retrain {train} --train-features {train} --queries "

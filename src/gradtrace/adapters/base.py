@@ -15,6 +15,7 @@ never know what kind of model they work on. They ask an adapter (found by name i
 - **training**: `default_model_config(dataset, kind)`, `train(model_config, dataset, train_config, ids, resume)`,
   the recipe `train` and subset retraining replay (`resume`: the resumable state, `adapters.train_state`);
 - **evaluation**: `outputs(checkpoint, examples, grid)`, the model output per query used as the LDS target;
+  `classes(model_config)` and `relabelled(...)` for models with class labels (mislabel detection);
 - **queries**: `sample(...)` / `query_request(...)`, generated learning and evaluation queries (generative
   models only; the default refuses): the conditioning of each query, all of it or only one aspect.
 
@@ -183,6 +184,16 @@ class ModelAdapter(ABC):
     @abstractmethod
     def outputs(self, checkpoint: Checkpoint, examples, grid) -> np.ndarray:
         """(Q,) float64 model output per query (the LDS ground truth), on the shared `grid` of draws."""
+
+    def classes(self, model_config: dict) -> list[str] | None:
+        """The class names the model predicts, in class-index order (its examples' conditioning is the class index);
+        None for a model without class labels (the default)."""
+        return None
+
+    def relabelled(self, model_config: dict, dataset, ids, labels):
+        """`dataset` with the examples `ids` given the class indices `labels` instead of their own (for training on
+        corrupted labels: `gradtrace eval mislabel`); only models with `classes`."""
+        raise UserError(f"{self.name} models have no class labels to change")
 
     def attributes(self, checkpoint: Checkpoint) -> dict[str, list[str]]:
         """The conditioning vocabulary a generated query can set (attribute name → values); {} = none."""

@@ -18,12 +18,13 @@ from gradtrace.cli.args import add_spec_arguments, common_arguments, spec_from_a
 from gradtrace.errors import UserError, os_error_line
 from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT, counterfactual_table
 from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
+from gradtrace.evaluate.mislabel import RESULT as MISLABEL_RESULT, mislabel_table
 from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, EvalLDSSpec, FeaturizeSpec,
                                 LearnWeightsSpec, RetrainSpec, SampleSpec, TrainSpec, attribute_run,
                                 eval_counterfactual, eval_lds, featurize_run, learn_weights_run, retrain, run_demo,
                                 sample_run, train_run)
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
-from gradtrace.pipeline.evaluate import RETRAIN_EPILOG
+from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, MislabelSpec, eval_mislabel
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
 from gradtrace.pipeline.merge_features import MergeFeaturesSpec, merge_features_run
 from gradtrace.pipeline.report import ReportSpec, report_run
@@ -105,6 +106,10 @@ def _say_counterfactual(doc, spec) -> str:
     return f"{counterfactual_table(doc)}\ncounterfactual: {Path(spec.out) / COUNTERFACTUAL_RESULT}"
 
 
+def _say_mislabel(doc, spec) -> str:
+    return f"{mislabel_table(doc)}\nmislabel: {Path(spec.out) / MISLABEL_RESULT}"
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(TrainSpec, train_run, _say_train, "train a model (default: a tiny diffusion UNet, DDPM)"),
     "sample": Command(SampleSpec, sample_run, _say_sample, "generate images from a checkpoint"),
@@ -132,6 +137,8 @@ EVAL_COMMANDS: dict[str, Command] = {
                    one_line_warnings=True),
     "counterfactual": Command(CounterfactualSpec, eval_counterfactual, _say_counterfactual,
                               "retrain without each query's top-k and k random training images"),
+    "mislabel": Command(MislabelSpec, eval_mislabel, _say_mislabel,
+                        "flip a fraction of a classifier's training labels, retrain, and find them by self-influence"),
 }
 
 
@@ -157,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         _add(sub, name, command, name)
-    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining)")
+    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining, mislabel detection)")
     esub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     for name, command in EVAL_COMMANDS.items():
         _add(esub, name, command, f"eval {name}")

@@ -4,6 +4,7 @@
     eval_lds_run(run, retrain_dir, train_store, query_store, out, method="trak")      # gradtrace eval lds
     problem = load_problem(run, retrain_dir, train, queries); problem.evaluate(scores)  # any (Q, N) scores
     counterfactual_run(run, train_store, query_store, out, k=10)                      # gradtrace eval counterfactual
+    mislabel_run(run, out, fraction=0.1)                                              # gradtrace eval mislabel
 
 Names are imported on first use (the CLI imports this package at start-up).
 """
@@ -11,8 +12,10 @@ from importlib import import_module
 
 _EXPORTS = {
     "counterfactual": ["counterfactual_run", "counterfactual_table"],
+    "detection": ["bilinear_self_influence", "detection_table", "flip_labels", "roc_auc", "top_found"],
     "eval_lds": ["LDSProblem", "eval_lds_run", "load_problem", "per_group_lds"],
     "harness": ["Job", "train_jobs"],
+    "mislabel": ["mislabel_run", "mislabel_table", "register_self_influence"],
     "lds": ["bootstrap_ci", "lds", "lds_per_query", "subset_mask", "subset_predictions", "summarize"],
     "outputs": ["OutputGrid", "model_outputs", "store_examples"],
     "recipe": ["Recipe", "load_recipe"],

@@ -1,14 +1,20 @@
-"""The evaluation stages: `retrain` (subset models for the LDS), `eval lds`, `eval counterfactual`."""
+"""The evaluation stages: `retrain` (subset models for the LDS), `eval lds`, `eval counterfactual`, `eval mislabel`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from gradtrace.evaluate.counterfactual import counterfactual_run
+from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, check_fraction
 from gradtrace.evaluate.eval_lds import eval_lds_run
+from gradtrace.evaluate.mislabel import DEFAULT_METHODS, mislabel_run
 from gradtrace.evaluate.outputs import OutputGrid
 from gradtrace.evaluate.retrain import retrain_run
+from gradtrace.features.featurize import FeatureSpec
+from gradtrace.features.projection import DEFAULT_TOTAL_DIM, KINDS
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
 from gradtrace.pipeline.spec import Spec, non_negative, option, positive
+from gradtrace.pipeline.train import resolve_ids
+from gradtrace.weights import DEFAULT_GUARD, DEFAULT_STEPS, GUARDS
 
 RETRAIN_EPILOG = ("Resumable: rerun the same command after an interruption. Several machines: torchrun --nnodes N "
                   "--nproc-per-node 1 ... -m gradtrace.cli -- retrain --run RUN --out SHARED_DIR (the -- stops "
@@ -82,3 +88,41 @@ def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> d
                               learning_queries=spec.learning_queries, num_queries=spec.num_queries, k=spec.top_k,
                               n_seeds=spec.seeds, workers=spec.workers, random_seed=spec.random_seed,
                               grid=spec.grid(), max_models=spec.max_models, progress=progress)
+
+
+@dataclass
+class MislabelSpec(Spec):
+    run: str = option(None, "checkpoint directory of a classifier run", required=True)
+    out: str = option(None, "output directory (resumable)", required=True)
+    fraction: float = option(0.1, "fraction of training labels flipped, in (0, 1)",
+                             check=lambda v, flag: check_fraction(v, flag))
+    flip_seed: int = option(0, "seed of the flips (and of the drawn learning ids)")
+    methods: str = option(DEFAULT_METHODS, "methods to compare, comma-separated; METHOD:KERNEL for TRAK")
+    measurement: str | None = option(None, "what is differentiated (default: the model's own: margin; or loss)",
+                                     type=str)
+    groups: str = option("block", "tensor | module | an adapter preset (block) | 'name=regex,...'")
+    projection: str = option("rademacher", "projection of each group's gradient", choices=KINDS)
+    dim: int = option(DEFAULT_TOTAL_DIM, "total projection dimension", check=positive)
+    proj_seed: int = option(0, "projection seed")
+    learning_data: str | None = option(None, "labelled images for the learning queries (default: the run's "
+                                       "dataset, images it was not trained on)", type=str)
+    learning_ids: object = option(None, "file of learning-query ids (default: --num-learning drawn)", type=str)
+    num_learning: int = option(100, "learning queries drawn when --learning-ids is not given", check=positive)
+    lambda_c: str | float | None = lambda_c_option(default="auto")
+    learn_steps: int = option(DEFAULT_STEPS, "optimiser steps of the weight learner", check=positive)
+    guard: str = option(DEFAULT_GUARD, "the weight learner's guard (see learn-weights)", choices=GUARDS)
+    top_fraction: float = option(TOP_FRACTION, "report the fraction of flipped examples in this top fraction",
+                                 check=lambda v, flag: check_fraction(v, flag))
+    bootstrap: int = option(N_BOOTSTRAP, "bootstrap replicates of the 95%% CIs", check=positive)
+    seed: int = option(0, "bootstrap seed")
+
+
+def eval_mislabel(spec: MislabelSpec, *, progress: bool = True) -> dict:
+    features = FeatureSpec(groups=spec.groups, projection=spec.projection, total_dim=spec.dim,
+                           projection_seed=spec.proj_seed, measurement=spec.measurement)  # None: the model's own
+    return mislabel_run(spec.run, spec.out, fraction=spec.fraction, flip_seed=spec.flip_seed, methods=spec.methods,
+                        feature_spec=features, learning_data=spec.learning_data,
+                        learning_ids=resolve_ids(spec.learning_ids), num_learning=spec.num_learning,
+                        lambda_c=spec.lambda_c, learn_steps=spec.learn_steps, guard=spec.guard,
+                        top_fraction=spec.top_fraction, n_bootstrap=spec.bootstrap, seed=spec.seed,
+                        progress=progress)

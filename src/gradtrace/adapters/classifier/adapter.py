@@ -20,6 +20,7 @@ from gradtrace.adapters.classifier.groups import PRESETS, block_key
 from gradtrace.adapters.classifier.models import build_model, check_logits
 from gradtrace.adapters.classifier.objective import MEASUREMENTS, ClassifierObjective, margins
 from gradtrace.adapters.classifier.train import TrainConfig, train
+from gradtrace.data.base import ImageDataset
 from gradtrace.data.sources import Examples, load_source
 from gradtrace.errors import UserError
 
@@ -84,6 +85,25 @@ class ClassifierAdapter(ModelAdapter):
 
     def train(self, model_config: dict, dataset, train_config, ids=None, progress: bool = True, resume=None):
         return train(model_config, dataset, train_config, ids=ids, progress=progress, resume=resume)
+
+    # ------------------------------------------------------------------ labels
+    def classes(self, model_config: dict) -> list[str]:
+        return [str(c) for c in model_config["classes"]]
+
+    def relabelled(self, model_config: dict, dataset, ids, labels) -> ImageDataset:
+        """A copy of `dataset` (images shared) whose examples `ids` carry the classes of `labels` (class indices) as
+        their label attribute; the other examples keep theirs."""
+        classes = self.classes(model_config)
+        labels = np.asarray(labels, dtype=np.int64)
+        rows = dataset.index_of(ids)
+        if labels.shape != rows.shape or (len(labels) and (labels.min() < 0 or labels.max() >= len(classes))):
+            raise UserError(f"need one class index in 0..{len(classes) - 1} per id, got {labels.shape[0]} labels "
+                            f"for {len(rows)} ids")
+        metadata = [dict(m) for m in dataset.metadata]
+        for r, y in zip(rows.tolist(), labels.tolist()):
+            metadata[r][model_config["label"]] = classes[y]
+        return ImageDataset(name=dataset.name, images=dataset.images, ids=dataset.ids.copy(), metadata=metadata,
+                            attributes={k: list(v) for k, v in dataset.attributes.items()})
 
     # ------------------------------------------------------------------ evaluation
     def outputs(self, checkpoint: Checkpoint, examples: Examples, grid: OutputGrid) -> np.ndarray:

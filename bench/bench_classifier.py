@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Classifier benchmark on digits: the LDS of TracIn and TRAK (shared / per-group kernel) × uniform / learned
+weights for a small ResNet and a small ViT, with paired 95% CIs, and the mislabel-detection AUC table for the same
+methods (uniform vs learned).
+
+    python bench/bench_classifier.py --out bench_out/classifier             # full: sized for 90 min on 2 cores
+    python bench/bench_classifier.py --quick --out bench_out/classifier_q   # smoke run, a few minutes
+
+Protocol, per model (`resnet`: BasicBlock stages [16, 32, 64], 78k parameters; `vit`: patch 2, width 32, 2 layers,
+18k; both the adapter's defaults): trained with the classifier recipe (AdamW, warm-up + cosine) for `steps` steps
+on n_train digits (a seeded split); the rest of digits is split into evaluation queries (`n_heldout`) and learning
+queries (`n_learn`), never overlapping. Features: margin gradients (TRAK's output function for classifiers),
+Rademacher-projected per `block` group to `dim` columns. LDS (DESIGN §3): S subsets at α = 0.5 retrained with the
+same recipe; the target of a query is its margin under each subset model; LDS = mean over queries of the
+per-query Spearman correlation, bootstrap 95% CI over queries; paired differences learned − uniform per query.
+λ scale c = "auto" (SNR-best on the learning queries) per method, shared by its uniform and learned rows. Learned
+weights: learned on the learning queries (`bench_lds.learned_weights`: as `learn-weights`, each guard of
+`GUARD_ROWS`). Mislabel detection (`gradtrace eval mislabel`): 10% of the training labels flipped (seeded), the
+same recipe trained on them (once; shared by the measurements), self-influence at the corrupted labels of the
+margin and of the cross-entropy (`mislabel_measurements`), ROC AUC and the fraction found in the top
+10% with bootstrap CIs over training examples (paired for learned − uniform); its learning queries are the same
+held-out learning images. Each row's time is its own scoring (fit, λ choice, weight learning, scores).
+
+Rows for other methods: add (method, kernel) to METHODS once `gradtrace.methods` and `eval mislabel` know it, or
+append a function to ROW_HOOKS (see `run_hooks`), e.g. EK-FAC from kronfluence.
+
+A rerun into the same --out reuses the runs, stores, retrained models and mislabel work. Torch runs
+single-threaded here; the retraining uses `workers` single-threaded processes. --set KEY=VALUE overrides a setting.
+The quick run prints an estimate of the full run's time from its own measured step and featurization rates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bench_lds import GUARD_ROWS, _fmt, apply_overrides, learned_weights
+
+N_DIGITS = 1797
+MODELS = {"resnet": {}, "vit": {}}  # --model-options of each (the adapter's defaults)
+METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group")]
+# Each hook: hook(ctx) -> {"rows": [LDS rows as `row` builds them], "paired": [...], "mislabel": [rows]}; ctx holds
+# the model name, run, stores, LDS problem, settings and output folder (see `_run_model`).
+ROW_HOOKS: list[Callable[[dict], dict]] = []
+SETTINGS = {
+    "full": {"n_train": 1000, "steps": 500, "batch_size": 64, "subsets": 64, "fraction": 0.5, "seeds": 1,
+             "workers": 2, "n_heldout": 100, "n_learn": 100, "dim": 2048, "learn_steps": 200, "split_seed": 0,
+             "c": "auto", "flip_fraction": 0.1, "flip_seed": 0, "bootstrap": 1000, "threads": 1,
+             "models": "resnet,vit", "mislabel_measurements": "margin,loss"},
+    "quick": {"n_train": 120, "steps": 40, "batch_size": 64, "subsets": 4, "fraction": 0.5, "seeds": 1,
+              "workers": 1, "n_heldout": 12, "n_learn": 12, "dim": 128, "learn_steps": 20, "split_seed": 0,
+              "c": "auto", "flip_fraction": 0.1, "flip_seed": 0, "bootstrap": 200, "threads": 1,
+              "models": "resnet,vit", "mislabel_measurements": "margin,loss"},
+}
+
+
+def splits(s: dict) -> dict[str, np.ndarray]:
+    perm = np.random.default_rng(s["split_seed"]).permutation(N_DIGITS)
+    a, b = s["n_train"], s["n_train"] + s["n_heldout"]
+    return {"train": np.sort(perm[:a]), "heldout": np.sort(perm[a:b]), "learn": np.sort(perm[b:b + s["n_learn"]])}
+
+
+def run_hooks(ctx: dict) -> dict:
+    out = {"rows": [], "paired": [], "mislabel": []}
+    for hook in ROW_HOOKS:
+        for key, value in hook(ctx).items():
+            out[key] += value
+    return out
+
+
+def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress: bool) -> dict:
+    from gradtrace.adapters import get_adapter
+    from gradtrace.attribution import fit_method, resolve_learning_c
+    from gradtrace.evaluate import load_problem, retrain_run, summarize
+    from gradtrace.evaluate.mislabel import mislabel_run
+    from gradtrace.features.featurize import FeatureSpec
+    from gradtrace.pipeline import FeaturizeSpec, TrainSpec, featurize_run, train_run
+    from gradtrace.weights.defaults import DEFAULT_K
+
+    def stage(label, fn, *a, **kw):
+        t = time.perf_counter()
+        print(f"[bench-classifier] {name}: {label} ...", file=sys.stderr, flush=True)
+        result = fn(*a, **kw)
+        timings[f"{name} {label}"] = round(timings.get(f"{name} {label}", 0.0) + time.perf_counter() - t, 2)
+        return result
+
+    out.mkdir(parents=True, exist_ok=True)
+    run = str(stage("train", train_run, TrainSpec(
+        data="digits", adapter="classifier", model=name, model_options=json.dumps(MODELS[name]),
+        ids=ids["train"], steps=s["steps"], batch_size=s["batch_size"], out=str(out / "run")), progress=progress))
+    stores = {}
+    for part in ("train", "heldout", "learn"):
+        where = {} if part == "train" else {"data": "digits", "ids": ids[part]}
+        stores[part] = stage("featurize", featurize_run, FeaturizeSpec(
+            checkpoint=run, out=str(out / "features" / part), dim=s["dim"], **where), progress=progress)
+    retrain = stage("retrain", retrain_run, run, out / "retrain", n_subsets=s["subsets"], fraction=s["fraction"],
+                    n_seeds=s["seeds"], workers=s["workers"], progress=progress)
+    problem = stage("model outputs", load_problem, run, out / "retrain", stores["train"], stores["heldout"],
+                    progress=progress)
+
+    def per_query(scores: np.ndarray) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in problem.evaluate(scores)["per_query"]])
+
+    rows, paired = [], []
+    for method, kernel in METHODS:
+        t = time.perf_counter()
+        kernel_arg = "shared" if kernel == "identity" else kernel
+        c, _ = resolve_learning_c(stores["train"], stores["learn"], method, kernel_arg, s["c"],
+                                  min(DEFAULT_K, s["n_train"]))
+        fitted = fit_method(stores["train"], method, kernel=kernel_arg, c=c, progress=False)
+        q = np.asarray(stores["heldout"].features)
+        uniform = per_query(fitted.scores(q))
+        rows.append({"model": name, "method": method, "kernel": kernel, "weights": "uniform", "c": c,
+                     "lds": summarize(uniform), "seconds": round(time.perf_counter() - t, 2)})
+        for guard in GUARD_ROWS:
+            t = time.perf_counter()
+            w, record = learned_weights(stores, out / "weights", method, kernel, c, s["learn_steps"], guard)
+            pq = per_query(fitted.scores(q, weights=w))
+            rows.append({"model": name, "method": method, "kernel": kernel, "weights": record["label"], "c": c,
+                         "lds": summarize(pq), "seconds": round(time.perf_counter() - t, 2),
+                         "learned_weights": record["weights"]})
+            paired.append({"comparison": f"{name} {method} ({kernel}): {record['kind']} − uniform",
+                           "delta": summarize(pq - uniform)})
+    methods = ",".join(m if k == "identity" else f"{m}:{k}" for m, k in METHODS)
+    mislabel, first = [], None
+    for measurement in s["mislabel_measurements"].split(","):
+        folder = out / f"mislabel-{measurement}"
+        if first is not None and not (folder / "model").exists():  # the same flips and recipe: the same model
+            shutil.copytree(first / "model", folder / "model")
+        ml = stage("mislabel", mislabel_run, run, folder, fraction=s["flip_fraction"], flip_seed=s["flip_seed"],
+                   methods=methods, feature_spec=FeatureSpec(total_dim=s["dim"], measurement=measurement),
+                   learning_ids=ids["learn"], learn_steps=s["learn_steps"], n_bootstrap=s["bootstrap"],
+                   progress=progress)
+        first = first or folder
+        mislabel += [{"model": name, "measurement": measurement,
+                      **{k: r[k] for k in ("method", "kernel", "c", "scores", "paired", "seconds")}}
+                     for r in ml["results"]]
+    extra = run_hooks({"model": name, "run": run, "stores": stores, "problem": problem, "settings": s, "out": out,
+                       "per_query": per_query})
+    wall = list(retrain.get("model_wall_s", {}).values())
+    return {"rows": rows + extra["rows"], "paired": paired + extra["paired"], "mislabel": mislabel + extra["mislabel"],
+            "n_flipped": ml["manifest"]["n_flipped"], "retrain_model_s_mean": float(np.mean(wall)) if wall else None,
+            "params": sum(p.numel() for p in get_adapter("classifier").load(run).model.parameters())}
+
+
+def estimate_full_minutes(results: dict) -> float | None:
+    """The full settings' time from this run's measured rates: per-model step time × the full run's training steps
+    (full model, subsets over `workers`, mislabel model) + featurization per example × its examples + scoring."""
+    s, full = results["settings"], SETTINGS["full"]
+    total = 0.0
+    for name, m in results["models"].items():
+        t = results["timings_s"]
+        if m["retrain_model_s_mean"] is None:
+            return None
+        per_step = m["retrain_model_s_mean"] / s["steps"]
+        train_steps = full["steps"] * (2 + full["subsets"] * full["seeds"] / full["workers"])
+        k = len(s["mislabel_measurements"].split(","))
+        n_feat = s["n_train"] + s["n_heldout"] + s["n_learn"] + k * (s["n_train"] + s["n_learn"])
+        feat_s = t.get(f"{name} featurize", 0.0) + t.get(f"{name} mislabel", 0.0) - per_step * s["steps"]
+        per_example = max(0.0, feat_s) / n_feat
+        scoring = sum(r["seconds"] for r in m["rows"]) + sum(r["seconds"] for r in m["mislabel"])
+        k_full = len(full["mislabel_measurements"].split(","))
+        total += per_step * train_steps + per_example * (full["n_train"] + full["n_heldout"] + full["n_learn"]
+                                                         + k_full * (full["n_train"] + full["n_learn"]))
+        total += scoring * (full["n_train"] / s["n_train"]) * (full["dim"] / s["dim"])
+    return round(total / 60.0, 1)
+
+
+def run_bench(out, s: dict, *, progress: bool = True) -> dict:
+    import torch
+
+    from gradtrace.io import versions, write_json_atomic
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(s["threads"]))
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(out)
+    ids = splits(s)
+    try:
+        models = {name: _run_model(name, out / name, s, ids, timings, progress)
+                  for name in s["models"].split(",")}
+    finally:
+        torch.set_num_threads(threads)
+    results = {"settings": s, "models": models, "timings_s": timings, "wall_s": round(time.perf_counter() - start, 1),
+               "splits": {k: len(v) for k, v in ids.items()}, "versions": versions(),
+               "command": " ".join(["python", *sys.argv])}
+    results["estimated_full_minutes"] = estimate_full_minutes(results)
+    results["markdown"] = markdown(results)
+    write_json_atomic(out / "results.json", results)
+    (out / "results.md").write_text(results["markdown"] + "\n")
+    return results
+
+
+def _signed(summary: dict, key: str = "auc") -> str:
+    lo, hi = summary[f"{key}_ci95"]
+    return f"{summary[key]:+.3f}" + ("" if lo is None else f" [{lo:+.3f}, {hi:+.3f}]")
+
+
+def _cell(summary: dict, key: str) -> str:
+    lo, hi = summary[f"{key}_ci95"]
+    return f"{summary[key]:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
+
+
+def _excludes_zero(ci) -> str:
+    return "—" if ci[0] is None else ("yes" if ci[0] > 0 or ci[1] < 0 else "no")
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"Classifiers on digits: {s['n_train']} training images, {s['steps']} steps; LDS over {s['n_heldout']} "
+             f"held-out queries, {s['subsets']} subsets at α = {s['fraction']}; {s['n_learn']} held-out learning "
+             f"queries; features {s['dim']}-dim margin gradients, `block` groups.", "",
+             "| model | params | method | kernel | weights | λ scale c | LDS (95% CI) | undefined | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in results["models"].items():
+        for r in m["rows"]:
+            c = "-" if not r.get("c") else f"{r['c']:g}"
+            lines.append(f"| {name} | {m['params']} | {r['method']} | {r['kernel']} | {r['weights']} | {c} | "
+                         f"{_fmt(r['lds'])} | {r['lds']['n_undefined']} | {r['seconds']} |")
+    lines += ["", "Paired LDS differences (per query; bootstrap 95% CI over queries):", "",
+              "| comparison | Δ LDS (95% CI) | CI excludes 0 |", "|---|---|---|"]
+    for m in results["models"].values():
+        for d in m["paired"]:
+            lines.append(f"| {d['comparison']} | {_fmt(d['delta'])} | {_excludes_zero(d['delta']['ci95'])} |")
+    frac = s["flip_fraction"]
+    lines += ["", f"Mislabel detection: {100 * frac:g}% of the training labels flipped; self-influence ranks the "
+              "training set (flipped = positive); bootstrap 95% CIs over training examples, paired for Δ.", "",
+              "| model | measurement | method | kernel | AUC uniform | AUC learned | Δ AUC (paired) | Δ excludes 0 | "
+              "top-10% found uniform | learned | Δ found (paired) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in results["models"].items():
+        for r in m["mislabel"]:
+            u, lw, d = r["scores"]["uniform"], r["scores"]["learned"], r["paired"]["learned - uniform"]
+            lines.append(f"| {name} | {r['measurement']} | {r['method']} | {r['kernel']} | {_cell(u, 'auc')} | "
+                         f"{_cell(lw, 'auc')} | "
+                         f"{_signed(d)} | {_excludes_zero(d['auc_ci95'])} | {_cell(u, 'top_found')} | "
+                         f"{_cell(lw, 'top_found')} | {_signed(d, 'top_found')} | {r['seconds']} |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()),
+              f"Wall: {results['wall_s']} s; estimated full run from these rates: "
+              f"{results.get('estimated_full_minutes')} min."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings (a few minutes)")
+    p.add_argument("--out", default=None, help="output directory (default bench_out/classifier[_quick])")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    s = apply_overrides(p, SETTINGS["quick" if args.quick else "full"], args.set)
+    out = args.out or ("bench_out/classifier_quick" if args.quick else "bench_out/classifier")
+    results = run_bench(out, s, progress=not args.no_progress)
+    print(results["markdown"])
+    print(f"\nresults: {Path(out) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""`gradtrace eval mislabel`: flip a seeded fraction of a classifier's training labels, train on them, and see how
+well each method's self-influence finds the flipped examples, with uniform and with learned group weights.
+
+Steps, each kept in OUT and reused by a rerun (resumable; every file written atomically):
+
+1. ``flips.json``: round(fraction·N) training examples drawn from a seeded generator, each given a class drawn
+   uniformly from the others (`gradtrace.evaluate.detection.flip_labels`);
+2. ``model/``: the run's recipe (model config, train config and seed) trained on the corrupted labels (saved in a
+   temp folder and renamed; a killed training resumes from ``.model.state``);
+3. ``features/train``: the training set featurized with the corrupted model *at the corrupted labels* (the margin
+   or loss of the label it was trained on); ``features/learn``: the learning queries, held-out labelled images
+   (never training examples) at their own labels;
+4. per method: λ scale c (a number, or "auto": SNR-best on the learning queries), per-group self-influence
+   c_j(x_n, x_n) (N, M), group weights learned on the learning queries (``weights/``, as `learn-weights`), and
+   τ_w(x_n, x_n) = Σ_j w_j c_j(x_n, x_n) for uniform and learned w;
+5. ``self_influence.npz`` (training ids, flipped, and each "METHOD/KERNEL/uniform|learned" score vector, in the
+   training store's row order) and ``mislabel.json``: ROC AUC (flipped = positive) and the fraction of the flipped found in the top 10%, with
+   bootstrap 95% CIs, and the paired learned − uniform differences, per method; and the manifest.
+
+The function boundary for other methods: `self_influence(inputs, method, kernel, c)` returns a
+`GroupSelfInfluence` (N, M); methods fitted on the feature store go through `store_self_influence`, and a method
+that computes its per-group self-influence another way (e.g. EK-FAC from the model) registers a provider with
+`register_self_influence(name, fn)`. Nothing here knows the kind of model: the adapter says which classes the
+model predicts (`classes`) and trains on other labels (`relabelled`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gradtrace.adapters import ModelAdapter
+from gradtrace.adapters.train_state import TrainState
+from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, store_identity
+from gradtrace.data.sources import Examples, dataset_source, open_dataset
+from gradtrace.errors import UserError
+from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, bilinear_self_influence, check_fraction, \
+    detection_table, flip_labels
+from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset
+from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
+from gradtrace.features.store import FeatureStore
+from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, process_alive, read_json, sha256_arrays,
+                          versions, write_json_atomic)
+from gradtrace.methods import KERNELS, FittedMethod, configure, get_method, known_methods
+from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, save_weights
+
+RESULT, MANIFEST, FLIPS, MODEL, SCORES = "mislabel.json", "manifest.json", "flips.json", "model", "self_influence.npz"
+FORMAT = "gradtrace-mislabel"
+DEFAULT_METHODS = "tracin,trak:shared,trak:per-group"
+OWN = {RESULT, MANIFEST, FLIPS, MODEL, SCORES, "features", "weights"}
+
+
+@dataclass
+class SelfInfluenceInputs:
+    """What a self-influence provider may use: the corrupted model, its feature stores and their examples."""
+
+    adapter: ModelAdapter
+    checkpoint: Path
+    train: FeatureStore
+    learn: FeatureStore
+    train_examples: Examples   # cond = the corrupted labels
+    learn_examples: Examples
+
+
+@dataclass
+class GroupSelfInfluence:
+    values: np.ndarray   # (N, M) float64: c_j(x_n, x_n) in the training store's row order
+    group_names: list[str]
+    info: dict
+    fitted: FittedMethod | None = None  # the bilinear method the weight learner scores the learning queries with
+
+
+Provider = Callable[[SelfInfluenceInputs, str, str, float, bool], GroupSelfInfluence]
+PROVIDERS: dict[str, Provider] = {}
+
+
+def register_self_influence(method: str, provider: Provider) -> None:
+    """Make `method` compute its per-group self-influence with `provider(inputs, method, kernel, c, progress)`."""
+    PROVIDERS[method] = provider
+
+
+def store_self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: float,
+                         progress: bool = False) -> GroupSelfInfluence:
+    """A bilinear method fitted on the training store: c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n)."""
+    fitted = fit_method(inputs.train, method, kernel=kernel, c=c, progress=progress)
+    values = bilinear_self_influence(fitted, inputs.train.features, progress=progress)
+    return GroupSelfInfluence(values, fitted.group_names, fitted.info, fitted)
+
+
+def self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: float,
+                   progress: bool = False) -> GroupSelfInfluence:
+    result = PROVIDERS.get(method, store_self_influence)(inputs, method, kernel, c, progress)
+    n, m = len(inputs.train.ids), len(inputs.train.group_names)
+    if result.values.shape != (n, m) or result.group_names != inputs.train.group_names:
+        raise ValueError(f"self-influence of {method} has shape {result.values.shape} for groups "
+                         f"{result.group_names}; expected ({n}, {m}) for {inputs.train.group_names}")
+    return result
+
+
+def parse_methods(text: str) -> list[tuple[str, str]]:
+    """'tracin,trak:shared,trak:per-group' → [(method, kernel)]; a method without λ gets kernel 'identity'."""
+    out = []
+    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+        name, _, kernel = item.partition(":")
+        if name not in known_methods() and name not in PROVIDERS:
+            raise UserError(f"--methods: unknown method {name!r}; use {', '.join(known_methods())}")
+        if name in PROVIDERS and name not in known_methods():
+            kernel = kernel or "per-group"  # the provider's own kernel kind, recorded as given
+        elif not get_method(name).uses_lambda:
+            kernel = "identity"
+        elif kernel not in KERNELS:
+            raise UserError(f"--methods: {name} needs a kernel, {name}:shared or {name}:per-group; got {item!r}")
+        if (name, kernel) in out:
+            raise UserError(f"--methods lists {item!r} twice")
+        out.append((name, kernel))
+    if not out:
+        raise UserError("--methods is empty; e.g. --methods tracin,trak:per-group")
+    return out
+
+
+def classes_of(recipe: Recipe) -> list[str]:
+    classes = recipe.adapter.classes(recipe.model_config)
+    if classes is None:
+        raise UserError(f"{recipe.run} is a {recipe.adapter.name} model without class labels; eval mislabel needs "
+                        "a classifier run (gradtrace train --adapter classifier ...)")
+    return classes
+
+
+def learning_source(recipe: Recipe, learning_data: str | None, learning_ids, num: int, seed: int):
+    """(source record, ids) of the learning queries: given ids, else `num` ids drawn (seeded) from the images of
+    the learning data; from the run's own dataset only ids it was not trained on."""
+    src = recipe.source
+    source = src if learning_data is None else dataset_source(learning_data, size=src.get("size"),
+                                                              seed=src.get("seed", 0))
+    same = source.get("spec") == src.get("spec")  # ids are stable across --n and --size
+    if learning_ids is not None:
+        ids = np.unique(np.asarray(learning_ids, dtype=np.int64))
+        if same and np.isin(ids, recipe.train_ids).any():
+            raise UserError(f"--learning-ids holds {int(np.isin(ids, recipe.train_ids).sum())} of the run's training "
+                            "ids; learning queries must be held-out images")
+        return source, ids
+    pool = np.asarray(open_dataset(source).ids, dtype=np.int64)
+    if same:
+        pool = np.setdiff1d(pool, recipe.train_ids)
+    if not len(pool):
+        raise UserError("the run trained on every image of its dataset, so none is held out for the learning "
+                        "queries; pass --learning-data with other labelled images (or --learning-ids)")
+    pick = np.random.default_rng(int(seed)).choice(len(pool), size=min(int(num), len(pool)), replace=False)
+    return source, np.sort(pool[pick])
+
+
+def open_workdir(out: Path, settings: dict) -> None:
+    """Write the work manifest, or check that the one in `out` was made with the same settings."""
+    path = out / MANIFEST
+    if path.exists():
+        old = read_json(path, "mislabel manifest")
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            raise UserError(f"{out} holds something other than a gradtrace mislabel evaluation; choose another --out")
+        if old.get("settings") != jsonable(settings):
+            key = next((k for k in settings if old["settings"].get(k) != jsonable(settings[k])), "?")
+            raise UserError(f"{out} holds a mislabel evaluation made with other settings ('{key}' differs); pass the "
+                            "same settings to resume, or a new --out")
+        return
+    if out.exists() and any(p.name not in OWN and not p.name.startswith(".") for p in out.iterdir()):
+        raise UserError(f"{out} exists and is not a mislabel evaluation; choose an empty or new --out")
+    write_json_atomic(path, {"format": FORMAT, "format_version": 1, "command": command_line(),
+                             "settings": jsonable(settings), "versions": versions()})
+
+
+def train_corrupted(recipe: Recipe, out: Path, noisy: np.ndarray, train_ids: np.ndarray, progress: bool) -> Path:
+    """Train the run's recipe on the corrupted labels into OUT/model (temp folder, then rename; resumable)."""
+    final = out / MODEL
+    for tmp in out.glob(".tmp-model-*"):  # left by a killed run (never reused)
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    if (final / "config.json").is_file():
+        return final
+    adapter = recipe.adapter
+    dataset = adapter.relabelled(recipe.model_config, load_run_dataset(recipe), train_ids, noisy)
+    cfg = adapter.train_config(recipe.train_config)
+    state = TrainState(out / ".model.state", {"run": recipe.fingerprint, "labels": sha256_arrays([noisy]),
+                                              "train_config": recipe.train_config})
+    model = adapter.train(recipe.model_config, dataset, cfg, ids=train_ids, progress=progress, resume=state)
+    tmp = out / f".tmp-model-{os.getpid()}"
+    adapter.save(tmp, model, train_config=cfg, dataset_info={**recipe.dataset, "labels": f"corrupted: {FLIPS}"},
+                 train_ids=train_ids, extra={"mislabel_of": recipe.run, "run_fingerprint": recipe.fingerprint,
+                                             "labels_sha256": sha256_arrays([noisy])})
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    state.clear()
+    return final
+
+
+def featurize_examples(adapter, checkpoint: Path, examples: Examples, out: Path, spec: FeatureSpec,
+                       progress: bool) -> FeatureStore:
+    ckpt = adapter.load(checkpoint)
+    featurizer, _ = featurizer_for(adapter, ckpt, spec)
+    provenance = {"command": command_line(), "checkpoint": str(checkpoint.resolve()), "adapter": adapter.name,
+                  "labels": "as given (eval mislabel)"}
+    return featurize(featurizer, examples.images, examples.ids, out, spec=spec, cond=examples.cond,
+                     model_fingerprint=ckpt.fingerprint, source=examples.source, provenance=provenance,
+                     progress=progress)
+
+
+def learned_group_weights(inputs: SelfInfluenceInputs, fitted: FittedMethod, path: Path, method: str, kernel: str,
+                          c: float, *, steps: int, guard: str, progress: bool) -> tuple[np.ndarray, dict]:
+    """Weights learned on the learning queries as `learn-weights` learns them (label-free objective, top-k =
+    min(10, N)), saved to `path`; (weights in group order, a record)."""
+    train, learn = inputs.train, inputs.learn
+    result = learn_weights(fitted, np.asarray(learn.features), k=min(DEFAULT_K, len(train.ids)), steps=steps,
+                           guard=guard, progress=progress)
+    kind = configure(method, kernel=kernel).kernel_kind if method in known_methods() else kernel
+    provenance = {"command": command_line(), "base_method": fitted.info, "method": method, "kernel": kind,
+                  "lambda_c": c,
+                  "train_store": str(train.path), "store": store_identity(train),
+                  "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
+                  "steps": result.info["steps"], "lr": result.info["lr"], "guard": result.info.get("guard"),
+                  "learning_queries": {"store": str(learn.path), **query_set_id(learn)},
+                  "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1], "learner": result.info}
+    save_weights(path, result, provenance)
+    w = np.asarray(result.weights, dtype=np.float64)
+    return w, {"path": str(path), "weights": dict(zip(result.group_names, w.tolist())), "guard": guard,
+               "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1]}
+
+
+def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods: str = DEFAULT_METHODS,
+                 feature_spec: FeatureSpec | None = None, learning_data: str | None = None, learning_ids=None,
+                 num_learning: int = 100, lambda_c="auto", learn_steps: int = DEFAULT_STEPS,
+                 guard: str = DEFAULT_GUARD, top_fraction: float = TOP_FRACTION, n_bootstrap: int = N_BOOTSTRAP,
+                 seed: int = 0, progress: bool = True) -> dict:
+    """Run (or resume) the evaluation into `out` and write mislabel.json; returns its document."""
+    start = time.perf_counter()
+    fraction, top_fraction = check_fraction(fraction), check_fraction(top_fraction, "--top-fraction")
+    entries = parse_methods(methods)
+    recipe = load_recipe(run)
+    classes = classes_of(recipe)
+    adapter = recipe.adapter
+    out = Path(out)
+    check_can_write(out)
+    spec = feature_spec or FeatureSpec(measurement=None)
+    if spec.measurement is None:  # the model's own default, recorded in the stores' spec
+        spec = replace(spec, measurement=adapter.default_measurement)
+    if spec.measurement not in adapter.measurements:
+        raise UserError(f"unknown measurement '{spec.measurement}' for {adapter.name} models; use one of "
+                        f"{', '.join(adapter.measurements)}")
+    train_ex = adapter.examples(recipe.model_config, recipe.source, ids=recipe.train_ids)
+    true = np.asarray(train_ex.cond, dtype=np.int64)
+    noisy, flipped = flip_labels(true, len(classes), fraction=fraction, seed=flip_seed)
+    l_source, l_ids = learning_source(recipe, learning_data, learning_ids, num_learning, flip_seed)
+    learn_ex = adapter.examples(recipe.model_config, l_source, ids=l_ids)
+    settings = {"run_fingerprint": recipe.fingerprint, "train_ids_sha256": sha256_arrays([train_ex.ids]),
+                "fraction": fraction, "flip_seed": int(flip_seed), "labels_sha256": sha256_arrays([noisy]),
+                "features": asdict(spec), "learning_source": l_source, "learning_ids_sha256": sha256_arrays([l_ids])}
+    open_workdir(out, settings)
+    if not (out / FLIPS).exists():
+        rows = np.flatnonzero(flipped)
+        write_json_atomic(out / FLIPS, {"fraction": fraction, "flip_seed": int(flip_seed), "classes": classes,
+                                        "flipped_ids": train_ex.ids[rows].tolist(), "true": true[rows].tolist(),
+                                        "noisy": noisy[rows].tolist()})
+    checkpoint = train_corrupted(recipe, out, noisy, train_ex.ids, progress)
+    noisy_ex = replace(train_ex, cond=noisy)
+    train = featurize_examples(adapter, checkpoint, noisy_ex, out / "features" / "train", spec, progress)
+    learn = featurize_examples(adapter, checkpoint, learn_ex, out / "features" / "learn", spec, progress)
+    inputs = SelfInfluenceInputs(adapter, checkpoint, train, learn, noisy_ex, learn_ex)
+    results, arrays = [], {"ids": np.asarray(train.ids), "flipped": flipped}
+    for method, kernel in entries:
+        t = time.perf_counter()
+        kernel_arg = "shared" if kernel == "identity" else kernel
+        c, grid = (0.0, None) if method not in known_methods() else \
+            resolve_learning_c(train, learn, method, kernel_arg, lambda_c, min(DEFAULT_K, len(train.ids)))
+        si = self_influence(inputs, method, kernel_arg, c, progress)
+        if si.fitted is None:
+            raise ValueError(f"the self-influence provider of {method} gives no fitted method to learn weights with")
+        w, w_info = learned_group_weights(inputs, si.fitted, out / "weights" / f"{method}-{kernel}.json", method,
+                                          kernel_arg, c, steps=learn_steps, guard=guard, progress=progress)
+        scores = {"uniform": si.values.sum(1), "learned": si.values @ w}
+        table = detection_table(scores, flipped, baseline="uniform", fraction=top_fraction, n_bootstrap=n_bootstrap,
+                                seed=seed, progress=progress)
+        arrays.update({f"{method}/{kernel}/{k}": v for k, v in scores.items()})
+        results.append({"method": method, "kernel": kernel, "c": c, "lambda_grid": grid, "fitted": si.info,
+                        "learned_weights": w_info, **table, "seconds": round(time.perf_counter() - t, 3)})
+    doc = {"manifest": {"format": FORMAT, "format_version": 1, "command": command_line(), "run": recipe.run,
+                        **jsonable(settings), "n_train": int(len(train_ex.ids)), "n_flipped": int(flipped.sum()),
+                        "n_learning": int(len(l_ids)), "measurement": train.settings["measurement"],
+                        "groups": train.group_names, "model": str(checkpoint.resolve()),
+                        "learn_steps": int(learn_steps), "guard": guard, "lambda_c": str(lambda_c),
+                        "versions": versions()},
+           "results": results, "scores_file": SCORES, "wall_s": round(time.perf_counter() - start, 3)}
+    with atomic_write(out / SCORES, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, **arrays)
+    write_json_atomic(out / RESULT, doc)
+    return doc
+
+
+def mislabel_table(doc: dict) -> str:
+    """Markdown: per method, AUC and top-fraction found (95% CI), uniform vs learned, and the paired difference."""
+    def cell(v, ci):
+        return f"{v:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+    def signed(v, ci):
+        return f"{v:+.3f}" + ("" if ci[0] is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+
+    pct = None
+    lines = []
+    for r in doc["results"]:
+        pct = f"{100 * r['top_fraction']:g}%"
+        u, lw, d = r["scores"]["uniform"], r["scores"]["learned"], r["paired"]["learned - uniform"]
+        lines.append(f"| {r['method']} | {r['kernel']} | {cell(u['auc'], u['auc_ci95'])} | "
+                     f"{cell(lw['auc'], lw['auc_ci95'])} | {signed(d['auc'], d['auc_ci95'])} | "
+                     f"{cell(u['top_found'], u['top_found_ci95'])} | {cell(lw['top_found'], lw['top_found_ci95'])} | "
+                     f"{signed(d['top_found'], d['top_found_ci95'])} |")
+    head = [f"| method | kernel | AUC uniform | AUC learned | Δ AUC (paired) | found in top {pct} uniform | "
+            f"learned | Δ (paired) |", "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(head + lines)

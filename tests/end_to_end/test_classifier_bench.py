@@ -1,0 +1,77 @@
+"""The classifier benchmark at its smallest (one model, tiny settings): every LDS and mislabel row is produced, and
+the TracIn rows equal an independent computation (each subset model's margin by a direct forward pass, scipy's
+Spearman; sklearn's AUC on the saved self-influence)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from gradtrace.adapters import get_adapter
+from gradtrace.data import load_dataset
+from gradtrace.features.store import FeatureStore
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+TINY = ["models=resnet", "n_train=60", "steps=15", "subsets=3", "n_heldout=6", "n_learn=6", "dim=64",
+        "learn_steps=5", "bootstrap=30", "mislabel_measurements=margin"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    sys.path.insert(0, str(BENCH))  # bench_classifier imports bench_lds's helpers, as `python bench/...` does
+    try:
+        spec = importlib.util.spec_from_file_location("bench_classifier", BENCH / "bench_classifier.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out = tmp_path_factory.mktemp("bench") / "classifier"
+        argv = ["--quick", "--out", str(out), "--no-progress"] + [a for kv in TINY for a in ("--set", kv)]
+        assert module.main(argv) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+    return out, module
+
+
+def test_rows_and_the_tracin_figures_match_an_independent_computation(bench):
+    out, module = bench
+    results = json.loads((out / "results.json").read_text())
+    m = results["models"]["resnet"]
+    assert [(r["method"], r["kernel"]) for r in m["rows"]] == [mk for mk in module.METHODS
+                                                              for _ in range(1 + len(module.GUARD_ROWS))]
+    assert [(r["method"], r["kernel"]) for r in m["mislabel"]] == module.METHODS
+    assert all(r["seconds"] >= 0 for r in m["rows"] + m["mislabel"])
+    assert results["estimated_full_minutes"] > 0
+    # LDS of uniform TracIn: Φ_q Φᵀ summed over each subset, against each subset model's margin on the query
+    root = out / "resnet"
+    train, held = FeatureStore.open(root / "features" / "train"), FeatureStore.open(root / "features" / "heldout")
+    scores = np.asarray(held.features, dtype=np.float64) @ np.asarray(train.features, dtype=np.float64).T
+    subsets = np.load(root / "retrain" / "subsets.npy")
+    mask = np.stack([np.isin(train.ids, s) for s in subsets]).astype(np.float64)
+    ds = load_dataset("digits").subset(held.ids)
+    labels = np.array([int(x["label"]) for x in ds.metadata])
+    margins = []
+    for path in sorted((root / "retrain" / "models").iterdir()):
+        with torch.no_grad():
+            p = torch.softmax(get_adapter("classifier").load(path).model(ds.images).double(), 1).numpy()
+        p = p[np.arange(len(labels)), labels]
+        margins.append(np.log(p / (1 - p)))
+    pred, margins = mask @ scores.T, np.array(margins)
+    per_q = np.array([spearmanr(pred[:, j], margins[:, j]).statistic for j in range(len(labels))])
+    row = m["rows"][0]
+    assert row["weights"] == "uniform" and row["lds"]["mean"] == pytest.approx(np.nanmean(per_q), rel=1e-6)
+    # mislabel: sklearn's AUC on the saved self-influence; uniform TracIn self-influence = ‖φ(x_n)‖² per group
+    z = np.load(root / "mislabel-margin" / "self_influence.npz")
+    phi = np.asarray(FeatureStore.open(root / "mislabel-margin" / "features" / "train").features, dtype=np.float64)
+    np.testing.assert_allclose(z["tracin/identity/uniform"], (phi ** 2).sum(1), rtol=1e-4)
+    for r in m["mislabel"]:
+        for name in ("uniform", "learned"):
+            assert r["scores"][name]["auc"] == pytest.approx(
+                roc_auc_score(z["flipped"], z[f"{r['method']}/{r['kernel']}/{name}"]), abs=1e-12)
