@@ -115,7 +115,7 @@ def sweep(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--refresh", default="exact", choices=["exact", "fast"])
+    parser.add_argument("--refresh", default="lazy", choices=["lazy", "exact", "fast"])
     parser.add_argument("--quick", action="store_true", help="a small smoke run (N=5000, Q=50, M=50)")
     parser.add_argument("--workdir", default=None, help="where the temporary Ψ memmap goes (default: system tmp)")
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)

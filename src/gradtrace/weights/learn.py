@@ -19,6 +19,7 @@ pulls towards uniform; k from 5 to 50 made no difference to recall.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,8 +37,11 @@ from gradtrace.weights.defaults import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DE
                                         DEFAULT_POOL, DEFAULT_REFRESH, DEFAULT_STEPS)
 from gradtrace.weights.guard import GUARDS, holdout_shrink
 from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
+from gradtrace.weights.lazy import LazyObjective
 from gradtrace.weights.pool import TRIGGERS
 from gradtrace.weights.scalable import ScalableObjective
+
+REFRESH_MODES = ("lazy",) + TRIGGERS
 
 
 @dataclass
@@ -81,8 +85,8 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
             "l2": _check_number(l2, "l2", positive=False), "seed": _check_int(seed, "seed", 0),
             "budget": _check_int(memory_budget_bytes, "memory_budget_bytes", 1),
             "pool_size": _check_int(pool_size, "pool_size", 1), "refresh": refresh}
-    if refresh not in TRIGGERS:
-        raise UserError(f"unknown refresh '{refresh}'; use one of: {', '.join(TRIGGERS)}")
+    if refresh not in REFRESH_MODES:
+        raise UserError(f"unknown refresh '{refresh}'; use one of: {', '.join(REFRESH_MODES)}")
     if guard not in GUARDS:
         raise UserError(f"unknown guard '{guard}'; use one of: {', '.join(GUARDS)}")
     start = time.perf_counter()
@@ -119,6 +123,8 @@ def _objective(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bo
         return (lambda w, last=False: snr_loss(contrib, w, k)), "dense"  # noqa: E731
     if opts["pool_size"] < k:
         raise UserError(f"pool_size = {opts['pool_size']} is smaller than k = {k}; pass pool_size >= k (e.g. 256)")
+    if opts["refresh"] == "lazy":
+        return LazyObjective(fitted, phi_q, k=k, pool_size=opts["pool_size"], progress=progress), "scalable"
     return ScalableObjective(fitted, phi_q, k=k, pool_size=opts["pool_size"], trigger=opts["refresh"],
                              progress=progress), "scalable"
 
@@ -142,12 +148,24 @@ def _learn(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool) 
     optimiser = torch.optim.AdamW([theta], lr=opts["lr"], weight_decay=0.0)
     curve: list[float] = []
     steps = opts["steps"]
-    loop = range(steps + 1)
-    if progress:
-        loop = tqdm(loop, desc="weights: learn", unit="step")
-    for step in loop:
+    bar = tqdm(total=steps + 1, desc="weights: learn", unit="step", disable=not progress)
+    saved: dict[int, tuple] = {}      # θ and optimizer state before each step, for a rollback
+    step = 0
+    while True:
+        if getattr(objective, "rollback", False) is not False:
+            saved[step] = (theta.detach().clone(), copy.deepcopy(optimiser.state_dict()))
         w = softmax_weights(theta)
         snr = objective(w, last=step == steps)
+        back = getattr(objective, "rollback", None)
+        if back is not None:          # the lazy objective found a missed row at step `back`: redo from there
+            with torch.no_grad():
+                theta.copy_(saved[back][0])
+            optimiser.load_state_dict(copy.deepcopy(saved[back][1]))
+            del curve[back:]
+            bar.update(back - step)
+            step = back
+            continue
+        bar.update(1)
         total = snr + opts["l2"] * torch.dot(w, w)
         curve.append(float(total.detach()))
         if step == 0:
@@ -158,8 +176,10 @@ def _learn(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool) 
         optimiser.zero_grad()
         total.backward()
         optimiser.step()
+        step += 1
+    bar.close()
     info["seconds"] = {"precompute": precompute, "steps": time.perf_counter() - start - precompute}
-    if isinstance(objective, ScalableObjective):
+    if isinstance(objective, (ScalableObjective, LazyObjective)):
         info["seconds"].update(objective.seconds)
         info["pool"] = objective.pool_info()
         info["memory_bytes"] = objective.memory_bytes()
