@@ -85,8 +85,11 @@ def test_lazy_path_stays_close_to_the_dense_reference():
     lazy = learn_weights(fitted, phi_q, memory_budget_bytes=1, pool_size=40, **kw)
     assert (dense.info["path"], lazy.info["path"]) == ("dense", "scalable")
     assert dense.weights[1] > 0.5                                  # it did move (towards the signal group)
-    np.testing.assert_allclose(lazy.weights, dense.weights, atol=1e-3)
-    assert lazy.info["final_loss"] == pytest.approx(dense.info["final_loss"], rel=1e-4)
+    assert lazy.info["pool"]["rollbacks"] >= 1                     # a miss was found and undone
+    assert lazy.info["pool"]["passes"] < 60 / 4
+    np.testing.assert_allclose(lazy.loss_curve, dense.loss_curve, rtol=1e-6)
+    np.testing.assert_allclose(lazy.weights, dense.weights, atol=1e-7)
+    assert lazy.info["final_loss"] == pytest.approx(dense.info["final_loss"], rel=1e-7)
     whole = learn_weights(fitted, phi_q, memory_budget_bytes=1, pool_size=10_000, **kw)  # every row in the pool
     assert whole.info["pool"]["passes"] == 1
     np.testing.assert_allclose(whole.loss_curve, dense.loss_curve, rtol=1e-6)

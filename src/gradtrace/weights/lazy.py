@@ -1,27 +1,29 @@
-"""The default scalable SNR objective: float32 kernels, per-query refresh schedule, exact final top-k.
+"""The default scalable SNR objective: float32 kernels, scheduled pool refreshes with rollback, exact end.
 
 Same objective as `snr_loss` on the dense contributions, never building Q × N × M:
 
 - noise: ‖τ_w(q, ·)‖² = wᵀ G_q w with G_q from S = ΨᵀΨ, computed once (`kernels`: float32 products
   summed in float64 per chunk; on CPU numpy's symmetric rank-k update). Per step one (Q·M, M) matvec,
   no pass over Ψ.
-- signal: the top-k of each query inside its candidate pool (its top-C rows at its last refresh, with
+- signal: the top-k of each query among its candidates: its pool (top-C rows at its last refresh, with
   their per-group contributions, as in `pool`). Pools are rebuilt by a streamed float32 pass
-  (`kernels.top_pass`, on the GPU when present) on a per-query schedule: a query is refreshed
-  `first_interval` steps after step 0; its interval doubles (up to `max_interval`) after a refresh
-  whose new top-k was already inside the old pool, and halves after one that brought in an outside row
-  (an "entrant"). A pass serves all queries due at that step.
-- the last step (the returned weights): every query is refreshed, the pool is certified to hold the
+  (`kernels.top_pass`, on the GPU when present) on a per-query schedule: first after `first_interval`
+  steps; the interval doubles (up to `max_interval`) after a refresh that found no miss and halves
+  (down to `MIN_INTERVAL`) after one that did; refresh steps are rounded up to multiples of half the
+  interval so that queries share passes.
+- misses are undone: at a refresh, each new-pool row the query could not see is scored at every step
+  since the query's last check (the weights and the k-th selected score of each step are kept). A row
+  above that step's k-th score (beyond float32 rounding) is a miss: the step's top-k was wrong. The
+  caller then rolls θ and the optimizer back to the first missed step (`rollback`) and replays with
+  the old and new pools as candidates, so every miss that reaches a refresh's pool is undone and the
+  trajectory is the dense path's. Not checked: a row that enters a query's top-k and falls out of its
+  top-C again between two refreshes (`refresh="exact"` proves every step instead, at many more passes).
+- the last step (the returned weights): every query is refreshed, its pool is certified to hold the
   top-k (the (C+1)-th pass score plus its float32 error bound is below the k-th pool score minus its
   error bound; otherwise that query gets a float64 pass over all rows), ties within the float32 error
-  are resolved in float64, and the top-k rows' contributions are recomputed in float64. So the final
-  top-k is the dense path's exactly (ties to the lower row index) and `final_loss` is the objective
-  at the returned weights.
-
-Between refreshes a row outside a query's pool that would have entered its top-k is missed; the
-trajectory then differs from the dense path's. `pool_info()` reports the entrants found at refreshes
-(the misses that were detected). `refresh="exact"` (`scalable`) proves every step instead, at about
-ten times the passes over Ψ (docs/benchmarks.md, "Weight learning at scale").
+  are resolved in float64 (lower row index first), and the top-k rows' contributions are recomputed
+  in float64. So the final top-k is the dense path's and `final_loss` is the objective at the
+  returned weights.
 """
 from __future__ import annotations
 
@@ -38,33 +40,37 @@ from gradtrace.weights.objective import ratio_loss
 from gradtrace.weights.pool import CandidatePool
 from gradtrace.weights.scalable import QuadraticNorm
 
-FIRST_INTERVAL = 8
-MAX_INTERVAL = 64
+FIRST_INTERVAL = 16
+MAX_INTERVAL = 128
+MIN_INTERVAL = 4
 MAX_ROLLBACKS = 32
 
 
 class LazyPool(CandidatePool):
-    """Candidate pools refreshed together on a schedule, misses found at refreshes undone, exact last step.
+    """Candidate pools refreshed on a per-query schedule, misses found at refreshes undone, exact last step.
 
     After `select`, `rollback` is None or the step the caller must resume from (restoring θ and the
-    optimizer as they were before that step); the pool has then already taken in the missed rows.
+    optimizer as they were before that step); the pools have then already taken in the missed rows.
     """
 
     def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, stats, source: PsiSource, *, size: int, k: int,
                  first_interval: int = FIRST_INTERVAL, max_interval: int = MAX_INTERVAL,
                  max_rollbacks: int = MAX_ROLLBACKS):
         super().__init__(fitted, phi_q, stats, size=size, k=k, trigger="lazy")
+        n_q = len(phi_q)
         self.source = source
         self.widths = np.diff(np.append(self.starts, fitted.dim))
-        self.interval, self.max_interval = int(first_interval), int(max_interval)
-        self.next, self.verified = 0, 0
+        self.interval = np.full(n_q, int(first_interval), dtype=np.int64)
+        self.max_interval = int(max_interval)
+        self.next = np.zeros(n_q, dtype=np.int64)        # step of the query's next refresh
+        self.verified = np.zeros(n_q, dtype=np.int64)    # steps before this were checked at a refresh
         self.max_rollbacks = int(max_rollbacks)
         self.rollback: int | None = None
         self.rollbacks = self.misses = self.unresolved = self.float64_fallbacks = 0
-        self.extra_idx: np.ndarray | None = None        # (Q, E) rows of the previous pool kept after a rollback
-        self.extra_contrib: np.ndarray | None = None
+        self.extra_idx = np.full((n_q, 0), -1, dtype=np.int64)   # old pool rows kept after a rollback (−1: none)
+        self.extra_contrib = np.zeros((n_q, 0, fitted.n_groups), dtype=np.float32)
         self.w_hist: dict[int, np.ndarray] = {}
-        self.kth_hist: dict[int, np.ndarray] = {}      # k-th selected pool score per query, per step
+        self.kth_hist: dict[int, np.ndarray] = {}      # k-th selected candidate score per query, per step
         self.final_rows: np.ndarray | None = None      # (Q, k) training rows of the last step's top-k
         self.final_contrib: np.ndarray | None = None   # (Q, k, M) float64, their contributions
 
@@ -73,19 +79,19 @@ class LazyPool(CandidatePool):
         """Top-k positions (Q, k) into `candidates()` under `w`; None when the caller must roll back."""
         t, self.rollback = self.step, None
         self.w_hist[t] = w
-        due = self.passes == 0 if self.complete else (last or t >= self.next or self.passes == 0)
-        if due:
-            miss = self.refresh_all(w)
+        n_q = len(self.t)
+        if self.complete:
+            due = np.arange(n_q) if self.passes == 0 else np.empty(0, dtype=np.int64)
+        else:
+            due = np.arange(n_q) if (last or self.passes == 0) else np.flatnonzero(self.next <= t)
+        if len(due):
+            miss = self.refresh(due, w)
             if miss is not None and self.rollbacks < self.max_rollbacks:
                 self.rollbacks += 1
-                self.interval = max(1, self.interval // 2)
-                self.next = t + self.interval
-                self.verified = self.step = self.rollback = miss
+                self.verified = np.minimum(self.verified, miss)
+                self.step = self.rollback = miss
                 return None
             self.unresolved += miss is not None
-            if miss is None and self.passes > 1:
-                self.interval = min(2 * self.interval, self.max_interval)
-            self.next, self.verified = t + self.interval, t
         self.step = t + 1
         if last:
             return self.exact_final(w)
@@ -95,15 +101,15 @@ class LazyPool(CandidatePool):
         return pos
 
     def candidates(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows (Q, C'), contributions (Q, C', M)): the pool, plus the previous pool's rows after a rollback."""
-        if self.extra_idx is None:
+        """(rows (Q, C'), contributions (Q, C', M)): the pool, plus old pool rows kept after a rollback."""
+        if self.extra_idx.shape[1] == 0:
             return self.idx, self.contrib
         return (np.concatenate([self.idx, self.extra_idx], axis=1),
                 np.concatenate([self.contrib, self.extra_contrib], axis=1))
 
     def candidate_scores(self, w: np.ndarray) -> np.ndarray:
         scores = self.pool_scores(w)
-        if self.extra_idx is None:
+        if self.extra_idx.shape[1] == 0:
             return scores
         extra = (self.extra_contrib.reshape(-1, self.extra_contrib.shape[-1]) @ w.astype(np.float32))
         extra = np.where(self.extra_idx >= 0, extra.reshape(self.extra_idx.shape), -np.inf)
@@ -114,55 +120,83 @@ class LazyPool(CandidatePool):
         return (c.reshape(-1, c.shape[-1]) @ w.astype(np.float32)).reshape(c.shape[:2])
 
     # ---- refresh -----------------------------------------------------------------------------------
-    def refresh_all(self, w: np.ndarray) -> int | None:
-        """Rebuild every pool under `w` (one float32 pass) and check the steps since the last check.
+    def refresh(self, rows: np.ndarray, w: np.ndarray) -> int | None:
+        """Rebuild the pools of queries `rows` under `w` (one float32 pass) and check their steps since
+        their last check. Returns the first step with a miss (then those queries keep their old pool's
+        rows as extra candidates until their next refresh) or None.
 
-        A miss: a row of the new pool that the step could not see (outside its candidates) scoring above
-        the k-th score that step selected, beyond float32 rounding. Returns the first step with a miss
-        (the previous pools' rows then stay candidates until the next refresh) or None.
+        A miss: a row of the new pool that the query's step could not see (outside its candidates)
+        scoring above the k-th score that step selected, beyond float32 rounding.
         """
-        n_q = len(self.t)
-        rows = np.arange(n_q)
         take = min(self.size + 1, self.fitted.n_train)
-        idx, top = top_pass(self.source, self.phi_q * np.repeat(w, self.widths), take)
+        idx, top = top_pass(self.source, self.phi_q[rows] * np.repeat(w, self.widths), take)
         new = idx[:, : self.size]
         if self.complete:
-            t = np.full(n_q, -np.inf)
+            t = np.full(len(rows), -np.inf)
         else:
-            t = top[:, self.size].astype(np.float64) + self.eps_rel * (self.a @ w)
-        seen = np.isfinite(self.t)
+            t = top[:, self.size].astype(np.float64) + self.eps_rel * (self.a[rows] @ w)
+        seen = np.isfinite(self.t[rows])
         contrib, _ = self._new_contributions(rows, new, reuse=seen)
-        miss = self._first_miss(new, contrib) if seen.all() else None
-        old_idx, old_contrib = self.idx.copy(), self.contrib.copy() if miss is not None else None
-        self.contrib[:], self.idx[:], self.base_w[:], self.t[:] = contrib, new, w, t
-        self.extra_idx = self.extra_contrib = None
-        if miss is not None:   # keep the old pool's other rows as candidates for the replay
-            keep = ~_isin_rows(old_idx, new)
-            width = max(1, int(keep.sum(axis=1).max()))
-            order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
-            self.extra_idx = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(old_idx, order, 1), -1)
-            self.extra_contrib = np.take_along_axis(old_contrib, order[:, :, None], axis=1)
+        missed = self._first_miss(rows, new, contrib, self.step)     # (len(rows),) first missed step or −1
+        old_idx, old_contrib = self.idx[rows], self.contrib[rows]
+        self.contrib[rows], self.idx[rows], self.base_w[rows], self.t[rows] = contrib, new, w, t
         self.passes += 1
-        self.queries_refreshed += n_q
-        return miss
+        self.queries_refreshed += len(rows)
+        hit = missed >= 0
+        self.misses += int(hit.sum())
+        grow = np.where(hit, np.maximum(MIN_INTERVAL, self.interval[rows] // 2),
+                        np.where(seen, np.minimum(2 * self.interval[rows], self.max_interval), self.interval[rows]))
+        self.interval[rows] = grow
+        half = np.maximum(1, grow // 2)       # rounded up to half-interval multiples, so that queries share passes
+        self.next[rows] = -(-(self.step + grow) // half) * half
+        if not hit.any() or self.rollbacks >= self.max_rollbacks:
+            self.verified[rows] = self.step
+            self._set_extras(rows, np.full((len(rows), 0), -1, dtype=np.int64), None)
+            return None if not hit.any() else int(missed[hit].min())
+        # rolling back: these queries replay with their old pool's rows as extra candidates
+        keep = ~_isin_rows(old_idx, new)
+        self._set_extras(rows, np.where(keep, old_idx, -1), old_contrib)
+        return int(missed[hit].min())
 
-    def _first_miss(self, new: np.ndarray, contrib: np.ndarray) -> int | None:
-        steps = [s for s in range(self.verified, self.step) if s in self.kth_hist]
+    def _set_extras(self, rows: np.ndarray, extra_idx: np.ndarray, extra_contrib: np.ndarray | None) -> None:
+        """Replace the extra candidates of `rows`; columns stay packed to the widest query."""
+        all_idx, all_contrib = self.extra_idx, self.extra_contrib
+        width = max(all_idx.shape[1], extra_idx.shape[1])
+        pad_idx = np.full((len(self.t), width), -1, dtype=np.int64)
+        pad_contrib = np.zeros((len(self.t), width, all_contrib.shape[2]), dtype=np.float32)
+        pad_idx[:, : all_idx.shape[1]], pad_contrib[:, : all_idx.shape[1]] = all_idx, all_contrib
+        pad_idx[rows] = -1
+        pad_idx[rows, : extra_idx.shape[1]] = extra_idx
+        if extra_contrib is not None:
+            pad_contrib[rows, : extra_idx.shape[1]] = extra_contrib
+        valid = pad_idx >= 0
+        width = int(valid.sum(axis=1).max(initial=0))
+        order = np.argsort(~valid, axis=1, kind="stable")[:, :width]
+        self.extra_idx = np.take_along_axis(pad_idx, order, axis=1)
+        self.extra_contrib = np.take_along_axis(pad_contrib, order[:, :, None], axis=1)
+
+    def _first_miss(self, rows: np.ndarray, new: np.ndarray, contrib: np.ndarray, now: int) -> np.ndarray:
+        out = np.full(len(rows), -1, dtype=np.int64)
+        start = int(self.verified[rows].min(initial=now))
+        steps = [s for s in range(start, now) if s in self.kth_hist]
         if not steps:
-            return None
-        seen_rows, _ = self.candidates()
-        outside = ~_isin_rows(new, seen_rows)                         # (Q, C) new rows no step could see
+            return out
+        cand_idx, _ = self.candidates()
+        outside = ~_isin_rows(new, cand_idx[rows])                   # new pool rows the steps could not see
         qi, ci = np.nonzero(outside)
         if len(qi) == 0:
-            return None
+            return out
         w = np.stack([self.w_hist[s] for s in steps], axis=1)          # (M, T)
         score = contrib[qi, ci].astype(np.float64) @ w                 # (P, T)
-        kth = np.stack([self.kth_hist[s] for s in steps], axis=1)[qi]  # (P, T)
-        err = (self.eps_rel * (self.a @ w))[qi]
-        hit = score > kth + 2 * err
-        self.misses += int(hit.any(axis=1).sum())
-        cols = np.flatnonzero(hit.any(axis=0))
-        return steps[int(cols[0])] if len(cols) else None
+        kth = np.stack([self.kth_hist[s][rows] for s in steps], axis=1)[qi]
+        err = (self.eps_rel * (self.a[rows] @ w))[qi]
+        hit = (score > kth + 2 * err) & (np.array(steps)[None, :] >= self.verified[rows][qi][:, None])
+        first = np.where(hit.any(axis=1), np.argmax(hit, axis=1), len(steps))
+        per_query = np.full(len(rows), len(steps))
+        np.minimum.at(per_query, qi, first)
+        found = per_query < len(steps)
+        out[found] = np.array(steps)[per_query[found]]
+        return out
 
     # ---- the exact last step ----------------------------------------------------------------------
     def exact_final(self, w: np.ndarray) -> np.ndarray:
