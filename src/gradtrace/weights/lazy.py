@@ -8,9 +8,10 @@ Same objective as `snr_loss` on the dense contributions, never building Q Ã— N Ã
 - signal: the top-k of each query among its candidates: its pool (top-C rows at its last refresh, with
   their per-group contributions, as in `pool`). Pools are rebuilt by a streamed float32 pass
   (`kernels.top_pass`, on the GPU when present) on a per-query schedule: first after `first_interval`
-  steps; the interval doubles (up to `max_interval`) after a refresh that found no miss and halves
-  (down to `MIN_INTERVAL`) after one that did; refresh steps are rounded up to multiples of half the
-  interval so that queries share passes.
+  steps; the interval doubles (up to `max_interval`) after a refresh that found no miss and stays after
+  one that did; refresh steps are rounded up to multiples of half the interval so that queries share
+  passes (with the defaults 32 and 128 a query without misses is refreshed at steps 0, 32, 96 and at
+  the last step).
 - misses are undone: at a refresh, each new-pool row the query could not see is scored at every step
   since the query's last check (the weights and the k-th selected score of each step are kept). A row
   above that step's k-th score (beyond float32 rounding) is a miss: the step's top-k was wrong. The
@@ -40,9 +41,8 @@ from gradtrace.weights.objective import ratio_loss
 from gradtrace.weights.pool import CandidatePool
 from gradtrace.weights.scalable import QuadraticNorm
 
-FIRST_INTERVAL = 16
+FIRST_INTERVAL = 32
 MAX_INTERVAL = 128
-MIN_INTERVAL = 4
 MAX_ROLLBACKS = 32
 
 
@@ -54,14 +54,14 @@ class LazyPool(CandidatePool):
     """
 
     def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, stats, source: PsiSource, *, size: int, k: int,
-                 first_interval: int = FIRST_INTERVAL, max_interval: int = MAX_INTERVAL,
+                 first_interval: int | None = None, max_interval: int | None = None,
                  max_rollbacks: int = MAX_ROLLBACKS):
         super().__init__(fitted, phi_q, stats, size=size, k=k, trigger="lazy")
         n_q = len(phi_q)
         self.source = source
         self.widths = np.diff(np.append(self.starts, fitted.dim))
-        self.interval = np.full(n_q, int(first_interval), dtype=np.int64)
-        self.max_interval = int(max_interval)
+        self.interval = np.full(n_q, int(first_interval or FIRST_INTERVAL), dtype=np.int64)
+        self.max_interval = int(max_interval or MAX_INTERVAL)
         self.next = np.zeros(n_q, dtype=np.int64)        # step of the query's next refresh
         self.verified = np.zeros(n_q, dtype=np.int64)    # steps before this were checked at a refresh
         self.max_rollbacks = int(max_rollbacks)
@@ -107,6 +107,17 @@ class LazyPool(CandidatePool):
         return (np.concatenate([self.idx, self.extra_idx], axis=1),
                 np.concatenate([self.contrib, self.extra_contrib], axis=1))
 
+    def gather(self, pos: np.ndarray) -> np.ndarray:
+        """Contributions (Q, k, M) float32 of the candidates at positions `pos` (Q, k) from `select`."""
+        rows = np.arange(len(pos))[:, None]
+        c = self.size
+        out = self.contrib[rows, np.minimum(pos, c - 1)]
+        extra = pos >= c
+        if extra.any():
+            qi, ki = np.nonzero(extra)
+            out[qi, ki] = self.extra_contrib[qi, pos[qi, ki] - c]
+        return out
+
     def candidate_scores(self, w: np.ndarray) -> np.ndarray:
         scores = self.pool_scores(w)
         if self.extra_idx.shape[1] == 0:
@@ -144,8 +155,8 @@ class LazyPool(CandidatePool):
         self.queries_refreshed += len(rows)
         hit = missed >= 0
         self.misses += int(hit.sum())
-        grow = np.where(hit, np.maximum(MIN_INTERVAL, self.interval[rows] // 2),
-                        np.where(seen, np.minimum(2 * self.interval[rows], self.max_interval), self.interval[rows]))
+        # a miss is undone by the rollback, so it keeps the interval (halving it cost more passes than it saved)
+        grow = np.where(seen & ~hit, np.minimum(2 * self.interval[rows], self.max_interval), self.interval[rows])
         self.interval[rows] = grow
         half = np.maximum(1, grow // 2)       # rounded up to half-interval multiples, so that queries share passes
         self.next[rows] = -(-(self.step + grow) // half) * half
@@ -256,7 +267,7 @@ class LazyObjective:
     """Callable w (M,) float64 tensor -> mean_q L(w; q); exact at `last=True` (see module docstring)."""
 
     def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, *, k: int, pool_size: int,
-                 first_interval: int = FIRST_INTERVAL, max_interval: int = MAX_INTERVAL,
+                 first_interval: int | None = None, max_interval: int | None = None,
                  device: str | torch.device | None = None, progress: bool = False):
         self.device = pick_device(device)
         self.source = PsiSource(fitted.psi, self.device)
@@ -268,7 +279,6 @@ class LazyObjective:
         self.seconds["query_grams"] = time.perf_counter() - start
         self.pool = LazyPool(fitted, phi_q, self.stats, self.source, size=pool_size, k=k,
                              first_interval=first_interval, max_interval=max_interval)
-        self.rows = np.arange(phi_q.shape[0])[:, None]
 
     def __call__(self, w: torch.Tensor, *, last: bool = False) -> torch.Tensor:
         pos = self.pool.select(w.detach().cpu().numpy().astype(np.float64), last=last)
@@ -277,7 +287,7 @@ class LazyObjective:
         if last:
             top = torch.from_numpy(self.pool.final_contrib)
         else:
-            top = torch.from_numpy(self.pool.candidates()[1][self.rows, pos].astype(np.float64))   # (Q, k, M)
+            top = torch.from_numpy(self.pool.gather(pos).astype(np.float64))   # (Q, k, M)
         signal = (top @ w).mean(dim=1)
         return ratio_loss(signal, QuadraticNorm.apply(w, self.grams))
 

@@ -6,12 +6,14 @@ AdamW on θ (weight_decay 0: the only regulariser is the λ‖w‖² term above)
 all learning queries. Two equivalent evaluations of mean_q L:
 
 - "dense": the (Q, N, M) float64 contribution tensor and `snr_loss`, when Q·N·M·8 bytes fit the budget;
-- "scalable": G_q from S = ΨᵀΨ for the noise, candidate pools for the signal (see `pool`), never
-  building Q × N × M. With refresh="exact" it selects the same top-k as the dense path at every step
-  (same loss curve up to float32 rounding of the pool contributions); refresh="fast" is approximate
-  between pool rebuilds and exact at the returned weights.
+- "scalable": G_q from S = ΨᵀΨ for the noise, candidate pools for the signal, never building
+  Q × N × M. refresh="lazy" (default, `lazy`): float32 passes on a per-query schedule, misses found
+  at a refresh undone by rolling θ and the optimizer back, exact final top-k. refresh="exact"
+  (`pool`) selects the same top-k as the dense path at every step, proven by a bound (same loss curve
+  up to float32 rounding), at many more passes; refresh="fast" is approximate between pool rebuilds
+  and exact at the returned weights.
 
-Defaults: k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "exact", memory budget
+Defaults: k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "lazy", memory budget
 64 MiB. From the planted-signal sweep (docs/benchmarks.md, "Weight learning at scale"): held-out recall
 of the planted rows saturates once lr·steps ≳ 1.5 and the objective settles at lr·steps ≈ 5; lr = 0.05 with
 200 steps gives twice that; larger lr (0.3) gets there faster but its weights wander afterwards; l2 only
@@ -68,8 +70,8 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
 
     `query_features` (Q, dim) are the learning queries' features in the fitted method's layout. The
     dense path is used when Q·N·M·8 bytes ≤ `memory_budget_bytes`, else the scalable path with
-    `pool_size` candidates per query and `refresh` "exact" (default; rigorous) or "fast" (approximate,
-    see `gradtrace.weights.pool`). `guard` "holdout" shrinks the weights towards uniform as far as their gain
+    `pool_size` candidates per query and `refresh` "lazy" (default, `gradtrace.weights.lazy`), "exact"
+    (every step proven, `gradtrace.weights.pool`) or "fast" (approximate between rebuilds). `guard` "holdout" shrinks the weights towards uniform as far as their gain
     does not carry over to held-out learning queries (`gradtrace.weights.guard`); "none" returns them as
     learned. Deterministic for given inputs and `seed`.
     """
