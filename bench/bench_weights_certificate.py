@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.weights import learn_weights
-from gradtrace.weights import lazy
+from gradtrace.weights import lazy, learn_weights
 from gradtrace.weights.pool import CandidatePool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_weights_scale as scale  # noqa: E402
+import bench_weights_scale as scale
 
 
 def main() -> None:

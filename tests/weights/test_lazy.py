@@ -7,7 +7,12 @@ import torch
 
 from gradtrace.methods import FittedMethod
 from gradtrace.weights import learn_weights
-from gradtrace.weights.kernels import PsiSource, psi_stats_fast, query_grams_fast, top_pass
+from gradtrace.weights.kernels import (
+    PsiSource,
+    psi_stats_fast,
+    query_grams_fast,
+    top_pass,
+)
 from gradtrace.weights.noise import query_grams
 
 SLICES = [("a", 0, 3), ("b", 3, 10), ("c", 10, 14), ("d", 14, 22)]
@@ -80,7 +85,7 @@ def test_default_path_is_lazy_and_its_end_is_exact():
 def test_lazy_path_stays_close_to_the_dense_reference():
     phi_q, psi = planted(n=800, n_q=10, seed=6)
     fitted = FittedMethod(psi=psi, group_slices=SLICES, info={})
-    kw = dict(k=5, steps=60, lr=0.1, l2=0.01, progress=False)
+    kw = {"k": 5, "steps": 60, "lr": 0.1, "l2": 0.01, "progress": False}
     dense = learn_weights(fitted, phi_q, **kw)
     lazy = learn_weights(fitted, phi_q, memory_budget_bytes=1, pool_size=40, **kw)
     assert (dense.info["path"], lazy.info["path"]) == ("dense", "scalable")
