@@ -1,12 +1,15 @@
 """Weight learning at scale, and the sweep behind the learner's defaults.
 
-    .venv/bin/python bench/bench_weights_scale.py                 # N=100k, Q=1000, M=200, k=2048; defaults
-    .venv/bin/python bench/bench_weights_scale.py --refresh fast  # the approximate pool refresh
+    .venv/bin/python bench/bench_weights_scale.py                 # N=100k, Q=1000, M=200, k=2048: old vs new
+    .venv/bin/python bench/bench_weights_scale.py --refresh lazy  # the new (default) path only
+    .venv/bin/python bench/bench_weights_scale.py --scaling       # the new path at 3 sizes each of N, Q, M
     .venv/bin/python bench/bench_weights_scale.py --sweep         # recall of planted items vs lr / steps / l2 / k
 
 The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and learns
-in a fresh one, so the reported peak RSS (ru_maxrss) is the learner's own (it includes the pages of Ψ
-it touched). Results are printed as markdown for docs/benchmarks.md.
+in a fresh one per refresh mode, one after the other (so their ratio is measured under the same load),
+so the reported peak RSS (ru_maxrss) is the learner's own (it includes the pages of Ψ it touched). The
+last columns compare each run with the first (by default the old exact path): largest weight difference
+and the number of queries whose top-10 at the learned weights is the same set. Results are printed as markdown for docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -52,36 +55,68 @@ def learn(workdir: Path, refresh: str) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = usage.ru_maxrss * 1024  # Linux reports KiB
     planted = np.load(workdir / "planted.npy")
+    top, _ = fitted.topk(queries, 10, weights=result.weights)
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": peak,
-            "info": result.info, "w_signal": float(result.weights[0]),
+            "info": result.info, "w_signal": float(result.weights[0]), "weights": result.weights.tolist(),
+            "top10": top.tolist(),
             "recall_uniform": planted_recall(fitted, queries, planted, None, 10),
-            "recall_learned": planted_recall(fitted, queries, planted, result.weights, 10)}
+            "recall_learned": float(np.mean([np.isin(p, t).mean() for p, t in zip(planted, top)]))}
+
+
+HEADER = ("| N | Q | M | refresh | wall s (CPU s) | precompute s (ΨᵀΨ / G) | steps s | passes (query refreshes) | "
+          "misses undone (rollbacks) | peak RSS GB | final loss | max abs Δw vs first row | top-10 same as first row | "
+          "w_signal | recall@10 uniform → learned |")
+
+
+def run_spec(spec: dict, refreshes: list[str], workdir: str | None, quick: bool) -> list[dict]:
+    """Generate the planted problem `spec` in one subprocess, then learn in a fresh one per refresh mode."""
+    out = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        me = [sys.executable, __file__, "--spec", json.dumps(spec)]
+        t0 = time.perf_counter()
+        subprocess.run(me + ["--generate", tmp], check=True)
+        print(f"generated {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        for refresh in refreshes:
+            load = os.getloadavg()[0]
+            r = json.loads(subprocess.run(me + ["--learn", tmp, "--refresh", refresh], check=True,
+                                          capture_output=True, text=True).stdout)
+            r["refresh"], r["load_before"], r["load_after"] = refresh, load, os.getloadavg()[0]
+            out.append(r)
+            print(row(r, out[0]), flush=True)
+    return out
+
+
+def row(r: dict, first: dict) -> str:
+    info, sec, pool = r["info"], r["info"]["seconds"], r["info"].get("pool", {})
+    misses = (f"{pool.get('misses_found')} ({pool.get('rollbacks')})" if "rollbacks" in pool else "– (proved)")
+    dw = np.abs(np.asarray(r["weights"]) - np.asarray(first["weights"])).max()
+    same = sum(set(a) == set(b) for a, b in zip(r["top10"], first["top10"]))
+    return (f"| {info['N']} | {info['Q']} | {info['M']} | {r['refresh']} | {r['wall_s']:.1f} ({r['cpu_s']:.1f}) | "
+            f"{sec['precompute']:.1f} ({sec.get('psi_gram', 0):.1f} / {sec.get('query_grams', 0):.1f}) | "
+            f"{sec['steps']:.1f} | {pool.get('passes')} ({pool.get('queries_refreshed')}) | {misses} | "
+            f"{r['peak_rss_bytes'] / 1e9:.2f} | {info['final_loss']:.8f} | {dw:.1e} | {same}/{len(r['top10'])} | "
+            f"{r['w_signal']:.3f} | {r['recall_uniform']:.3f} → {r['recall_learned']:.3f} |")
+
+
+SCALING = [dict(SCALE, n_train=n, n_queries=q, n_groups=m) for n, q, m in
+           [(25_000, 250, 200), (50_000, 250, 200), (100_000, 250, 200),      # N
+            (25_000, 500, 200), (25_000, 1000, 200),                        # Q (with the first)
+            (25_000, 250, 50), (25_000, 250, 100)]]                         # M (with the first)
 
 
 def scale(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        me = [sys.executable, __file__] + (["--quick"] if args.quick else [])
-        t0 = time.perf_counter()
-        subprocess.run(me + ["--generate", tmp], check=True)
-        print(f"generated the planted problem in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        load_before = os.getloadavg()
-        out = subprocess.run(me + ["--learn", tmp, "--refresh", args.refresh], check=True, capture_output=True,
-                             text=True).stdout
-        load_after = os.getloadavg()
-    r = json.loads(out)
-    info, sec, pool = r["info"], r["info"]["seconds"], r["info"].get("pool", {})
-    print("| N | Q | M | k (features) | refresh | path | wall s (CPU s) | precompute s (ΨᵀΨ / G) | steps s | "
-          "passes (query refreshes) | entrants | peak RSS GB | w_signal | recall@10 uniform → learned |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {info['N']} | {info['Q']} | {info['M']} | {(QUICK if args.quick else SCALE)['dim']} | {args.refresh} | {info['path']} | "
-          f"{r['wall_s']:.1f} ({r['cpu_s']:.1f}) | {sec['precompute']:.1f} "
-          f"({sec.get('psi_gram', 0):.1f} / {sec.get('query_grams', 0):.1f}) | {sec['steps']:.1f} | "
-          f"{pool.get('passes')} ({pool.get('queries_refreshed')}) | "
-          f"{pool.get('entrants_at_refresh')} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['w_signal']:.3f} | "
-          f"{r['recall_uniform']:.3f} → {r['recall_learned']:.3f} |")
-    print(f"\nfinal loss {info['final_loss']:.5f}, uniform loss {info['uniform_loss']:.5f}, steps {info['steps']}, "
-          f"lr {info['lr']}, l2 {info['l2']}, k {info['k']}; 1-min load average before/after the learning run: "
-          f"{load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
+    specs = [QUICK] if args.quick else (SCALING if args.scaling else [SCALE])
+    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {os.cpu_count()} cores, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" |"))
+    results = [run_spec(spec, args.refresh, args.workdir, args.quick) for spec in specs]
+    for runs in results:
+        for r in runs:
+            info = r["info"]
+            print(f"N={info['N']} Q={info['Q']} M={info['M']} {r['refresh']}: uniform loss {info['uniform_loss']:.8f}, "
+                  f"1-min load average {r['load_before']:.1f} → {r['load_after']:.1f}, pool {info.get('pool')}")
+    print(f"finished {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
@@ -115,16 +150,19 @@ def sweep(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--refresh", default="exact", choices=["exact", "fast"])
+    parser.add_argument("--refresh", nargs="+", default=["exact", "lazy"], choices=["lazy", "exact", "fast"],
+                        help="refresh modes to learn with, in this order, on the same problem (default: old, new)")
+    parser.add_argument("--scaling", action="store_true", help="the lazy path on three sizes each of N, Q and M")
+    parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (N=5000, Q=50, M=50)")
     parser.add_argument("--workdir", default=None, help="where the temporary Ψ memmap goes (default: system tmp)")
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--learn", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
-        generate(Path(args.generate), QUICK if args.quick else SCALE)
+        generate(Path(args.generate), json.loads(args.spec))
     elif args.learn:
-        print(json.dumps(learn(Path(args.learn), args.refresh), default=float))
+        print(json.dumps(learn(Path(args.learn), args.refresh[0]), default=float))
     elif args.sweep:
         sweep(args)
     else:

@@ -144,7 +144,7 @@ def test_scalable_path_equals_dense_path():
     fitted = fitted_of(psi)
     dense = learn_weights(fitted, phi_q, k=5, steps=40, lr=0.1, l2=0.01, progress=False)
     scal = learn_weights(fitted, phi_q, k=5, steps=40, lr=0.1, l2=0.01, progress=False,
-                         memory_budget_bytes=1, pool_size=15)
+                         memory_budget_bytes=1, pool_size=15, refresh="exact")
     assert (dense.info["path"], scal.info["path"]) == ("dense", "scalable")
     assert scal.info["pool"]["passes"] > 3 and scal.info["pool"]["queries_refreshed"] > 2 * 10  # refreshes happened
     np.testing.assert_allclose(scal.loss_curve, dense.loss_curve, rtol=1e-5)

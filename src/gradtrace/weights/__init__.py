@@ -5,7 +5,7 @@
     save_weights("weights.json", result, provenance={...}); w, doc = load_weights("weights.json", names)
     best_c, table = choose_lambda_scale(train_features, group_slices, learning_query_features)
 
-Defaults (k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "exact", memory budget
+Defaults (k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "lazy", memory budget
 64 MiB) come from the sweep in docs/benchmarks.md ("Weight learning at scale").
 """
 from gradtrace.weights.artefact import load_weights, save_weights

@@ -6,12 +6,14 @@ AdamW on θ (weight_decay 0: the only regulariser is the λ‖w‖² term above)
 all learning queries. Two equivalent evaluations of mean_q L:
 
 - "dense": the (Q, N, M) float64 contribution tensor and `snr_loss`, when Q·N·M·8 bytes fit the budget;
-- "scalable": G_q from S = ΨᵀΨ for the noise, candidate pools for the signal (see `pool`), never
-  building Q × N × M. With refresh="exact" it selects the same top-k as the dense path at every step
-  (same loss curve up to float32 rounding of the pool contributions); refresh="fast" is approximate
-  between pool rebuilds and exact at the returned weights.
+- "scalable": G_q from S = ΨᵀΨ for the noise, candidate pools for the signal, never building
+  Q × N × M. refresh="lazy" (default, `lazy`): float32 passes on a per-query schedule, misses found
+  at a refresh undone by rolling θ and the optimizer back, exact final top-k. refresh="exact"
+  (`pool`) selects the same top-k as the dense path at every step, proven by a bound (same loss curve
+  up to float32 rounding), at many more passes; refresh="fast" is approximate between pool rebuilds
+  and exact at the returned weights.
 
-Defaults: k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "exact", memory budget
+Defaults: k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "lazy", memory budget
 64 MiB. From the planted-signal sweep (docs/benchmarks.md, "Weight learning at scale"): held-out recall
 of the planted rows saturates once lr·steps ≳ 1.5 and the objective settles at lr·steps ≈ 5; lr = 0.05 with
 200 steps gives twice that; larger lr (0.3) gets there faster but its weights wander afterwards; l2 only
@@ -19,6 +21,7 @@ pulls towards uniform; k from 5 to 50 made no difference to recall.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,8 +39,11 @@ from gradtrace.weights.defaults import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DE
                                         DEFAULT_POOL, DEFAULT_REFRESH, DEFAULT_STEPS)
 from gradtrace.weights.guard import GUARDS, holdout_shrink
 from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
+from gradtrace.weights.lazy import LazyObjective
 from gradtrace.weights.pool import TRIGGERS
 from gradtrace.weights.scalable import ScalableObjective
+
+REFRESH_MODES = ("lazy",) + TRIGGERS
 
 
 @dataclass
@@ -64,8 +70,8 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
 
     `query_features` (Q, dim) are the learning queries' features in the fitted method's layout. The
     dense path is used when Q·N·M·8 bytes ≤ `memory_budget_bytes`, else the scalable path with
-    `pool_size` candidates per query and `refresh` "exact" (default; rigorous) or "fast" (approximate,
-    see `gradtrace.weights.pool`). `guard` "holdout" shrinks the weights towards uniform as far as their gain
+    `pool_size` candidates per query and `refresh` "lazy" (default, `gradtrace.weights.lazy`), "exact"
+    (every step proven, `gradtrace.weights.pool`) or "fast" (approximate between rebuilds). `guard` "holdout" shrinks the weights towards uniform as far as their gain
     does not carry over to held-out learning queries (`gradtrace.weights.guard`); "none" returns them as
     learned. Deterministic for given inputs and `seed`.
     """
@@ -81,8 +87,8 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
             "l2": _check_number(l2, "l2", positive=False), "seed": _check_int(seed, "seed", 0),
             "budget": _check_int(memory_budget_bytes, "memory_budget_bytes", 1),
             "pool_size": _check_int(pool_size, "pool_size", 1), "refresh": refresh}
-    if refresh not in TRIGGERS:
-        raise UserError(f"unknown refresh '{refresh}'; use one of: {', '.join(TRIGGERS)}")
+    if refresh not in REFRESH_MODES:
+        raise UserError(f"unknown refresh '{refresh}'; use one of: {', '.join(REFRESH_MODES)}")
     if guard not in GUARDS:
         raise UserError(f"unknown guard '{guard}'; use one of: {', '.join(GUARDS)}")
     start = time.perf_counter()
@@ -119,6 +125,8 @@ def _objective(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bo
         return (lambda w, last=False: snr_loss(contrib, w, k)), "dense"  # noqa: E731
     if opts["pool_size"] < k:
         raise UserError(f"pool_size = {opts['pool_size']} is smaller than k = {k}; pass pool_size >= k (e.g. 256)")
+    if opts["refresh"] == "lazy":
+        return LazyObjective(fitted, phi_q, k=k, pool_size=opts["pool_size"], progress=progress), "scalable"
     return ScalableObjective(fitted, phi_q, k=k, pool_size=opts["pool_size"], trigger=opts["refresh"],
                              progress=progress), "scalable"
 
@@ -142,12 +150,24 @@ def _learn(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool) 
     optimiser = torch.optim.AdamW([theta], lr=opts["lr"], weight_decay=0.0)
     curve: list[float] = []
     steps = opts["steps"]
-    loop = range(steps + 1)
-    if progress:
-        loop = tqdm(loop, desc="weights: learn", unit="step")
-    for step in loop:
+    bar = tqdm(total=steps + 1, desc="weights: learn", unit="step", disable=not progress)
+    saved: dict[int, tuple] = {}      # θ and optimizer state before each step, for a rollback
+    step = 0
+    while True:
+        if getattr(objective, "rollback", False) is not False:
+            saved[step] = (theta.detach().clone(), copy.deepcopy(optimiser.state_dict()))
         w = softmax_weights(theta)
         snr = objective(w, last=step == steps)
+        back = getattr(objective, "rollback", None)
+        if back is not None:          # the lazy objective found a missed row at step `back`: redo from there
+            with torch.no_grad():
+                theta.copy_(saved[back][0])
+            optimiser.load_state_dict(copy.deepcopy(saved[back][1]))
+            del curve[back:]
+            bar.update(back - step)
+            step = back
+            continue
+        bar.update(1)
         total = snr + opts["l2"] * torch.dot(w, w)
         curve.append(float(total.detach()))
         if step == 0:
@@ -158,8 +178,10 @@ def _learn(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool) 
         optimiser.zero_grad()
         total.backward()
         optimiser.step()
+        step += 1
+    bar.close()
     info["seconds"] = {"precompute": precompute, "steps": time.perf_counter() - start - precompute}
-    if isinstance(objective, ScalableObjective):
+    if isinstance(objective, (ScalableObjective, LazyObjective)):
         info["seconds"].update(objective.seconds)
         info["pool"] = objective.pool_info()
         info["memory_bytes"] = objective.memory_bytes()

@@ -1,0 +1,317 @@
+"""The default scalable SNR objective: float32 kernels, scheduled pool refreshes with rollback, exact end.
+
+Same objective as `snr_loss` on the dense contributions, never building Q × N × M:
+
+- noise: ‖τ_w(q, ·)‖² = wᵀ G_q w with G_q from S = ΨᵀΨ, computed once (`kernels`: float32 products
+  summed in float64 per chunk; on CPU numpy's symmetric rank-k update). Per step one (Q·M, M) matvec,
+  no pass over Ψ.
+- signal: the top-k of each query among its candidates: its pool (top-C rows at its last refresh, with
+  their per-group contributions, as in `pool`). Pools are rebuilt by a streamed float32 pass
+  (`kernels.top_pass`, on the GPU when present) on a per-query schedule: first after `first_interval`
+  steps; the interval doubles (up to `max_interval`) after a refresh that found no miss and stays after
+  one that did; refresh steps are rounded up to multiples of half the interval so that queries share
+  passes (with the defaults 32 and 128 a query without misses is refreshed at steps 0, 32, 96 and at
+  the last step).
+- misses are undone: at a refresh, each new-pool row the query could not see is scored at every step
+  since the query's last check (the weights and the k-th selected score of each step are kept). A row
+  above that step's k-th score (beyond float32 rounding) is a miss: the step's top-k was wrong. The
+  caller then rolls θ and the optimizer back to the first missed step (`rollback`) and replays with
+  the old and new pools as candidates, so every miss that reaches a refresh's pool is undone and the
+  trajectory is the dense path's. Not checked: a row that enters a query's top-k and falls out of its
+  top-C again between two refreshes (`refresh="exact"` proves every step instead, at many more passes).
+- the last step (the returned weights): every query is refreshed, its pool is certified to hold the
+  top-k (the (C+1)-th pass score plus its float32 error bound is below the k-th pool score minus its
+  error bound; otherwise that query gets a float64 pass over all rows), ties within the float32 error
+  are resolved in float64 (lower row index first), and the top-k rows' contributions are recomputed
+  in float64. So the final top-k is the dense path's and `final_loss` is the objective at the
+  returned weights.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from gradtrace.methods.fitted import FittedMethod
+from gradtrace.methods.rows import effective_chunk_rows, row_chunks
+from gradtrace.methods.topk import RunningTopK, sort_desc_then_index
+from gradtrace.weights.kernels import PsiSource, pick_device, psi_stats_fast, query_grams_fast, top_pass
+from gradtrace.weights.objective import ratio_loss
+from gradtrace.weights.pool import CandidatePool
+from gradtrace.weights.scalable import QuadraticNorm
+
+FIRST_INTERVAL = 32
+MAX_INTERVAL = 128
+MAX_ROLLBACKS = 32
+
+
+class LazyPool(CandidatePool):
+    """Candidate pools refreshed on a per-query schedule, misses found at refreshes undone, exact last step.
+
+    After `select`, `rollback` is None or the step the caller must resume from (restoring θ and the
+    optimizer as they were before that step); the pools have then already taken in the missed rows.
+    """
+
+    def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, stats, source: PsiSource, *, size: int, k: int,
+                 first_interval: int | None = None, max_interval: int | None = None,
+                 max_rollbacks: int = MAX_ROLLBACKS):
+        super().__init__(fitted, phi_q, stats, size=size, k=k, trigger="lazy")
+        n_q = len(phi_q)
+        self.source = source
+        self.widths = np.diff(np.append(self.starts, fitted.dim))
+        self.interval = np.full(n_q, int(first_interval or FIRST_INTERVAL), dtype=np.int64)
+        self.max_interval = int(max_interval or MAX_INTERVAL)
+        self.next = np.zeros(n_q, dtype=np.int64)        # step of the query's next refresh
+        self.verified = np.zeros(n_q, dtype=np.int64)    # steps before this were checked at a refresh
+        self.max_rollbacks = int(max_rollbacks)
+        self.rollback: int | None = None
+        self.rollbacks = self.misses = self.unresolved = self.float64_fallbacks = 0
+        self.extra_idx = np.full((n_q, 0), -1, dtype=np.int64)   # old pool rows kept after a rollback (−1: none)
+        self.extra_contrib = np.zeros((n_q, 0, fitted.n_groups), dtype=np.float32)
+        self.w_hist: dict[int, np.ndarray] = {}
+        self.kth_hist: dict[int, np.ndarray] = {}      # k-th selected candidate score per query, per step
+        self.final_rows: np.ndarray | None = None      # (Q, k) training rows of the last step's top-k
+        self.final_contrib: np.ndarray | None = None   # (Q, k, M) float64, their contributions
+
+    # ---- one step --------------------------------------------------------------------------------
+    def select(self, w: np.ndarray, *, last: bool = False) -> np.ndarray | None:
+        """Top-k positions (Q, k) into `candidates()` under `w`; None when the caller must roll back."""
+        t, self.rollback = self.step, None
+        self.w_hist[t] = w
+        n_q = len(self.t)
+        if self.complete:
+            due = np.arange(n_q) if self.passes == 0 else np.empty(0, dtype=np.int64)
+        else:
+            due = np.arange(n_q) if (last or self.passes == 0) else np.flatnonzero(self.next <= t)
+        if len(due):
+            miss = self.refresh(due, w)
+            if miss is not None and self.rollbacks < self.max_rollbacks:
+                self.rollbacks += 1
+                self.verified = np.minimum(self.verified, miss)
+                self.step = self.rollback = miss
+                return None
+            self.unresolved += miss is not None
+        self.step = t + 1
+        if last:
+            return self.exact_final(w)
+        scores = self.candidate_scores(w)
+        pos = np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k]
+        self.kth_hist[t] = np.take_along_axis(scores, pos, axis=1).min(axis=1)
+        return pos
+
+    def candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows (Q, C'), contributions (Q, C', M)): the pool, plus old pool rows kept after a rollback."""
+        if self.extra_idx.shape[1] == 0:
+            return self.idx, self.contrib
+        return (np.concatenate([self.idx, self.extra_idx], axis=1),
+                np.concatenate([self.contrib, self.extra_contrib], axis=1))
+
+    def gather(self, pos: np.ndarray) -> np.ndarray:
+        """Contributions (Q, k, M) float32 of the candidates at positions `pos` (Q, k) from `select`."""
+        rows = np.arange(len(pos))[:, None]
+        c = self.size
+        out = self.contrib[rows, np.minimum(pos, c - 1)]
+        extra = pos >= c
+        if extra.any():
+            qi, ki = np.nonzero(extra)
+            out[qi, ki] = self.extra_contrib[qi, pos[qi, ki] - c]
+        return out
+
+    def candidate_scores(self, w: np.ndarray) -> np.ndarray:
+        scores = self.pool_scores(w)
+        if self.extra_idx.shape[1] == 0:
+            return scores
+        extra = (self.extra_contrib.reshape(-1, self.extra_contrib.shape[-1]) @ w.astype(np.float32))
+        extra = np.where(self.extra_idx >= 0, extra.reshape(self.extra_idx.shape), -np.inf)
+        return np.concatenate([scores, extra], axis=1)
+
+    def pool_scores(self, w: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        c = self.contrib if rows is None else self.contrib[rows]
+        return (c.reshape(-1, c.shape[-1]) @ w.astype(np.float32)).reshape(c.shape[:2])
+
+    # ---- refresh -----------------------------------------------------------------------------------
+    def refresh(self, rows: np.ndarray, w: np.ndarray) -> int | None:
+        """Rebuild the pools of queries `rows` under `w` (one float32 pass) and check their steps since
+        their last check. Returns the first step with a miss (then those queries keep their old pool's
+        rows as extra candidates until their next refresh) or None.
+
+        A miss: a row of the new pool that the query's step could not see (outside its candidates)
+        scoring above the k-th score that step selected, beyond float32 rounding.
+        """
+        take = min(self.size + 1, self.fitted.n_train)
+        idx, top = top_pass(self.source, self.phi_q[rows] * np.repeat(w, self.widths), take)
+        new = idx[:, : self.size]
+        if self.complete:
+            t = np.full(len(rows), -np.inf)
+        else:
+            t = top[:, self.size].astype(np.float64) + self.eps_rel * (self.a[rows] @ w)
+        seen = np.isfinite(self.t[rows])
+        contrib, _ = self._new_contributions(rows, new, reuse=seen)
+        missed = self._first_miss(rows, new, contrib, self.step)     # (len(rows),) first missed step or −1
+        old_idx, old_contrib = self.idx[rows], self.contrib[rows]
+        self.contrib[rows], self.idx[rows], self.base_w[rows], self.t[rows] = contrib, new, w, t
+        self.passes += 1
+        self.queries_refreshed += len(rows)
+        hit = missed >= 0
+        self.misses += int(hit.sum())
+        # a miss is undone by the rollback, so it keeps the interval (halving it cost more passes than it saved)
+        grow = np.where(seen & ~hit, np.minimum(2 * self.interval[rows], self.max_interval), self.interval[rows])
+        self.interval[rows] = grow
+        half = np.maximum(1, grow // 2)       # rounded up to half-interval multiples, so that queries share passes
+        self.next[rows] = -(-(self.step + grow) // half) * half
+        if not hit.any() or self.rollbacks >= self.max_rollbacks:
+            self.verified[rows] = self.step
+            self._set_extras(rows, np.full((len(rows), 0), -1, dtype=np.int64), None)
+            return None if not hit.any() else int(missed[hit].min())
+        # rolling back: these queries replay with their old pool's rows as extra candidates
+        keep = ~_isin_rows(old_idx, new)
+        self._set_extras(rows, np.where(keep, old_idx, -1), old_contrib)
+        return int(missed[hit].min())
+
+    def _set_extras(self, rows: np.ndarray, extra_idx: np.ndarray, extra_contrib: np.ndarray | None) -> None:
+        """Replace the extra candidates of `rows`; columns stay packed to the widest query."""
+        all_idx, all_contrib = self.extra_idx, self.extra_contrib
+        width = max(all_idx.shape[1], extra_idx.shape[1])
+        pad_idx = np.full((len(self.t), width), -1, dtype=np.int64)
+        pad_contrib = np.zeros((len(self.t), width, all_contrib.shape[2]), dtype=np.float32)
+        pad_idx[:, : all_idx.shape[1]], pad_contrib[:, : all_idx.shape[1]] = all_idx, all_contrib
+        pad_idx[rows] = -1
+        pad_idx[rows, : extra_idx.shape[1]] = extra_idx
+        if extra_contrib is not None:
+            pad_contrib[rows, : extra_idx.shape[1]] = extra_contrib
+        valid = pad_idx >= 0
+        width = int(valid.sum(axis=1).max(initial=0))
+        order = np.argsort(~valid, axis=1, kind="stable")[:, :width]
+        self.extra_idx = np.take_along_axis(pad_idx, order, axis=1)
+        self.extra_contrib = np.take_along_axis(pad_contrib, order[:, :, None], axis=1)
+
+    def _first_miss(self, rows: np.ndarray, new: np.ndarray, contrib: np.ndarray, now: int) -> np.ndarray:
+        out = np.full(len(rows), -1, dtype=np.int64)
+        start = int(self.verified[rows].min(initial=now))
+        steps = [s for s in range(start, now) if s in self.kth_hist]
+        if not steps:
+            return out
+        cand_idx, _ = self.candidates()
+        outside = ~_isin_rows(new, cand_idx[rows])                   # new pool rows the steps could not see
+        qi, ci = np.nonzero(outside)
+        if len(qi) == 0:
+            return out
+        w = np.stack([self.w_hist[s] for s in steps], axis=1)          # (M, T)
+        score = contrib[qi, ci].astype(np.float64) @ w                 # (P, T)
+        kth = np.stack([self.kth_hist[s][rows] for s in steps], axis=1)[qi]
+        err = (self.eps_rel * (self.a[rows] @ w))[qi]
+        hit = (score > kth + 2 * err) & (np.array(steps)[None, :] >= self.verified[rows][qi][:, None])
+        first = np.where(hit.any(axis=1), np.argmax(hit, axis=1), len(steps))
+        per_query = np.full(len(rows), len(steps))
+        np.minimum.at(per_query, qi, first)
+        found = per_query < len(steps)
+        out[found] = np.array(steps)[per_query[found]]
+        return out
+
+    # ---- the exact last step ----------------------------------------------------------------------
+    def exact_final(self, w: np.ndarray) -> np.ndarray:
+        """Top-k positions in the (just rebuilt) pools, certified equal to the float64 dense top-k.
+
+        Sets `final_contrib` (Q, k, M) float64, the exact contributions of those rows. A query whose
+        pool cannot be certified gets its top-k from a float64 pass over all rows, written into its pool.
+        """
+        n_q, k = len(self.t), self.k
+        scores = self.pool_scores(w).astype(np.float64)   # the pools were just rebuilt: no extra rows
+        err = self.eps_rel * (self.a @ w)                    # (Q,) float32 error of a pool or pass score
+        part = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+        unsafe = np.flatnonzero(~(self.t < part - err))     # t already carries the pass's error
+        for q in unsafe:
+            self._float64_pool(int(q), w)
+        if len(unsafe):
+            scores[unsafe] = self.pool_scores(w, unsafe)
+        pos = np.empty((n_q, k), dtype=np.int64)
+        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+        band = scores >= (kth - 2 * err)[:, None]           # every row that may be in the top-k
+        for q in range(n_q):
+            cand = np.flatnonzero(band[q])
+            if len(cand) > k:
+                exact = self._exact_contrib(q, self.idx[q, cand]) @ w
+                order = sort_desc_then_index(exact[None], self.idx[q, cand][None])[0][:k]
+                pos[q] = cand[order]
+            else:
+                pos[q] = cand
+        rows = np.take_along_axis(self.idx, pos, axis=1)
+        self.final_rows = rows
+        self.final_contrib = np.stack([self._exact_contrib(q, rows[q]) for q in range(n_q)])
+        return pos
+
+    def _exact_contrib(self, q: int, train_rows: np.ndarray) -> np.ndarray:
+        """(len(rows), M) float64 contributions of query q (float64 products of the stored features)."""
+        order = np.argsort(train_rows)
+        x = np.empty((len(train_rows), self.fitted.dim), dtype=np.float64)
+        x[order] = self.fitted.psi[train_rows[order]]
+        x *= self.phi_q[q]
+        return np.add.reduceat(x, self.starts, axis=1)
+
+    def _float64_pool(self, q: int, w: np.ndarray) -> None:
+        """Query q's pool := its exact top-C under `w` from a float64 pass over all rows."""
+        qw = self.phi_q[q] * np.repeat(w, np.diff(np.append(self.starts, self.fitted.dim)))
+        running = RunningTopK(1, self.size)
+        rows = effective_chunk_rows(65536, 8 * self.fitted.dim)
+        for s, e in row_chunks(self.fitted.n_train, rows):
+            running.update((np.asarray(self.fitted.psi[s:e], dtype=np.float64) @ qw)[None], s)
+        idx, _ = running.result()
+        self.idx[q] = idx[0]
+        self.contrib[q] = self._exact_contrib(q, idx[0]).astype(np.float32)
+        self.t[q] = -np.inf
+        self.float64_fallbacks += 1
+
+
+class LazyObjective:
+    """Callable w (M,) float64 tensor -> mean_q L(w; q); exact at `last=True` (see module docstring)."""
+
+    def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, *, k: int, pool_size: int,
+                 first_interval: int | None = None, max_interval: int | None = None,
+                 device: str | torch.device | None = None, progress: bool = False):
+        self.device = pick_device(device)
+        self.source = PsiSource(fitted.psi, self.device)
+        start = time.perf_counter()
+        self.stats = psi_stats_fast(self.source, fitted.group_slices, progress=progress)
+        self.seconds = {"psi_gram": time.perf_counter() - start}
+        start = time.perf_counter()
+        self.grams = query_grams_fast(phi_q, self.stats.gram, fitted.group_slices)
+        self.seconds["query_grams"] = time.perf_counter() - start
+        self.pool = LazyPool(fitted, phi_q, self.stats, self.source, size=pool_size, k=k,
+                             first_interval=first_interval, max_interval=max_interval)
+
+    def __call__(self, w: torch.Tensor, *, last: bool = False) -> torch.Tensor:
+        pos = self.pool.select(w.detach().cpu().numpy().astype(np.float64), last=last)
+        if pos is None:                       # the caller rolls back (`rollback`); the value is not used
+            return torch.zeros((), dtype=w.dtype)
+        if last:
+            top = torch.from_numpy(self.pool.final_contrib)
+        else:
+            top = torch.from_numpy(self.pool.gather(pos).astype(np.float64))   # (Q, k, M)
+        signal = (top @ w).mean(dim=1)
+        return ratio_loss(signal, QuadraticNorm.apply(w, self.grams))
+
+    @property
+    def rollback(self) -> int | None:
+        """The step to resume from after the last call, or None (see `LazyPool`)."""
+        return self.pool.rollback
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the pool contributions, G and S (the dominant terms)."""
+        return int(self.pool.contrib.nbytes + self.grams.nbytes + self.stats.gram.nbytes)
+
+    def pool_info(self) -> dict:
+        p = self.pool
+        return {"size": p.size, "refresh": "lazy", "passes": p.passes, "queries_refreshed": p.queries_refreshed,
+                "interval_max": p.max_interval, "misses_found": p.misses, "rollbacks": p.rollbacks,
+                "misses_not_undone": p.unresolved, "float64_fallbacks": p.float64_fallbacks,
+                "device": str(self.device)}
+
+
+def _isin_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row r: a[r] ∈ b[r] elementwise ((Q, p), (Q, c) non-negative ints, −1 entries in b ignored)."""
+    base = (np.arange(a.shape[0], dtype=np.int64) * (max(int(a.max(initial=0)), int(b.max(initial=0))) + 2))[:, None]
+    keys = np.sort((b + 1 + base).ravel())
+    probe = (a + 1 + base).ravel()
+    at = np.minimum(np.searchsorted(keys, probe), keys.size - 1)
+    return (keys[at] == probe).reshape(a.shape)
