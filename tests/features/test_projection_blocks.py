@@ -4,6 +4,9 @@ import math
 import pytest
 import torch
 
+from fixtures.unet import build_featurizer, random_inputs, tiny_model
+from gradtrace.errors import UserError
+from gradtrace.features.featurize import FeatureSpec, featurize
 from gradtrace.features.projection import GroupProjector, name_seed
 
 
@@ -62,3 +65,15 @@ def test_blockwise_matrices_are_seeded():
     assert not torch.equal(make(7).matrix(0), make(8).matrix(0))
     assert torch.equal(make(7).matrix(0)[:64], make(7, block_rows=100).matrix(0)[:64])  # block 0: former seed
     assert not torch.equal(make(7).matrix(0)[64:100], make(7, block_rows=100).matrix(0)[64:100])
+
+
+def test_a_store_drawn_with_other_blocks_is_refused_in_one_line(tmp_path):
+    model, sched = tiny_model("unconditional")
+    x, ids, _ = random_inputs(model, 4)
+    spec = FeatureSpec(num_timesteps=1, chunk_rows=4)
+    fz, _ = build_featurizer(model, sched, spec)
+    featurize(fz, x, ids, tmp_path / "s", spec=spec, model_fingerprint="m", progress=False)  # as stores were before
+    fz.projector.block_rows = 4096  # its largest groups now span several blocks: other matrices
+    with pytest.raises(UserError, match="'projection' differs") as err:
+        featurize(fz, x, ids, tmp_path / "s", spec=spec, model_fingerprint="m", progress=False)
+    assert "\n" not in str(err.value)
