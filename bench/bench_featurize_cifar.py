@@ -92,7 +92,7 @@ def worker(config: str, args) -> dict:
             info["dense_matrices_gb"] = sum(d * kk for d, kk, j in zip(proj.sizes, proj.dims, range(len(proj.dims)))
                                             if not proj.is_exact(j)) * 4 / 1e9
             info["block_rows"] = proj.info().get("block_rows")
-        store = featurize(featurizer, images.to(device), ids, Path(args.workdir) / "store", spec=spec,
+        store = featurize(featurizer, images, ids, Path(args.workdir) / "store", spec=spec,
                           model_fingerprint=ckpt.fingerprint, progress=False)
         k = store.features.shape[1]
     elif config == "traker":
@@ -158,8 +158,8 @@ def run_traker(model, sched, images, ids, args, device) -> int:
     grad_dim = sum(p.numel() for p in model.parameters())
     proj = BasicProjector(grad_dim=grad_dim, proj_dim=args.dim, seed=0, proj_type=ProjectionType.rademacher,
                           device=str(device), dtype=torch.float32, block_size=args.peer_block)
-    traker = TRAKer(model=model, task=DiffusionLoss(), train_set_size=len(xt), save_dir=str(Path(args.workdir) / "trak"),
-                    device=str(device), projector=proj, proj_dim=args.dim, use_half_precision=False,
+    traker = TRAKer(model=model, task=DiffusionLoss(), train_set_size=len(xt),
+                    save_dir=str(Path(args.workdir) / "trak"), device=str(device), projector=proj, proj_dim=args.dim, use_half_precision=False,
                     logging_level=40)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     for s in range(0, len(xt), args.chunk):
@@ -215,7 +215,8 @@ def table(results: dict, args, label: str) -> list[str]:
     for cfg in args.configs:
         r = results[cfg]
         if "error" in r:
-            lines.append(f"| {cfg} | | | failed: {r['error'][:110]} | | | | | |" + (" |" if args.device == "cuda" else ""))
+            lines.append(f"| {cfg} | | | failed: {r['error'][:110]} | | | | | |"
+                         + (" |" if args.device == "cuda" else ""))
             continue
         rate, cpu_per = r["rows"] / r["wall_s"], r["cpu_s"] / r["rows"]
         wr = f"{(r['wall_s'] / r['rows']) / (base['wall_s'] / base['rows']):.2f}x" if base else "-"
