@@ -159,8 +159,8 @@ def run_traker(model, sched, images, ids, args, device) -> int:
     proj = BasicProjector(grad_dim=grad_dim, proj_dim=args.dim, seed=0, proj_type=ProjectionType.rademacher,
                           device=str(device), dtype=torch.float32, block_size=args.peer_block)
     traker = TRAKer(model=model, task=DiffusionLoss(), train_set_size=len(xt),
-                    save_dir=str(Path(args.workdir) / "trak"), device=str(device), projector=proj, proj_dim=args.dim, use_half_precision=False,
-                    logging_level=40)
+                    save_dir=str(Path(args.workdir) / "trak"), device=str(device), projector=proj,
+                    proj_dim=args.dim, use_half_precision=False, logging_level=40)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     for s in range(0, len(xt), args.chunk):
         traker.featurize(batch=(xt[s:s + args.chunk], noise[s:s + args.chunk]),

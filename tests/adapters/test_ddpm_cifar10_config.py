@@ -58,3 +58,15 @@ def test_ddpm_cifar10_has_the_architectures_parameter_count_and_runs():
 def test_ddpm_cifar10_refuses_sizes_it_cannot_downsample():
     with pytest.raises(UserError, match="multiple of 8"):
         default_model_config(DDPM_CIFAR10, channels=3, size=12)
+
+
+def test_the_adapter_offers_ddpm_cifar10_as_a_model():
+    from types import SimpleNamespace
+
+    from gradtrace.adapters import get_adapter
+
+    adapter = get_adapter("diffusion-unet")
+    assert DDPM_CIFAR10 in adapter.model_kinds
+    ds = SimpleNamespace(name="mine", channels=3, size=32, attributes={"colour": ["red", "blue"]})
+    cfg = adapter.default_model_config(ds, DDPM_CIFAR10)
+    assert cfg["kind"] == "unconditional" and cfg["unet"]["block_out_channels"] == [128, 256, 256, 256]
