@@ -149,6 +149,9 @@ def run_traker(model, sched, images, ids, args, device) -> int:
     loss = _loss(model, t)
 
     class DiffusionLoss(AbstractModelOutput):
+        def __init__(self):
+            super().__init__()
+
         def get_output(self, model, weights, buffers, *batch):
             return loss({**weights, **buffers}, *batch)
 
