@@ -70,7 +70,8 @@ bench-t2i: bench-t2i-pipe
 	$(PY) bench/bench_t2i_featurize.py --pipeline bench_out/t2i_pipe --out bench_out/t2i_featurize
 
 # Featurization at CIFAR scale (bench/bench_featurize_cifar.py): the 35.7M-parameter CIFAR-10 DDPM UNet; floor,
-# vmap, Kronecker (k = 2048, 8192), traker, dattri. CUDA when present, else the CPU (there: about 30 min, shared).
+# vmap, Kronecker (k = 2048, 8192), traker, dattri. CUDA when present, else the CPU (there: about 1 h on the shared
+# 2-core machine, most of it traker and dattri running into their 25-min limit).
 .PHONY: bench-featurize-cifar
 
 bench-featurize-cifar: $(STAMP)

@@ -257,7 +257,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--peer-block", type=int, default=16, help="block_size of traker's / dattri's CPU projector")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    p.add_argument("--timeout", type=int, default=1500, help="seconds per configuration")
     p.add_argument("--mem-limit-gb", type=float, default=12.0, help="address-space cap of each CPU worker")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--write-docs", action="store_true")
