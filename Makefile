@@ -78,3 +78,11 @@ bench-classifier: $(STAMP)
 
 bench-classifier-quick: $(STAMP)
 	$(PY) bench/bench_classifier.py --quick --out bench_out/classifier_quick
+
+# Featurization at CIFAR scale (bench/bench_featurize_cifar.py): the 35.7M-parameter CIFAR-10 DDPM UNet; floor,
+# vmap, Kronecker (k = 2048, 8192), traker, dattri. CUDA when present, else the CPU (there: about 1 h on the shared
+# 2-core machine, most of it traker and dattri running into their 25-min limit).
+.PHONY: bench-featurize-cifar
+
+bench-featurize-cifar: $(STAMP)
+	$(PY) bench/bench_featurize_cifar.py

@@ -117,6 +117,9 @@ class KroneckerFeaturizer:
         self._fallback = (GradientFeaturizer(model, objective, [Group("fallback", tuple(self.vmap_params))], None)
                           if self.vmap_params else None)
         self._conv_kernels: dict[str, torch.Tensor] = {}
+        self._device_factors: dict[tuple[str, str], torch.Tensor] = {}
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
 
     # ---------------------------------------------------------------------------------- main entry
     def features(self, inputs: torch.Tensor, ids, cond=None) -> np.ndarray:
@@ -132,7 +135,7 @@ class KroneckerFeaturizer:
 
     def _features(self, inputs: torch.Tensor, ids: np.ndarray, cond, *, check: bool) -> np.ndarray:
         B = len(ids)
-        codes = None if cond is None else torch.as_tensor(np.asarray(cond), dtype=torch.long)
+        codes = None if cond is None else torch.as_tensor(np.asarray(cond), dtype=torch.long).to(self.device)
         with torch.enable_grad(), self._recording() as rec:
             total = self.objective.batch_total(self.model, inputs, ids, cond)
             targets = [call[3] for call in rec["calls"]]
@@ -144,7 +147,7 @@ class KroneckerFeaturizer:
             grads = torch.autograd.grad(total, targets, allow_unused=True, retain_graph=check)
             batch_grads = (torch.autograd.grad(total, [self.named[n] for n in self.param_names],
                                                allow_unused=True) if check else None)
-        out = torch.zeros(B, self.projector.total_dim)
+        out = torch.zeros(B, self.projector.total_dim, device=self.device)
         dense: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for (module, kind, own, _out, inp), g in zip(rec["calls"], grads):
@@ -157,9 +160,9 @@ class KroneckerFeaturizer:
             dense.update({n: v.detach().reshape(B, -1) for n, v in per.items()})
         with torch.no_grad():
             for start, m in self.dense:
-                flat = torch.cat([dense[p] if p in dense else torch.zeros(B, self.named[p].numel())
-                                  for p in m.params], dim=1)
-                mat = self.projector.factor(m, "dense")
+                flat = torch.cat([dense[p] if p in dense else
+                                  torch.zeros(B, self.named[p].numel(), device=self.device) for p in m.params], dim=1)
+                mat = self._factor(m, "dense")
                 out[:, start + m.start:start + m.stop] = flat if mat is None else flat @ mat
             if check:
                 self._check(out, dict(zip(self.param_names, batch_grads)))
@@ -167,7 +170,7 @@ class KroneckerFeaturizer:
         if bool(bad.any()):
             raise UserError(f"gradients contain NaN/Inf for example id {int(ids[int(torch.nonzero(bad)[0])])}; "
                             f"check the checkpoint and the input images (values must be finite, in [-1, 1])")
-        return out.numpy().astype(np.float32, copy=False)
+        return out.cpu().numpy().astype(np.float32, copy=False)
 
     # ---------------------------------------------------------------------------------- hooks
     @contextmanager
@@ -204,7 +207,7 @@ class KroneckerFeaturizer:
             a, g = a.reshape(B, -1, a.shape[-1]), g.reshape(B, -1, g.shape[-1])
             if "weight" in own:
                 start, m = self.kron[own["weight"]]
-                p_in, p_out = self.projector.factor(m, "in"), self.projector.factor(m, "out")
+                p_in, p_out = self._factor(m, "in"), self._factor(m, "out")
                 k_out, k_in = m.dims
                 if k_out <= k_in:  # the cheaper order: contract the thinner projected side first
                     gp = g if p_out is None else g @ p_out
@@ -220,7 +223,7 @@ class KroneckerFeaturizer:
             gl = g.reshape(R, C_out, -1)
             if "weight" in own:
                 start, m = self.kron[own["weight"]]
-                gp = _left(self.projector.factor(m, "out"), gl)         # (R, k_out, L)
+                gp = _left(self._factor(m, "out"), gl)         # (R, k_out, L)
                 a, padding = _padded(module, a)
                 cols = self._project_patches(module, own["weight"], m, a, padding)   # (R, k_in, L)
                 block = torch.bmm(gp, cols.transpose(1, 2)).reshape(B, R // B, *m.dims).sum(1)
@@ -245,11 +248,21 @@ class KroneckerFeaturizer:
             if "bias" in own:
                 add(own["bias"], g.reshape(B, -1, n).sum(1))
 
+    def _factor(self, m: Member, side: str) -> torch.Tensor | None:
+        """The projector's seeded factor (drawn on the CPU, the same on every device), on the model's device."""
+        mat = self.projector.factor(m, side)
+        if mat is None or mat.device == self.device:
+            return mat
+        key = (m.params[0], side)
+        if key not in self._device_factors:
+            self._device_factors[key] = mat.to(self.device)
+        return self._device_factors[key]
+
     def _project_patches(self, module: nn.Conv2d, name: str, m: Member, a: torch.Tensor, padding) -> torch.Tensor:
         """P_inᵀ applied to every im2col row of the (padded) input: (R, k_in, L), as one convolution."""
         if name not in self._conv_kernels:
-            p_in = self.projector.factor(m, "in")
-            mat = torch.eye(m.shape[1]) if p_in is None else p_in
+            p_in = self._factor(m, "in")
+            mat = torch.eye(m.shape[1], device=self.device) if p_in is None else p_in
             self._conv_kernels[name] = mat.T.reshape(mat.shape[1], *module.weight.shape[1:]).contiguous()
         cols = F.conv2d(a, self._conv_kernels[name], None, module.stride, padding, module.dilation)
         return cols.reshape(cols.shape[0], cols.shape[1], -1)
@@ -260,7 +273,7 @@ class KroneckerFeaturizer:
             return {}
         gsum = g_ctx.reshape(B, -1, *g_ctx.shape[1:]).sum(1)
         if codes is None:
-            codes = self.stage.default_codes(B)
+            codes = self.stage.default_codes(B).to(self.device)
         params = {n: self.named[n].detach() for n in self.cond_params}
 
         def f(p, c, gs):
@@ -277,12 +290,12 @@ class KroneckerFeaturizer:
             flat = [batch[p] if batch[p] is not None else torch.zeros_like(self.named[p]) for p in m.params]
             if m.kind == "kron":
                 G = flat[0].reshape(m.shape)
-                p_in, p_out = self.projector.factor(m, "in"), self.projector.factor(m, "out")
+                p_in, p_out = self._factor(m, "in"), self._factor(m, "out")
                 G = G if p_out is None else p_out.T @ G
                 ref = (G if p_in is None else G @ p_in).reshape(-1)
             else:
                 v = torch.cat([x.reshape(-1) for x in flat])
-                mat = self.projector.factor(m, "dense")
+                mat = self._factor(m, "dense")
                 ref = v if mat is None else v @ mat
             got = summed[start + m.start:start + m.stop]
             err = float((got - ref).norm())

@@ -13,7 +13,7 @@ import numpy as np
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, OutputGrid
 from gradtrace.adapters.checkpoint import load_checkpoint
 from gradtrace.adapters.diffusion.aspects import query_codes
-from gradtrace.adapters.diffusion.configs import KINDS, default_model_config
+from gradtrace.adapters.diffusion.configs import MODEL_CHOICES, default_model_config
 from gradtrace.adapters.diffusion.groups import PRESETS, block_key
 from gradtrace.adapters.diffusion.measure import MEASUREMENTS, DiffusionObjective
 from gradtrace.adapters.diffusion.outputs import GridLosses
@@ -31,7 +31,7 @@ class TinyUNetAdapter(ModelAdapter):
     name = "diffusion-unet"
     measurements = MEASUREMENTS
     group_presets = PRESETS
-    model_kinds = KINDS
+    model_kinds = MODEL_CHOICES
     output_name = "diffusion loss"
     output_is_loss = True
 

@@ -11,6 +11,11 @@ A model config is::
 Sizes were chosen so that the models train in seconds to minutes on 2 CPU cores:
 the unconditional 8x8 1-channel model has 176,849 parameters, the conditional 16x16 RGB model with
 three attributes ~253k (the exact count depends on the attribute vocabularies).
+
+One named architecture is not tiny: ``ddpm-cifar10`` (`ddpm_cifar10_config`), the UNet2DModel of the standard
+CIFAR-10 DDPM (Ho et al. 2020; the diffusers port ``google/ddpm-cifar10-32``) with its linear noise schedule,
+35,746,307 parameters at 3x32x32 — the scale the featurization benchmarks run at. It is an unconditional model
+config like the others (built from the config with random weights; nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import re
 from gradtrace.errors import UserError
 
 KINDS = ("unconditional", "conditional")
+DDPM_CIFAR10 = "ddpm-cifar10"
+MODEL_CHOICES = KINDS + (DDPM_CIFAR10,)  # what --model names; ddpm-cifar10 makes an unconditional config
 
 # The cosine ("squaredcos_cap_v2") schedule: the linear one destroys small images within the first few
 # hundred timesteps, wasting most of the schedule on near-pure noise (Nichol & Dhariwal 2021). On
@@ -80,15 +87,62 @@ def conditional_unet_config(channels: int = 3, size: int = 16) -> dict:
     }
 
 
+def ddpm_cifar10_unet_config(channels: int = 3, size: int = 32) -> dict:
+    """UNet2DModel kwargs of the CIFAR-10 DDPM (google/ddpm-cifar10-32's config.json): four levels
+    (128, 256, 256, 256), two ResNet blocks per level, self-attention at 16x16 and in the middle."""
+    return {
+        "sample_size": size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": [128, 256, 256, 256],
+        "layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": None,
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-6,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+    }
+
+
+def ddpm_scheduler_config() -> dict:
+    """The DDPM paper's schedule (google/ddpm-cifar10-32's scheduler): 1000 linear betas 1e-4 .. 0.02."""
+    return {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+            "prediction_type": "epsilon", "variance_type": "fixed_small", "clip_sample": True,
+            "clip_sample_range": 1.0}
+
+
+def ddpm_cifar10_config(channels: int = 3, size: int = 32) -> dict:
+    """The `ddpm-cifar10` model config: the CIFAR-10 DDPM UNet and schedule at `channels` x `size` x `size`
+    (three downsamplings: size a multiple of 8)."""
+    channels, size = int(channels), int(size)
+    if channels < 1:
+        raise UserError(f"model channels must be >= 1, got {channels}")
+    if size < 8 or size % 8:
+        raise UserError(f"the {DDPM_CIFAR10} UNet downsamples three times: image size must be a multiple of 8, "
+                        f"got {size}; pass --size 32")
+    return {"kind": "unconditional", "channels": channels, "size": size, "attributes": {},
+            "unet": ddpm_cifar10_unet_config(channels, size), "scheduler": ddpm_scheduler_config()}
+
+
 def default_model_config(kind: str, *, channels: int, size: int,
                          attributes: dict[str, list[str]] | None = None) -> dict:
-    """The default config for `kind` ("unconditional" or "conditional") at `channels` x `size` x `size`.
+    """The default config for `kind` ("unconditional", "conditional" or "ddpm-cifar10", the latter an unconditional
+    config of the CIFAR-10 DDPM's UNet) at `channels` x `size` x `size`.
 
     `attributes` (name -> ordered vocabulary) is required for "conditional" and ignored for
     "unconditional" (an unconditional model has no tokens).
     """
+    if kind == DDPM_CIFAR10:
+        return ddpm_cifar10_config(channels, size)
     if kind not in KINDS:
-        raise UserError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise UserError(f"unknown model kind {kind!r}; use one of {', '.join(MODEL_CHOICES)}")
     channels, size = int(channels), int(size)
     if channels < 1:
         raise UserError(f"model channels must be >= 1, got {channels}")
