@@ -1,0 +1,106 @@
+"""EK-FAC through the CLI on a tiny digits ResNet: attribute-ekfac (uniform), learn-weights-ekfac on held-out
+learning images, attribute-ekfac with the learned weights, and the report — each output against its own arrays
+and a numpy computation (scores = Σ_j w_j c_j, top-k = argsort, the learned weights lower the label-free objective
+computed in numpy); bad inputs end with one line and exit code 2."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gradtrace.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_DATA, TRAIN, HELD, LEARN = 180, np.arange(0, 140), np.arange(140, 160), np.arange(160, 180)
+QUIET = ["--no-progress"]
+
+
+def ids_file(path, ids) -> str:
+    path.write_text("\n".join(str(int(i)) for i in ids) + "\n")
+    return str(path)
+
+
+def snr(contrib, w, k=10) -> float:
+    tau = (contrib * w).sum(-1)
+    top = -np.sort(-tau, axis=1)[:, :k]
+    return float(np.mean(-top.mean(1) / np.linalg.norm(tau, axis=1)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ekfac")
+    assert main(["train", "--adapter", "classifier", "--model", "resnet", "--data", "digits", "--n", str(N_DATA),
+                 "--ids", ids_file(root / "train.txt", TRAIN), "--steps", "25", "--batch-size", "32", "--lr", "0.03",
+                 "--model-options", '{"widths": [4, 8], "blocks": [1, 1]}', "--out", str(root / "run"), *QUIET]) == 0
+    ids_file(root / "held.txt", HELD)
+    ids_file(root / "learn.txt", LEARN)
+    return root
+
+
+def test_attribute_learn_and_weighted_attribute(run):
+    common = ["--checkpoint", str(run / "run"), "--data", "digits", "--n", str(N_DATA), "--factors",
+              str(run / "factors"), *QUIET]
+    assert main(["learn-weights-ekfac", *common, "--ids", str(run / "learn.txt"), "--steps", "60",
+                 "--out", str(run / "w.json")]) == 0
+    wdoc = json.loads((run / "w.json").read_text())
+    c = wdoc["provenance"]["lambda_c"]
+    assert c in [row[0] for row in wdoc["provenance"]["lambda_grid"]]
+    names = wdoc["group_names"]
+    assert names == ["stem", "layer1.0", "layer2.0", "head"]
+    w = np.array([wdoc["weights"][n] for n in names])
+    # uniform attributions at the weights' c, of the evaluation and of the learning images (same factors)
+    for name, ids in (("uniform", "held.txt"), ("learn", "learn.txt")):
+        assert main(["attribute-ekfac", *common, "--ids", str(run / ids), "--lambda-c", str(c), "--top-k", "5",
+                     "--out", str(run / name)]) == 0
+    learn = np.load(run / "learn" / "contributions.npy").astype(np.float64)
+    assert snr(learn, w) == pytest.approx(wdoc["learning"]["final_loss"], rel=1e-4)
+    assert snr(learn, w) < snr(learn, np.full(4, 0.25)) - 1e-3
+    contrib = np.load(run / "uniform" / "contributions.npy").astype(np.float64)
+    assert contrib.shape == (len(HELD), len(TRAIN), 4)
+    np.testing.assert_array_equal(np.load(run / "uniform" / "query_ids.npy"), HELD)
+    np.testing.assert_array_equal(np.load(run / "uniform" / "train_ids.npy"), TRAIN)
+    # the learned weights (their c by default): scores = Σ_j w_j c_j, top-k by those scores, parts sum to them
+    assert main(["attribute-ekfac", *common, "--ids", str(run / "held.txt"), "--weights", str(run / "w.json"),
+                 "--top-k", "5", "--out", str(run / "learned")]) == 0
+    doc = json.loads((run / "learned" / "attributions.json").read_text())
+    assert doc["manifest"]["lambda"]["c"] == c and doc["manifest"]["method"]["method"] == "ekfac"
+    scores = contrib @ w
+    scale = np.abs(scores).max()
+    np.testing.assert_allclose(np.load(run / "learned" / "scores.npy"), scores, rtol=1e-4, atol=1e-6 * scale)
+    for qi, row in enumerate(doc["queries"]):
+        assert row["query_id"] == HELD[qi]
+        assert [t["train_id"] for t in row["top"]] == TRAIN[np.argsort(-scores[qi], kind="stable")[:5]].tolist()
+        for t in row["top"]:
+            assert sum(t["contributions"].values()) == pytest.approx(t["score"], rel=1e-4, abs=1e-6 * scale)
+    # the report takes EK-FAC output like any other attribute output
+    assert main(["report", "--attributions", str(run / "uniform"), "--attributions", str(run / "learned"),
+                 "--weights", str(run / "w.json"), "--out", str(run / "report.html"), *QUIET]) == 0
+    assert "layer2.0" in (run / "report.html").read_text()
+    # weights are never applied to their own learning queries
+    assert main(["attribute-ekfac", *common, "--ids", str(run / "learn.txt"), "--weights", str(run / "w.json"),
+                 "--out", str(run / "bad")]) == 2
+
+
+def test_bad_inputs_give_one_line_and_exit_2(run, tmp_path, capsys):
+    held = ["--ids", str(run / "held.txt"), *QUIET]
+    assert main(["attribute-ekfac", "--checkpoint", str(run / "train.txt"), *held, "--out", str(tmp_path / "a")]) == 2
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"model_type": "gpt2"}')
+    assert main(["attribute-ekfac", "--checkpoint", str(tmp_path / "foreign"), *held, "--out",
+                 str(tmp_path / "b")]) == 2
+    assert main(["train", "--adapter", "classifier", "--model", "factory", "--data", "digits", "--n", "60",
+                 "--steps", "2", "--model-options", '{"factory": "fixtures.classifiers:no_layers", "kwargs": {}}',
+                 "--out", str(tmp_path / "nolayers"), *QUIET]) == 0
+    capsys.readouterr()
+    assert main(["attribute-ekfac", "--checkpoint", str(tmp_path / "nolayers"), "--ids", str(run / "held.txt"),
+                 "--data", "digits", "--n", str(N_DATA), "--out", str(tmp_path / "c"), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no linear or convolution layer" in err
+    assert main(["attribute-ekfac", "--checkpoint", str(run / "run"), *held, "--lambda-c", "auto",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert main(["attribute-ekfac", "--checkpoint", str(run / "run"), *held, "--groups", "tensor",
+                 "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "learning-ids" in err[0] and "apart" in err[1]
