@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gradtrace.cli import main
+from gradtrace.pipeline.ekfac import self_influence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,3 +105,16 @@ def test_bad_inputs_give_one_line_and_exit_2(run, tmp_path, capsys):
                  "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "learning-ids" in err[0] and "apart" in err[1]
+
+
+def test_self_influence_per_group_is_the_diagonal_of_loss_attributions(run):
+    got = self_influence(run / "run", factors=run / "factors", lambda_c=0.1, progress=False)
+    assert got.group_names == ["stem", "layer1.0", "layer2.0", "head"]
+    np.testing.assert_array_equal(got.ids, TRAIN)
+    assert main(["attribute-ekfac", "--checkpoint", str(run / "run"), "--data", "digits", "--n", str(N_DATA),
+                 "--factors", str(run / "factors"), "--ids", str(run / "train.txt"), "--measurement", "loss",
+                 "--lambda-c", "0.1", "--out", str(run / "self"), *QUIET]) == 0
+    pairwise = np.load(run / "self" / "contributions.npy").astype(np.float64)
+    diag = np.einsum("nnm->nm", pairwise)
+    np.testing.assert_allclose(got.contributions, diag, rtol=1e-4, atol=1e-6 * np.abs(diag).max())
+    assert (got.contributions.sum(1) > 0).all()

@@ -138,3 +138,33 @@ def test_models_without_linear_or_conv_layers_are_refused(tmp_path):
     assert tracked_modules(attention) == ["head"]  # out_proj is never called through its forward
     with pytest.raises(UserError, match="apart"):
         engine(TinyNet(), tmp_path, groups="conv1=conv1.weight;fc=fc")
+
+
+class Twice(ClassifierObjective):
+    """Each example fed as two identical rows (example-major), its output the mean of the two: like a diffusion
+    objective's repeats over timesteps."""
+
+    def batch_total(self, model, inputs, ids, cond):
+        x, y = self._batch(inputs, cond)
+        return ClassifierObjective.batch_total(self, model, x.repeat_interleave(2, 0), ids,
+                                               y.repeat_interleave(2, 0).numpy()) / 2
+
+
+def test_repeated_rows_are_summed_per_example(tmp_path):
+    """Rows g/2 of each example: the curvature, Λ and the damping scale by 1/4, and the 2 x 2 block of row scores
+    sums to 4 (g_q/2)ᵀ (G/4 + δ/4)⁻¹ (g_n/2) = 4 g_qᵀ (G + δ)⁻¹ g_n — four times the plain score."""
+    torch.manual_seed(2)
+    model = TinyNet()
+    train, queries = examples(20, (1, 6, 6), 5, 7), examples(4, (1, 6, 6), 5, 8, start=100)
+    names = ["stem", "layer1.0", "head"]
+    key = {"conv1": "stem", "layer1": "layer1.0", "fc": "head"}
+    results = []
+    for i, kind in enumerate((ClassifierObjective, Twice)):
+        eng = EkfacEngine(model if i == 0 else TinyNet(), kind("loss"), kind("margin"),
+                          lambda p: key[p.split(".")[0]], names, factors_dir=tmp_path / f"f{i}", sign=-1.0,
+                          batch_size=8, progress=False, dtype=torch.float64, empirical_fisher=True)
+        if i == 1:
+            eng.model.load_state_dict(results[0][1])
+        eng.fit(train, identity={})
+        results.append((eng.contributions(queries, train, c=0.1), eng.model.state_dict()))
+    np.testing.assert_allclose(results[1][0], 4 * results[0][0], rtol=1e-8, atol=1e-10 * np.abs(results[0][0]).max())

@@ -229,7 +229,8 @@ class EkfacEngine:
 
     def total(self, queries, train, c: float = DEFAULT_C) -> np.ndarray:
         """(Q, N) float64 kronfluence's own total score (all modules at once), signed like `contributions`."""
-        return self.sign * self._pairwise(queries, train, c, per_module=False)["all_modules"].double().numpy()
+        total = self._pairwise(queries, train, c, per_module=False)["all_modules"]
+        return self.sign * per_example(total, (len(queries.ids), len(train.ids)))
 
     def self_contributions(self, train, c: float = DEFAULT_C) -> np.ndarray:
         """(N, M) float64 per-group self-influence ∇L(n)ᵀ (G + δI)⁻¹ ∇L(n) of the training loss (kronfluence's
@@ -244,14 +245,29 @@ class EkfacEngine:
         shutil.rmtree(self.analyzer.scores_output_dir(name), ignore_errors=True)
         out = np.zeros((len(train.ids), len(self.group_names)))
         for module, s in scores.items():
+            if s.shape[0] != len(train.ids):
+                raise UserError("self-influence needs one row per example; this objective repeats each example "
+                                f"over {s.shape[0] // len(train.ids)} rows (pass timesteps 1)")
             out[:, self.group_names.index(self.module_group[module])] += s.double().numpy()
         return out
 
     def _by_group(self, scores: dict[str, torch.Tensor], shape: tuple[int, int]) -> np.ndarray:
         out = np.zeros((*shape, len(self.group_names)))
         for module, s in scores.items():
-            out[:, :, self.group_names.index(self.module_group[module])] += s.double().numpy()
+            out[:, :, self.group_names.index(self.module_group[module])] += per_example(s, shape)
         return self.sign * out
+
+
+def per_example(scores: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """(Q, N) float64 from kronfluence's scores of batch rows: an objective that repeats each example over R rows
+    (diffusion timesteps, example-major) gives (Q·R_q, N·R_n) row scores, and the score is bilinear in the
+    gradients, so an example pair's score is the sum of its R_q × R_n block."""
+    s = scores.double().numpy()
+    (q, n), (rq, rn) = shape, s.shape
+    if rq % q or rn % n:
+        raise UserError(f"kronfluence scored {rq} x {rn} rows for {q} x {n} examples; the objective must give every "
+                        "example the same number of rows")
+    return s.reshape(q, rq // q, n, rn // n).sum(axis=(1, 3))
 
 
 def _on_cpu(model: nn.Module) -> bool:
