@@ -8,8 +8,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from scipy.stats import spearmanr
 
+from gradtrace.adapters import get_adapter
 from gradtrace.cli import main
+from gradtrace.data import load_dataset
 from gradtrace.pipeline.ekfac import self_influence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,3 +122,35 @@ def test_self_influence_per_group_is_the_diagonal_of_loss_attributions(run):
     diag = np.einsum("nnm->nm", pairwise)
     np.testing.assert_allclose(got.contributions, diag, rtol=1e-4, atol=1e-6 * np.abs(diag).max())
     assert (got.contributions.sum(1) > 0).all()
+
+
+def test_eval_lds_takes_the_ekfac_output(run):
+    if not (run / "uniform" / "scores.npy").exists():
+        assert main(["attribute-ekfac", "--checkpoint", str(run / "run"), "--data", "digits", "--n", str(N_DATA),
+                     "--factors", str(run / "factors"), "--ids", str(run / "held.txt"), "--lambda-c", "0.1",
+                     "--out", str(run / "uniform"), *QUIET]) == 0
+    assert main(["retrain", "--run", str(run / "run"), "--subsets", "4", *QUIET]) == 0
+    retrain = run / "run" / "retrain"
+    assert main(["eval", "lds", "--run", str(run / "run"), "--retrain", str(retrain), "--attributions",
+                 str(run / "uniform"), "--per-group", "--out", str(run / "lds"), *QUIET]) == 0
+    lds = json.loads((run / "lds" / "lds.json").read_text())
+    # independently: each retrained model's margin on the held-out images by a direct forward pass
+    ds = load_dataset("digits", n=N_DATA).subset(HELD)
+    labels = np.array([int(m["label"]) for m in ds.metadata])
+    margins = []
+    for job in json.loads((retrain / "manifest.json").read_text())["settings"]["jobs"]:
+        model = get_adapter("classifier").load(retrain / "models" / job).model
+        with torch.no_grad():
+            p = torch.softmax(model(ds.images).double(), 1).numpy()[np.arange(len(HELD)), labels]
+        margins.append(np.log(p / (1 - p)))
+    margins = np.array(margins)
+    mask = np.stack([np.isin(TRAIN, s) for s in np.load(retrain / "subsets.npy")]).astype(np.float64)
+    contrib = np.load(run / "uniform" / "contributions.npy").astype(np.float64)
+    want = [spearmanr(p, t).statistic for p, t in zip((mask @ contrib.sum(-1).T).T, margins.T)]
+    np.testing.assert_allclose([np.nan if v is None else v for v in lds["lds"]["per_query"]], want, rtol=1e-5,
+                               atol=1e-7)
+    head = [spearmanr(p, t).statistic for p, t in zip((mask @ contrib[..., 3].T).T, margins.T)]
+    assert lds["per_group"]["head"]["mean"] == pytest.approx(np.nanmean(head), rel=1e-5)
+    assert lds["manifest"]["method"]["method"] == "ekfac"
+    assert main(["eval", "lds", "--run", str(run / "run"), "--retrain", str(retrain), "--attributions",
+                 str(run / "uniform"), "--weights", str(run / "w.json"), "--out", str(run / "lds2"), *QUIET]) == 2

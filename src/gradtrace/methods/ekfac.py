@@ -151,9 +151,18 @@ class EkfacEngine:
                             "empirical Fisher")
         with _quiet():
             self.model = prepare_model(model, self.task)
-            self.analyzer = Analyzer(ANALYSIS, self.model, self.task, cpu=_on_cpu(model), disable_tqdm=not progress,
-                                     output_dir=str(self.factors_dir), log_level=logging.WARNING)
+        self._analyzer: Analyzer | None = None
         self._mean_lambda: float | None = None
+
+    @property
+    def analyzer(self) -> Analyzer:
+        """kronfluence's Analyzer, made on first use (it creates its output folder)."""
+        if self._analyzer is None:
+            with _quiet():
+                self._analyzer = Analyzer(ANALYSIS, self.model, self.task, cpu=_on_cpu(self.model),
+                                          disable_tqdm=not self.progress, output_dir=str(self.factors_dir),
+                                          log_level=logging.WARNING)
+        return self._analyzer
 
     # ------------------------------------------------------------------ factors
     def factor_arguments(self) -> FactorArguments:

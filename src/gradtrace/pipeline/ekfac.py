@@ -112,6 +112,11 @@ class EkfacSetup:
     identity: dict
     factors: dict = field(default_factory=dict)
 
+    def fit(self) -> "EkfacSetup":
+        """Fit (or reuse) the factors: after every input was read and checked, so bad input writes nothing."""
+        self.factors = self.engine.fit(self.train, self.identity)
+        return self
+
     def examples(self, spec: EkfacInputs, ids):
         source = self.train.source if spec.data is None else dataset_source(spec.data, n=spec.n, size=spec.size,
                                                                             seed=spec.data_seed)
@@ -147,9 +152,7 @@ def setup(spec: EkfacInputs, default_factors: Path, *, progress: bool = True) ->
     identity = {"model_fingerprint": ckpt.fingerprint, "train_source": source,
                 "train_ids_sha256": sha256_arrays([train.ids]), "train_loss": loss.info(), "groups": spec.groups,
                 "timesteps": spec.timesteps, "noise_seed": spec.noise_seed}
-    out = EkfacSetup(engine, adapter, ckpt, train, measurement, identity)
-    out.factors = engine.fit(train, identity)
-    return out
+    return EkfacSetup(engine, adapter, ckpt, train, measurement, identity)
 
 
 def query_set_id(examples) -> dict:
@@ -220,10 +223,11 @@ def attribute_ekfac_run(spec: AttributeEkfacSpec, *, progress: bool = True) -> d
     s = setup(spec, Path(spec.out) / "factors", progress=progress)
     queries = s.examples(spec, spec.ids)
     weights, winfo = _read_weights(s, spec.weights, queries) if spec.weights else (None, None)
+    learning = s.examples(spec, spec.learning_ids) if c == AUTO else None
+    if learning is not None and query_set_id(learning) == query_set_id(queries):
+        raise UserError("--learning-ids are the --ids; choose λ on other queries")
+    s.fit()
     if c == AUTO:
-        learning = s.examples(spec, spec.learning_ids)
-        if query_set_id(learning) == query_set_id(queries):
-            raise UserError("--learning-ids are the --ids; choose λ on other queries")
         c, table = choose_c(s, learning, min(DEFAULT_K, len(s.train.ids)))
         lam = {"c": c, "rule": "auto: SNR-best on the learning queries", "grid": table,
                "learning_queries": query_set_id(learning)}
@@ -244,6 +248,7 @@ def learn_weights_ekfac_run(spec: LearnWeightsEkfacSpec, *, progress: bool = Tru
     out = Path(spec.out)
     s = setup(spec, out.with_name(out.stem + "-factors"), progress=progress)
     learning = s.examples(spec, spec.ids)
+    s.fit()
     c = parse_c(spec.lambda_c)
     table = None
     if c == AUTO:
@@ -287,7 +292,7 @@ def self_influence(checkpoint, *, groups: str = "block", lambda_c: float = DEFAU
     if c is None or c == AUTO:
         raise UserError("self_influence takes a number lambda_c >= 0")
     path = Path(checkpoint)
-    s = setup(spec, path.with_name(path.name + "-ekfac-factors"), progress=progress)
+    s = setup(spec, path.with_name(path.name + "-ekfac-factors"), progress=progress).fit()
     contrib = s.engine.self_contributions(s.train, c)
     return SelfInfluence(ids=np.asarray(s.train.ids, np.int64), group_names=list(s.engine.group_names),
                          contributions=contrib, info={"lambda_c": c, "damping": s.engine.damping(c),

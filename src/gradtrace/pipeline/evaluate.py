@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gradtrace.errors import UserError
 from gradtrace.evaluate.counterfactual import counterfactual_run
+from gradtrace.evaluate.eval_attributions import lds_of_attributions
 from gradtrace.evaluate.eval_lds import eval_lds_run
 from gradtrace.evaluate.outputs import OutputGrid
 from gradtrace.evaluate.retrain import retrain_run
@@ -38,8 +40,8 @@ class ScoringEvalSpec(Spec):
     """What `eval lds` and `eval counterfactual` share: the run, the stores, the scoring, the output grid."""
 
     run: str = option(None, "checkpoint directory of the full model", required=True)
-    train_features: str = option(None, "feature store of the run's training set", required=True)
-    queries: str = option(None, "feature store of the evaluation queries", required=True)
+    train_features: str | None = option(None, "feature store of the run's training set (required)", type=str)
+    queries: str | None = option(None, "feature store of the evaluation queries (required)", type=str)
     out: str = option(None, "output directory", required=True)
     method: str = method_option()
     kernel: str = kernel_option()
@@ -52,15 +54,32 @@ class ScoringEvalSpec(Spec):
     def grid(self) -> OutputGrid:
         return OutputGrid(num_timesteps=self.timesteps, num_draws=self.draws)
 
+    def validate(self) -> None:
+        if getattr(self, "attributions", None) is None and (self.train_features is None or self.queries is None):
+            raise UserError("--train-features and --queries are required")
+
 
 @dataclass
 class EvalLDSSpec(ScoringEvalSpec):
     retrain: str = option(None, "retraining directory (from `gradtrace retrain`)", required=True)
     per_group: bool = option(False, "also the LDS of each parameter group alone (+ plot)")
     seed: int = option(0, "bootstrap seed")
+    attributions: str | None = option(None, "instead of feature stores: an attribute-ekfac output folder (its dense "
+                                      "scores; methods that score the model directly)", type=str)
+
+    def validate(self) -> None:
+        super().validate()
+        given = [flag for flag, value in (("--train-features", self.train_features), ("--queries", self.queries),
+                                          ("--weights", self.weights), ("--lambda-c", self.lambda_c),
+                                          ("--learning-queries", self.learning_queries)) if value is not None]
+        if self.attributions is not None and given:
+            raise UserError(f"--attributions carries its own scores (weights and λ included); drop {given[0]}")
 
 
 def eval_lds(spec: EvalLDSSpec, *, progress: bool = True) -> dict:
+    if spec.attributions is not None:
+        return lds_of_attributions(spec.run, spec.retrain, spec.attributions, spec.out, per_group=spec.per_group,
+                                   grid=spec.grid(), seed=spec.seed, progress=progress)
     return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=spec.method,
                         kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights, per_group=spec.per_group,
                         learning_queries=spec.learning_queries, grid=spec.grid(), seed=spec.seed, progress=progress)
