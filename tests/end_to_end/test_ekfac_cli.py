@@ -154,3 +154,18 @@ def test_eval_lds_takes_the_ekfac_output(run):
     assert lds["manifest"]["method"]["method"] == "ekfac"
     assert main(["eval", "lds", "--run", str(run / "run"), "--retrain", str(retrain), "--attributions",
                  str(run / "uniform"), "--weights", str(run / "w.json"), "--out", str(run / "lds2"), *QUIET]) == 2
+
+
+def test_eval_counterfactual_takes_the_ekfac_output(run):
+    """The removed top-k are the k highest scores of the written scores.npy (one query, two models + the full)."""
+    if not (run / "uniform" / "scores.npy").exists():
+        assert main(["attribute-ekfac", "--checkpoint", str(run / "run"), "--data", "digits", "--n", str(N_DATA),
+                     "--factors", str(run / "factors"), "--ids", str(run / "held.txt"), "--lambda-c", "0.1",
+                     "--out", str(run / "uniform"), *QUIET]) == 0
+    assert main(["eval", "counterfactual", "--run", str(run / "run"), "--attributions", str(run / "uniform"),
+                 "--num-queries", "1", "--top-k", "7", "--out", str(run / "cf"), *QUIET]) == 0
+    doc = json.loads((run / "cf" / "counterfactual.json").read_text())
+    scores = np.load(run / "uniform" / "scores.npy")
+    assert doc["per_query"][0]["query_id"] == HELD[0]
+    assert doc["per_query"][0]["removed_top"] == sorted(TRAIN[np.argsort(-scores[0], kind="stable")[:7]].tolist())
+    assert doc["manifest"]["method"]["method"] == "ekfac"

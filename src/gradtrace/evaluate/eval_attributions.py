@@ -61,6 +61,35 @@ def read_attributions(folder) -> Attributions:
                         contrib)
 
 
+def check_for_run(attr: Attributions, recipe) -> None:
+    """Refuse attributions not made from the run's model or not covering exactly its training ids."""
+    if attr.manifest.get("model_fingerprint") != recipe.fingerprint:
+        raise UserError(f"the attributions {attr.path} were not made from the run's model {recipe.run}")
+    if not np.array_equal(np.sort(attr.train_ids), recipe.train_ids):
+        raise UserError(f"the attributions {attr.path} score {len(attr.train_ids)} training examples, not the run's "
+                        f"{len(recipe.train_ids)} training ids")
+
+
+def query_examples(attr: Attributions, recipe):
+    """The queries' examples (from the recorded source), in the order of the attributions' rows."""
+    ex = recipe.adapter.examples(recipe.model_config, attr.manifest["query_source"], ids=attr.query_ids)
+    pos = {int(i): r for r, i in enumerate(ex.ids)}
+    return ex.take([pos[int(i)] for i in attr.query_ids])
+
+
+def attribution_selection(folder, recipe, num_queries: int, k: int) -> dict:
+    """`eval counterfactual --attributions`: the first queries, their top-k training ids by the written scores
+    (sorted ids), and what to record (the same keys as the feature-store selection)."""
+    attr = read_attributions(folder)
+    check_for_run(attr, recipe)
+    nq = min(int(num_queries), len(attr.query_ids))
+    idx = np.argsort(-attr.scores[:nq], axis=1, kind="stable")[:, :int(k)]
+    m = attr.manifest
+    return {"top_ids": np.sort(attr.train_ids[idx], axis=1), "query_ids": attr.query_ids[:nq],
+            "method": m.get("method"), "weights": m.get("weights"), "lambda": m.get("lambda"),
+            "queries": str(attr.path.resolve()), "examples": lambda: query_examples(attr, recipe).take(np.arange(nq))}
+
+
 def lds_of_attributions(run, retrain, attributions, out, *, per_group: bool = False,
                         grid: OutputGrid = OutputGrid(), seed: int = 0, progress: bool = True) -> dict:
     """LDS (mean, 95% CI, per query) of a dense attribute output; writes lds.json (+ per group with `per_group`)."""
@@ -68,17 +97,11 @@ def lds_of_attributions(run, retrain, attributions, out, *, per_group: bool = Fa
     recipe, retraining = finished_retraining(run, retrain)
     check_can_write(out)
     attr = read_attributions(attributions)
-    if attr.manifest.get("model_fingerprint") != recipe.fingerprint:
-        raise UserError(f"the attributions {attr.path} were not made from the run's model {recipe.run}")
-    if not np.array_equal(np.sort(attr.train_ids), recipe.train_ids):
-        raise UserError(f"the attributions {attr.path} score {len(attr.train_ids)} training examples, not the run's "
-                        f"{len(recipe.train_ids)} training ids")
+    check_for_run(attr, recipe)
     if per_group and attr.contributions is None:
         raise UserError(f"{attr.path} has no contributions.npy (too large to keep); drop --per-group")
     adapter = recipe.adapter
-    ex = adapter.examples(recipe.model_config, attr.manifest["query_source"], ids=attr.query_ids)
-    pos = {int(i): r for r, i in enumerate(ex.ids)}
-    ex = ex.take([pos[int(i)] for i in attr.query_ids])
+    ex = query_examples(attr, recipe)
     outputs, info = model_outputs(adapter, list(zip(retraining.jobs, retraining.model_paths())), ex,
                                   retraining.path / "outputs", grid, progress=progress)
     targets = targets_from_outputs(outputs, retraining.n_subsets, retraining.n_seeds, negate=adapter.output_is_loss)

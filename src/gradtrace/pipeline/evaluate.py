@@ -35,6 +35,19 @@ def retrain(spec: RetrainSpec, *, progress: bool = True) -> dict:
                        progress=progress)
 
 
+def attributions_option():
+    return option(None, "instead of feature stores and scoring options: an attribute-ekfac output folder (its dense "
+                        "scores; methods that score the model directly)", type=str)
+
+
+def check_attributions_alone(spec) -> None:
+    given = [flag for flag, value in (("--train-features", spec.train_features), ("--queries", spec.queries),
+                                      ("--weights", spec.weights), ("--lambda-c", spec.lambda_c),
+                                      ("--learning-queries", spec.learning_queries)) if value is not None]
+    if spec.attributions is not None and given:
+        raise UserError(f"--attributions carries its own scores (weights and λ included); drop {given[0]}")
+
+
 @dataclass
 class ScoringEvalSpec(Spec):
     """What `eval lds` and `eval counterfactual` share: the run, the stores, the scoring, the output grid."""
@@ -64,16 +77,11 @@ class EvalLDSSpec(ScoringEvalSpec):
     retrain: str = option(None, "retraining directory (from `gradtrace retrain`)", required=True)
     per_group: bool = option(False, "also the LDS of each parameter group alone (+ plot)")
     seed: int = option(0, "bootstrap seed")
-    attributions: str | None = option(None, "instead of feature stores: an attribute-ekfac output folder (its dense "
-                                      "scores; methods that score the model directly)", type=str)
+    attributions: str | None = attributions_option()
 
     def validate(self) -> None:
         super().validate()
-        given = [flag for flag, value in (("--train-features", self.train_features), ("--queries", self.queries),
-                                          ("--weights", self.weights), ("--lambda-c", self.lambda_c),
-                                          ("--learning-queries", self.learning_queries)) if value is not None]
-        if self.attributions is not None and given:
-            raise UserError(f"--attributions carries its own scores (weights and λ included); drop {given[0]}")
+        check_attributions_alone(self)
 
 
 def eval_lds(spec: EvalLDSSpec, *, progress: bool = True) -> dict:
@@ -93,6 +101,11 @@ class CounterfactualSpec(ScoringEvalSpec):
     workers: int = option(1, "single-threaded worker processes", check=positive)
     random_seed: int = option(0, "seed of the random removals")
     max_models: int | None = option(None, "stop after training this many models", type=int, check=non_negative)
+    attributions: str | None = attributions_option()
+
+    def validate(self) -> None:
+        super().validate()
+        check_attributions_alone(self)
 
 
 def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> dict:
@@ -100,4 +113,5 @@ def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> d
                               kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
                               learning_queries=spec.learning_queries, num_queries=spec.num_queries, k=spec.top_k,
                               n_seeds=spec.seeds, workers=spec.workers, random_seed=spec.random_seed,
-                              grid=spec.grid(), max_models=spec.max_models, progress=progress)
+                              grid=spec.grid(), max_models=spec.max_models, attributions=spec.attributions,
+                              progress=progress)
