@@ -64,6 +64,8 @@ def test_attribute_learn_and_weighted_attribute(run):
     assert snr(learn, w) < snr(learn, np.full(4, 0.25)) - 1e-3
     contrib = np.load(run / "uniform" / "contributions.npy").astype(np.float64)
     assert contrib.shape == (len(HELD), len(TRAIN), 4)
+    uniform = np.load(run / "uniform" / "scores.npy")  # no weights: all ones, the sum of the groups
+    np.testing.assert_allclose(uniform, contrib.sum(-1), rtol=1e-5, atol=1e-6 * np.abs(uniform).max())
     np.testing.assert_array_equal(np.load(run / "uniform" / "query_ids.npy"), HELD)
     np.testing.assert_array_equal(np.load(run / "uniform" / "train_ids.npy"), TRAIN)
     # the learned weights (their c by default): scores = Σ_j w_j c_j, top-k by those scores, parts sum to them

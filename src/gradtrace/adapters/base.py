@@ -27,8 +27,8 @@ batched forward pass (rows example-major, the same number per example) for the K
 Influence functions (EK-FAC, `gradtrace.methods.ekfac`, kronfluence as the engine) use the same objects on the
 model and data directly: the adapter's `train_loss_measurement` objective's `batch_total` is the training loss
 (the curvature's), its `sampled_total` the same loss with targets drawn from the model's own predictive
-distribution (the true Fisher; objectives without one return None and the empirical Fisher is used), and the
-measurement's `batch_total` the query side. `measurement_is_loss(name)` says whether lower is better, which fixes
+distribution (the true Fisher; objectives without one return None and the empirical Fisher is used), its
+`token_mask` the padding of sequence models, and the measurement's `batch_total` the query side. `measurement_is_loss(name)` says whether lower is better, which fixes
 the sign that makes a positive score mean "helpful".
 """
 from __future__ import annotations
@@ -93,6 +93,11 @@ class Objective(ABC):
                       seed: int) -> torch.Tensor | None:
         """Σ_b of this (training-loss) objective with each example's target drawn from the model's own predictive
         distribution, seeded by (`seed`, example id); None when the objective has no such distribution."""
+        return None
+
+    def token_mask(self, inputs, ids: np.ndarray, cond) -> torch.Tensor | None:
+        """(B, T) 0/1 mask of the sequence positions that count (padding = 0), so that influence functions'
+        curvature skips padded tokens; None (the default) = every position of every row counts."""
         return None
 
     def row_scale_info(self) -> dict | None:

@@ -93,6 +93,11 @@ class ObjectiveTask(Task):
     def get_influence_tracked_modules(self) -> list[str]:
         return list(self.tracked)
 
+    def get_attention_mask(self, batch):
+        """The training loss's padding mask (sequence models), else None: kronfluence then counts every position."""
+        inputs, ids, cond = self._examples(batch)
+        return self.train_loss.token_mask(inputs, ids, cond)
+
 
 def tracked_modules(model: nn.Module) -> list[str]:
     """Names of the modules kronfluence scores: Linear / Conv2d with a trainable weight, outside attention."""

@@ -127,7 +127,7 @@ class EkfacSetup:
 
 
 def setup(spec: EkfacInputs, default_factors: Path, *, progress: bool = True) -> EkfacSetup:
-    """Load the checkpoint, build the engine from the adapter's objectives and groups, fit or reuse the factors."""
+    """Load the checkpoint and build the engine from the adapter's objectives and groups (`.fit()` fits the factors)."""
     adapter = adapter_of(spec.checkpoint)
     ckpt = adapter.load(spec.checkpoint)
     measurement = spec.measurement or adapter.default_measurement
