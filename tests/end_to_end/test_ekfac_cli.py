@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 from gradtrace.adapters import get_adapter
 from gradtrace.cli import main
 from gradtrace.data import load_dataset
+from gradtrace.errors import UserError
 from gradtrace.pipeline.ekfac import self_influence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,6 +125,19 @@ def test_self_influence_per_group_is_the_diagonal_of_loss_attributions(run):
     diag = np.einsum("nnm->nm", pairwise)
     np.testing.assert_allclose(got.contributions, diag, rtol=1e-4, atol=1e-6 * np.abs(diag).max())
     assert (got.contributions.sum(1) > 0).all()
+    # given examples are fitted and scored instead of the recorded ones: the same examples give the same numbers,
+    # labels flipped for the first five give other factors (refused in the same folder) and other scores
+    adapter = get_adapter("classifier")
+    given = adapter.examples(adapter.load(run / "run").model_config, {"kind": "dataset", "spec": "digits",
+                                                                        "n": N_DATA, "size": None, "seed": 0}, ids=TRAIN)
+    same = self_influence(run / "run", examples=given, factors=run / "factors-given", progress=False)
+    np.testing.assert_allclose(same.contributions, got.contributions, rtol=1e-6)
+    given.cond = given.cond.copy()
+    given.cond[:5] = (given.cond[:5] + 1) % 10
+    with pytest.raises(UserError, match="fitted for another"):
+        self_influence(run / "run", examples=given, factors=run / "factors-given", progress=False)
+    mis = self_influence(run / "run", examples=given, factors=run / "factors-flipped", progress=False)
+    assert not np.allclose(mis.contributions[:5], got.contributions[:5], rtol=1e-3)
 
 
 def test_eval_lds_takes_the_ekfac_output(run):

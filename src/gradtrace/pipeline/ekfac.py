@@ -279,12 +279,14 @@ class SelfInfluence:
     info: dict
 
 
-def self_influence(checkpoint, *, groups: str = "block", lambda_c: float = DEFAULT_C, factors=None,
+def self_influence(checkpoint, *, examples=None, groups: str = "block", lambda_c: float = DEFAULT_C, factors=None,
                    fisher: str = "auto", batch_size: int = 64, timesteps: int = 10, noise_seed: int = 0,
                    device: str = "auto", progress: bool = True) -> SelfInfluence:
-    """Per-group EK-FAC self-influence ∇L(n)ᵀ (G + δI)⁻¹ ∇L(n) of every training example of `checkpoint` (its
-    recorded training set; the training loss on both sides), δ = lambda_c · mean(Λ). `factors`: the factors
-    folder (default: CHECKPOINT-ekfac-factors beside the checkpoint), fitted once and reused."""
+    """Per-group EK-FAC self-influence ∇L(n)ᵀ (G + δI)⁻¹ ∇L(n) of every training example of `checkpoint` (the
+    training loss on both sides), δ = lambda_c · mean(Λ). The training set is the checkpoint's recorded one, or
+    `examples` (a `gradtrace.data.sources.Examples`, e.g. with flipped labels as `cond`): the factors are fitted on
+    it and it is scored. `factors`: the factors folder (default: CHECKPOINT-ekfac-factors beside the checkpoint),
+    fitted once and reused for the same model, examples (ids and labels) and settings."""
     spec = EkfacInputs(checkpoint=str(checkpoint), ids=np.zeros(0, np.int64), groups=groups, factors=factors,
                        fisher=fisher, timesteps=timesteps, noise_seed=noise_seed, batch_size=batch_size,
                        device=device)
@@ -292,7 +294,12 @@ def self_influence(checkpoint, *, groups: str = "block", lambda_c: float = DEFAU
     if c is None or c == AUTO:
         raise UserError("self_influence takes a number lambda_c >= 0")
     path = Path(checkpoint)
-    s = setup(spec, path.with_name(path.name + "-ekfac-factors"), progress=progress).fit()
+    s = setup(spec, path.with_name(path.name + "-ekfac-factors"), progress=progress)
+    if examples is not None:
+        s.train = examples
+        s.identity.update(train_source=examples.source, train_ids_sha256=sha256_arrays([np.asarray(examples.ids)]),
+                          train_cond_sha256=sha256_arrays([np.asarray(examples.cond)]))
+    s.fit()
     contrib = s.engine.self_contributions(s.train, c)
     return SelfInfluence(ids=np.asarray(s.train.ids, np.int64), group_names=list(s.engine.group_names),
                          contributions=contrib, info={"lambda_c": c, "damping": s.engine.damping(c),
