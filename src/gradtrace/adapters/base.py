@@ -174,6 +174,12 @@ class ModelAdapter(ABC):
     def objective(self, checkpoint: Checkpoint, measurement: str, repeats: int, seed: int) -> Objective:
         """The per-example output function `measurement`, averaged over `repeats` draws seeded by `seed`."""
 
+    def influence_model(self, checkpoint: Checkpoint) -> nn.Module:
+        """The module EK-FAC (kronfluence) runs: it scores `nn.Linear` and `nn.Conv2d` layers only, so an adapter
+        whose layers are other modules doing the same (e.g. transformers' GPT-2 `Conv1D`) returns an equivalent
+        module with those layers as `nn.Linear`, keeping the parameter names; default: the checkpoint's model."""
+        return checkpoint.model
+
     def measurement_is_loss(self, measurement: str) -> bool:
         """True when lower `measurement` is better (a training example that lowers it helps); default: only the
         training loss. Influence scores of a higher-is-better measurement (a margin) are negated."""

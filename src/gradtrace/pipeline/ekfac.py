@@ -139,7 +139,7 @@ def setup(spec: EkfacInputs, default_factors: Path, *, progress: bool = True) ->
         raise UserError(f"the checkpoint {spec.checkpoint} does not record its training data; EK-FAC needs it")
     train = adapter.examples(ckpt.model_config, source, ids=ckpt.train_ids)
     device = resolve_device(spec.device)
-    model = ckpt.model.to(device)
+    model = adapter.influence_model(ckpt).to(device)
     groups = make_groups(model, spec.groups, preset_key=adapter.group_key, adapter_presets=adapter.group_presets)
     key = {p: g.name for g in groups for p in g.params}
     loss = adapter.objective(ckpt, adapter.train_loss_measurement, spec.timesteps, spec.noise_seed).to(device)
