@@ -15,7 +15,7 @@ from gradtrace.adapters import get_adapter
 from gradtrace.cli import main
 from gradtrace.data import load_dataset
 from gradtrace.errors import UserError
-from gradtrace.pipeline.ekfac import self_influence
+from gradtrace.pipeline.ekfac import EkfacInputs, self_influence, setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,3 +185,19 @@ def test_eval_counterfactual_takes_the_ekfac_output(run):
     assert doc["per_query"][0]["query_id"] == HELD[0]
     assert doc["per_query"][0]["removed_top"] == sorted(TRAIN[np.argsort(-scores[0], kind="stable")[:7]].tolist())
     assert doc["manifest"]["method"]["method"] == "ekfac"
+
+
+def test_tiny_diffusion_unet_contributions_sum_to_kronfluence_total(tmp_path):
+    """The tiny diffusion UNet, its loss over 2 timesteps (two rows per example): per-group contributions of
+    held-out digits sum to kronfluence's own total, and the loss measurement keeps kronfluence's sign."""
+    assert main(["train", "--data", "digits", "--n", "30", "--ids", ids_file(tmp_path / "t.txt", range(24)),
+                 "--steps", "3", "--batch-size", "8", "--out", str(tmp_path / "unet"), *QUIET]) == 0
+    spec = EkfacInputs(checkpoint=str(tmp_path / "unet"), ids=ids_file(tmp_path / "q.txt", range(24, 27)),
+                       timesteps=2, batch_size=8, factors=str(tmp_path / "f"), device="cpu")
+    s = setup(spec, tmp_path / "f", progress=False).fit()
+    queries = s.examples(spec, spec.ids)
+    assert s.engine.sign == 1.0 and s.engine.fisher == "empirical"  # a loss; no predictive distribution
+    contrib = s.engine.contributions(queries, s.train, 0.1)
+    total = s.engine.total(queries, s.train, 0.1)
+    assert contrib.shape == (3, 24, len(s.engine.group_names)) and len(s.engine.group_names) > 5
+    np.testing.assert_allclose(contrib.sum(-1), total, rtol=1e-4, atol=1e-5 * np.abs(total).max())
