@@ -24,6 +24,13 @@ An `Objective` turns one chunk of examples (inputs, ids, cond) into what the fea
 `example_output(forward, *args)` the scalar output of ONE example given `forward(*model_args)` (the model
 with swapped parameters), and `batch_total(model, ...)` the sum of every example's output from one ordinary
 batched forward pass (rows example-major, the same number per example) for the Kronecker path.
+
+Influence functions (EK-FAC, `gradtrace.methods.ekfac`, kronfluence as the engine) use the same objects on the
+model and data directly: the adapter's `train_loss_measurement` objective's `batch_total` is the training loss
+(the curvature's), its `sampled_total` the same loss with targets drawn from the model's own predictive
+distribution (the true Fisher; objectives without one return None and the empirical Fisher is used), its
+`token_mask` the padding of sequence models, and the measurement's `batch_total` the query side. `measurement_is_loss(name)` says whether lower is better, which fixes
+the sign that makes a positive score mean "helpful".
 """
 from __future__ import annotations
 
@@ -81,6 +88,19 @@ class Objective(ABC):
     def context_stage(self, model: nn.Module) -> ContextStage | None:
         return None
 
+    samples_targets: bool = False  # True when `sampled_total` draws targets (the true Fisher of influence functions)
+
+    def sampled_total(self, model: nn.Module, inputs: torch.Tensor, ids: np.ndarray, cond,
+                      seed: int) -> torch.Tensor | None:
+        """Σ_b of this (training-loss) objective with each example's target drawn from the model's own predictive
+        distribution, seeded by (`seed`, example id); None when the objective has no such distribution."""
+        return None
+
+    def token_mask(self, inputs, ids: np.ndarray, cond) -> torch.Tensor | None:
+        """(B, T) 0/1 mask of the sequence positions that count (padding = 0), so that influence functions'
+        curvature skips padded tokens; None (the default) = every position of every row counts."""
+        return None
+
     def row_scale_info(self) -> dict | None:
         """What `row_scale` computes (recorded in the feature store), or None when this objective has none."""
         return None
@@ -126,6 +146,7 @@ class ModelAdapter(ABC):
     model_kinds: tuple[str, ...] = ()
     output_name: str = "loss"          # what `outputs` returns, as recorded in evaluation manifests
     output_is_loss: bool = True        # LDS targets are −output when True (a helpful example lowers the loss)
+    train_loss_measurement: str = "loss"  # the measurement that is the training loss (influence functions' curvature)
     train_devices: tuple[str, ...] = ("cpu",)          # device types `train` runs on
     train_precisions: tuple[str, ...] = ("float32",)   # compute precisions `train` runs at
 
@@ -153,6 +174,17 @@ class ModelAdapter(ABC):
     @abstractmethod
     def objective(self, checkpoint: Checkpoint, measurement: str, repeats: int, seed: int) -> Objective:
         """The per-example output function `measurement`, averaged over `repeats` draws seeded by `seed`."""
+
+    def influence_model(self, checkpoint: Checkpoint) -> nn.Module:
+        """The module EK-FAC (kronfluence) runs: it scores `nn.Linear` and `nn.Conv2d` layers only, so an adapter
+        whose layers are other modules doing the same (e.g. transformers' GPT-2 `Conv1D`) returns an equivalent
+        module with those layers as `nn.Linear`, keeping the parameter names; default: the checkpoint's model."""
+        return checkpoint.model
+
+    def measurement_is_loss(self, measurement: str) -> bool:
+        """True when lower `measurement` is better (a training example that lowers it helps); default: only the
+        training loss. Influence scores of a higher-is-better measurement (a margin) are negated."""
+        return measurement == self.train_loss_measurement
 
     # ------------------------------------------------------------------ data
     @abstractmethod

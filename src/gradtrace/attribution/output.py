@@ -73,6 +73,48 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
     return doc
 
 
+def write_contribution_attributions(contrib: np.ndarray, weights, *, train_ids, query_ids, group_names: list[str],
+                                    out, top_k: int = 10, manifest: dict) -> dict:
+    """The same artefact from dense per-group contributions (Q, N, M) of a method that scores the model directly
+    (EK-FAC): τ_w = contrib @ w (None = all ones), plus contributions.npy (Q, N, M) when small enough and the id
+    order of scores.npy's rows and columns (train_ids.npy, query_ids.npy). `manifest` holds the method's facts
+    (method, sources, fingerprint, groups_spec, measurement, weights, lambda, spec); returns the document."""
+    n = contrib.shape[1]
+    if top_k < 1 or top_k > n:
+        raise UserError(f"--top-k must be in 1..{n} (the training set size), got {top_k}")
+    w = np.ones(contrib.shape[2]) if weights is None else np.asarray(weights, dtype=np.float64)
+    scores = contrib @ w
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    top = np.take_along_axis(scores, idx, 1)
+    parts = np.take_along_axis(contrib, idx[:, :, None], 1) * w
+    train_ids, query_ids = np.asarray(train_ids, np.int64), np.asarray(query_ids, np.int64)
+    top_ids = train_ids[idx]
+    arrays = {"topk_ids.npy": top_ids, "topk_scores.npy": top.astype(np.float32),
+              "topk_contributions.npy": parts.astype(np.float32), "train_ids.npy": train_ids,
+              "query_ids.npy": query_ids}
+    if scores.size <= FULL_SCORES_MAX:
+        arrays["scores.npy"] = scores.astype(np.float32)
+    if contrib.size <= FULL_SCORES_MAX:
+        arrays["contributions.npy"] = contrib.astype(np.float32)
+    doc = {
+        "manifest": {"format": FORMAT, "format_version": 1, "command": command_line(), "top_k": top_k,
+                     "train_store": None, "query_store": None, "projection": None, **manifest,
+                     "versions": versions()},
+        "groups": list(group_names),
+        "queries": [
+            {"query_id": int(query_ids[q]),
+             "top": [{"rank": r + 1, "train_id": int(top_ids[q, r]), "score": float(top[q, r]),
+                      "contributions": {g: float(v) for g, v in zip(group_names, parts[q, r])}}
+                     for r in range(top_k)]}
+            for q in range(len(query_ids))
+        ],
+    }
+    _write_set(Path(out), arrays, doc)
+    if "contributions.npy" not in arrays and (Path(out) / "contributions.npy").exists():
+        (Path(out) / "contributions.npy").unlink()  # from an earlier, smaller run
+    return doc
+
+
 def _write_set(out: Path, arrays: dict[str, np.ndarray], doc: dict) -> None:
     """Every file into a staging folder in `out`, then renamed into place with attributions.json last."""
     out.mkdir(parents=True, exist_ok=True)

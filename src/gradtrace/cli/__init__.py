@@ -24,6 +24,8 @@ from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, Eva
                                 eval_counterfactual, eval_lds, featurize_run, learn_weights_run, retrain, run_demo,
                                 sample_run, train_run)
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
+from gradtrace.pipeline.ekfac import (AttributeEkfacSpec, LearnWeightsEkfacSpec, attribute_ekfac_run,
+                                      learn_weights_ekfac_run)
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, MislabelSpec, eval_mislabel
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
 from gradtrace.pipeline.merge_features import MergeFeaturesSpec, merge_features_run
@@ -121,6 +123,10 @@ COMMANDS: dict[str, Command] = {
                          "top-k training examples per query with per-group breakdown"),
     "learn-weights": Command(LearnWeightsSpec, learn_weights_run, _say_weights,
                              "learn one non-negative weight per parameter group, without labels"),
+    "attribute-ekfac": Command(AttributeEkfacSpec, attribute_ekfac_run, _say_attribute,
+                               "EK-FAC influence (kronfluence) on the model directly: top-k with per-group breakdown"),
+    "learn-weights-ekfac": Command(LearnWeightsEkfacSpec, learn_weights_ekfac_run, _say_weights,
+                                   "learn group weights for EK-FAC on learning queries (held-out ids)"),
     "report": Command(ReportSpec, report_run, _say_report,
                       "one self-contained HTML page: queries, top-k per run, weights, LDS and counterfactual"),
     "demo": Command(DemoSpec, run_demo, _say_demo, "train, sample, featurize, attribute and draw, end to end",

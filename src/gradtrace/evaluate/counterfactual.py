@@ -19,6 +19,7 @@ import numpy as np
 
 from gradtrace.attribution import score_queries
 from gradtrace.errors import UserError
+from gradtrace.evaluate.eval_attributions import attribution_selection
 from gradtrace.evaluate.harness import Job, is_finished, model_dir, train_jobs
 from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
@@ -46,38 +47,34 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
                        c=None, weights=None, weights_path=None, learning_queries=None, num_queries: int = 5,
                        k: int = 10,
                        n_seeds: int = 1, workers: int = 1, random_seed: int = 0, grid: OutputGrid = OutputGrid(),
-                       max_models: int | None = None, progress: bool = True) -> dict:
-    """Train the models that remain (resumable), then measure each query's Δ_top and Δ_random."""
+                       max_models: int | None = None, attributions=None, progress: bool = True) -> dict:
+    """Train the models that remain (resumable), then measure each query's Δ_top and Δ_random. `attributions`: a
+    dense attribute output folder (EK-FAC) instead of the feature stores and scoring options."""
     for value, flag in ((num_queries, "--num-queries"), (k, "--top-k")):
         if int(value) != value or value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     recipe = load_recipe(run)
-    train = FeatureStore.open(train_features)
-    query = FeatureStore.open(queries)
-    if train.settings.get("model_fingerprint") != recipe.fingerprint or \
-            not np.array_equal(np.sort(np.asarray(train.ids)), recipe.train_ids):
-        raise UserError(f"training features {train.path} are not the run's training set featurized with its model; "
-                        "featurize the run's training set with the run's checkpoint")
     if k >= len(recipe.train_ids):
         raise UserError(f"--top-k {k} must be smaller than the training set ({len(recipe.train_ids)} examples)")
-    scored = score_queries(train, query, method=method, kernel=kernel, c=c, weights=weights,
-                           weights_path=weights_path, learning_queries=learning_queries, progress=progress)
-    nq = min(int(num_queries), len(query.ids))
-    top_rows, _ = scored.fitted.topk(scored.query_features[:nq], int(k), scored.weights)
-    top_ids = np.sort(np.asarray(train.ids)[top_rows], axis=1)
+    if attributions is not None:  # a dense attribute output (EK-FAC): its own top-k, sources and method
+        chosen = attribution_selection(attributions, recipe, num_queries, k)
+    else:
+        chosen = _store_selection(recipe, train_features, queries, num_queries, k, method=method, kernel=kernel,
+                                  c=c, weights=weights, weights_path=weights_path, learning_queries=learning_queries,
+                                  progress=progress)
+    top_ids, query_ids, nq = chosen["top_ids"], chosen["query_ids"], len(chosen["query_ids"])
     rng = np.random.default_rng(int(random_seed))
     random_ids = np.stack([np.sort(rng.choice(recipe.train_ids, size=int(k), replace=False)) for _ in range(nq)])
-    query_ids = np.asarray(query.ids[:nq], dtype=np.int64)
     seeds = recipe.replicate_seeds(n_seeds)
     jobs = counterfactual_jobs(recipe.train_ids, query_ids, top_ids, random_ids, seeds)
     # The folder's identity is what decides the models trained in it (the removed ids, seeds, recipe, queries);
     # the method and weights that chose the top-k are provenance: weights equal up to rounding, or another
     # method, that pick the same ids reuse the same models.
-    settings = {"kind": "counterfactual", "recipe": recipe.summary(), "query_features": str(Path(queries).resolve()),
+    settings = {"kind": "counterfactual", "recipe": recipe.summary(), "query_features": chosen["queries"],
                 "query_ids": query_ids.tolist(), "k": int(k), "random_seed": int(random_seed),
                 "top_ids": top_ids.tolist(), "random_ids": random_ids.tolist(), "seeds": seeds,
                 "jobs": [j.name for j in jobs]}
-    chosen_by = {"method": scored.fitted.info, "weights": scored.weights_info}
+    chosen_by = {"method": chosen["method"], "weights": chosen["weights"]}
     out = Path(out)
     open_or_create(out, settings, "counterfactual retraining",
                    "pass the same method, queries, --top-k, --seeds and --random-seed to resume, or a new --out",
@@ -87,14 +84,13 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     if missing:
         return {"finished": False, "missing": missing, "stats": stats}
     adapter = recipe.adapter
-    ex = store_examples(adapter, recipe.model_config, query)
-    first = ex.take(np.arange(nq))
+    first = chosen["examples"]()
     losses, info = model_outputs(adapter, [(j.name, model_dir(out, j)) for j in jobs], first, out / "outputs", grid,
                                  progress=progress)
     doc = summarize_counterfactual(jobs, losses, query_ids, len(seeds), top_ids, random_ids, seed=random_seed,
                                    harm_sign=1.0 if adapter.output_is_loss else -1.0)
     doc["manifest"] = {"format": "gradtrace-counterfactual", "format_version": 1, "run": recipe.run,
-                       "command": command_line(), **settings, **chosen_by, "lambda": scored.lambda_info,
+                       "command": command_line(), **settings, **chosen_by, "lambda": chosen["lambda"],
                        "model_output": {"name": adapter.output_name, "grid": grid.info(), "cache": info["path"],
                                         "worse_when": "higher" if adapter.output_is_loss else "lower"},
                        "versions": versions()}
@@ -102,6 +98,25 @@ def counterfactual_run(run, train_features, queries, out, *, method: str = "trak
     doc["finished"] = True
     write_json_atomic(out / RESULT, doc)
     return doc
+
+
+def _store_selection(recipe, train_features, queries, num_queries: int, k: int, *, method, kernel, c, weights,
+                     weights_path, learning_queries, progress: bool) -> dict:
+    """The first queries of a store, their top-k training ids by the method's scores, and what to record."""
+    train = FeatureStore.open(train_features)
+    query = FeatureStore.open(queries)
+    if train.settings.get("model_fingerprint") != recipe.fingerprint or \
+            not np.array_equal(np.sort(np.asarray(train.ids)), recipe.train_ids):
+        raise UserError(f"training features {train.path} are not the run's training set featurized with its model; "
+                        "featurize the run's training set with the run's checkpoint")
+    scored = score_queries(train, query, method=method, kernel=kernel, c=c, weights=weights,
+                           weights_path=weights_path, learning_queries=learning_queries, progress=progress)
+    nq = min(int(num_queries), len(query.ids))
+    top_rows, _ = scored.fitted.topk(scored.query_features[:nq], int(k), scored.weights)
+    return {"top_ids": np.sort(np.asarray(train.ids)[top_rows], axis=1),
+            "query_ids": np.asarray(query.ids[:nq], dtype=np.int64), "method": scored.fitted.info,
+            "weights": scored.weights_info, "lambda": scored.lambda_info, "queries": str(Path(queries).resolve()),
+            "examples": lambda: store_examples(recipe.adapter, recipe.model_config, query).take(np.arange(nq))}
 
 
 def summarize_counterfactual(jobs: list[Job], outputs: np.ndarray, query_ids, n_seeds: int, top_ids, random_ids,

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gradtrace.errors import UserError
 from gradtrace.evaluate.counterfactual import counterfactual_run
 from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, check_fraction
+from gradtrace.evaluate.eval_attributions import lds_of_attributions
 from gradtrace.evaluate.eval_lds import eval_lds_run
 from gradtrace.evaluate.mislabel import DEFAULT_METHODS, mislabel_run
 from gradtrace.evaluate.outputs import OutputGrid
@@ -39,13 +41,26 @@ def retrain(spec: RetrainSpec, *, progress: bool = True) -> dict:
                        progress=progress)
 
 
+def attributions_option():
+    return option(None, "instead of feature stores and scoring options: an attribute-ekfac output folder (its dense "
+                        "scores; methods that score the model directly)", type=str)
+
+
+def check_attributions_alone(spec) -> None:
+    given = [flag for flag, value in (("--train-features", spec.train_features), ("--queries", spec.queries),
+                                      ("--weights", spec.weights), ("--lambda-c", spec.lambda_c),
+                                      ("--learning-queries", spec.learning_queries)) if value is not None]
+    if spec.attributions is not None and given:
+        raise UserError(f"--attributions carries its own scores (weights and λ included); drop {given[0]}")
+
+
 @dataclass
 class ScoringEvalSpec(Spec):
     """What `eval lds` and `eval counterfactual` share: the run, the stores, the scoring, the output grid."""
 
     run: str = option(None, "checkpoint directory of the full model", required=True)
-    train_features: str = option(None, "feature store of the run's training set", required=True)
-    queries: str = option(None, "feature store of the evaluation queries", required=True)
+    train_features: str | None = option(None, "feature store of the run's training set (required)", type=str)
+    queries: str | None = option(None, "feature store of the evaluation queries (required)", type=str)
     out: str = option(None, "output directory", required=True)
     method: str = method_option()
     kernel: str = kernel_option()
@@ -58,15 +73,27 @@ class ScoringEvalSpec(Spec):
     def grid(self) -> OutputGrid:
         return OutputGrid(num_timesteps=self.timesteps, num_draws=self.draws)
 
+    def validate(self) -> None:
+        if getattr(self, "attributions", None) is None and (self.train_features is None or self.queries is None):
+            raise UserError("--train-features and --queries are required")
+
 
 @dataclass
 class EvalLDSSpec(ScoringEvalSpec):
     retrain: str = option(None, "retraining directory (from `gradtrace retrain`)", required=True)
     per_group: bool = option(False, "also the LDS of each parameter group alone (+ plot)")
     seed: int = option(0, "bootstrap seed")
+    attributions: str | None = attributions_option()
+
+    def validate(self) -> None:
+        super().validate()
+        check_attributions_alone(self)
 
 
 def eval_lds(spec: EvalLDSSpec, *, progress: bool = True) -> dict:
+    if spec.attributions is not None:
+        return lds_of_attributions(spec.run, spec.retrain, spec.attributions, spec.out, per_group=spec.per_group,
+                                   grid=spec.grid(), seed=spec.seed, progress=progress)
     return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=spec.method,
                         kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights, per_group=spec.per_group,
                         learning_queries=spec.learning_queries, grid=spec.grid(), seed=spec.seed, progress=progress)
@@ -80,6 +107,11 @@ class CounterfactualSpec(ScoringEvalSpec):
     workers: int = option(1, "single-threaded worker processes", check=positive)
     random_seed: int = option(0, "seed of the random removals")
     max_models: int | None = option(None, "stop after training this many models", type=int, check=non_negative)
+    attributions: str | None = attributions_option()
+
+    def validate(self) -> None:
+        super().validate()
+        check_attributions_alone(self)
 
 
 def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> dict:
@@ -87,7 +119,8 @@ def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> d
                               kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
                               learning_queries=spec.learning_queries, num_queries=spec.num_queries, k=spec.top_k,
                               n_seeds=spec.seeds, workers=spec.workers, random_seed=spec.random_seed,
-                              grid=spec.grid(), max_models=spec.max_models, progress=progress)
+                              grid=spec.grid(), max_models=spec.max_models, attributions=spec.attributions,
+                              progress=progress)
 
 
 @dataclass

@@ -67,10 +67,13 @@ def load_run(folder: str) -> sections.Run:
     manifest = doc.get("manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
         raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; pass an `attribute` output folder")
-    train = _store(manifest["train_store"], path / ATTRIBUTIONS, "training")
-    queries = _store(manifest["query_store"], path / ATTRIBUTIONS, "query")
-    return sections.Run(label=run_label(doc), path=path, doc=doc, train=load_source(train.settings["source"]),
-                        queries=load_source(queries.settings["source"]))
+    sources = {}
+    for side, what in (("train", "training"), ("query", "query")):
+        # methods that score the model directly (EK-FAC) record their sources, not feature stores
+        sources[side] = manifest.get(f"{side}_source") or \
+            _store(manifest[f"{side}_store"], path / ATTRIBUTIONS, what).settings["source"]
+    return sections.Run(label=run_label(doc), path=path, doc=doc, train=load_source(sources["train"]),
+                        queries=load_source(sources["query"]))
 
 
 def run_label(doc: dict) -> str:

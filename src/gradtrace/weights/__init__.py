@@ -14,10 +14,10 @@ from gradtrace.weights.defaults import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DE
 from gradtrace.weights.guard import GUARDS
 from gradtrace.weights.diagnostics import cosine, solo_quality
 from gradtrace.weights.lambda_scale import choose_lambda_scale
-from gradtrace.weights.learn import WeightsResult, dense_contributions, learn_weights
+from gradtrace.weights.learn import WeightsResult, dense_contributions, learn_weights, learn_weights_dense
 from gradtrace.weights.objective import snr_loss
 
-__all__ = ["snr_loss", "learn_weights", "WeightsResult", "dense_contributions", "choose_lambda_scale",
+__all__ = ["snr_loss", "learn_weights", "learn_weights_dense", "WeightsResult", "dense_contributions", "choose_lambda_scale",
            "save_weights", "load_weights", "solo_quality", "cosine",
            "DEFAULT_K", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_L2", "DEFAULT_POOL",
            "DEFAULT_REFRESH", "DEFAULT_MEMORY_BUDGET", "DEFAULT_GUARD", "GUARDS"]

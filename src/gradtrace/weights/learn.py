@@ -138,12 +138,19 @@ def _objective_value(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, w: np.
 
 def _learn(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool) -> tuple[np.ndarray, list, dict]:
     """(θ, loss curve, info) of AdamW on θ from 0 (uniform) for these learning queries."""
-    n_q, n, m = phi_q.shape[0], fitted.n_train, fitted.n_groups
+    return _optimise(lambda: _objective(fitted, phi_q, opts, progress), (phi_q.shape[0], fitted.n_train,
+                                                                         fitted.n_groups), opts, progress)
+
+
+def _optimise(make_objective, shape: tuple[int, int, int], opts: dict,
+              progress: bool) -> tuple[np.ndarray, list, dict]:
+    """(θ, loss curve, info) of AdamW on θ from 0 (uniform); `make_objective()` → (w -> mean_q L, path name)."""
+    n_q, n, m = shape
     torch.manual_seed(opts["seed"])
     start = time.perf_counter()
     info: dict[str, Any] = {"k": opts["k"], "steps": opts["steps"], "lr": opts["lr"], "l2": opts["l2"],
                             "seed": opts["seed"], "Q": n_q, "N": n, "M": m, "dense_bytes": n_q * n * m * 8}
-    objective, info["path"] = _objective(fitted, phi_q, opts, progress)
+    objective, info["path"] = make_objective()
     precompute = time.perf_counter() - start
 
     theta = torch.zeros(m, dtype=torch.float64, requires_grad=True)
@@ -186,6 +193,50 @@ def _learn(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool) 
         info["pool"] = objective.pool_info()
         info["memory_bytes"] = objective.memory_bytes()
     return theta.detach().numpy().copy(), curve, info
+
+
+def learn_weights_dense(contrib: Any, group_names: list[str], *, k: int = DEFAULT_K, steps: int = DEFAULT_STEPS,
+                        lr: float = DEFAULT_LR, l2: float = DEFAULT_L2, seed: int = 0, guard: str = DEFAULT_GUARD,
+                        progress: bool = True) -> WeightsResult:
+    """Learn group weights from dense contributions c_j(q, n) (Q, N, M) of learning queries (never the evaluation
+    queries), for base methods that give contributions directly (EK-FAC): the objective only needs
+    τ_w = Σ_j w_j c_j, so this is `learn_weights`'s dense path on a given tensor (same AdamW, same guard)."""
+    c = np.asarray(contrib, dtype=np.float64)
+    if c.ndim != 3 or c.shape[2] != len(group_names) or min(c.shape) < 1:
+        raise UserError(f"contributions must be (queries, training examples, groups) with {len(group_names)} groups, "
+                        f"got shape {c.shape}")
+    raise_if_nonfinite(c.reshape(-1, c.shape[2]), 0, "contributions")
+    opts = {"k": check_k(k, c.shape[1]), "steps": _check_int(steps, "steps", 0),
+            "lr": _check_number(lr, "lr", positive=True), "l2": _check_number(l2, "l2", positive=False),
+            "seed": _check_int(seed, "seed", 0)}
+    if guard not in GUARDS:
+        raise UserError(f"unknown guard '{guard}'; use one of: {', '.join(GUARDS)}")
+    tensor = torch.from_numpy(c)
+
+    def objective(rows):
+        part = tensor[torch.as_tensor(rows)]
+        return lambda: ((lambda w, last=False: snr_loss(part, w, opts["k"])), "dense")  # noqa: E731
+
+    def run(rows, show):
+        return _optimise(objective(rows), (len(rows), c.shape[1], c.shape[2]), opts, show)
+
+    start = time.perf_counter()
+    alpha, table = 1.0, None
+    if guard == "holdout":
+        alpha, table = holdout_shrink(
+            c.shape[0], lambda rows: run(rows, False)[0],
+            lambda rows, w: float(objective(rows)()[0](torch.from_numpy(np.asarray(w, np.float64)))), seed=opts["seed"])
+    theta, curve, info = run(np.arange(c.shape[0]), progress)
+    weights = softmax_weights(torch.from_numpy(alpha * theta)).numpy().astype(np.float64)
+    if table is not None:
+        table["seconds"] = time.perf_counter() - start - sum(info["seconds"].values())
+        info["guard"] = table
+        if alpha != 1.0:
+            info["unguarded_final_loss"] = info["final_loss"]
+            info["final_loss"] = float(snr_loss(tensor, torch.from_numpy(weights), opts["k"]))
+    info["guard_mode"] = guard
+    return WeightsResult(weights=weights, theta=alpha * theta, group_names=list(group_names), loss_curve=curve,
+                         info=info)
 
 
 def dense_contributions(fitted: FittedMethod, phi_q: np.ndarray, *, chunk_rows: int = 65536) -> np.ndarray:

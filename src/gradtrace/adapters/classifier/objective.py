@@ -14,8 +14,10 @@ import torch
 
 from gradtrace.adapters.base import Objective
 from gradtrace.errors import UserError
+from gradtrace.io import derive_seed
 
 MEASUREMENTS = ("margin", "loss")
+SAMPLE_STREAM = 0x46495348  # "FISH": labels drawn for the true Fisher, apart from every other seeded draw
 DEFINITIONS = {"margin": "z_y - logsumexp_{c != y} z_c (logits z, label y)",
                "loss": "cross-entropy: logsumexp_c z_c - z_y"}
 
@@ -72,6 +74,23 @@ class ClassifierObjective(Objective):
     def batch_total(self, model, inputs, ids, cond):
         x, y = self._batch(inputs, cond)
         return measure(self.name, model(x), y).sum()
+
+    @property
+    def samples_targets(self) -> bool:
+        return self.name == "loss"
+
+    def sampled_total(self, model, inputs, ids, cond, seed: int):
+        """Cross-entropy summed over the batch, each label drawn from softmax(logits) with a generator seeded by
+        (seed, example id): the true Fisher of EK-FAC (None for the margin, which has no predictive distribution)."""
+        if self.name != "loss":
+            return None
+        x = torch.as_tensor(inputs, dtype=torch.float32).to(self.device)
+        logits = model(x)
+        probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+        ids = np.asarray(ids, dtype=np.int64)
+        labels = torch.stack([torch.multinomial(probs[b], 1, generator=torch.Generator().manual_seed(
+            derive_seed(seed, int(ids[b]), SAMPLE_STREAM)))[0] for b in range(len(ids))])
+        return measure("loss", logits, labels.to(self.device)).sum()
 
 
 @torch.no_grad()
