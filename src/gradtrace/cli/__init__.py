@@ -22,6 +22,7 @@ from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, Eva
                                 LearnWeightsSpec, RetrainSpec, SampleSpec, TrainSpec, attribute_run,
                                 eval_counterfactual, eval_lds, featurize_run, learn_weights_run, retrain, run_demo,
                                 sample_run, train_run)
+from gradtrace.pipeline.build_lm import BuildLMSpec, build_lm_run
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
@@ -74,6 +75,10 @@ def _say_build(path, spec) -> str:
     return f"pipeline: {path}"
 
 
+def _say_build_lm(path, spec) -> str:
+    return f"model: {path}"
+
+
 def _say_report(path, spec) -> str:
     return f"report: {path}"
 
@@ -124,6 +129,8 @@ COMMANDS: dict[str, Command] = {
                        "retrain the run's model on random training subsets (for the LDS)", RETRAIN_EPILOG),
     "build-pipeline": Command(BuildPipelineSpec, build_pipeline_run, _say_build,
                               "build and pretrain a small text-to-image pipeline (SD layout) from configs"),
+    "build-lm": Command(BuildLMSpec, build_lm_run, _say_build_lm,
+                        "a small GPT-2 from a config and a BPE tokenizer trained on a text corpus (save_pretrained)"),
     "import-lora": Command(ImportLoraSpec, import_lora_run, _say_train,
                            "UNet LoRA weights trained elsewhere (diffusers' scripts) + their base, as a checkpoint"),
 }

@@ -65,11 +65,25 @@ class Member:
         return d
 
 
+def shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module owns (tied weights, e.g. a language model's input embedding
+    and output layer): no module's hook sees all of their uses, so they are never factored."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, count in owners.items() if count > 1}
+
+
 def kron_weights(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{weight name: (d_out, d_in)} for every Linear / Conv2d (groups = 1) weight of `model`."""
+    """{weight name: (d_out, d_in)} for every Linear / Conv2d (groups = 1) weight of `model` that no other module
+    shares."""
     out = {}
+    shared = shared_parameters(model)
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        if getattr(module, "weight", None) is not None and id(module.weight) in shared:
+            continue
         if isinstance(module, nn.Linear):
             out[prefix + "weight"] = (module.out_features, module.in_features)
         elif isinstance(module, nn.Conv2d) and module.groups == 1:

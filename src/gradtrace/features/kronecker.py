@@ -16,7 +16,9 @@ requested outputs). Then, per example b and layer:
   weights Σ g_out·x̂ and biases Σ g_out (x̂ recomputed from the recorded input); parameters the objective
   declares a `ContextStage` (e.g. conditioning tables outside the UNet) by a vmap over examples through
   the stage's encoder, given the gradient of the tensor it feeds to the network;
-  anything else by the vmap(grad) path of GradientFeaturizer restricted to those tensors (slow).
+  anything else by the vmap(grad) path of GradientFeaturizer restricted to those tensors (slow): among them
+  tensors that two modules share (tied weights, e.g. GPT-2's token embedding and output layer) and weights of
+  layers without a rule (e.g. transformers' GPT-2 `Conv1D`).
 
 Sums over an example's rows (e.g. its T timesteps) happen in projected space. The first call is checked on
 its first two examples: Σ_b of their features must equal the projection of the ordinary batch gradient, or the
@@ -37,7 +39,7 @@ from gradtrace.adapters.base import Objective
 from gradtrace.errors import UserError
 from gradtrace.features.gradients import GradientFeaturizer
 from gradtrace.features.groups import Group
-from gradtrace.features.kron_projection import KroneckerProjector, Member
+from gradtrace.features.kron_projection import KroneckerProjector, Member, shared_parameters
 
 CHECK_RTOL = 1e-3
 
@@ -100,9 +102,11 @@ class KroneckerFeaturizer:
         by_id = {id(self.named[n]): n for n in self.param_names}
         self.hooked: list[tuple[nn.Module, str, dict[str, str]]] = []
         handled: set[str] = set()
+        shared = shared_parameters(model)  # tied weights: every use is seen only by the vmap path below
         for module in model.modules():
             kind = _rule(module)
-            own = {pn: by_id[id(p)] for pn, p in module.named_parameters(recurse=False) if id(p) in by_id}
+            own = {pn: by_id[id(p)] for pn, p in module.named_parameters(recurse=False)
+                   if id(p) in by_id and id(p) not in shared}
             if kind is not None and own:
                 self.hooked.append((module, kind, own))
                 handled |= set(own.values())
