@@ -54,8 +54,9 @@ def attach_lora(lm: nn.Module, lora: dict, *, seed: int) -> nn.Module:
     `seed` without touching the global RNG; only the adapters are trainable."""
     from peft import LoraConfig, get_peft_model
 
+    conv1d = any(type(m).__name__ == "Conv1D" for m in lm.modules())  # GPT-2's layers store (in, out) weights
     config = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora.get("alpha", lora["rank"])), lora_dropout=0.0,
-                        target_modules=lora_targets(lm, lora), task_type="CAUSAL_LM")
+                        target_modules=lora_targets(lm, lora), fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         try:
