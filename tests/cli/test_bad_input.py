@@ -182,6 +182,8 @@ CASES = [
     ("build-size-odd", "build-pipeline --size 6 --out {new}", "multiple of 4"),
     ("build-lr-zero", "build-pipeline --lr 0 --out {new}", "--lr must be a positive number"),
     ("build-no-captions", "build-pipeline --data digits --n 4 --out {new}", "text"),
+    ("build-lm-vocab", "build-lm --vocab-size 10 --out {new}", "--vocab-size must be >= 260"),
+    ("build-lm-image-data", "build-lm --data digits --n 4 --out {new}", "is not text"),
     ("import-out-not-empty", "import-lora --base {pipe} --lora {lora} --out {foreign_dir}", "not empty"),
     ("import-lora-missing", "import-lora --base {pipe} --lora {new} --out {new}", "lora"),
     ("import-base-not-pipeline", "import-lora --base {ckpt} --lora {lora} --out {new}", "pipeline"),
