@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from gradtrace.adapters.causal_lm.folder import quiet_transformers
 from gradtrace.errors import UserError
 
 EOS = "<|endoftext|>"
@@ -48,8 +49,6 @@ def small_gpt2(vocab_size: int, eos_id: int, *, layers: int, dim: int, heads: in
 def save_small_gpt2(out, texts: list[str], *, vocab_size: int = 512, layers: int = 2, dim: int = 64, heads: int = 4,
                     context: int = 64, seed: int = 0) -> dict:
     """Write the tokenizer and the model into `out` (save_pretrained); returns what was built."""
-    from gradtrace.adapters.causal_lm.folder import quiet_transformers
-
     quiet_transformers()
     tokenizer = train_tokenizer(texts, vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)

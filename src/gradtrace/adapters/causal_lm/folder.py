@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradtrace.adapters.checkpoint import model_fingerprint
 from gradtrace.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -106,8 +107,6 @@ def load_base(path) -> Base:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    from gradtrace.adapters.checkpoint import model_fingerprint
-
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"model folder not found: {root}; pass a folder saved with save_pretrained")
