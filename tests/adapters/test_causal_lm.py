@@ -228,3 +228,32 @@ def test_tokenization_truncates_appends_eos_and_refuses_empty_documents(lm, tmp_
     write_jsonl(tmp_path / "e.jsonl", ["fine", ""])
     with pytest.raises(UserError, match="document id 1 has 1 token"):
         ADAPTER.examples(ckpt.model_config, source_of(f"jsonl:{tmp_path / 'e.jsonl'}"))
+
+
+def test_kronecker_blocks_of_gpt2_conv1d_weights_are_projections_of_their_gradients(lm):
+    """GPT-2's Conv1D layers store W as (d_in, d_out): the Kronecker block of each must be vec(P_outᵀ Gᵀ P_in) of
+    the example's autograd gradient G (d_in × d_out), with the projector's own seeded factors."""
+    folder, data = lm
+    config = ADAPTER.default_model_config(load_dataset(data), base=folder, model_options={"seq_len": SEQ})
+    model = moved(ADAPTER.build(config)).eval()
+    ex = ADAPTER.examples(config, source_of(data), ids=np.arange(4))
+    spec = FeatureSpec(groups="block", projection="kronecker", total_dim=512, measurement="loss")
+    featurizer, _ = featurizer_for(ADAPTER, checkpoint(model), spec)
+    got = featurizer.features(ex.images, ex.ids, ex.cond)
+    want = autograd_rows(model, ex)
+    sizes = [(n, p) for n, p in model.named_parameters()]
+    conv1d = [n for n, _ in sizes if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))]
+    assert len(conv1d) == 8 and set(conv1d) <= set(featurizer.kron)
+    offsets = np.cumsum([0] + [p.numel() for _, p in sizes])
+    where = {n: (int(offsets[i]), p.shape) for i, (n, p) in enumerate(sizes)}
+    for name in conv1d:
+        start, member = featurizer.kron[name]
+        assert not member.exact
+        p_in, p_out = (featurizer.projector.factor(member, side) for side in ("in", "out"))
+        off, shape = where[name]
+        for b in range(len(ex.ids)):
+            grad = torch.from_numpy(want[b, off:off + shape.numel()]).float().reshape(shape)
+            block = (grad.T if p_out is None else p_out.T @ grad.T)
+            block = block if p_in is None else block @ p_in
+            np.testing.assert_allclose(got[b, start + member.start:start + member.stop], block.reshape(-1).numpy(),
+                                       rtol=1e-4, atol=1e-5 * float(block.abs().max()))
