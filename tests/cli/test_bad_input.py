@@ -38,6 +38,10 @@ CASES = [
     ("retrain-subsets", "retrain --run {ckpt} --subsets many", "invalid int value"),
     ("eval-lds-no-retrain", "eval lds --run {ckpt} --train-features {train} --queries {queries} --out {new}",
      "required: --retrain"),
+    ("eval-tail-patch-top-k", "eval tail-patch --run {ckpt} --train-features {train} --queries {queries} --top-k 0 "
+     "--out {new}", "--top-k must be a positive integer"),
+    ("eval-tail-patch-lr", "eval tail-patch --run {ckpt} --train-features {train} --queries {queries} --lr -1 "
+     "--out {new}", "--lr must be a positive number"),
     ("eval-cf-top-k", "eval counterfactual --run {ckpt} --train-features {train} --queries {queries} --top-k x "
      "--out {new}", "invalid int value"),
     ("eval-nothing", "eval", "required"),

@@ -1,7 +1,8 @@
 """Causal language models end to end through the CLI on Debian's fortunes: build a small GPT-2 and its tokenizer,
 train it on text, featurize its training set and held-out queries, attribute, retrain on subsets and evaluate the
-LDS — the scores against a numpy per-group TRAK of the stored features, the LDS targets against each retrained
-model's loss computed by transformers itself from the saved folder."""
+LDS and the tail-patch score — the scores against a numpy per-group TRAK of the stored features, the LDS targets
+against each retrained model's loss computed by transformers itself from the saved folder, the tail-patch changes
+against one SGD step taken by hand on the model transformers loads."""
 from __future__ import annotations
 
 import json
@@ -24,16 +25,19 @@ QUIET = ["--no-progress"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-e2e")
-    texts = fortune_texts(N_TRAIN + N_QUERY)
+    texts = fortune_texts(N_TRAIN + 2 * N_QUERY)
     write_jsonl(root / "train.jsonl", texts[:N_TRAIN])
-    write_jsonl(root / "queries.jsonl", texts[N_TRAIN:])
+    write_jsonl(root / "queries.jsonl", texts[N_TRAIN:N_TRAIN + N_QUERY])
+    write_jsonl(root / "learn.jsonl", texts[N_TRAIN + N_QUERY:])
     assert main(["build-lm", "--data", "fortunes", "--n", "200", "--vocab-size", "400", "--dim", "32", "--heads",
                  "2", "--context", "32", "--out", str(root / "base"), *QUIET]) == 0
     assert main(["train", "--base", str(root / "base"), "--data", f"jsonl:{root / 'train.jsonl'}", "--steps", "25",
                  "--batch-size", "16", "--lr", "0.01", "--out", str(root / "run"), *QUIET]) == 0
     feat = ["--checkpoint", str(root / "run"), "--dim", "192", *QUIET]
     assert main(["featurize", *feat, "--out", str(root / "ft")]) == 0
-    assert main(["featurize", *feat, "--data", f"jsonl:{root / 'queries.jsonl'}", "--out", str(root / "fq")]) == 0
+    for name in ("queries", "learn"):
+        assert main(["featurize", *feat, "--data", f"jsonl:{root / (name + '.jsonl')}", "--out",
+                     str(root / f"f{name[0]}")]) == 0
     return root
 
 
@@ -46,20 +50,21 @@ def per_group_trak(phi, q, slices, c):
     return np.stack(out, axis=-1)  # (Q, N, M)
 
 
+def hf_loss(model, tok, text) -> torch.Tensor:
+    """A text's mean next-token loss by transformers' own loss (the text's tokens and the end-of-text token,
+    truncated to the context, no padding)."""
+    x = torch.tensor([(tok(text)["input_ids"] + [tok.eos_token_id])[:model.config.n_positions]])
+    return model(input_ids=x, labels=x).loss
+
+
 def hf_losses(folder, texts, tokenizer_folder) -> np.ndarray:
-    """Each text's mean next-token loss under the model saved in `folder`, by transformers' own loss (the text's
-    tokens and the end-of-text token, truncated to the context, no padding)."""
+    """Each text's mean next-token loss under the model saved in `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(tokenizer_folder)
-    out = []
-    for text in texts:
-        ids = (tok(text)["input_ids"] + [tok.eos_token_id])[:model.config.n_positions]
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            out.append(float(model(input_ids=x, labels=x).loss))
-    return np.array(out)
+    with torch.no_grad():
+        return np.array([float(hf_loss(model, tok, text)) for text in texts])
 
 
 def test_the_stores_record_the_model_and_the_tokenizer(run):
@@ -102,3 +107,39 @@ def test_attribute_and_lds_match_plain_computations(run):
     np.testing.assert_allclose(lds["lds"]["per_query"], want, rtol=1e-6, atol=1e-9)
     assert lds["manifest"]["model_output"]["name"] == "mean token loss"
     assert lds["manifest"]["model_output"]["target"].startswith("negative loss")
+
+
+def test_tail_patch_matches_one_step_taken_by_hand(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["learn-weights", "--train", str(run / "ft"), "--queries", str(run / "fl"), "--lambda-c", str(C),
+                 "--steps", "20", "--out", str(run / "weights.json"), *QUIET]) == 0
+    lr, k = 0.05, 4
+    assert main(["eval", "tail-patch", "--run", str(run / "run"), "--train-features", str(run / "ft"), "--queries",
+                 str(run / "fq"), "--lambda-c", str(C), "--weights", str(run / "weights.json"), "--top-k", str(k),
+                 "--lr", str(lr), "--out", str(run / "tp"), *QUIET]) == 0
+    doc = json.loads((run / "tp" / "tail_patch.json").read_text())
+    ft = FeatureStore.open(run / "ft")
+    phi, q = (np.asarray(FeatureStore.open(run / n).features, dtype=np.float64) for n in ("ft", "fq"))
+    scores = per_group_trak(phi, q, ft.group_slices, C).sum(-1)
+    texts = fortune_texts(N_TRAIN + N_QUERY)
+    tok = AutoTokenizer.from_pretrained(run / "base")
+    for qi, row in enumerate(doc["per_query"]):
+        assert row["uniform_ids"] == np.argsort(-scores[qi], kind="stable")[:k].tolist()
+        assert len(set(row["random_ids"])) == k and len(set(row["learned_ids"])) == k
+        for kind in ("uniform", "learned", "random"):
+            model = AutoModelForCausalLM.from_pretrained(run / "run" / "model").eval()
+            query = texts[N_TRAIN + qi]
+            with torch.no_grad():
+                before = float(hf_loss(model, tok, query))
+            loss = sum(hf_loss(model, tok, texts[i]) for i in row[f"{kind}_ids"]) / k
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), grads):
+                    p.sub_(lr * g)
+                after = float(hf_loss(model, tok, query))
+            assert row[f"delta_{kind}"] == pytest.approx(before - after, rel=1e-3, abs=1e-6)
+    deltas = {kind: np.array([r[f"delta_{kind}"] for r in doc["per_query"]]) for kind in ("uniform", "random")}
+    assert doc["summary"]["delta_uniform_minus_random"]["mean"] == pytest.approx(
+        float(np.mean(deltas["uniform"] - deltas["random"])), rel=1e-9)
+    assert doc["manifest"]["model_output"]["delta"] == "decrease of the loss"

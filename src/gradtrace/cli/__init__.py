@@ -24,7 +24,8 @@ from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, Eva
                                 sample_run, train_run)
 from gradtrace.pipeline.build_lm import BuildLMSpec, build_lm_run
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
-from gradtrace.pipeline.evaluate import RETRAIN_EPILOG
+from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
+from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, TailPatchSpec, eval_tail_patch
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
 from gradtrace.pipeline.merge_features import MergeFeaturesSpec, merge_features_run
 from gradtrace.pipeline.report import ReportSpec, report_run
@@ -110,6 +111,10 @@ def _say_counterfactual(doc, spec) -> str:
     return f"{counterfactual_table(doc)}\ncounterfactual: {Path(spec.out) / COUNTERFACTUAL_RESULT}"
 
 
+def _say_tail_patch(doc, spec) -> str:
+    return f"{tail_patch_table(doc)}\ntail-patch: {Path(spec.out) / TAIL_PATCH_RESULT}"
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(TrainSpec, train_run, _say_train, "train a model (default: a tiny diffusion UNet, DDPM)"),
     "sample": Command(SampleSpec, sample_run, _say_sample, "generate images from a checkpoint"),
@@ -139,6 +144,8 @@ EVAL_COMMANDS: dict[str, Command] = {
                    one_line_warnings=True),
     "counterfactual": Command(CounterfactualSpec, eval_counterfactual, _say_counterfactual,
                               "retrain without each query's top-k and k random training images"),
+    "tail-patch": Command(TailPatchSpec, eval_tail_patch, _say_tail_patch,
+                          "one small gradient step on each query's top-k training examples (against k random ones)"),
 }
 
 
