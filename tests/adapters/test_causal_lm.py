@@ -12,6 +12,8 @@ from fixtures.lms import fortune_texts, write_jsonl, write_tiny_lm
 from gradtrace.adapters import adapter_of, get_adapter
 from gradtrace.adapters.base import Checkpoint, OutputGrid
 from gradtrace.adapters.causal_lm.groups import block_key
+from gradtrace.adapters.checkpoint import model_fingerprint
+from gradtrace.adapters.train_state import TrainState
 from gradtrace.data import load_dataset
 from gradtrace.errors import UserError
 from gradtrace.features.featurize import FeatureSpec, featurizer_for
@@ -196,8 +198,6 @@ def test_a_peft_folder_written_by_peft_loads_with_its_lora_weights(lm, tmp_path)
 
 @pytest.mark.parametrize("lora_rank", [None, 2])
 def test_training_is_deterministic_and_checkpoints_reload(lm, tmp_path, lora_rank):
-    from gradtrace.adapters.checkpoint import model_fingerprint
-
     folder, data = lm
     ds = load_dataset(data)
     config = ADAPTER.default_model_config(ds, base=folder, lora_rank=lora_rank, model_options={"seq_len": SEQ})
@@ -257,3 +257,29 @@ def test_kronecker_blocks_of_gpt2_conv1d_weights_are_projections_of_their_gradie
             block = block if p_in is None else block @ p_in
             np.testing.assert_allclose(got[b, start + member.start:start + member.stop], block.reshape(-1).numpy(),
                                        rtol=1e-4, atol=1e-5 * float(block.abs().max()))
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_training_killed_after_a_saved_state_resumes_to_the_same_weights(lm, tmp_path, lora_rank):
+    class Killed(Exception):
+        pass
+
+    class StopAfter(TrainState):
+        def step_done(self, step: int) -> None:
+            super().step_done(step)
+            if step == 5:
+                raise Killed
+
+    folder, data = lm
+    ds = load_dataset(data)
+    config = ADAPTER.default_model_config(ds, base=folder, lora_rank=lora_rank, model_options={"seq_len": SEQ})
+    recipe = ADAPTER.train_config({"steps": 8, "batch_size": 8, "lr": 1e-2, "seed": 1})
+    whole = ADAPTER.train(config, ds, recipe, progress=False)
+    key = {"run": "lm"}
+    with pytest.raises(Killed):
+        ADAPTER.train(config, ds, recipe, progress=False, resume=StopAfter(tmp_path / "state.pt", key, every="3"))
+    again = TrainState(tmp_path / "state.pt", key, every="3")
+    resumed = ADAPTER.train(config, ds, recipe, progress=False, resume=again)
+    assert again.resumed_from == 3
+    assert model_fingerprint(resumed) == model_fingerprint(whole)
+    np.testing.assert_array_equal(resumed.train_log["losses"], whole.train_log["losses"])
