@@ -43,6 +43,12 @@ CASES = [
     ("image-data", "train --base {base} --data digits --n 8", "is not text"),
     ("unknown-option", "train --base {base} --data jsonl:{good.jsonl} --model-options @unknown",
      "unknown language-model setting"),
+    ("lora-alpha", "train --base {base} --data jsonl:{good.jsonl} --lora-rank 2 --model-options @alpha",
+     "lora_alpha must be a positive number"),
+    ("lora-targets", "train --base {base} --data jsonl:{good.jsonl} --lora-rank 2 --model-options @targets",
+     "lora_targets must be a list"),
+    ("lora-targets-missing", "train --base {base} --data jsonl:{good.jsonl} --lora-rank 2 --model-options @nowhere",
+     "cannot add LoRA adapters"),
     ("featurize-empty", "featurize --checkpoint {base} --data jsonl:{empty.jsonl}", "empty file"),
     ("featurize-no-tokenizer", "featurize --checkpoint {no_tokenizer} --data jsonl:{good.jsonl}", "has no tokenizer"),
     ("featurize-images", "featurize --checkpoint {base} --data digits --n 4", "is not text"),
@@ -54,7 +60,8 @@ CASES = [
 @pytest.mark.parametrize("case, command, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_text_input_is_refused_in_one_line(root, capsys, case, command, words):
     values = {"@seq1": '{"seq_len": 1}', "@seq0": '{"seq_len": 0}', "@seq99": '{"seq_len": 99}',
-              "@unknown": '{"block_size": 8}'}
+              "@unknown": '{"block_size": 8}', "@alpha": '{"lora_alpha": "big"}', "@targets": '{"lora_targets": 3}',
+              "@nowhere": '{"lora_targets": ["q_proj"]}'}
     argv = []
     for word in command.split():
         if "{" in word:  # a path under the artefacts' root

@@ -192,9 +192,13 @@ class CausalLMAdapter(ModelAdapter):
                             f"{', '.join(OPTIONS)}")
         if lora_rank is None and ("lora_alpha" in options or "lora_targets" in options):
             raise UserError("lora_alpha and lora_targets set LoRA adapters; pass --lora-rank R too")
-        lora = None if lora_rank is None else {"rank": int(lora_rank),
-                                               "alpha": float(options.get("lora_alpha", lora_rank)),
-                                               "targets": options.get("lora_targets")}
+        alpha, targets = options.get("lora_alpha", lora_rank), options.get("lora_targets")
+        if lora_rank is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
+            raise UserError(f"lora_alpha must be a positive number, got {alpha!r}")
+        if targets is not None and not (isinstance(targets, str) or (
+                isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+            raise UserError(f"lora_targets must be a list of module names (or \"all-linear\"), got {targets!r}")
+        lora = None if lora_rank is None else {"rank": int(lora_rank), "alpha": float(alpha), "targets": targets}
         return self.lm_config(self.base(base), lora=lora, seq_len=options.get("seq_len"))
 
     def train_config(self, values: dict | None) -> TrainConfig:
