@@ -11,7 +11,8 @@ starting each time from the run's own weights:
 with f the adapter's model output (the LDS output; for a causal LM the query's mean token loss, so Δ is the
 increase of its mean per-token log-likelihood). Good attributions give Δ_top > Δ_random. The result has each
 query's Δ per set and the means over queries with bootstrap 95% CIs of the means and of the paired differences
-(top − random; learned − uniform).
+(top − random; learned − uniform). Both top-k sets use the same λ scale: `c` when given, else the weights file's
+(the uniform row would otherwise take the default rule and differ from the learned row in λ as well).
 """
 from __future__ import annotations
 
@@ -96,11 +97,13 @@ def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", k
     if k >= len(train.ids):
         raise UserError(f"--top-k {k} must be smaller than the training set ({len(train.ids)} examples)")
     nq = len(query.ids) if num_queries is None else min(int(num_queries), len(query.ids))
-    kinds = {"uniform": score_queries(train, query, method=method, kernel=kernel, c=c,
-                                      learning_queries=learning_queries, progress=progress)}
-    if weights_path is not None:
+    kinds = {}
+    if weights_path is not None:  # first: the uniform row then uses the same λ scale (given, or the weights' c)
         kinds["learned"] = score_queries(train, query, method=method, kernel=kernel, c=c, weights_path=weights_path,
                                          learning_queries=learning_queries, progress=progress)
+        c = kinds["learned"].lambda_info["c"] if kinds["learned"].lambda_info else c
+    kinds = {"uniform": score_queries(train, query, method=method, kernel=kernel, c=c,
+                                      learning_queries=learning_queries, progress=progress), **kinds}
     sets = {name: s.fitted.topk(s.query_features[:nq], int(k), s.weights)[0] for name, s in kinds.items()}
     rng = np.random.default_rng(int(random_seed))
     sets["random"] = np.stack([rng.choice(len(train.ids), size=int(k), replace=False) for _ in range(nq)])
@@ -126,7 +129,7 @@ def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", k
                         "run": str(Path(run).resolve()), "run_fingerprint": ckpt.fingerprint,
                         "train_features": str(train.path.resolve()), "query_features": str(query.path.resolve()),
                         "method": kinds["uniform"].fitted.info, "weights": kinds.get("learned", kinds["uniform"]).weights_info,
-                        "lambda": kinds["uniform"].lambda_info, "k": int(k), "lr": float(lr),
+                        "lambda": kinds.get("learned", kinds["uniform"]).lambda_info, "k": int(k), "lr": float(lr),
                         "step": f"one SGD step on the mean '{STEP_MEASUREMENT}' of the k examples",
                         "random_seed": int(random_seed), "bootstrap_seed": int(seed),
                         "model_output": {"name": adapter.output_name, "grid": grid.info(),
