@@ -25,9 +25,11 @@ demo: $(STAMP)
 demo-t2i: $(STAMP)
 	$(VENV)/bin/gradtrace demo --text-to-image --out demo_t2i_out
 
-# the HTML report tests drive a real headless Chromium (installed from Debian where missing)
+# the HTML report tests drive a real headless Chromium (installed from Debian where missing); the language-model
+# tests train on Debian's fortunes (installed where missing)
 test: $(STAMP)
 	bash scripts/ensure_chromium.sh
+	bash scripts/ensure_fortunes.sh
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 clean:

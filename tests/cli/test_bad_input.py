@@ -38,6 +38,10 @@ CASES = [
     ("retrain-subsets", "retrain --run {ckpt} --subsets many", "invalid int value"),
     ("eval-lds-no-retrain", "eval lds --run {ckpt} --train-features {train} --queries {queries} --out {new}",
      "required: --retrain"),
+    ("eval-tail-patch-top-k", "eval tail-patch --run {ckpt} --train-features {train} --queries {queries} --top-k 0 "
+     "--out {new}", "--top-k must be a positive integer"),
+    ("eval-tail-patch-lr", "eval tail-patch --run {ckpt} --train-features {train} --queries {queries} --lr -1 "
+     "--out {new}", "--lr must be a positive number"),
     ("eval-cf-top-k", "eval counterfactual --run {ckpt} --train-features {train} --queries {queries} --top-k x "
      "--out {new}", "invalid int value"),
     ("eval-nothing", "eval", "required"),
@@ -192,6 +196,8 @@ CASES = [
     ("build-size-odd", "build-pipeline --size 6 --out {new}", "multiple of 4"),
     ("build-lr-zero", "build-pipeline --lr 0 --out {new}", "--lr must be a positive number"),
     ("build-no-captions", "build-pipeline --data digits --n 4 --out {new}", "text"),
+    ("build-lm-vocab", "build-lm --vocab-size 10 --out {new}", "--vocab-size must be >= 260"),
+    ("build-lm-image-data", "build-lm --data digits --n 4 --out {new}", "is not text"),
     ("import-out-not-empty", "import-lora --base {pipe} --lora {lora} --out {foreign_dir}", "not empty"),
     ("import-lora-missing", "import-lora --base {pipe} --lora {new} --out {new}", "lora"),
     ("import-base-not-pipeline", "import-lora --base {ckpt} --lora {lora} --out {new}", "pipeline"),

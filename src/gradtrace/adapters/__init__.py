@@ -18,8 +18,10 @@ from gradtrace.io import read_json
 
 BUILTIN = {"diffusion-unet": "gradtrace.adapters.diffusion.adapter:TinyUNetAdapter",
            "diffusers": "gradtrace.adapters.diffusers.adapter:DiffusersAdapter",
-           "classifier": "gradtrace.adapters.classifier.adapter:ClassifierAdapter"}
+           "classifier": "gradtrace.adapters.classifier.adapter:ClassifierAdapter",
+           "causal-lm": "gradtrace.adapters.causal_lm.adapter:CausalLMAdapter"}
 PIPELINE_ADAPTER = "diffusers"  # a folder saved by diffusers' save_pretrained (model_index.json)
+LM_ADAPTER = "causal-lm"  # a folder saved by transformers' save_pretrained (config.json with a model_type), or peft's
 _CACHE: dict[str, ModelAdapter] = {}
 
 __all__ = ["BUILTIN", "Checkpoint", "ContextStage", "DEFAULT_ADAPTER", "ModelAdapter", "Objective", "adapter_of",
@@ -45,12 +47,15 @@ def get_adapter(name: str = DEFAULT_ADAPTER) -> ModelAdapter:
 
 def adapter_of(checkpoint) -> ModelAdapter:
     """The adapter of a checkpoint directory: named in its manifest (config.json), or `diffusers` for a
-    pipeline folder (model_index.json) or a UNet2DModel folder with its scheduler_config.json."""
+    pipeline folder (model_index.json) or a UNet2DModel folder with its scheduler_config.json, `causal-lm` for a
+    transformers model folder (config.json with a model_type) or a peft adapter folder (adapter_config.json)."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise UserError(f"checkpoint directory not found: {path}; train a model first or fix the path")
     if (path / "model_index.json").is_file():
         return get_adapter(PIPELINE_ADAPTER)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+        return get_adapter(LM_ADAPTER)
     if not (path / "config.json").exists():
         raise UserError(f"not a checkpoint (no config.json, the save did not finish): {path}; re-run training")
     config = read_json(path / "config.json", "checkpoint config")
@@ -59,5 +64,7 @@ def adapter_of(checkpoint) -> ModelAdapter:
             return get_adapter(PIPELINE_ADAPTER)
         raise UserError(f"{path} holds a diffusers {config['_class_name']} alone; pass the pipeline folder that "
                         "contains it (the one with model_index.json)")
+    if isinstance(config, dict) and "model_type" in config and "format" not in config:  # a transformers model
+        return get_adapter(LM_ADAPTER)
     name = config.get("adapter", DEFAULT_ADAPTER) if isinstance(config, dict) else DEFAULT_ADAPTER
     return get_adapter(name)

@@ -23,10 +23,13 @@ from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, Eva
                                 LearnWeightsSpec, RetrainSpec, SampleSpec, TrainSpec, attribute_run,
                                 eval_counterfactual, eval_lds, featurize_run, learn_weights_run, retrain, run_demo,
                                 sample_run, train_run)
+from gradtrace.pipeline.build_lm import BuildLMSpec, build_lm_run
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 from gradtrace.pipeline.ekfac import (AttributeEkfacSpec, LearnWeightsEkfacSpec, attribute_ekfac_run,
                                       learn_weights_ekfac_run)
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, MislabelSpec, eval_mislabel
+from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
+from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, TailPatchSpec, eval_tail_patch
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
 from gradtrace.pipeline.merge_features import MergeFeaturesSpec, merge_features_run
 from gradtrace.pipeline.report import ReportSpec, report_run
@@ -77,6 +80,10 @@ def _say_build(path, spec) -> str:
     return f"pipeline: {path}"
 
 
+def _say_build_lm(path, spec) -> str:
+    return f"model: {path}"
+
+
 def _say_report(path, spec) -> str:
     return f"report: {path}"
 
@@ -112,6 +119,10 @@ def _say_mislabel(doc, spec) -> str:
     return f"{mislabel_table(doc)}\nmislabel: {Path(spec.out) / MISLABEL_RESULT}"
 
 
+def _say_tail_patch(doc, spec) -> str:
+    return f"{tail_patch_table(doc)}\ntail-patch: {Path(spec.out) / TAIL_PATCH_RESULT}"
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(TrainSpec, train_run, _say_train, "train a model (default: a tiny diffusion UNet, DDPM)"),
     "sample": Command(SampleSpec, sample_run, _say_sample, "generate images from a checkpoint"),
@@ -135,6 +146,8 @@ COMMANDS: dict[str, Command] = {
                        "retrain the run's model on random training subsets (for the LDS)", RETRAIN_EPILOG),
     "build-pipeline": Command(BuildPipelineSpec, build_pipeline_run, _say_build,
                               "build and pretrain a small text-to-image pipeline (SD layout) from configs"),
+    "build-lm": Command(BuildLMSpec, build_lm_run, _say_build_lm,
+                        "a small GPT-2 from a config and a BPE tokenizer trained on a text corpus (save_pretrained)"),
     "import-lora": Command(ImportLoraSpec, import_lora_run, _say_train,
                            "UNet LoRA weights trained elsewhere (diffusers' scripts) + their base, as a checkpoint"),
 }
@@ -145,6 +158,8 @@ EVAL_COMMANDS: dict[str, Command] = {
                               "retrain without each query's top-k and k random training images"),
     "mislabel": Command(MislabelSpec, eval_mislabel, _say_mislabel,
                         "flip a fraction of a classifier's training labels, retrain, and find them by self-influence"),
+    "tail-patch": Command(TailPatchSpec, eval_tail_patch, _say_tail_patch,
+                          "one small gradient step on each query's top-k training examples (against k random ones)"),
 }
 
 

@@ -8,9 +8,10 @@ from gradtrace.data.digits import load_digits_dataset
 from gradtrace.data.imagefolder import load_imagefolder
 from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption
 from gradtrace.data.shapes import load_shapes
+from gradtrace.data.text import TextDataset, load_fortunes, load_jsonl, load_textfolder
 from gradtrace.errors import UserError
 
-KNOWN_SPECS = ("digits", "shapes", "imagefolder:PATH")
+KNOWN_SPECS = ("digits", "shapes", "imagefolder:PATH", "jsonl:PATH", "textfolder:PATH", "fortunes")
 
 
 def _check_positive(name: str, value: int | None) -> int | None:
@@ -21,13 +22,24 @@ def _check_positive(name: str, value: int | None) -> int | None:
     return int(value)
 
 
+TEXT_PREFIXES = ("jsonl:", "textfolder:")
+
+
+def is_text_spec(spec) -> bool:
+    """True for a text dataset spec (jsonl:PATH, textfolder:PATH, fortunes)."""
+    text = str(spec).strip()
+    return text == "fortunes" or text.startswith(TEXT_PREFIXES)
+
+
 def aspect_caption(spec: str, aspect: str, value: str) -> str | None:
     """A built-in caption naming only `aspect` = `value` for a dataset's images (None: the dataset has none)."""
     return shapes_aspect_caption(aspect, value) if str(spec).strip() == "shapes" else None
 
 
-def load_dataset(spec: str, *, size: int | None = None, seed: int = 0, n: int | None = None) -> ImageDataset:
-    """Load a dataset by spec: "digits", "shapes" or "imagefolder:PATH".
+def load_dataset(spec: str, *, size: int | None = None, seed: int = 0,
+                 n: int | None = None) -> ImageDataset | TextDataset:
+    """Load a dataset by spec: "digits", "shapes" or "imagefolder:PATH"; text: "jsonl:PATH", "textfolder:PATH" or
+    "fortunes" (`gradtrace.data.text`).
 
     size: image side (shapes: default 16, at least 12; imagefolder: default the first image's; digits: 8,
           other sizes are resized bilinearly). seed: the shapes jitter (other sources ignore it).
@@ -47,4 +59,11 @@ def load_dataset(spec: str, *, size: int | None = None, seed: int = 0, n: int | 
         if not path:
             raise UserError("imagefolder needs a folder: pass imagefolder:PATH")
         return load_imagefolder(path, size=size, n=n)
+    for prefix, loader in zip(TEXT_PREFIXES, (load_jsonl, load_textfolder)):
+        if text.startswith(prefix):
+            if not text[len(prefix):]:
+                raise UserError(f"{prefix[:-1]} needs a path: pass {prefix}PATH")
+            return loader(text[len(prefix):], n=n)
+    if text == "fortunes":
+        return load_fortunes(n=n)
     raise UserError(f"unknown dataset {spec!r}; known: {', '.join(KNOWN_SPECS)}")

@@ -85,6 +85,9 @@ def dataset_examples(spec: str, *, n: int | None = None, size: int | None = None
     """Examples of a dataset (optionally a subset of ids); codes checked against a model's vocabulary, or with
     `labels` = (attribute, classes) the conditioning is each image's class index (N,) (a classifier's label)."""
     ds = open_dataset(dataset_source(spec, n=n, size=size, seed=seed))
+    if not hasattr(ds, "images"):
+        raise UserError(f"dataset '{spec}' is text; this step shows images (for a language model's attributions, "
+                        "read attributions.json and report.md)")
     if ids is not None:
         ds = ds.subset(np.asarray(ids, dtype=np.int64))
     cond = None

@@ -3,8 +3,9 @@
 Each parameter group j gets a share k_j of the total dimension (`split_dims`, ∝ √d_j, as for the dense
 projections). Inside the group, the share is split again ∝ √d over its *members*:
 
-- one ``kron`` member per weight of an ``nn.Linear`` or ``nn.Conv2d`` (groups = 1), shape
-  (d_out, d_in) with d_in = C_in·kh·kw for a convolution. Its block is
+- one ``kron`` member per weight of an ``nn.Linear``, an ``nn.Conv2d`` (groups = 1) or a transposed linear
+  layer (transformers' GPT-2 ``Conv1D``, weight stored (d_in, d_out)), shape (d_out, d_in) with
+  d_in = C_in·kh·kw for a convolution. Its block is
   vec(P_outᵀ G P_in) ∈ R^{k_out·k_in} (row-major, k_out-major), the projection of the weight gradient
   G (d_out × d_in) by P_out ⊗ P_in. P_in (d_in × k_in) and P_out (d_out × k_out) have independent
   Rademacher entries ±1/√k, so E[P Pᵀ] = I for each factor and, the two being independent,
@@ -65,13 +66,37 @@ class Member:
         return d
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A linear layer that stores its weight as (d_in, d_out) and computes x @ W + b: transformers' `Conv1D`
+    (GPT-2's attention and MLP layers), recognised by its name and shape without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module owns (tied weights, e.g. a language model's input embedding
+    and output layer): no module's hook sees all of their uses, so they are never factored."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, count in owners.items() if count > 1}
+
+
 def kron_weights(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{weight name: (d_out, d_in)} for every Linear / Conv2d (groups = 1) weight of `model`."""
+    """{weight name: (d_out, d_in)} for every Linear / Conv2d (groups = 1) weight of `model` that no other module
+    shares."""
     out = {}
+    shared = shared_parameters(model)
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        if getattr(module, "weight", None) is not None and id(module.weight) in shared:
+            continue
         if isinstance(module, nn.Linear):
             out[prefix + "weight"] = (module.out_features, module.in_features)
+        elif is_transposed_linear(module):
+            out[prefix + "weight"] = (module.weight.shape[1], module.weight.shape[0])
         elif isinstance(module, nn.Conv2d) and module.groups == 1:
             kh, kw = module.kernel_size
             out[prefix + "weight"] = (module.out_channels, module.in_channels * kh * kw)

@@ -2,7 +2,8 @@
 
 For a chunk of B examples, the adapter's objective sends all their rows (example-major, the same number
 per example: for diffusion the B·T noisy copies) through the model as ONE ordinary batch. Forward hooks on
-every Linear, Conv2d, GroupNorm and LayerNorm record the call's input and output; ``torch.autograd.grad``
+every Linear (and transposed linear: GPT-2's Conv1D), Conv2d, GroupNorm and LayerNorm record the call's input
+and output; ``torch.autograd.grad``
 of Σ_b f_b (the sum of the examples' measurements) with respect to those outputs gives every row's output
 gradient, because rows do not interact (autograd computes no weight gradients at all: only the paths to the
 requested outputs). Then, per example b and layer:
@@ -16,7 +17,8 @@ requested outputs). Then, per example b and layer:
   weights Σ g_out·x̂ and biases Σ g_out (x̂ recomputed from the recorded input); parameters the objective
   declares a `ContextStage` (e.g. conditioning tables outside the UNet) by a vmap over examples through
   the stage's encoder, given the gradient of the tensor it feeds to the network;
-  anything else by the vmap(grad) path of GradientFeaturizer restricted to those tensors (slow).
+  anything else by the vmap(grad) path of GradientFeaturizer restricted to those tensors (slow): among them
+  tensors that two modules share (tied weights, e.g. GPT-2's token embedding and output layer).
 
 Sums over an example's rows (e.g. its T timesteps) happen in projected space. The first call is checked on
 its first two examples: Σ_b of their features must equal the projection of the ordinary batch gradient, or the
@@ -37,13 +39,13 @@ from gradtrace.adapters.base import Objective
 from gradtrace.errors import UserError
 from gradtrace.features.gradients import GradientFeaturizer
 from gradtrace.features.groups import Group
-from gradtrace.features.kron_projection import KroneckerProjector, Member
+from gradtrace.features.kron_projection import KroneckerProjector, Member, is_transposed_linear, shared_parameters
 
 CHECK_RTOL = 1e-3
 
 
 def _rule(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):  # the same rows: a (.., d_in) → (.., d_out)
         return "linear"
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         return "conv"
@@ -100,12 +102,16 @@ class KroneckerFeaturizer:
         by_id = {id(self.named[n]): n for n in self.param_names}
         self.hooked: list[tuple[nn.Module, str, dict[str, str]]] = []
         handled: set[str] = set()
+        shared = shared_parameters(model)  # tied weights: every use is seen only by the vmap path below
         for module in model.modules():
             kind = _rule(module)
-            own = {pn: by_id[id(p)] for pn, p in module.named_parameters(recurse=False) if id(p) in by_id}
+            own = {pn: by_id[id(p)] for pn, p in module.named_parameters(recurse=False)
+                   if id(p) in by_id and id(p) not in shared}
             if kind is not None and own:
                 self.hooked.append((module, kind, own))
                 handled |= set(own.values())
+        self.transposed = {own["weight"] for module, _, own in self.hooked
+                           if "weight" in own and is_transposed_linear(module)}
         if set(self.kron) - handled:
             raise UserError(f"weight {sorted(set(self.kron) - handled)[0]} has no hooked module; "
                             f"use another projection")
@@ -289,7 +295,7 @@ class KroneckerFeaturizer:
         for start, m in list(self.kron.values()) + self.dense:
             flat = [batch[p] if batch[p] is not None else torch.zeros_like(self.named[p]) for p in m.params]
             if m.kind == "kron":
-                G = flat[0].reshape(m.shape)
+                G = (flat[0].T if m.params[0] in self.transposed else flat[0]).reshape(m.shape)
                 p_in, p_out = self._factor(m, "in"), self._factor(m, "out")
                 G = G if p_out is None else p_out.T @ G
                 ref = (G if p_in is None else G @ p_in).reshape(-1)

@@ -9,7 +9,7 @@ from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
 from gradtrace.pipeline.spec import Spec, option, positive
-from gradtrace.report.attributions import draw_attributions
+from gradtrace.report.attributions import draw_attributions, is_text_store, write_text_attributions
 
 
 @dataclass
@@ -41,6 +41,8 @@ def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict:
                            query_side=query_side_for(train), progress=progress)
     doc = write_attributions(scored, train, queries, spec.out, top_k=spec.top_k, progress=progress,
                              spec=spec.to_dict())
-    if spec.report:
+    if spec.report and is_text_store(train):
+        write_text_attributions(train, queries, doc, Path(spec.out) / "report.md")
+    elif spec.report:
         draw_attributions(train, queries, doc, Path(spec.out) / "report.png")
     return doc

@@ -1,4 +1,5 @@
-"""The evaluation stages: `retrain` (subset models for the LDS), `eval lds`, `eval counterfactual`, `eval mislabel`."""
+"""The evaluation stages: `retrain` (subset models for the LDS), `eval lds`, `eval counterfactual`, `eval mislabel`,
+`eval tail-patch`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from gradtrace.evaluate.eval_lds import eval_lds_run
 from gradtrace.evaluate.mislabel import DEFAULT_METHODS, mislabel_run
 from gradtrace.evaluate.outputs import OutputGrid
 from gradtrace.evaluate.retrain import retrain_run
+from gradtrace.evaluate.tail_patch import tail_patch_run
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.features.projection import DEFAULT_TOTAL_DIM, KINDS
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
@@ -159,3 +161,26 @@ def eval_mislabel(spec: MislabelSpec, *, progress: bool = True) -> dict:
                         lambda_c=spec.lambda_c, learn_steps=spec.learn_steps, guard=spec.guard,
                         top_fraction=spec.top_fraction, n_bootstrap=spec.bootstrap, seed=spec.seed,
                         progress=progress)
+
+
+def _positive_number(value, flag: str) -> None:
+    if value is None or isinstance(value, bool) or not value > 0:
+        raise UserError(f"{flag} must be a positive number, got {value}")
+
+
+@dataclass
+class TailPatchSpec(ScoringEvalSpec):
+    top_k: int = option(10, "training examples in each query's step", check=positive)
+    lr: float = option(1e-2, "learning rate of the one SGD step", check=_positive_number)
+    num_queries: int | None = option(None, "the first N queries of the store (default: all)", type=int,
+                                     check=positive)
+    random_seed: int = option(0, "seed of the random k examples")
+    seed: int = option(0, "bootstrap seed")
+
+
+def eval_tail_patch(spec: TailPatchSpec, *, progress: bool = True) -> dict:
+    return tail_patch_run(spec.run, spec.train_features, spec.queries, spec.out, method=spec.method,
+                          kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
+                          learning_queries=spec.learning_queries, k=spec.top_k, lr=spec.lr,
+                          num_queries=spec.num_queries, random_seed=spec.random_seed, grid=spec.grid(),
+                          seed=spec.seed, progress=progress)

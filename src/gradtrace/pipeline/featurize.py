@@ -20,7 +20,8 @@ from gradtrace.pipeline.train import resolve_ids
 class FeaturizeSpec(Spec):
     checkpoint: str = option(None, "checkpoint directory", required=True)
     out: str = option(None, "feature store directory", required=True)
-    data: str | None = option(None, "digits | shapes | imagefolder:PATH (default: the checkpoint's training data)",
+    data: str | None = option(None, "digits | shapes | imagefolder:PATH | jsonl:PATH | textfolder:PATH | fortunes "
+                              "(default: the checkpoint's training data)",
                               type=str)
     samples: str | None = option(None, "featurize a samples directory instead of a dataset", type=str)
     n: int | None = option(None, "use the first N images of the dataset", type=int, check=positive)

@@ -22,7 +22,8 @@ from gradtrace.pipeline.spec import Spec, option, positive
 
 @dataclass
 class TrainSpec(Spec):
-    data: str = option(None, "digits | shapes | imagefolder:PATH", required=True)
+    data: str = option(None, "digits | shapes | imagefolder:PATH; text: jsonl:PATH | textfolder:PATH | fortunes",
+                       required=True)
     out: str = option(None, "checkpoint directory", required=True)
     n: int | None = option(None, "use the first N images of the dataset", type=int, check=positive)
     size: int | None = option(None, "image size (shapes, imagefolder)", type=int, check=positive)
@@ -31,7 +32,8 @@ class TrainSpec(Spec):
     adapter: str | None = option(None, "kind of model: a built-in adapter or module:Class (default: diffusers "
                                  "with --base, else diffusion-unet)", type=str)
     base: str | None = option(None, "fine-tune this diffusers pipeline folder (with --lora-rank: LoRA adapters on "
-                              "the UNet's attention)", type=str)
+                              "the UNet's attention), or this transformers causal-LM folder (all of it, or LoRA "
+                              "adapters with --lora-rank) on text", type=str)
     lora_rank: int | None = option(None, "rank of the LoRA adapters (with --base)", type=int, check=positive)
     model: str = option("auto", "model kind of the adapter; auto: conditional when the dataset has attributes "
                         "(digits: unconditional); classifier: resnet (auto), vit or factory")
@@ -49,6 +51,8 @@ class TrainSpec(Spec):
     overwrite: bool = option(False, "replace a checkpoint in --out that was trained with other settings or data")
 
     def __post_init__(self) -> None:
+        if self.adapter is None and self.base is not None and is_lm_base(self.base):
+            self.adapter = "causal-lm"
         if self.adapter is None:
             self.adapter = "diffusers" if self.base is not None else DEFAULT_ADAPTER
         super().__post_init__()
@@ -65,6 +69,15 @@ class TrainSpec(Spec):
             raise UserError(f"{adapter.name} models train on the CPU; use --device cpu (or auto)")
         if self.model != "auto" and self.model not in kinds:
             raise UserError(f"--model must be auto or one of {', '.join(kinds)}, got {self.model!r}")
+
+
+def is_lm_base(path) -> bool:
+    """True for a transformers model folder (config.json with a model_type): `--base` then trains a causal LM."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config and "format" not in config
 
 
 def resolve_ids(ids) -> np.ndarray | None:

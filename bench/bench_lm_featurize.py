@@ -1,0 +1,63 @@
+"""Featurization cost of a causal LM against the forward + backward floor (same run): the `build-lm` GPT-2 (2 blocks,
+width 64, context 64) on the first 256 fortunes at 64 tokens, block groups, --dim 4096, the default projection and
+Kronecker, for the full model and a rank-4 LoRA adapter; one torch thread.
+
+    python bench/bench_lm_featurize.py [--out bench_out/lm_featurize]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from gradtrace.adapters import get_adapter
+from gradtrace.adapters.base import Checkpoint
+from gradtrace.adapters.causal_lm.train import batch_loss
+from gradtrace.data import load_dataset
+from gradtrace.features.featurize import FeatureSpec, featurizer_for
+from gradtrace.pipeline.build_lm import BuildLMSpec, build_lm_run
+
+N, CHUNK = 256, 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_out/lm_featurize")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    adapter = get_adapter("causal-lm")
+    base = build_lm_run(BuildLMSpec(out=f"{args.out}/base"), progress=False)
+    ds = load_dataset("fortunes")
+    source = {"kind": "dataset", "spec": "fortunes", "n": None, "size": None, "seed": 0}
+    for lora in (None, 4):
+        config = adapter.default_model_config(ds, base=base, lora_rank=lora)
+        model = adapter.build(config, seed=0)
+        with torch.no_grad():  # off the initialisation (LoRA's B starts at zero)
+            gen = torch.Generator().manual_seed(0)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        ex = adapter.examples(config, source, ids=np.arange(N))
+        ckpt = Checkpoint(model=model, config={"model_config": config}, fingerprint="bench", path=base)
+        start = time.perf_counter()
+        for s in range(0, N, CHUNK):
+            model.zero_grad()
+            batch_loss(model, ex.images[s:s + CHUNK], torch.as_tensor(ex.cond[s:s + CHUNK])).backward()
+        floor = N / (time.perf_counter() - start)
+        for projection in ("rademacher", "kronecker"):
+            spec = FeatureSpec(groups="block", projection=projection, total_dim=4096)
+            featurizer, _ = featurizer_for(adapter, ckpt, spec)
+            featurizer.features(ex.images[:4], ex.ids[:4], ex.cond[:4])  # warm-up (and the Kronecker self-check)
+            start = time.perf_counter()
+            for s in range(0, N, CHUNK):
+                featurizer.features(ex.images[s:s + CHUNK], ex.ids[s:s + CHUNK], ex.cond[s:s + CHUNK])
+            rate = N / (time.perf_counter() - start)
+            params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"{'LoRA r=4' if lora else 'full model'} ({params} parameters), {projection}: {rate:.0f} "
+                  f"sequences/s; forward+backward {floor:.0f}/s; ratio {floor / rate:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The build-lm stage: a small GPT-2 (fresh weights from a config) and a byte-level BPE tokenizer trained on a text
+corpus, saved with `save_pretrained` into one model folder (or reused, when `out` already holds an identical
+build).
+
+    build_lm_run(BuildLMSpec(out="runs/lm-base"))      # fortunes, 2 layers × 64 wide, context 64: seconds
+
+The folder is an ordinary transformers folder (config.json, model.safetensors, tokenizer.json, ...): `gradtrace
+train --base` fine-tunes it on text (that is training from scratch, the weights being fresh) and every command
+that takes a user's model folder takes it. `gradtrace_build.json` beside it records the spec, the command, the
+corpus fingerprint and the versions; it is written last, so it marks a finished build.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+
+from gradtrace.data.sources import dataset_source, open_dataset
+from gradtrace.data.text import TextDataset
+from gradtrace.errors import UserError
+from gradtrace.io import check_can_write, command_line, read_json, versions, write_json_atomic
+from gradtrace.pipeline.spec import Spec, option, positive
+
+MANIFEST = "gradtrace_build.json"
+FORMAT = "gradtrace-built-lm"
+BUILD_MODULE = "gradtrace.adapters.causal_lm.build"  # transformers is imported when a build runs
+
+
+@dataclass
+class BuildLMSpec(Spec):
+    data: str = option("fortunes", "corpus the tokenizer is trained on: fortunes | jsonl:PATH | textfolder:PATH")
+    out: str = option(None, "model folder to write", required=True)
+    n: int | None = option(None, "use the first N documents of the corpus", type=int, check=positive)
+    vocab_size: int = option(512, "tokenizer vocabulary size (byte-level BPE)", check=positive)
+    layers: int = option(2, "transformer blocks", check=positive)
+    dim: int = option(64, "model width", check=positive)
+    heads: int = option(4, "attention heads", check=positive)
+    context: int = option(64, "context length (positions)", check=positive)
+    seed: int = option(0, "seed of the initial weights")
+
+    def validate(self) -> None:
+        if self.vocab_size < 260:
+            raise UserError(f"--vocab-size must be >= 260 (256 bytes and the end-of-text token), got {self.vocab_size}")
+        if self.context < 2:
+            raise UserError(f"--context must be >= 2 (a next-token loss needs two tokens), got {self.context}")
+
+
+def build_lm_run(spec: BuildLMSpec, *, progress: bool = True) -> Path:
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory for the model folder")
+    dataset = open_dataset(dataset_source(spec.data, n=spec.n))
+    if not isinstance(dataset, TextDataset):
+        raise UserError(f"--data {spec.data} is not text; pass fortunes, jsonl:PATH or textfolder:PATH")
+    info = dataset.info()
+    if _cached(out, spec, info):
+        return out
+    check_can_write(out)
+    if (out / MANIFEST).exists():
+        (out / MANIFEST).unlink()
+    built = import_module(BUILD_MODULE).save_small_gpt2(
+        out, dataset.texts, vocab_size=spec.vocab_size, layers=spec.layers, dim=spec.dim, heads=spec.heads,
+        context=spec.context, seed=spec.seed)
+    write_json_atomic(out / MANIFEST, {"format": FORMAT, "spec": spec.to_dict(), "command": command_line(),
+                                       "dataset": info, "built": built, "versions": versions()})
+    return out
+
+
+def _cached(out: Path, spec: BuildLMSpec, info: dict) -> bool:
+    if not (out / MANIFEST).exists() or not (out / "config.json").exists():
+        return False
+    try:
+        old = read_json(out / MANIFEST, "build manifest")
+    except UserError:
+        return False
+    settings = {k: v for k, v in spec.to_dict().items() if k != "out"}
+    old_settings = {k: v for k, v in (old.get("spec") or {}).items() if k != "out"}
+    return (old.get("format") == FORMAT and old_settings == settings
+            and (old.get("dataset") or {}).get("fingerprint") == info["fingerprint"])
