@@ -117,10 +117,20 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
                          info=info)
 
 
+MAX_DENSE_BYTES = 8 * 2**30  # the dense path is not taken beyond this, whatever the features' width
+
+
 def _objective(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool):
     """(callable w -> mean_q L(w; q), "dense" | "scalable") for these learning queries."""
     k = opts["k"]
-    if phi_q.shape[0] * fitted.n_train * fitted.n_groups * 8 <= opts["budget"]:
+    dense_bytes = phi_q.shape[0] * fitted.n_train * fitted.n_groups * 8
+    # the scalable paths keep ΨᵀΨ (dim x dim): where that is larger than the dense tensor (features far wider than
+    # the learning problem, e.g. exact gradients of a small training set), the dense path is the cheaper one
+    if dense_bytes <= max(opts["budget"], 8 * fitted.dim ** 2):
+        if dense_bytes > MAX_DENSE_BYTES:
+            raise UserError(f"learning weights over {fitted.dim} feature columns needs a {fitted.dim}² Gram or "
+                            f"{dense_bytes / 2**30:.1f} GiB of contributions; project the gradients to fewer "
+                            f"columns (featurize --dim) or use fewer learning queries")
         contrib = torch.from_numpy(dense_contributions(fitted, phi_q))
         return (lambda w, last=False: snr_loss(contrib, w, k)), "dense"  # noqa: E731
     if opts["pool_size"] < k:
