@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from gradtrace.errors import UserError
+import gradtrace.methods.trak as trak_module
 from gradtrace.methods import TRAK, FittedMethod, TracIn, get_method, lambda_grid
 
 N, K = 200, 30
@@ -250,11 +251,10 @@ def test_float32_ill_conditioned_close_to_float64_reference(c):
 
 def test_rank_deficient_unregularised_uses_pseudo_inverse():
     rng = np.random.default_rng(5)
-    # N < k: ΦᵀΦ is singular; the rows repeat, so the dual ΦΦᵀ (12 x 12, rank 6) is singular too
-    phi = np.tile(rng.standard_normal((6, K)), (2, 1)).astype(np.float32)
+    phi = rng.standard_normal((12, K)).astype(np.float32)  # N < k: ΦᵀΦ is singular
     q = rng.standard_normal((3, K)).astype(np.float32)
     fitted = TRAK(c=0.0).fit(phi, SLICES)
-    assert fitted.info["solver"] == "eigh" and fitted.info["dual_blocks"] == ["all"]
+    assert fitted.info["solver"] == "eigh" and "dual_blocks" not in fitted.info  # narrow blocks stay primal
     p = phi.astype(np.float64)
     expected = q.astype(np.float64) @ np.linalg.pinv(p.T @ p, rcond=1e-10) @ p.T
     assert np.isfinite(fitted.scores(q)).all() and rel_err(fitted.scores(q), expected) < 1e-4
@@ -353,9 +353,10 @@ def test_query_side_fit_equals_psi_fit(data, kernel, tmp_path):
 # ---- blocks wider than the training set: the dual form ------------------------------------------
 @pytest.mark.parametrize("kernel", ["shared", "per-group"])
 @pytest.mark.parametrize("c", [0.0, 0.003, 0.5])
-def test_blocks_wider_than_n_use_the_dual_form_and_equal_the_closed_form(data, kernel, c):
-    """12 rows: the 15-column group (and the 30-column shared block) are wider than N and solved as
-    (Φ_jΦ_jᵀ + λ_j I)⁻¹Φ_j; scores equal the primal closed form (pseudo-inverse at c = 0)."""
+def test_blocks_wider_than_n_use_the_dual_form_and_equal_the_closed_form(data, kernel, c, monkeypatch):
+    """12 rows: the 15-column group (and the 30-column shared block) are wider than N and, with the width
+    threshold lowered, solved as (Φ_jΦ_jᵀ + λ_j I)⁻¹Φ_j; scores equal the primal closed form (pinv at c = 0)."""
+    monkeypatch.setattr(trak_module, "DUAL_MIN_WIDTH", 12)
     phi, q = data[0][:12], data[1]
     fitted = get_method("trak", c=c, kernel=kernel).fit(phi, SLICES, chunk_rows=5)
     p, qq = phi.astype(np.float64), q.astype(np.float64)
@@ -373,9 +374,17 @@ def test_blocks_wider_than_n_use_the_dual_form_and_equal_the_closed_form(data, k
         assert fitted.info["lambda_per_group"]["up"] == pytest.approx(lam_up, rel=1e-9)
 
 
-def test_dual_blocks_refuse_the_query_side_mode(data):
+def test_dual_blocks_refuse_the_query_side_mode_and_attribute_does_not_ask_for_it(data, monkeypatch):
+    from gradtrace.methods.trak import has_dual_blocks
+
+    monkeypatch.setattr(trak_module, "DUAL_MIN_WIDTH", 12)
     with pytest.raises(UserError, match="dual form"):
         get_method("trak", c=0.01, kernel="per-group").fit(data[0][:12], SLICES, query_side=True)
+    assert has_dual_blocks("per-group", SLICES, 12) and has_dual_blocks("shared", SLICES, 29)
+    assert not has_dual_blocks("per-group", SLICES, 15) and not has_dual_blocks("shared", SLICES, 30)
+    monkeypatch.setattr(trak_module, "DUAL_MIN_WIDTH", 4096)
+    assert has_dual_blocks("shared", [("all", 0, 5000)], 100)  # wider than N and than the threshold
+    assert not has_dual_blocks("shared", [("all", 0, 3000)], 100)  # its 3000² inverse is cheap: primal
 
 
 def test_per_group_damping_uses_each_groups_own_c(data):

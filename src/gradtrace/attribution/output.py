@@ -24,15 +24,18 @@ from gradtrace.attribution.scoring import Scored
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, versions, write_json_atomic
+from gradtrace.methods.trak import has_dual_blocks
 
 FORMAT = "gradtrace-attributions"
 FULL_SCORES_MAX = 50_000_000  # entries of the dense (Q, N) score matrix worth saving
 PSI_IN_MEMORY = 256 * 2**20  # bytes of a float32 Ψ kept in memory; larger stores are scored query-side
 
 
-def query_side_for(train: FeatureStore) -> bool:
-    """Above PSI_IN_MEMORY bytes, Ψ = Φ K is not materialised: K goes on the queries (same scores)."""
-    return len(train.ids) * int(train.settings["dim"]) * 4 > PSI_IN_MEMORY
+def query_side_for(train: FeatureStore, kernel: str) -> bool:
+    """Above PSI_IN_MEMORY bytes, Ψ = Φ K is not materialised: K goes on the queries (same scores) — unless a
+    kernel block is wider than the training set (solved in its dual form, which writes Ψ)."""
+    n = len(train.ids)
+    return n * int(train.settings["dim"]) * 4 > PSI_IN_MEMORY and not has_dual_blocks(kernel, train.group_slices, n)
 
 
 def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStore, out, *, top_k: int = 10,

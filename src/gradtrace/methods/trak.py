@@ -46,7 +46,9 @@ KERNELS = ("shared", "per-group")
 DEFAULT_KERNEL = "per-group"
 # A shared kernel needs a few dense k x k float64 matrices (2 GiB each at this width).
 MAX_SHARED_DIM = 16384
-# A block wider than N is solved in the dual form (N x N) while N stays at most this.
+# A block wider than N (and than DUAL_MIN_WIDTH, below which the k_j x k_j inverse is cheap) is solved in the
+# dual form (N x N) while N stays at most MAX_DUAL_ROWS.
+DUAL_MIN_WIDTH = 4096
 MAX_DUAL_ROWS = 16384
 
 
@@ -77,8 +79,15 @@ class Gram:
 
 
 def uses_dual(width: int, n: int) -> bool:
-    """A block of `width` columns over `n` rows is solved in the dual form (N × N) when that is smaller."""
-    return width > n and n <= MAX_DUAL_ROWS
+    """A block of `width` columns over `n` rows is solved in the dual form (N × N) when that is smaller and the
+    primal k_j × k_j one is not cheap anyway."""
+    return width > max(n, DUAL_MIN_WIDTH) and n <= MAX_DUAL_ROWS
+
+
+def has_dual_blocks(kernel: str, group_slices: list[tuple[str, int, int]], n: int) -> bool:
+    """Whether a TRAK kernel of this kind over these columns and `n` rows solves any block in the dual form."""
+    k = group_slices[-1][2] if group_slices else 0
+    return any(uses_dual(e - s, n) for s, e in kernel_spans(normalise_kernel(kernel), group_slices, k))
 
 
 def kernel_spans(kernel: str, group_slices: list[tuple[str, int, int]], k: int) -> list[tuple[int, int]]:

@@ -38,7 +38,7 @@ def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict:
     queries = FeatureStore.open(spec.queries)
     scored = score_queries(train, queries, method=spec.method, kernel=spec.kernel, c=spec.lambda_c,
                            weights_path=spec.weights, aspect=spec.aspect, learning_queries=spec.learning_queries,
-                           query_side=query_side_for(train), progress=progress)
+                           query_side=query_side_for(train, spec.kernel), progress=progress)
     doc = write_attributions(scored, train, queries, spec.out, top_k=spec.top_k, progress=progress,
                              spec=spec.to_dict())
     if spec.report and is_text_store(train):
