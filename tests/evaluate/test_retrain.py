@@ -200,3 +200,12 @@ def test_counterfactual_deltas_point_to_worse_for_losses_and_margins():
         [pytest.approx((-0.5, 0.1)), pytest.approx((-0.6, -0.2))]
     assert as_margin["summary"]["fraction_top_above_random"] == 0.0
     assert as_margin["per_query"][0]["output_full"] == 1.0
+
+
+def test_a_folder_made_with_a_setting_no_longer_given_names_it(tmp_path):
+    from gradtrace.errors import UserError
+    from gradtrace.evaluate.retrain import open_or_create
+
+    open_or_create(tmp_path / "r", {"kind": "lds", "a": 1, "b": 2}, "retraining", "choose a new --out")
+    with pytest.raises(UserError, match=r"\('b' differs\); choose a new --out"):
+        open_or_create(tmp_path / "r", {"kind": "lds", "a": 1}, "retraining", "choose a new --out")

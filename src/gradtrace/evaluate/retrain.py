@@ -43,7 +43,8 @@ def open_or_create(out, settings: dict, what: str, fix: str, info: dict | None =
         if not isinstance(old, dict) or old.get("format") != FORMAT:
             raise UserError(f"{out} holds something other than a gradtrace retraining; choose another --out")
         if old.get("settings") != jsonable(settings):
-            key = next((k for k in settings if old.get("settings", {}).get(k) != jsonable(settings[k])), "?")
+            before, now = old.get("settings") or {}, jsonable(settings)
+            key = next((k for k in [*now, *before] if before.get(k) != now.get(k)), "?")
             raise UserError(f"{out} holds a {what} made with other settings ('{key}' differs); {fix}")
         return old
     own = {MANIFEST, "models", "subsets.npy", "subsets.json", "outputs"}  # another rank may be writing them
