@@ -29,8 +29,9 @@ Influence functions (EK-FAC, `gradtrace.methods.ekfac`, kronfluence as the engin
 model and data directly: the adapter's `train_loss_measurement` objective's `batch_total` is the training loss
 (the curvature's), its `sampled_total` the same loss with targets drawn from the model's own predictive
 distribution (the true Fisher; objectives without one return None and the empirical Fisher is used), its
-`token_mask` the padding of sequence models, and the measurement's `batch_total` the query side. `measurement_is_loss(name)` says whether lower is better, which fixes
-the sign that makes a positive score mean "helpful".
+`token_mask` the padding of sequence models, and the measurement's `batch_total` the query side.
+`measurement_is_loss(name)` says whether lower is better, which fixes the sign that makes a positive score mean
+"helpful".
 """
 from __future__ import annotations
 
