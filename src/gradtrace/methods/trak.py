@@ -9,9 +9,10 @@ float64 and stored as float32. D-TRAK is this kernel on features of another meas
 same class under another name.
 
 A block wider than the training set and than DUAL_MIN_WIDTH (k_j > max(N, 4,096), e.g. exact gradients of a
-small training set) is solved in its dual form: with A_j = Φ_j Φ_jᵀ (N × N), Ψ_j = Φ_j (Φ_jᵀΦ_j + λ_j I)⁻¹ = (A_j + λ_j I)⁻¹ Φ_j (the
-push-through identity; for λ_j = 0 both are Φ_j⁺ᵀ), so no k_j × k_j matrix is built. λ_j is the same,
-c · trace(A_j) / k_j = c · mean diag(Φ_jᵀΦ_j). Only Ψ is written in this form (not the query-side mode).
+small training set) is solved in its dual form: with A_j = Φ_j Φ_jᵀ (N × N),
+Ψ_j = Φ_j (Φ_jᵀΦ_j + λ_j I)⁻¹ = (A_j + λ_j I)⁻¹ Φ_j (the push-through identity; for λ_j = 0 both are Φ_j⁺ᵀ),
+so no k_j × k_j matrix is built. λ_j is the same, c · trace(A_j) / k_j = c · mean diag(Φ_jᵀΦ_j). Only Ψ is
+written in this form (not the query-side mode).
 
 Default c = 0.01. λ = c · mean diag(ΦᵀΦ) is c times the mean eigenvalue of the Gram matrix, so c is
 scale-free (rescaling the features leaves the scores' ranking unchanged). At c = 0.01, directions
