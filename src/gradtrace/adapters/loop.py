@@ -11,8 +11,9 @@ continues with the same draws.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -97,3 +98,17 @@ def select_rows(dataset, ids) -> np.ndarray:
     if len(np.unique(ids)) != len(ids):
         raise UserError("training ids contain duplicates; pass each id once")
     return dataset.index_of(ids)
+
+
+def config_from_dict(cls, values: dict[str, Any] | Any | None, what: str):
+    """An instance of the recipe dataclass `cls` from a dict (e.g. a checkpoint's) or an instance, refusing
+    unknown keys in one line naming `what` ("classifier", "language-model"), and running its `validate()`."""
+    if isinstance(values, cls):
+        return values
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values or {}) - known)
+    if unknown:
+        raise UserError(f"unknown {what} train settings {unknown}; valid keys are {sorted(known)}")
+    cfg = cls(**(values or {}))
+    cfg.validate()
+    return cfg

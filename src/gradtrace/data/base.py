@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -28,6 +28,24 @@ def as_id_array(ids: Any) -> np.ndarray:
                         "pass e.g. dataset.ids[:10]")
     return arr.astype(np.int64)
 
+
+
+def row_index(ids: np.ndarray) -> dict[int, int]:
+    """id → row position, for `row_positions`."""
+    return {int(i): r for r, i in enumerate(np.asarray(ids).tolist())}
+
+
+def row_positions(row_of: dict[int, int], ids: Any, where: Callable[[], str]) -> np.ndarray:
+    """Row positions (int64) of the given ids, in the order given; an id not in `row_of` raises UserError naming
+    `where()` (e.g. "dataset digits (ids range 0..1796, 1797 images)")."""
+    want = as_id_array(ids)
+    rows = np.empty(len(want), dtype=np.int64)
+    for k, i in enumerate(want.tolist()):
+        r = row_of.get(i)
+        if r is None:
+            raise UserError(f"id {i} is not in {where()}; pick ids from dataset.ids")
+        rows[k] = r
+    return rows
 
 @dataclass(eq=False, repr=False)
 class ImageDataset:
@@ -86,18 +104,13 @@ class ImageDataset:
     # ------------------------------------------------------------------ ids
     def index_of(self, ids: Any) -> np.ndarray:
         """Row positions (int64) of the given ids, in the order given; an unknown id raises UserError."""
-        want = as_id_array(ids)
         if self._row_of is None:
-            self._row_of = {int(i): r for r, i in enumerate(self.ids.tolist())}
-        rows = np.empty(len(want), dtype=np.int64)
-        for k, i in enumerate(want.tolist()):
-            r = self._row_of.get(i)
-            if r is None:
-                lo, hi = (int(self.ids.min()), int(self.ids.max())) if len(self) else (0, -1)
-                raise UserError(f"id {i} is not in dataset {self.name} (ids range {lo}..{hi}, {len(self)} images); "
-                                "pick ids from dataset.ids")
-            rows[k] = r
-        return rows
+            self._row_of = row_index(self.ids)
+        return row_positions(self._row_of, ids, self._where)
+
+    def _where(self) -> str:
+        lo, hi = (int(self.ids.min()), int(self.ids.max())) if len(self) else (0, -1)
+        return f"dataset {self.name} (ids range {lo}..{hi}, {len(self)} images)"
 
     def subset(self, ids: Any) -> "ImageDataset":
         """The rows whose id is in `ids`, in the order of `ids` (each id at most once: ids stay unique)."""

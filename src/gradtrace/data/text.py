@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gradtrace.data.base import as_id_array
+from gradtrace.data.base import as_id_array, row_index, row_positions
 from gradtrace.errors import UserError
 
 TEXT = "text"
@@ -58,17 +58,9 @@ class TextDataset:
 
     def index_of(self, ids: Any) -> np.ndarray:
         """Row positions of the given ids, in the order given; an unknown id raises UserError."""
-        want = as_id_array(ids)
         if self._row_of is None:
-            self._row_of = {int(i): r for r, i in enumerate(self.ids.tolist())}
-        rows = np.empty(len(want), dtype=np.int64)
-        for k, i in enumerate(want.tolist()):
-            r = self._row_of.get(i)
-            if r is None:
-                raise UserError(f"id {i} is not in dataset {self.name} ({len(self)} documents); pick ids from "
-                                "dataset.ids")
-            rows[k] = r
-        return rows
+            self._row_of = row_index(self.ids)
+        return row_positions(self._row_of, ids, lambda: f"dataset {self.name} ({len(self)} documents)")
 
     def subset(self, ids: Any) -> "TextDataset":
         rows = self.index_of(ids)

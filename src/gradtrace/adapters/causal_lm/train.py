@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradtrace.adapters.causal_lm.objective import token_losses
-from gradtrace.adapters.loop import batch_stream, optimizer_step, stream_generators, warmup_cosine
+from gradtrace.adapters.loop import batch_stream, config_from_dict, optimizer_step, stream_generators, warmup_cosine
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 
@@ -38,15 +38,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | "TrainConfig" | None) -> "TrainConfig":
-        if isinstance(values, cls):
-            return values
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values or {}) - known)
-        if unknown:
-            raise UserError(f"unknown language-model train settings {unknown}; valid keys are {sorted(known)}")
-        cfg = cls(**(values or {}))
-        cfg.validate()
-        return cfg
+        return config_from_dict(cls, values, "language-model")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:

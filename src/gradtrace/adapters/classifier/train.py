@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from gradtrace.adapters.classifier.configs import check_model_config
 from gradtrace.adapters.classifier.models import build_model
-from gradtrace.adapters.loop import batch_stream, optimizer_step, select_rows, stream_generators, warmup_cosine
+from gradtrace.adapters.loop import (batch_stream, config_from_dict, optimizer_step, select_rows, stream_generators,
+                                     warmup_cosine)
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 
@@ -44,15 +45,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any] | "TrainConfig" | None) -> "TrainConfig":
         """Build from a dict (e.g. a checkpoint's), refusing unknown keys and bad values."""
-        if isinstance(values, cls):
-            return values
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values or {}) - known)
-        if unknown:
-            raise UserError(f"unknown classifier train settings {unknown}; valid keys are {sorted(known)}")
-        cfg = cls(**(values or {}))
-        cfg.validate()
-        return cfg
+        return config_from_dict(cls, values, "classifier")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
