@@ -18,10 +18,10 @@ from pathlib import Path
 from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.data.text import TextDataset
 from gradtrace.errors import UserError
-from gradtrace.io import check_can_write, command_line, read_json, versions, write_json_atomic
+from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
+from gradtrace.pipeline.build_pipeline import MANIFEST, finished_build
 from gradtrace.pipeline.spec import Spec, option, positive
 
-MANIFEST = "gradtrace_build.json"
 FORMAT = "gradtrace-built-lm"
 BUILD_MODULE = "gradtrace.adapters.causal_lm.build"  # transformers is imported when a build runs
 
@@ -67,13 +67,4 @@ def build_lm_run(spec: BuildLMSpec, *, progress: bool = True) -> Path:
 
 
 def _cached(out: Path, spec: BuildLMSpec, info: dict) -> bool:
-    if not (out / MANIFEST).exists() or not (out / "config.json").exists():
-        return False
-    try:
-        old = read_json(out / MANIFEST, "build manifest")
-    except UserError:
-        return False
-    settings = {k: v for k, v in spec.to_dict().items() if k != "out"}
-    old_settings = {k: v for k, v in (old.get("spec") or {}).items() if k != "out"}
-    return (old.get("format") == FORMAT and old_settings == settings
-            and (old.get("dataset") or {}).get("fingerprint") == info["fingerprint"])
+    return finished_build(out, FORMAT, "config.json", spec, info, ("fingerprint",))

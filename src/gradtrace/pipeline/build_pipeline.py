@@ -117,7 +117,13 @@ def build_pipeline_run(spec: BuildPipelineSpec, *, progress: bool = True) -> Pat
 
 def _cached_build(out: Path, spec: BuildPipelineSpec, dataset_info: dict) -> bool:
     """True when `out` holds a finished build of the same settings (wherever `out` was spelled), data and captions."""
-    if not (out / MANIFEST).exists() or not (out / "model_index.json").exists():
+    return finished_build(out, FORMAT, "model_index.json", spec, dataset_info, ("fingerprint", "captions_sha256"))
+
+
+def finished_build(out: Path, fmt: str, marker: str, spec: Spec, dataset_info: dict, data_keys: tuple) -> bool:
+    """True when `out` holds a finished build (its manifest of format `fmt` and the file `marker`) of the same spec
+    (whatever `out` was) and the same data (`dataset_info`'s `data_keys`): the build steps' shared reuse rule."""
+    if not (out / MANIFEST).exists() or not (out / marker).exists():
         return False
     try:
         old = read_json(out / MANIFEST, "build manifest")
@@ -126,5 +132,5 @@ def _cached_build(out: Path, spec: BuildPipelineSpec, dataset_info: dict) -> boo
     settings = {k: v for k, v in spec.to_dict().items() if k != "out"}
     old_settings = {k: v for k, v in (old.get("spec") or {}).items() if k != "out"}
     old_data = old.get("dataset") or {}
-    return (old.get("format") == FORMAT and old_settings == settings
-            and all(old_data.get(k) == dataset_info[k] for k in ("fingerprint", "captions_sha256")))
+    return (old.get("format") == fmt and old_settings == settings
+            and all(old_data.get(k) == dataset_info[k] for k in data_keys))
