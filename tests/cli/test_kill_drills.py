@@ -146,10 +146,12 @@ def rows_done(store: Path) -> int:
 
 
 def models_progress(root: Path, names: list[str]) -> int:
-    """Steps done over a list of models: finished ones count STEPS, the one training its saved state's step."""
+    """Steps done over a list of models: finished ones count STEPS, the one training its saved state's step.
+    The states are read before the finished models: a model is renamed into place before its state is removed, so a
+    model finishing between the two reads is counted once or twice, never not at all."""
     models = root / "models"
-    done = sum(STEPS for n in names if (models / n / "config.json").exists())
-    return done + max([state_step(models / f".{n}{STATE_FILE}") for n in names], default=0)
+    training = max([state_step(models / f".{n}{STATE_FILE}") for n in names], default=0)
+    return training + sum(STEPS for n in names if (models / n / "config.json").exists())
 
 
 def same_finished_models(kill: Path, ref: Path) -> None:
