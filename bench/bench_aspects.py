@@ -39,11 +39,26 @@ PICTURE_METHOD = "trak/per-group"  # fixed in advance for the attribution grids 
 SETTINGS = {
     "full": {"n_train": None, "steps": 1500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64, "sample_steps": 50,
              "guidance": 1.0, "dim": 2048, "timesteps": 10, "learn_steps": 200, "k": 10, "threads": 1,
-             "show_queries": 3, "show_k": 6, "bootstrap": 2000},
+             "show_queries": 3, "show_k": 6, "bootstrap": 2000, "groups": "block", "projection": "rademacher"},
     "quick": {"n_train": 96, "steps": 10, "batch_size": 16, "lr": 3e-3, "n_eval": 8, "n_learn": 6, "sample_steps": 3,
               "guidance": 1.0, "dim": 64, "timesteps": 1, "learn_steps": 5, "k": 10, "threads": 1,
-              "show_queries": 2, "show_k": 4, "bootstrap": 200},
+              "show_queries": 2, "show_k": 4, "bootstrap": 200, "groups": "block", "projection": "rademacher"},
 }
+
+
+# the configuration of the first runs keeps its paths (features/, weights/, results.json); any other
+# (groups, projection, dim) shares the model and samples and gets configs/<tag>/ of its own
+LEGACY_CONFIG = "block-rademacher-2048"
+
+
+def config_tag(s: dict) -> str:
+    if s["projection"] == "identity":  # exact gradients: no dimension
+        return f"{s['groups']}-exact"
+    return f"{s['groups']}-{s['projection']}-{s['dim']}"
+
+
+def config_dir(out: Path, s: dict) -> Path:
+    return out if config_tag(s) == LEGACY_CONFIG else out / "configs" / config_tag(s)
 
 
 def log(msg: str) -> None:
@@ -126,7 +141,7 @@ def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0) -> list[
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def run(out: Path, s: dict, img_dir: Path) -> dict:
+def run(out: Path, s: dict, img_dir: Path | None, methods=METHODS) -> dict:
     import torch
     from scipy.stats import spearmanr
 
@@ -163,21 +178,23 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
     for name, (codes, seed) in sets.items():
         stage(f"sample {name}", make_samples, ckpt, model.fingerprint, out / "samples" / name, codes, seed, s)
 
+    cfg = config_dir(out, s)
     stores: dict[str, dict[str, FeatureStore]] = {}
-    for meas in ("loss", "dtrak", "das"):
-        spec = dict(checkpoint=ckpt, groups="block", projection="rademacher", dim=s["dim"], measurement=meas,
+    for meas in sorted({m for _, _, m in methods}, key=("loss", "dtrak", "das").index):
+        spec = dict(checkpoint=ckpt, groups=s["groups"], projection=s["projection"], dim=s["dim"], measurement=meas,
                     timesteps=s["timesteps"], overwrite=True)
         stores[meas] = {"train": stage(f"featurize train ({meas})", featurize_run,
-                                       FeaturizeSpec(out=str(out / "features" / meas / "train"), **spec),
+                                       FeaturizeSpec(out=str(cfg / "features" / meas / "train"), **spec),
                                        progress=True)}
         for name in sets:
             stores[meas][name] = stage(f"featurize {name} ({meas})", featurize_run,
-                                       FeaturizeSpec(out=str(out / "features" / meas / name),
+                                       FeaturizeSpec(out=str(cfg / "features" / meas / name),
                                                      samples=str(out / "samples" / name), **spec), progress=False)
 
-    train_store = stores["loss"]["train"]
+    first = next(iter(stores.values()))
+    train_store = first["train"]
     train_codes = np.asarray(train_store.cond)
-    eval_codes = np.asarray(stores["loss"]["eval"].cond)
+    eval_codes = np.asarray(first["eval"].cond)
     np.testing.assert_array_equal(eval_codes, sets["eval"][0])
     relevant = {a: shared_value_relevance(eval_codes[:, i], train_codes[:, i]) for i, a in enumerate(ASPECTS)}
 
@@ -205,14 +222,14 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
 
     # ---- per base method: learn general + aspect weights, evaluate every weighting on every aspect
     results: dict[str, dict] = {}
-    for method, kernel, meas in METHODS:
+    for method, kernel, meas in methods:
         key = f"{method}/{kernel}"
         train, ev_store = stores[meas]["train"], stores[meas]["eval"]
         names = train.group_names
         docs, fitted_by_c = {}, {}
         for wset, guard in WEIGHT_SETS:
             label = weights_label(wset, guard)
-            path = out / "weights" / f"{method}-{kernel}-{label.replace(' (', '-').rstrip(')')}.json"
+            path = cfg / "weights" / f"{method}-{kernel}-{label.replace(' (', '-').rstrip(')')}.json"
             if not weights_current(path, train, stores[meas][f"learn-{wset}"], s, guard):
                 stage(f"learn {key} {label}", learn_weights_run,
                       LearnWeightsSpec(train=str(train.path), out=str(path),
@@ -261,18 +278,19 @@ def run(out: Path, s: dict, img_dir: Path) -> dict:
         results[key] = {"group_names": names, "rows": entry, "solo_quality": {k: v.tolist() for k, v in solo.items()},
                         "per_group_recall": per_group, "diagnostics": diag}
     summary = summarize(results, rows, s)
-    stage("pictures", pictures, results, stores, sets, out, img_dir, s, train_codes, values, relevant)
+    if img_dir is not None and PICTURE_METHOD in results:
+        stage("pictures", pictures, results, stores, sets, out, img_dir, s, train_codes, values, relevant)
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    doc = {"settings": s, "seeds": {"eval": EVAL_SEED, "learn": LEARN_SEED, "random": RANDOM_SEED},
+    doc = {"settings": s, "config": config_tag(s), "methods_run": [f"{m}/{k}" for m, k, _ in methods], "seeds": {"eval": EVAL_SEED, "learn": LEARN_SEED, "random": RANDOM_SEED},
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "load_average_end": list(os.getloadavg()), "timings_s": timings, "cpu_count": os.cpu_count(),
            "train_loss_last100": train_log.get("train_loss_final"), "train_wall_s": train_log.get("train_wall_s"),
            "train_config": train_log.get("train_config"), "model_fingerprint": model.fingerprint,
            "fidelity": fid, "summary": summary, "versions": versions(),
            "methods": {k: _jsonable(v) for k, v in results.items()}, "baselines": _jsonable(rows)}
-    write_json_atomic(out / "results.json", doc)
+    write_json_atomic(cfg / "results.json", doc)
     md = markdown(doc)
-    (out / "results.md").write_text(md)
+    (cfg / "results.md").write_text(md)
     return doc
 
 
@@ -397,14 +415,26 @@ def main(argv=None) -> int:
     p.add_argument("--img-dir", default=None, help="where the PNGs go (default docs/img; --quick: OUT/img)")
     for flag in ("steps", "timesteps", "threads", "n_eval", "n_learn", "dim"):
         p.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--groups", default=None, help="group preset of the features (default block)")
+    p.add_argument("--projection", default=None, help="rademacher | kronecker | identity | ... (default rademacher)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of " + ",".join(f"{m}/{k}" for m, k, _ in METHODS) + " (default all)")
+    p.add_argument("--no-pictures", action="store_true", help="skip the PNGs (other configurations than the first)")
     args = p.parse_args(argv)
     s = dict(SETTINGS["quick" if args.quick else "full"])
-    for flag in ("steps", "timesteps", "threads", "n_eval", "n_learn", "dim"):
+    for flag in ("steps", "timesteps", "threads", "n_eval", "n_learn", "dim", "groups", "projection"):
         if getattr(args, flag) is not None:
             s[flag] = getattr(args, flag)
+    methods = METHODS
+    if args.methods:
+        wanted = args.methods.split(",")
+        methods = [row for row in METHODS if f"{row[0]}/{row[1]}" in wanted]
+        unknown = set(wanted) - {f"{m}/{k}" for m, k, _ in methods}
+        if unknown:
+            p.error(f"unknown --methods {sorted(unknown)}; choose from {[f'{m}/{k}' for m, k, _ in METHODS]}")
     out = Path(args.out or ("bench_out/aspects_quick" if args.quick else "bench_out/aspects"))
     img_dir = Path(args.img_dir) if args.img_dir else (out / "img" if args.quick else Path("docs/img"))
-    doc = run(out, s, img_dir)
+    doc = run(out, s, None if args.no_pictures else img_dir, methods)
     print(markdown(doc))
     return 0
 

@@ -127,7 +127,8 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
 
     stores: dict[str, dict[str, FeatureStore]] = {}
     for meas in ("loss", "dtrak", "das"):
-        stores[meas] = featurize_all(dict(dim=s["dim"], timesteps=s["timesteps"], measurement=meas),
+        stores[meas] = featurize_all(dict(projection="rademacher", dim=s["dim"], timesteps=s["timesteps"],
+                                          measurement=meas),
                                      out / "features" / meas)
     # Kronecker (LoGra-style) features of the loss, at the same and at 4x the dimension: TRAK rows only
     kron = {dim: featurize_all(dict(projection="kronecker", dim=dim, timesteps=s["timesteps"]),
@@ -234,7 +235,8 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
                num_queries=s["cf_queries"], k=s["cf_k"], n_seeds=s["seeds"], workers=s["workers"], grid=grid,
                progress=progress)
     per_model = list(retrain.get("model_wall_s", {}).values())
-    results = {"settings": s, "feature_spec": asdict(FeatureSpec(total_dim=s["dim"], num_timesteps=s["timesteps"])),
+    results = {"settings": s, "feature_spec": asdict(FeatureSpec(projection="rademacher", total_dim=s["dim"],
+                                                                     num_timesteps=s["timesteps"])),
                "splits": {"train_ids_n": len(train_ids), "heldout_ids": heldout_ids.tolist(),
                           "eval_sample_seed": EVAL_SAMPLE_SEED, "learn_sample_seed": LEARN_SAMPLE_SEED},
                "rows": rows, "paired": paired, "lambda": lambdas, "learned_weights": learned or None,

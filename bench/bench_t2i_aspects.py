@@ -113,7 +113,7 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
                                                sample_steps=s["sample_steps"], seed=seed), progress=False)
     stores = {}
     for meas in ("loss", "dtrak", "das"):
-        spec = dict(checkpoint=run_dir, dim=s["dim"], measurement=meas, timesteps=s["timesteps"], overwrite=True)
+        spec = dict(checkpoint=run_dir, projection="rademacher", dim=s["dim"], measurement=meas, timesteps=s["timesteps"], overwrite=True)
         stores[meas] = {"train": stage("featurize", featurize_run, FeaturizeSpec(
             out=str(out / "features" / meas / "train"), **spec), progress=False)}
         for name in sets:

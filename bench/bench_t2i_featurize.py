@@ -40,7 +40,7 @@ def worker(config: str, checkpoint: str, n: int, T: int, chunk: int, out: Path) 
     ckpt = adapter.load(checkpoint)
     source = {"kind": "dataset", "spec": "shapes", "n": n, "size": None, "seed": 0}
     ex = adapter.examples(ckpt.model_config, source, cache_dir=out / "cache")
-    spec = FeatureSpec(total_dim=2048, num_timesteps=T, chunk_rows=chunk)
+    spec = FeatureSpec(projection="rademacher", total_dim=2048, num_timesteps=T, chunk_rows=chunk)
     featurizer, _ = featurizer_for(adapter, ckpt, spec)
     rss0 = peak_rss_mb()
     start, cpu0 = time.perf_counter(), time.process_time()

@@ -105,7 +105,8 @@ def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> d
     stores = {}
     for meas in ("loss", "dtrak", "das"):
         stores[meas] = {name: stage("featurize", featurize_run, FeaturizeSpec(
-            checkpoint=run, out=str(out / "features" / meas / name), dim=s["dim"], timesteps=s["timesteps"],
+            checkpoint=run, out=str(out / "features" / meas / name), projection="rademacher", dim=s["dim"],
+            timesteps=s["timesteps"],
             measurement=meas, **src), progress=progress) for name, src in sources.items()}
     retrain = stage("retrain", retrain_run, run, out / "retrain", n_subsets=s["subsets"], fraction=s["fraction"],
                     n_seeds=s["seeds"], workers=s["workers"], progress=progress)

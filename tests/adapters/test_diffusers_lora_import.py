@@ -109,6 +109,12 @@ def test_bad_imports_are_one_line_and_write_nothing(saved, tmp_path, capsys, cas
 def test_bfloat16_features_are_close_to_float32_and_never_mixed(saved, tmp_path, capsys):
     run("import-lora", "--base", saved / "pipe", "--lora", saved / "lora", "--out", tmp_path / "ft")
     common = ["--checkpoint", tmp_path / "ft", "--data", "shapes", "--n", 6, "--dim", 96, "--timesteps", 2]
+    capsys.readouterr()  # bfloat16 compute is the dense path's: the default (Kronecker) projection refuses it
+    assert main(["featurize", *map(str, common), "--dtype", "bfloat16", "--out", str(tmp_path / "k"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--projection rademacher" in err and "\n" not in err and not (tmp_path / "k").exists()
+    common += ["--projection", "rademacher"]
     run("featurize", *common, "--out", tmp_path / "f32")
     run("featurize", *common, "--dtype", "bfloat16", "--out", tmp_path / "bf16")
     a = np.asarray(FeatureStore.open(tmp_path / "f32").features, np.float64)

@@ -79,7 +79,7 @@ def test_bench_lds_equals_dattri(bench):
     results = json.loads((bench / "results.json").read_text())
     row = next(r for r in results["rows"] if (r["method"], r["kernel"], r["weights"]) == ("trak", "shared", "uniform"))
     train = FeatureStore.open(bench / "features" / "loss" / "train")
-    fitted = get_method("trak", kernel="shared", c=0.01).fit(train.features, train.group_slices)
+    fitted = get_method("trak", kernel="shared", c=row["c"]).fit(train.features, train.group_slices)
     per_query = []
     for query_set in ("heldout", "samples"):
         q = FeatureStore.open(bench / "features" / "loss" / query_set).features

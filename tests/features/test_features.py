@@ -83,14 +83,15 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
 def test_store_made_with_other_settings_is_refused(tmp_path):
     model, sched = _model("unconditional")
     x, ids, _ = _inputs(model, 4)
-    spec = FeatureSpec(total_dim=128, num_timesteps=2, chunk_rows=2)
+    spec = FeatureSpec(projection="rademacher", total_dim=128, num_timesteps=2, chunk_rows=2)
     _run(tmp_path, "s", model, sched, x, ids, spec)
     before = np.load(tmp_path / "s" / "features.npy")
     with pytest.raises(UserError, match=r"made with other settings \('groups' differs\)"):
-        _run(tmp_path, "s", model, sched, x, ids, FeatureSpec(total_dim=64, num_timesteps=2, chunk_rows=2))
+        _run(tmp_path, "s", model, sched, x, ids,
+             FeatureSpec(projection="rademacher", total_dim=64, num_timesteps=2, chunk_rows=2))
     assert np.array_equal(np.load(tmp_path / "s" / "features.npy"), before)  # nothing was touched
-    other = _run(tmp_path, "q", model, sched, x, ids, FeatureSpec(total_dim=128, num_timesteps=2,
-                                                                  measurement="dtrak", chunk_rows=2))
+    other = _run(tmp_path, "q", model, sched, x, ids, FeatureSpec(projection="rademacher", total_dim=128,
+                                                                  num_timesteps=2, measurement="dtrak", chunk_rows=2))
     with pytest.raises(UserError, match="'measurement' differs"):
         FeatureStore.open(tmp_path / "s").check_compatible(other)
     model2, _ = _model("unconditional")
@@ -110,7 +111,7 @@ KILL_SCRIPT = textwrap.dedent("""
     cfg = default_model_config("unconditional", channels=1, size=8)
     model, sched = build_model(cfg, seed=1), make_scheduler(cfg)
     x = torch.rand((24, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    spec = FeatureSpec(total_dim=128, num_timesteps=2, chunk_rows=2)
+    spec = FeatureSpec(projection="rademacher", total_dim=128, num_timesteps=2, chunk_rows=2)
     ckpt = Checkpoint(model, {"model_config": cfg}, model_fingerprint(model), None, {"scheduler": sched})
     featurizer, _ = featurizer_for(get_adapter(), ckpt, spec)
     featurize(featurizer, x, np.arange(24), sys.argv[1], spec=spec, model_fingerprint=model_fingerprint(model),

@@ -70,7 +70,7 @@ def test_blockwise_matrices_are_seeded():
 def test_a_store_drawn_with_other_blocks_is_refused_in_one_line(tmp_path):
     model, sched = tiny_model("unconditional")
     x, ids, _ = random_inputs(model, 4)
-    spec = FeatureSpec(num_timesteps=1, chunk_rows=4)
+    spec = FeatureSpec(projection="rademacher", num_timesteps=1, chunk_rows=4)
     fz, _ = build_featurizer(model, sched, spec)
     featurize(fz, x, ids, tmp_path / "s", spec=spec, model_fingerprint="m", progress=False)  # as stores were before
     fz.projector.block_rows = 4096  # its largest groups now span several blocks: other matrices

@@ -17,7 +17,7 @@ from gradtrace.features.gradients import GradientFeaturizer
 from gradtrace.features.groups import make_groups
 from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProjector
 from gradtrace.features.kronecker import KroneckerFeaturizer
-from gradtrace.features.projection import DEFAULT_TOTAL_DIM, GroupProjector
+from gradtrace.features.projection import DEFAULT_PROJECTION, GroupProjector, default_dim
 from gradtrace.features.store import FeatureStore, storage_dtype
 from gradtrace.ranks import rank_and_world
 
@@ -27,8 +27,8 @@ class FeatureSpec:
     """Everything that decides the feature values besides the model and the examples."""
 
     groups: str = "block"
-    projection: str = "rademacher"
-    total_dim: int = DEFAULT_TOTAL_DIM
+    projection: str = DEFAULT_PROJECTION
+    total_dim: int | None = None  # None: default_dim(projection)
     projection_seed: int = 0
     measurement: str = "loss"
     num_timesteps: int = 10
@@ -36,6 +36,10 @@ class FeatureSpec:
     chunk_rows: int = 64
     dtype: str = "float32"  # storage: float32 | float16 | bfloat16 (scoring upcasts chunks to float32)
     precision: str = "float32"  # compute: float32 | bfloat16 forward and backward (gradients reach float32)
+
+    def __post_init__(self) -> None:
+        if self.total_dim is None:
+            self.total_dim = default_dim(self.projection)
 
 
 def build_featurizer(model: torch.nn.Module, objective: Objective, spec: FeatureSpec, preset_key=None,

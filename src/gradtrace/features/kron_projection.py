@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gradtrace.features.projection import DEFAULT_TOTAL_DIM, name_seed, split_dims
+from gradtrace.features.projection import DEFAULT_KRONECKER_DIM, name_seed, split_dims
 from gradtrace.features.groups import Group
 
 KIND = "kronecker"
@@ -143,7 +143,7 @@ class KroneckerProjector:
     _mats: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, model: nn.Module, groups: list[Group], *, total_dim: int = DEFAULT_TOTAL_DIM,
+    def create(cls, model: nn.Module, groups: list[Group], *, total_dim: int = DEFAULT_KRONECKER_DIM,
                seed: int = 0) -> "KroneckerProjector":
         """The layout for `groups` of `model` whose total width is as close to `total_dim` as rounding allows
         without exceeding it (unless every group is exact, or the per-member minimums force more)."""

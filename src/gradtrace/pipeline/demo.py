@@ -23,7 +23,7 @@ from gradtrace.pipeline.train import TrainSpec, train_run
 SETTINGS = {
     "quick": {"n_train": 300, "steps": 400, "n_queries": 6, "sample_steps": 25, "dim": 512, "timesteps": 4,
               "top_k": 6, "n_learn": 16},
-    "full": {"n_train": None, "steps": 3000, "n_queries": 12, "sample_steps": 50, "dim": 2048, "timesteps": 10,
+    "full": {"n_train": None, "steps": 3000, "n_queries": 12, "sample_steps": 50, "dim": None, "timesteps": 10,
              "top_k": 8, "n_learn": 48},
 }
 
@@ -52,7 +52,7 @@ def run_demo(spec: DemoSpec, *, progress: bool = True, settings: dict | None = N
                                                    steps=s["steps"])))
     stage("sample", sample_run, SampleSpec(checkpoint=ckpt, out=str(out / "queries"), num=s["n_queries"],
                                            sample_steps=s["sample_steps"], seed=2024))
-    features = dict(groups="block", projection="rademacher", dim=s["dim"], measurement="loss",
+    features = dict(groups="block", dim=s["dim"], measurement="loss",  # the default projection; dim None: its default
                     timesteps=s["timesteps"], overwrite=True)
     train_store = stage("featurize-train", featurize_run,
                         FeaturizeSpec(checkpoint=ckpt, out=str(out / "features" / "train"), **features))

@@ -24,7 +24,7 @@ SETTINGS = {
               "guidance": 2.0, "dim": 512, "timesteps": 4, "top_k": 6,
               "n_learn": 16},
     "full": {"vae_steps": None, "unet_steps": None, "n_train": 192, "lora_steps": 400, "rank": 4, "sample_steps": 50,
-             "guidance": 3.0, "dim": 2048, "timesteps": 10, "top_k": 8,
+             "guidance": 3.0, "dim": None, "timesteps": 10, "top_k": 8,
              "n_learn": 32},
 }
 

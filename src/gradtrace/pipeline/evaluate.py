@@ -14,7 +14,7 @@ from gradtrace.evaluate.outputs import OutputGrid
 from gradtrace.evaluate.retrain import retrain_run
 from gradtrace.evaluate.tail_patch import tail_patch_run
 from gradtrace.features.featurize import FeatureSpec
-from gradtrace.features.projection import DEFAULT_TOTAL_DIM, KINDS
+from gradtrace.features.projection import DEFAULT_PROJECTION, KINDS
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
 from gradtrace.pipeline.spec import Spec, non_negative, option, positive
 from gradtrace.pipeline.train import resolve_ids
@@ -136,8 +136,9 @@ class MislabelSpec(Spec):
     measurement: str | None = option(None, "what is differentiated (default: the model's own: margin; or loss)",
                                      type=str)
     groups: str = option("block", "tensor | module | an adapter preset (block) | 'name=regex,...'")
-    projection: str = option("rademacher", "projection of each group's gradient", choices=KINDS)
-    dim: int = option(DEFAULT_TOTAL_DIM, "total projection dimension", check=positive)
+    projection: str = option(DEFAULT_PROJECTION, "projection of each group's gradient", choices=KINDS)
+    dim: int | None = option(None, "total projection dimension (default 8192 for kronecker, 2048 otherwise)",
+                             type=int, check=positive)
     proj_seed: int = option(0, "projection seed")
     learning_data: str | None = option(None, "labelled images for the learning queries (default: the run's "
                                        "dataset, images it was not trained on)", type=str)

@@ -8,7 +8,7 @@ from gradtrace.adapters import adapter_of
 from gradtrace.data.sources import dataset_source
 from gradtrace.errors import UserError
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
-from gradtrace.features.projection import DEFAULT_TOTAL_DIM, KINDS
+from gradtrace.features.projection import DEFAULT_PROJECTION, KINDS
 from gradtrace.features.store import DTYPES, FeatureStore, cache_dir_for
 from gradtrace.io import command_line
 from gradtrace.pipeline.devices import device_option, dtype_option, resolve_device
@@ -29,8 +29,9 @@ class FeaturizeSpec(Spec):
     data_seed: int = option(0, "seed of a generated dataset (shapes)")
     ids: object = option(None, "file of example ids to use (.npy, .json or one per line)", type=str)
     groups: str = option("block", "tensor | module | an adapter preset (block) | 'name=regex,...;name2=regex'")
-    projection: str = option("rademacher", "projection of each group's gradient", choices=KINDS)
-    dim: int = option(DEFAULT_TOTAL_DIM, "total projection dimension", check=positive)
+    projection: str = option(DEFAULT_PROJECTION, "projection of each group's gradient", choices=KINDS)
+    dim: int | None = option(None, "total projection dimension (default 8192 for kronecker, 2048 otherwise)",
+                             type=int, check=positive)
     proj_seed: int = option(0, "projection seed")
     measurement: str | None = option(None, "what is differentiated (default: the model's own: loss for diffusion "
                                      "models, of loss, dtrak, mean, das; margin for classifiers, of margin, loss)",
