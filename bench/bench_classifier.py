@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Classifier benchmark on digits: the LDS of TracIn and TRAK (shared / per-group kernel) × uniform / learned
-weights for a small ResNet and a small ViT, with paired 95% CIs, and the mislabel-detection AUC table for the same
-methods (uniform vs learned).
+"""Classifier benchmark on digits: the LDS of TracIn, TRAK (shared / per-group kernel) and EK-FAC × uniform /
+learned weights for a small ResNet and a small ViT, with paired 95% CIs, and the mislabel-detection AUC table for
+the same methods (uniform vs learned).
 
     python bench/bench_classifier.py --out bench_out/classifier             # full: sized for 90 min on 2 cores
     python bench/bench_classifier.py --quick --out bench_out/classifier_q   # smoke run, a few minutes
@@ -19,10 +19,13 @@ weights: learned on the learning queries (`bench_lds.learned_weights`: as `learn
 same recipe trained on them (once; shared by the measurements), self-influence at the corrupted labels of the
 margin and of the cross-entropy (`mislabel_measurements`), ROC AUC and the fraction found in the top
 10% with bootstrap CIs over training examples (paired for learned − uniform); its learning queries are the same
-held-out learning images. Each row's time is its own scoring (fit, λ choice, weight learning, scores).
+held-out learning images. EK-FAC (kronfluence on the model, `ekfac_rows`): factors fitted on the training set,
+damping c · mean(Λ) with c label-free on the learning images, weights learned from their per-group contributions
+(as `learn-weights-ekfac`); its mislabel rows come from `eval mislabel --methods ...,ekfac` (MISLABEL_OWN). Each
+row's time is its own scoring (fit, λ choice, weight learning, scores; EK-FAC's uniform row includes its factors).
 
 Rows for other methods: add (method, kernel) to METHODS once `gradtrace.methods` and `eval mislabel` know it, or
-append a function to ROW_HOOKS (see `run_hooks`), e.g. EK-FAC from kronfluence.
+append a function to ROW_HOOKS (see `run_hooks`), as `ekfac_rows` is.
 
 A rerun into the same --out reuses the runs, stores, retrained models and mislabel work. Torch runs
 single-threaded here; the retraining uses `workers` single-threaded processes. --set KEY=VALUE overrides a setting.
