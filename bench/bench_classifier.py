@@ -48,6 +48,7 @@ from bench_lds import GUARD_ROWS, _fmt, apply_overrides, learned_weights
 N_DIGITS = 1797
 MODELS = {"resnet": {}, "vit": {}}  # --model-options of each (the adapter's defaults)
 METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group")]
+PROJECTION = "rademacher"  # the documented protocol's features (pinned: not the library's default)
 MISLABEL_OWN = ["ekfac"]  # `eval mislabel` methods with their own self-influence provider (not on the stores)
 # Each hook: hook(ctx) -> {"rows": [LDS rows as `row` builds them], "paired": [...], "mislabel": [rows]}; ctx holds
 # the model name, run, stores, LDS problem, settings and output folder (see `_run_model`).
@@ -102,7 +103,8 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
     for part in ("train", "heldout", "learn"):
         where = {} if part == "train" else {"data": "digits", "ids": ids[part]}
         stores[part] = stage("featurize", featurize_run, FeaturizeSpec(
-            checkpoint=run, out=str(out / "features" / part), dim=s["dim"], **where), progress=progress)
+            checkpoint=run, out=str(out / "features" / part), projection=PROJECTION, dim=s["dim"], **where),
+            progress=progress)
     retrain = stage("retrain", retrain_run, run, out / "retrain", n_subsets=s["subsets"], fraction=s["fraction"],
                     n_seeds=s["seeds"], workers=s["workers"], progress=progress)
     problem = stage("model outputs", load_problem, run, out / "retrain", stores["train"], stores["heldout"],
@@ -138,7 +140,8 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
         if first is not None and not (folder / "model").exists():  # the same flips and recipe: the same model
             shutil.copytree(first / "model", folder / "model")
         ml = stage("mislabel", mislabel_run, run, folder, fraction=s["flip_fraction"], flip_seed=s["flip_seed"],
-                   methods=methods, feature_spec=FeatureSpec(total_dim=s["dim"], measurement=measurement),
+                   methods=methods, feature_spec=FeatureSpec(projection=PROJECTION, total_dim=s["dim"],
+                                                            measurement=measurement),
                    learning_ids=ids["learn"], learn_steps=s["learn_steps"], n_bootstrap=s["bootstrap"],
                    progress=progress)
         first = first or folder
@@ -275,8 +278,8 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"Classifiers on digits: {s['n_train']} training images, {s['steps']} steps; LDS over {s['n_heldout']} "
              f"held-out queries, {s['subsets']} subsets at α = {s['fraction']}; {s['n_learn']} held-out learning "
-             f"queries; features {s['dim']}-dim margin gradients, `block` groups. EK-FAC: kronfluence on the model "
-             "itself (no projection), damping c · mean(Λ).", "",
+             f"queries; features {s['dim']}-dim Rademacher-projected margin gradients, `block` groups. EK-FAC: "
+             "kronfluence on the model itself (no projection), damping c · mean(Λ).", "",
              "| model | params | method | kernel | weights | λ scale c | LDS (95% CI) | undefined | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["models"].items():
