@@ -23,8 +23,8 @@ that computes its per-group self-influence another way registers a provider with
 fn)`. EK-FAC is one (`--methods ekfac`, `gradtrace.pipeline.ekfac.mislabel_self_influence`): kronfluence on the
 corrupted model, its factors fitted on the corrupted training set (OUT/ekfac-factors), c chosen by the provider
 ("auto": SNR-best on the learning queries), and its weights learned from the learning queries' dense per-group
-contributions (`learn_weights_dense`) instead of a fitted method. Nothing here knows the kind of model: the adapter says which classes the
-model predicts (`classes`) and trains on other labels (`relabelled`).
+contributions (`learn_weights_dense`) instead of a fitted method. Nothing here knows the kind of model: the
+adapter says which classes the model predicts (`classes`) and trains on other labels (`relabelled`).
 """
 from __future__ import annotations
 
