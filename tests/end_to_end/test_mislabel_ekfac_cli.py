@@ -23,7 +23,8 @@ from gradtrace.cli import main
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 N_DATA, TRAIN = 150, np.arange(0, 120)
-ARGS = ["--projection", "rademacher", "--dim", "64", "--num-learning", "20", "--learn-steps", "20", "--bootstrap", "50", "--no-progress"]
+ARGS = ["--projection", "rademacher", "--dim", "64", "--num-learning", "20", "--learn-steps", "20", "--bootstrap",
+        "50", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
