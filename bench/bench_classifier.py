@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Classifier benchmark on digits: the LDS of TracIn and TRAK (shared / per-group kernel) × uniform / learned
-weights for a small ResNet and a small ViT, with paired 95% CIs, and the mislabel-detection AUC table for the same
-methods (uniform vs learned).
+"""Classifier benchmark on digits: the LDS of TracIn, TRAK (shared / per-group kernel) and EK-FAC × uniform /
+learned weights for a small ResNet and a small ViT, with paired 95% CIs, and the mislabel-detection AUC table for
+the same methods (uniform vs learned).
 
     python bench/bench_classifier.py --out bench_out/classifier             # full: sized for 90 min on 2 cores
     python bench/bench_classifier.py --quick --out bench_out/classifier_q   # smoke run, a few minutes
@@ -19,10 +19,13 @@ weights: learned on the learning queries (`bench_lds.learned_weights`: as `learn
 same recipe trained on them (once; shared by the measurements), self-influence at the corrupted labels of the
 margin and of the cross-entropy (`mislabel_measurements`), ROC AUC and the fraction found in the top
 10% with bootstrap CIs over training examples (paired for learned − uniform); its learning queries are the same
-held-out learning images. Each row's time is its own scoring (fit, λ choice, weight learning, scores).
+held-out learning images. EK-FAC (kronfluence on the model, `ekfac_rows`): factors fitted on the training set,
+damping c · mean(Λ) with c label-free on the learning images, weights learned from their per-group contributions
+(as `learn-weights-ekfac`); its mislabel rows come from `eval mislabel --methods ...,ekfac` (MISLABEL_OWN). Each
+row's time is its own scoring (fit, λ choice, weight learning, scores; EK-FAC's uniform row includes its factors).
 
 Rows for other methods: add (method, kernel) to METHODS once `gradtrace.methods` and `eval mislabel` know it, or
-append a function to ROW_HOOKS (see `run_hooks`), e.g. EK-FAC from kronfluence.
+append a function to ROW_HOOKS (see `run_hooks`), as `ekfac_rows` is.
 
 A rerun into the same --out reuses the runs, stores, retrained models and mislabel work. Torch runs
 single-threaded here; the retraining uses `workers` single-threaded processes. --set KEY=VALUE overrides a setting.
@@ -45,6 +48,8 @@ from bench_lds import GUARD_ROWS, _fmt, apply_overrides, learned_weights
 N_DIGITS = 1797
 MODELS = {"resnet": {}, "vit": {}}  # --model-options of each (the adapter's defaults)
 METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group")]
+PROJECTION = "rademacher"  # the documented protocol's features (pinned: not the library's default)
+MISLABEL_OWN = ["ekfac"]  # `eval mislabel` methods with their own self-influence provider (not on the stores)
 # Each hook: hook(ctx) -> {"rows": [LDS rows as `row` builds them], "paired": [...], "mislabel": [rows]}; ctx holds
 # the model name, run, stores, LDS problem, settings and output folder (see `_run_model`).
 ROW_HOOKS: list[Callable[[dict], dict]] = []
@@ -98,7 +103,8 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
     for part in ("train", "heldout", "learn"):
         where = {} if part == "train" else {"data": "digits", "ids": ids[part]}
         stores[part] = stage("featurize", featurize_run, FeaturizeSpec(
-            checkpoint=run, out=str(out / "features" / part), dim=s["dim"], **where), progress=progress)
+            checkpoint=run, out=str(out / "features" / part), projection=PROJECTION, dim=s["dim"], **where),
+            progress=progress)
     retrain = stage("retrain", retrain_run, run, out / "retrain", n_subsets=s["subsets"], fraction=s["fraction"],
                     n_seeds=s["seeds"], workers=s["workers"], progress=progress)
     problem = stage("model outputs", load_problem, run, out / "retrain", stores["train"], stores["heldout"],
@@ -127,14 +133,15 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
                          "learned_weights": record["weights"]})
             paired.append({"comparison": f"{name} {method} ({kernel}): {record['kind']} − uniform",
                            "delta": summarize(pq - uniform)})
-    methods = ",".join(m if k == "identity" else f"{m}:{k}" for m, k in METHODS)
+    methods = ",".join([m if k == "identity" else f"{m}:{k}" for m, k in METHODS] + MISLABEL_OWN)
     mislabel, first = [], None
     for measurement in s["mislabel_measurements"].split(","):
         folder = out / f"mislabel-{measurement}"
         if first is not None and not (folder / "model").exists():  # the same flips and recipe: the same model
             shutil.copytree(first / "model", folder / "model")
         ml = stage("mislabel", mislabel_run, run, folder, fraction=s["flip_fraction"], flip_seed=s["flip_seed"],
-                   methods=methods, feature_spec=FeatureSpec(total_dim=s["dim"], measurement=measurement),
+                   methods=methods, feature_spec=FeatureSpec(projection=PROJECTION, total_dim=s["dim"],
+                                                            measurement=measurement),
                    learning_ids=ids["learn"], learn_steps=s["learn_steps"], n_bootstrap=s["bootstrap"],
                    progress=progress)
         first = first or folder
@@ -149,9 +156,60 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
             "params": sum(p.numel() for p in get_adapter("classifier").load(run).model.parameters())}
 
 
+def ekfac_rows(ctx: dict) -> dict:
+    """EK-FAC (kronfluence) × uniform / learned weights, as `learn-weights-ekfac` and `attribute-ekfac` do it:
+    factors fitted on the model's training set (OUT/ekfac-factors), the true Fisher; damping c · mean(Λ) with c
+    label-free on the learning images (`--lambda-c auto`), shared by the uniform and learned rows; weights learned
+    from the learning images' per-group contributions (each guard of GUARD_ROWS, saved in OUT/weights); the
+    held-out queries' scores Σ_j w_j c_j(q, n) of their margin. The uniform row's time includes the factors."""
+    from gradtrace.evaluate import summarize
+    from gradtrace.io import command_line
+    from gradtrace.pipeline.ekfac import EkfacInputs, choose_c_contributions, setup
+    from gradtrace.weights import DEFAULT_K, learn_weights_dense, save_weights
+
+    name, s, stores, out, per_query = ctx["model"], ctx["settings"], ctx["stores"], ctx["out"], ctx["per_query"]
+    t = time.perf_counter()
+    train = stores["train"]
+    spec = EkfacInputs(checkpoint=ctx["run"], ids=np.asarray(stores["heldout"].ids), data="digits",
+                       groups=train.settings["groups_spec"], measurement=train.settings["measurement"]["name"])
+    ek = setup(spec, out / "ekfac-factors", progress=False).fit()
+    learning, heldout = ek.examples(spec, np.asarray(stores["learn"].ids)), ek.examples(spec, spec.ids)
+    for got, store in ((ek.train, train), (learning, stores["learn"]), (heldout, stores["heldout"])):
+        if not np.array_equal(got.ids, store.ids):  # the LDS problem's rows and columns are in the stores' order
+            raise RuntimeError(f"{name}: EK-FAC examples are not in the order of {store.path}")
+    k = min(DEFAULT_K, len(train.ids))
+    c, grid, learn_contrib = choose_c_contributions(ek, learning, k)
+    contrib = ek.engine.contributions(heldout, ek.train, c)
+    uniform = per_query(contrib.sum(-1))
+    rows = [{"model": name, "method": "ekfac", "kernel": "ekfac", "weights": "uniform", "c": c, "lambda_grid": grid,
+             "lds": summarize(uniform), "seconds": round(time.perf_counter() - t, 2)}]
+    paired = []
+    for guard in GUARD_ROWS:
+        t = time.perf_counter()
+        result = learn_weights_dense(learn_contrib, ek.engine.group_names, k=k, steps=s["learn_steps"], guard=guard,
+                                     progress=False)
+        w = np.asarray(result.weights, dtype=np.float64)
+        pq = per_query(contrib @ w)
+        kind = "learned" if guard == "none" else "guarded"
+        shrink = (result.info.get("guard") or {}).get("shrink")
+        save_weights(out / "weights" / f"ekfac{'' if guard == 'none' else '-guarded'}.json", result,
+                     {"command": command_line(), "method": "ekfac", "kernel": "ekfac", "lambda_c": c,
+                      "identity": ek.identity, "measurement": ek.measurement, "learner": result.info})
+        rows.append({"model": name, "method": "ekfac", "kernel": "ekfac", "c": c, "lds": summarize(pq),
+                     "weights": kind if shrink is None else f"{kind} (shrink {shrink:g})",
+                     "seconds": round(time.perf_counter() - t, 2),
+                     "learned_weights": dict(zip(result.group_names, w.tolist()))})
+        paired.append({"comparison": f"{name} ekfac (ekfac): {kind} − uniform", "delta": summarize(pq - uniform)})
+    return {"rows": rows, "paired": paired}
+
+
+ROW_HOOKS.append(ekfac_rows)
+
+
 def estimate_full_minutes(results: dict) -> float | None:
     """The full settings' time from this run's measured rates: per-model step time × the full run's training steps
-    (full model, subsets over `workers`, mislabel model) + featurization per example × its examples + scoring."""
+    (full model, subsets over `workers`, mislabel model) + featurization per example × its examples + scoring
+    (on the stores: × N and the dimension; EK-FAC on the model: × the examples)."""
     s, full = results["settings"], SETTINGS["full"]
     total = 0.0
     for name, m in results["models"].items():
@@ -164,11 +222,15 @@ def estimate_full_minutes(results: dict) -> float | None:
         n_feat = s["n_train"] + s["n_heldout"] + s["n_learn"] + k * (s["n_train"] + s["n_learn"])
         feat_s = t.get(f"{name} featurize", 0.0) + t.get(f"{name} mislabel", 0.0) - per_step * s["steps"]
         per_example = max(0.0, feat_s) / n_feat
-        scoring = sum(r["seconds"] for r in m["rows"]) + sum(r["seconds"] for r in m["mislabel"])
+        rows = m["rows"] + m["mislabel"]
+        scoring = sum(r["seconds"] for r in rows if r["method"] != "ekfac")
+        model_scoring = sum(r["seconds"] for r in rows if r["method"] == "ekfac")  # gradients of every example
         k_full = len(full["mislabel_measurements"].split(","))
         total += per_step * train_steps + per_example * (full["n_train"] + full["n_heldout"] + full["n_learn"]
                                                          + k_full * (full["n_train"] + full["n_learn"]))
         total += scoring * (full["n_train"] / s["n_train"]) * (full["dim"] / s["dim"])
+        examples = [x["n_train"] + x["n_heldout"] + x["n_learn"] for x in (full, s)]
+        total += model_scoring * examples[0] / examples[1]
     return round(total / 60.0, 1)
 
 
@@ -216,7 +278,8 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"Classifiers on digits: {s['n_train']} training images, {s['steps']} steps; LDS over {s['n_heldout']} "
              f"held-out queries, {s['subsets']} subsets at α = {s['fraction']}; {s['n_learn']} held-out learning "
-             f"queries; features {s['dim']}-dim margin gradients, `block` groups.", "",
+             f"queries; features {s['dim']}-dim Rademacher-projected margin gradients, `block` groups. EK-FAC: "
+             "kronfluence on the model itself (no projection), damping c · mean(Λ).", "",
              "| model | params | method | kernel | weights | λ scale c | LDS (95% CI) | undefined | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["models"].items():

@@ -1,6 +1,7 @@
 """The classifier benchmark at its smallest (one model, tiny settings): every LDS and mislabel row is produced, and
 the TracIn rows equal an independent computation (each subset model's margin by a direct forward pass, scipy's
-Spearman; sklearn's AUC on the saved self-influence)."""
+Spearman; sklearn's AUC on the saved self-influence); the EK-FAC rows equal the CLI's `attribute-ekfac` + `eval lds
+--attributions` with the row's c and saved weights."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +16,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from gradtrace.adapters import get_adapter
+from gradtrace.cli import main
 from gradtrace.data import load_dataset
 from gradtrace.features.store import FeatureStore
 
@@ -44,9 +46,10 @@ def test_rows_and_the_tracin_figures_match_an_independent_computation(bench):
     out, module = bench
     results = json.loads((out / "results.json").read_text())
     m = results["models"]["resnet"]
-    assert [(r["method"], r["kernel"]) for r in m["rows"]] == [mk for mk in module.METHODS
+    every = module.METHODS + [("ekfac", "ekfac")]
+    assert [(r["method"], r["kernel"]) for r in m["rows"]] == [mk for mk in every
                                                               for _ in range(1 + len(module.GUARD_ROWS))]
-    assert [(r["method"], r["kernel"]) for r in m["mislabel"]] == module.METHODS
+    assert [(r["method"], r["kernel"]) for r in m["mislabel"]] == every
     assert all(r["seconds"] >= 0 for r in m["rows"] + m["mislabel"])
     assert results["estimated_full_minutes"] > 0
     # LDS of uniform TracIn: Φ_q Φᵀ summed over each subset, against each subset model's margin on the query
@@ -75,3 +78,23 @@ def test_rows_and_the_tracin_figures_match_an_independent_computation(bench):
         for name in ("uniform", "learned"):
             assert r["scores"][name]["auc"] == pytest.approx(
                 roc_auc_score(z["flipped"], z[f"{r['method']}/{r['kernel']}/{name}"]), abs=1e-12)
+
+
+def test_ekfac_rows_equal_the_cli(bench, tmp_path):
+    out, _ = bench
+    m = json.loads((out / "results.json").read_text())["models"]["resnet"]
+    root = out / "resnet"
+    held = FeatureStore.open(root / "features" / "heldout")
+    (tmp_path / "held.txt").write_text("\n".join(map(str, held.ids)) + "\n")
+    rows = [r for r in m["rows"] if r["method"] == "ekfac"]
+    c = rows[0]["c"]
+    assert c in [row[0] for row in rows[0]["lambda_grid"]]
+    for r, weights in zip(rows, ([], ["--weights", str(root / "weights" / "ekfac.json")])):
+        attr, lds = tmp_path / f"attr-{r['weights']}", tmp_path / f"lds-{r['weights']}"
+        assert main(["attribute-ekfac", "--checkpoint", str(root / "run"), "--data", "digits", "--ids",
+                     str(tmp_path / "held.txt"), "--factors", str(root / "ekfac-factors"), "--lambda-c", str(c),
+                     *weights, "--out", str(attr), "--no-progress"]) == 0
+        assert main(["eval", "lds", "--run", str(root / "run"), "--retrain", str(root / "retrain"),
+                     "--attributions", str(attr), "--out", str(lds), "--no-progress"]) == 0
+        got = json.loads((lds / "lds.json").read_text())["lds"]["mean"]
+        assert r["lds"]["mean"] == pytest.approx(got, rel=1e-6), r["weights"]

@@ -19,9 +19,12 @@ Steps, each kept in OUT and reused by a rerun (resumable; every file written ato
 
 The function boundary for other methods: `self_influence(inputs, method, kernel, c)` returns a
 `GroupSelfInfluence` (N, M); methods fitted on the feature store go through `store_self_influence`, and a method
-that computes its per-group self-influence another way (e.g. EK-FAC from the model) registers a provider with
-`register_self_influence(name, fn)`. Nothing here knows the kind of model: the adapter says which classes the
-model predicts (`classes`) and trains on other labels (`relabelled`).
+that computes its per-group self-influence another way registers a provider with `register_self_influence(name,
+fn)`. EK-FAC is one (`--methods ekfac`, `gradtrace.pipeline.ekfac.mislabel_self_influence`): kronfluence on the
+corrupted model, its factors fitted on the corrupted training set (OUT/ekfac-factors), c chosen by the provider
+("auto": SNR-best on the learning queries), and its weights learned from the learning queries' dense per-group
+contributions (`learn_weights_dense`) instead of a fitted method. Nothing here knows the kind of model: the
+adapter says which classes the model predicts (`classes`) and trains on other labels (`relabelled`).
 """
 from __future__ import annotations
 
@@ -47,12 +50,14 @@ from gradtrace.features.store import FeatureStore
 from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, process_alive, read_json, sha256_arrays,
                           versions, write_json_atomic)
 from gradtrace.methods import KERNELS, FittedMethod, configure, get_method, known_methods
-from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, save_weights
+from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, learn_weights_dense,
+                               save_weights)
 
 RESULT, MANIFEST, FLIPS, MODEL, SCORES = "mislabel.json", "manifest.json", "flips.json", "model", "self_influence.npz"
 FORMAT = "gradtrace-mislabel"
 DEFAULT_METHODS = "tracin,trak:shared,trak:per-group"
-OWN = {RESULT, MANIFEST, FLIPS, MODEL, SCORES, "features", "weights"}
+EKFAC_FACTORS = "ekfac-factors"
+OWN = {RESULT, MANIFEST, FLIPS, MODEL, SCORES, "features", "weights", EKFAC_FACTORS}
 
 
 @dataclass
@@ -73,15 +78,31 @@ class GroupSelfInfluence:
     group_names: list[str]
     info: dict
     fitted: FittedMethod | None = None  # the bilinear method the weight learner scores the learning queries with
+    # or, for a method without one (EK-FAC): (Q, N, M) contributions of the learning queries to the training examples
+    learning_contributions: np.ndarray | None = None
 
 
-Provider = Callable[[SelfInfluenceInputs, str, str, float, bool], GroupSelfInfluence]
+Provider = Callable[[SelfInfluenceInputs, str, str, object, bool], GroupSelfInfluence]
 PROVIDERS: dict[str, Provider] = {}
+PROVIDER_KERNELS: dict[str, str] = {}
 
 
-def register_self_influence(method: str, provider: Provider) -> None:
-    """Make `method` compute its per-group self-influence with `provider(inputs, method, kernel, c, progress)`."""
+def register_self_influence(method: str, provider: Provider, kernel: str = "per-group") -> None:
+    """Make `method` compute its per-group self-influence with `provider(inputs, method, kernel, c, progress)`;
+    c is --lambda-c as given ("auto" or a number; the provider reports the c it used as info["lambda_c"]), and
+    `kernel` the kind recorded for it."""
     PROVIDERS[method] = provider
+    PROVIDER_KERNELS[method] = kernel
+
+
+def _ekfac(inputs: SelfInfluenceInputs, method: str, kernel: str, c, progress: bool = False) -> GroupSelfInfluence:
+    from gradtrace.pipeline.ekfac import mislabel_self_influence  # kronfluence is imported only when used
+
+    return mislabel_self_influence(inputs, c, factors=Path(inputs.checkpoint).parent / EKFAC_FACTORS,
+                                   progress=progress)
+
+
+register_self_influence("ekfac", _ekfac, kernel="ekfac")
 
 
 def store_self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: float,
@@ -95,10 +116,14 @@ def store_self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, 
 def self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: float,
                    progress: bool = False) -> GroupSelfInfluence:
     result = PROVIDERS.get(method, store_self_influence)(inputs, method, kernel, c, progress)
-    n, m = len(inputs.train.ids), len(inputs.train.group_names)
-    if result.values.shape != (n, m) or result.group_names != inputs.train.group_names:
+    n, m = len(inputs.train.ids), len(result.group_names)
+    if result.values.shape != (n, m) or not set(result.group_names) <= set(inputs.train.group_names):
         raise ValueError(f"self-influence of {method} has shape {result.values.shape} for groups "
-                         f"{result.group_names}; expected ({n}, {m}) for {inputs.train.group_names}")
+                         f"{result.group_names}; expected ({n}, {m}) for groups of {inputs.train.group_names}")
+    lc = result.learning_contributions
+    if result.fitted is None and (lc is None or lc.shape != (len(inputs.learn.ids), n, m)):
+        raise ValueError(f"the self-influence provider of {method} gives neither a fitted method nor the learning "
+                         f"queries' ({len(inputs.learn.ids)}, {n}, {m}) contributions to learn weights with")
     return result
 
 
@@ -110,7 +135,10 @@ def parse_methods(text: str) -> list[tuple[str, str]]:
         if name not in known_methods() and name not in PROVIDERS:
             raise UserError(f"--methods: unknown method {name!r}; use {', '.join(known_methods())}")
         if name in PROVIDERS and name not in known_methods():
-            kernel = kernel or "per-group"  # the provider's own kernel kind, recorded as given
+            own = PROVIDER_KERNELS[name]
+            if kernel not in ("", own):
+                raise UserError(f"--methods: {name} has its own kernel ({name} or {name}:{own}); got {item!r}")
+            kernel = own
         elif not get_method(name).uses_lambda:
             kernel = "identity"
         elif kernel not in KERNELS:
@@ -209,15 +237,21 @@ def featurize_examples(adapter, checkpoint: Path, examples: Examples, out: Path,
                      progress=progress)
 
 
-def learned_group_weights(inputs: SelfInfluenceInputs, fitted: FittedMethod, path: Path, method: str, kernel: str,
-                          c: float, *, steps: int, guard: str, progress: bool) -> tuple[np.ndarray, dict]:
+def learned_group_weights(inputs: SelfInfluenceInputs, si: GroupSelfInfluence, path: Path, method: str, kernel: str,
+                          c, *, steps: int, guard: str, progress: bool) -> tuple[np.ndarray, dict]:
     """Weights learned on the learning queries as `learn-weights` learns them (label-free objective, top-k =
-    min(10, N)), saved to `path`; (weights in group order, a record)."""
+    min(10, N)) — or as `learn-weights-ekfac` does from dense contributions — saved to `path`; (weights in the
+    order of `si.group_names`, a record)."""
     train, learn = inputs.train, inputs.learn
-    result = learn_weights(fitted, np.asarray(learn.features), k=min(DEFAULT_K, len(train.ids)), steps=steps,
-                           guard=guard, progress=progress)
+    k = min(DEFAULT_K, len(train.ids))
+    if si.fitted is not None:
+        result = learn_weights(si.fitted, np.asarray(learn.features), k=k, steps=steps, guard=guard,
+                               progress=progress)
+    else:
+        result = learn_weights_dense(si.learning_contributions, si.group_names, k=k, steps=steps, guard=guard,
+                                     progress=progress)
     kind = configure(method, kernel=kernel).kernel_kind if method in known_methods() else kernel
-    provenance = {"command": command_line(), "base_method": fitted.info, "method": method, "kernel": kind,
+    provenance = {"command": command_line(), "base_method": si.info, "method": method, "kernel": kind,
                   "lambda_c": c,
                   "train_store": str(train.path), "store": store_identity(train),
                   "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
@@ -273,18 +307,20 @@ def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods
     for method, kernel in entries:
         t = time.perf_counter()
         kernel_arg = "shared" if kernel == "identity" else kernel
-        c, grid = (0.0, None) if method not in known_methods() else \
-            resolve_learning_c(train, learn, method, kernel_arg, lambda_c, min(DEFAULT_K, len(train.ids)))
-        si = self_influence(inputs, method, kernel_arg, c, progress)
-        if si.fitted is None:
-            raise ValueError(f"the self-influence provider of {method} gives no fitted method to learn weights with")
-        w, w_info = learned_group_weights(inputs, si.fitted, out / "weights" / f"{method}-{kernel}.json", method,
+        if method in PROVIDERS:  # the provider resolves c itself (e.g. from the model, not the stores)
+            si = self_influence(inputs, method, kernel_arg, lambda_c, progress)
+            c, grid = si.info.get("lambda_c"), si.info.get("lambda_grid")
+        else:
+            c, grid = resolve_learning_c(train, learn, method, kernel_arg, lambda_c, min(DEFAULT_K, len(train.ids)))
+            si = self_influence(inputs, method, kernel_arg, c, progress)
+        w, w_info = learned_group_weights(inputs, si, out / "weights" / f"{method}-{kernel}.json", method,
                                           kernel_arg, c, steps=learn_steps, guard=guard, progress=progress)
         scores = {"uniform": si.values.sum(1), "learned": si.values @ w}
         table = detection_table(scores, flipped, baseline="uniform", fraction=top_fraction, n_bootstrap=n_bootstrap,
                                 seed=seed, progress=progress)
         arrays.update({f"{method}/{kernel}/{k}": v for k, v in scores.items()})
         results.append({"method": method, "kernel": kernel, "c": c, "lambda_grid": grid, "fitted": si.info,
+                        "group_names": list(si.group_names),
                         "learned_weights": w_info, **table, "seconds": round(time.perf_counter() - t, 3)})
     doc = {"manifest": {"format": FORMAT, "format_version": 1, "command": command_line(), "run": recipe.run,
                         **jsonable(settings), "n_train": int(len(train_ex.ids)), "n_flipped": int(flipped.sum()),

@@ -246,15 +246,19 @@ class EkfacEngine:
         total = self._pairwise(queries, train, c, per_module=False)["all_modules"]
         return self.sign * per_example(total, (len(queries.ids), len(train.ids)))
 
-    def self_contributions(self, train, c: float = DEFAULT_C) -> np.ndarray:
+    def self_contributions(self, train, c: float = DEFAULT_C, *, measurement: bool = False) -> np.ndarray:
         """(N, M) float64 per-group self-influence ∇L(n)ᵀ (G + δI)⁻¹ ∇L(n) of the training loss (kronfluence's
-        `compute_self_scores` per module; unsigned: a loss on both sides)."""
+        `compute_self_scores` per module; unsigned: a loss on both sides). `measurement=True`: the example scored as
+        its own query, sign · ∇f(n)ᵀ (G + δI)⁻¹ ∇L(n) with f the measurement (kronfluence's
+        `use_measurement_for_self_influence`), signed like `contributions`."""
         self.task.sets[TRAIN] = train
         name = "self-modules"
+        args = self._score_arguments(c, True)
+        args.use_measurement_for_self_influence = bool(measurement)
         with _quiet():
             self.analyzer.compute_self_scores(name, FACTORS, _Rows(TRAIN, len(train.ids)),
                                               per_device_train_batch_size=self.batch_size,
-                                              score_args=self._score_arguments(c, True), overwrite_output_dir=True)
+                                              score_args=args, overwrite_output_dir=True)
             scores = self.analyzer.load_self_scores(name)
         shutil.rmtree(self.analyzer.scores_output_dir(name), ignore_errors=True)
         out = np.zeros((len(train.ids), len(self.group_names)))
@@ -263,7 +267,7 @@ class EkfacEngine:
                 raise UserError("self-influence needs one row per example; this objective repeats each example "
                                 f"over {s.shape[0] // len(train.ids)} rows (pass timesteps 1)")
             out[:, self.group_names.index(self.module_group[module])] += s.double().numpy()
-        return out
+        return self.sign * out if measurement else out
 
     def _by_group(self, scores: dict[str, torch.Tensor], shape: tuple[int, int]) -> np.ndarray:
         out = np.zeros((*shape, len(self.group_names)))

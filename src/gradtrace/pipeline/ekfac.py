@@ -117,6 +117,13 @@ class EkfacSetup:
         self.factors = self.engine.fit(self.train, self.identity)
         return self
 
+    def use_training_examples(self, examples) -> None:
+        """Fit and score `examples` (e.g. with flipped labels as `cond`) instead of the checkpoint's recorded set."""
+        self.train = examples
+        self.identity.update(train_source=examples.source,
+                             train_ids_sha256=sha256_arrays([np.asarray(examples.ids)]),
+                             train_cond_sha256=sha256_arrays([np.asarray(examples.cond)]))
+
     def examples(self, spec: EkfacInputs, ids):
         source = self.train.source if spec.data is None else dataset_source(spec.data, n=spec.n, size=spec.size,
                                                                             seed=spec.data_seed)
@@ -161,13 +168,21 @@ def query_set_id(examples) -> dict:
 
 def choose_c(s: EkfacSetup, learning, k: int) -> tuple[float, list]:
     """(c, [[c, loss], ...]): the c of the grid whose uniform-weight SNR objective on the learning queries is lowest."""
-    table = []
+    c, table, _ = choose_c_contributions(s, learning, k)
+    return c, table
+
+
+def choose_c_contributions(s: EkfacSetup, learning, k: int) -> tuple[float, list, np.ndarray]:
+    """`choose_c` and the learning queries' (Q, N, M) contributions at the chosen c (computed on the way)."""
+    table, kept = [], None
     for c in lambda_grid(GRID):
-        contrib = torch.from_numpy(s.engine.contributions(learning, s.train, float(c)))
+        contrib = s.engine.contributions(learning, s.train, float(c))
         m = contrib.shape[2]
-        table.append([float(c), float(snr_loss(contrib, torch.full((m,), 1.0 / m, dtype=torch.float64), k))])
-    best = min(table, key=lambda row: (row[1], row[0]))
-    return best[0], table
+        loss = float(snr_loss(torch.from_numpy(contrib), torch.full((m,), 1.0 / m, dtype=torch.float64), k))
+        table.append([float(c), loss])
+        if min(table, key=lambda row: (row[1], row[0]))[0] == float(c):
+            kept = contrib  # only the best so far is kept
+    return min(table, key=lambda row: (row[1], row[0]))[0], table, kept
 
 
 def _manifest(s: EkfacSetup, spec, queries, extra: dict) -> dict:
@@ -252,10 +267,10 @@ def learn_weights_ekfac_run(spec: LearnWeightsEkfacSpec, *, progress: bool = Tru
     c = parse_c(spec.lambda_c)
     table = None
     if c == AUTO:
-        c, table = choose_c(s, learning, min(spec.k, len(s.train.ids)))
-    elif c is None:
-        c = DEFAULT_C
-    contrib = s.engine.contributions(learning, s.train, c)
+        c, table, contrib = choose_c_contributions(s, learning, min(spec.k, len(s.train.ids)))
+    else:
+        c = DEFAULT_C if c is None else c
+        contrib = s.engine.contributions(learning, s.train, c)
     result = learn_weights_dense(contrib, s.engine.group_names, k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2,
                                  guard=spec.guard, progress=progress)
     provenance = {"command": command_line(), "spec": spec.to_dict(), "method": "ekfac", "kernel": "ekfac",
@@ -296,9 +311,7 @@ def self_influence(checkpoint, *, examples=None, groups: str = "block", lambda_c
     path = Path(checkpoint)
     s = setup(spec, path.with_name(path.name + "-ekfac-factors"), progress=progress)
     if examples is not None:
-        s.train = examples
-        s.identity.update(train_source=examples.source, train_ids_sha256=sha256_arrays([np.asarray(examples.ids)]),
-                          train_cond_sha256=sha256_arrays([np.asarray(examples.cond)]))
+        s.use_training_examples(examples)
     s.fit()
     contrib = s.engine.self_contributions(s.train, c)
     return SelfInfluence(ids=np.asarray(s.train.ids, np.int64), group_names=list(s.engine.group_names),
@@ -307,5 +320,40 @@ def self_influence(checkpoint, *, examples=None, groups: str = "block", lambda_c
                                                       "fisher": s.engine.fisher, "identity": s.identity})
 
 
+def mislabel_self_influence(inputs, lambda_c, *, factors, batch_size: int = 64, progress: bool = False):
+    """`eval mislabel --methods ekfac`: the EK-FAC `GroupSelfInfluence` of the corrupted model (`inputs`:
+    `gradtrace.evaluate.mislabel.SelfInfluenceInputs`). The factors are fitted on its training examples at their
+    corrupted labels (`factors` folder, reused when it matches); the groups and measurement are those of its
+    feature stores. Self-influence of example n = the example scored as its own query, per group:
+    sign · ∇f(n)ᵀ (G + δI)⁻¹ ∇L(n), f the measurement at the corrupted label; for the training loss (`loss`) that
+    is ∇L(n)ᵀ (G + δI)⁻¹ ∇L(n), kronfluence's `compute_self_scores`. c: "auto" = the SNR-best c on the learning
+    queries (as learn-weights-ekfac), a number, or None = DEFAULT_C. The weights are learned from the learning
+    queries' contributions at that c (`learning_contributions`)."""
+    from gradtrace.evaluate.mislabel import GroupSelfInfluence
+
+    train, learn = inputs.train, inputs.learn
+    measurement = train.settings["measurement"]["name"]
+    spec = EkfacInputs(checkpoint=str(inputs.checkpoint), ids=np.zeros(0, np.int64),
+                       groups=train.settings["groups_spec"], measurement=measurement, factors=str(factors),
+                       batch_size=batch_size)
+    c = parse_c(lambda_c)
+    s = setup(spec, Path(factors), progress=progress)
+    s.use_training_examples(inputs.train_examples)
+    s.fit()
+    table = None
+    if c == AUTO:
+        c, table, learn_contrib = choose_c_contributions(s, inputs.learn_examples, min(DEFAULT_K, len(train.ids)))
+    else:
+        c = DEFAULT_C if c is None else c
+        learn_contrib = s.engine.contributions(inputs.learn_examples, s.train, c)
+    values = s.engine.self_contributions(s.train, c, measurement=measurement != s.adapter.train_loss_measurement)
+    e = s.engine
+    info = {"method": "ekfac", "engine": "kronfluence", "kernel": "ekfac", "lambda_c": c, "lambda_grid": table,
+            "damping": e.damping(c), "fisher": e.fisher, "sign": e.sign, "measurement": measurement,
+            "train_loss": s.identity["train_loss"], "factors": str(e.factors_dir.resolve()),
+            "modules": e.module_group, "untracked_parameters": e.untracked}
+    return GroupSelfInfluence(values, list(e.group_names), info, learning_contributions=learn_contrib)
+
+
 __all__ = ["AttributeEkfacSpec", "EkfacInputs", "LearnWeightsEkfacSpec", "SelfInfluence", "attribute_ekfac_run",
-           "learn_weights_ekfac_run", "self_influence"]
+           "learn_weights_ekfac_run", "mislabel_self_influence", "self_influence"]

@@ -132,7 +132,8 @@ class MislabelSpec(Spec):
     fraction: float = option(0.1, "fraction of training labels flipped, in (0, 1)",
                              check=lambda v, flag: check_fraction(v, flag))
     flip_seed: int = option(0, "seed of the flips (and of the drawn learning ids)")
-    methods: str = option(DEFAULT_METHODS, "methods to compare, comma-separated; METHOD:KERNEL for TRAK")
+    methods: str = option(DEFAULT_METHODS, "methods to compare, comma-separated; METHOD:KERNEL for TRAK; ekfac: "
+                          "EK-FAC (kronfluence on the corrupted model)")
     measurement: str | None = option(None, "what is differentiated (default: the model's own: margin; or loss)",
                                      type=str)
     groups: str = option("block", "tensor | module | an adapter preset (block) | 'name=regex,...'")
