@@ -65,20 +65,22 @@ def compare(docs: dict[str, dict], base: str) -> str:
              "paired 95% CIs over the evaluation queries (**+** / **−**: the CI excludes zero):", "",
              "| configuration | method | aspect | uniform | learned (guarded) | learned − uniform | guarded − uniform "
              f"| uniform − {base} uniform | learned − {base} uniform |", "|---|---|---|---|---|---|---|---|---|"]
-    verdicts = {"learned": [0, 0, 0], "guarded": [0, 0, 0]}  # beats, no clear difference, worse
+    verdicts = {}  # (configuration, learned | guarded) -> [beats, no clear difference, worse]
     for cfg, doc in docs.items():
+        for key in ("learned", "guarded"):
+            verdicts[cfg, key] = [0, 0, 0]
         for method in doc["methods"]:
             for a in ASPECTS:
                 u, w, g = (recall(doc, method, x, a) for x in ("uniform", a, f"{a} (guarded)"))
                 bu = recall(docs[base], method, "uniform", a)
                 d_w, d_g = paired_ci(w, u), paired_ci(g, u)
                 for key, t in (("learned", d_w), ("guarded", d_g)):
-                    verdicts[key][0 if t[1] > 0 else (2 if t[2] < 0 else 1)] += 1
+                    verdicts[cfg, key][0 if t[1] > 0 else (2 if t[2] < 0 else 1)] += 1
                 vs_base = (fmt(paired_ci(u, bu)), fmt(paired_ci(w, bu))) if bu is not None else ("—", "—")
                 lines.append(f"| {cfg} | {method} | {a} | {np.nanmean(u):.3f} | {np.nanmean(w):.3f} "
                              f"({np.nanmean(g):.3f}) | {fmt(d_w)} | {fmt(d_g)} | {vs_base[0]} | {vs_base[1]} |")
-    lines += ["", "Own-aspect weights against uniform, all rows above (beats / no clear difference / worse): "
-              f"learned {verdicts['learned']}, guarded {verdicts['guarded']}.", ""]
+    lines += ["", "Own-aspect weights against uniform (rows above; beats / no clear difference / worse): " + "; ".join(
+        f"{cfg}: learned {verdicts[cfg, 'learned']}, guarded {verdicts[cfg, 'guarded']}" for cfg in docs) + ".", ""]
     lines += ["General weights (learned on general queries) against uniform on each aspect:", "",
               "| configuration | method | aspect | learned − uniform | guarded − uniform |", "|---|---|---|---|---|"]
     for cfg, doc in docs.items():
