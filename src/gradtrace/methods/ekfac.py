@@ -26,6 +26,7 @@ settings they were fitted for. A folder whose manifest differs is refused; one w
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import shutil
@@ -127,13 +128,27 @@ def module_groups(model: nn.Module, modules: list[str], group_of: Callable[[str]
     return out
 
 
+_FROZEN: list[bool] = []  # nesting of _quiet: only the outermost freezes and unfreezes
+
+
 @contextlib.contextmanager
 def _quiet():
-    """kronfluence's GradScaler deprecation warning and info logs are not the user's business."""
+    """kronfluence's GradScaler deprecation warning and info logs are not the user's business. The objects that
+    exist before the call are frozen out of the garbage collector meanwhile: kronfluence runs a full `gc.collect()`
+    around every stage, which walks the whole heap (seconds once transformers is imported) and finds nothing there."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*GradScaler.*")
-        yield
+        outer = not _FROZEN
+        if outer:
+            gc.freeze()
+        _FROZEN.append(True)
+        try:
+            yield
+        finally:
+            _FROZEN.pop()
+            if outer:
+                gc.unfreeze()
 
 
 class EkfacEngine:
