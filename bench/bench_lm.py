@@ -16,11 +16,12 @@ correlation, bootstrap 95% CI over queries, paired learned − uniform per query
 Rows (each: λ scale c = "auto", SNR-best on the learning queries with uniform weights, shared by its uniform and
 learned rows; learned weights learned on the learning queries with the default recipe):
 - TracIn, TRAK shared, TRAK per-group: `featurize` (Rademacher projection, `block` groups, `dim` columns);
-- LoGra: `featurize --projection kronecker --groups module` (`dim` columns) + TRAK's per-group kernel (one kernel
-  per layer);
+- LoGra: `featurize --projection kronecker --groups module` (`dim` columns; "LoGra wide": `logra_wide_dim`) +
+  TRAK's per-group kernel (one kernel per layer);
 - EK-FAC: `learn-weights-ekfac` (kronfluence factors, `block` groups) then `attribute-ekfac --weights`; the uniform
   row is the sum of the same output's unweighted per-group contributions (same factors, same c).
-Each row's time is its own scoring (c choice, fit, weight learning, scores); the shared feature stores' times are
+With `guarded`, also the weights learned with the holdout guard (`--guard holdout`; LDS only). Each row's time is
+its own scoring (c choice, fit, weight learning, scores); the shared feature stores' times are
 listed with the other stage timings. Tail-patch (`eval tail-patch`): one SGD step (lr `tp_lr`) on each query's
 top-`top_k` training fortunes under uniform and learned weights and on `top_k` random ones; mean increase of the
 query's mean per-token log-likelihood with bootstrap CIs, paired learned − uniform. Featurization cost:
@@ -45,15 +46,24 @@ SETTINGS = {
     "full": {"n_train": 320, "n_heldout": 30, "n_learn": 50, "steps": 200, "batch_size": 16, "lr": 3e-3,
              "seq_len": 48, "subsets": 32, "fraction": 0.5, "workers": 2, "dim": 2048, "learn_steps": 200,
              "c": "auto", "top_k": 10, "tp_lr": 0.01, "ekfac_batch": 32, "bootstrap_seed": 0, "threads": 1,
-             "featurize_cost": 1},
+             "featurize_cost": 1, "guarded": 1, "logra_wide_dim": 8192},
     "quick": {"n_train": 40, "n_heldout": 6, "n_learn": 8, "steps": 20, "batch_size": 8, "lr": 3e-3,
               "seq_len": 32, "subsets": 4, "fraction": 0.5, "workers": 1, "dim": 256, "learn_steps": 20,
               "c": "auto", "top_k": 3, "tp_lr": 0.01, "ekfac_batch": 16, "bootstrap_seed": 0, "threads": 1,
-              "featurize_cost": 0},
+              "featurize_cost": 0, "guarded": 1, "logra_wide_dim": 1024},
 }
 STORE_ROWS = [("TracIn", "tracin", "identity", "rademacher"), ("TRAK shared", "trak", "shared", "rademacher"),
-              ("TRAK per-group", "trak", "per-group", "rademacher"), ("LoGra", "trak", "per-group", "kronecker")]
-GROUPS = {"rademacher": "block", "kronecker": "module"}  # LoGra: one kernel per layer
+              ("TRAK per-group", "trak", "per-group", "rademacher"), ("LoGra", "trak", "per-group", "kronecker"),
+              ("LoGra wide", "trak", "per-group", "kronecker-wide")]
+
+
+def store_kinds(s: dict) -> dict[str, dict]:
+    """Feature store name → its featurize settings (LoGra: Kronecker, one group and so one kernel per layer)."""
+    kinds = {"rademacher": {"groups": "block", "projection": "rademacher", "dim": s["dim"]},
+             "kronecker": {"groups": "module", "projection": "kronecker", "dim": s["dim"]}}
+    if s["logra_wide_dim"]:
+        kinds["kronecker-wide"] = {"groups": "module", "projection": "kronecker", "dim": s["logra_wide_dim"]}
+    return kinds
 
 
 def write_texts(out: Path, s: dict) -> dict[str, str]:
@@ -101,6 +111,8 @@ def store_rows(out: Path, s: dict, run: str, stores: dict, problem, clock: Clock
 
     rows, paired, tails = [], [], []
     for label, method, kernel, projection in STORE_ROWS:
+        if projection not in stores:
+            continue
         st = stores[projection]
         t = time.perf_counter()
         kernel_arg = "shared" if kernel == "identity" else kernel
@@ -115,7 +127,14 @@ def store_rows(out: Path, s: dict, run: str, stores: dict, problem, clock: Clock
         learned = _per_query(problem, fitted.scores(q, weights=w))
         rows.append({"row": label, "weights": "learned", "c": c, "lds": summarize(learned),
                      "seconds": round(time.perf_counter() - t, 2), "learned_weights": record["weights"]})
-        paired.append({"row": label, "delta": summarize(learned - uniform)})
+        paired.append({"row": label, "weights": "learned", "delta": summarize(learned - uniform)})
+        if s["guarded"]:
+            t = time.perf_counter()
+            wg, rg = learned_weights(st, out / "weights" / projection, method, kernel, c, s["learn_steps"], "holdout")
+            guarded = _per_query(problem, fitted.scores(q, weights=wg))
+            rows.append({"row": label, "weights": rg["label"], "c": c, "lds": summarize(guarded),
+                         "seconds": round(time.perf_counter() - t, 2), "learned_weights": rg["weights"]})
+            paired.append({"row": label, "weights": "guarded", "delta": summarize(guarded - uniform)})
         tp = clock.stage(f"tail-patch {label}", tail_patch_run, run, st["train"].path, st["heldout"].path,
                          out / "tail-patch" / label.replace(" ", "-"), method=method, kernel=kernel_arg, c=c,
                          weights_path=record["path"], k=s["top_k"], lr=s["tp_lr"], seed=s["bootstrap_seed"],
@@ -157,7 +176,20 @@ def ekfac_rows(out: Path, s: dict, run: str, specs: dict, ids: dict, problem, tr
     rows = [{"row": "EK-FAC", "weights": "uniform", "c": c, "lds": summarize(uniform), "seconds": seconds},
             {"row": "EK-FAC", "weights": "learned", "c": c, "lds": summarize(learned), "seconds": seconds,
              "learned_weights": attr.manifest["weights"]["weights"]}]
-    paired = [{"row": "EK-FAC", "delta": summarize(learned - uniform)}]
+    paired = [{"row": "EK-FAC", "weights": "learned", "delta": summarize(learned - uniform)}]
+    if s["guarded"]:  # the guarded weights applied to the same unweighted contributions (as attribute-ekfac does)
+        t = time.perf_counter()
+        gpath, gdoc = learn_weights_ekfac_run(LearnWeightsEkfacSpec(
+            **common, data=specs["learn"], ids=ids["learn"], out=str(out / "weights" / "ekfac-guarded.json"),
+            lambda_c=s["c"], steps=s["learn_steps"], guard="holdout"), progress=progress)
+        wg = np.array([gdoc["weights"][g] for g in attr.doc["groups"]])
+        guarded = _per_query(problem, contrib @ wg)
+        prov = gdoc["provenance"]
+        shrink = (prov.get("guard") or prov["learner"].get("guard") or {}).get("shrink")
+        rows.append({"row": "EK-FAC", "weights": "guarded" if shrink is None else f"guarded (shrink {shrink:g})",
+                     "c": gdoc["provenance"]["lambda_c"], "lds": summarize(guarded),
+                     "seconds": round(time.perf_counter() - t, 2), "learned_weights": gdoc["weights"]})
+        paired.append({"row": "EK-FAC", "weights": "guarded", "delta": summarize(guarded - uniform)})
     tp = clock.stage("tail-patch EK-FAC", tail_patch_run, run, None, None, out / "tail-patch" / "EK-FAC",
                      attributions=str(out / "ekfac-attr"), k=s["top_k"], lr=s["tp_lr"], seed=s["bootstrap_seed"],
                      progress=progress)
@@ -184,20 +216,20 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
             base=str(base), data=specs["train"], steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"],
             model_options=json.dumps({"seq_len": s["seq_len"]}), out=str(out / "run")), progress=progress))
         stores = {}
-        for projection, groups in GROUPS.items():
-            stores[projection] = {}
+        for name, kind in store_kinds(s).items():
+            stores[name] = {}
             for part in ("train", "heldout", "learn"):
                 where = {} if part == "train" else {"data": specs[part], "ids": ids[part]}
-                stores[projection][part] = clock.stage(f"featurize {projection}", featurize_run, FeaturizeSpec(
-                    checkpoint=run, out=str(out / "features" / projection / part), dim=s["dim"], groups=groups,
-                    projection=projection, **where), progress=progress)
+                stores[name][part] = clock.stage(f"featurize {name}", featurize_run, FeaturizeSpec(
+                    checkpoint=run, out=str(out / "features" / name / part), **kind, **where), progress=progress)
         retrain = clock.stage("retrain", retrain_run, run, out / "retrain", n_subsets=s["subsets"],
                               fraction=s["fraction"], n_seeds=1, workers=s["workers"], progress=progress)
         problem = clock.stage("model outputs", load_problem, run, out / "retrain", stores["rademacher"]["train"],
                               stores["rademacher"]["heldout"], progress=progress)
-        for part in ("train", "heldout"):
-            if not np.array_equal(stores["kronecker"][part].ids, stores["rademacher"][part].ids):
-                raise RuntimeError("the two projections' stores hold different ids")
+        for name in stores:
+            for part in ("train", "heldout"):
+                if not np.array_equal(stores[name][part].ids, stores["rademacher"][part].ids):
+                    raise RuntimeError("the feature stores hold different ids")
         rows, paired, tails = store_rows(out, s, run, stores, problem, clock, progress)
         e_rows, e_paired, e_tails, e_times = ekfac_rows(out, s, run, specs, ids, problem,
                                                         stores["rademacher"]["train"].ids, clock, progress)
@@ -239,16 +271,16 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"GPT-2 ({results['params']} parameters) trained {s['steps']} steps on {s['n_train']} fortunes; LDS "
              f"over {s['n_heldout']} held-out fortunes, {s['subsets']} subsets at α = {s['fraction']}; "
-             f"{s['n_learn']} learning fortunes; {s['dim']} feature columns.", "",
+             f"{s['n_learn']} learning fortunes; {s['dim']} feature columns (LoGra wide: {s['logra_wide_dim']}).", "",
              "| row | weights | λ scale c | LDS (95% CI) | undefined | s |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         c = "-" if not r.get("c") else f"{r['c']:g}"
         lines.append(f"| {r['row']} | {r['weights']} | {c} | {_fmt(r['lds'])} | {r['lds']['n_undefined']} | "
                      f"{r['seconds']} |")
-    lines += ["", "Paired LDS, learned − uniform (per query; bootstrap 95% CI over queries):", "",
-              "| row | Δ LDS (95% CI) | CI excludes 0 |", "|---|---|---|"]
+    lines += ["", "Paired LDS differences against uniform (per query; bootstrap 95% CI over queries):", "",
+              "| row | weights − uniform | Δ LDS (95% CI) | CI excludes 0 |", "|---|---|---|---|"]
     for d in results["paired"]:
-        lines.append(f"| {d['row']} | {_fmt(d['delta'])} | {_excludes_zero(d['delta']['ci95'])} |")
+        lines.append(f"| {d['row']} | {d['weights']} | {_fmt(d['delta'])} | {_excludes_zero(d['delta']['ci95'])} |")
     lines += ["", f"Tail-patch: one SGD step (lr {s['tp_lr']}) on each query's top-{s['top_k']} training fortunes; "
               "mean increase of the query's mean per-token log-likelihood (95% CI):", "",
               "| row | uniform | learned | random | learned − uniform | excludes 0 |", "|---|---|---|---|---|---|"]
@@ -266,7 +298,7 @@ def markdown(results: dict) -> str:
                          f"{r['floor_per_s']} | {r['ratio']} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()),
               f"EK-FAC: learn-weights-ekfac {results['ekfac_times_s']['learn_weights_s']} s (factors, c, weights), "
-              f"attribute-ekfac {results['ekfac_times_s']['attribute_s']} s (both EK-FAC rows' time); wall {results['wall_s']} s."]
+              f"attribute-ekfac {results['ekfac_times_s']['attribute_s']} s (the uniform and learned EK-FAC rows' time); wall {results['wall_s']} s."]
     return "\n".join(lines)
 
 
