@@ -85,8 +85,8 @@ bench-classifier-quick: $(STAMP)
 	$(PY) bench/bench_classifier.py --quick --out bench_out/classifier_quick
 
 # Language-model benchmark (bench/bench_lm.py): LDS and tail-patch of TracIn, TRAK, LoGra and EK-FAC x uniform /
-# learned weights on the small GPT-2 trained on fortunes, and the featurization cost; the full one took 12 min of the
-# shared 2-core machine (most of it the 32 retrained models); quick is a smoke run of about a minute.
+# learned weights on the small GPT-2 trained on fortunes, and the featurization cost; the full one took 8 min of the
+# shared 2-core machine (most of it the 32 retrained models); quick is a smoke run of under a minute.
 .PHONY: bench-lm bench-lm-quick
 
 bench-lm: $(STAMP)

@@ -3,8 +3,8 @@
 kernel), LoGra and EK-FAC × uniform / learned group weights on the small `build-lm` GPT-2, with paired 95% CIs,
 and the featurization cost against the forward + backward floor (full model and LoRA-only features).
 
-    python bench/bench_lm.py --out bench_out/lm             # full: sized for well under 90 min on 2 cores
-    python bench/bench_lm.py --quick --out bench_out/lm_q   # smoke run, a few minutes
+    python bench/bench_lm.py --out bench_out/lm             # full: 8 min measured on the shared 2-core machine
+    python bench/bench_lm.py --quick --out bench_out/lm_q   # smoke run, under a minute
 
 Protocol: `build-lm` (2 blocks, width 64, context 64, byte-level BPE of 512 tokens trained on the fortunes) trained
 `steps` steps (AdamW, lr `lr`, batch `batch_size`, `seq_len` tokens) on the first `n_train` fortunes; the next
