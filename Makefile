@@ -84,6 +84,19 @@ bench-classifier: $(STAMP)
 bench-classifier-quick: $(STAMP)
 	$(PY) bench/bench_classifier.py --quick --out bench_out/classifier_quick
 
+# Language-model benchmark (bench/bench_lm.py): LDS and tail-patch of TracIn, TRAK, LoGra and EK-FAC x uniform /
+# learned weights on the small GPT-2 trained on fortunes, and the featurization cost; the full one took 8 min of the
+# shared 2-core machine (most of it the 32 retrained models); quick is a smoke run of under a minute.
+.PHONY: bench-lm bench-lm-quick
+
+bench-lm: $(STAMP)
+	bash scripts/ensure_fortunes.sh
+	$(PY) bench/bench_lm.py --out bench_out/lm
+
+bench-lm-quick: $(STAMP)
+	bash scripts/ensure_fortunes.sh
+	$(PY) bench/bench_lm.py --quick --out bench_out/lm_quick
+
 # Featurization at CIFAR scale (bench/bench_featurize_cifar.py): the 35.7M-parameter CIFAR-10 DDPM UNet; floor,
 # vmap, Kronecker (k = 2048, 8192), traker, dattri. CUDA when present, else the CPU (there: about 1 h on the shared
 # 2-core machine, most of it traker and dattri running into their 25-min limit).

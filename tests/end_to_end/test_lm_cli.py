@@ -143,3 +143,83 @@ def test_tail_patch_matches_one_step_taken_by_hand(run):
     assert doc["summary"]["delta_uniform_minus_random"]["mean"] == pytest.approx(
         float(np.mean(deltas["uniform"] - deltas["random"])), rel=1e-9)
     assert doc["manifest"]["model_output"]["delta"] == "decrease of the loss"
+
+
+def test_ekfac_attribute_learn_lds_and_tail_patch(run):
+    """attribute-ekfac / learn-weights-ekfac on the LM (Conv1D as Linear), `eval lds --attributions` against the
+    Spearman of its own scores, `eval tail-patch --attributions` ranking by its scores and contributions."""
+    ids = run / "q.txt"
+    ids.write_text("\n".join(str(i) for i in range(N_QUERY)) + "\n")
+    (run / "l.txt").write_text("\n".join(str(i) for i in range(N_QUERY)) + "\n")
+    common = ["--checkpoint", str(run / "run"), "--factors", str(run / "ek-factors"), *QUIET]
+    assert main(["learn-weights-ekfac", *common, "--data", f"jsonl:{run / 'learn.jsonl'}", "--ids",
+                 str(run / "l.txt"), "--steps", "20", "--out", str(run / "ek-w.json")]) == 0
+    wdoc = json.loads((run / "ek-w.json").read_text())
+    assert wdoc["group_names"] == ["block0.attn", "block0.mlp", "block1.attn", "block1.mlp"]
+    assert sorted(wdoc["provenance"]["base_method"]["modules"]) == sorted(
+        f"lm.transformer.h.{b}.{m}" for b in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert main(["attribute-ekfac", *common, "--data", f"jsonl:{run / 'queries.jsonl'}", "--ids", str(ids),
+                 "--weights", str(run / "ek-w.json"), "--top-k", "4", "--out", str(run / "ek-attr")]) == 0
+    scores, contrib = np.load(run / "ek-attr" / "scores.npy"), np.load(run / "ek-attr" / "contributions.npy")
+    w = np.array([wdoc["weights"][g] for g in wdoc["group_names"]])
+    np.testing.assert_allclose(scores, contrib @ w, rtol=1e-5, atol=1e-7 * np.abs(scores).max())
+    retrain = run / "run" / "retrain"
+    if not (retrain / "manifest.json").exists():
+        assert main(["retrain", "--run", str(run / "run"), "--subsets", "5", *QUIET]) == 0
+    assert main(["eval", "lds", "--run", str(run / "run"), "--retrain", str(retrain), "--attributions",
+                 str(run / "ek-attr"), "--out", str(run / "ek-lds"), *QUIET]) == 0
+    lds = json.loads((run / "ek-lds" / "lds.json").read_text())
+    subsets = np.load(retrain / "subsets.npy")
+    mask = np.stack([np.isin(np.arange(N_TRAIN), s) for s in subsets]).astype(np.float64)
+    texts = fortune_texts(N_TRAIN + N_QUERY)
+    jobs = json.loads((retrain / "manifest.json").read_text())["settings"]["jobs"]
+    losses = np.array([hf_losses(retrain / "models" / job / "model", texts[N_TRAIN:], run / "base") for job in jobs])
+    want = [spearmanr((mask @ scores.T)[:, j], -losses[:, j]).statistic for j in range(N_QUERY)]
+    np.testing.assert_allclose(lds["lds"]["per_query"], want, rtol=1e-6, atol=1e-9)
+    assert lds["manifest"]["method"]["method"] == "ekfac"
+    assert main(["eval", "tail-patch", "--run", str(run / "run"), "--attributions", str(run / "ek-attr"), "--top-k",
+                 "4", "--out", str(run / "ek-tp"), *QUIET]) == 0
+    doc = json.loads((run / "ek-tp" / "tail_patch.json").read_text())
+    for qi, row in enumerate(doc["per_query"]):
+        assert row["learned_ids"] == np.argsort(-scores[qi], kind="stable")[:4].tolist()
+        assert row["uniform_ids"] == np.argsort(-contrib[qi].astype(np.float64).sum(-1), kind="stable")[:4].tolist()
+    assert set(doc["summary"]) >= {"delta_uniform", "delta_learned", "delta_random", "delta_learned_minus_uniform"}
+    assert doc["manifest"]["method"]["method"] == "ekfac"
+    tp = ["eval", "tail-patch", "--run", str(run / "run"), "--out", str(run / "ek-tp-bad"), *QUIET]
+    assert main([*tp, "--attributions", str(run / "ek-attr"), "--weights", str(run / "ek-w.json")]) == 2
+    assert main([*tp, "--attributions", str(run / "ft")]) == 2  # a feature store, not an attribute output
+
+
+def test_logra_recipe_lds_and_tail_patch(run):
+    """LoGra = Kronecker features with one group per layer + TRAK's per-group kernel: scores against numpy, the LDS
+    and the tail-patch top-k on those features."""
+    feat = ["--checkpoint", str(run / "run"), "--projection", "kronecker", "--groups", "module", "--dim", "256",
+            *QUIET]
+    assert main(["featurize", *feat, "--out", str(run / "logra-ft")]) == 0
+    assert main(["featurize", *feat, "--data", f"jsonl:{run / 'queries.jsonl'}", "--out", str(run / "logra-fq")]) == 0
+    ft = FeatureStore.open(run / "logra-ft")
+    assert ft.settings["projection"]["kind"] == "kronecker"
+    assert "lm.transformer.h.0.mlp.c_fc" in ft.group_names and "lm.transformer.h.1.attn.c_attn" in ft.group_names
+    retrain = run / "run" / "retrain"
+    if not (retrain / "manifest.json").exists():
+        assert main(["retrain", "--run", str(run / "run"), "--subsets", "5", *QUIET]) == 0
+    assert main(["eval", "lds", "--run", str(run / "run"), "--retrain", str(retrain), "--train-features",
+                 str(run / "logra-ft"), "--queries", str(run / "logra-fq"), "--kernel", "per-group", "--lambda-c",
+                 str(C), "--per-group", "--out", str(run / "logra-lds"), *QUIET]) == 0
+    phi, q = (np.asarray(FeatureStore.open(run / n).features, dtype=np.float64) for n in ("logra-ft", "logra-fq"))
+    scores = per_group_trak(phi, q, ft.group_slices, C).sum(-1)
+    subsets = np.load(retrain / "subsets.npy")
+    mask = np.stack([np.isin(np.arange(N_TRAIN), s) for s in subsets]).astype(np.float64)
+    lds = json.loads((run / "logra-lds" / "lds.json").read_text())
+    assert len(lds["per_group"]) == len(ft.group_names)
+    texts = fortune_texts(N_TRAIN + N_QUERY)
+    jobs = json.loads((retrain / "manifest.json").read_text())["settings"]["jobs"]
+    losses = np.array([hf_losses(retrain / "models" / job / "model", texts[N_TRAIN:], run / "base") for job in jobs])
+    want = [spearmanr((mask @ scores.T)[:, j], -losses[:, j]).statistic for j in range(N_QUERY)]
+    np.testing.assert_allclose(lds["lds"]["per_query"], want, rtol=1e-6, atol=1e-9)
+    assert main(["eval", "tail-patch", "--run", str(run / "run"), "--train-features", str(run / "logra-ft"),
+                 "--queries", str(run / "logra-fq"), "--kernel", "per-group", "--lambda-c", str(C), "--top-k", "4",
+                 "--out", str(run / "logra-tp"), *QUIET]) == 0
+    doc = json.loads((run / "logra-tp" / "tail_patch.json").read_text())
+    for qi, row in enumerate(doc["per_query"]):
+        assert row["uniform_ids"] == np.argsort(-scores[qi], kind="stable")[:4].tolist()

@@ -13,6 +13,10 @@ increase of its mean per-token log-likelihood). Good attributions give Δ_top > 
 query's Δ per set and the means over queries with bootstrap 95% CIs of the means and of the paired differences
 (top − random; learned − uniform). Both top-k sets use the same λ scale: `c` when given, else the weights file's
 (the uniform row would otherwise take the default rule and differ from the learned row in λ as well).
+
+Methods that score the model directly (EK-FAC) give their top-k sets by `--attributions DIR`, a dense attribute
+output: made with --weights, its scores are the learned row and the sum of its unweighted per-group contributions
+the uniform row (the same λ); made without, its scores are the uniform row.
 """
 from __future__ import annotations
 
@@ -75,24 +79,15 @@ def _stat(values: np.ndarray, seed: int) -> dict:
     return {"mean": float(values.mean()), "ci95": list(ci)}
 
 
-def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL, c=None,
-                   weights_path=None, learning_queries=None, k: int = 10, lr: float = 1e-2, num_queries=None,
-                   random_seed: int = 0, grid: OutputGrid = OutputGrid(), seed: int = 0,
-                   progress: bool = True) -> dict:
-    """Δ per query for the top-k (uniform; learned with `weights_path`) and k random training examples; writes
-    OUT/tail_patch.json."""
-    start = time.perf_counter()
-    if int(k) != k or k < 1:
-        raise UserError(f"--top-k must be a positive integer, got {k}")
-    if not lr > 0:
-        raise UserError(f"--lr must be a positive number, got {lr}")
-    adapter = adapter_of(run)
-    check_can_write(out)
+def _store_sets(adapter, ckpt, train_features, queries, *, method, kernel, c, weights_path, learning_queries, k,
+                num_queries, progress) -> dict:
+    """Top-k rows per query from feature stores, scored by `method` (uniform; learned with `weights_path`)."""
+    if train_features is None or queries is None:
+        raise UserError("--train-features and --queries are required (or --attributions)")
     train = FeatureStore.open(train_features)
     query = FeatureStore.open(queries)
-    ckpt = adapter.load(run)
     if train.settings.get("model_fingerprint") != ckpt.fingerprint:
-        raise UserError(f"training features {train.path} were not made from the model in {run}; featurize its "
+        raise UserError(f"training features {train.path} were not made from the model in the run; featurize its "
                         "training set with that checkpoint")
     if k >= len(train.ids):
         raise UserError(f"--top-k {k} must be smaller than the training set ({len(train.ids)} examples)")
@@ -105,17 +100,84 @@ def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", k
     kinds = {"uniform": score_queries(train, query, method=method, kernel=kernel, c=c,
                                       learning_queries=learning_queries, progress=progress), **kinds}
     sets = {name: s.fitted.topk(s.query_features[:nq], int(k), s.weights)[0] for name, s in kinds.items()}
+    chosen = kinds.get("learned", kinds["uniform"])
+    return {"sets": sets, "train_ids": np.asarray(train.ids),
+            "train_ex": store_examples(adapter, ckpt.model_config, train),
+            "query_ex": store_examples(adapter, ckpt.model_config, query).take(np.arange(nq)),
+            "record": {"train_features": str(train.path.resolve()), "query_features": str(query.path.resolve()),
+                       "method": kinds["uniform"].fitted.info, "weights": chosen.weights_info,
+                       "lambda": chosen.lambda_info}}
+
+
+def _in_order(ex, ids):
+    pos = {int(i): r for r, i in enumerate(ex.ids)}
+    return ex.take([pos[int(i)] for i in ids])
+
+
+def _attribution_sets(adapter, ckpt, folder, *, k, num_queries) -> dict:
+    """Top-k rows per query from a dense attribute output (attribute-ekfac): its scores are the learned row when
+    it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else uniform."""
+    from gradtrace.evaluate.eval_attributions import read_attributions
+
+    attr = read_attributions(folder)
+    m = attr.manifest
+    if m.get("model_fingerprint") != ckpt.fingerprint:
+        raise UserError(f"the attributions {attr.path} were not made from the run's model")
+    if ckpt.train_ids is not None and not np.array_equal(np.sort(attr.train_ids), np.sort(ckpt.train_ids)):
+        raise UserError(f"the attributions {attr.path} score {len(attr.train_ids)} training examples, not the run's "
+                        f"{len(ckpt.train_ids)} training ids")
+    if k >= len(attr.train_ids):
+        raise UserError(f"--top-k {k} must be smaller than the training set ({len(attr.train_ids)} examples)")
+    nq = len(attr.query_ids) if num_queries is None else min(int(num_queries), len(attr.query_ids))
+    scores = {"uniform": attr.scores[:nq]}
+    if m.get("weights"):
+        if attr.contributions is None:
+            raise UserError(f"{attr.path} is weighted but has no contributions.npy (too large to keep), so its "
+                            "uniform ranking is unknown; attribute without --weights for the uniform row")
+        scores = {"uniform": attr.contributions[:nq].astype(np.float64).sum(-1), "learned": attr.scores[:nq]}
+    sets = {name: np.argsort(-v, axis=1, kind="stable")[:, :int(k)] for name, v in scores.items()}
+    source = (ckpt.config.get("dataset") or {}).get("source")
+    if not source:
+        raise UserError("the run does not record its training data; tail-patch needs it")
+    train_ex = _in_order(adapter.examples(ckpt.model_config, source, ids=attr.train_ids), attr.train_ids)
+    query_ids = attr.query_ids[:nq]
+    query_ex = _in_order(adapter.examples(ckpt.model_config, m["query_source"], ids=query_ids), query_ids)
+    return {"sets": sets, "train_ids": attr.train_ids, "train_ex": train_ex, "query_ex": query_ex,
+            "record": {"attributions": str(attr.path.resolve()), "method": m.get("method"),
+                       "weights": m.get("weights"), "lambda": m.get("lambda")}}
+
+
+def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL, c=None,
+                   weights_path=None, learning_queries=None, attributions=None, k: int = 10, lr: float = 1e-2,
+                   num_queries=None, random_seed: int = 0, grid: OutputGrid = OutputGrid(), seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Δ per query for the top-k (uniform; learned with `weights_path`, or a weighted `attributions` output) and k
+    random training examples; writes OUT/tail_patch.json."""
+    start = time.perf_counter()
+    if int(k) != k or k < 1:
+        raise UserError(f"--top-k must be a positive integer, got {k}")
+    if not lr > 0:
+        raise UserError(f"--lr must be a positive number, got {lr}")
+    adapter = adapter_of(run)
+    check_can_write(out)
+    ckpt = adapter.load(run)
+    if attributions is not None:
+        sel = _attribution_sets(adapter, ckpt, attributions, k=k, num_queries=num_queries)
+    else:
+        sel = _store_sets(adapter, ckpt, train_features, queries, method=method, kernel=kernel, c=c,
+                          weights_path=weights_path, learning_queries=learning_queries, k=k, num_queries=num_queries,
+                          progress=progress)
+    sets, train_ex, query_ex, ids = sel["sets"], sel["train_ex"], sel["query_ex"], np.asarray(sel["train_ids"])
+    kinds = list(sets)
+    nq = len(query_ex.ids)
     rng = np.random.default_rng(int(random_seed))
-    sets["random"] = np.stack([rng.choice(len(train.ids), size=int(k), replace=False) for _ in range(nq)])
-    train_ex = store_examples(adapter, ckpt.model_config, train)
-    query_ex = store_examples(adapter, ckpt.model_config, query).take(np.arange(nq))
+    sets["random"] = np.stack([rng.choice(len(ids), size=int(k), replace=False) for _ in range(nq)])
     objective = adapter.objective(ckpt, STEP_MEASUREMENT, grid.num_timesteps, grid.seed)
     sign = 1.0 if adapter.output_is_loss else -1.0
     base = adapter.outputs(ckpt, query_ex, grid)
     deltas = {name: sign * (base - patched_outputs(adapter, ckpt, objective, train_ex, query_ex, rows, lr, grid,
                                                    progress=progress))
               for name, rows in sets.items()}
-    ids = np.asarray(train.ids)
     per_query = [{"query_id": int(query_ex.ids[q]), "output": float(base[q]),
                   **{f"delta_{name}": float(deltas[name][q]) for name in sets},
                   **{f"{name}_ids": [int(i) for i in ids[sets[name][q]]] for name in sets}} for q in range(nq)]
@@ -126,10 +188,8 @@ def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", k
         summary["delta_learned_minus_uniform"] = _stat(deltas["learned"] - deltas["uniform"], seed)
     doc = {"summary": {"n_queries": nq, **summary}, "per_query": per_query,
            "manifest": {"format": "gradtrace-tail-patch", "format_version": 1, "command": command_line(),
-                        "run": str(Path(run).resolve()), "run_fingerprint": ckpt.fingerprint,
-                        "train_features": str(train.path.resolve()), "query_features": str(query.path.resolve()),
-                        "method": kinds["uniform"].fitted.info, "weights": kinds.get("learned", kinds["uniform"]).weights_info,
-                        "lambda": kinds.get("learned", kinds["uniform"]).lambda_info, "k": int(k), "lr": float(lr),
+                        "run": str(Path(run).resolve()), "run_fingerprint": ckpt.fingerprint, **sel["record"],
+                        "k": int(k), "lr": float(lr),
                         "step": f"one SGD step on the mean '{STEP_MEASUREMENT}' of the k examples",
                         "random_seed": int(random_seed), "bootstrap_seed": int(seed),
                         "model_output": {"name": adapter.output_name, "grid": grid.info(),

@@ -6,7 +6,9 @@
     self_c = engine.self_contributions(train, c)        # (N, M) float64: per-group self-influence
 
 kronfluence tracks every `nn.Linear` and `nn.Conv2d` whose weight is trainable (not those inside
-`nn.MultiheadAttention`, which never calls its projections' forward); its score of a query q and a training
+`nn.MultiheadAttention`, which never calls its projections' forward, nor a layer whose weight another module shares,
+e.g. a language model's output layer tied to its embedding; models whose layers are other modules doing the same,
+such as GPT-2's `Conv1D`, are given as Linear by their adapter's `influence_model`); its score of a query q and a training
 example n is ∇f(q)ᵀ (G + δI)⁻¹ ∇L(n) with G the eigenvalue-corrected Kronecker-factored curvature of the training
 loss (block-diagonal over modules), so per-module scores add up to the total. A module's score goes to the group
 of its weight (`features.groups`: the same presets as the projected features; a rule that puts a module's weight
@@ -24,6 +26,7 @@ settings they were fitted for. A folder whose manifest differs is refused; one w
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import shutil
@@ -42,6 +45,7 @@ from torch.utils.data import Dataset
 
 from gradtrace.adapters.base import Objective
 from gradtrace.errors import UserError
+from gradtrace.features.kron_projection import shared_parameters
 from gradtrace.io import read_json, versions, write_json_atomic
 
 MANIFEST = "gradtrace-ekfac.json"
@@ -100,12 +104,15 @@ class ObjectiveTask(Task):
 
 
 def tracked_modules(model: nn.Module) -> list[str]:
-    """Names of the modules kronfluence scores: Linear / Conv2d with a trainable weight, outside attention."""
+    """Names of the modules kronfluence scores: Linear / Conv2d with a trainable weight, outside attention, whose
+    weight no other module shares (a tied output layer sees only its own part of the shared weight's gradient)."""
     inside_attention = {f"{name}.{child}" if name else child
                         for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                         for child, _ in m.named_modules() if child}
+    shared = shared_parameters(model)
     return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad and name not in inside_attention]
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad and name not in inside_attention
+            and id(m.weight) not in shared]
 
 
 def module_groups(model: nn.Module, modules: list[str], group_of: Callable[[str], str]) -> dict[str, str]:
@@ -121,13 +128,27 @@ def module_groups(model: nn.Module, modules: list[str], group_of: Callable[[str]
     return out
 
 
+_FROZEN: list[bool] = []  # nesting of _quiet: only the outermost freezes and unfreezes
+
+
 @contextlib.contextmanager
 def _quiet():
-    """kronfluence's GradScaler deprecation warning and info logs are not the user's business."""
+    """kronfluence's GradScaler deprecation warning and info logs are not the user's business. The objects that
+    exist before the call are frozen out of the garbage collector meanwhile: kronfluence runs a full `gc.collect()`
+    around every stage, which walks the whole heap (seconds once transformers is imported) and finds nothing there."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*GradScaler.*")
-        yield
+        outer = not _FROZEN
+        if outer:
+            gc.freeze()
+        _FROZEN.append(True)
+        try:
+            yield
+        finally:
+            _FROZEN.pop()
+            if outer:
+                gc.unfreeze()
 
 
 class EkfacEngine:

@@ -178,11 +178,19 @@ class TailPatchSpec(ScoringEvalSpec):
                                      check=positive)
     random_seed: int = option(0, "seed of the random k examples")
     seed: int = option(0, "bootstrap seed")
+    attributions: str | None = option(None, "instead of feature stores and scoring options: an attribute-ekfac "
+                                            "output folder (with --weights: learned and uniform rows; without: "
+                                            "uniform)", type=str)
+
+    def validate(self) -> None:
+        super().validate()
+        check_attributions_alone(self)
 
 
 def eval_tail_patch(spec: TailPatchSpec, *, progress: bool = True) -> dict:
     return tail_patch_run(spec.run, spec.train_features, spec.queries, spec.out, method=spec.method,
                           kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
-                          learning_queries=spec.learning_queries, k=spec.top_k, lr=spec.lr,
+                          learning_queries=spec.learning_queries, attributions=spec.attributions, k=spec.top_k,
+                          lr=spec.lr,
                           num_queries=spec.num_queries, random_seed=spec.random_seed, grid=spec.grid(),
                           seed=spec.seed, progress=progress)

@@ -21,6 +21,7 @@ from gradtrace.adapters.base import Checkpoint, ModelAdapter, OutputGrid
 from gradtrace.adapters.causal_lm.folder import (Base, files_state, is_lm_folder, is_peft_folder, load_base,
                                                  peft_base)
 from gradtrace.adapters.causal_lm.groups import PRESETS, block_key
+from gradtrace.adapters.causal_lm.influence import linear_twin
 from gradtrace.adapters.causal_lm.model import CausalLM, attach_lora, load_lora, lora_config_of, prepared_lm
 from gradtrace.adapters.causal_lm.objective import MEASUREMENTS, LMObjective, sequence_losses
 from gradtrace.adapters.causal_lm.tokens import check_seq_len, tokenize
@@ -153,6 +154,13 @@ class CausalLMAdapter(ModelAdapter):
 
     def objective(self, checkpoint: Checkpoint, measurement: str, repeats: int, seed: int) -> LMObjective:
         return LMObjective(measurement)
+
+    def influence_model(self, checkpoint: Checkpoint) -> CausalLM:
+        """The model with its trainable Conv1D layers as nn.Linear (`influence.py`), for EK-FAC."""
+        model = checkpoint.model
+        twin = CausalLM(linear_twin(model.lm), model.tokenizer, model.config)
+        twin.train_ids = model.train_ids
+        return twin.eval()
 
     # ------------------------------------------------------------------ data
     def tokens(self, model_config: dict, texts: list[str], ids) -> tuple[torch.Tensor, np.ndarray]:

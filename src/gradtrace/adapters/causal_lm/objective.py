@@ -79,6 +79,11 @@ class LMObjective(Objective):
         x, n = self._batch(inputs, cond)
         return measure(self.name, model(x), x, n).sum()
 
+    def token_mask(self, inputs, ids, cond):
+        """(B, L) 1 at each sequence's real tokens, 0 at its padding (influence functions' curvature skips it)."""
+        x, n = self._batch(inputs, cond)
+        return (torch.arange(x.shape[1], device=x.device) < n.unsqueeze(1)).long()
+
 
 @torch.no_grad()
 def sequence_losses(model: torch.nn.Module, input_ids, lengths, *, name: str = "loss",
