@@ -41,7 +41,7 @@ def page(demo):
             runs: [...s.querySelectorAll('div.run')].map(r => ({
               label: r.querySelector('h3').textContent,
               images: [...r.querySelectorAll('figure.train img')].map(i => i.complete && i.naturalWidth),
-              captions: [...r.querySelectorAll('figure.train figcaption')].map(c => c.textContent),
+              captions: [...r.querySelectorAll('figure.train figcaption')].map(c => c.innerText),
               bars: [...r.querySelectorAll('figure.train svg')].map(svg =>
                 [...svg.querySelectorAll('rect > title')].map(t => t.textContent))}))}))}))()""")
         png = b.screenshot()

@@ -95,14 +95,7 @@ def register_self_influence(method: str, provider: Provider, kernel: str = "per-
     PROVIDER_KERNELS[method] = kernel
 
 
-def _ekfac(inputs: SelfInfluenceInputs, method: str, kernel: str, c, progress: bool = False) -> GroupSelfInfluence:
-    from gradtrace.pipeline.ekfac import mislabel_self_influence  # kronfluence is imported only when used
-
-    return mislabel_self_influence(inputs, c, factors=Path(inputs.checkpoint).parent / EKFAC_FACTORS,
-                                   progress=progress)
-
-
-register_self_influence("ekfac", _ekfac, kernel="ekfac")
+# "ekfac" is registered by gradtrace.pipeline.ekfac (kronfluence's home), which gradtrace.pipeline imports
 
 
 def store_self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: float,
@@ -133,7 +126,7 @@ def parse_methods(text: str) -> list[tuple[str, str]]:
     for item in [t.strip() for t in str(text).split(",") if t.strip()]:
         name, _, kernel = item.partition(":")
         if name not in known_methods() and name not in PROVIDERS:
-            raise UserError(f"--methods: unknown method {name!r}; use {', '.join(known_methods())}")
+            raise UserError(f"--methods: unknown method {name!r}; use {', '.join([*known_methods(), *PROVIDERS])}")
         if name in PROVIDERS and name not in known_methods():
             own = PROVIDER_KERNELS[name]
             if kernel not in ("", own):

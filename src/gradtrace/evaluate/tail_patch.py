@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import score_queries
 from gradtrace.errors import UserError
+from gradtrace.evaluate.eval_attributions import read_attributions
 from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, store_examples
 from gradtrace.features.store import FeatureStore
@@ -117,8 +118,6 @@ def _in_order(ex, ids):
 def _attribution_sets(adapter, ckpt, folder, *, k, num_queries) -> dict:
     """Top-k rows per query from a dense attribute output (attribute-ekfac): its scores are the learned row when
     it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else uniform."""
-    from gradtrace.evaluate.eval_attributions import read_attributions
-
     attr = read_attributions(folder)
     m = attr.manifest
     if m.get("model_fingerprint") != ckpt.fingerprint:

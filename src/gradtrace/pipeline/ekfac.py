@@ -19,6 +19,7 @@ from gradtrace.adapters import adapter_of
 from gradtrace.attribution import write_contribution_attributions
 from gradtrace.data.sources import dataset_source
 from gradtrace.errors import UserError
+from gradtrace.evaluate.mislabel import EKFAC_FACTORS, GroupSelfInfluence, register_self_influence
 from gradtrace.features.groups import make_groups
 from gradtrace.io import command_line, read_json, sha256_arrays
 from gradtrace.methods import lambda_grid
@@ -329,8 +330,6 @@ def mislabel_self_influence(inputs, lambda_c, *, factors, batch_size: int = 64, 
     is ∇L(n)ᵀ (G + δI)⁻¹ ∇L(n), kronfluence's `compute_self_scores`. c: "auto" = the SNR-best c on the learning
     queries (as learn-weights-ekfac), a number, or None = DEFAULT_C. The weights are learned from the learning
     queries' contributions at that c (`learning_contributions`)."""
-    from gradtrace.evaluate.mislabel import GroupSelfInfluence
-
     train, learn = inputs.train, inputs.learn
     measurement = train.settings["measurement"]["name"]
     spec = EkfacInputs(checkpoint=str(inputs.checkpoint), ids=np.zeros(0, np.int64),
@@ -357,3 +356,12 @@ def mislabel_self_influence(inputs, lambda_c, *, factors, batch_size: int = 64, 
 
 __all__ = ["AttributeEkfacSpec", "EkfacInputs", "LearnWeightsEkfacSpec", "SelfInfluence", "attribute_ekfac_run",
            "learn_weights_ekfac_run", "mislabel_self_influence", "self_influence"]
+
+
+def _mislabel_provider(inputs, method: str, kernel: str, c, progress: bool = False) -> GroupSelfInfluence:
+    """`eval mislabel --methods ekfac`: factors kept in the corrupted run's folder (EKFAC_FACTORS)."""
+    return mislabel_self_influence(inputs, c, factors=Path(inputs.checkpoint).parent / EKFAC_FACTORS,
+                                   progress=progress)
+
+
+register_self_influence("ekfac", _mislabel_provider, kernel="ekfac")
