@@ -9,6 +9,7 @@ from gradtrace.methods import FittedMethod
 from gradtrace.weights import learn_weights
 from gradtrace.weights.kernels import (
     PsiSource,
+    gram_matvec,
     psi_stats_fast,
     query_grams_fast,
     top_pass,
@@ -59,8 +60,12 @@ def test_kernels_equal_float64_brute_force():
     norms = np.sqrt((psi.astype(np.float64) ** 2).sum(1)).max()
     assert norms <= stats.norm_max <= norms * (1 + 1e-4)
     phi64 = phi_q.astype(np.float64)
-    np.testing.assert_allclose(query_grams_fast(phi64, ref, SLICES), query_grams(phi64, ref, SLICES), rtol=1e-12)
+    grams = query_grams_fast(phi64, ref, SLICES)
+    assert grams.dtype == np.float32                              # stored rounded: half the bytes per step
+    np.testing.assert_allclose(grams, query_grams(phi64, ref, SLICES), rtol=2.0 ** -24, atol=0)
     w = np.array([0.1, 0.5, 0.15, 0.25])
+    gw = gram_matvec(torch.from_numpy(grams), torch.from_numpy(w), block=2).numpy()   # float64 sums
+    np.testing.assert_allclose(gw, np.einsum("qjl,l->qj", grams.astype(np.float64), w), rtol=1e-14)
     qw = phi64 * np.repeat(w, [3, 7, 4, 8])
     idx, vals = top_pass(source, qw, 9)
     tau = qw @ psi.astype(np.float64).T
