@@ -1,4 +1,4 @@
-"""Dense kernels of the lazy scalable learner: ΨᵀΨ, all G_q, and the streamed top-C pass.
+"""Dense kernels of the lazy scalable learner: ΨᵀΨ, all G_q, the streamed top-C pass, thread counts.
 
 On CPU the products are float32 BLAS calls through numpy (numpy's `xᵀx` is a symmetric rank-k update,
 half the flops of a general product; torch's CPU matmul was slower here), with float64 accumulation
@@ -114,17 +114,6 @@ def query_grams_fast(phi_q: np.ndarray, gram: np.ndarray, group_slices: list[tup
                 g[:, j].index_add_(1, col_group, u)
             out[q0:q0 + block] = (g + g.transpose(1, 2)) / 2
     return out.numpy()
-
-
-def gram_matvec(grams: torch.Tensor, w: torch.Tensor, *, block: int = 16) -> torch.Tensor:
-    """(Q, M) float64 G_q w for float32 G (Q, M, M) and float64 w: blocks of queries widened to float64
-    in cache, so the sums are float64 while each step reads only the float32 G."""
-    n_q, m, _ = grams.shape
-    out = torch.empty((n_q, m), dtype=torch.float64)
-    for q0 in range(0, n_q, block):
-        g = grams[q0:q0 + block].to(torch.float64)
-        out[q0:q0 + block] = (g.view(-1, m) @ w).view(-1, m)
-    return out
 
 
 def top_pass(source: PsiSource, qw: np.ndarray, take: int, *, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -3,28 +3,36 @@
 Same objective as `snr_loss` on the dense contributions, never building Q × N × M:
 
 - noise: ‖τ_w(q, ·)‖² = wᵀ G_q w with G_q from S = ΨᵀΨ, computed once (`kernels`: float32 products
-  summed in float64 per chunk; on CPU numpy's symmetric rank-k update). Per step one (Q·M, M) matvec,
-  no pass over Ψ.
+  summed in float64 per chunk; on CPU numpy's symmetric rank-k update) and stored in float32. Per step
+  one (Q·M, M) product summed in float64 (`noise.GramNorm`), no pass over Ψ.
 - signal: the top-k of each query among its candidates: its pool (top-C rows at its last refresh, with
-  their per-group contributions, as in `pool`). Pools are rebuilt by a streamed float32 pass
-  (`kernels.top_pass`, on the GPU when present) on a per-query schedule: first after `first_interval`
-  steps; the interval doubles (up to `max_interval`) after a refresh that found no miss and stays after
-  one that did; refresh steps are rounded up to multiples of half the interval so that queries share
-  passes (with the defaults 32 and 128 a query without misses is refreshed at steps 0, 32, 96 and at
-  the last step).
+  their per-group contributions in float32, as in `pool`). A step scores only a shortlist of each
+  query's best 4k candidates, in float64 (`shortlist`: the rest are checked every few steps and before
+  each refresh; a candidate that beat a step's k-th score rolls the steps back like a pool miss). Pools
+  are rebuilt by a streamed float32 pass (`kernels.top_pass`, on the GPU when present) at step 0,
+  after `first_interval` steps, then every `max_interval` steps (rounded up to multiples of half of
+  it, so that queries share passes), and at the last step: with the defaults 32 and 256 and 200 steps,
+  at steps 0, 32 and 200. A pass costs as much as hundreds of steps, so misses are caught late and
+  undone by replaying steps rather than by more passes.
 - misses are undone: at a refresh, each new-pool row the query could not see is scored at every step
   since the query's last check (the weights and the k-th selected score of each step are kept). A row
-  above that step's k-th score (beyond float32 rounding) is a miss: the step's top-k was wrong. The
-  caller then rolls θ and the optimizer back to the first missed step (`rollback`) and replays with
-  the old and new pools as candidates, so every miss that reaches a refresh's pool is undone and the
-  trajectory is the dense path's. Not checked: a row that enters a query's top-k and falls out of its
-  top-C again between two refreshes (`refresh="exact"` proves every step instead, at many more passes).
+  above that step's k-th score is a miss: the step's top-k was wrong. The caller then rolls θ and the
+  optimizer back to the first missed step (`rollback`) and replays with the old and new pools as
+  candidates, so every miss that reaches a refresh's pool is undone and the trajectory is the dense
+  path's. Scores are compared as the steps compute them (float64 products of the float32
+  contributions; float32 products first, and those within their rounding again in float64). Not
+  checked: a row that enters a query's top-k and falls out of its top-C again between two refreshes
+  (`refresh="exact"` proves every step instead, at many more passes).
 - the last step (the returned weights): every query is refreshed, its pool is certified to hold the
   top-k (the (C+1)-th pass score plus its float32 error bound is below the k-th pool score minus its
   error bound; otherwise that query gets a float64 pass over all rows), ties within the float32 error
   are resolved in float64 (lower row index first), and the top-k rows' contributions are recomputed
   in float64. So the final top-k is the dense path's and `final_loss` is the objective at the
   returned weights.
+
+Threads: the steps are small, memory-bound products where a second thread only contends (and, on a
+shared machine, multiplies the CPU time), so the learner runs them on one thread; the passes and ΨᵀΨ
+use the threads torch was configured with.
 """
 from __future__ import annotations
 
@@ -36,8 +44,9 @@ import torch
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import RunningTopK, sort_desc_then_index
-from gradtrace.weights.kernels import (PsiSource, gram_matvec, pick_device, psi_stats_fast, query_grams_fast,
+from gradtrace.weights.kernels import (U32, PsiSource, pick_device, psi_stats_fast, query_grams_fast,
                                       threads, top_pass)
+from gradtrace.weights.noise import GramNorm
 from gradtrace.weights.objective import ratio_loss
 from gradtrace.weights.pool import CandidatePool
 from gradtrace.weights.shortlist import Shortlist
@@ -224,10 +233,14 @@ class LazyPool(CandidatePool):
         if len(qi) == 0:
             return out
         w = np.stack([self.w_hist[s] for s in steps], axis=1)          # (M, T)
-        score = contrib[qi, ci].astype(np.float64) @ w                 # (P, T)
+        c32 = contrib[qi, ci]
         kth = np.stack([self.kth_hist[s][rows] for s in steps], axis=1)[qi]
-        tie = self.tie_tolerance(self.a[rows] @ w)[qi]
-        hit = (score > kth + tie) & (np.array(steps)[None, :] >= self.verified[rows][qi][:, None])
+        scale = (self.a[rows] @ w)[qi]                                 # (P, T) ≥ Σ_j w_j |c_j|
+        # float32 scores first; those within their rounding of the k-th score again in float64
+        near = (c32 @ w.astype(np.float32) > kth - 2 * (len(w) + 2) * U32 * scale).any(axis=1)
+        score = np.full(kth.shape, -np.inf)
+        score[near] = c32[near].astype(np.float64) @ w                 # (P, T), as the steps score
+        hit = (score > kth + self.tie_tolerance(scale)) & (np.array(steps)[None, :] >= self.verified[rows][qi][:, None])
         first = np.where(hit.any(axis=1), np.argmax(hit, axis=1), len(steps))
         per_query = np.full(len(rows), len(steps))
         np.minimum.at(per_query, qi, first)
@@ -333,24 +346,6 @@ class LazyObjective:
                 "shortlist_rollbacks": p.shortlist.rollbacks, "shortlist_unresolved": p.shortlist.unresolved,
                 "misses_not_undone": p.unresolved, "float64_fallbacks": p.float64_fallbacks,
                 "device": str(self.device)}
-
-
-class GramNorm(torch.autograd.Function):
-    """noise_q = √(wᵀ G_q w) from float32 G (Q, M, M) summed in float64; gradient G_q w / noise_q (0 where 0)."""
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        gw = gram_matvec(grams, w.detach())
-        noise = torch.sqrt(torch.clamp(gw @ w.detach(), min=0.0))
-        ctx.save_for_backward(gw, noise)
-        return noise
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        gw, noise = ctx.saved_tensors
-        coef = torch.where(noise > 0, grad / torch.where(noise > 0, noise, torch.ones_like(noise)),
-                           torch.zeros_like(noise))
-        return coef @ gw, None
 
 
 def _isin_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
