@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/bench_weights_scale.py                 # N=100k, Q=1000, M=200, k=2048: exact vs lazy
     .venv/bin/python bench/bench_weights_scale.py --refresh lazy  # the default (lazy) path only
-    .venv/bin/python bench/bench_weights_scale.py --refresh lazy --baseline-src OLD/src   # OLD checkout's lazy first
+    .venv/bin/python bench/bench_weights_scale.py --refresh lazy --baseline-src OLD/src   # then OLD/src's lazy path
     .venv/bin/python bench/bench_weights_scale.py --scaling       # the new path at 3 sizes each of N, Q, M
     .venv/bin/python bench/bench_weights_scale.py --sweep         # recall of planted items vs lr / steps / l2 / k
 
-With --baseline-src, the first learning process imports gradtrace from that source tree (e.g. a
-`git worktree` of an older commit) and learns with its default refresh, so an older version and this
-one are measured in the same run on the same problem. The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and learns
+With --baseline-src, a last learning process imports gradtrace from that source tree (e.g. an older
+commit's `git archive` of src/) and learns with its lazy refresh, so an older version and this one are
+measured in the same run on the same problem. The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and learns
 in a fresh one per refresh mode, one after the other (so their ratio is measured under the same load),
 so the reported peak RSS (ru_maxrss) is the learner's own (it includes the pages of Ψ it touched). The
 last columns compare each run with the first (by default the old exact path): largest weight difference
@@ -75,10 +75,10 @@ HEADER = ("| N | Q | M | refresh | wall s (CPU s) | precompute s (ΨᵀΨ / G) |
 
 def run_spec(spec: dict, refreshes: list[str], workdir: str | None, baseline_src: str | None = None) -> list[dict]:
     """Generate the planted problem `spec` in one subprocess, then learn in a fresh one per refresh mode
-    (first, with `baseline_src`, one with gradtrace imported from that source tree)."""
+    (last, with `baseline_src`, one with gradtrace imported from that source tree)."""
     out = []
-    runs = [(f"lazy ({Path(baseline_src).resolve().parent.name})", "lazy", baseline_src)] if baseline_src else []
-    runs += [(refresh, refresh, None) for refresh in refreshes]
+    runs = [(refresh, refresh, None) for refresh in refreshes]
+    runs += [(f"lazy ({Path(baseline_src).resolve().parent.name})", "lazy", baseline_src)] if baseline_src else []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         me = [sys.executable, __file__, "--spec", json.dumps(spec)]
         t0 = time.perf_counter()
@@ -166,8 +166,8 @@ def main() -> None:
                         help="refresh modes to learn with, in this order, on the same problem (default: old, new)")
     parser.add_argument("--scaling", action="store_true", help="the lazy path on three sizes each of N, Q and M")
     parser.add_argument("--baseline-src", default=None,
-                        help="learn first with gradtrace imported from this source tree (its lazy path), e.g. an "
-                             "older commit's checkout/src, to compare it with this tree in the same run")
+                        help="learn last with gradtrace imported from this source tree (its lazy path), e.g. an "
+                             "older commit's src/, to compare it with this tree in the same run")
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (N=5000, Q=50, M=50)")
     parser.add_argument("--workdir", default=None, help="where the temporary Ψ memmap goes (default: system tmp)")

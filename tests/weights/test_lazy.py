@@ -123,7 +123,7 @@ def test_ties_at_the_pool_edge_fall_back_to_float64_with_lower_index_first():
 
 
 def test_a_shortlist_of_only_k_rows_still_follows_the_dense_path(monkeypatch):
-    # each step sees only the k rows chosen at the last check: early on the checks find misses at most steps
+    # each step sees only the k rows chosen at the last check: the checks find misses and roll back
     import gradtrace.weights.shortlist as shortlist
     monkeypatch.setattr(shortlist, "PER_K", 1)
     phi_q, psi = planted(n=800, n_q=10, seed=6)

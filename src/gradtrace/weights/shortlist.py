@@ -2,8 +2,9 @@
 
 A step needs the top-k of each query among its candidates (its pool of C rows, plus old pool rows kept
 after a rollback). Scoring all C every step reads the (Q, C, M) pool contributions each time; instead
-each query keeps a shortlist of its s = 4k best candidates (chosen under the weights of one step, their
-contributions copied in float64), and a step scores only those, in float64. Every few steps (8, halved
+each query keeps a shortlist of s = 4k candidates (its best under the weights of one step and under
+those weights extrapolated to the next check, their contributions copied in float64), and a step scores
+only those, in float64. Every few steps (8, halved
 after a miss down to 2, doubled after a clean check) and before every pool refresh, the candidates
 outside the shortlist are scored at every step since the shortlist was chosen, in one float32 product
 (M × T weights against the whole pool), and those within float32 rounding of a step's k-th score again
@@ -45,15 +46,29 @@ class Shortlist:
         self.pos, self.ahead = None, None
 
     def choose(self, w: np.ndarray, t: int) -> None:
-        """The `size` best candidates of each query under `w` (the weights of step t)."""
+        """The `size` candidates of each query ranked best under `w` (the weights of step t), its top-k
+        first, or under the weights extrapolated to the next check (log w moving on as in the last step)."""
         if self.ahead is not None and self.ahead[0] == t:
             scores = self.ahead[1]
         else:
             scores = self.pool.candidate_scores(w[:, None])[0]
         self.ahead = None
         s = self.size
-        self.pos = (np.argpartition(-scores, s - 1, axis=1)[:, :s] if s < scores.shape[1]
-                    else np.broadcast_to(np.arange(s), scores.shape).copy())
+        prev = self.pool.w_hist.get(t - 1)
+        if prev is not None and s < scores.shape[1]:
+            log_w = np.log(np.maximum(w, 1e-300))
+            la = log_w + self.interval * (log_w - np.log(np.maximum(prev, 1e-300)))
+            ahead = np.exp(la - la.max())
+            ahead /= ahead.sum()
+            later = self.pool.candidate_scores(ahead[:, None])[0]
+            rank_now = np.argsort(np.argsort(-scores, axis=1), axis=1)
+            rank_later = np.argsort(np.argsort(-later, axis=1), axis=1)
+            key = 2 * np.minimum(rank_now, rank_later) + (rank_now > rank_later)
+            key[rank_now < self.pool.k] = -1                # the step's own top-k always
+            self.pos = np.argpartition(key, s - 1, axis=1)[:, :s]
+        else:
+            self.pos = (np.argpartition(-scores, s - 1, axis=1)[:, :s] if s < scores.shape[1]
+                        else np.broadcast_to(np.arange(s), scores.shape).copy())
         self.contrib = torch.from_numpy(self.pool.candidate_contrib(self.pos).astype(np.float64))
         self.chosen, self.next = t, t + self.interval
 
