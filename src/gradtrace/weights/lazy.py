@@ -167,7 +167,7 @@ class LazyPool(CandidatePool):
         rows as extra candidates until their next refresh) or None.
 
         A miss: a row of the new pool that the query's step could not see (outside its candidates)
-        scoring above the k-th score that step selected, beyond float32 rounding.
+        scoring above the k-th score that step selected (both float64 products of float32 contributions).
         """
         take = min(self.size + 1, self.fitted.n_train)
         with threads(self.pass_threads):
@@ -228,7 +228,7 @@ class LazyPool(CandidatePool):
         steps = [s for s in range(start, now) if s in self.kth_hist]
         if not steps:
             return out
-        outside = ~_isin_rows(new, self.candidate_rows()[rows])                   # new pool rows the steps could not see
+        outside = ~_isin_rows(new, self.candidate_rows()[rows])        # new pool rows the steps could not see
         qi, ci = np.nonzero(outside)
         if len(qi) == 0:
             return out
@@ -240,7 +240,8 @@ class LazyPool(CandidatePool):
         near = (c32 @ w.astype(np.float32) > kth - 2 * (len(w) + 2) * U32 * scale).any(axis=1)
         score = np.full(kth.shape, -np.inf)
         score[near] = c32[near].astype(np.float64) @ w                 # (P, T), as the steps score
-        hit = (score > kth + self.tie_tolerance(scale)) & (np.array(steps)[None, :] >= self.verified[rows][qi][:, None])
+        since = np.array(steps)[None, :] >= self.verified[rows][qi][:, None]
+        hit = (score > kth + self.tie_tolerance(scale)) & since
         first = np.where(hit.any(axis=1), np.argmax(hit, axis=1), len(steps))
         per_query = np.full(len(rows), len(steps))
         np.minimum.at(per_query, qi, first)
