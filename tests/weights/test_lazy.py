@@ -66,10 +66,11 @@ def test_kernels_equal_float64_brute_force():
     gw = gram_matvec(torch.from_numpy(grams), torch.from_numpy(w), block=2).numpy()   # float64 sums
     np.testing.assert_allclose(gw, np.einsum("qjl,l->qj", grams.astype(np.float64), w), rtol=1e-14)
     qw = phi64 * np.repeat(w, [3, 7, 4, 8])
-    idx, vals = top_pass(source, qw, 9)
     tau = qw @ psi.astype(np.float64).T
-    np.testing.assert_array_equal(idx, np.argsort(-tau, axis=1)[:, :9])
-    np.testing.assert_allclose(vals, np.take_along_axis(tau, idx, 1), rtol=1e-5)
+    for rows, take in ((37, 9), (4, 9), (300, 9), (37, 300)):   # chunks larger, smaller than take; one chunk; all
+        idx, vals = top_pass(PsiSource(psi, torch.device("cpu"), chunk_rows=rows), qw, take)
+        np.testing.assert_array_equal(idx, np.argsort(-tau, axis=1)[:, :take])
+        np.testing.assert_allclose(vals, np.take_along_axis(tau, idx, 1), rtol=1e-5, atol=1e-6 * np.abs(tau).max())
 
 
 def test_default_path_is_lazy_and_its_end_is_exact():
