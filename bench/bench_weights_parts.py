@@ -4,8 +4,9 @@
 
 Generates bench_weights_scale's SCALE problem (N = 100,000, Q = 1,000, M = 200, k = 2,048) and times, in
 wall and process CPU seconds: ΨᵀΨ (float32 products, float64 sums), all G_q, one full pool pass (top-257
-of every query), the pools' first contributions, and ten steps' worth of pool scores and of the noise
-matvec (w G_q w with its gradient).
+of every query), the pools' first contributions, and ten times each per-step part as the
+learner runs them (one thread): choosing the shortlists, scoring them, the noise (w G_q w with its
+gradient), and one shortlist check over 8 steps.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import numpy as np
 import torch
 
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.weights.kernels import PsiSource, psi_stats_fast, query_grams_fast, top_pass
+from gradtrace.weights.kernels import PsiSource, psi_stats_fast, query_grams_fast, threads, top_pass
 from gradtrace.weights.lazy import LazyPool
-from gradtrace.weights.scalable import QuadraticNorm
+from gradtrace.weights.noise import GramNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights_scale as scale
@@ -54,11 +55,22 @@ def main() -> None:
         contrib, _ = timed("first pool contributions", lambda: pool._new_contributions(
             np.arange(len(phi)), idx[:, :256], reuse=np.zeros(len(phi), dtype=bool)))
         pool.contrib[:] = contrib
-        w = np.full(len(slices), 1 / len(slices))
-        timed("10 steps: pool scores", lambda: [pool.pool_scores(w) for _ in range(10)])
-        wt = torch.from_numpy(w).requires_grad_()
-        timed("10 steps: noise and its gradient", lambda: [QuadraticNorm.apply(wt, grams).sum().backward()
-                                                           for _ in range(10)])
+        pool.idx[:] = idx[:, :256]
+        m = len(slices)
+        rng = np.random.default_rng(0)
+        ws = [w / w.sum() for w in (1 / m + 1e-3 * rng.standard_normal((10, m)) / m)]
+        short = pool.shortlist
+        gt = torch.from_numpy(grams)
+        with threads(1):
+            timed("10 shortlist choices", lambda: [short.choose(w, 0) for w in ws])
+            for t, w in enumerate(ws):
+                pool.w_hist[t] = w
+            kth = timed("10 steps: score the shortlists", lambda: [short.select(w, 10)[1] for w in ws])
+            pool.kth_hist.update(enumerate(kth))
+            wt = [torch.from_numpy(w).requires_grad_() for w in ws]
+            timed("10 steps: noise and its gradient", lambda: [GramNorm.apply(w, gt).sum().backward() for w in wt])
+            short.chosen = 0
+            timed("one shortlist check (8 steps)", lambda: short.check(8, ws[8]))
         print(f"1-min load average {__import__('os').getloadavg()[0]:.1f}")
 
 

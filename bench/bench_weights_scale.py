@@ -1,11 +1,14 @@
 """Weight learning at scale, and the sweep behind the learner's defaults.
 
-    .venv/bin/python bench/bench_weights_scale.py                 # N=100k, Q=1000, M=200, k=2048: old vs new
-    .venv/bin/python bench/bench_weights_scale.py --refresh lazy  # the new (default) path only
+    .venv/bin/python bench/bench_weights_scale.py                 # N=100k, Q=1000, M=200, k=2048: exact vs lazy
+    .venv/bin/python bench/bench_weights_scale.py --refresh lazy  # the default (lazy) path only
+    .venv/bin/python bench/bench_weights_scale.py --refresh lazy --baseline-src OLD/src   # then OLD/src's lazy path
     .venv/bin/python bench/bench_weights_scale.py --scaling       # the new path at 3 sizes each of N, Q, M
     .venv/bin/python bench/bench_weights_scale.py --sweep         # recall of planted items vs lr / steps / l2 / k
 
-The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and learns
+With --baseline-src, a last learning process imports gradtrace from that source tree (e.g. an older
+commit's `git archive` of src/) and learns with its lazy refresh, so an older version and this one are
+measured in the same run on the same problem. The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and learns
 in a fresh one per refresh mode, one after the other (so their ratio is measured under the same load),
 so the reported peak RSS (ru_maxrss) is the learner's own (it includes the pages of Ψ it touched). The
 last columns compare each run with the first (by default the old exact path): largest weight difference
@@ -56,7 +59,9 @@ def learn(workdir: Path, refresh: str) -> dict:
     peak = usage.ru_maxrss * 1024  # Linux reports KiB
     planted = np.load(workdir / "planted.npy")
     top, _ = fitted.topk(queries, 10, weights=result.weights)
+    import gradtrace
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": peak,
+            "source": str(Path(gradtrace.__file__).resolve().parents[1]),
             "info": result.info, "w_signal": float(result.weights[0]), "weights": result.weights.tolist(),
             "top10": top.tolist(),
             "recall_uniform": planted_recall(fitted, queries, planted, None, 10),
@@ -68,19 +73,23 @@ HEADER = ("| N | Q | M | refresh | wall s (CPU s) | precompute s (ΨᵀΨ / G) |
           "w_signal | recall@10 uniform → learned |")
 
 
-def run_spec(spec: dict, refreshes: list[str], workdir: str | None, quick: bool) -> list[dict]:
-    """Generate the planted problem `spec` in one subprocess, then learn in a fresh one per refresh mode."""
+def run_spec(spec: dict, refreshes: list[str], workdir: str | None, baseline_src: str | None = None) -> list[dict]:
+    """Generate the planted problem `spec` in one subprocess, then learn in a fresh one per refresh mode
+    (last, with `baseline_src`, one with gradtrace imported from that source tree)."""
     out = []
+    runs = [(refresh, refresh, None) for refresh in refreshes]
+    runs += [(f"lazy ({Path(baseline_src).resolve().parent.name})", "lazy", baseline_src)] if baseline_src else []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         me = [sys.executable, __file__, "--spec", json.dumps(spec)]
         t0 = time.perf_counter()
         subprocess.run(me + ["--generate", tmp], check=True)
         print(f"generated {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        for refresh in refreshes:
+        for label, refresh, src in runs:
+            env = dict(os.environ, **({"PYTHONPATH": str(Path(src).resolve())} if src else {}))
             load = os.getloadavg()[0]
-            r = json.loads(subprocess.run(me + ["--learn", tmp, "--refresh", refresh], check=True,
+            r = json.loads(subprocess.run(me + ["--learn", tmp, "--refresh", refresh], check=True, env=env,
                                           capture_output=True, text=True).stdout)
-            r["refresh"], r["load_before"], r["load_after"] = refresh, load, os.getloadavg()[0]
+            r["refresh"], r["load_before"], r["load_after"] = label, load, os.getloadavg()[0]
             out.append(r)
             print(row(r, out[0]), flush=True)
     return out
@@ -89,6 +98,8 @@ def run_spec(spec: dict, refreshes: list[str], workdir: str | None, quick: bool)
 def row(r: dict, first: dict) -> str:
     info, sec, pool = r["info"], r["info"]["seconds"], r["info"].get("pool", {})
     misses = (f"{pool.get('misses_found')} ({pool.get('rollbacks')})" if "rollbacks" in pool else "– (proved)")
+    if "shortlist_rollbacks" in pool:
+        misses += f"; shortlist {pool['shortlist_misses']} ({pool['shortlist_rollbacks']})"
     dw = np.abs(np.asarray(r["weights"]) - np.asarray(first["weights"])).max()
     same = sum(set(a) == set(b) for a, b in zip(r["top10"], first["top10"]))
     return (f"| {info['N']} | {info['Q']} | {info['M']} | {r['refresh']} | {r['wall_s']:.1f} ({r['cpu_s']:.1f}) | "
@@ -110,11 +121,12 @@ def scale(args: argparse.Namespace) -> None:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     print(HEADER)
     print("|" + "---|" * HEADER.count(" |"))
-    results = [run_spec(spec, args.refresh, args.workdir, args.quick) for spec in specs]
+    results = [run_spec(spec, args.refresh, args.workdir, args.baseline_src) for spec in specs]
     for runs in results:
         for r in runs:
             info = r["info"]
-            print(f"N={info['N']} Q={info['Q']} M={info['M']} {r['refresh']}: uniform loss {info['uniform_loss']:.8f}, "
+            print(f"N={info['N']} Q={info['Q']} M={info['M']} {r['refresh']} ({r['source']}): uniform loss "
+                  f"{info['uniform_loss']:.8f}, final loss {info['final_loss']:.10f}, "
                   f"1-min load average {r['load_before']:.1f} → {r['load_after']:.1f}, pool {info.get('pool')}")
     print(f"finished {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
 
@@ -153,6 +165,9 @@ def main() -> None:
     parser.add_argument("--refresh", nargs="+", default=["exact", "lazy"], choices=["lazy", "exact", "fast"],
                         help="refresh modes to learn with, in this order, on the same problem (default: old, new)")
     parser.add_argument("--scaling", action="store_true", help="the lazy path on three sizes each of N, Q and M")
+    parser.add_argument("--baseline-src", default=None,
+                        help="learn last with gradtrace imported from this source tree (its lazy path), e.g. an "
+                             "older commit's src/, to compare it with this tree in the same run")
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (N=5000, Q=50, M=50)")
     parser.add_argument("--workdir", default=None, help="where the temporary Ψ memmap goes (default: system tmp)")

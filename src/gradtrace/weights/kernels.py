@@ -1,4 +1,4 @@
-"""Dense kernels of the lazy scalable learner: ΨᵀΨ, all G_q, and the streamed top-C pass.
+"""Dense kernels of the lazy scalable learner: ΨᵀΨ, all G_q, the streamed top-C pass, thread counts.
 
 On CPU the products are float32 BLAS calls through numpy (numpy's `xᵀx` is a symmetric rank-k update,
 half the flops of a general product; torch's CPU matmul was slower here), with float64 accumulation
@@ -93,46 +93,96 @@ def psi_stats_fast(source: PsiSource, group_slices: list[tuple[str, int, int]], 
 
 def query_grams_fast(phi_q: np.ndarray, gram: np.ndarray, group_slices: list[tuple[str, int, int]], *,
                      block: int = 64) -> np.ndarray:
-    """G (Q, M, M) float64, G[q, j, l] = φ_j(q)ᵀ S_{jl} φ_l(q) (Q·k² flops).
+    """G (Q, M, M) float32, G[q, j, l] = φ_j(q)ᵀ S_{jl} φ_l(q) (Q·k² flops in float64, stored rounded).
 
     Per block of queries and group j: (B, k_j) · (k_j, k), times φ, summed into groups by `index_add_`,
     so the (B, k) intermediate stays in cache. These products are too small to share between threads:
-    one thread (on a loaded 2-core machine two threads took 40 times the CPU time).
+    one thread (on a loaded 2-core machine two threads took 40 times the CPU time). Stored in float32
+    (relative rounding 2⁻²⁴ per entry) to halve what every step reads; `gram_matvec` sums in float64.
     """
     m = len(group_slices)
     col_group = torch.from_numpy(np.repeat(np.arange(m), [stop - start for _, start, stop in group_slices]))
     p_all, s = torch.from_numpy(np.ascontiguousarray(phi_q, dtype=np.float64)), torch.from_numpy(gram)
-    out = torch.zeros((phi_q.shape[0], m, m), dtype=torch.float64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    out = torch.empty((phi_q.shape[0], m, m), dtype=torch.float32)
+    with threads(1):
         for q0 in range(0, phi_q.shape[0], block):
             p = p_all[q0:q0 + block]
+            g = torch.zeros((p.shape[0], m, m), dtype=torch.float64)
             for j, (_, start, stop) in enumerate(group_slices):
                 u = p[:, start:stop] @ s[start:stop]
                 u.mul_(p)
-                out[q0:q0 + block, j].index_add_(1, col_group, u)
-    finally:
-        torch.set_num_threads(threads)
-    out = out.numpy()
-    return (out + out.transpose(0, 2, 1)) / 2
+                g[:, j].index_add_(1, col_group, u)
+            out[q0:q0 + block] = (g + g.transpose(1, 2)) / 2
+    return out.numpy()
 
 
 def top_pass(source: PsiSource, qw: np.ndarray, take: int, *, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 scores qw · ψ(n) over all rows; per query the `take` best (indices, scores), descending."""
+    """Float32 scores qw · ψ(n) over all rows; per query the `take` best (indices, scores), descending.
+
+    Once `take` rows are held, a block's scores are compared with each query's current `take`-th best
+    and only the few above it are merged (ties keep the row seen first, the lower index).
+    """
     dev = source.device
     q = torch.from_numpy(np.ascontiguousarray(qw, dtype=np.float32)).to(dev)
     q_np = q.cpu().numpy() if dev.type == "cpu" else None
-    vals = torch.empty((q.shape[0], 0), dtype=torch.float32, device=dev)
-    idx = torch.empty((q.shape[0], 0), dtype=torch.int64, device=dev)
+    n_q = q.shape[0]
+    vals = torch.empty((n_q, 0), dtype=torch.float32, device=dev)
+    idx = torch.empty((n_q, 0), dtype=torch.int64, device=dev)
     for start, stop, x in source.chunks(progress, "weights: pool pass"):
         block = torch.from_numpy(q_np @ x.T) if q_np is not None else q @ x.T
-        cols = torch.arange(start, stop, device=dev).expand(q.shape[0], -1)
-        vals = torch.cat([vals, block], dim=1)
-        idx = torch.cat([idx, cols], dim=1)
-        if vals.shape[1] > take:
-            vals, pos = torch.topk(vals, take, dim=1, sorted=False)
-            idx = torch.gather(idx, 1, pos)
+        if vals.shape[1] == 0 and block.shape[1] >= take:
+            vals, pos = torch.topk(block, take, dim=1, sorted=False)
+            idx = pos + start
+            continue
+        if vals.shape[1] < take:
+            cols = torch.arange(start, stop, device=dev).expand(n_q, -1)
+            vals, idx = torch.cat([vals, block], dim=1), torch.cat([idx, cols], dim=1)
+            if vals.shape[1] > take:
+                vals, pos = torch.topk(vals, take, dim=1, sorted=False)
+                idx = torch.gather(idx, 1, pos)
+            continue
+        above = block > vals.min(dim=1, keepdim=True).values
+        qi, ci = above.nonzero(as_tuple=True)                   # row-major: grouped by query, ascending row
+        if len(qi) == 0:
+            continue
+        counts = torch.bincount(qi, minlength=n_q)
+        width = int(counts.max())
+        slot = torch.arange(len(qi), device=dev) - (torch.cumsum(counts, 0) - counts)[qi]
+        cand_vals = torch.full((n_q, width), -torch.inf, dtype=torch.float32, device=dev)
+        cand_idx = torch.full((n_q, width), -1, dtype=torch.int64, device=dev)
+        cand_vals[qi, slot], cand_idx[qi, slot] = block[qi, ci], ci + start
+        vals, pos = torch.topk(torch.cat([vals, cand_vals], dim=1), take, dim=1, sorted=False)
+        idx = torch.gather(torch.cat([idx, cand_idx], dim=1), 1, pos)
     vals, pos = torch.sort(vals, dim=1, descending=True)
     idx = torch.gather(idx, 1, pos)
     return idx.cpu().numpy(), vals.cpu().numpy()
+
+
+def threads(n: int | None):
+    """Context: torch and the BLAS libraries numpy loaded run on `n` threads (restored on exit; None: as they are)."""
+    return _Threads(n)
+
+
+class _Threads:
+    _controller = None
+
+    def __init__(self, n: int | None):
+        self.n = None if n is None else int(n)
+
+    def __enter__(self):
+        if self.n is None:                    # no change
+            return self
+        if _Threads._controller is None:
+            from threadpoolctl import ThreadpoolController   # a dependency of scikit-learn
+            _Threads._controller = ThreadpoolController()
+        self.torch_before = torch.get_num_threads()
+        self.limit = _Threads._controller.limit(limits=self.n, user_api="blas")
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.n is None:
+            return False
+        torch.set_num_threads(self.torch_before)
+        self.limit.restore_original_limits()
+        return False

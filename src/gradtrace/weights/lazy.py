@@ -3,28 +3,36 @@
 Same objective as `snr_loss` on the dense contributions, never building Q × N × M:
 
 - noise: ‖τ_w(q, ·)‖² = wᵀ G_q w with G_q from S = ΨᵀΨ, computed once (`kernels`: float32 products
-  summed in float64 per chunk; on CPU numpy's symmetric rank-k update). Per step one (Q·M, M) matvec,
-  no pass over Ψ.
+  summed in float64 per chunk; on CPU numpy's symmetric rank-k update) and stored in float32. Per step
+  one (Q·M, M) product summed in float64 (`noise.GramNorm`), no pass over Ψ.
 - signal: the top-k of each query among its candidates: its pool (top-C rows at its last refresh, with
-  their per-group contributions, as in `pool`). Pools are rebuilt by a streamed float32 pass
-  (`kernels.top_pass`, on the GPU when present) on a per-query schedule: first after `first_interval`
-  steps; the interval doubles (up to `max_interval`) after a refresh that found no miss and stays after
-  one that did; refresh steps are rounded up to multiples of half the interval so that queries share
-  passes (with the defaults 32 and 128 a query without misses is refreshed at steps 0, 32, 96 and at
-  the last step).
+  their per-group contributions in float32, as in `pool`). A step scores only a shortlist of each
+  query's best 4k candidates, in float64 (`shortlist`: the rest are checked every few steps and before
+  each refresh; a candidate that beat a step's k-th score rolls the steps back like a pool miss). Pools
+  are rebuilt by a streamed float32 pass (`kernels.top_pass`, on the GPU when present) at step 0,
+  after `first_interval` steps, then every `max_interval` steps (rounded up to multiples of half of
+  it, so that queries share passes), and at the last step: with the defaults 32 and 256 and 200 steps,
+  at steps 0, 32 and 200. A pass costs as much as hundreds of steps, so misses are caught late and
+  undone by replaying steps rather than by more passes.
 - misses are undone: at a refresh, each new-pool row the query could not see is scored at every step
   since the query's last check (the weights and the k-th selected score of each step are kept). A row
-  above that step's k-th score (beyond float32 rounding) is a miss: the step's top-k was wrong. The
-  caller then rolls θ and the optimizer back to the first missed step (`rollback`) and replays with
-  the old and new pools as candidates, so every miss that reaches a refresh's pool is undone and the
-  trajectory is the dense path's. Not checked: a row that enters a query's top-k and falls out of its
-  top-C again between two refreshes (`refresh="exact"` proves every step instead, at many more passes).
+  above that step's k-th score is a miss: the step's top-k was wrong. The caller then rolls θ and the
+  optimizer back to the first missed step (`rollback`) and replays with the old and new pools as
+  candidates, so every miss that reaches a refresh's pool is undone and the trajectory is the dense
+  path's. Scores are compared as the steps compute them (float64 products of the float32
+  contributions; float32 products first, and those within their rounding again in float64). Not
+  checked: a row that enters a query's top-k and falls out of its top-C again between two refreshes
+  (`refresh="exact"` proves every step instead, at many more passes).
 - the last step (the returned weights): every query is refreshed, its pool is certified to hold the
   top-k (the (C+1)-th pass score plus its float32 error bound is below the k-th pool score minus its
   error bound; otherwise that query gets a float64 pass over all rows), ties within the float32 error
   are resolved in float64 (lower row index first), and the top-k rows' contributions are recomputed
   in float64. So the final top-k is the dense path's and `final_loss` is the objective at the
   returned weights.
+
+Threads: the steps are small, memory-bound products where a second thread only contends (and, on a
+shared machine, multiplies the CPU time), so the learner runs them on one thread; the passes and ΨᵀΨ
+use the threads torch was configured with.
 """
 from __future__ import annotations
 
@@ -36,13 +44,15 @@ import torch
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import RunningTopK, sort_desc_then_index
-from gradtrace.weights.kernels import PsiSource, pick_device, psi_stats_fast, query_grams_fast, top_pass
+from gradtrace.weights.kernels import (U32, PsiSource, pick_device, psi_stats_fast, query_grams_fast,
+                                      threads, top_pass)
+from gradtrace.weights.noise import GramNorm
 from gradtrace.weights.objective import ratio_loss
 from gradtrace.weights.pool import CandidatePool
-from gradtrace.weights.scalable import QuadraticNorm
+from gradtrace.weights.shortlist import Shortlist
 
 FIRST_INTERVAL = 32
-MAX_INTERVAL = 128
+MAX_INTERVAL = 256
 MAX_ROLLBACKS = 32
 
 
@@ -55,10 +65,13 @@ class LazyPool(CandidatePool):
 
     def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, stats, source: PsiSource, *, size: int, k: int,
                  first_interval: int | None = None, max_interval: int | None = None,
-                 max_rollbacks: int = MAX_ROLLBACKS):
+                 max_rollbacks: int = MAX_ROLLBACKS, shortlist: int | None = None,
+                 shortlist_interval: int | None = None):
         super().__init__(fitted, phi_q, stats, size=size, k=k, trigger="lazy")
         n_q = len(phi_q)
         self.source = source
+        self.pass_threads = torch.get_num_threads()
+        self.shortlist = Shortlist(self, size=shortlist, interval=shortlist_interval)
         self.widths = np.diff(np.append(self.starts, fitted.dim))
         self.interval = np.full(n_q, int(first_interval or FIRST_INTERVAL), dtype=np.int64)
         self.max_interval = int(max_interval or MAX_INTERVAL)
@@ -76,7 +89,8 @@ class LazyPool(CandidatePool):
 
     # ---- one step --------------------------------------------------------------------------------
     def select(self, w: np.ndarray, *, last: bool = False) -> np.ndarray | None:
-        """Top-k positions (Q, k) into `candidates()` under `w`; None when the caller must roll back."""
+        """Top-k positions (Q, k) into the shortlist under `w` (into the pool when `last`); None when the
+        caller must roll back."""
         t, self.rollback = self.step, None
         self.w_hist[t] = w
         n_q = len(self.t)
@@ -84,51 +98,67 @@ class LazyPool(CandidatePool):
             due = np.arange(n_q) if self.passes == 0 else np.empty(0, dtype=np.int64)
         else:
             due = np.arange(n_q) if (last or self.passes == 0) else np.flatnonzero(self.next <= t)
+        short = self.shortlist
+        if short.pos is not None and (len(due) or short.due(t)):
+            miss = short.check(t, w)
+            if miss is not None:
+                return self._roll_back(miss)
         if len(due):
             miss = self.refresh(due, w)
+            short.reset()                            # the candidates changed
             if miss is not None and self.rollbacks < self.max_rollbacks:
                 self.rollbacks += 1
-                self.verified = np.minimum(self.verified, miss)
-                self.step = self.rollback = miss
-                return None
+                return self._roll_back(miss)
             self.unresolved += miss is not None
         self.step = t + 1
         if last:
             return self.exact_final(w)
-        scores = self.candidate_scores(w)
-        pos = np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k]
-        self.kth_hist[t] = np.take_along_axis(scores, pos, axis=1).min(axis=1)
+        if short.pos is None or short.due(t):
+            short.choose(w, t)
+        pos, self.kth_hist[t] = short.select(w, self.k)
         return pos
 
-    def candidates(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows (Q, C'), contributions (Q, C', M)): the pool, plus old pool rows kept after a rollback."""
-        if self.extra_idx.shape[1] == 0:
-            return self.idx, self.contrib
-        return (np.concatenate([self.idx, self.extra_idx], axis=1),
-                np.concatenate([self.contrib, self.extra_contrib], axis=1))
+    def _roll_back(self, step: int) -> None:
+        """Resume from `step`: its steps are redone, the shortlist is chosen anew there."""
+        self.verified = np.minimum(self.verified, step)
+        self.shortlist.reset()
+        self.step = self.rollback = step
+        return None
 
-    def gather(self, pos: np.ndarray) -> np.ndarray:
-        """Contributions (Q, k, M) float32 of the candidates at positions `pos` (Q, k) from `select`."""
-        rows = np.arange(len(pos))[:, None]
-        c = self.size
-        out = self.contrib[rows, np.minimum(pos, c - 1)]
-        extra = pos >= c
-        if extra.any():
-            qi, ki = np.nonzero(extra)
-            out[qi, ki] = self.extra_contrib[qi, pos[qi, ki] - c]
-        return out
+    def candidate_rows(self) -> np.ndarray:
+        """(Q, C') training rows of the candidates: the pool, then old pool rows kept after a rollback (−1: none)."""
+        if self.extra_idx.shape[1] == 0:
+            return self.idx
+        return np.concatenate([self.idx, self.extra_idx], axis=1)
 
     def candidate_scores(self, w: np.ndarray) -> np.ndarray:
-        scores = self.pool_scores(w)
-        if self.extra_idx.shape[1] == 0:
-            return scores
-        extra = (self.extra_contrib.reshape(-1, self.extra_contrib.shape[-1]) @ w.astype(np.float32))
-        extra = np.where(self.extra_idx >= 0, extra.reshape(self.extra_idx.shape), -np.inf)
-        return np.concatenate([scores, extra], axis=1)
+        """(T, Q, C') float32 scores of all candidates under the columns of `w` (M, T); −inf for no row."""
+        wt = np.ascontiguousarray(w.T, dtype=np.float32)                  # (T, M)
+        n_q, m, n_w = len(self.t), w.shape[0], w.shape[1]
+        parts = [(wt @ self.contrib.reshape(-1, m).T).reshape(n_w, n_q, -1)]
+        if self.extra_idx.shape[1]:
+            extra = (wt @ self.extra_contrib.reshape(-1, m).T).reshape(n_w, n_q, -1)
+            extra[:, self.extra_idx < 0] = -np.inf
+            parts.append(extra)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
 
-    def pool_scores(self, w: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        c = self.contrib if rows is None else self.contrib[rows]
-        return (c.reshape(-1, c.shape[-1]) @ w.astype(np.float32)).reshape(c.shape[:2])
+    def candidate_contrib(self, pos: np.ndarray) -> np.ndarray:
+        """Contributions (Q, p, M) float32 of the candidates at positions `pos` (Q, p)."""
+        return self.candidate_contrib_at(np.repeat(np.arange(len(pos)), pos.shape[1]), pos.ravel()).reshape(
+            pos.shape + (self.contrib.shape[2],))
+
+    def candidate_contrib_at(self, qi: np.ndarray, ci: np.ndarray) -> np.ndarray:
+        """(P, M) float32 contributions of candidates (query qi, position ci)."""
+        c = self.size
+        out = self.contrib[qi, np.minimum(ci, c - 1)]
+        extra = ci >= c
+        if extra.any():
+            out[extra] = self.extra_contrib[qi[extra], ci[extra] - c]
+        return out
+
+    def tie_tolerance(self, scale: np.ndarray) -> np.ndarray:
+        """Float64 rounding of a score (different summation orders): scores closer than this are tied."""
+        return 8 * (self.fitted.n_groups + 2) * 2.0 ** -53 * scale
 
     # ---- refresh -----------------------------------------------------------------------------------
     def refresh(self, rows: np.ndarray, w: np.ndarray) -> int | None:
@@ -137,10 +167,11 @@ class LazyPool(CandidatePool):
         rows as extra candidates until their next refresh) or None.
 
         A miss: a row of the new pool that the query's step could not see (outside its candidates)
-        scoring above the k-th score that step selected, beyond float32 rounding.
+        scoring above the k-th score that step selected (both float64 products of float32 contributions).
         """
         take = min(self.size + 1, self.fitted.n_train)
-        idx, top = top_pass(self.source, self.phi_q[rows] * np.repeat(w, self.widths), take)
+        with threads(self.pass_threads):
+            idx, top = top_pass(self.source, self.phi_q[rows] * np.repeat(w, self.widths), take)
         new = idx[:, : self.size]
         if self.complete:
             t = np.full(len(rows), -np.inf)
@@ -149,18 +180,23 @@ class LazyPool(CandidatePool):
         seen = np.isfinite(self.t[rows])
         contrib, _ = self._new_contributions(rows, new, reuse=seen)
         missed = self._first_miss(rows, new, contrib, self.step)     # (len(rows),) first missed step or −1
-        old_idx, old_contrib = self.idx[rows], self.contrib[rows]
-        self.contrib[rows], self.idx[rows], self.base_w[rows], self.t[rows] = contrib, new, w, t
+        hit = missed >= 0
+        rolling = hit.any() and self.rollbacks < self.max_rollbacks
+        old_idx, old_contrib = self.idx[rows], (self.contrib[rows] if rolling else None)
+        if len(rows) == len(self.t):                                    # every query: no copy
+            self.contrib = contrib
+        else:
+            self.contrib[rows] = contrib
+        self.idx[rows], self.base_w[rows], self.t[rows] = new, w, t
         self.passes += 1
         self.queries_refreshed += len(rows)
-        hit = missed >= 0
         self.misses += int(hit.sum())
-        # a miss is undone by the rollback, so it keeps the interval (halving it cost more passes than it saved)
-        grow = np.where(seen & ~hit, np.minimum(2 * self.interval[rows], self.max_interval), self.interval[rows])
+        # after the first interval the long one, misses or not: a pass costs as much as hundreds of replayed steps
+        grow = np.where(seen, self.max_interval, self.interval[rows])
         self.interval[rows] = grow
         half = np.maximum(1, grow // 2)       # rounded up to half-interval multiples, so that queries share passes
         self.next[rows] = -(-(self.step + grow) // half) * half
-        if not hit.any() or self.rollbacks >= self.max_rollbacks:
+        if not rolling:
             self.verified[rows] = self.step
             self._set_extras(rows, np.full((len(rows), 0), -1, dtype=np.int64), None)
             return None if not hit.any() else int(missed[hit].min())
@@ -192,16 +228,20 @@ class LazyPool(CandidatePool):
         steps = [s for s in range(start, now) if s in self.kth_hist]
         if not steps:
             return out
-        cand_idx, _ = self.candidates()
-        outside = ~_isin_rows(new, cand_idx[rows])                   # new pool rows the steps could not see
+        outside = ~_isin_rows(new, self.candidate_rows()[rows])        # new pool rows the steps could not see
         qi, ci = np.nonzero(outside)
         if len(qi) == 0:
             return out
         w = np.stack([self.w_hist[s] for s in steps], axis=1)          # (M, T)
-        score = contrib[qi, ci].astype(np.float64) @ w                 # (P, T)
+        c32 = contrib[qi, ci]
         kth = np.stack([self.kth_hist[s][rows] for s in steps], axis=1)[qi]
-        err = (self.eps_rel * (self.a[rows] @ w))[qi]
-        hit = (score > kth + 2 * err) & (np.array(steps)[None, :] >= self.verified[rows][qi][:, None])
+        scale = (self.a[rows] @ w)[qi]                                 # (P, T) ≥ Σ_j w_j |c_j|
+        # float32 scores first; those within their rounding of the k-th score again in float64
+        near = (c32 @ w.astype(np.float32) > kth - 2 * (len(w) + 2) * U32 * scale).any(axis=1)
+        score = np.full(kth.shape, -np.inf)
+        score[near] = c32[near].astype(np.float64) @ w                 # (P, T), as the steps score
+        since = np.array(steps)[None, :] >= self.verified[rows][qi][:, None]
+        hit = (score > kth + self.tie_tolerance(scale)) & since
         first = np.where(hit.any(axis=1), np.argmax(hit, axis=1), len(steps))
         per_query = np.full(len(rows), len(steps))
         np.minimum.at(per_query, qi, first)
@@ -275,21 +315,20 @@ class LazyObjective:
         self.stats = psi_stats_fast(self.source, fitted.group_slices, progress=progress)
         self.seconds = {"psi_gram": time.perf_counter() - start}
         start = time.perf_counter()
-        self.grams = query_grams_fast(phi_q, self.stats.gram, fitted.group_slices)
+        self.grams = torch.from_numpy(query_grams_fast(phi_q, self.stats.gram, fitted.group_slices))
         self.seconds["query_grams"] = time.perf_counter() - start
         self.pool = LazyPool(fitted, phi_q, self.stats, self.source, size=pool_size, k=k,
                              first_interval=first_interval, max_interval=max_interval)
+
+    step_threads = 1   # the steps are small, memory-bound work where threads only contend; passes lift this
 
     def __call__(self, w: torch.Tensor, *, last: bool = False) -> torch.Tensor:
         pos = self.pool.select(w.detach().cpu().numpy().astype(np.float64), last=last)
         if pos is None:                       # the caller rolls back (`rollback`); the value is not used
             return torch.zeros((), dtype=w.dtype)
-        if last:
-            top = torch.from_numpy(self.pool.final_contrib)
-        else:
-            top = torch.from_numpy(self.pool.gather(pos).astype(np.float64))   # (Q, k, M)
-        signal = (top @ w).mean(dim=1)
-        return ratio_loss(signal, QuadraticNorm.apply(w, self.grams))
+        top = self.pool.final_contrib if last else self.pool.shortlist.gather(pos)          # (Q, k, M)
+        mean_top = torch.from_numpy(top.mean(axis=1, dtype=np.float64))            # (Q, M)
+        return ratio_loss(mean_top @ w, GramNorm.apply(w, self.grams))
 
     @property
     def rollback(self) -> int | None:
@@ -298,12 +337,14 @@ class LazyObjective:
 
     def memory_bytes(self) -> int:
         """Bytes held by the pool contributions, G and S (the dominant terms)."""
-        return int(self.pool.contrib.nbytes + self.grams.nbytes + self.stats.gram.nbytes)
+        return int(self.pool.contrib.nbytes + self.grams.numel() * 4 + self.stats.gram.nbytes)
 
     def pool_info(self) -> dict:
         p = self.pool
         return {"size": p.size, "refresh": "lazy", "passes": p.passes, "queries_refreshed": p.queries_refreshed,
                 "interval_max": p.max_interval, "misses_found": p.misses, "rollbacks": p.rollbacks,
+                "shortlist": p.shortlist.size, "shortlist_misses": p.shortlist.misses,
+                "shortlist_rollbacks": p.shortlist.rollbacks, "shortlist_unresolved": p.shortlist.unresolved,
                 "misses_not_undone": p.unresolved, "float64_fallbacks": p.float64_fallbacks,
                 "device": str(self.device)}
 

@@ -38,6 +38,7 @@ from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.weights.defaults import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_MEMORY_BUDGET,
                                         DEFAULT_POOL, DEFAULT_REFRESH, DEFAULT_STEPS)
 from gradtrace.weights.guard import GUARDS, holdout_shrink
+from gradtrace.weights.kernels import threads
 from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
 from gradtrace.weights.lazy import LazyObjective
 from gradtrace.weights.pool import TRIGGERS
@@ -170,32 +171,33 @@ def _optimise(make_objective, shape: tuple[int, int, int], opts: dict,
     bar = tqdm(total=steps + 1, desc="weights: learn", unit="step", disable=not progress)
     saved: dict[int, tuple] = {}      # θ and optimizer state before each step, for a rollback
     step = 0
-    while True:
-        if getattr(objective, "rollback", False) is not False:
-            saved[step] = (theta.detach().clone(), copy.deepcopy(optimiser.state_dict()))
-        w = softmax_weights(theta)
-        snr = objective(w, last=step == steps)
-        back = getattr(objective, "rollback", None)
-        if back is not None:          # the lazy objective found a missed row at step `back`: redo from there
-            with torch.no_grad():
-                theta.copy_(saved[back][0])
-            optimiser.load_state_dict(copy.deepcopy(saved[back][1]))
-            del curve[back:]
-            bar.update(back - step)
-            step = back
-            continue
-        bar.update(1)
-        total = snr + opts["l2"] * torch.dot(w, w)
-        curve.append(float(total.detach()))
-        if step == 0:
-            info["uniform_loss"] = float(snr.detach())
-        if step == steps:
-            info["final_loss"] = float(snr.detach())
-            break
-        optimiser.zero_grad()
-        total.backward()
-        optimiser.step()
-        step += 1
+    with threads(getattr(objective, "step_threads", None)):  # the lazy objective: 1 (passes lift it)
+        while True:
+            if getattr(objective, "rollback", False) is not False:
+                saved[step] = (theta.detach().clone(), _snapshot(optimiser))
+            w = softmax_weights(theta)
+            snr = objective(w, last=step == steps)
+            back = getattr(objective, "rollback", None)
+            if back is not None:          # the lazy objective found a missed row at step `back`: redo from there
+                with torch.no_grad():
+                    theta.copy_(saved[back][0])
+                optimiser.load_state_dict(copy.deepcopy(saved[back][1]))
+                del curve[back:]
+                bar.update(back - step)
+                step = back
+                continue
+            bar.update(1)
+            total = snr + opts["l2"] * torch.dot(w, w)
+            curve.append(float(total.detach()))
+            if step == 0:
+                info["uniform_loss"] = float(snr.detach())
+            if step == steps:
+                info["final_loss"] = float(snr.detach())
+                break
+            optimiser.zero_grad()
+            total.backward()
+            optimiser.step()
+            step += 1
     bar.close()
     info["seconds"] = {"precompute": precompute, "steps": time.perf_counter() - start - precompute}
     if isinstance(objective, (ScalableObjective, LazyObjective)):
@@ -203,6 +205,14 @@ def _optimise(make_objective, shape: tuple[int, int, int], opts: dict,
         info["pool"] = objective.pool_info()
         info["memory_bytes"] = objective.memory_bytes()
     return theta.detach().numpy().copy(), curve, info
+
+
+def _snapshot(optimiser: torch.optim.Optimizer) -> dict:
+    """A copy of the optimizer's state dict (its tensors cloned), for a rollback."""
+    state = optimiser.state_dict()
+    return {"state": {key: {name: v.clone() if isinstance(v, torch.Tensor) else v for name, v in entry.items()}
+                      for key, entry in state["state"].items()},
+            "param_groups": copy.deepcopy(state["param_groups"])}
 
 
 def learn_weights_dense(contrib: Any, group_names: list[str], *, k: int = DEFAULT_K, steps: int = DEFAULT_STEPS,

@@ -4,13 +4,16 @@
 
 S is accumulated in float64 over row chunks of Ψ (one pass, N·k² flops); all G_q then cost Q·k² flops,
 not Q·N·M². The same pass records the per-group maximum row norm max_n ‖ψ_j(n)‖, the overall maximum
-row norm and the column means, which the candidate pool uses for its refresh checks.
+row norm and the column means, which the candidate pool uses for its refresh checks. Per step the
+noise of every query and its gradient are one (Q·M, M) product with w (`GramNorm`; `gram_matvec`
+reads a float32 G and sums in float64).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from gradtrace.methods.checks import raise_if_nonfinite
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
@@ -71,3 +74,32 @@ def query_grams(phi_q: np.ndarray, gram: np.ndarray, group_slices: list[tuple[st
             u *= p
             out[q0:q0 + block, j, :] = np.add.reduceat(u, starts, axis=1)
     return (out + out.transpose(0, 2, 1)) / 2
+
+
+def gram_matvec(grams: torch.Tensor, w: torch.Tensor, *, block: int = 16) -> torch.Tensor:
+    """(Q, M) float64 G_q w for float32 G (Q, M, M) and float64 w: blocks of queries widened to float64
+    in cache, so the sums are float64 while each step reads only the float32 G."""
+    n_q, m, _ = grams.shape
+    out = torch.empty((n_q, m), dtype=torch.float64)
+    for q0 in range(0, n_q, block):
+        g = grams[q0:q0 + block].to(torch.float64)
+        out[q0:q0 + block] = (g.view(-1, m) @ w).view(-1, m)
+    return out
+
+
+class GramNorm(torch.autograd.Function):
+    """noise_q = √(wᵀ G_q w) from float32 G (Q, M, M) summed in float64; gradient G_q w / noise_q (0 where 0)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        gw = gram_matvec(grams, w.detach())
+        noise = torch.sqrt(torch.clamp(gw @ w.detach(), min=0.0))
+        ctx.save_for_backward(gw, noise)
+        return noise
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        gw, noise = ctx.saved_tensors
+        coef = torch.where(noise > 0, grad / torch.where(noise > 0, noise, torch.ones_like(noise)),
+                           torch.zeros_like(noise))
+        return coef @ gw, None

@@ -185,15 +185,17 @@ class CandidatePool:
         return out.reshape(n_rows, c, m), held
 
     def _contributions(self, queries: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
-        """Contributions (P, M) float32 of the (query, training row) pairs, computed from float32 φ and Ψ."""
-        k = self.fitted.dim
+        """Contributions (P, M) float32 of the (query, training row) pairs, computed from float32 φ and Ψ.
+
+        Query by query: its rows of Ψ (read in ascending order) times its φ, summed per group.
+        """
         out = np.empty((len(queries), self.fitted.n_groups), dtype=np.float32)
-        block = max(1, (64 * 2**20) // (4 * k))
-        for s in range(0, len(queries), block):
-            flat = train_rows[s:s + block]
-            order = np.argsort(flat, kind="stable")
-            x = np.empty((flat.size, k), dtype=np.float32)
-            x[order] = self.fitted.psi[flat[order]]
-            x *= self.phi32[queries[s:s + block]]
-            out[s:s + block] = np.add.reduceat(x, self.starts, axis=1)
+        order = np.argsort(queries, kind="stable")
+        q_sorted = queries[order]
+        bounds = np.flatnonzero(np.diff(q_sorted)) + 1
+        for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
+            at = order[s:e][np.argsort(train_rows[order[s:e]])]
+            x = np.asarray(self.fitted.psi[train_rows[at]], dtype=np.float32)
+            x *= self.phi32[q_sorted[s]]
+            out[at] = np.add.reduceat(x, self.starts, axis=1)
         return out
