@@ -33,7 +33,6 @@ The quick run prints an estimate of the full run's time from its own measured st
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -43,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench_lds import GUARD_ROWS, _fmt, apply_overrides, learned_weights
+from bench_lds import bench_main, GUARD_ROWS, _fmt, apply_overrides, learned_weights
 
 N_DIGITS = 1797
 MODELS = {"resnet": {}, "vit": {}}  # --model-options of each (the adapter's defaults)
@@ -311,18 +310,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny settings (a few minutes)")
-    p.add_argument("--out", default=None, help="output directory (default bench_out/classifier[_quick])")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    s = apply_overrides(p, SETTINGS["quick" if args.quick else "full"], args.set)
-    out = args.out or ("bench_out/classifier_quick" if args.quick else "bench_out/classifier")
-    results = run_bench(out, s, progress=not args.no_progress)
-    print(results["markdown"])
-    print(f"\nresults: {Path(out) / 'results.json'}")
-    return 0
+    return bench_main(argv, __doc__, "classifier", "tiny settings (a few minutes)", run_bench, SETTINGS)
 
 
 if __name__ == "__main__":

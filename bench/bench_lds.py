@@ -318,19 +318,27 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny settings (about a minute)")
-    p.add_argument("--out", default=None, help="output directory (default bench_out/lds or bench_out/lds_quick)")
+
+def bench_main(argv: list[str] | None, doc: str, name: str, quick_help: str, run_bench, settings: dict) -> int:
+    """The command line every LDS-style benchmark shares: --quick, --out (default bench_out/NAME[_quick]),
+    --set KEY=VALUE overrides of its `settings` ({"full": ..., "quick": ...}), --no-progress;
+    `run_bench(out, settings, progress)` does the work."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", default=None, help=f"output directory (default bench_out/{name} or bench_out/{name}_quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    s = apply_overrides(p, SETTINGS["quick" if args.quick else "full"], args.set)
-    out = args.out or ("bench_out/lds_quick" if args.quick else "bench_out/lds")
+    s = apply_overrides(p, settings["quick" if args.quick else "full"], args.set)
+    out = args.out or (f"bench_out/{name}_quick" if args.quick else f"bench_out/{name}")
     results = run_bench(out, s, progress=not args.no_progress)
     print(results["markdown"])
     print(f"\nresults: {Path(out) / 'results.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(argv, __doc__, "lds", "tiny settings (about a minute)", run_bench, SETTINGS)
 
 
 if __name__ == "__main__":

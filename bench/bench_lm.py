@@ -32,7 +32,6 @@ retraining uses `workers` single-threaded processes. --set KEY=VALUE overrides a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_lds import _fmt, apply_overrides, learned_weights
+from bench_lds import bench_main, _fmt, apply_overrides, learned_weights
 
 SETTINGS = {
     "full": {"n_train": 320, "n_heldout": 30, "n_learn": 50, "steps": 200, "batch_size": 16, "lr": 3e-3,
@@ -298,23 +297,13 @@ def markdown(results: dict) -> str:
                          f"{r['floor_per_s']} | {r['ratio']} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()),
               f"EK-FAC: learn-weights-ekfac {results['ekfac_times_s']['learn_weights_s']} s (factors, c, weights), "
-              f"attribute-ekfac {results['ekfac_times_s']['attribute_s']} s (the uniform and learned EK-FAC rows' time); wall {results['wall_s']} s."]
+              f"attribute-ekfac {results['ekfac_times_s']['attribute_s']} s (the uniform and learned EK-FAC rows' "
+              f"time); wall {results['wall_s']} s."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny settings (a few minutes)")
-    p.add_argument("--out", default=None, help="output directory (default bench_out/lm[_quick])")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    s = apply_overrides(p, SETTINGS["quick" if args.quick else "full"], args.set)
-    out = args.out or ("bench_out/lm_quick" if args.quick else "bench_out/lm")
-    results = run_bench(out, s, progress=not args.no_progress)
-    print(results["markdown"])
-    print(f"\nresults: {Path(out) / 'results.json'}")
-    return 0
+    return bench_main(argv, __doc__, "lm", "tiny settings (a few minutes)", run_bench, SETTINGS)
 
 
 if __name__ == "__main__":
