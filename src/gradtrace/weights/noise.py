@@ -87,6 +87,13 @@ def gram_matvec(grams: torch.Tensor, w: torch.Tensor, *, block: int = 16) -> tor
     return out
 
 
+def sqrt_quadratic_backward(gw: torch.Tensor, noise: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient with respect to w of noise_q = sqrt(wᵀ G_q w) (gw = G_q w): grad_q · gw_q / noise_q, summed
+    over queries, and 0 where the noise is 0 (the square root's subgradient there)."""
+    coef = torch.where(noise > 0, grad / torch.where(noise > 0, noise, torch.ones_like(noise)), torch.zeros_like(noise))
+    return coef @ gw
+
+
 class GramNorm(torch.autograd.Function):
     """noise_q = √(wᵀ G_q w) from float32 G (Q, M, M) summed in float64; gradient G_q w / noise_q (0 where 0)."""
 
@@ -99,7 +106,4 @@ class GramNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        gw, noise = ctx.saved_tensors
-        coef = torch.where(noise > 0, grad / torch.where(noise > 0, noise, torch.ones_like(noise)),
-                           torch.zeros_like(noise))
-        return coef @ gw, None
+        return sqrt_quadratic_backward(*ctx.saved_tensors, grad), None

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.weights.noise import psi_stats, query_grams
+from gradtrace.weights.noise import psi_stats, query_grams, sqrt_quadratic_backward
 from gradtrace.weights.objective import ratio_loss
 from gradtrace.weights.pool import CandidatePool
 
@@ -64,7 +64,4 @@ class QuadraticNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        gw, noise = ctx.saved_tensors
-        coef = torch.where(noise > 0, grad / torch.where(noise > 0, noise, torch.ones_like(noise)),
-                           torch.zeros_like(noise))
-        return coef @ gw, None
+        return sqrt_quadratic_backward(*ctx.saved_tensors, grad), None
