@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import gradtrace.attribution.output as attribute_module
+import gradtrace.methods.trak as trak_module
 from gradtrace.cli import main
 
 
@@ -72,6 +73,7 @@ def test_mismatched_weights_are_refused(pipeline, learned, tmp_path, capsys):
 @pytest.mark.parametrize("kernel", ["shared", "per-group"])
 def test_large_store_path_scores_query_side_with_the_same_result(pipeline, learned, tmp_path, monkeypatch, kernel):
     """Above PSI_IN_MEMORY, attribute applies K to the queries instead of building Ψ: same attributions."""
+    monkeypatch.setattr(trak_module, "DUAL_MIN_WIDTH", 1 << 30)  # a large store: more rows than columns, no dual
     args = ["attribute", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "fq"), "--top-k", "5",
             "--kernel", kernel, "--no-progress", "--no-report"]
     if kernel == "shared":  # the weights were learned for the shared kernel

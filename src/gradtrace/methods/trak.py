@@ -8,7 +8,7 @@ Three passes of work: the Gram matrix accumulated in float64 over row chunks; a 
 float64 and stored as float32. D-TRAK is this kernel on features of another measurement, so it is the
 same class under another name.
 
-A block wider than the training set and than DUAL_MIN_WIDTH (k_j > max(N, 4,096), e.g. exact gradients of a
+A block wider than the training set and than DUAL_MIN_WIDTH (k_j > max(N, 256), e.g. exact gradients of a
 small training set) is solved in its dual form: with A_j = Φ_j Φ_jᵀ (N × N),
 Ψ_j = Φ_j (Φ_jᵀΦ_j + λ_j I)⁻¹ = (A_j + λ_j I)⁻¹ Φ_j (the push-through identity; for λ_j = 0 both are Φ_j⁺ᵀ),
 so no k_j × k_j matrix is built. λ_j is the same, c · trace(A_j) / k_j = c · mean diag(Φ_jᵀΦ_j). Only Ψ is
@@ -47,9 +47,10 @@ KERNELS = ("shared", "per-group")
 DEFAULT_KERNEL = "per-group"
 # A shared kernel needs a few dense k x k float64 matrices (2 GiB each at this width).
 MAX_SHARED_DIM = 16384
-# A block wider than N (and than DUAL_MIN_WIDTH, below which the k_j x k_j inverse is cheap) is solved in the
-# dual form (N x N) while N stays at most MAX_DUAL_ROWS.
-DUAL_MIN_WIDTH = 4096
+# A block wider than N (and than DUAL_MIN_WIDTH, below which either inverse is negligible) is solved in the dual
+# form (N x N) while N stays at most MAX_DUAL_ROWS: its N³ inverse and N² k_j Gram beat the primal k_j³ and
+# N k_j² (the label-free λ search repeats the inverse for each of its 9 values).
+DUAL_MIN_WIDTH = 256
 MAX_DUAL_ROWS = 16384
 
 
