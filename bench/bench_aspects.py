@@ -281,7 +281,8 @@ def run(out: Path, s: dict, img_dir: Path | None, methods=METHODS) -> dict:
     if img_dir is not None and PICTURE_METHOD in results:
         stage("pictures", pictures, results, stores, sets, out, img_dir, s, train_codes, values, relevant)
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    doc = {"settings": s, "config": config_tag(s), "methods_run": [f"{m}/{k}" for m, k, _ in methods], "seeds": {"eval": EVAL_SEED, "learn": LEARN_SEED, "random": RANDOM_SEED},
+    doc = {"settings": s, "config": config_tag(s), "methods_run": [f"{m}/{k}" for m, k, _ in methods],
+           "seeds": {"eval": EVAL_SEED, "learn": LEARN_SEED, "random": RANDOM_SEED},
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "load_average_end": list(os.getloadavg()), "timings_s": timings, "cpu_count": os.cpu_count(),
            "train_loss_last100": train_log.get("train_loss_final"), "train_wall_s": train_log.get("train_wall_s"),

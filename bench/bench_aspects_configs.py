@@ -63,7 +63,8 @@ def compare(docs: dict[str, dict], base: str) -> str:
         raise SystemExit(f"base configuration {base} not found; have {sorted(docs)}")
     lines = ["Recall@10 per configuration (uniform → each aspect's own learned weights; guarded in brackets), and "
              "paired 95% CIs over the evaluation queries (**+** / **−**: the CI excludes zero):", "",
-             "| configuration | method | aspect | uniform | learned (guarded) | learned − uniform | guarded − uniform "
+             "| configuration | method | aspect | uniform | learned (guarded) | learned − uniform "
+             "| guarded − uniform "
              f"| uniform − {base} uniform | learned − {base} uniform |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts = {}  # (configuration, learned | guarded) -> [beats, no clear difference, worse]
     for cfg, doc in docs.items():
@@ -82,7 +83,8 @@ def compare(docs: dict[str, dict], base: str) -> str:
     lines += ["", "Own-aspect weights against uniform (rows above; beats / no clear difference / worse): " + "; ".join(
         f"{cfg}: learned {verdicts[cfg, 'learned']}, guarded {verdicts[cfg, 'guarded']}" for cfg in docs) + ".", ""]
     lines += ["General weights (learned on general queries) against uniform on each aspect:", "",
-              "| configuration | method | aspect | learned − uniform | guarded − uniform |", "|---|---|---|---|---|"]
+              "| configuration | method | aspect | learned − uniform | guarded − uniform |",
+              "|---|---|---|---|---|"]
     for cfg, doc in docs.items():
         for method in doc["methods"]:
             for a in ASPECTS:

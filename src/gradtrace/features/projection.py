@@ -37,13 +37,14 @@ DEFAULT_PROJECTION = "kronecker"
 DEFAULT_TOTAL_DIM = 2048
 DEFAULT_KRONECKER_DIM = 8192
 
+BLOCK_ROWS = 131072       # rows of one seeded block (2^17: every group of the tiny models is one block)
+STEP_ENTRIES = 1 << 22    # entries drawn and applied at once (16 MiB of float32)
+CACHE_ENTRIES = 1 << 25   # a group's matrix up to this size (128 MiB of float32) is kept once drawn
+
 
 def default_dim(projection: str) -> int:
     """The total dimension used when none is given: 8,192 for the Kronecker projection, 2,048 otherwise."""
     return DEFAULT_KRONECKER_DIM if projection == "kronecker" else DEFAULT_TOTAL_DIM
-BLOCK_ROWS = 131072       # rows of one seeded block (2^17: every group of the tiny models is one block)
-STEP_ENTRIES = 1 << 22    # entries drawn and applied at once (16 MiB of float32)
-CACHE_ENTRIES = 1 << 25   # a group's matrix up to this size (128 MiB of float32) is kept once drawn
 
 
 def split_dims(sizes: list[int], total: int) -> list[int]:
