@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.lms import fortune_texts, write_jsonl, write_tiny_lm
+from fixtures.lms import source_of, tiny_lm_with_texts, write_jsonl
 from gradtrace.adapters import adapter_of, get_adapter
 from gradtrace.adapters.base import Checkpoint, OutputGrid
 from gradtrace.adapters.causal_lm.groups import block_key
@@ -26,14 +26,7 @@ SEQ = 32
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    folder = write_tiny_lm(root / "base")
-    data = write_jsonl(root / "docs.jsonl", fortune_texts(40))
-    return folder, f"jsonl:{data}"
-
-
-def source_of(spec: str) -> dict:
-    return {"kind": "dataset", "spec": spec, "n": None, "size": None, "seed": 0}
+    return tiny_lm_with_texts(tmp_path_factory.mktemp("lm"), 40)
 
 
 def moved(model, seed: int = 1, scale: float = 0.05):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.lms import fortune_texts, write_jsonl, write_tiny_lm
+from fixtures.lms import source_of, tiny_lm_with_texts
 from gradtrace.adapters import get_adapter
 from gradtrace.adapters.base import Checkpoint
 from gradtrace.adapters.causal_lm.objective import LMObjective
@@ -25,14 +25,7 @@ SEQ = 32
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm-influence")
-    folder = write_tiny_lm(root / "base")
-    data = write_jsonl(root / "docs.jsonl", fortune_texts(24))
-    return folder, f"jsonl:{data}"
-
-
-def source_of(spec: str) -> dict:
-    return {"kind": "dataset", "spec": spec, "n": None, "size": None, "seed": 0}
+    return tiny_lm_with_texts(tmp_path_factory.mktemp("lm-influence"), 24)
 
 
 def model_of(lm, lora: int | None = None):
