@@ -70,11 +70,16 @@ def check_for_run(attr: Attributions, recipe) -> None:
                         f"{len(recipe.train_ids)} training ids")
 
 
+def examples_in_order(recipe, source: dict, ids):
+    """The run's adapter's examples of `ids` from `source`, in the order of `ids`."""
+    ex = recipe.adapter.examples(recipe.model_config, source, ids=ids)
+    pos = {int(i): r for r, i in enumerate(ex.ids)}
+    return ex.take([pos[int(i)] for i in ids])
+
+
 def query_examples(attr: Attributions, recipe):
     """The queries' examples (from the recorded source), in the order of the attributions' rows."""
-    ex = recipe.adapter.examples(recipe.model_config, attr.manifest["query_source"], ids=attr.query_ids)
-    pos = {int(i): r for r, i in enumerate(ex.ids)}
-    return ex.take([pos[int(i)] for i in attr.query_ids])
+    return examples_in_order(recipe, attr.manifest["query_source"], attr.query_ids)
 
 
 def attribution_selection(folder, recipe, num_queries: int, k: int) -> dict:

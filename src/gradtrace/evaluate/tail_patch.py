@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import score_queries
 from gradtrace.errors import UserError
-from gradtrace.evaluate.eval_attributions import read_attributions
+from gradtrace.evaluate.eval_attributions import check_for_run, examples_in_order, read_attributions
 from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, store_examples
+from gradtrace.evaluate.recipe import load_recipe
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
 from gradtrace.methods import DEFAULT_KERNEL
@@ -110,21 +111,13 @@ def _store_sets(adapter, ckpt, train_features, queries, *, method, kernel, c, we
                        "lambda": chosen.lambda_info}}
 
 
-def _in_order(ex, ids):
-    pos = {int(i): r for r, i in enumerate(ex.ids)}
-    return ex.take([pos[int(i)] for i in ids])
-
-
-def _attribution_sets(adapter, ckpt, folder, *, k, num_queries) -> dict:
+def _attribution_sets(run, folder, *, k, num_queries) -> dict:
     """Top-k rows per query from a dense attribute output (attribute-ekfac): its scores are the learned row when
     it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else uniform."""
     attr = read_attributions(folder)
+    recipe = load_recipe(run)
+    check_for_run(attr, recipe)
     m = attr.manifest
-    if m.get("model_fingerprint") != ckpt.fingerprint:
-        raise UserError(f"the attributions {attr.path} were not made from the run's model")
-    if ckpt.train_ids is not None and not np.array_equal(np.sort(attr.train_ids), np.sort(ckpt.train_ids)):
-        raise UserError(f"the attributions {attr.path} score {len(attr.train_ids)} training examples, not the run's "
-                        f"{len(ckpt.train_ids)} training ids")
     if k >= len(attr.train_ids):
         raise UserError(f"--top-k {k} must be smaller than the training set ({len(attr.train_ids)} examples)")
     nq = len(attr.query_ids) if num_queries is None else min(int(num_queries), len(attr.query_ids))
@@ -135,12 +128,8 @@ def _attribution_sets(adapter, ckpt, folder, *, k, num_queries) -> dict:
                             "uniform ranking is unknown; attribute without --weights for the uniform row")
         scores = {"uniform": attr.contributions[:nq].astype(np.float64).sum(-1), "learned": attr.scores[:nq]}
     sets = {name: np.argsort(-v, axis=1, kind="stable")[:, :int(k)] for name, v in scores.items()}
-    source = (ckpt.config.get("dataset") or {}).get("source")
-    if not source:
-        raise UserError("the run does not record its training data; tail-patch needs it")
-    train_ex = _in_order(adapter.examples(ckpt.model_config, source, ids=attr.train_ids), attr.train_ids)
-    query_ids = attr.query_ids[:nq]
-    query_ex = _in_order(adapter.examples(ckpt.model_config, m["query_source"], ids=query_ids), query_ids)
+    train_ex = examples_in_order(recipe, recipe.source, attr.train_ids)
+    query_ex = examples_in_order(recipe, m["query_source"], attr.query_ids[:nq])
     return {"sets": sets, "train_ids": attr.train_ids, "train_ex": train_ex, "query_ex": query_ex,
             "record": {"attributions": str(attr.path.resolve()), "method": m.get("method"),
                        "weights": m.get("weights"), "lambda": m.get("lambda")}}
@@ -161,7 +150,7 @@ def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", k
     check_can_write(out)
     ckpt = adapter.load(run)
     if attributions is not None:
-        sel = _attribution_sets(adapter, ckpt, attributions, k=k, num_queries=num_queries)
+        sel = _attribution_sets(run, attributions, k=k, num_queries=num_queries)
     else:
         sel = _store_sets(adapter, ckpt, train_features, queries, method=method, kernel=kernel, c=c,
                           weights_path=weights_path, learning_queries=learning_queries, k=k, num_queries=num_queries,
