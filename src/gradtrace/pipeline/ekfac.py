@@ -175,15 +175,25 @@ def choose_c(s: EkfacSetup, learning, k: int) -> tuple[float, list]:
 
 def choose_c_contributions(s: EkfacSetup, learning, k: int) -> tuple[float, list, np.ndarray]:
     """`choose_c` and the learning queries' (Q, N, M) contributions at the chosen c (computed on the way)."""
-    table, kept = [], None
+    table, best = [], None  # best: (loss, c, contributions), only the best so far kept
     for c in lambda_grid(GRID):
         contrib = s.engine.contributions(learning, s.train, float(c))
         m = contrib.shape[2]
         loss = float(snr_loss(torch.from_numpy(contrib), torch.full((m,), 1.0 / m, dtype=torch.float64), k))
         table.append([float(c), loss])
-        if min(table, key=lambda row: (row[1], row[0]))[0] == float(c):
-            kept = contrib  # only the best so far is kept
-    return min(table, key=lambda row: (row[1], row[0]))[0], table, kept
+        if best is None or (loss, float(c)) < best[:2]:
+            best = (loss, float(c), contrib)
+    return best[1], table, best[2]
+
+
+def learning_contributions(s: EkfacSetup, learning, lambda_c, k: int) -> tuple[float, list | None, np.ndarray]:
+    """(c, its grid table or None, the learning queries' (Q, N, M) contributions at c) for weight learning: c as
+    given (`parse_c`: "auto" = `choose_c_contributions` with top-k `k`, None = DEFAULT_C)."""
+    c = parse_c(lambda_c)
+    if c == AUTO:
+        return choose_c_contributions(s, learning, k)
+    c = DEFAULT_C if c is None else c
+    return c, None, s.engine.contributions(learning, s.train, c)
 
 
 def _manifest(s: EkfacSetup, spec, queries, extra: dict) -> dict:
@@ -265,13 +275,7 @@ def learn_weights_ekfac_run(spec: LearnWeightsEkfacSpec, *, progress: bool = Tru
     s = setup(spec, out.with_name(out.stem + "-factors"), progress=progress)
     learning = s.examples(spec, spec.ids)
     s.fit()
-    c = parse_c(spec.lambda_c)
-    table = None
-    if c == AUTO:
-        c, table, contrib = choose_c_contributions(s, learning, min(spec.k, len(s.train.ids)))
-    else:
-        c = DEFAULT_C if c is None else c
-        contrib = s.engine.contributions(learning, s.train, c)
+    c, table, contrib = learning_contributions(s, learning, spec.lambda_c, min(spec.k, len(s.train.ids)))
     result = learn_weights_dense(contrib, s.engine.group_names, k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2,
                                  guard=spec.guard, progress=progress)
     provenance = {"command": command_line(), "spec": spec.to_dict(), "method": "ekfac", "kernel": "ekfac",
@@ -326,25 +330,20 @@ def mislabel_self_influence(inputs, lambda_c, *, factors, batch_size: int = 64, 
     `gradtrace.evaluate.mislabel.SelfInfluenceInputs`). The factors are fitted on its training examples at their
     corrupted labels (`factors` folder, reused when it matches); the groups and measurement are those of its
     feature stores. Self-influence of example n = the example scored as its own query, per group:
-    sign · ∇f(n)ᵀ (G + δI)⁻¹ ∇L(n), f the measurement at the corrupted label; for the training loss (`loss`) that
-    is ∇L(n)ᵀ (G + δI)⁻¹ ∇L(n), kronfluence's `compute_self_scores`. c: "auto" = the SNR-best c on the learning
-    queries (as learn-weights-ekfac), a number, or None = DEFAULT_C. The weights are learned from the learning
-    queries' contributions at that c (`learning_contributions`)."""
-    train, learn = inputs.train, inputs.learn
+    sign · ∇f(n)ᵀ (G + δI)⁻¹ ∇L(n), f the measurement at the corrupted label; for the training loss (`loss`)
+    that is ∇L(n)ᵀ (G + δI)⁻¹ ∇L(n), kronfluence's `compute_self_scores`. c: "auto" = the SNR-best c on the
+    learning queries (as learn-weights-ekfac), a number, or None = DEFAULT_C. The weights are learned from the
+    learning queries' contributions at that c (`learning_contributions`)."""
+    train = inputs.train
     measurement = train.settings["measurement"]["name"]
     spec = EkfacInputs(checkpoint=str(inputs.checkpoint), ids=np.zeros(0, np.int64),
                        groups=train.settings["groups_spec"], measurement=measurement, factors=str(factors),
                        batch_size=batch_size)
-    c = parse_c(lambda_c)
     s = setup(spec, Path(factors), progress=progress)
     s.use_training_examples(inputs.train_examples)
     s.fit()
-    table = None
-    if c == AUTO:
-        c, table, learn_contrib = choose_c_contributions(s, inputs.learn_examples, min(DEFAULT_K, len(train.ids)))
-    else:
-        c = DEFAULT_C if c is None else c
-        learn_contrib = s.engine.contributions(inputs.learn_examples, s.train, c)
+    k = min(DEFAULT_K, len(train.ids))
+    c, table, learn_contrib = learning_contributions(s, inputs.learn_examples, lambda_c, k)
     values = s.engine.self_contributions(s.train, c, measurement=measurement != s.adapter.train_loss_measurement)
     e = s.engine
     info = {"method": "ekfac", "engine": "kronfluence", "kernel": "ekfac", "lambda_c": c, "lambda_grid": table,
@@ -354,10 +353,6 @@ def mislabel_self_influence(inputs, lambda_c, *, factors, batch_size: int = 64, 
     return GroupSelfInfluence(values, list(e.group_names), info, learning_contributions=learn_contrib)
 
 
-__all__ = ["AttributeEkfacSpec", "EkfacInputs", "LearnWeightsEkfacSpec", "SelfInfluence", "attribute_ekfac_run",
-           "learn_weights_ekfac_run", "mislabel_self_influence", "self_influence"]
-
-
 def _mislabel_provider(inputs, method: str, kernel: str, c, progress: bool = False) -> GroupSelfInfluence:
     """`eval mislabel --methods ekfac`: factors kept in the corrupted run's folder (EKFAC_FACTORS)."""
     return mislabel_self_influence(inputs, c, factors=Path(inputs.checkpoint).parent / EKFAC_FACTORS,
@@ -365,3 +360,7 @@ def _mislabel_provider(inputs, method: str, kernel: str, c, progress: bool = Fal
 
 
 register_self_influence("ekfac", _mislabel_provider, kernel="ekfac")
+
+
+__all__ = ["AttributeEkfacSpec", "EkfacInputs", "LearnWeightsEkfacSpec", "SelfInfluence", "attribute_ekfac_run",
+           "learn_weights_ekfac_run", "mislabel_self_influence", "self_influence"]
