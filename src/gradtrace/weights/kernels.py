@@ -10,8 +10,11 @@ Float32 rounding: a float32 dot product of length d has error ≤ γ_d Σ_a |x_a
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
 
 from gradtrace.methods.checks import raise_if_nonfinite
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
@@ -158,31 +161,22 @@ def top_pass(source: PsiSource, qw: np.ndarray, take: int, *, progress: bool = F
     return idx.cpu().numpy(), vals.cpu().numpy()
 
 
+_CONTROLLER: list = []  # the ThreadpoolController, made on first use (it inspects the loaded libraries)
+
+
+@contextlib.contextmanager
 def threads(n: int | None):
     """Context: torch and the BLAS libraries numpy loaded run on `n` threads (restored on exit; None: as they are)."""
-    return _Threads(n)
-
-
-class _Threads:
-    _controller = None
-
-    def __init__(self, n: int | None):
-        self.n = None if n is None else int(n)
-
-    def __enter__(self):
-        if self.n is None:                    # no change
-            return self
-        if _Threads._controller is None:
-            from threadpoolctl import ThreadpoolController   # a dependency of scikit-learn
-            _Threads._controller = ThreadpoolController()
-        self.torch_before = torch.get_num_threads()
-        self.limit = _Threads._controller.limit(limits=self.n, user_api="blas")
-        torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        if self.n is None:
-            return False
-        torch.set_num_threads(self.torch_before)
-        self.limit.restore_original_limits()
-        return False
+    if n is None:
+        yield
+        return
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    torch_before = torch.get_num_threads()
+    limit = _CONTROLLER[0].limit(limits=int(n), user_api="blas")
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_before)
+        limit.restore_original_limits()
