@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-ASPECTS = ("subject", "style", "background")
+from bench_aspects import ASPECTS, paired_ci as aspects_paired_ci
+
 N_BOOT = 2000
 
 
-def paired_ci(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """mean(a − b) and its 95% bootstrap CI over queries where both are defined."""
+def paired_ci(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """mean(a − b) and its 95% bootstrap CI (bench_aspects' own) over queries where both are defined."""
     ok = ~np.isnan(a) & ~np.isnan(b)
-    d = a[ok] - b[ok]
-    means = d[np.random.default_rng(seed).integers(0, len(d), size=(N_BOOT, len(d)))].mean(axis=1)
-    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    lo, hi = aspects_paired_ci(a[ok], b[ok], N_BOOT)
+    return float(np.mean(a[ok] - b[ok])), lo, hi
 
 
 def load(out: Path) -> dict[str, dict]:
