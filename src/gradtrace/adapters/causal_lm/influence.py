@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from gradtrace.features.kron_projection import is_transposed_linear
+from gradtrace.adapters.layers import is_transposed_linear
 
 
 def as_linear(conv1d: nn.Module) -> nn.Linear:
