@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from gradtrace.adapters.layers import is_transposed_linear
-from gradtrace.features.projection import DEFAULT_KRONECKER_DIM, name_seed, split_dims
 from gradtrace.features.groups import Group
+from gradtrace.features.projection import DEFAULT_KRONECKER_DIM, name_seed, split_dims
 
 KIND = "kronecker"
 
