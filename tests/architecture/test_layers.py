@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("features",),
     ("adapters",),
     ("data",),
-    ("io", "precision", "ranks"),
+    ("io", "metrics", "precision", "ranks"),
     ("errors",),
 ]
 FRONT_DOOR = "gradtrace"

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from gradtrace.errors import UserError
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
+from gradtrace.metrics.stats import N_BOOTSTRAP, percentile_ci
 
-N_BOOTSTRAP = 1000
 TOP_FRACTION = 0.1
 
 
@@ -100,12 +100,6 @@ def _metrics(scores: np.ndarray, positive: np.ndarray, fraction: float) -> tuple
     return roc_auc(scores, positive), top_found(scores, positive, fraction)
 
 
-def _ci(values: list[float]) -> list[float | None]:
-    if len(values) < 2:
-        return [None, None]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-
-
 def detection_table(scores: dict[str, np.ndarray], positive, *, baseline: str | None = None,
                     fraction: float = TOP_FRACTION, n_bootstrap: int = N_BOOTSTRAP, seed: int = 0,
                     progress: bool = False) -> dict:
@@ -132,8 +126,8 @@ def detection_table(scores: dict[str, np.ndarray], positive, *, baseline: str | 
     table = {}
     for k in names:
         b = np.array(boot[k]).reshape(-1, 2)
-        table[k] = {"auc": point[k][0], "auc_ci95": _ci(b[:, 0].tolist()),
-                    "top_found": point[k][1], "top_found_ci95": _ci(b[:, 1].tolist())}
+        table[k] = {"auc": point[k][0], "auc_ci95": percentile_ci(b[:, 0].tolist()),
+                    "top_found": point[k][1], "top_found_ci95": percentile_ci(b[:, 1].tolist())}
     paired = {}
     if baseline is not None:
         base = np.array(boot[baseline]).reshape(-1, 2)
@@ -142,8 +136,8 @@ def detection_table(scores: dict[str, np.ndarray], positive, *, baseline: str | 
                 continue
             d = np.array(boot[k]).reshape(-1, 2) - base
             paired[f"{k} - {baseline}"] = {
-                "auc": point[k][0] - point[baseline][0], "auc_ci95": _ci(d[:, 0].tolist()),
-                "top_found": point[k][1] - point[baseline][1], "top_found_ci95": _ci(d[:, 1].tolist())}
+                "auc": point[k][0] - point[baseline][0], "auc_ci95": percentile_ci(d[:, 0].tolist()),
+                "top_found": point[k][1] - point[baseline][1], "top_found_ci95": percentile_ci(d[:, 1].tolist())}
     return {"n": int(n), "n_flipped": int(positive.sum()), "top_fraction": float(fraction),
             "top_count": top_count(n, fraction), "n_bootstrap": int(n_bootstrap), "bootstrap_seed": int(seed),
             "scores": table, "paired": paired}
