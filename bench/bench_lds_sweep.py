@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lds import EVAL_SAMPLE_SEED  # noqa: E402
+from common import EVAL_SAMPLE_SEED
 
 # (name, featurize options): the default (block, Rademacher 2,048) first; "exact" = unprojected gradients
 CONFIGS = [

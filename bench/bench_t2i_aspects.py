@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_aspects import effective_groups, paired_ci
-from bench_lds import apply_overrides
+from common import Clock, apply_overrides, effective_groups
+from gradtrace.metrics.stats import paired_ci
 
 EVAL_SEED = 1001
 LEARN_SEED = 2002  # general; aspect i uses LEARN_SEED + 1 + i
@@ -71,21 +71,23 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     from gradtrace.data.shapes import ATTRIBUTES
     from gradtrace.evaluate.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.io import versions, write_json_atomic
-    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, SampleSpec, TrainSpec, featurize_run,
-                                    learn_weights_run, sample_run, train_run)
+    from gradtrace.pipeline import (
+        FeaturizeSpec,
+        LearnWeightsSpec,
+        SampleSpec,
+        TrainSpec,
+        featurize_run,
+        learn_weights_run,
+        sample_run,
+        train_run,
+    )
     from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 
     torch.set_num_threads(int(s["threads"]))
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    clock = Clock("bench-t2i-aspects", digits=1)
+    timings, stage = clock.timings, clock.stage
     t_all = time.perf_counter()
-
-    def stage(name, fn, *a, **kw):
-        t = time.perf_counter()
-        log(f"{name} ...")
-        result = fn(*a, **kw)
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
-        return result
 
     if pipeline is None:
         steps = {k: s[k] for k in ("vae_steps", "unet_steps") if k in s}

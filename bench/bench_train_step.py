@@ -28,8 +28,8 @@ def _one(impl: str, steps: int, queue) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from gradtrace.data.registry import load_dataset
     from gradtrace.adapters.diffusion import TrainConfig, default_model_config, train
+    from gradtrace.data.registry import load_dataset
 
     reference = torch.optim.AdamW
 
