@@ -133,7 +133,7 @@ def store_rows(out: Path, s: dict, run: str, stores: dict, problem, clock: Clock
 def ekfac_rows(out: Path, s: dict, run: str, specs: dict, ids: dict, problem, train_ids, clock: Clock,
                progress: bool):
     from gradtrace.evaluate import summarize
-    from gradtrace.evaluate.eval_attributions import read_attributions
+    from gradtrace.evaluate.saved_attributions import read_attributions
     from gradtrace.evaluate.tail_patch import tail_patch_run
     from gradtrace.pipeline.ekfac import (
         AttributeEkfacSpec,

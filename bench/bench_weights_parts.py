@@ -21,9 +21,10 @@ import torch
 
 from common import PLANTED_SCALE, write_planted
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.weights.kernels import PsiSource, psi_stats_fast, query_grams_fast, threads, top_pass
 from gradtrace.weights.lazy import LazyPool
 from gradtrace.weights.noise import GramNorm
+from gradtrace.weights.psi_passes import PsiSource, psi_stats_fast, query_grams_fast, top_pass
+from gradtrace.weights.threads import threads
 
 
 def timed(label: str, fn):

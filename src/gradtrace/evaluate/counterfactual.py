@@ -19,7 +19,7 @@ import numpy as np
 
 from gradtrace.attribution import score_queries
 from gradtrace.errors import UserError
-from gradtrace.evaluate.eval_attributions import attribution_selection
+from gradtrace.evaluate.saved_attributions import attribution_selection
 from gradtrace.evaluate.harness import Job, is_finished, model_dir, train_jobs
 from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples

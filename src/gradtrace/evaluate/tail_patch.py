@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import score_queries
 from gradtrace.errors import UserError
-from gradtrace.evaluate.eval_attributions import check_for_run, examples_in_order, read_attributions
+from gradtrace.evaluate.saved_attributions import check_for_run, examples_in_order, read_attributions
 from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, store_examples
 from gradtrace.evaluate.recipe import load_recipe
