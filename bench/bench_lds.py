@@ -149,13 +149,14 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
         rows.append(row(method, kernel, "uniform", uniform_pq[(method, kernel)], time.perf_counter() - t, c))
         if kernel == "per-group":  # paired over queries: per-group minus shared kernel, uniform weights
             paired.append({"comparison": f"{method}: per-group − shared kernel (uniform)",
-                           "delta": summarize(both(uniform_pq[(method, kernel)]) - both(uniform_pq[(method, "shared")]))})
+                           "delta": summarize(both(uniform_pq[(method, kernel)])
+                                              - both(uniform_pq[(method, "shared")]))})
         if grid_table:  # diagnostic only: LDS at every c of the grid, to check the label-free choice
             tr = stores[meas]["train"]
             gram = get_method(method, c=grid_table[0][0], kernel=kernel_arg).gram(tr.features, tr.group_slices)
             for entry in grid_table:
-                f_c = get_method(method, c=entry[0], kernel=kernel_arg).fit(tr.features, tr.group_slices, gram=gram,
-                                                                          row_scale=tr.row_scale if method == "das" else None)
+                f_c = get_method(method, c=entry[0], kernel=kernel_arg).fit(
+                    tr.features, tr.group_slices, gram=gram, row_scale=tr.row_scale if method == "das" else None)
                 pq = per_query({q: f_c.scores(qf[q]) for q in sets})
                 entry.append(summarize(np.concatenate([pq[q] for q in sets])))
         for guard in GUARD_ROWS:  # learned on the learning queries only, read back as `eval lds --weights` does

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
              "RSS vs floor |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['trainable_params']:,} | {r['k'] or '-'} | {r['rate']:.1f} | "
-                     f"{r['time_vs_floor']:.2f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_vs_floor']:.2f} |")
+                     f"{r['time_vs_floor']:.2f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['rss_vs_floor']:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -134,7 +134,8 @@ def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> d
         rows.append(row(method, kernel, "uniform", uniform_pq[(method, kernel)], time.perf_counter() - t, c))
         if kernel == "per-group":
             paired.append({"comparison": f"{method}: per-group − shared kernel (uniform)",
-                           "delta": summarize(both(uniform_pq[(method, kernel)]) - both(uniform_pq[(method, "shared")]))})
+                           "delta": summarize(both(uniform_pq[(method, kernel)])
+                                              - both(uniform_pq[(method, "shared")]))})
         for guard in GUARD_ROWS:  # learned on the learning queries only, read back as `eval lds --weights` does
             t = time.perf_counter()
             w, record = learned_weights(st, out / "weights", method, kernel, c, s["learn_steps"], guard)

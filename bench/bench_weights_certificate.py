@@ -45,7 +45,8 @@ def main() -> None:
     widths = np.diff([s for _, s, _ in slices] + [psi.shape[1]])
     x = psi.astype(np.float64)
     c, k = 256, 10
-    print("| refresh at step | steps after | today's bound proves | a perfect move bound proves | true top-k inside the pool |")
+    print("| refresh at step | steps after | today's bound proves | a perfect move bound proves "
+          "| true top-k inside the pool |")
     print("|---|---|---|---|---|")
     for r in (0, 32):
         base = (q * np.repeat(w_hist[r], widths)) @ x.T

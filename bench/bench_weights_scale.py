@@ -6,13 +6,13 @@
     .venv/bin/python bench/bench_weights_scale.py --scaling       # the new path at 3 sizes each of N, Q, M
     .venv/bin/python bench/bench_weights_scale.py --sweep         # recall of planted items vs lr / steps / l2 / k
 
-With --baseline-src, a last learning process imports gradtrace from that source tree (e.g. an older
-commit's `git archive` of src/) and learns with its lazy refresh, so an older version and this one are
-measured in the same run on the same problem. The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and learns
-in a fresh one per refresh mode, one after the other (so their ratio is measured under the same load),
-so the reported peak RSS (ru_maxrss) is the learner's own (it includes the pages of Ψ it touched). The
-last columns compare each run with the first (by default the old exact path): largest weight difference
-and the number of queries whose top-10 at the learned weights is the same set. Results are printed as markdown for docs/benchmarks.md.
+With --baseline-src, a last learning process imports gradtrace from that source tree (e.g. an older commit's `git
+archive` of src/) and learns with its lazy refresh, so an older version and this one are measured in the same run on
+the same problem. The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and
+learns in a fresh one per refresh mode, one after the other (so their ratio is measured under the same load), so the
+reported peak RSS (ru_maxrss) is the learner's own (it includes the pages of Ψ it touched). The last columns compare
+each run with the first (by default the old exact path): largest weight difference and the number of queries whose
+top-10 at the learned weights is the same set. Results are printed as markdown for docs/benchmarks.md.
 """
 from __future__ import annotations
 
