@@ -140,9 +140,9 @@ def run(out: Path, s: dict, img_dir: Path | None, methods=METHODS) -> dict:
     from gradtrace.adapters import get_adapter
     from gradtrace.attribution import fit_method, read_group_weights
     from gradtrace.data import load_dataset
-    from gradtrace.evaluate.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.features.store import FeatureStore
     from gradtrace.io import read_json, versions, write_json_atomic
+    from gradtrace.metrics.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.pipeline import (
         FeaturizeSpec,
         LearnWeightsSpec,

@@ -69,8 +69,8 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     from gradtrace.attribution import fit_method, read_group_weights
     from gradtrace.data import load_dataset
     from gradtrace.data.shapes import ATTRIBUTES
-    from gradtrace.evaluate.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.io import versions, write_json_atomic
+    from gradtrace.metrics.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.pipeline import (
         FeaturizeSpec,
         LearnWeightsSpec,

@@ -3,6 +3,7 @@
     lo, hi = bootstrap_ci(per_query_lds, n_bootstrap=1000, seed=0)     # 95% CI of the mean over queries
     lo, hi = paired_ci(recall_learned, recall_uniform, 2000)           # 95% CI of mean(a − b), paired per query
     lo, hi = percentile_ci(replicates)                                 # 2.5th and 97.5th percentiles
+    mean_ci(deltas, seed=0)                                            # {"mean", "ci95"} of per-query values
 
 A replicate resamples the values with replacement from a generator seeded by `seed`, so the same values and seed
 give the same interval.
@@ -37,3 +38,11 @@ def percentile_ci(replicates) -> list[float | None]:
     if len(replicates) < 2:
         return [None, None]
     return [float(np.percentile(replicates, 2.5)), float(np.percentile(replicates, 97.5))]
+
+
+def mean_ci(values: np.ndarray, seed: int = 0) -> dict:
+    """{"mean", "ci95"} of per-query values (tail-patch and counterfactual deltas): the bootstrap CI of the mean,
+    [None, None] for a single value."""
+    values = np.asarray(values)
+    ci = bootstrap_ci(values, seed=seed) if len(values) > 1 else (None, None)
+    return {"mean": float(values.mean()), "ci95": list(ci)}
