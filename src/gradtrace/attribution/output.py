@@ -46,22 +46,42 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
         raise UserError(f"--top-k must be in 1..{len(train.ids)} (the training set size), got {top_k}")
     fitted, qf, weights = scored.fitted, scored.query_features, scored.weights
     idx, top = fitted.topk(qf, top_k, weights, progress=progress)
+    contrib = topk_contributions(fitted, qf, idx, weights)
+    scores = scored.scores() if len(qf) * len(train.ids) <= FULL_SCORES_MAX else None
+    return write_topk_attributions(train, queries, out, idx=idx, top=top, contrib=contrib, scores=scores,
+                                   method_info=fitted.info, weights_info=scored.weights_info,
+                                   lambda_info=scored.lambda_info, top_k=top_k, spec=spec)
+
+
+def topk_contributions(fitted, query_features: np.ndarray, idx: np.ndarray, weights) -> np.ndarray:
+    """(Q, k, M) float32 weighted per-group contributions w_j c_j(q, n) of each query's rows `idx` (Q, k)."""
     w = np.ones(fitted.n_groups, dtype=np.float32) if weights is None else np.asarray(weights, np.float32)
-    contrib = np.stack([fitted.contributions(qf[q:q + 1], rows=idx[q])[0] for q in range(len(qf))]) * w
-    names = fitted.group_names
+    qf = query_features
+    out = np.stack([fitted.contributions(qf[q:q + 1], rows=idx[q])[0] for q in range(len(qf))]) * w
+    return out.astype(np.float32)
+
+
+def write_topk_attributions(train: FeatureStore, queries: FeatureStore, out, *, idx: np.ndarray, top: np.ndarray,
+                            contrib: np.ndarray, scores: np.ndarray | None, method_info: dict,
+                            weights_info: dict | None, lambda_info: dict | None, top_k: int, spec: dict | None,
+                            extra: dict | None = None) -> dict:
+    """Write the artefact from each query's top-k training rows `idx` (Q, k) (indices into the store), their
+    scores, weighted contributions (Q, k, M) and, when small enough, the dense (Q, N) scores; `extra` is added to
+    the manifest. Returns the JSON document written."""
+    names = [g[0] for g in train.group_slices]
     top_ids = train.ids[idx]
     arrays = {"topk_ids.npy": top_ids, "topk_scores.npy": top, "topk_contributions.npy": contrib.astype(np.float32)}
-    if len(qf) * len(train.ids) <= FULL_SCORES_MAX:
-        arrays["scores.npy"] = scored.scores()
+    if scores is not None:
+        arrays["scores.npy"] = scores
     doc = {
         "manifest": {
             "format": FORMAT, "format_version": 1,
-            "command": command_line(), "method": fitted.info, "top_k": top_k,
+            "command": command_line(), "method": method_info, "top_k": top_k,
             "train_store": str(train.path), "query_store": str(queries.path),
             "model_fingerprint": train.settings["model_fingerprint"],
             "groups_spec": train.settings["groups_spec"], "measurement": train.settings["measurement"],
-            "projection": train.settings["projection"], "weights": scored.weights_info,
-            "lambda": scored.lambda_info, "spec": spec, "versions": versions(),
+            "projection": train.settings["projection"], "weights": weights_info,
+            "lambda": lambda_info, "spec": spec, "versions": versions(), **(extra or {}),
         },
         "groups": names,
         "queries": [
@@ -69,7 +89,7 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
              "top": [{"rank": r + 1, "train_id": int(top_ids[q, r]), "score": float(top[q, r]),
                       "contributions": {n: float(v) for n, v in zip(names, contrib[q, r])}}
                      for r in range(top_k)]}
-            for q in range(len(qf))
+            for q in range(len(idx))
         ],
     }
     _write_set(Path(out), arrays, doc)
