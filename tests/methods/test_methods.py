@@ -215,6 +215,22 @@ def test_memmap_features_and_psi_path_and_save_load(data, tmp_path):
                                   dense_topk(q.astype(np.float64) @ phi.astype(np.float64).T, 5)[0])
 
 
+def test_tracin_references_a_float16_store_and_scores_its_exact_upcast(data, tmp_path):
+    """No N-sized copy of a reduced-precision Φ: chunks are upcast as they are scored (float16 -> float32 is exact,
+    so the results are those of the float32 upcast, bit for bit)."""
+    phi, q = data
+    np.save(tmp_path / "phi16.npy", phi.astype(np.float16))
+    mm = np.load(tmp_path / "phi16.npy", mmap_mode="r")
+    up = np.asarray(mm, dtype=np.float32)
+    fitted, ref = TracIn().fit(mm, SLICES, chunk_rows=40), TracIn().fit(up, SLICES)
+    assert fitted.psi is mm
+    for a, b in zip(fitted.topk(q, 6, chunk_rows=40), ref.topk(q, 6, chunk_rows=40)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fitted.contributions(q, rows=[4, 0, 9]), ref.contributions(q, rows=[4, 0, 9]))
+    fitted.save(tmp_path / "t16")
+    np.testing.assert_array_equal(np.load(tmp_path / "t16" / "psi.npy"), up)
+
+
 def test_gram_reuse_across_c_equals_direct_fit(data):
     phi, q = data
     gram = TRAK(kernel="per-group").gram(phi, SLICES)

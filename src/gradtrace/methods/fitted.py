@@ -147,7 +147,10 @@ class FittedMethod:
                             f"would take {size / 2**30:.1f} GiB; pass rows= (e.g. the top-k indices)")
         if self.query_side:
             phi = self.psi[:] if sel is None else self.psi[sel]
-            psi = self._apply_kernel(np.asarray(phi, dtype=np.float64))
+            if q.shape[0] <= n_rows:  # K symmetric: φ_j(q)ᵀ K_j φ_j(x) = (K_j φ_j(q)) · φ_j(x), on the fewer rows
+                q, psi = self._apply_kernel(q.astype(np.float64)), np.asarray(phi, dtype=np.float32)
+            else:
+                psi = self._apply_kernel(np.asarray(phi, dtype=np.float64))
         else:
             psi = np.asarray(self.psi if sel is None else self.psi[sel], dtype=np.float32)
         out = np.empty((q.shape[0], n_rows, self.n_groups), dtype=np.float32)
