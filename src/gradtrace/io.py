@@ -129,11 +129,15 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to `path` atomically (see `atomic_write`)."""
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """Write JSON to `path` atomically (see `atomic_write`). `indent=None` writes one line with the C encoder (for
+    large documents: several times faster than the indented pure-Python one)."""
     with atomic_write(path) as tmp:
         with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=json_default)
+            if indent is None:
+                fh.write(json.dumps(obj, sort_keys=False, default=json_default))
+            else:
+                json.dump(obj, fh, indent=indent, sort_keys=False, default=json_default)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -28,6 +28,7 @@ from gradtrace.methods.trak import has_dual_blocks
 
 FORMAT = "gradtrace-attributions"
 FULL_SCORES_MAX = 50_000_000  # entries of the dense (Q, N) score matrix worth saving
+INDENTED_MAX = 10_000  # top-k entries (Q · k) up to which attributions.json is indented; larger: one line, C encoder
 PSI_IN_MEMORY = 256 * 2**20  # bytes of a float32 Ψ kept in memory; larger stores are scored query-side
 
 
@@ -147,7 +148,8 @@ def _write_set(out: Path, arrays: dict[str, np.ndarray], doc: dict) -> None:
     try:
         for name, arr in arrays.items():
             np.save(stage / name, arr)
-        write_json_atomic(stage / "attributions.json", doc)
+        entries = sum(len(q["top"]) for q in doc["queries"])
+        write_json_atomic(stage / "attributions.json", doc, indent=2 if entries <= INDENTED_MAX else None)
         for name in [*arrays, "attributions.json"]:
             os.replace(stage / name, out / name)
         if "scores.npy" not in arrays and (out / "scores.npy").exists():
