@@ -179,8 +179,8 @@ def table(r: dict, argv) -> list[str]:
              f"total {r['total_s']} s.", "", "| step | result | s |", "|---|---|---|"]
     if "featurize" in r:
         f = r["featurize"]
-        lines.append(f"| featurize (n={f['n']}) | cosine vs CPU: float32 min {f['cosine_float32']['min']:.6f}, bfloat16 "
-                     f"min {f['cosine_bfloat16']['min']:.4f} (mean {f['cosine_bfloat16']['mean']:.4f}) | "
+        lines.append(f"| featurize (n={f['n']}) | cosine vs CPU: float32 min {f['cosine_float32']['min']:.6f}, "
+                     f"bfloat16 min {f['cosine_bfloat16']['min']:.4f} (mean {f['cosine_bfloat16']['mean']:.4f}) | "
                      f"{f['step_s']} |")
     if "lora" in r:
         lines.append(f"| LoRA fine-tune | {r['lora']['steps']} steps, {r['lora']['s_per_step_incl_setup']} s/step with "
