@@ -15,7 +15,7 @@ _EXPORTS = {
     "detection": ["bilinear_self_influence", "detection_table", "flip_labels", "roc_auc", "top_found"],
     "eval_lds": ["LDSProblem", "eval_lds_run", "load_problem", "per_group_lds"],
     "harness": ["Job", "train_jobs"],
-    "mislabel": ["mislabel_run", "mislabel_table", "register_self_influence"],
+    "mislabel": ["mislabel_run", "mislabel_table", "model_self_influence", "store_self_influence"],
     "lds": ["bootstrap_ci", "lds", "lds_per_query", "subset_mask", "subset_predictions", "summarize"],
     "outputs": ["OutputGrid", "model_outputs", "store_examples"],
     "recipe": ["Recipe", "load_recipe"],

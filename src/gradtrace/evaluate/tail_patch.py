@@ -135,7 +135,7 @@ def _attribution_sets(run, folder, *, k, num_queries) -> dict:
                        "weights": m.get("weights"), "lambda": m.get("lambda")}}
 
 
-def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL, c=None,
+def tail_patch_run(run, train_features, queries, out, *, method="trak", kernel: str = DEFAULT_KERNEL, c=None,
                    weights_path=None, learning_queries=None, attributions=None, k: int = 10, lr: float = 1e-2,
                    num_queries=None, random_seed: int = 0, grid: OutputGrid = OutputGrid(), seed: int = 0,
                    progress: bool = True) -> dict:

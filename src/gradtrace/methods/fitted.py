@@ -155,6 +155,21 @@ class FittedMethod:
             out[:, :, j] = q[:, start:stop] @ psi[:, start:stop].T
         return out
 
+    def self_contributions(self, train_features: Any, *, chunk_rows: int = 8192, progress: bool = False) -> np.ndarray:
+        """(N, M) float64 per-group self-influence c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n), `train_features` being the
+        Φ (N, k) this method was fitted on: row chunks of Φ and of Ψ (computed for the chunk in query-side mode),
+        multiplied elementwise and summed within each group."""
+        n, dim = self.n_train, self.dim
+        if tuple(train_features.shape) != (n, dim):
+            raise UserError(f"training features have shape {tuple(train_features.shape)}, the fitted method ({n}, {dim})")
+        out = np.empty((n, self.n_groups), dtype=np.float64)
+        rows = effective_chunk_rows(int(chunk_rows), 16 * dim)
+        for start, stop in row_chunks(n, rows, progress=progress, desc="self-influence"):
+            prod = np.asarray(train_features[start:stop], dtype=np.float64) * self.psi_rows(start, stop).astype(np.float64)
+            for j, (_, lo, hi) in enumerate(self.group_slices):
+                out[start:stop, j] = prod[:, lo:hi].sum(1)
+        return out
+
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, extra: dict | None = None, chunk_rows: int = 65536) -> Path:
         """Write `psi.npy` (copied in row chunks unless Ψ already lives there) and `method.json`."""

@@ -157,6 +157,7 @@ class TRAK(Method):
 
     name = "trak"
     uses_lambda = True
+    default_c = DEFAULT_C
 
     def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak",
                  required_measurement: str | None = None, needs_row_scale: bool = False,
@@ -178,6 +179,10 @@ class TRAK(Method):
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "c": self.c, "kernel": self.kernel,
                 **({"group_c": dict(self.group_c)} if self.group_c else {})}
+
+    def with_c(self, c: float) -> "TRAK":
+        return TRAK(c, self.kernel, name=self.name, required_measurement=self.required_measurement,
+                    needs_row_scale=self.needs_row_scale, group_c=self.group_c)
 
     def c_of(self, group: str) -> float:
         """The λ scale of one group's block (its own with per-group damping, else c)."""

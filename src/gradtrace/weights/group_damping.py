@@ -20,8 +20,7 @@ import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
-from gradtrace.methods.registry import get_method, lambda_grid
-from gradtrace.methods.trak import TRAK
+from gradtrace.methods.registry import configure, get_method, lambda_grid
 from gradtrace.weights.objective import check_k
 from gradtrace.weights.streamed import per_query_loss
 
@@ -45,8 +44,10 @@ def choose_group_lambda_scales(train_features: Any, group_slices: Any, learning_
                          dtype=np.float64)
     raise_if_nonfinite(queries, 0, "learning query features")
     k = check_k(k, phi.shape[0])
-    if not isinstance(get_method(method), TRAK):
-        raise UserError(f"method '{method}' has no λ to choose; use 'trak', 'dtrak' or 'das'")
+    method = method if isinstance(method, str) else method.name  # a configured method: its name (kernel as given)
+    bare = configure(method, c=None)
+    if not bare.uses_lambda or bare.needs_model:
+        raise UserError(f"method '{method}' has no λ on features to choose; use 'trak', 'dtrak' or 'das'")
     values = sorted({float(c) for c in (lambda_grid() if grid is None else grid)} | {float(start_c)})
     n_q, n, m = queries.shape[0], phi.shape[0], len(slices)
     need = len(values) * n_q * n * m * 4

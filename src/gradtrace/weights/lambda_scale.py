@@ -12,8 +12,8 @@ import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
-from gradtrace.methods.registry import get_method, lambda_grid
-from gradtrace.methods.trak import DEFAULT_KERNEL, TRAK
+from gradtrace.methods.registry import configure, get_method, lambda_grid
+from gradtrace.methods.trak import DEFAULT_KERNEL
 from gradtrace.weights.defaults import DEFAULT_K
 from gradtrace.weights.objective import check_k
 from gradtrace.weights.streamed import snr_at
@@ -35,8 +35,10 @@ def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_f
     queries = np.asarray(queries, dtype=np.float64)
     k = check_k(k, phi.shape[0])
     values = _check_grid(lambda_grid() if grid is None else grid)
-    if not isinstance(get_method(method), TRAK):
-        raise UserError(f"method '{method}' has no λ to choose; use 'trak', 'dtrak' or 'das'")
+    method = method if isinstance(method, str) else method.name  # a configured method: its name (kernel as given)
+    bare = configure(method, c=None)
+    if not bare.uses_lambda or bare.needs_model:
+        raise UserError(f"method '{method}' has no λ on features to choose; use 'trak', 'dtrak' or 'das'")
     base = get_method(method, c=values[0], kernel=kernel)
     gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress)
     table: list[tuple[float, float]] = []
