@@ -48,7 +48,8 @@ from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, process_alive, read_json, sha256_arrays,
                           versions, write_json_atomic)
-from gradtrace.methods import KERNELS, BaseMethod, FittedMethod, ModelMethod, configure, get_method, known_methods
+from gradtrace.methods import (KERNELS, BaseMethod, FittedMethod, ModelMethod, configure, get_method,
+                               known_methods)
 from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, learn_weights_dense,
                                save_weights)
 
@@ -107,7 +108,8 @@ def model_self_influence(inputs: SelfInfluenceInputs, method: ModelMethod, lambd
     configured = method.with_settings(groups=train.settings["groups_spec"], measurement=measurement)
     s = configured.session(inputs.checkpoint, default_factors=Path(factors), examples=inputs.train_examples,
                            progress=progress).fit()
-    c, table, learn_contrib = resolve_model_learning_c(s, inputs.learn_examples, lambda_c, min(DEFAULT_K, len(train.ids)))
+    k = min(DEFAULT_K, len(train.ids))
+    c, table, learn_contrib = resolve_model_learning_c(s, inputs.learn_examples, lambda_c, k)
     values = s.self_contributions(c, measurement=measurement != s.adapter.train_loss_measurement)
     info = {**s.facts(), "lambda_c": c, "lambda_grid": table, **s.lambda_facts(c), "measurement": measurement,
             "train_loss": s.identity["train_loss"], **s.fitted_record()}

@@ -2,8 +2,8 @@
 τ_w(q, n) = Σ_j w_j c_j(q, n); what differs is what it reads to compute them:
 
 - `Method` (feature kernels: TracIn, TRAK, D-TRAK, DAS): a bilinear kernel K on stored gradient features,
-  τ(q, n) = φ(q)ᵀ K φ(x_n) = φ(q) · ψ(x_n). It holds only configuration; `fit` reads the training features in row
-  chunks and returns a `FittedMethod` (contributions, top-k, scores, self-contributions).
+  τ(q, n) = φ(q)ᵀ K φ(x_n) = φ(q) · ψ(x_n). It holds only configuration; `fit` reads the training features in
+  row chunks and returns a `FittedMethod` (contributions, top-k, scores, self-contributions).
 - `ModelMethod` (`gradtrace.methods.model_method`; EK-FAC): works on the model and its examples directly; `session`
   opens the checkpoint and returns a `ModelSession` (fit, contributions, top-k, self-contributions).
 

@@ -73,6 +73,7 @@ class EkfacSession(ModelSession):
 
     def fitted_record(self) -> dict:
         e = self.engine
-        return {"ekfac": {"factors": str(e.factors_dir.resolve()), "factor_arguments": self.factors.get("factor_arguments"),
+        return {"ekfac": {"factors": str(e.factors_dir.resolve()),
+                          "factor_arguments": self.factors.get("factor_arguments"),
                           "score_arguments": getattr(e, "last_score_arguments", None),
                           "untracked_parameters": e.untracked}}

@@ -161,11 +161,13 @@ class FittedMethod:
         multiplied elementwise and summed within each group."""
         n, dim = self.n_train, self.dim
         if tuple(train_features.shape) != (n, dim):
-            raise UserError(f"training features have shape {tuple(train_features.shape)}, the fitted method ({n}, {dim})")
+            raise UserError(f"training features have shape {tuple(train_features.shape)}, the fitted method "
+                            f"({n}, {dim})")
         out = np.empty((n, self.n_groups), dtype=np.float64)
         rows = effective_chunk_rows(int(chunk_rows), 16 * dim)
         for start, stop in row_chunks(n, rows, progress=progress, desc="self-influence"):
-            prod = np.asarray(train_features[start:stop], dtype=np.float64) * self.psi_rows(start, stop).astype(np.float64)
+            phi = np.asarray(train_features[start:stop], dtype=np.float64)
+            prod = phi * self.psi_rows(start, stop).astype(np.float64)
             for j, (_, lo, hi) in enumerate(self.group_slices):
                 out[start:stop, j] = prod[:, lo:hi].sum(1)
         return out

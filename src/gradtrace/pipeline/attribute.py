@@ -45,12 +45,12 @@ class AttributeSpec(ModelInputs, _AttributeOptions):
         if self.weights is not None and self.aspect is not None:
             raise UserError("pass either --weights FILE or --aspect NAME, not both")
         if get_method(self.method).needs_model:
-            self.check_model_inputs(self.method)
             for flag, value in (("--train", self.train), ("--queries", self.queries), ("--aspect", self.aspect),
                                 ("--learning-queries", self.learning_queries)):
                 if value is not None:
                     raise UserError(f"method '{self.method}' scores the model directly, not feature stores; drop "
                                     f"{flag} (use --checkpoint, --ids, --learning-ids)")
+            self.check_model_inputs(self.method)
         elif self.train is None or self.queries is None:
             raise UserError("--train and --queries are required (feature stores; a method that needs the model, "
                             "e.g. ekfac, takes --checkpoint and --ids)")

@@ -106,7 +106,8 @@ def eval_lds(spec: EvalLDSSpec, *, progress: bool = True) -> dict:
     if spec.attributions is not None:
         return lds_of_attributions(spec.run, spec.retrain, spec.attributions, spec.out, per_group=spec.per_group,
                                    grid=spec.grid(), seed=spec.seed, progress=progress)
-    return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=configure(spec.method, kernel=spec.kernel),
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=method,
                         kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights, per_group=spec.per_group,
                         learning_queries=spec.learning_queries, grid=spec.grid(), seed=spec.seed, progress=progress)
 
@@ -127,7 +128,8 @@ class CounterfactualSpec(ScoringEvalSpec):
 
 
 def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> dict:
-    return counterfactual_run(spec.run, spec.train_features, spec.queries, spec.out, method=configure(spec.method, kernel=spec.kernel),
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return counterfactual_run(spec.run, spec.train_features, spec.queries, spec.out, method=method,
                               kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
                               learning_queries=spec.learning_queries, num_queries=spec.num_queries, k=spec.top_k,
                               n_seeds=spec.seeds, workers=spec.workers, random_seed=spec.random_seed,
@@ -198,7 +200,8 @@ class TailPatchSpec(ScoringEvalSpec):
 
 
 def eval_tail_patch(spec: TailPatchSpec, *, progress: bool = True) -> dict:
-    return tail_patch_run(spec.run, spec.train_features, spec.queries, spec.out, method=configure(spec.method, kernel=spec.kernel),
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return tail_patch_run(spec.run, spec.train_features, spec.queries, spec.out, method=method,
                           kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
                           learning_queries=spec.learning_queries, attributions=spec.attributions, k=spec.top_k,
                           lr=spec.lr,

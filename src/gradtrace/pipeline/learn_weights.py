@@ -62,14 +62,14 @@ class LearnWeightsSpec(ModelInputs, _LearnWeightsOptions):
 
     def validate(self) -> None:
         if get_method(self.method).needs_model:
-            self.check_model_inputs(self.method)
-            if self.out is None:
-                raise UserError(f"method '{self.method}' has no feature store to keep its weights in; pass --out FILE")
             for flag, value in (("--train", self.train), ("--queries", self.queries), ("--generate", self.generate),
                                 ("--aspect", self.aspect), ("--prompts", self.prompts)):
                 if value is not None:
                     raise UserError(f"method '{self.method}' learns on the model directly, on the --ids examples; "
                                     f"drop {flag}")
+            self.check_model_inputs(self.method)
+            if self.out is None:
+                raise UserError(f"method '{self.method}' has no feature store to keep its weights in; pass --out FILE")
             return
         if self.train is None:
             raise UserError("--train is required (a feature store; a method that needs the model, e.g. ekfac, takes "
