@@ -47,7 +47,7 @@ def choose_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, k
     base = _method(method, kernel)
     scale = train.row_scale if base.needs_row_scale else None
     best, table = choose_lambda_scale(train.features, train.group_slices, np.asarray(learning.features),
-                                      method=base.name, kernel=kernel, k=k, row_scale=scale)
+                                      method=base.name, kernel=getattr(base, "kernel", kernel), k=k, row_scale=scale)
     return float(best), [[float(a), float(b)] for a, b in table]
 
 

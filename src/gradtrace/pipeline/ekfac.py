@@ -15,14 +15,14 @@ import numpy as np
 from gradtrace.attribution import AUTO, parse_c
 from gradtrace.errors import UserError
 from gradtrace.methods.ekfac import DEFAULT_C
-from gradtrace.methods.ekfac_method import EkfacSession
+from gradtrace.methods.ekfac_method import Ekfac, EkfacSession
 from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
 from gradtrace.pipeline.learn_weights import LearnWeightsSpec, learn_weights_run
 from gradtrace.pipeline.model_scoring import ModelInputs, configure_model_method, model_self_contributions
 from gradtrace.pipeline.spec import option, positive
 from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, GUARDS
 
-GRID = 5  # values of c tried by --lambda-c auto: 1e-4 .. 1 (`Ekfac.lambda_grid_size`)
+GRID = Ekfac.lambda_grid_size  # values of c tried by --lambda-c auto: 1e-4 .. 1
 
 
 def _c_option(default):

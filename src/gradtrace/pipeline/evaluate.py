@@ -191,8 +191,8 @@ class TailPatchSpec(ScoringEvalSpec):
     random_seed: int = option(0, "seed of the random k examples")
     seed: int = option(0, "bootstrap seed")
     attributions: str | None = option(None, "instead of feature stores and scoring options: an `attribute "
-                                            "--method ekfac` output folder (with --weights: learned and uniform rows; without: "
-                                            "uniform)", type=str)
+                                            "--method ekfac` output folder (with --weights: learned and uniform "
+                                            "rows; without: uniform)", type=str)
 
     def validate(self) -> None:
         super().validate()
