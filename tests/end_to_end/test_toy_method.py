@@ -1,8 +1,9 @@
-"""A new base method plugs in through the method seam alone: a test-only method that works on the model directly
-(`fixtures.toy_method`, influence with a diagonal Fisher per group) runs attribute → learn-weights (`--lambda-c auto`)
-→ weighted attribute (CLI) → report on the test-only MLP, each output against a plain computation: per-example
-gradients by an autograd loop written here, the formula in numpy, the label-free λ choice and the weights' objective
-in numpy; and the stages that need feature stores refuse it in one line."""
+"""New base methods plug in through the method seam alone (`fixtures.toy_method`). A method that works on the model
+directly (influence with a diagonal Fisher per group) runs attribute → learn-weights (`--lambda-c auto`) → weighted
+attribute (CLI) → report on the test-only MLP, each output against a plain computation: per-example gradients by an
+autograd loop written here, the formula in numpy, the label-free λ choice and the weights' objective in numpy; the
+stages that need feature stores refuse it in one line. A bilinear kernel on stored features (the diagonal of the
+per-group Gram) runs attribute and learn-weights the same way, against the formula in numpy on the stored features."""
 import json
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from fixtures.toy_adapter import NAME as ADAPTER, targets
-from fixtures.toy_method import NAME
-from gradtrace import AttributeSpec, LearnWeightsSpec, TrainSpec, attribute_run, get_adapter, learn_weights_run, train_run
+from fixtures.toy_method import KERNEL_NAME, NAME
+from gradtrace import (AttributeSpec, FeaturizeSpec, LearnWeightsSpec, TrainSpec, attribute_run, featurize_run,
+                       get_adapter, learn_weights_run, train_run)
 from gradtrace.cli import main
 from gradtrace.data import load_dataset
 from gradtrace.errors import UserError
@@ -122,3 +124,49 @@ def test_toy_method_refused_where_feature_stores_are_needed(toy, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "drop --train" in err[0] and "--checkpoint" in err[1] and "--attributions" in err[2]
     assert not (root / "x").exists()
+
+
+def diagonal_kernel(phi, q, slices, c) -> np.ndarray:
+    """(Q, N, M): q_j diag(Φ_jᵀΦ_j + c · mean diag)⁻¹ φ_j, block by block in float64."""
+    out = []
+    for _, s, e in slices:
+        d = (phi[:, s:e] ** 2).sum(0)
+        out.append((q[:, s:e] / (d + c * d.mean())) @ phi[:, s:e].T)
+    return np.stack(out, axis=-1)
+
+
+def test_toy_kernel_on_features_attribute_and_learn_weights(toy):
+    root, run = toy
+    common = dict(checkpoint=run, groups="tensor", projection="identity", timesteps=1)
+    ft, fq, fl = (featurize_run(FeaturizeSpec(out=str(root / f"f{name}"), **common, **extra), progress=False)
+                  for name, extra in (("t", {}), ("q", dict(data="digits", n=N_DATA, ids=HELD)),
+                                      ("l", dict(data="digits", n=N_DATA, ids=LEARN))))
+    phi, q, ql = (np.asarray(s.features, dtype=np.float64) for s in (ft, fq, fl))
+    slices = ft.group_slices
+    doc = attribute_run(AttributeSpec(method=KERNEL_NAME, train=str(ft.path), queries=str(fq.path), lambda_c="0.05",
+                                      top_k=5, report=False, out=str(root / "k-uniform")), progress=False)
+    want = diagonal_kernel(phi, q, slices, 0.05)
+    np.testing.assert_allclose(np.load(root / "k-uniform" / "scores.npy"), want.sum(-1), rtol=1e-4,
+                               atol=1e-5 * np.abs(want.sum(-1)).max())
+    assert doc["manifest"]["method"]["kernel"] == "diagonal"
+    for qi, row in enumerate(doc["queries"]):
+        parts = np.array([list(t["contributions"].values()) for t in row["top"]])
+        np.testing.assert_allclose(parts, want[qi, np.searchsorted(TRAIN, [t["train_id"] for t in row["top"]])],
+                                   rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    path, wdoc = learn_weights_run(LearnWeightsSpec(method=KERNEL_NAME, train=str(ft.path), queries=str(fl.path),
+                                                    steps=60, out=str(root / "k-w.json")), progress=False)
+    prov = wdoc["provenance"]
+    m = len(slices)
+    grid = np.logspace(-4, 0, 9)
+    table = [[c, snr(diagonal_kernel(phi, ql, slices, c), np.ones(m))] for c in grid]
+    np.testing.assert_allclose(prov["lambda_grid"], table, rtol=1e-4)
+    assert prov["lambda_c"] == min(prov["lambda_grid"], key=lambda r: (r[1], r[0]))[0]
+    assert (prov["method"], prov["kernel"]) == (KERNEL_NAME, "diagonal")
+    w = np.array([wdoc["weights"][name] for name, _, _ in slices])
+    learn = diagonal_kernel(phi, ql, slices, prov["lambda_c"])
+    assert snr(learn, w) < snr(learn, np.ones(m)) - 1e-3
+    attribute_run(AttributeSpec(method=KERNEL_NAME, train=str(ft.path), queries=str(fq.path), weights=str(path),
+                                top_k=5, report=False, out=str(root / "k-learned")), progress=False)
+    scores = diagonal_kernel(phi, q, slices, prov["lambda_c"]) @ w
+    np.testing.assert_allclose(np.load(root / "k-learned" / "scores.npy"), scores, rtol=1e-4,
+                               atol=1e-5 * np.abs(scores).max())

@@ -35,7 +35,7 @@ def fit_method(train: FeatureStore, method="trak", *, kernel: str = DEFAULT_KERN
     base.check_measurement(train.settings["measurement"]["name"], str(train.path))
     if base.needs_row_scale:  # Ψ's rows carry the factor, so it is written out (no query-side mode)
         return base.fit(train.features, train.group_slices, progress=progress, row_scale=train.row_scale)
-    if query_side and base.uses_lambda:
+    if query_side and base.supports_query_side:
         return base.fit(train.features, train.group_slices, progress=progress, query_side=True)
     return base.fit(train.features, train.group_slices, progress=progress)
 

@@ -77,11 +77,14 @@ class Method(BaseMethod):
     scale c, 'auto' and the λ grid apply), `kernel_kind` ("identity", "shared", "per-group"), and
     `required_measurement` (features must come from this measurement, e.g. D-TRAK's; None = any), and
     `needs_row_scale` (each training example's scores are multiplied by a per-example factor the feature store
-    keeps beside the features, e.g. DAS's residual factor: pass it to `fit(row_scale=)`).
+    keeps beside the features, e.g. DAS's residual factor: pass it to `fit(row_scale=)`), `supports_query_side` and
+    `shares_gram` (TRAK's cheaper paths for large stores and for the λ search).
     """
 
     required_measurement: str | None = None
     needs_row_scale: bool = False
+    supports_query_side: bool = False  # fit(query_side=True): K applied to the queries, Φ scored as it is
+    shares_gram: bool = False          # gram() once, then fit(gram=) for each c (the label-free λ search)
 
     def check_measurement(self, measurement: str, where: str) -> None:
         """Refuse features of another measurement than this method requires, with a one-line reason."""

@@ -158,6 +158,8 @@ class TRAK(Method):
     name = "trak"
     uses_lambda = True
     default_c = DEFAULT_C
+    supports_query_side = True
+    shares_gram = True
 
     def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak",
                  required_measurement: str | None = None, needs_row_scale: bool = False,

@@ -46,7 +46,7 @@ def choose_group_lambda_scales(train_features: Any, group_slices: Any, learning_
     k = check_k(k, phi.shape[0])
     method = method if isinstance(method, str) else method.name  # a configured method: its name (kernel as given)
     bare = configure(method, c=None)
-    if not bare.uses_lambda or bare.needs_model:
+    if not bare.uses_lambda or bare.needs_model or not getattr(bare, "shares_gram", False):
         raise UserError(f"method '{method}' has no λ on features to choose; use 'trak', 'dtrak' or 'das'")
     values = sorted({float(c) for c in (lambda_grid() if grid is None else grid)} | {float(start_c)})
     n_q, n, m = queries.shape[0], phi.shape[0], len(slices)

@@ -12,7 +12,7 @@ import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
-from gradtrace.methods.registry import configure, get_method
+from gradtrace.methods.registry import configure
 from gradtrace.methods.trak import DEFAULT_KERNEL
 from gradtrace.weights.defaults import DEFAULT_K
 from gradtrace.weights.objective import check_k
@@ -39,12 +39,14 @@ def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_f
     if not bare.uses_lambda or bare.needs_model:
         raise UserError(f"method '{method}' has no λ on features to choose; use 'trak', 'dtrak' or 'das'")
     values = _check_grid(bare.lambda_grid() if grid is None else grid)
-    base = get_method(method, c=values[0], kernel=kernel)
-    gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress)
+    base = configure(method, kernel=kernel, c=values[0])
+    # a kernel that shares one Gram pass over its values of c (TRAK's) is refitted from it; any other is refitted
+    gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress) if base.shares_gram else None
     table: list[tuple[float, float]] = []
     for c in values:
-        fitted = get_method(method, c=c, kernel=kernel).fit(phi, slices, chunk_rows=chunk_rows, gram=gram,
-                                                            row_scale=row_scale)
+        at = base.with_c(c)
+        fitted = at.fit(phi, slices, chunk_rows=chunk_rows, gram=gram, row_scale=row_scale) if base.shares_gram \
+            else at.fit(phi, slices, chunk_rows=chunk_rows)
         table.append((c, snr_at(fitted, queries, k, chunk_rows=chunk_rows)))
     best = min(range(len(table)), key=lambda i: (table[i][1], table[i][0]))
     return table[best][0], table
