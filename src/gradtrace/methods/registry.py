@@ -1,5 +1,6 @@
-"""Base methods by name: the feature kernels (TracIn, TRAK, D-TRAK, DAS) and the methods that need the model (EK-FAC),
-and `register_method` for a new one (docs/architecture.md, "Adding a base method")."""
+"""Base methods by name: the feature kernels (TracIn, TRAK, D-TRAK, DAS; LoGra is TRAK's per-group kernel on
+Kronecker features) and the methods that need the model (EK-FAC), `configure` with the stages' settings, and
+`register_method` for a new one (docs/architecture.md, "Adding a base method")."""
 from __future__ import annotations
 
 from typing import Any, Callable
