@@ -12,8 +12,17 @@ import torch
 
 from fixtures.toy_adapter import NAME as ADAPTER, targets
 from fixtures.toy_method import KERNEL_NAME, NAME
-from gradtrace import (AttributeSpec, FeaturizeSpec, LearnWeightsSpec, TrainSpec, attribute_run, featurize_run,
-                       get_adapter, learn_weights_run, train_run)
+from gradtrace import (
+    AttributeSpec,
+    FeaturizeSpec,
+    LearnWeightsSpec,
+    TrainSpec,
+    attribute_run,
+    featurize_run,
+    get_adapter,
+    learn_weights_run,
+    train_run,
+)
 from gradtrace.cli import main
 from gradtrace.data import load_dataset
 from gradtrace.errors import UserError

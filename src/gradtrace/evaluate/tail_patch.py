@@ -108,7 +108,8 @@ def _store_sets(adapter, ckpt, train_features, queries, *, method, kernel, c, we
 
 def _attribution_sets(run, folder, *, k, num_queries) -> dict:
     """Top-k rows per query from a dense attribute output (`attribute --method ekfac`): its scores are the learned row
-    when it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else uniform."""
+    when it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else
+    uniform."""
     attr = read_attributions(folder)
     recipe = load_recipe(run)
     check_for_run(attr, recipe)

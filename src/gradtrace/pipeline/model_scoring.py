@@ -15,8 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gradtrace.attribution import (check_model_scoring_c, query_set_id, read_model_weights, resolve_model_learning_c,
-                                   resolve_model_scoring_c, write_contribution_attributions)
+from gradtrace.attribution import (
+    check_model_scoring_c,
+    query_set_id,
+    read_model_weights,
+    resolve_model_learning_c,
+    resolve_model_scoring_c,
+    write_contribution_attributions,
+)
 from gradtrace.data.sources import dataset_source
 from gradtrace.errors import UserError
 from gradtrace.io import command_line, read_json
