@@ -297,7 +297,8 @@ def markdown(results: dict) -> str:
     lines += ["", f"Mislabel detection: {100 * frac:g}% of the training labels flipped; self-influence ranks the "
               "training set (flipped = positive); bootstrap 95% CIs over training examples, paired for Δ.", "",
               "| model | measurement | method | kernel | AUC uniform | AUC learned | Δ AUC (paired) | Δ excludes 0 | "
-              "top-10% found uniform | learned | Δ found (paired) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "top-10% found uniform | learned | Δ found (paired) | s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["models"].items():
         for r in m["mislabel"]:
             u, lw, d = r["scores"]["uniform"], r["scores"]["learned"], r["paired"]["learned - uniform"]

@@ -129,8 +129,8 @@ def test_self_influence_per_group_is_the_diagonal_of_loss_attributions(run):
     # given examples are fitted and scored instead of the recorded ones: the same examples give the same numbers,
     # labels flipped for the first five give other factors (refused in the same folder) and other scores
     adapter = get_adapter("classifier")
-    given = adapter.examples(adapter.load(run / "run").model_config, {"kind": "dataset", "spec": "digits",
-                                                                        "n": N_DATA, "size": None, "seed": 0}, ids=TRAIN)
+    source = {"kind": "dataset", "spec": "digits", "n": N_DATA, "size": None, "seed": 0}
+    given = adapter.examples(adapter.load(run / "run").model_config, source, ids=TRAIN)
     same = self_influence(run / "run", examples=given, factors=run / "factors-given", progress=False)
     np.testing.assert_allclose(same.contributions, got.contributions, rtol=1e-6)
     given.cond = given.cond.copy()

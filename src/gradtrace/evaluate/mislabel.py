@@ -14,8 +14,9 @@ Steps, each kept in OUT and reused by a rerun (resumable; every file written ato
    c_j(x_n, x_n) (N, M), group weights learned on the learning queries (``weights/``, as `learn-weights`), and
    τ_w(x_n, x_n) = Σ_j w_j c_j(x_n, x_n) for uniform and learned w;
 5. ``self_influence.npz`` (training ids, flipped, and each "METHOD/KERNEL/uniform|learned" score vector, in the
-   training store's row order) and ``mislabel.json``: ROC AUC (flipped = positive) and the fraction of the flipped found in the top 10%, with
-   bootstrap 95% CIs, and the paired learned − uniform differences, per method; and the manifest.
+   training store's row order) and ``mislabel.json``: ROC AUC (flipped = positive) and the fraction of the flipped
+   found in
+   the top 10%, with bootstrap 95% CIs, and the paired learned − uniform differences, per method; and the manifest.
 
 Every method is a configured method object (`gradtrace.methods`) and the stage dispatches on its facts: a feature
 kernel is fitted on the training store (`store_self_influence`), c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n), its weights
@@ -38,21 +39,27 @@ import numpy as np
 
 from gradtrace.adapters import ModelAdapter
 from gradtrace.adapters.train_state import TrainState
-from gradtrace.attribution import (fit_method, query_set_id, resolve_learning_c, resolve_model_learning_c,
-                                   store_identity)
+from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, resolve_model_learning_c, store_identity
 from gradtrace.data.sources import Examples, dataset_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.evaluate.flips import flip_labels
 from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, process_alive, read_json, sha256_arrays,
-                          versions, write_json_atomic)
-from gradtrace.methods import (KERNELS, BaseMethod, FittedMethod, ModelMethod, configure, get_method,
-                               known_methods)
+from gradtrace.io import (
+    atomic_write,
+    check_can_write,
+    command_line,
+    jsonable,
+    process_alive,
+    read_json,
+    sha256_arrays,
+    versions,
+    write_json_atomic,
+)
+from gradtrace.methods import KERNELS, BaseMethod, FittedMethod, ModelMethod, configure, get_method, known_methods
 from gradtrace.metrics.detection import N_BOOTSTRAP, TOP_FRACTION, check_fraction, detection_table
-from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, learn_weights_dense,
-                               save_weights)
+from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, learn_weights_dense, save_weights
 
 RESULT, MANIFEST, FLIPS, MODEL, SCORES = "mislabel.json", "manifest.json", "flips.json", "model", "self_influence.npz"
 FORMAT = "gradtrace-mislabel"

@@ -16,8 +16,16 @@ from gradtrace.methods.base import BaseMethod, FittedMethod, Method, lambda_grid
 from gradtrace.methods.model_method import ModelMethod, ModelSession
 from gradtrace.methods.registry import MethodNames, configure, get_method, known_methods, register_method
 from gradtrace.methods.tracin import TracIn
-from gradtrace.methods.trak import (DEFAULT_C, DEFAULT_KERNEL, KERNELS, TRAK, Gram, accumulate_gram, check_c,
-                                    regularised_inverse)
+from gradtrace.methods.trak import (
+                                    DEFAULT_C,
+                                    DEFAULT_KERNEL,
+                                    KERNELS,
+                                    TRAK,
+                                    Gram,
+                                    accumulate_gram,
+                                    check_c,
+                                    regularised_inverse,
+)
 
 __all__ = ["BaseMethod", "Method", "ModelMethod", "ModelSession", "FittedMethod", "TracIn", "TRAK", "Gram",
            "MethodNames", "configure", "get_method", "known_methods", "lambda_grid", "register_method",

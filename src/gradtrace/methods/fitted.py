@@ -21,8 +21,16 @@ import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.io import atomic_write, read_json, versions, write_json_atomic
-from gradtrace.methods.checks import (block_scale, check_group_slices, check_matrix, check_positive_int,
-                                      check_rows, check_same_layout, check_weights, raise_if_nonfinite)
+from gradtrace.methods.checks import (
+    block_scale,
+    check_group_slices,
+    check_matrix,
+    check_positive_int,
+    check_rows,
+    check_same_layout,
+    check_weights,
+    raise_if_nonfinite,
+)
 from gradtrace.methods.rows import as_float32_rows, effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import RunningTopK
 

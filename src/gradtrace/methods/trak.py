@@ -35,8 +35,13 @@ import scipy.linalg
 
 from gradtrace.errors import UserError
 from gradtrace.methods.base import Method
-from gradtrace.methods.checks import (check_group_slices, check_positive_int, check_same_layout,
-                                      check_train_matrix, raise_if_nonfinite)
+from gradtrace.methods.checks import (
+    check_group_slices,
+    check_positive_int,
+    check_same_layout,
+    check_train_matrix,
+    raise_if_nonfinite,
+)
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import allocate_psi, effective_chunk_rows, finish_psi, row_chunks
 

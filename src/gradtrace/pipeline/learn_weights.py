@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.adapters import adapter_of
-from gradtrace.attribution import (AUTO, default_weights_path, fit_method, query_set_id, resolve_learning_c,
-                                   store_identity)
+from gradtrace.attribution import (
+    AUTO,
+    default_weights_path,
+    fit_method,
+    query_set_id,
+    resolve_learning_c,
+    store_identity,
+)
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json
@@ -25,8 +31,16 @@ from gradtrace.pipeline.model_scoring import ModelInputs, configure_model_method
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, method_option
 from gradtrace.pipeline.spec import Spec, option, positive
-from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, GUARDS, learn_weights,
-                               save_weights)
+from gradtrace.weights import (
+    DEFAULT_GUARD,
+    DEFAULT_K,
+    DEFAULT_L2,
+    DEFAULT_LR,
+    DEFAULT_STEPS,
+    GUARDS,
+    learn_weights,
+    save_weights,
+)
 
 
 @dataclass

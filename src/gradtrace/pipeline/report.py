@@ -67,7 +67,8 @@ def load_run(folder: str) -> sections.Run:
     path, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
     manifest = doc.get("manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
-        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; pass an `attribute` output folder")
+        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; "
+                        "pass an `attribute` output folder")
     sources = {}
     for side, what in (("train", "training"), ("query", "query")):
         # methods that score the model directly (EK-FAC) record their sources, not feature stores

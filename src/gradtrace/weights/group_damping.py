@@ -37,7 +37,8 @@ def choose_group_lambda_scales(train_features: Any, group_slices: Any, learning_
                                start_c: float, method: str = "trak", grid: Any = None, k: int = 10,
                                sweeps: int = 2, row_scale: Any = None,
                                max_bytes: int = MAX_BYTES) -> tuple[dict[str, float], dict[str, Any]]:
-    """({group: c_j}, a record {start_c, start_loss, loss, sweeps_run, converged, moves, grid}) for the per-group kernel."""
+    """({group: c_j}, a record {start_c, start_loss, loss, sweeps_run, converged, moves, grid}) for the per-group
+    kernel."""
     phi = check_train_matrix(train_features)
     slices = check_group_slices(group_slices, phi.shape[1])
     queries = np.asarray(check_matrix(learning_query_features, "learning query features", phi.shape[1]),
