@@ -25,10 +25,9 @@ import torch
 import torch.distributed as dist
 
 from gradtrace.attribution.output import FULL_SCORES_MAX, query_side_for, topk_contributions, write_topk_attributions
-from gradtrace.attribution.scoring import scoring_settings
+from gradtrace.attribution.scoring import at_c, scoring_settings
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.methods import configure
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import sort_desc_then_index
 from gradtrace.methods.trak import Gram, has_dual_blocks, kernel_spans
@@ -143,7 +142,7 @@ def all_reduce_blocks(blocks: list[np.ndarray], group) -> list[np.ndarray]:
     return out
 
 
-def attribute_sharded(train_path, query_path, out, *, rank: int, world: int, method: str, kernel: str, c=None,
+def attribute_sharded(train_path, query_path, out, *, rank: int, world: int, method, kernel: str, c=None,
                       weights_path=None, aspect: str | None = None, learning_queries=None, top_k: int = 10,
                       spec: dict | None = None, progress: bool = True) -> dict | None:
     """`write_attributions` over `world` ranks (see the module docstring): the last rank writes `out` and returns
@@ -180,15 +179,17 @@ def _attribute(train_path, query_path, out, *, rank, world, method, kernel, c, w
         weights, info, c_value, lam = scoring_settings(train, queries, method=method, kernel=kernel, c=c,
                                                        weights_path=weights_path, aspect=aspect,
                                                        learning_queries=learning_queries)
-        base = configure(method, kernel=kernel, c=c_value)
+        base = at_c(method, kernel, c_value)
+        if base.needs_model:
+            raise UserError(f"method '{base.name}' scores the model directly; run attribute without torchrun")
         base.check_measurement(train.settings["measurement"]["name"], str(train.path))
-        if not (base.kernel_kind == "identity" or getattr(base, "shares_gram", base.uses_lambda)):
+        if not (base.kernel_kind == "identity" or base.shares_gram):
             raise UserError(f"method '{base.name}' cannot split its fit over ranks; run attribute without torchrun")
-        if base.uses_lambda and has_dual_blocks(kernel, train.group_slices, n):
+        if base.shares_gram and has_dual_blocks(base.kernel_kind, train.group_slices, n):
             raise UserError(f"a kernel block is wider than the {n} training rows (solved in its dual form, which "
                             "needs every row at once); run attribute without torchrun")
         rows = ShardRows(train.features, shard_ranges(train, rank, world))
-        share = gram_share(rows, train.group_slices, base.kernel, progress=progress) if base.uses_lambda else None
+        share = gram_share(rows, train.group_slices, base.kernel_kind, progress=progress) if base.shares_gram else None
         return train, queries, weights, info, lam, base, rows, share
 
     train, queries, weights, w_info, lam, base, rows, share = agree(group, prepare)
@@ -221,8 +222,9 @@ def score_shard(train: FeatureStore, queries: FeatureStore, base, rows: ShardRow
         scale = np.concatenate([train.row_scale[a:b] for a, b in rows.ranges])
     slices = train.group_slices
     if blocks is not None:
-        gram = Gram(kernel=base.kernel, blocks=blocks, group_slices=slices, n=len(rows), dual=[False] * len(blocks))
-        side = query_side and not base.needs_row_scale and getattr(base, "supports_query_side", base.uses_lambda)
+        gram = Gram(kernel=base.kernel_kind, blocks=blocks, group_slices=slices, n=len(rows),
+                    dual=[False] * len(blocks))
+        side = query_side and not base.needs_row_scale and base.supports_query_side
         fitted = base.fit(rows, slices, gram=gram, query_side=side, row_scale=scale, progress=progress)
     else:
         fitted = base.fit(rows, slices, progress=progress)

@@ -19,17 +19,36 @@ from gradtrace.errors import UserError, os_error_line
 from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT, counterfactual_table
 from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
 from gradtrace.evaluate.mislabel import RESULT as MISLABEL_RESULT, mislabel_table
-from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, EvalLDSSpec, FeaturizeSpec,
-                                LearnWeightsSpec, RetrainSpec, SampleSpec, TrainSpec, attribute_run,
-                                eval_counterfactual, eval_lds, featurize_run, learn_weights_run, retrain, run_demo,
-                                sample_run, train_run)
+from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
+from gradtrace.pipeline import (
+    AttributeSpec,
+    CounterfactualSpec,
+    DemoSpec,
+    EvalLDSSpec,
+    FeaturizeSpec,
+    LearnWeightsSpec,
+    RetrainSpec,
+    SampleSpec,
+    TrainSpec,
+    attribute_run,
+    eval_counterfactual,
+    eval_lds,
+    featurize_run,
+    learn_weights_run,
+    retrain,
+    run_demo,
+    sample_run,
+    train_run,
+)
 from gradtrace.pipeline.build_lm import BuildLMSpec, build_lm_run
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
-from gradtrace.pipeline.ekfac import (AttributeEkfacSpec, LearnWeightsEkfacSpec, attribute_ekfac_run,
-                                      learn_weights_ekfac_run)
-from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, MislabelSpec, eval_mislabel
-from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
-from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, TailPatchSpec, eval_tail_patch
+from gradtrace.pipeline.ekfac import (
+    AttributeEkfacSpec,
+    LearnWeightsEkfacSpec,
+    attribute_ekfac_run,
+    learn_weights_ekfac_run,
+)
+from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, MislabelSpec, TailPatchSpec, eval_mislabel, eval_tail_patch
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
 from gradtrace.pipeline.merge_features import MergeFeaturesSpec, merge_features_run
 from gradtrace.pipeline.report import ReportSpec, report_run
@@ -137,9 +156,9 @@ COMMANDS: dict[str, Command] = {
     "learn-weights": Command(LearnWeightsSpec, learn_weights_run, _say_weights,
                              "learn one non-negative weight per parameter group, without labels"),
     "attribute-ekfac": Command(AttributeEkfacSpec, attribute_ekfac_run, _say_attribute,
-                               "EK-FAC influence (kronfluence) on the model directly: top-k with per-group breakdown"),
+                               "deprecated alias of `attribute --method ekfac` (the same options and output)"),
     "learn-weights-ekfac": Command(LearnWeightsEkfacSpec, learn_weights_ekfac_run, _say_weights,
-                                   "learn group weights for EK-FAC on learning queries (held-out ids)"),
+                                   "deprecated alias of `learn-weights --method ekfac` (the same options and output)"),
     "report": Command(ReportSpec, report_run, _say_report,
                       "one self-contained HTML page: queries, top-k per run, weights, LDS and counterfactual"),
     "demo": Command(DemoSpec, run_demo, _say_demo, "train, sample, featurize, attribute and draw, end to end",

@@ -6,8 +6,7 @@ from numbers import Integral
 from gradtrace.data.base import ImageDataset
 from gradtrace.data.digits import load_digits_dataset
 from gradtrace.data.imagefolder import load_imagefolder
-from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption
-from gradtrace.data.shapes import load_shapes
+from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption, load_shapes
 from gradtrace.data.text import TextDataset, load_fortunes, load_jsonl, load_textfolder
 from gradtrace.errors import UserError
 

@@ -9,14 +9,20 @@
     run_demo(DemoSpec(out="demo_out", quick=True))
 """
 from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
+from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 from gradtrace.pipeline.demo import DemoSpec, run_demo
-from gradtrace.pipeline.evaluate import (CounterfactualSpec, EvalLDSSpec, RetrainSpec, eval_counterfactual, eval_lds,
-                                         retrain)
+from gradtrace.pipeline.evaluate import (
+                                         CounterfactualSpec,
+                                         EvalLDSSpec,
+                                         RetrainSpec,
+                                         eval_counterfactual,
+                                         eval_lds,
+                                         retrain,
+)
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.learn_weights import LearnWeightsSpec, learn_weights_run
 from gradtrace.pipeline.sample import SampleSpec, sample_run
 from gradtrace.pipeline.train import TrainSpec, train_run
-from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 
 __all__ = ["AttributeSpec", "CounterfactualSpec", "DemoSpec", "EvalLDSSpec", "FeaturizeSpec", "LearnWeightsSpec",
            "RetrainSpec", "SampleSpec", "TrainSpec", "attribute_run", "eval_counterfactual", "eval_lds",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from gradtrace.errors import UserError
+from gradtrace.pipeline.spec import option
 from gradtrace.precision import PRECISIONS
 from gradtrace.ranks import local_rank
-from gradtrace.pipeline.spec import option
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -8,13 +8,13 @@ from gradtrace.errors import UserError
 from gradtrace.evaluate.counterfactual import counterfactual_run
 from gradtrace.evaluate.eval_lds import eval_lds_run
 from gradtrace.evaluate.mislabel import DEFAULT_METHODS, mislabel_run
-from gradtrace.pipeline import ekfac as _ekfac  # noqa: F401  (registers eval mislabel's "ekfac" provider)
 from gradtrace.evaluate.outputs import OutputGrid
 from gradtrace.evaluate.retrain import retrain_run
 from gradtrace.evaluate.saved_attributions import lds_of_attributions
 from gradtrace.evaluate.tail_patch import tail_patch_run
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.features.projection import DEFAULT_PROJECTION, KINDS
+from gradtrace.methods import configure, get_method
 from gradtrace.metrics.detection import N_BOOTSTRAP, TOP_FRACTION, check_fraction
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
 from gradtrace.pipeline.spec import Spec, non_negative, option, positive
@@ -45,8 +45,16 @@ def retrain(spec: RetrainSpec, *, progress: bool = True) -> dict:
 
 
 def attributions_option():
-    return option(None, "instead of feature stores and scoring options: an attribute-ekfac output folder (its dense "
-                        "scores; methods that score the model directly)", type=str)
+    return option(None, "instead of feature stores and scoring options: an `attribute --method ekfac` output folder "
+                        "(its dense scores; methods that score the model directly)", type=str)
+
+
+def check_method_inputs(spec) -> None:
+    """A method that needs the model (`needs_model`) has no feature stores: its scores come from an attribute output
+    (`--attributions`); refused in one line otherwise."""
+    if getattr(spec, "attributions", None) is None and get_method(spec.method).needs_model:
+        raise UserError(f"method '{spec.method}' scores the model directly: run `gradtrace attribute --method "
+                        f"{spec.method} --checkpoint RUN --ids FILE --out DIR` and pass --attributions DIR")
 
 
 def check_attributions_alone(spec) -> None:
@@ -77,6 +85,7 @@ class ScoringEvalSpec(Spec):
         return OutputGrid(num_timesteps=self.timesteps, num_draws=self.draws)
 
     def validate(self) -> None:
+        check_method_inputs(self)
         if getattr(self, "attributions", None) is None and (self.train_features is None or self.queries is None):
             raise UserError("--train-features and --queries are required")
 
@@ -97,7 +106,8 @@ def eval_lds(spec: EvalLDSSpec, *, progress: bool = True) -> dict:
     if spec.attributions is not None:
         return lds_of_attributions(spec.run, spec.retrain, spec.attributions, spec.out, per_group=spec.per_group,
                                    grid=spec.grid(), seed=spec.seed, progress=progress)
-    return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=spec.method,
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=method,
                         kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights, per_group=spec.per_group,
                         learning_queries=spec.learning_queries, grid=spec.grid(), seed=spec.seed, progress=progress)
 
@@ -118,7 +128,8 @@ class CounterfactualSpec(ScoringEvalSpec):
 
 
 def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> dict:
-    return counterfactual_run(spec.run, spec.train_features, spec.queries, spec.out, method=spec.method,
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return counterfactual_run(spec.run, spec.train_features, spec.queries, spec.out, method=method,
                               kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
                               learning_queries=spec.learning_queries, num_queries=spec.num_queries, k=spec.top_k,
                               n_seeds=spec.seeds, workers=spec.workers, random_seed=spec.random_seed,
@@ -179,9 +190,9 @@ class TailPatchSpec(ScoringEvalSpec):
                                      check=positive)
     random_seed: int = option(0, "seed of the random k examples")
     seed: int = option(0, "bootstrap seed")
-    attributions: str | None = option(None, "instead of feature stores and scoring options: an attribute-ekfac "
-                                            "output folder (with --weights: learned and uniform rows; without: "
-                                            "uniform)", type=str)
+    attributions: str | None = option(None, "instead of feature stores and scoring options: an `attribute "
+                                            "--method ekfac` output folder (with --weights: learned and uniform "
+                                            "rows; without: uniform)", type=str)
 
     def validate(self) -> None:
         super().validate()
@@ -189,7 +200,8 @@ class TailPatchSpec(ScoringEvalSpec):
 
 
 def eval_tail_patch(spec: TailPatchSpec, *, progress: bool = True) -> dict:
-    return tail_patch_run(spec.run, spec.train_features, spec.queries, spec.out, method=spec.method,
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return tail_patch_run(spec.run, spec.train_features, spec.queries, spec.out, method=method,
                           kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
                           learning_queries=spec.learning_queries, attributions=spec.attributions, k=spec.top_k,
                           lr=spec.lr,

@@ -2,6 +2,9 @@
 
 Learning queries are generated samples (or held-out images), never the evaluation queries: the weights
 file records the learning-query set's identity, and the scoring stages refuse to score that same set.
+It dispatches on the configured method: a feature kernel learns on a learning-query store (or generated
+queries); a method that needs the model (`method.needs_model`, EK-FAC) on the `--ids` examples of the checkpoint's
+model (`gradtrace.pipeline.model_scoring`).
 """
 from __future__ import annotations
 
@@ -11,23 +14,38 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.adapters import adapter_of
-from gradtrace.attribution import (AUTO, default_weights_path, fit_method, query_set_id, resolve_learning_c,
-                                   store_identity)
+from gradtrace.attribution import (
+    AUTO,
+    default_weights_path,
+    fit_method,
+    query_set_id,
+    resolve_learning_c,
+    store_identity,
+)
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json
-from gradtrace.methods import configure
+from gradtrace.methods import configure, get_method
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
+from gradtrace.pipeline.model_scoring import ModelInputs, configure_model_method, learn_weights_model_run
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, method_option
 from gradtrace.pipeline.spec import Spec, option, positive
-from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, GUARDS, learn_weights,
-                               save_weights)
+from gradtrace.weights import (
+    DEFAULT_GUARD,
+    DEFAULT_K,
+    DEFAULT_L2,
+    DEFAULT_LR,
+    DEFAULT_STEPS,
+    GUARDS,
+    learn_weights,
+    save_weights,
+)
 
 
 @dataclass
-class LearnWeightsSpec(Spec):
-    train: str = option(None, "feature store of the training set", required=True)
+class _LearnWeightsOptions(Spec):
+    train: str | None = option(None, "feature store of the training set (feature methods)", type=str)
     queries: str | None = option(None, "feature store of learning queries (never evaluation queries)", type=str)
     generate: int | None = option(None, "generate N learning queries from the store's checkpoint instead of "
                                   "--queries", type=int, metavar="N", check=positive)
@@ -50,7 +68,26 @@ class LearnWeightsSpec(Spec):
                         choices=GUARDS)
     out: str | None = option(None, "weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)", type=str)
 
+
+@dataclass
+class LearnWeightsSpec(ModelInputs, _LearnWeightsOptions):
+    """The learn-weights stage's settings: the learning options, then the model inputs of methods that need the
+    model."""
+
     def validate(self) -> None:
+        if get_method(self.method).needs_model:
+            for flag, value in (("--train", self.train), ("--queries", self.queries), ("--generate", self.generate),
+                                ("--aspect", self.aspect), ("--prompts", self.prompts)):
+                if value is not None:
+                    raise UserError(f"method '{self.method}' learns on the model directly, on the --ids examples; "
+                                    f"drop {flag}")
+            self.check_model_inputs(self.method)
+            if self.out is None:
+                raise UserError(f"method '{self.method}' has no feature store to keep its weights in; pass --out FILE")
+            return
+        if self.train is None:
+            raise UserError("--train is required (a feature store; a method that needs the model, e.g. ekfac, takes "
+                            "--checkpoint and --ids)")
         if (self.queries is None) == (self.generate is None):
             raise UserError("pass exactly one of --queries STORE or --generate N")
         if self.prompts is not None and self.generate is None:
@@ -77,9 +114,13 @@ def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspec
 
 
 def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple[Path, dict]:
-    """Learn group weights for a training store; returns (weights file, its document)."""
+    """Learn group weights for a training store (or, for a method that needs the model, its checkpoint); returns
+    (weights file, its document)."""
+    if get_method(spec.method).needs_model:
+        return learn_weights_model_run(configure_model_method(spec, spec.method), spec, progress=progress)
+    method = configure(spec.method, kernel=spec.kernel)
     train = FeatureStore.open(spec.train)
-    out = Path(spec.out) if spec.out else default_weights_path(train, spec.method, spec.kernel, spec.aspect)
+    out = Path(spec.out) if spec.out else default_weights_path(train, method, spec.kernel, spec.aspect)
     if spec.generate is not None:
         queries = generate_learning_queries(train, out.with_suffix(""), num=spec.generate, aspect=spec.aspect,
                                             seed=spec.sample_seed, guidance=spec.guidance,
@@ -88,14 +129,13 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
     else:
         queries = FeatureStore.open(spec.queries)
     train.check_compatible(queries)
-    c_value, lambda_table = resolve_learning_c(train, queries, spec.method, spec.kernel, spec.lambda_c, spec.k)
-    fitted = fit_method(train, spec.method, kernel=spec.kernel, c=c_value, progress=progress)
+    c_value, lambda_table = resolve_learning_c(train, queries, method, spec.kernel, spec.lambda_c, spec.k)
+    fitted = fit_method(train, method, kernel=spec.kernel, c=c_value, progress=progress)
     result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
                            l2=spec.l2, guard=spec.guard, progress=progress)
     provenance = {
         "command": command_line(), "spec": spec.to_dict(),
-        "base_method": fitted.info, "method": spec.method,
-        "kernel": configure(spec.method, kernel=spec.kernel).kernel_kind,
+        "base_method": fitted.info, "method": method.name, "kernel": method.kernel_kind,
         "lambda_c": c_value, "lambda_grid": lambda_table, "aspect": spec.aspect,
         "train_store": str(train.path), "store": store_identity(train),
         "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
