@@ -215,6 +215,24 @@ def test_memmap_features_and_psi_path_and_save_load(data, tmp_path):
                                   dense_topk(q.astype(np.float64) @ phi.astype(np.float64).T, 5)[0])
 
 
+@pytest.mark.parametrize("make", [lambda phi: TracIn().fit(phi, SLICES),
+                                  lambda phi: TRAK(c=0.03, kernel="per-group").fit(phi, SLICES),
+                                  lambda phi: TRAK(c=0.03, kernel="per-group").fit(phi, SLICES, query_side=True),
+                                  lambda phi: TRAK(c=0.03, kernel="shared").fit(phi, SLICES, query_side=True)])
+def test_topk_contributions_equal_each_querys_dense_contributions(data, make):
+    """Each query's own rows (the top-k), all queries at once: the per-query dense breakdown at those rows."""
+    phi, q = data
+    fitted = make(phi)
+    idx, top = fitted.topk(q, 6)
+    got = fitted.topk_contributions(q, idx)
+    want = np.stack([fitted.contributions(q[i:i + 1], rows=idx[i])[0] for i in range(len(q))])
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got.sum(axis=2), top, rtol=0, atol=1e-5 * np.abs(top).max())
+    with pytest.raises(UserError, match="idx must be"):
+        fitted.topk_contributions(q, idx[:2])
+
+
 def test_tracin_references_a_float16_store_and_scores_its_exact_upcast(data, tmp_path):
     """No N-sized copy of a reduced-precision Φ: chunks are upcast as they are scored (float16 -> float32 is exact,
     so the results are those of the float32 upcast, bit for bit)."""

@@ -57,9 +57,7 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
 def topk_contributions(fitted, query_features: np.ndarray, idx: np.ndarray, weights) -> np.ndarray:
     """(Q, k, M) float32 weighted per-group contributions w_j c_j(q, n) of each query's rows `idx` (Q, k)."""
     w = np.ones(fitted.n_groups, dtype=np.float32) if weights is None else np.asarray(weights, np.float32)
-    qf = query_features
-    out = np.stack([fitted.contributions(qf[q:q + 1], rows=idx[q])[0] for q in range(len(qf))]) * w
-    return out.astype(np.float32)
+    return (fitted.topk_contributions(query_features, idx) * w).astype(np.float32)
 
 
 def write_topk_attributions(train: FeatureStore, queries: FeatureStore, out, *, idx: np.ndarray, top: np.ndarray,

@@ -183,6 +183,23 @@ class FittedMethod:
                 out[start:stop, j] = prod[:, lo:hi].sum(1)
         return out
 
+    def topk_contributions(self, query_features: Any, idx: Any, *, group_slices: Any = None) -> np.ndarray:
+        """Per-group contributions of each query's own rows: (Q, r, M) float32, out[q, i, j] = c_j(q, idx[q, i]) for
+        `idx` (Q, r) (e.g. the top-k indices). In query-side mode K is applied to all queries at once."""
+        q = np.asarray(self._check_queries(query_features, group_slices), dtype=np.float32)
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.ndim != 2 or len(idx) != len(q):
+            raise UserError(f"idx must be (Q, r) with Q = {len(q)} query rows, got shape {idx.shape}")
+        check_rows(idx.reshape(-1), self.n_train)
+        if self.query_side:  # (K_j φ_j(q)) · φ_j(x), K symmetric
+            q = self._apply_kernel(q.astype(np.float64))
+        starts = np.asarray([start for _, start, _ in self.group_slices])
+        out = np.empty((len(q), idx.shape[1], self.n_groups), dtype=np.float32)
+        for r in range(len(q)):
+            rows = np.asarray(self.psi[idx[r]], dtype=np.float32)
+            out[r] = np.add.reduceat(rows * q[r], starts, axis=1)
+        return out
+
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, extra: dict | None = None, chunk_rows: int = 65536) -> Path:
         """Write `psi.npy` (copied in row chunks unless Ψ already lives there) and `method.json`."""
