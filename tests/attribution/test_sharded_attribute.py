@@ -70,8 +70,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args, cwds, nproc=2):
-    """Run `gradtrace attribute ARGS` under torchrun: one node with `nproc` ranks, or one node per cwd."""
+def _torchrun(args, cwds, nproc=2, ok=True):
+    """Run `gradtrace attribute ARGS` under torchrun: one node with `nproc` ranks, or one node per cwd; returns the
+    launchers' (returncode, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.abspath(SRC)}
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if len(cwds) == 1:
@@ -83,9 +84,12 @@ def _torchrun(args, cwds, nproc=2):
     procs = [subprocess.Popen(launch + ["-m", "gradtrace.cli", "--", "attribute", *args], cwd=cwd, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for launch, cwd in zip(launches, cwds)]
+    done = []
     for p in procs:
         _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0 or not ok, err[-3000:]
+        done.append((p.returncode, err))
+    return done
 
 
 def _read(out):
@@ -126,6 +130,17 @@ def test_two_machines_score_their_partial_stores_without_copying(stores, tmp_pat
     _torchrun(args + ["--out", "out"], [str(stores / "node0"), str(stores / "node1")])
     _assert_same(stores / "node1" / "out", tmp_path / "one")  # the last rank (node 1) writes
     assert not (stores / "node0" / "out").exists()
+
+
+def test_a_refusal_on_a_rank_stops_every_rank_with_its_one_line_message(stores, tmp_path):
+    (code, err), = _torchrun(["--train", str(stores / "node0" / "train"), "--queries", str(stores / "queries"),
+                              "--no-progress", "--out", str(tmp_path / "x")], [str(tmp_path)], ok=False)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("gradtrace attribute: error:")]
+    # rank 1's chunks are not in node 0's partial store: rank 1 says so, rank 0 stops with the same reason
+    assert len(lines) == 2 and all("rank 1 of 2" in line for line in lines), err[-2000:]
+    assert sum("another rank stopped" in line for line in lines) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_partial_store_without_the_ranks_chunks_is_refused(stores):
