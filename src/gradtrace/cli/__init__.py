@@ -85,7 +85,7 @@ def _say_featurize(store, spec) -> str:
 
 def _say_attribute(doc, spec) -> str:
     if doc is None:  # a rank of a torchrun job: the last rank merges the ranks' shares
-        return "attributions: this rank's rows scored; the last rank writes " + str(Path(spec.out) / "attributions.json")
+        return f"attributions: this rank's rows scored; the last rank writes {Path(spec.out) / 'attributions.json'}"
     return f"attributions: {Path(spec.out) / 'attributions.json'}"
 
 
