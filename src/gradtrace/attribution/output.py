@@ -3,6 +3,7 @@
 Written into an output directory:
 
     attributions.json      manifest + per query: its top-k training ids with scores and per-group breakdown
+                           (indented up to INDENTED_MAX top-k entries; larger, one line: the C JSON encoder)
     topk_ids.npy           (Q, k) training ids
     topk_scores.npy        (Q, k) float32
     topk_contributions.npy (Q, k, M) float32 per-group contributions (sum over M = the score)
