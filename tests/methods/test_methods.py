@@ -215,17 +215,21 @@ def test_memmap_features_and_psi_path_and_save_load(data, tmp_path):
                                   dense_topk(q.astype(np.float64) @ phi.astype(np.float64).T, 5)[0])
 
 
-@pytest.mark.parametrize("make", [lambda phi: TracIn().fit(phi, SLICES),
-                                  lambda phi: TRAK(c=0.03, kernel="per-group").fit(phi, SLICES),
-                                  lambda phi: TRAK(c=0.03, kernel="per-group").fit(phi, SLICES, query_side=True),
-                                  lambda phi: TRAK(c=0.03, kernel="shared").fit(phi, SLICES, query_side=True)])
-def test_topk_contributions_equal_each_querys_dense_contributions(data, make):
-    """Each query's own rows (the top-k), all queries at once: the per-query dense breakdown at those rows."""
+@pytest.mark.parametrize("method,query_side", [(TracIn(), False), (TRAK(c=0.03, kernel="per-group"), False),
+                                               (TRAK(c=0.03, kernel="per-group"), True),
+                                               (TRAK(c=0.03, kernel="shared"), True)])
+def test_topk_contributions_equal_each_querys_dense_contributions(data, method, query_side):
+    """Each query's own rows (the top-k), all queries at once: the dense breakdown φ_j(q) · ψ_j(x_n) of Ψ = Φ K
+    (the Ψ fit, float64 products) at those rows; in query-side mode too, where a shared K spans the groups."""
     phi, q = data
-    fitted = make(phi)
+    fitted = method.fit(phi, SLICES, query_side=True) if query_side else method.fit(phi, SLICES)
+    psi = np.asarray(method.fit(phi, SLICES).psi, dtype=np.float64)
     idx, top = fitted.topk(q, 6)
     got = fitted.topk_contributions(q, idx)
-    want = np.stack([fitted.contributions(q[i:i + 1], rows=idx[i])[0] for i in range(len(q))])
+    want = np.stack([np.stack([q[i, s:e].astype(np.float64) @ psi[idx[i], s:e].T for _, s, e in SLICES], axis=1)
+                     for i in range(len(q))])
+    np.testing.assert_allclose(np.stack([fitted.contributions(q[i:i + 1], rows=idx[i])[0] for i in range(len(q))]),
+                               want, rtol=0, atol=1e-5 * np.abs(want).max())
     scale = np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(got.sum(axis=2), top, rtol=0, atol=1e-5 * np.abs(top).max())
