@@ -184,3 +184,19 @@ def test_aspect_learning_queries_are_prompts_naming_only_that_aspect(sd, tmp_pat
         "--sample-steps", 2, "--steps", 5, "--out", tmp_path / "mine.json")
     assert json.loads((tmp_path / "mine" / "samples" / "manifest.json").read_text())["prompts"] == [
         "a circle", "a bar", "a circle"]
+
+
+def test_an_aspect_without_builtin_prompts_hints_at_prompts(sd, tmp_path, capsys):
+    """`--aspect` that the training data does not have: one line pointing at --prompts, which then works."""
+    args = ["learn-weights", "--train", str(sd / "feat" / "train"), "--generate", "2", "--aspect", "mood",
+            "--sample-steps", "2", "--steps", "5", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "refused.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown aspect 'mood'" in err[0] and "subject, style, background" in err[0], err
+    assert "pass --prompts FILE with --aspect mood" in err[0]
+    assert not (tmp_path / "refused.json").exists() and not (tmp_path / "refused").exists()
+    (tmp_path / "mood.txt").write_text("a cheerful shape\na gloomy shape\n")
+    assert main([*args, "--prompts", str(tmp_path / "mood.txt"), "--out", str(tmp_path / "mood.json")]) == 0
+    assert json.loads((tmp_path / "mood" / "samples" / "manifest.json").read_text())["prompts"] == [
+        "a cheerful shape", "a gloomy shape"]
+    assert json.loads((tmp_path / "mood.json").read_text())["provenance"]["aspect"] == "mood"

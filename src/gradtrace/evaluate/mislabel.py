@@ -41,6 +41,7 @@ from gradtrace.adapters import ModelAdapter
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, store_identity
 from gradtrace.data.sources import Examples, dataset_source, open_dataset
+from gradtrace.choices import MISLABEL_METHODS as DEFAULT_METHODS  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, bilinear_self_influence, check_fraction, \
     detection_table, flip_labels
@@ -55,7 +56,6 @@ from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_we
 
 RESULT, MANIFEST, FLIPS, MODEL, SCORES = "mislabel.json", "manifest.json", "flips.json", "model", "self_influence.npz"
 FORMAT = "gradtrace-mislabel"
-DEFAULT_METHODS = "tracin,trak:shared,trak:per-group"
 EKFAC_FACTORS = "ekfac-factors"
 OWN = {RESULT, MANIFEST, FLIPS, MODEL, SCORES, "features", "weights", EKFAC_FACTORS}
 

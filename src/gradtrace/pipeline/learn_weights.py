@@ -5,58 +5,21 @@ file records the learning-query set's identity, and the scoring stages refuse to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gradtrace.adapters import adapter_of
-from gradtrace.attribution import (AUTO, default_weights_path, fit_method, query_set_id, resolve_learning_c,
-                                   store_identity)
+from gradtrace.attribution import default_weights_path, fit_method, query_set_id, resolve_learning_c, store_identity
+from gradtrace.data.sources import sampling_of
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json
 from gradtrace.methods import configure
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
-from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, method_option
-from gradtrace.pipeline.spec import Spec, option, positive
-from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, GUARDS, learn_weights,
-                               save_weights)
-
-
-@dataclass
-class LearnWeightsSpec(Spec):
-    train: str = option(None, "feature store of the training set", required=True)
-    queries: str | None = option(None, "feature store of learning queries (never evaluation queries)", type=str)
-    generate: int | None = option(None, "generate N learning queries from the store's checkpoint instead of "
-                                  "--queries", type=int, metavar="N", check=positive)
-    aspect: str | None = option(None, "with --generate: set only this attribute (e.g. style); text-to-image "
-                                "models: prompts that name only it (built in for shapes, else --prompts)", type=str)
-    prompts: str | None = option(None, "with --generate, text-to-image models: a file of learning prompts, one per "
-                                 "line (e.g. naming only --aspect), cycled over the N queries", type=str)
-    sample_seed: int = option(1, "seed of the generated learning queries")
-    guidance: float = option(1.0, "classifier-free guidance of the generated learning queries")
-    sample_steps: int = option(50, "sampling steps of the generated learning queries", check=positive)
-    method: str = method_option()
-    kernel: str = kernel_option()
-    lambda_c: str | float | None = lambda_c_option(default=AUTO)
-    k: int = option(DEFAULT_K, "top-k of the objective", check=positive)
-    steps: int = option(DEFAULT_STEPS, "optimiser steps", check=positive)
-    lr: float = option(DEFAULT_LR, "AdamW learning rate on θ")
-    l2: float = option(DEFAULT_L2, "λ‖w‖² penalty")
-    guard: str = option(DEFAULT_GUARD, "holdout: learn on each half of the learning queries, score on the other, "
-                        "and shrink the weights towards uniform as far as the gain does not carry over",
-                        choices=GUARDS)
-    out: str | None = option(None, "weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)", type=str)
-
-    def validate(self) -> None:
-        if (self.queries is None) == (self.generate is None):
-            raise UserError("pass exactly one of --queries STORE or --generate N")
-        if self.prompts is not None and self.generate is None:
-            raise UserError("--prompts generates learning queries; use it with --generate N")
-        if self.aspect is not None and self.queries is not None:
-            raise UserError("--aspect generates its own learning queries; use it with --generate N, not --queries")
+from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
+from gradtrace.weights import learn_weights, save_weights
 
 
 def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspect: str | None, seed: int,
@@ -100,7 +63,8 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
         "train_store": str(train.path), "store": store_identity(train),
         "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
         "steps": result.info["steps"], "lr": result.info["lr"], "guard": result.info.get("guard"),
-        "learning_queries": {"store": str(queries.path), **query_set_id(queries)},
+        "learning_queries": {"store": str(queries.path), **query_set_id(queries),
+                             "sampling": sampling_of(queries.settings.get("source"))},
         "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1],
         "learner": result.info,
     }

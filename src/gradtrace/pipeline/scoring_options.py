@@ -1,17 +1,17 @@
 """The scoring options every scoring stage shares (attribute, learn-weights, eval lds, eval counterfactual).
 
 One definition of each: the method, the kernel (default per-group) and the λ scale c (the rule in
-`gradtrace.attribution.lambda_rule`), so every stage offers the same choices with the same defaults.
+`gradtrace.attribution.lambda_rule`), so every stage offers the same choices with the same defaults. The names
+come from `gradtrace.choices` (no torch: the CLI builds its options from them at start-up).
 """
 from __future__ import annotations
 
-from gradtrace.attribution import parse_c
-from gradtrace.methods import DEFAULT_C, DEFAULT_KERNEL, KERNELS, known_methods
+from gradtrace.choices import DEFAULT_C, DEFAULT_KERNEL, KERNELS, METHODS, parse_c
 from gradtrace.pipeline.spec import option
 
 
 def method_option():
-    return option("trak", "base attribution method", choices=tuple(known_methods()))
+    return option("trak", "base attribution method", choices=METHODS)
 
 
 def kernel_option():
