@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def test_one_default_guidance_recorded_and_checked(pipeline, learned, tmp_path, 
     assert _default(SampleSpec, "guidance") == _default(LearnWeightsSpec, "guidance")
     doc = json.loads(learned.read_text())
     sampling = doc["provenance"]["learning_queries"]["sampling"]
-    made = json.loads((learned.with_suffix("") / "samples" / "manifest.json").read_text())
+    made = json.loads((Path(doc["provenance"]["learning_queries"]["set"]) / "samples" / "manifest.json").read_text())
     assert sampling["guidance"] == made["guidance"] == _default(SampleSpec, "guidance")
 
     args = ["attribute", "--train", str(pipeline / "ft"), "--weights", str(learned), "--kernel", "shared",

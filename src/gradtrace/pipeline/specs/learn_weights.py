@@ -13,11 +13,15 @@ from gradtrace.pipeline.spec import Spec, option, positive
 @dataclass
 class LearnWeightsSpec(Spec):
     train: str = option(None, "feature store of the training set", required=True)
-    queries: str | None = option(None, "feature store of learning queries (never evaluation queries)", type=str)
+    queries: str | None = option(None, "feature store of learning queries (never evaluation queries), e.g. the "
+                                 "features/ of a generated learning-query set (its aspect is then taken and checked)",
+                                 type=str)
     generate: int | None = option(None, "generate N learning queries from the store's checkpoint instead of "
                                   "--queries", type=int, metavar="N", check=positive)
     aspect: str | None = option(None, "with --generate: set only this attribute (e.g. style); text-to-image "
-                                "models: prompts that name only it (built in for shapes, else --prompts)", type=str)
+                                "models: prompts that name only it (built in for shapes, else --prompts); with "
+                                "--queries: the aspect those learning queries show (checked against a generated "
+                                "set's record)", type=str)
     prompts: str | None = option(None, "with --generate, text-to-image models: a file of learning prompts, one per "
                                  "line (e.g. naming only --aspect), cycled over the N queries", type=str)
     sample_seed: int = option(1, "seed of the generated learning queries")
@@ -41,5 +45,3 @@ class LearnWeightsSpec(Spec):
             raise UserError("pass exactly one of --queries STORE or --generate N")
         if self.prompts is not None and self.generate is None:
             raise UserError("--prompts generates learning queries; use it with --generate N")
-        if self.aspect is not None and self.queries is not None:
-            raise UserError("--aspect generates its own learning queries; use it with --generate N, not --queries")
