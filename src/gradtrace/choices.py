@@ -13,14 +13,45 @@ from typing import Any
 
 from gradtrace.errors import UserError
 
-# -- base methods (gradtrace.methods): the registry's names; a test checks the two agree
-METHODS = ("tracin", "trak", "dtrak", "das")
+# -- base methods (gradtrace.methods): the built-in names, and those that score the model directly (needs_model);
+# `gradtrace.methods.register_method` adds a new one here too (`--method` then offers it). A test checks both agree.
+METHODS = ("tracin", "trak", "dtrak", "das", "ekfac")
+_NAMES: dict[str, bool] = {name: name == "ekfac" for name in METHODS}  # name -> needs_model
+
+
+def add_method_name(name: str, needs_model: bool) -> None:
+    """Offer a method registered after start-up (called by `gradtrace.methods.register_method`)."""
+    _NAMES[name] = bool(needs_model)
+
+
+def needs_model(name: str) -> bool:
+    """Whether the method of that name scores the model directly (no feature stores); unknown names: False (the
+    spec's choices refuse them)."""
+    return _NAMES.get(str(name).strip().lower(), False)
+
+
+class MethodNames:
+    """The offered method names, read when used (a method registered later is offered too): argparse's and the
+    spec's `choices`."""
+
+    def __iter__(self):
+        return iter(list(_NAMES))
+
+    def __contains__(self, name) -> bool:
+        return name in _NAMES
+
+    def __len__(self) -> int:
+        return len(_NAMES)
+
+
 KERNELS = ("shared", "per-group")
 # The kernel every stage uses unless told otherwise (the bare `TRAK` class keeps the textbook shared one):
 # per-group beat shared for TRAK and D-TRAK in both benchmarks (docs/benchmarks.md).
 DEFAULT_KERNEL = "per-group"
 DEFAULT_C = 0.01  # the TRAK λ scale (see gradtrace.methods.trak)
 EKFAC_DEFAULT_C = 0.1  # the EK-FAC damping scale (see gradtrace.methods.ekfac)
+EKFAC_GRID = 5  # values of c the EK-FAC --lambda-c auto tries, 1e-4 .. 1 (gradtrace.methods.ekfac_method)
+FISHERS = ("auto", "true", "empirical")  # EK-FAC's curvature (gradtrace.methods.ekfac_method)
 AUTO = "auto"  # --lambda-c auto: the label-free SNR-best c on learning queries
 
 
@@ -70,7 +101,7 @@ PRECISIONS = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_ADAPTER = "diffusion-unet"  # checkpoints without an "adapter" key: the tiny diffusion UNets
 
-# -- evaluation (gradtrace.evaluate.detection, gradtrace.evaluate.mislabel)
+# -- evaluation (gradtrace.metrics.detection, gradtrace.metrics.stats, gradtrace.evaluate.mislabel)
 N_BOOTSTRAP = 1000
 TOP_FRACTION = 0.1
 MISLABEL_METHODS = "tracin,trak:shared,trak:per-group"

@@ -22,14 +22,13 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from gradtrace import __version__  # the front door sets it before any submodule loads
 from gradtrace.errors import UserError
 
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape numbers."""
-    import gradtrace  # the package's own version (set before any submodule loads)
-
-    out = {"gradtrace": gradtrace.__version__, "torch": _installed("torch"), "numpy": np.__version__,
+    out = {"gradtrace": __version__, "torch": _installed("torch"), "numpy": np.__version__,
            "python": sys.version.split()[0], "platform": platform.platform()}
     diffusers = _installed("diffusers")
     if diffusers is not None:  # pragma: no branch - diffusers is a hard dependency

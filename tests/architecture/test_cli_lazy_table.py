@@ -16,7 +16,8 @@ import gradtrace
 from gradtrace import choices
 from gradtrace.adapters.diffusion.sample import SAMPLERS as ADAPTER_SAMPLERS
 from gradtrace.cli import COMMANDS, EVAL_COMMANDS, SAY, load
-from gradtrace.methods import known_methods
+from gradtrace.methods import get_method, known_methods
+from gradtrace.methods.ekfac_method import Ekfac
 from gradtrace.pipeline.specs.sample import SAMPLERS
 
 ROOT = Path(gradtrace.__file__).parent
@@ -72,5 +73,7 @@ def test_help_and_refusals_import_no_torch_and_no_stage(argv):
 
 def test_the_specs_choices_are_the_implementations():
     """`gradtrace.choices` lists what the stages offer without importing them; the registries agree with it."""
-    assert choices.METHODS == tuple(known_methods())
+    assert choices.METHODS == tuple(known_methods()) == tuple(choices.MethodNames())[:len(choices.METHODS)]
+    assert all(choices.needs_model(name) == get_method(name).needs_model for name in choices.METHODS)
+    assert choices.EKFAC_GRID == Ekfac.lambda_grid_size and choices.EKFAC_DEFAULT_C == Ekfac.default_c
     assert SAMPLERS == ADAPTER_SAMPLERS

@@ -100,7 +100,7 @@ CASES = [
     ("samples-images-garbage", "featurize --checkpoint {ckpt} --samples {samples_garbage} --out {new}",
      "cannot read samples"),
     ("samples-ids-short", "featurize --checkpoint {ckpt} --samples {samples_short} --out {new}", "expected"),
-    ("featurize-dim-zero", f"featurize --checkpoint {{ckpt}} --out {{new}} --dim 0", "--dim must be a positive"),
+    ("featurize-dim-zero", "featurize --checkpoint {ckpt} --out {new} --dim 0", "--dim must be a positive"),
     ("featurize-groups-regex", f"featurize --checkpoint {{ckpt}} --groups 'a=(' --out {{new}} {FEAT}", "regex"),
     ("featurize-measurement", f"featurize --checkpoint {{ckpt}} --measurement entropy --out {{new}} {FEAT}",
      "entropy"),

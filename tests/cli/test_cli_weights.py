@@ -35,7 +35,8 @@ def test_weights_file_and_weighted_attribution(pipeline, learned, tmp_path):
     assert prov["lambda_c"] == pytest.approx(grid[np.argmin(grid[:, 1]), 0])
     assert prov["loss_last"] <= prov["loss_first"] + 1e-12
     assert main(["attribute", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "fq"), "--top-k", "4",
-                 "--kernel", "shared", "--weights", str(learned), "--out", str(tmp_path / "a"), "--no-progress", "--no-report"]) == 0
+                 "--kernel", "shared", "--weights", str(learned), "--out", str(tmp_path / "a"), "--no-progress",
+                 "--no-report"]) == 0
     res = json.loads((tmp_path / "a" / "attributions.json").read_text())
     phi = np.load(pipeline / "ft" / "features.npy").astype(np.float64)
     q = np.load(pipeline / "fq" / "features.npy").astype(np.float64)

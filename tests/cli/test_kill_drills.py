@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from fixtures.reliability import canonical, ok
 from fixtures.zygote import Zygote
 from gradtrace.adapters.train_state import STATE_FILE
-from gradtrace.evaluate.harness import is_finished
 from gradtrace.errors import UserError
+from gradtrace.evaluate.harness import is_finished
 from gradtrace.features.store import FeatureStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -137,6 +137,7 @@ def load_imagefolder(path: str, *, size: int | None = None, n: int | None = None
     to `size` (bicubic) and is then centre-cropped to size x size, so nothing is squashed (the Resize +
     CenterCrop of torchvision and of diffusers' training scripts). `n` keeps the first n images in sorted order.
     """
+
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}; pass imagefolder:PATH with an existing folder")

@@ -7,8 +7,7 @@ from gradtrace.data.base import ImageDataset
 from gradtrace.data.digits import load_digits_dataset
 from gradtrace.data.hf import PREFIX as HF_PREFIX, hf_holds_text, load_hf
 from gradtrace.data.imagefolder import load_imagefolder
-from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption
-from gradtrace.data.shapes import load_shapes
+from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption, load_shapes
 from gradtrace.data.text import TextDataset, load_fortunes, load_jsonl, load_textfolder
 from gradtrace.errors import UserError
 

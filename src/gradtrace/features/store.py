@@ -335,7 +335,8 @@ def encode_rows(block: np.ndarray, name: str) -> np.ndarray:
         return block.astype(np.float16)
     if name == "bfloat16":  # round to nearest even on the upper 16 bits
         bits = block.view(np.uint32)
-        return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return (rounded >> np.uint32(16)).astype(np.uint16)
     return block
 
 

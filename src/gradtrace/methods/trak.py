@@ -35,8 +35,13 @@ import scipy.linalg
 from gradtrace.choices import DEFAULT_C, DEFAULT_KERNEL, KERNELS, check_c  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.methods.base import Method
-from gradtrace.methods.checks import (check_group_slices, check_positive_int, check_same_layout,
-                                      check_train_matrix, raise_if_nonfinite)
+from gradtrace.methods.checks import (
+    check_group_slices,
+    check_positive_int,
+    check_same_layout,
+    check_train_matrix,
+    raise_if_nonfinite,
+)
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import allocate_psi, effective_chunk_rows, finish_psi, row_chunks
 
@@ -141,6 +146,9 @@ class TRAK(Method):
 
     name = "trak"
     uses_lambda = True
+    default_c = DEFAULT_C
+    supports_query_side = True
+    shares_gram = True
 
     def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak",
                  required_measurement: str | None = None, needs_row_scale: bool = False,
@@ -162,6 +170,10 @@ class TRAK(Method):
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "c": self.c, "kernel": self.kernel,
                 **({"group_c": dict(self.group_c)} if self.group_c else {})}
+
+    def with_c(self, c: float) -> "TRAK":
+        return TRAK(c, self.kernel, name=self.name, required_measurement=self.required_measurement,
+                    needs_row_scale=self.needs_row_scale, group_c=self.group_c)
 
     def c_of(self, group: str) -> float:
         """The λ scale of one group's block (its own with per-group damping, else c)."""

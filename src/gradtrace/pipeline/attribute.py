@@ -1,6 +1,11 @@
-"""The attribute stage: each query's top-k training examples with per-group breakdown, and report.png; with
-`--compare-uniform`, the same scoring with uniform weights at the learned weights' c in OUT/uniform (so the
-comparison of learned and uniform weights differs in the weights only)."""
+"""The attribute stage: each query's top-k training examples with per-group breakdown, and report.png.
+
+It dispatches on the configured method (`method.needs_model`): a feature kernel (TracIn, TRAK, D-TRAK, DAS) scores
+the query store against the training store; a method that needs the model (EK-FAC) scores the checkpoint's training
+examples and the `--ids` examples directly (`gradtrace.pipeline.model_scoring`). Same weights, λ rule and artefact.
+With `--compare-uniform`, the same scoring with uniform weights at the learned weights' c goes to OUT/uniform (so the
+comparison of learned and uniform weights differs in the weights only).
+"""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -8,6 +13,8 @@ from pathlib import Path
 
 from gradtrace.attribution import query_side_for, score_queries, write_attributions
 from gradtrace.features.store import FeatureStore
+from gradtrace.methods import configure, get_method
+from gradtrace.pipeline.model_scoring import attribute_model_run, configure_model_method
 from gradtrace.pipeline.specs.attribute import AttributeSpec
 from gradtrace.report.attributions import draw_attributions, is_text_store, write_text_attributions
 
@@ -16,9 +23,12 @@ UNIFORM = "uniform"  # the --compare-uniform run, inside the output folder
 
 def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict:
     """Score the queries (one recipe: `gradtrace.attribution`), write the attributions and the report."""
+    if get_method(spec.method).needs_model:
+        return attribute_model_run(configure_model_method(spec, spec.method), spec, progress=progress)
+    method = configure(spec.method, kernel=spec.kernel)
     train = FeatureStore.open(spec.train)
     queries = FeatureStore.open(spec.queries)
-    scored = score_queries(train, queries, method=spec.method, kernel=spec.kernel, c=spec.lambda_c,
+    scored = score_queries(train, queries, method=method, kernel=spec.kernel, c=spec.lambda_c,
                            weights_path=spec.weights, aspect=spec.aspect, learning_queries=spec.learning_queries,
                            query_side=query_side_for(train, spec.kernel), progress=progress)
     doc = write_attributions(scored, train, queries, spec.out, top_k=spec.top_k, progress=progress,

@@ -2,15 +2,16 @@
 `eval tail-patch`."""
 from __future__ import annotations
 
+
 from gradtrace.evaluate.counterfactual import counterfactual_run
-from gradtrace.evaluate.eval_attributions import lds_of_attributions
 from gradtrace.evaluate.eval_lds import eval_lds_run
 from gradtrace.evaluate.mislabel import mislabel_run
 from gradtrace.evaluate.outputs import OutputGrid
-from gradtrace.pipeline import ekfac as _ekfac  # noqa: F401  (registers eval mislabel's "ekfac" provider)
 from gradtrace.evaluate.retrain import retrain_run
+from gradtrace.evaluate.saved_attributions import lds_of_attributions
 from gradtrace.evaluate.tail_patch import tail_patch_run
 from gradtrace.features.featurize import FeatureSpec
+from gradtrace.methods import configure
 from gradtrace.pipeline.specs.evaluate import (RETRAIN_EPILOG, CounterfactualSpec, EvalLDSSpec,  # noqa: F401
                                                MislabelSpec, RetrainSpec, ScoringEvalSpec, TailPatchSpec)
 from gradtrace.pipeline.train import resolve_ids
@@ -31,13 +32,15 @@ def eval_lds(spec: EvalLDSSpec, *, progress: bool = True) -> dict:
     if spec.attributions is not None:
         return lds_of_attributions(spec.run, spec.retrain, spec.attributions, spec.out, per_group=spec.per_group,
                                    grid=output_grid(spec), seed=spec.seed, progress=progress)
-    return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=spec.method,
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=method,
                         kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights, per_group=spec.per_group,
                         learning_queries=spec.learning_queries, grid=output_grid(spec), seed=spec.seed, progress=progress)
 
 
 def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> dict:
-    return counterfactual_run(spec.run, spec.train_features, spec.queries, spec.out, method=spec.method,
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return counterfactual_run(spec.run, spec.train_features, spec.queries, spec.out, method=method,
                               kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
                               learning_queries=spec.learning_queries, num_queries=spec.num_queries, k=spec.top_k,
                               n_seeds=spec.seeds, workers=spec.workers, random_seed=spec.random_seed,
@@ -57,7 +60,8 @@ def eval_mislabel(spec: MislabelSpec, *, progress: bool = True) -> dict:
 
 
 def eval_tail_patch(spec: TailPatchSpec, *, progress: bool = True) -> dict:
-    return tail_patch_run(spec.run, spec.train_features, spec.queries, spec.out, method=spec.method,
+    method = configure(spec.method, kernel=spec.kernel)  # the configured method object
+    return tail_patch_run(spec.run, spec.train_features, spec.queries, spec.out, method=method,
                           kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights,
                           learning_queries=spec.learning_queries, attributions=spec.attributions, k=spec.top_k,
                           lr=spec.lr,

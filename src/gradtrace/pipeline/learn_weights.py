@@ -2,12 +2,15 @@
 
 Learning queries are generated samples (or held-out images), never the evaluation queries: the weights
 file records the learning-query set's identity, and the scoring stages refuse to score that same set.
+It dispatches on the configured method: a feature kernel learns on a learning-query store (or generated
+queries); a method that needs the model (`method.needs_model`, EK-FAC) on the `--ids` examples of the checkpoint's
+model (`gradtrace.pipeline.model_scoring`).
 
 Generated learning queries are an artefact of their own:
 `learning-queries/<aspect>-n<N>-seed<S>-guidance<G>-steps<T>-store<hash>[-prompts<hash>]/` beside the weights file
-(samples/, features/ and `learning-queries.json`, which records how they were made and for which aspect). Every method and kernel learning on the same store with the same
-settings reuses the set instead of sampling it again, and `--queries SET/features` learns on it with its
-recorded aspect (a different `--aspect` is refused).
+(samples/, features/ and `learning-queries.json`, which records how they were made and for which aspect). Every
+method and kernel learning on the same store with the same settings reuses the set instead of sampling it again,
+and `--queries SET/features` learns on it with its recorded aspect (a different `--aspect` is refused).
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ from gradtrace.data.sources import sampling_of
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json, write_json_atomic
-from gradtrace.methods import configure
+from gradtrace.methods import configure, get_method
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
+from gradtrace.pipeline.model_scoring import configure_model_method, learn_weights_model_run
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
 from gradtrace.weights import learn_weights, save_weights
@@ -85,11 +89,15 @@ def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspec
 
 
 def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple[Path, dict]:
-    """Learn group weights for a training store; returns (weights file, its document)."""
+    """Learn group weights for a training store (or, for a method that needs the model, its checkpoint); returns
+    (weights file, its document)."""
+    if get_method(spec.method).needs_model:
+        return learn_weights_model_run(configure_model_method(spec, spec.method), spec, progress=progress)
+    method = configure(spec.method, kernel=spec.kernel)
     train = FeatureStore.open(spec.train)
     queries = None if spec.queries is None else FeatureStore.open(spec.queries)
     aspect = spec.aspect if queries is None else recorded_aspect(queries, spec.aspect)
-    out = Path(spec.out) if spec.out else default_weights_path(train, spec.method, spec.kernel, aspect)
+    out = Path(spec.out) if spec.out else default_weights_path(train, method, spec.kernel, aspect)
     if spec.generate is not None:
         prompts = read_prompts(spec.prompts) if spec.prompts else None
         where = learning_set_dir(out, train, num=spec.generate, aspect=aspect, seed=spec.sample_seed,
@@ -98,14 +106,13 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
                                             guidance=spec.guidance, sample_steps=spec.sample_steps,
                                             progress=progress, prompts=prompts)
     train.check_compatible(queries)
-    c_value, lambda_table = resolve_learning_c(train, queries, spec.method, spec.kernel, spec.lambda_c, spec.k)
-    fitted = fit_method(train, spec.method, kernel=spec.kernel, c=c_value, progress=progress)
+    c_value, lambda_table = resolve_learning_c(train, queries, method, spec.kernel, spec.lambda_c, spec.k)
+    fitted = fit_method(train, method, kernel=spec.kernel, c=c_value, progress=progress)
     result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
                            l2=spec.l2, guard=spec.guard, progress=progress)
     provenance = {
         "command": command_line(), "spec": spec.to_dict(),
-        "base_method": fitted.info, "method": spec.method,
-        "kernel": configure(spec.method, kernel=spec.kernel).kernel_kind,
+        "base_method": fitted.info, "method": method.name, "kernel": method.kernel_kind,
         "lambda_c": c_value, "lambda_grid": lambda_table, "aspect": aspect,
         "train_store": str(train.path), "store": store_identity(train),
         "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],

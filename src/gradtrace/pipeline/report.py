@@ -17,6 +17,7 @@ from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT
 from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import atomic_write, command_line, read_json
+from gradtrace.methods import get_method, known_methods
 from gradtrace.pipeline.specs.report import ReportSpec
 from gradtrace.report import html, sections
 
@@ -47,14 +48,24 @@ def load_run(folder: str) -> sections.Run:
     path, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
     manifest = doc.get("manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
-        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; pass an `attribute` output folder")
+        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; "
+                        "pass an `attribute` output folder")
     sources = {}
     for side, what in (("train", "training"), ("query", "query")):
         # methods that score the model directly (EK-FAC) record their sources, not feature stores
-        sources[side] = manifest.get(f"{side}_source") or \
+        sources[side] = manifest.get(f"{side}_source") if recorded_needs_model(manifest) else \
             _store(manifest[f"{side}_store"], path / ATTRIBUTIONS, what).settings["source"]
     return sections.Run(label=run_label(doc), path=path, doc=doc, train=load_source(sources["train"]),
                         queries=load_source(sources["query"]))
+
+
+def recorded_needs_model(manifest: dict) -> bool:
+    """Whether the run's method scored the model directly (its examples' sources are recorded, no feature stores):
+    the method's own `needs_model`, or, for a method not registered here, whether it recorded no stores."""
+    name = (manifest.get("method") or {}).get("method")
+    if name in known_methods():
+        return get_method(name).needs_model
+    return manifest.get("train_store") is None
 
 
 def run_label(doc: dict) -> str:

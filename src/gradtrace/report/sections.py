@@ -170,6 +170,7 @@ def counterfactual_section(results: Sequence[tuple[Path, dict]]) -> str:
                      _ci(s["delta_top_minus_random"]), f"{s['fraction_top_above_random']:.2f}"))
     return ('<section id="counterfactual"><h2>Counterfactual retraining</h2><p class="note">How much worse the '
             'model does on the query (its loss up, or a classifier\'s margin down) when retrained without the '
-            'query\'s top-k training examples, against without k random ones.</p>' + table(("result", "queries", "Δ without top-k", "Δ without random k", "difference",
-                                 "fraction top > random"), rows)
+            'query\'s top-k training examples, against without k random ones.</p>'
+            + table(("result", "queries", "Δ without top-k", "Δ without random k", "difference",
+                     "fraction top > random"), rows)
             + "".join(facts(f"manifest of {p}", d.get("manifest", {})) for p, d in results) + "</section>")

@@ -20,9 +20,17 @@ from safetensors.torch import load_file, save
 
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, OutputGrid
 from gradtrace.adapters.checkpoint import CONFIG, read_manifest, start_checkpoint, write_manifest
-from gradtrace.adapters.diffusers.folder import (Components, PixelComponents, files_state, is_bare_unet,
-                                                is_pipeline_folder, is_text_to_image, load_components,
-                                                load_pixel_components, text_ids)
+from gradtrace.adapters.diffusers.folder import (
+    Components,
+    PixelComponents,
+    files_state,
+    is_bare_unet,
+    is_pipeline_folder,
+    is_text_to_image,
+    load_components,
+    load_pixel_components,
+    text_ids,
+)
 from gradtrace.adapters.diffusers.latents import encode_latents, fit_resolution
 from gradtrace.adapters.diffusers.model import LORA_TARGETS, PixelDiffusion, TextToImage, lora_shape, peft_format
 from gradtrace.adapters.diffusers.objective import TextObjective

@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gradtrace.choices import (DEFAULT_GUARD, DEFAULT_PROJECTION, DEFAULT_STEPS, GUARDS, MISLABEL_METHODS, N_BOOTSTRAP,
-                               PROJECTIONS, TOP_FRACTION, check_fraction)
+                               PROJECTIONS, TOP_FRACTION, check_fraction, needs_model)
 from gradtrace.errors import UserError
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
 from gradtrace.pipeline.spec import Spec, non_negative, option, positive, positive_number
+
 
 RETRAIN_EPILOG = ("Resumable: rerun the same command after an interruption. Several machines: torchrun --nnodes N "
                   "--nproc-per-node 1 ... -m gradtrace.cli -- retrain --run RUN --out SHARED_DIR (the -- stops "
@@ -27,8 +28,16 @@ class RetrainSpec(Spec):
 
 
 def attributions_option():
-    return option(None, "instead of feature stores and scoring options: an attribute-ekfac output folder (its dense "
-                        "scores; methods that score the model directly)", type=str)
+    return option(None, "instead of feature stores and scoring options: an `attribute --method ekfac` output folder "
+                        "(its dense scores; methods that score the model directly)", type=str)
+
+
+def check_method_inputs(spec) -> None:
+    """A method that needs the model (`needs_model`) has no feature stores: its scores come from an attribute output
+    (`--attributions`); refused in one line otherwise."""
+    if getattr(spec, "attributions", None) is None and needs_model(spec.method):
+        raise UserError(f"method '{spec.method}' scores the model directly: run `gradtrace attribute --method "
+                        f"{spec.method} --checkpoint RUN --ids FILE --out DIR` and pass --attributions DIR")
 
 
 def check_attributions_alone(spec) -> None:
@@ -56,6 +65,7 @@ class ScoringEvalSpec(Spec):
     draws: int = option(4, "noise draws per timestep of the model-output grid", check=positive)
 
     def validate(self) -> None:
+        check_method_inputs(self)
         if getattr(self, "attributions", None) is None and (self.train_features is None or self.queries is None):
             raise UserError("--train-features and --queries are required")
 
@@ -124,9 +134,9 @@ class TailPatchSpec(ScoringEvalSpec):
                                      check=positive)
     random_seed: int = option(0, "seed of the random k examples")
     seed: int = option(0, "bootstrap seed")
-    attributions: str | None = option(None, "instead of feature stores and scoring options: an attribute-ekfac "
-                                            "output folder (with --weights: learned and uniform rows; without: "
-                                            "uniform)", type=str)
+    attributions: str | None = option(None, "instead of feature stores and scoring options: an `attribute "
+                                            "--method ekfac` output folder (with --weights: learned and uniform "
+                                            "rows; without: uniform)", type=str)
 
     def validate(self) -> None:
         super().validate()

@@ -1,18 +1,20 @@
-"""The learn-weights stage's spec: the training store, the learning queries (given or generated), the objective."""
+"""The learn-weights stage's spec: the training store, the learning queries (given or generated), the objective;
+or the model inputs of a method that needs the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from gradtrace.choices import (AUTO, DEFAULT_GUARD, DEFAULT_GUIDANCE, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS,
-                               GUARDS)
+                               GUARDS, needs_model)
 from gradtrace.errors import UserError
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, method_option
 from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.pipeline.specs.model_inputs import ModelInputs
 
 
 @dataclass
-class LearnWeightsSpec(Spec):
-    train: str = option(None, "feature store of the training set", required=True)
+class _LearnWeightsOptions(Spec):
+    train: str | None = option(None, "feature store of the training set (feature methods)", type=str)
     queries: str | None = option(None, "feature store of learning queries (never evaluation queries), e.g. the "
                                  "features/ of a generated learning-query set (its aspect is then taken and checked)",
                                  type=str)
@@ -40,7 +42,26 @@ class LearnWeightsSpec(Spec):
                         choices=GUARDS)
     out: str | None = option(None, "weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)", type=str)
 
+
+@dataclass
+class LearnWeightsSpec(ModelInputs, _LearnWeightsOptions):
+    """The learn-weights stage's settings: the learning options, then the model inputs of methods that need the
+    model."""
+
     def validate(self) -> None:
+        if needs_model(self.method):
+            for flag, value in (("--train", self.train), ("--queries", self.queries), ("--generate", self.generate),
+                                ("--aspect", self.aspect), ("--prompts", self.prompts)):
+                if value is not None:
+                    raise UserError(f"method '{self.method}' learns on the model directly, on the --ids examples; "
+                                    f"drop {flag}")
+            self.check_model_inputs(self.method)
+            if self.out is None:
+                raise UserError(f"method '{self.method}' has no feature store to keep its weights in; pass --out FILE")
+            return
+        if self.train is None:
+            raise UserError("--train is required (a feature store; a method that needs the model, e.g. ekfac, takes "
+                            "--checkpoint and --ids)")
         if (self.queries is None) == (self.generate is None):
             raise UserError("pass exactly one of --queries STORE or --generate N")
         if self.prompts is not None and self.generate is None:
