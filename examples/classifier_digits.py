@@ -15,8 +15,17 @@ from pathlib import Path
 import numpy as np
 
 import gradtrace
-from gradtrace import (AttributeSpec, AttributionResult, FeaturizeSpec, LearnWeightsSpec, TrainSpec, attribute_run,
-                       featurize_run, learn_weights_run, train_run)
+from gradtrace import (
+    AttributeSpec,
+    AttributionResult,
+    FeaturizeSpec,
+    LearnWeightsSpec,
+    TrainSpec,
+    attribute_run,
+    featurize_run,
+    learn_weights_run,
+    train_run,
+)
 
 TRAIN, HELD_OUT, LEARNING = np.arange(0, 200), np.arange(200, 210), np.arange(210, 240)
 

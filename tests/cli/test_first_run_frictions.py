@@ -13,9 +13,9 @@ import pytest
 from gradtrace.attribution.lambda_rule import grid_edge
 from gradtrace.cli import main
 from gradtrace.features.store import FeatureStore
+from gradtrace.pipeline.spec import default_of
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
 from gradtrace.pipeline.specs.sample import SampleSpec
-from gradtrace.pipeline.spec import default_of
 from gradtrace.weights import choose_lambda_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")

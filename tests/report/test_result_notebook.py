@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 import gradtrace
 from fixtures.browser import Browser
 from gradtrace.errors import UserError
-from gradtrace.pipeline.result import AttributionResult, scoped_css
+from gradtrace.pipeline.result import scoped_css
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from gradtrace.attribution.weights_file import query_set_id
 from gradtrace.choices import AUTO, parse_c  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.methods import BaseMethod, check_c, configure
+from gradtrace.methods import BaseMethod, configure
 from gradtrace.weights import DEFAULT_K, choose_lambda_scale, snr_loss
 
 

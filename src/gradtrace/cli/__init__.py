@@ -24,8 +24,14 @@ from gradtrace.pipeline.specs.build_lm import BuildLMSpec
 from gradtrace.pipeline.specs.build_pipeline import BuildPipelineSpec
 from gradtrace.pipeline.specs.demo import DemoSpec
 from gradtrace.pipeline.specs.ekfac import AttributeEkfacSpec, LearnWeightsEkfacSpec
-from gradtrace.pipeline.specs.evaluate import (RETRAIN_EPILOG, CounterfactualSpec, EvalLDSSpec, MislabelSpec,
-                                               RetrainSpec, TailPatchSpec)
+from gradtrace.pipeline.specs.evaluate import (
+    RETRAIN_EPILOG,
+    CounterfactualSpec,
+    EvalLDSSpec,
+    MislabelSpec,
+    RetrainSpec,
+    TailPatchSpec,
+)
 from gradtrace.pipeline.specs.featurize import FeaturizeSpec
 from gradtrace.pipeline.specs.import_lora import ImportLoraSpec
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
@@ -77,7 +83,8 @@ COMMANDS: dict[str, Command] = {
     "attribute-ekfac": Command(AttributeEkfacSpec, "gradtrace.pipeline.ekfac:attribute_ekfac_run", "attribute",
                                "deprecated alias of `attribute --method ekfac` (the same options and output)"),
     "learn-weights-ekfac": Command(LearnWeightsEkfacSpec, "gradtrace.pipeline.ekfac:learn_weights_ekfac_run",
-                                   "weights", "deprecated alias of `learn-weights --method ekfac` (the same options and output)"),
+                                   "weights",
+                                   "deprecated alias of `learn-weights --method ekfac` (the same options and output)"),
     "report": Command(ReportSpec, "gradtrace.pipeline.report:report_run", "report",
                       "one self-contained HTML page: queries, top-k per run, weights, LDS and counterfactual"),
     "demo": Command(DemoSpec, "gradtrace.pipeline.demo:run_demo", "demo",

@@ -40,8 +40,8 @@ import numpy as np
 from gradtrace.adapters import ModelAdapter
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, resolve_model_learning_c, store_identity
-from gradtrace.data.sources import Examples, dataset_source, open_dataset
 from gradtrace.choices import MISLABEL_METHODS as DEFAULT_METHODS  # noqa: F401  (the CLI's choices)
+from gradtrace.data.sources import Examples, dataset_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.evaluate.flips import flip_labels
 from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset

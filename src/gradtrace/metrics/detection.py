@@ -14,6 +14,7 @@ from gradtrace.choices import TOP_FRACTION, check_fraction  # noqa: F401  (the C
 from gradtrace.errors import UserError
 from gradtrace.metrics.stats import N_BOOTSTRAP, percentile_ci
 
+
 def roc_auc(scores, positive) -> float:
     """Area under the ROC curve of `scores` for the `positive` (bool) examples: the Mann–Whitney probability that a
     positive outscores a negative, ties counted one half."""

@@ -21,6 +21,7 @@ from gradtrace.pipeline.learn_weights import LearnWeightsSpec, learn_weights_run
 from gradtrace.pipeline.model_scoring import configure_model_method, model_self_contributions
 from gradtrace.pipeline.specs.ekfac import GRID, AttributeEkfacSpec, EkfacInputs, LearnWeightsEkfacSpec  # noqa: F401
 
+
 def _as(spec_cls, spec):
     """The general stage's spec with `--method ekfac` and the alias's settings."""
     return spec_cls(method="ekfac", **{f.name: getattr(spec, f.name) for f in fields(spec)})

@@ -2,7 +2,6 @@
 `eval tail-patch`."""
 from __future__ import annotations
 
-
 from gradtrace.evaluate.counterfactual import counterfactual_run
 from gradtrace.evaluate.eval_lds import eval_lds_run
 from gradtrace.evaluate.mislabel import mislabel_run
@@ -12,8 +11,15 @@ from gradtrace.evaluate.saved_attributions import lds_of_attributions
 from gradtrace.evaluate.tail_patch import tail_patch_run
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.methods import configure
-from gradtrace.pipeline.specs.evaluate import (RETRAIN_EPILOG, CounterfactualSpec, EvalLDSSpec,  # noqa: F401
-                                               MislabelSpec, RetrainSpec, ScoringEvalSpec, TailPatchSpec)
+from gradtrace.pipeline.specs.evaluate import (  # noqa: F401
+    RETRAIN_EPILOG,
+    CounterfactualSpec,
+    EvalLDSSpec,
+    MislabelSpec,
+    RetrainSpec,
+    ScoringEvalSpec,
+    TailPatchSpec,
+)
 from gradtrace.pipeline.train import resolve_ids
 
 
@@ -35,7 +41,8 @@ def eval_lds(spec: EvalLDSSpec, *, progress: bool = True) -> dict:
     method = configure(spec.method, kernel=spec.kernel)  # the configured method object
     return eval_lds_run(spec.run, spec.retrain, spec.train_features, spec.queries, spec.out, method=method,
                         kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights, per_group=spec.per_group,
-                        learning_queries=spec.learning_queries, grid=output_grid(spec), seed=spec.seed, progress=progress)
+                        learning_queries=spec.learning_queries, grid=output_grid(spec), seed=spec.seed,
+                        progress=progress)
 
 
 def eval_counterfactual(spec: CounterfactualSpec, *, progress: bool = True) -> dict:

@@ -34,7 +34,6 @@ from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
 from gradtrace.weights import learn_weights, save_weights
 
-
 LEARNING_SETS = "learning-queries"
 SET_MANIFEST = "learning-queries.json"
 SET_FORMAT = "gradtrace-learning-queries"

@@ -31,6 +31,7 @@ from gradtrace.pipeline.specs.model_inputs import ModelInputs
 from gradtrace.pipeline.train import resolve_ids
 from gradtrace.weights import learn_weights_dense, save_weights
 
+
 def configure_model_method(spec: ModelInputs, name: str, c=None) -> ModelMethod:
     """The configured method object of a stage's settings (--device resolved here: one line when it cannot be)."""
     settings = {"groups": spec.groups, "measurement": spec.measurement, "timesteps": spec.timesteps,

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gradtrace.choices import (AUTO, DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, EKFAC_DEFAULT_C,
-                               EKFAC_GRID, GUARDS, parse_c)
+from gradtrace.choices import (
+    AUTO,
+    DEFAULT_GUARD,
+    DEFAULT_K,
+    DEFAULT_L2,
+    DEFAULT_LR,
+    DEFAULT_STEPS,
+    EKFAC_DEFAULT_C,
+    EKFAC_GRID,
+    GUARDS,
+    parse_c,
+)
 from gradtrace.pipeline.spec import option, positive
 from gradtrace.pipeline.specs.model_inputs import ModelInputs
-
 
 GRID = EKFAC_GRID  # values of c tried by --lambda-c auto: 1e-4 .. 1
 
 
 def _c_option(default):
     return option(default, f"damping δ = c · mean(Λ): a number >= 0, or 'auto' (the label-free SNR-best c of "
-                           f"{GRID} values 1e-4..1 on learning queries); default: the weights' c, else {EKFAC_DEFAULT_C}",
+                           f"{GRID} values 1e-4..1 on learning queries); default: the weights' c, else "
+                           f"{EKFAC_DEFAULT_C}",
                   type=str, check=lambda value, flag: parse_c(value))
 
 

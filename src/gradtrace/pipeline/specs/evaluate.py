@@ -3,12 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gradtrace.choices import (DEFAULT_GUARD, DEFAULT_PROJECTION, DEFAULT_STEPS, GUARDS, MISLABEL_METHODS, N_BOOTSTRAP,
-                               PROJECTIONS, TOP_FRACTION, check_fraction, needs_model)
+from gradtrace.choices import (
+    DEFAULT_GUARD,
+    DEFAULT_PROJECTION,
+    DEFAULT_STEPS,
+    GUARDS,
+    MISLABEL_METHODS,
+    N_BOOTSTRAP,
+    PROJECTIONS,
+    TOP_FRACTION,
+    check_fraction,
+    needs_model,
+)
 from gradtrace.errors import UserError
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
 from gradtrace.pipeline.spec import Spec, non_negative, option, positive, positive_number
-
 
 RETRAIN_EPILOG = ("Resumable: rerun the same command after an interruption. Several machines: torchrun --nnodes N "
                   "--nproc-per-node 1 ... -m gradtrace.cli -- retrain --run RUN --out SHARED_DIR (the -- stops "

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gradtrace.choices import (AUTO, DEFAULT_GUARD, DEFAULT_GUIDANCE, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS,
-                               GUARDS, needs_model)
+from gradtrace.choices import (
+    AUTO,
+    DEFAULT_GUARD,
+    DEFAULT_GUIDANCE,
+    DEFAULT_K,
+    DEFAULT_L2,
+    DEFAULT_LR,
+    DEFAULT_STEPS,
+    GUARDS,
+    needs_model,
+)
 from gradtrace.errors import UserError
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, method_option
 from gradtrace.pipeline.spec import Spec, option, positive

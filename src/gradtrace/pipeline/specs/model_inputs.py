@@ -9,7 +9,6 @@ from gradtrace.errors import UserError
 from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.pipeline.specs.devices import device_option
 
-
 MODEL_ONLY = "(methods that need the model, e.g. ekfac)"
 
 
