@@ -96,8 +96,8 @@ def test_large_store_path_scores_query_side_with_the_same_result(pipeline, learn
 
 def test_guarded_weights_are_the_shrunk_learned_ones(pipeline, learned, tmp_path):
     out = tmp_path / "guarded.json"
-    assert main(["learn-weights", "--train", str(pipeline / "ft"),
-                 "--queries", str(pipeline / "w" / "general" / "features"),
+    generated = json.loads(learned.read_text())["provenance"]["learning_queries"]["store"]
+    assert main(["learn-weights", "--train", str(pipeline / "ft"), "--queries", generated,
                  "--lambda-c", "auto", "--kernel", "shared", "--k", "3", "--steps", "20", "--guard", "holdout",
                  "--out", str(out), "--no-progress"]) == 0
     doc, plain = json.loads(out.read_text()), json.loads(learned.read_text())

@@ -12,28 +12,17 @@ grid (`choose_model_c`).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from gradtrace.attribution.weights_file import query_set_id
-from gradtrace.errors import UserError
+from gradtrace.choices import AUTO, parse_c  # noqa: F401  (the CLI's choices)
+from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.methods import BaseMethod, check_c, configure
+from gradtrace.methods import BaseMethod, configure
 from gradtrace.weights import DEFAULT_K, choose_lambda_scale, snr_loss
-
-AUTO = "auto"
-
-
-def parse_c(value) -> float | str | None:
-    """None, "auto" or a float >= 0 (the one rule for --lambda-c); anything else is refused in one line."""
-    if value is None:
-        return None
-    if str(value).strip().lower() == AUTO:
-        return AUTO
-    try:
-        return check_c(value)
-    except UserError:
-        raise UserError(f"--lambda-c must be a number or 'auto' (numbers: finite, >= 0), got {value!r}") from None
 
 
 def _method(method, kernel: str) -> BaseMethod:
@@ -48,7 +37,22 @@ def choose_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, k
     scale = train.row_scale if base.needs_row_scale else None
     best, table = choose_lambda_scale(train.features, train.group_slices, np.asarray(learning.features),
                                       method=base.name, kernel=getattr(base, "kernel", kernel), k=k, row_scale=scale)
-    return float(best), [[float(a), float(b)] for a, b in table]
+    table = [[float(a), float(b)] for a, b in table]
+    edge = grid_edge(float(best), table)
+    if edge is not None:
+        warnings.warn(GradtraceWarning(
+            f"the label-free λ scale c = {best:.0e} is the {edge} value of the grid {table[0][0]:.0e}.."
+            f"{table[-1][0]:.0e} searched on {learning.path}: the SNR objective may prefer a c beyond it; check the "
+            "choice (the grid's losses are recorded) or pass --lambda-c NUMBER"), stacklevel=2)
+    return float(best), table
+
+
+def grid_edge(c: float, table: list) -> str | None:
+    """"lowest" or "highest" when `c` is the first or last value of a grid of several c values, else None."""
+    values = [row[0] for row in table]
+    if len(values) < 2:
+        return None
+    return "lowest" if c == min(values) else "highest" if c == max(values) else None
 
 
 def resolve_learning_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, c,

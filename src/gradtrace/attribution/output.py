@@ -2,8 +2,9 @@
 
 Written into an output directory:
 
-    attributions.json      manifest + per query: its top-k training ids with scores and per-group breakdown
-                           (indented up to INDENTED_MAX top-k entries; larger, one line: the C JSON encoder)
+    attributions.json      manifest + per query: its top-k training ids with scores and per-group breakdown, and
+                           each example's source (file name, caption or text; `gradtrace.data.sources`); indented
+                           up to INDENTED_MAX top-k entries, larger on one line (the C JSON encoder)
     topk_ids.npy           (Q, k) training ids
     topk_scores.npy        (Q, k) float32
     topk_contributions.npy (Q, k, M) float32 per-group contributions (sum over M = the score)
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from gradtrace.attribution.scoring import Scored
-from gradtrace.errors import UserError
+from gradtrace.data.sources import example_sources
+from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, versions, write_json_atomic
 from gradtrace.methods.trak import has_dual_blocks
@@ -73,6 +76,8 @@ def write_topk_attributions(train: FeatureStore, queries: FeatureStore, out, *, 
     arrays = {"topk_ids.npy": top_ids, "topk_scores.npy": top, "topk_contributions.npy": contrib.astype(np.float32)}
     if scores is not None:
         arrays["scores.npy"] = scores
+    train_source = sources_of(train, np.unique(top_ids))
+    query_source = sources_of(queries, queries.ids)
     doc = {
         "manifest": {
             "format": FORMAT, "format_version": 1,
@@ -85,8 +90,9 @@ def write_topk_attributions(train: FeatureStore, queries: FeatureStore, out, *, 
         },
         "groups": names,
         "queries": [
-            {"query_id": int(queries.ids[q]),
+            {"query_id": int(queries.ids[q]), "source": query_source.get(int(queries.ids[q])),
              "top": [{"rank": r + 1, "train_id": int(top_ids[q, r]), "score": float(top[q, r]),
+                      "source": train_source.get(int(top_ids[q, r])),
                       "contributions": {n: float(v) for n, v in zip(names, contrib[q, r])}}
                      for r in range(top_k)]}
             for q in range(len(idx))
@@ -94,6 +100,21 @@ def write_topk_attributions(train: FeatureStore, queries: FeatureStore, out, *, 
     }
     _write_set(Path(out), arrays, doc)
     return doc
+
+
+def sources_of(store: FeatureStore, ids) -> dict[int, dict]:
+    """id -> source record (file name, caption or text) of the given ids of a store's examples; {} with a warning
+    when the store records no source or its data cannot be read any more (the scores do not need it)."""
+    source = store.settings.get("source")
+    if not source:
+        return {}
+    ids = np.asarray(ids, dtype=np.int64)
+    try:
+        return {int(i): record for i, record in zip(ids.tolist(), example_sources(source, ids))}
+    except (UserError, OSError) as exc:
+        warnings.warn(GradtraceWarning(f"the examples of {store.path} cannot be described (file names, captions): "
+                                       f"{exc}"), stacklevel=2)
+        return {}
 
 
 def write_contribution_attributions(contrib: np.ndarray, weights, *, train_ids, query_ids, group_names: list[str],

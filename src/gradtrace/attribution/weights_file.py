@@ -17,11 +17,13 @@ model, training set and measurement (its session's identity), or a plain file na
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from gradtrace.errors import UserError
+from gradtrace.data.sources import sampling_of
+from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import read_json, sha256_arrays
 from gradtrace.methods import configure
@@ -87,6 +89,19 @@ def _check_learned_for(prov: dict, train: FeatureStore, queries: FeatureStore, p
     if learned_on.get("ids_sha256") == mine_q["ids_sha256"] and learned_on.get("source") == mine_q["source"]:
         raise UserError(f"the queries {queries.path} are the learning queries of {path}; evaluate "
                         f"on other queries (learning and evaluation queries must be disjoint)")
+    check_same_guidance(learned_on.get("sampling"), sampling_of(mine_q["source"]), path)
+
+
+def check_same_guidance(learned: dict | None, scored: dict | None, path) -> None:
+    """Warn (GradtraceWarning) when the learning queries of a weights file and the queries scored were sampled
+    with different classifier-free guidance: weights learned on one kind of image, used on another."""
+    if not learned or not scored or learned.get("guidance") is None or scored.get("guidance") is None:
+        return
+    if float(learned["guidance"]) != float(scored["guidance"]):
+        warnings.warn(GradtraceWarning(
+            f"the learning queries of {path} were sampled with guidance {learned['guidance']:g}, the queries scored "
+            f"with {scored['guidance']:g}; learn the weights on queries sampled alike (learn-weights --generate N "
+            f"--guidance {scored['guidance']:g})"), stacklevel=2)
 
 
 def _plain_weights(path: Path, doc, group_names: list[str]) -> np.ndarray:

@@ -40,6 +40,7 @@ import numpy as np
 from gradtrace.adapters import ModelAdapter
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, resolve_model_learning_c, store_identity
+from gradtrace.choices import MISLABEL_METHODS as DEFAULT_METHODS  # noqa: F401  (the CLI's choices)
 from gradtrace.data.sources import Examples, dataset_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.evaluate.flips import flip_labels
@@ -63,7 +64,6 @@ from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_wei
 
 RESULT, MANIFEST, FLIPS, MODEL, SCORES = "mislabel.json", "manifest.json", "flips.json", "model", "self_influence.npz"
 FORMAT = "gradtrace-mislabel"
-DEFAULT_METHODS = "tracin,trak:shared,trak:per-group"
 EKFAC_FACTORS = "ekfac-factors"
 OWN = {RESULT, MANIFEST, FLIPS, MODEL, SCORES, "features", "weights", EKFAC_FACTORS}
 

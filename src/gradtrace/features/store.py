@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradtrace.choices import STORE_DTYPES as DTYPES  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.features.locks import create_lock, writer_locks
 from gradtrace.features.progress import ChunkProgress, digest, is_progress_file
@@ -38,7 +39,6 @@ ROW_SCALE = "row_scale.npy"  # (N,) float64 per-example factor of a method (sett
 # Settings that must agree between training features and query features to score one against the other.
 COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype", "precision")
 COMPAT_DEFAULTS = {"precision": "float32"}  # stores written before the key existed
-DTYPES = ("float32", "float16", "bfloat16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 CACHE = ".gradtrace-cache"
 

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradtrace.adapters.base import Objective
+from gradtrace.choices import EKFAC_DEFAULT_C as DEFAULT_C  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.features.kron_projection import shared_parameters
 from gradtrace.io import read_json, versions, write_json_atomic
@@ -52,7 +53,6 @@ MANIFEST = "gradtrace-ekfac.json"
 FORMAT = "gradtrace.ekfac-factors/1"
 ANALYSIS = "kronfluence"
 FACTORS = "ekfac"
-DEFAULT_C = 0.1
 TRAIN, QUERY = 0, 1
 
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from gradtrace.choices import EKFAC_GRID, FISHERS  # noqa: F401  (the CLI's choices)
 from gradtrace.methods.ekfac import DEFAULT_C, EkfacEngine
 from gradtrace.methods.model_method import ModelMethod, ModelSession
-
-FISHERS = ("auto", "true", "empirical")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -29,7 +28,7 @@ class Ekfac(ModelMethod):
 
     name = "ekfac"
     default_c = DEFAULT_C
-    lambda_grid_size = 5
+    lambda_grid_size = EKFAC_GRID
 
     def session(self, checkpoint, *, default_factors: Path, examples=None, progress: bool = True) -> "EkfacSession":
         return EkfacSession(self, checkpoint, default_factors=default_factors, examples=examples, progress=progress)

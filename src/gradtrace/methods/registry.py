@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from gradtrace.choices import MethodNames, add_method_name  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.methods.base import BaseMethod, lambda_grid
 from gradtrace.methods.ekfac_method import Ekfac
@@ -58,26 +59,21 @@ METHODS: dict[str, Callable[..., BaseMethod]] = {
 }
 
 
+def _needs_model_of(factory: Callable[..., BaseMethod]) -> bool:
+    """Whether a factory's method needs the model (asked of a default instance; False when it needs options)."""
+    try:
+        return bool(factory().needs_model)
+    except (TypeError, UserError):  # a factory that needs options: the stages ask the method when they run
+        return False
+
+
 def register_method(name: str, factory: Callable[..., BaseMethod]) -> None:
     """Make `factory(**options)` the base method called `name` (every stage and `--method` then offer it)."""
     key = str(name).strip().lower()
     if key in METHODS:
         raise UserError(f"a method called '{name}' exists already; choose another name")
     METHODS[key] = factory
-
-
-class MethodNames:
-    """The registered method names, read when used (a method registered later is offered too): argparse's and the
-    spec's `choices`."""
-
-    def __iter__(self):
-        return iter(list(METHODS))
-
-    def __contains__(self, name) -> bool:
-        return name in METHODS
-
-    def __len__(self) -> int:
-        return len(METHODS)
+    add_method_name(key, getattr(factory, "needs_model", False) or _needs_model_of(factory))
 
 
 def known_methods() -> list[str]:

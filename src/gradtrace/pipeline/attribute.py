@@ -3,10 +3,12 @@
 It dispatches on the configured method (`method.needs_model`): a feature kernel (TracIn, TRAK, D-TRAK, DAS) scores
 the query store against the training store; a method that needs the model (EK-FAC) scores the checkpoint's training
 examples and the `--ids` examples directly (`gradtrace.pipeline.model_scoring`). Same weights, λ rule and artefact.
+With `--compare-uniform`, the same scoring with uniform weights at the learned weights' c goes to OUT/uniform (so the
+comparison of learned and uniform weights differs in the weights only).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from gradtrace.attribution import query_side_for, score_queries, write_attributions
@@ -14,48 +16,12 @@ from gradtrace.attribution.sharded import attribute_sharded
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.methods import configure, get_method
-from gradtrace.pipeline.model_scoring import ModelInputs, attribute_model_run, configure_model_method
-from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
-from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.pipeline.model_scoring import attribute_model_run, configure_model_method
+from gradtrace.pipeline.specs.attribute import AttributeSpec
 from gradtrace.ranks import rank_and_world
 from gradtrace.report.attributions import draw_attributions, is_text_store, write_text_attributions
 
-
-@dataclass
-class _AttributeOptions(Spec):
-    train: str | None = option(None, "feature store of the training set (feature methods)", type=str)
-    queries: str | None = option(None, "feature store of the queries (feature methods)", type=str)
-    out: str = option(None, "output directory", required=True)
-    method: str = method_option()
-    kernel: str = kernel_option()
-    lambda_c: str | float | None = lambda_c_option()
-    learning_queries: str | None = learning_queries_option()
-    learning_ids: object = option(None, "with --lambda-c auto, methods that need the model: ids of learning queries "
-                                  "(never the --ids)", type=str)
-    top_k: int = option(10, "training examples kept per query", check=positive)
-    weights: str | None = option(None, "group weights: a learn-weights JSON file, or {\"weights\": {group: w}}",
-                                 type=str)
-    aspect: str | None = option(None, "use the store's learned weights for this aspect (e.g. style)", type=str)
-    report: bool = option(True, "skip report.png", flag="--no-report")
-
-
-@dataclass
-class AttributeSpec(ModelInputs, _AttributeOptions):
-    """The attribute stage's settings: the scoring options, then the model inputs of methods that need the model."""
-
-    def validate(self) -> None:
-        if self.weights is not None and self.aspect is not None:
-            raise UserError("pass either --weights FILE or --aspect NAME, not both")
-        if get_method(self.method).needs_model:
-            for flag, value in (("--train", self.train), ("--queries", self.queries), ("--aspect", self.aspect),
-                                ("--learning-queries", self.learning_queries)):
-                if value is not None:
-                    raise UserError(f"method '{self.method}' scores the model directly, not feature stores; drop "
-                                    f"{flag} (use --checkpoint, --ids, --learning-ids)")
-            self.check_model_inputs(self.method)
-        elif self.train is None or self.queries is None:
-            raise UserError("--train and --queries are required (feature stores; a method that needs the model, "
-                            "e.g. ekfac, takes --checkpoint and --ids)")
+UNIFORM = "uniform"  # the --compare-uniform run, inside the output folder
 
 
 def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict | None:
@@ -68,6 +34,9 @@ def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict | None:
     method = configure(spec.method, kernel=spec.kernel)
     rank, world = rank_and_world()
     if world > 1:
+        if spec.compare_uniform:
+            raise UserError("--compare-uniform is not split over ranks; run the uniform attribute as its own command "
+                            "(--lambda-c set to the learned weights' c), or run without torchrun")
         doc = attribute_sharded(spec.train, spec.queries, spec.out, rank=rank, world=world, method=method,
                                 kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights, aspect=spec.aspect,
                                 learning_queries=spec.learning_queries, top_k=spec.top_k, spec=spec.to_dict(),
@@ -87,4 +56,7 @@ def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict | None:
         write_text_attributions(train, queries, doc, Path(spec.out) / "report.md")
     elif spec.report:
         draw_attributions(train, queries, doc, Path(spec.out) / "report.png")
+    if spec.compare_uniform:  # the fair baseline: uniform weights, everything else (c included) as scored above
+        attribute_run(replace(spec, weights=None, aspect=None, lambda_c=scored.lambda_info["c"], learning_queries=None,
+                              compare_uniform=False, out=str(Path(spec.out) / UNIFORM)), progress=progress)
     return doc

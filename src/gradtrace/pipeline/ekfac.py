@@ -15,50 +15,11 @@ import numpy as np
 from gradtrace.attribution import AUTO, parse_c
 from gradtrace.errors import UserError
 from gradtrace.methods.ekfac import DEFAULT_C
-from gradtrace.methods.ekfac_method import Ekfac, EkfacSession
+from gradtrace.methods.ekfac_method import EkfacSession
 from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
 from gradtrace.pipeline.learn_weights import LearnWeightsSpec, learn_weights_run
-from gradtrace.pipeline.model_scoring import ModelInputs, configure_model_method, model_self_contributions
-from gradtrace.pipeline.spec import option, positive
-from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, GUARDS
-
-GRID = Ekfac.lambda_grid_size  # values of c tried by --lambda-c auto: 1e-4 .. 1
-
-
-def _c_option(default):
-    return option(default, f"damping δ = c · mean(Λ): a number >= 0, or 'auto' (the label-free SNR-best c of "
-                           f"{GRID} values 1e-4..1 on learning queries); default: the weights' c, else {DEFAULT_C}",
-                  type=str, check=lambda value, flag: parse_c(value))
-
-
-@dataclass
-class EkfacInputs(ModelInputs):
-    """What every EK-FAC alias shares: the model, its training set's factors, the examples scored."""
-
-    checkpoint: str = option(None, "checkpoint directory", required=True)
-    ids: object = option(None, "file of the ids of the examples scored (held-out images, not training ones)",
-                         type=str, required=True)
-
-
-@dataclass
-class AttributeEkfacSpec(EkfacInputs):
-    out: str = option(None, "output directory", required=True)
-    top_k: int = option(10, "training examples kept per query", check=positive)
-    weights: str | None = option(None, "group weights: a learn-weights file, or {\"weights\": {group: w}}", type=str)
-    lambda_c: str | float | None = _c_option(None)
-    learning_ids: object = option(None, "with --lambda-c auto: ids of learning queries (never the --ids)", type=str)
-
-
-@dataclass
-class LearnWeightsEkfacSpec(EkfacInputs):
-    out: str = option(None, "weights JSON to write", required=True)
-    lambda_c: str | float | None = _c_option(AUTO)
-    k: int = option(DEFAULT_K, "top-k of the objective", check=positive)
-    steps: int = option(DEFAULT_STEPS, "optimiser steps", check=positive)
-    lr: float = option(DEFAULT_LR, "AdamW learning rate on θ")
-    l2: float = option(DEFAULT_L2, "λ‖w‖² penalty")
-    guard: str = option(DEFAULT_GUARD, "holdout: shrink the weights towards uniform as far as their gain does not "
-                        "carry over to held-out learning queries", choices=GUARDS)
+from gradtrace.pipeline.model_scoring import configure_model_method, model_self_contributions
+from gradtrace.pipeline.specs.ekfac import GRID, AttributeEkfacSpec, EkfacInputs, LearnWeightsEkfacSpec  # noqa: F401
 
 
 def _as(spec_cls, spec):

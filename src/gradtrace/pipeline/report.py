@@ -8,7 +8,6 @@ weights). The page embeds every image and chart and its own manifest (what made 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from gradtrace import __version__
@@ -19,28 +18,10 @@ from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import atomic_write, command_line, read_json
 from gradtrace.methods import get_method, known_methods
-from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.pipeline.specs.report import ReportSpec
 from gradtrace.report import html, sections
 
 ATTRIBUTIONS = "attributions.json"
-
-
-@dataclass
-class ReportSpec(Spec):
-    attributions: list = option([], "an attribute output folder (repeat: runs over the same queries are shown "
-                                "side by side)", append=True, metavar="DIR")
-    weights: list = option([], "a learn-weights JSON file to chart beside uniform (repeatable)", append=True,
-                           metavar="FILE")
-    lds: list = option([], "an `eval lds` output folder (repeatable)", append=True, metavar="DIR")
-    counterfactual: list = option([], "an `eval counterfactual` output folder (repeatable)", append=True,
-                                  metavar="DIR")
-    out: str = option(None, "the HTML file to write", required=True)
-    max_queries: int = option(24, "queries shown (the first ones of the runs)", check=positive)
-    title: str = option("gradtrace report", "the page's title")
-
-    def validate(self) -> None:
-        if not self.attributions:
-            raise UserError("pass at least one --attributions DIR (an `attribute` output folder)")
 
 
 def _store(recorded: str, doc_path: Path, what: str) -> FeatureStore:

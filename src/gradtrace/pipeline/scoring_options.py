@@ -5,8 +5,7 @@ One definition of each: the method, the kernel (default per-group) and the λ sc
 """
 from __future__ import annotations
 
-from gradtrace.attribution import parse_c
-from gradtrace.methods import DEFAULT_C, DEFAULT_KERNEL, KERNELS, MethodNames
+from gradtrace.choices import DEFAULT_C, DEFAULT_KERNEL, KERNELS, MethodNames, parse_c
 from gradtrace.pipeline.spec import option
 
 

@@ -8,11 +8,8 @@ dense path (the reference) is used only when its float64 (Q, N, M) tensor fits 6
 contributions the scalable path is faster (Q=50, N=5,000, M=50, 100 steps: 4.4 s vs 31 s dense, same loss to 1e-9).
 """
 
-DEFAULT_K = 10
-DEFAULT_STEPS = 200
-DEFAULT_LR = 0.05
-DEFAULT_L2 = 0.0
+from gradtrace.choices import DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS  # noqa: F401  (the CLI's choices)
+
 DEFAULT_POOL = 256
 DEFAULT_REFRESH = "lazy"
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
-DEFAULT_GUARD = "none"
