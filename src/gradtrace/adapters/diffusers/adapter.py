@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
@@ -27,6 +27,7 @@ from gradtrace.adapters.diffusers.latents import encode_latents, fit_resolution
 from gradtrace.adapters.diffusers.model import LORA_TARGETS, PixelDiffusion, TextToImage, lora_shape, peft_format
 from gradtrace.adapters.diffusers.objective import TextObjective
 from gradtrace.adapters.diffusers.train import FineTuneConfig, fine_tune
+from gradtrace.adapters.diffusion.ddim import StableDDIMScheduler
 from gradtrace.adapters.diffusion.groups import PRESETS, block_key
 from gradtrace.adapters.diffusion.measure import MEASUREMENTS, DiffusionObjective, Measurement
 from gradtrace.adapters.diffusion.outputs import GridLosses
@@ -247,7 +248,7 @@ class DiffusersAdapter(ModelAdapter):
         if not prompts or len(prompts) != num:
             raise UserError("a text-to-image model needs one prompt per image; pass --prompt TEXT or --prompts FILE")
         model, parts = checkpoint.model, checkpoint.model.components
-        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+        cls = StableDDIMScheduler if sampler == "ddim" else DDPMScheduler
         pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                        unet=model.unet, scheduler=cls.from_config(parts.scheduler.config),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -266,8 +267,9 @@ class DiffusersAdapter(ModelAdapter):
             raise UserError("an unconditional model takes no prompts; drop --prompt/--prompts")
         parts = checkpoint.model.components
         if sampler == "ddim":
-            pipe, extra = DDIMPipeline(unet=checkpoint.model.unet, scheduler=DDIMScheduler.from_config(
-                parts.scheduler.config)), {"eta": eta}
+            scheduler = StableDDIMScheduler.from_config(parts.scheduler.config)
+            pipe, extra = DDIMPipeline(unet=checkpoint.model.unet, scheduler=scheduler), {"eta": eta}
+            pipe.scheduler = scheduler  # DDIMPipeline converts its scheduler to a plain DDIMScheduler
         else:
             pipe, extra = DDPMPipeline(unet=checkpoint.model.unet, scheduler=DDPMScheduler.from_config(
                 parts.scheduler.config)), {}
