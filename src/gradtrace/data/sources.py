@@ -42,6 +42,14 @@ class Examples:
                         texts=None if self.texts is None else [self.texts[r] for r in rows])
 
 
+def require_images(dataset, who: str) -> None:
+    """Refuse a dataset without images (text documents) for a model that trains on images, in one line."""
+    if not hasattr(dataset, "channels"):
+        raise UserError(f"dataset '{dataset.name}' is text, but {who} train on images (digits, shapes, "
+                        "imagefolder:PATH); to train a language model on text pass --base LM_FOLDER (a "
+                        "transformers causal LM; `gradtrace build-lm` makes a small one)")
+
+
 def read_ids(path) -> np.ndarray:
     """Training ids from a .npy file, a JSON list or a text file with one integer per line."""
     path = Path(path)

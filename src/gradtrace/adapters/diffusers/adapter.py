@@ -171,11 +171,14 @@ class DiffusersAdapter(ModelAdapter):
         if model_options is not None:
             raise UserError("--model-options sets a classifier's architecture; a pipeline fine-tune takes --base and "
                             "--lora-rank (drop --model-options)")
-        if base is None or lora_rank is None:
-            raise UserError("fine-tuning a pipeline trains LoRA adapters: pass --base PIPELINE and --lora-rank R")
-        if not is_text_to_image(base):
+        if base is not None and not Path(base).is_dir():
+            raise UserError(f"--base {base}: no such folder; pass a diffusers text-to-image pipeline folder "
+                            "(save_pretrained) or a transformers causal-LM folder")
+        if base is not None and not is_text_to_image(base):
             raise UserError(f"{base} is not a text-to-image pipeline; gradtrace fine-tunes text-to-image pipelines "
                             "with LoRA (attribute an unconditional one with --checkpoint)")
+        if base is None or lora_rank is None:
+            raise UserError("fine-tuning a pipeline trains LoRA adapters: pass --base PIPELINE and --lora-rank R")
         if not all(isinstance(m.get("text"), str) for m in dataset.metadata):
             raise UserError(f"dataset '{dataset.name}' has no 'text' caption per image; add a text column to "
                             "metadata.jsonl")
