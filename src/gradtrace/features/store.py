@@ -29,7 +29,7 @@ import numpy as np
 from gradtrace.errors import UserError
 from gradtrace.features.locks import create_lock, writer_locks
 from gradtrace.features.progress import ChunkProgress, digest, is_progress_file
-from gradtrace.io import check_match, jsonable, read_json, versions, write_json_atomic
+from gradtrace.io import check_finite, check_match, check_unique_ids, jsonable, read_json, versions, write_json_atomic
 
 FORMAT = "gradtrace-features"
 FORMAT_VERSION = 1
@@ -41,6 +41,8 @@ COMPAT_DEFAULTS = {"precision": "float32"}  # stores written before the key exis
 DTYPES = ("float32", "float16", "bfloat16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 CACHE = ".gradtrace-cache"
+FEATURE_CAUSE = ("the model's gradients overflowed: a diverged checkpoint, inputs outside the model's range, or "
+                 "half-precision activations out of range (featurize with --dtype float32)")
 
 
 class FeatureStore:
@@ -79,8 +81,7 @@ class FeatureStore:
         and each holds its own `.lock-rank<r>`."""
         path = Path(path)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(np.unique(ids)) != len(ids):
-            raise UserError("example ids must be unique; deduplicate the input set")
+        check_unique_ids(ids, "the examples to featurize", "deduplicate the input set")
         if not isinstance(settings.get("chunk_rows"), int) or settings["chunk_rows"] < 1:
             raise UserError("store settings need chunk_rows, a positive integer (the rows of one write)")
         if path.exists() and not path.is_dir():
@@ -177,13 +178,15 @@ class FeatureStore:
             raise RuntimeError(f"rows {start}..{stop} are not whole chunks of {progress.chunk_rows} rows")
         if (row_scale is None) != (self._row_scale is None):
             raise RuntimeError("row factors must be written exactly when the store keeps them")
+        check_finite(block, f"featurize (rows {start}..{stop - 1})", FEATURE_CAUSE)
+        scale = None if row_scale is None else np.asarray(row_scale, dtype=np.float64)
+        if scale is not None:
+            if scale.shape != (len(block),):
+                raise RuntimeError(f"row factors of rows {start}..{stop - 1} must be one per row")
+            check_finite(scale, f"featurize row factors (rows {start}..{stop - 1})", FEATURE_CAUSE)
         self._raw[start:stop] = encode_rows(block, self.dtype)
         self._raw.flush()
-        if row_scale is not None:
-            scale = np.asarray(row_scale, dtype=np.float64)
-            if scale.shape != (len(block),) or not np.isfinite(scale).all():
-                raise UserError(f"row factors of rows {start}..{stop - 1} are not finite; check "
-                                "the model and the inputs")
+        if scale is not None:
             self._row_scale[start:stop] = scale
             self._row_scale.flush()
         for c in range(first, last):
@@ -262,6 +265,10 @@ class FeatureStore:
             if arr is not None and (arr.ndim < 1 or arr.shape[0] != rows):
                 raise UserError(f"feature store {where}: {name} has {arr.shape[0] if arr.ndim else 0} rows, the "
                                 f"manifest says {rows}; featurize again into a new directory")
+        if self.ids.dtype.kind not in "iu":
+            raise UserError(f"feature store {where}: ids.npy holds {self.ids.dtype}, not integer ids; featurize again "
+                            "into a new directory")
+        check_unique_ids(self.ids, f"feature store {where} (ids.npy)", "featurize again into a new directory")
 
     @property
     def settings(self) -> dict:

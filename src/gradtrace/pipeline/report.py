@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradtrace import __version__
+from gradtrace.attribution.run_check import open_run
+from gradtrace.attribution.weights_file import store_identity, weights_for
 from gradtrace.data.sources import load_source
 from gradtrace.errors import UserError
 from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT
@@ -63,10 +65,8 @@ def _json(folder: str, name: str, what: str, key: str) -> tuple[Path, dict]:
 
 def load_run(folder: str) -> sections.Run:
     """An attribute output folder with the examples its ids refer to, labelled by its weights."""
-    path, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
-    manifest = doc.get("manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
-        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; pass an `attribute` output folder")
+    path, doc = open_run(folder)  # the document and its arrays, checked whole
+    manifest = doc["manifest"]
     sources = {}
     for side, what in (("train", "training"), ("query", "query")):
         # methods that score the model directly (EK-FAC) record their sources, not feature stores
@@ -94,16 +94,19 @@ def _labelled(folders: list[str]) -> list[sections.Run]:
     return runs
 
 
-def _weights(path: str) -> tuple[Path, dict]:
+def _weights(path: str, run: sections.Run) -> tuple[Path, dict]:
+    """A weights file charted beside `run`: the weights-file rule of `attribute` (its groups are the run's, a
+    learned file was learned for the run's training store)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"weights file not found: {path}; pass a file written by `gradtrace learn-weights`")
-    doc = read_json(p, "weights file")
-    table = doc.get("weights") if isinstance(doc, dict) else None
-    if not isinstance(table, dict) or not table or not all(
-            isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf") for v in table.values()):
-        raise UserError(f"{path} is not a weights file ({{\"weights\": {{group: non-negative number}}}}); "
-                        "pass a file written by `gradtrace learn-weights`")
+    if p.is_dir():
+        raise UserError(f"{path} is a directory; pass a weights file written by `gradtrace learn-weights`")
+    m = run.doc["manifest"]
+    if m.get("train_store"):
+        train = FeatureStore.open(m["train_store"])
+        identity, what = store_identity(train), str(train.path)
+    else:  # a method that scored the model directly (EK-FAC): its model is what the run records
+        identity, what = {"model_fingerprint": m.get("model_fingerprint")}, f"the model of {run.path}"
+    _, doc = weights_for(p, list(run.doc["groups"]), identity, what)
     return p, doc
 
 
@@ -116,7 +119,7 @@ def report_run(spec: ReportSpec, *, progress: bool = True) -> Path:
                 run.queries.source != runs[0].queries.source:
             raise UserError(f"{run.path} attributes other queries than {runs[0].path}; runs shown side by side "
                             "must score the same query store")
-    weights = [_weights(w) for w in spec.weights]
+    weights = [_weights(w, runs[0]) for w in spec.weights]
     lds = [_json(d, LDS_RESULT, "`gradtrace eval lds`", "lds") for d in spec.lds]
     counterfactual = [_json(d, COUNTERFACTUAL_RESULT, "`gradtrace eval counterfactual`", "summary")
                       for d in spec.counterfactual]
