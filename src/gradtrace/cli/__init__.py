@@ -64,6 +64,12 @@ def _say_featurize(store, spec) -> str:
     return line
 
 
+def _say_merge(store, spec) -> str:
+    overlap = store.manifest.get("provenance", {}).get("merge_overlap_chunks")
+    return _say_featurize(store, spec) + (f"; {overlap} chunk(s) were in more than one shard (identical bytes, "
+                                          "taken once)" if overlap else "")
+
+
 def _say_attribute(doc, spec) -> str:
     return f"attributions: {Path(spec.out) / 'attributions.json'}"
 
@@ -128,7 +134,7 @@ COMMANDS: dict[str, Command] = {
     "sample": Command(SampleSpec, sample_run, _say_sample, "generate images from a checkpoint"),
     "featurize": Command(FeaturizeSpec, featurize_run, _say_featurize,
                          "per-example projected gradient features into a feature store"),
-    "merge-features": Command(MergeFeaturesSpec, merge_features_run, _say_featurize,
+    "merge-features": Command(MergeFeaturesSpec, merge_features_run, _say_merge,
                               "one feature store from the partial stores of a torchrun job's machines"),
     "attribute": Command(AttributeSpec, attribute_run, _say_attribute,
                          "top-k training examples per query with per-group breakdown"),

@@ -18,6 +18,7 @@ from gradtrace.features.groups import make_groups
 from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProjector
 from gradtrace.features.kronecker import KroneckerFeaturizer
 from gradtrace.features.projection import DEFAULT_PROJECTION, GroupProjector, default_dim
+from gradtrace.features.numerics import current
 from gradtrace.features.store import FeatureStore, storage_dtype
 from gradtrace.ranks import rank_and_world
 
@@ -95,14 +96,15 @@ def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
 def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, cond=None,
               model_fingerprint: str, source: dict | None = None, provenance: dict | None = None,
               overwrite: bool = False, progress: bool = True, stop_after_chunks: int | None = None,
-              rank: int | None = None, world: int | None = None) -> FeatureStore:
+              rank: int | None = None, world: int | None = None, allow_mixed_numerics: bool = False) -> FeatureStore:
     """Compute and store per-example features of `inputs` (ids and optional conditioning) with a featurizer
     built from `spec` (`featurizer_for` / `build_featurizer`).
 
     Resumes an unfinished store with the same settings. `rank` of `world` writers (default: torchrun's RANK and
     WORLD_SIZE, else 0 of 1) computes the chunks c with c % world == rank that nobody has recorded; the writer
     that finds every chunk recorded finishes the store (the others return it unfinished). `stop_after_chunks`
-    stops early (tests of resumption).
+    stops early (tests of resumption). Every chunk records the numerics it was computed under; a store whose
+    other chunks were computed under others is refused unless `allow_mixed_numerics` (`features.numerics`).
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if inputs.shape[0] != len(ids):
@@ -115,8 +117,10 @@ def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, 
     if rank is None or world is None:
         rank, world = rank_and_world()
     settings = store_settings(featurizer, spec, model_fingerprint, source or {})
+    device = next((p.device for p in getattr(featurizer, "model", torch.nn.Module()).parameters()), None)
     store = FeatureStore.create(out, settings, ids, cond, provenance=provenance, overwrite=overwrite, rank=rank,
-                                world=world)
+                                world=world, numerics=current(device, spec.precision),
+                                allow_mixed_numerics=allow_mixed_numerics)
     try:
         return _fill(featurizer, store, inputs, ids, cond, progress, stop_after_chunks, rank, world)
     finally:

@@ -41,6 +41,9 @@ class FeaturizeSpec(Spec):
     chunk: int = option(64, "examples per chunk", check=positive)
     store_dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     overwrite: bool = option(False, "replace a store made with other settings")
+    allow_mixed_numerics: bool = option(False, "let this run add rows computed under other numerics (thread count, "
+                                        "device, dtype, library versions) than the store's other rows; recorded in "
+                                        "its manifest (its bytes then differ from a clean run's)")
     device: str = device_option()
     dtype: str = dtype_option()
 
@@ -93,4 +96,4 @@ def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore
                   "adapter": adapter.name, "device": str(device), "spec": spec.to_dict()}
     return featurize(featurizer, examples.images, examples.ids, spec.out, spec=features, cond=examples.cond,
                      model_fingerprint=ckpt.fingerprint, source=examples.source, provenance=provenance,
-                     overwrite=spec.overwrite, progress=progress)
+                     overwrite=spec.overwrite, progress=progress, allow_mixed_numerics=spec.allow_mixed_numerics)
