@@ -19,7 +19,8 @@ from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProje
 from gradtrace.features.kronecker import KroneckerFeaturizer
 from gradtrace.features.projection import DEFAULT_PROJECTION, GroupProjector, default_dim
 from gradtrace.features.numerics import current
-from gradtrace.features.store import FeatureStore, storage_dtype
+from gradtrace.features.progress import is_progress_file
+from gradtrace.features.store import OWN_FILES, FeatureStore, storage_dtype
 from gradtrace.ranks import rank_and_world
 
 
@@ -123,8 +124,21 @@ def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, 
                                 allow_mixed_numerics=allow_mixed_numerics)
     try:
         return _fill(featurizer, store, inputs, ids, cond, progress, stop_after_chunks, rank, world)
+    except UserError:
+        if world == 1 and not store.progress.done():  # refused before any row was kept: leave nothing behind
+            _discard(store)
+        raise
     finally:
         store.release()
+
+
+def _discard(store: FeatureStore) -> None:
+    """Remove the files of a store no chunk of which was written (and its folder, if this writer made it)."""
+    for file in list(store.path.iterdir()):
+        if file.name in OWN_FILES or is_progress_file(file.name) or file.name.startswith(".lock"):
+            file.unlink(missing_ok=True)
+    if not getattr(store, "folder_existed", True) and not any(store.path.iterdir()):
+        store.path.rmdir()
 
 
 def _fill(featurizer, store, inputs, ids, cond, progress: bool, stop_after_chunks, rank: int,

@@ -93,6 +93,7 @@ class FeatureStore:
             raise UserError(f"feature store path is a file, not a directory: {path}; choose another --out")
         if path.is_dir() and not (path / "manifest.json").exists():
             _refuse_foreign(path)  # before the lock file, so a refused folder is left as it was
+        existed = path.is_dir()
         path.mkdir(parents=True, exist_ok=True)
         locks = writer_locks(path, rank, world)
         try:
@@ -102,7 +103,7 @@ class FeatureStore:
                                     "with the ranks")
                 store = cls._create(path, settings, ids, cond, provenance=provenance, overwrite=overwrite)
                 store.progress = ChunkProgress(path, len(ids), int(settings["chunk_rows"]), rank)
-                store.numerics = numerics
+                store.numerics, store.folder_existed = numerics, existed
                 if not store.complete:
                     store._admit_numerics(numerics, allow_mixed_numerics)
         except BaseException:
