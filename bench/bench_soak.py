@@ -44,6 +44,7 @@ RUN_FILES = ("topk_ids.npy", "topk_scores.npy")
 class Child:
     def __init__(self, op: str, argv: list, log: Path, threads: int = 1, kill_at: float | None = None):
         self.op, self.argv, self.log, self.kill_at = op, [str(a) for a in argv], log, kill_at
+        log.touch()  # the child may be killed before it opens its log
         self.started = time.monotonic()
         self.pid = os.fork()
         if self.pid == 0:  # the child: `gradtrace ARGV` with its output in the log
@@ -126,7 +127,7 @@ def soak(root: Path, invocations: int, seed: int, parallel: int, p_kill: float) 
                          for a in attr] + ["--out", ref / "attr"], logs / "ref-attr.log") == 0
 
     rng = random.Random(seed)
-    ops = ["featurize"] * 5 + ["attribute"] * 4 + ["merge"] * 2 + ["second-writer", "two-threads", "overwrite"]
+    ops = ["featurize"] * 4 + ["attribute"] * 4 + ["merge"] * 2 + ["second-writer", "overwrite"] + ["two-threads"] * 2
     live: list[Child] = []
     outcomes: collections.Counter = collections.Counter()
     problems: list[str] = []
@@ -169,11 +170,12 @@ def soak(root: Path, invocations: int, seed: int, parallel: int, p_kill: float) 
             child = Child(op, argv(kind, work / kind), log)
         elif op == "overwrite":  # start the store over (refused while another writer holds it)
             child = Child(op, argv(kind, work / kind) + ["--overwrite"], log, kill_at=kill_at)
-        elif op == "two-threads":
-            if not has_rows(work / kind):  # only where rows of one thread are recorded; a plain writer instead
+        elif op == "two-threads":  # a store whose recorded rows are of one thread; none: a plain writer instead
+            started = [k for k in commands if has_rows(work / k)]
+            if not started:
                 child = Child("featurize", argv(kind, work / kind), log, kill_at=kill_at)
             else:
-                child = Child(op, argv(kind, work / kind), log, threads=2)
+                child = Child(op, argv(started[0], work / started[0]), log, threads=2)
         elif op == "merge":
             child = Child(op, ["merge-features", "--shard", work / "train", "--out", work / f"merged-{i % 2}"], log,
                           kill_at=kill_at)
