@@ -28,10 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from common import Clock, effective_groups
+from gradtrace.data.shapes import ATTRIBUTES
+from gradtrace.metrics.stats import paired_ci
+
 EVAL_SEED = 1001
 LEARN_SEED = 2002  # general learning queries; aspect i uses LEARN_SEED + 1 + i
 RANDOM_SEED = 3003
-ASPECTS = ("subject", "style", "background")
+ASPECTS = tuple(ATTRIBUTES)  # subject, style, background
 METHODS = [("tracin", "identity", "loss"), ("trak", "shared", "loss"), ("trak", "per-group", "loss"),
            ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak"), ("das", "shared", "das"),
            ("das", "per-group", "das")]
@@ -129,18 +133,6 @@ def weights_current(path: Path, train, queries, s: dict, guard: str = "none") ->
             and prov.get("learning_queries", {}).get("source") == ids["source"])
 
 
-def effective_groups(w: np.ndarray) -> float:
-    v = np.asarray(w, dtype=np.float64) / np.sum(w)
-    return float(1.0 / np.sum(v ** 2))
-
-
-def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0) -> list[float]:
-    """95% bootstrap CI over queries of mean(a − b) (paired)."""
-    d = np.asarray(a) - np.asarray(b)
-    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
 def run(out: Path, s: dict, img_dir: Path | None, methods=METHODS) -> dict:
     import torch
     from scipy.stats import spearmanr
@@ -148,25 +140,24 @@ def run(out: Path, s: dict, img_dir: Path | None, methods=METHODS) -> dict:
     from gradtrace.adapters import get_adapter
     from gradtrace.attribution import fit_method, read_group_weights
     from gradtrace.data import load_dataset
-    from gradtrace.evaluate.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.features.store import FeatureStore
     from gradtrace.io import read_json, versions, write_json_atomic
-    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, TrainSpec, featurize_run, learn_weights_run,
-                                    train_run)
+    from gradtrace.metrics.retrieval import average_precision, recall_at_k, shared_value_relevance
+    from gradtrace.pipeline import (
+        FeaturizeSpec,
+        LearnWeightsSpec,
+        TrainSpec,
+        featurize_run,
+        learn_weights_run,
+        train_run,
+    )
     from gradtrace.weights import solo_quality
 
     torch.set_num_threads(int(s["threads"]))  # 1: OpenMP spin-waits make 2 threads far slower on shared cores
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    clock = Clock("bench-aspects", digits=1, say_done=True)
+    timings, stage = clock.timings, clock.stage
     t_all = time.perf_counter()
-
-    def stage(name, fn, *a, **kw):
-        t = time.perf_counter()
-        log(f"{name} ...")
-        result = fn(*a, **kw)
-        timings[name] = round(time.perf_counter() - t, 1)
-        log(f"{name} done in {timings[name]} s")
-        return result
 
     ckpt = str(stage("train", train_run, TrainSpec(data="shapes", out=str(out / "model"), n=s["n_train"],
                                                    steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], seed=0),

@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench_lds import bench_main, GUARD_ROWS, _fmt, apply_overrides, learned_weights
+from common import GUARD_ROWS, Clock, bench_main, fmt_summary as _fmt, learned_weights
 
 N_DIGITS = 1797
 MODELS = {"resnet": {}, "vit": {}}  # --model-options of each (the adapter's defaults)
@@ -87,12 +87,10 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
     from gradtrace.pipeline import FeaturizeSpec, TrainSpec, featurize_run, train_run
     from gradtrace.weights.defaults import DEFAULT_K
 
-    def stage(label, fn, *a, **kw):
-        t = time.perf_counter()
-        print(f"[bench-classifier] {name}: {label} ...", file=sys.stderr, flush=True)
-        result = fn(*a, **kw)
-        timings[f"{name} {label}"] = round(timings.get(f"{name} {label}", 0.0) + time.perf_counter() - t, 2)
-        return result
+    clock = Clock("bench-classifier", timings)
+
+    def stage(label, fn, *a, **kw):  # timed as "NAME label"
+        return clock.stage(f"{name} {label}", fn, *a, **kw)
 
     out.mkdir(parents=True, exist_ok=True)
     run = str(stage("train", train_run, TrainSpec(
@@ -250,7 +248,8 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
     finally:
         torch.set_num_threads(threads)
     results = {"settings": s, "models": models, "timings_s": timings, "wall_s": round(time.perf_counter() - start, 1),
-               "splits": {k: len(v) for k, v in ids.items()}, "versions": versions(),
+               "splits": {k: len(v) for k, v in ids.items()}, "methods": METHODS, "guard_rows": GUARD_ROWS,
+               "versions": versions(),
                "command": " ".join(["python", *sys.argv])}
     results["estimated_full_minutes"] = estimate_full_minutes(results)
     results["markdown"] = markdown(results)

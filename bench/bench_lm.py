@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_lds import bench_main, _fmt, apply_overrides, learned_weights
+from common import Clock, bench_main, fmt_summary as _fmt, learned_weights, lm_featurization_cost
 
 SETTINGS = {
     "full": {"n_train": 320, "n_heldout": 30, "n_learn": 50, "steps": 200, "batch_size": 16, "lr": 3e-3,
@@ -80,18 +80,6 @@ def write_texts(out: Path, s: dict) -> dict[str, str]:
             path.write_text(body, encoding="utf-8")
         specs[name] = f"jsonl:{path.resolve()}"
     return specs
-
-
-class Clock:
-    def __init__(self):
-        self.timings: dict[str, float] = {}
-
-    def stage(self, label, fn, *a, **kw):
-        t = time.perf_counter()
-        print(f"[bench-lm] {label} ...", file=sys.stderr, flush=True)
-        result = fn(*a, **kw)
-        self.timings[label] = round(self.timings.get(label, 0.0) + time.perf_counter() - t, 2)
-        return result
 
 
 def _per_query(problem, scores: np.ndarray) -> np.ndarray:
@@ -145,10 +133,14 @@ def store_rows(out: Path, s: dict, run: str, stores: dict, problem, clock: Clock
 def ekfac_rows(out: Path, s: dict, run: str, specs: dict, ids: dict, problem, train_ids, clock: Clock,
                progress: bool):
     from gradtrace.evaluate import summarize
-    from gradtrace.evaluate.eval_attributions import read_attributions
+    from gradtrace.evaluate.saved_attributions import read_attributions
     from gradtrace.evaluate.tail_patch import tail_patch_run
-    from gradtrace.pipeline.ekfac import (AttributeEkfacSpec, LearnWeightsEkfacSpec, attribute_ekfac_run,
-                                          learn_weights_ekfac_run)
+    from gradtrace.pipeline.ekfac import (
+        AttributeEkfacSpec,
+        LearnWeightsEkfacSpec,
+        attribute_ekfac_run,
+        learn_weights_ekfac_run,
+    )
 
     common = {"checkpoint": run, "factors": str(out / "ekfac-factors"), "batch_size": s["ekfac_batch"]}
     t = time.perf_counter()
@@ -206,7 +198,7 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(int(s["threads"]))
-    start, clock, out = time.perf_counter(), Clock(), Path(out)
+    start, clock, out = time.perf_counter(), Clock("bench-lm"), Path(out)
     try:
         specs = write_texts(out, s)
         ids = {"heldout": np.arange(s["n_heldout"]), "learn": np.arange(s["n_learn"])}
@@ -235,8 +227,7 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
         rows, paired, tails = rows + e_rows, paired + e_paired, tails + e_tails
         cost = []
         if s["featurize_cost"]:
-            from bench_lm_featurize import measure
-            cost = clock.stage("featurization cost", measure, str(out / "featurize-cost"),
+            cost = clock.stage("featurization cost", lm_featurization_cost, str(out / "featurize-cost"),
                                log=lambda line: print(f"[bench-lm] {line}", file=sys.stderr, flush=True))
     finally:
         torch.set_num_threads(threads)

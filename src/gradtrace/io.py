@@ -23,14 +23,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from gradtrace import __version__  # the front door sets it before any submodule loads
 from gradtrace.errors import UserError
 
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape numbers."""
-    import gradtrace  # the package's own version (set before any submodule loads)
-
-    out = {"gradtrace": gradtrace.__version__, "torch": torch.__version__, "numpy": np.__version__,
+    out = {"gradtrace": __version__, "torch": torch.__version__, "numpy": np.__version__,
            "python": sys.version.split()[0], "platform": platform.platform()}
     try:  # read the installed version without importing diffusers (seconds of start-up)
         out["diffusers"] = version("diffusers")

@@ -15,13 +15,13 @@ import numpy as np
 
 from gradtrace.attribution import Scored, score_queries
 from gradtrace.errors import UserError
-from gradtrace.evaluate.lds import N_BOOTSTRAP, lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
 from gradtrace.evaluate.recipe import Recipe, load_recipe
 from gradtrace.evaluate.retrain import Retraining, open_retraining
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import check_can_write, command_line, sha256_arrays, versions, write_json_atomic
 from gradtrace.methods import DEFAULT_KERNEL
+from gradtrace.metrics.lds import N_BOOTSTRAP, lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.report.lds import plot_per_group
 
 RESULT = "lds.json"

@@ -4,7 +4,7 @@ well each method's self-influence finds the flipped examples, with uniform and w
 Steps, each kept in OUT and reused by a rerun (resumable; every file written atomically):
 
 1. ``flips.json``: round(fraction·N) training examples drawn from a seeded generator, each given a class drawn
-   uniformly from the others (`gradtrace.evaluate.detection.flip_labels`);
+   uniformly from the others (`gradtrace.evaluate.flips.flip_labels`);
 2. ``model/``: the run's recipe (model config, train config and seed) trained on the corrupted labels (saved in a
    temp folder and renamed; a killed training resumes from ``.model.state``);
 3. ``features/train``: the training set featurized with the corrupted model *at the corrupted labels* (the margin
@@ -42,14 +42,14 @@ from gradtrace.adapters.train_state import TrainState
 from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, store_identity
 from gradtrace.data.sources import Examples, dataset_source, open_dataset
 from gradtrace.errors import UserError
-from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, bilinear_self_influence, check_fraction, \
-    detection_table, flip_labels
+from gradtrace.evaluate.flips import bilinear_self_influence, flip_labels
 from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, process_alive, read_json, sha256_arrays,
                           versions, write_json_atomic)
 from gradtrace.methods import KERNELS, FittedMethod, configure, get_method, known_methods
+from gradtrace.metrics.detection import N_BOOTSTRAP, TOP_FRACTION, check_fraction, detection_table
 from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, learn_weights_dense,
                                save_weights)
 

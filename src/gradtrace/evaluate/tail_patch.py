@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import score_queries
 from gradtrace.errors import UserError
-from gradtrace.evaluate.eval_attributions import check_for_run, examples_in_order, read_attributions
-from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, store_examples
 from gradtrace.evaluate.recipe import load_recipe
+from gradtrace.evaluate.saved_attributions import check_for_run, examples_in_order, read_attributions
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
 from gradtrace.methods import DEFAULT_KERNEL
+from gradtrace.metrics.stats import mean_ci
 
 RESULT = "tail_patch.json"
 STEP_MEASUREMENT = "loss"  # every adapter's training loss
@@ -74,11 +74,6 @@ def patched_outputs(adapter, checkpoint, objective, train_ex, query_ex, sets: np
                 if n in saved:
                     p.copy_(saved[n])
     return out
-
-
-def _stat(values: np.ndarray, seed: int) -> dict:
-    ci = bootstrap_ci(values, seed=seed) if len(values) > 1 else (None, None)
-    return {"mean": float(values.mean()), "ci95": list(ci)}
 
 
 def _store_sets(adapter, ckpt, train_features, queries, *, method, kernel, c, weights_path, learning_queries, k,
@@ -169,11 +164,11 @@ def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", k
     per_query = [{"query_id": int(query_ex.ids[q]), "output": float(base[q]),
                   **{f"delta_{name}": float(deltas[name][q]) for name in sets},
                   **{f"{name}_ids": [int(i) for i in ids[sets[name][q]]] for name in sets}} for q in range(nq)]
-    summary = {f"delta_{name}": _stat(deltas[name], seed) for name in sets}
+    summary = {f"delta_{name}": mean_ci(deltas[name], seed) for name in sets}
     for name in kinds:
-        summary[f"delta_{name}_minus_random"] = _stat(deltas[name] - deltas["random"], seed)
+        summary[f"delta_{name}_minus_random"] = mean_ci(deltas[name] - deltas["random"], seed)
     if "learned" in kinds:
-        summary["delta_learned_minus_uniform"] = _stat(deltas["learned"] - deltas["uniform"], seed)
+        summary["delta_learned_minus_uniform"] = mean_ci(deltas["learned"] - deltas["uniform"], seed)
     doc = {"summary": {"n_queries": nq, **summary}, "per_query": per_query,
            "manifest": {"format": "gradtrace-tail-patch", "format_version": 1, "command": command_line(),
                         "run": str(Path(run).resolve()), "run_fingerprint": ckpt.fingerprint, **sel["record"],

@@ -1,4 +1,6 @@
-"""Base methods by name, and the λ-scale grid used by the label-free choice of c."""
+"""The feature-kernel base methods by name (TracIn, TRAK, D-TRAK, DAS; LoGra is TRAK's per-group kernel on
+Kronecker features), `configure` with the stages' settings, and the λ-scale grid used by the label-free choice of
+c. EK-FAC scores the model directly (`methods/ekfac.py`)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -47,7 +49,7 @@ def known_methods() -> list[str]:
 
 
 def get_method(name: str, **kwargs: Any) -> Method:
-    """A base method by name: "tracin", "trak" or "dtrak" (options for the last two: c, kernel)."""
+    """A base method by name: "tracin", "trak", "dtrak" or "das" (options for the last three: c, kernel)."""
     key = str(name).strip().lower().replace("_", "-")
     key = {"d-trak": "dtrak", "grad-dot": "tracin", "graddot": "tracin"}.get(key, key)
     if key not in METHODS:

@@ -12,18 +12,17 @@ corpus fingerprint and the versions; it is written last, so it marks a finished 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
 
+from gradtrace.adapters.causal_lm.build import save_small_gpt2
 from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.data.text import TextDataset
 from gradtrace.errors import UserError
 from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
-from gradtrace.pipeline.build_pipeline import MANIFEST, finished_build
+from gradtrace.pipeline.build_manifest import MANIFEST, finished_build
 from gradtrace.pipeline.spec import Spec, option, positive
 
 FORMAT = "gradtrace-built-lm"
-BUILD_MODULE = "gradtrace.adapters.causal_lm.build"  # transformers is imported when a build runs
 
 
 @dataclass
@@ -58,9 +57,8 @@ def build_lm_run(spec: BuildLMSpec, *, progress: bool = True) -> Path:
     check_can_write(out)
     if (out / MANIFEST).exists():
         (out / MANIFEST).unlink()
-    built = import_module(BUILD_MODULE).save_small_gpt2(
-        out, dataset.texts, vocab_size=spec.vocab_size, layers=spec.layers, dim=spec.dim, heads=spec.heads,
-        context=spec.context, seed=spec.seed)
+    built = save_small_gpt2(out, dataset.texts, vocab_size=spec.vocab_size, layers=spec.layers, dim=spec.dim,
+                            heads=spec.heads, context=spec.context, seed=spec.seed)
     write_json_atomic(out / MANIFEST, {"format": FORMAT, "spec": spec.to_dict(), "command": command_line(),
                                        "dataset": info, "built": built, "versions": versions()})
     return out

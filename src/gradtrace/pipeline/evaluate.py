@@ -6,16 +6,16 @@ from dataclasses import dataclass
 
 from gradtrace.errors import UserError
 from gradtrace.evaluate.counterfactual import counterfactual_run
-from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, check_fraction
-from gradtrace.evaluate.eval_attributions import lds_of_attributions
 from gradtrace.evaluate.eval_lds import eval_lds_run
 from gradtrace.evaluate.mislabel import DEFAULT_METHODS, mislabel_run
 from gradtrace.pipeline import ekfac as _ekfac  # noqa: F401  (registers eval mislabel's "ekfac" provider)
 from gradtrace.evaluate.outputs import OutputGrid
 from gradtrace.evaluate.retrain import retrain_run
+from gradtrace.evaluate.saved_attributions import lds_of_attributions
 from gradtrace.evaluate.tail_patch import tail_patch_run
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.features.projection import DEFAULT_PROJECTION, KINDS
+from gradtrace.metrics.detection import N_BOOTSTRAP, TOP_FRACTION, check_fraction
 from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
 from gradtrace.pipeline.spec import Spec, non_negative, option, positive
 from gradtrace.pipeline.train import resolve_ids

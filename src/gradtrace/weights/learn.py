@@ -38,11 +38,11 @@ from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.weights.defaults import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_MEMORY_BUDGET,
                                         DEFAULT_POOL, DEFAULT_REFRESH, DEFAULT_STEPS)
 from gradtrace.weights.guard import GUARDS, holdout_shrink
-from gradtrace.weights.kernels import threads
 from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
 from gradtrace.weights.lazy import LazyObjective
 from gradtrace.weights.pool import TRIGGERS
 from gradtrace.weights.scalable import ScalableObjective
+from gradtrace.weights.threads import threads
 
 REFRESH_MODES = ("lazy",) + TRIGGERS
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradtrace.weights.kernels import U32
+from gradtrace.weights.psi_passes import U32
 
 PER_K = 4          # shortlist size: 4k candidates per query
 MIN_INTERVAL = 2   # steps between checks: halved after a miss down to this, doubled after a clean check ...

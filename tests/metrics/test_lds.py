@@ -7,7 +7,7 @@ import torch
 from scipy.stats import spearmanr
 
 from gradtrace.errors import UserError
-from gradtrace.evaluate.lds import (bootstrap_ci, lds, lds_per_query, subset_mask, subset_predictions,
+from gradtrace.metrics.lds import (bootstrap_ci, lds, lds_per_query, subset_mask, subset_predictions,
                                     summarize)
 from gradtrace.adapters.base import GT_STREAM
 from gradtrace.adapters.diffusion.outputs import query_losses

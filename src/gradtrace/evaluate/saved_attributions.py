@@ -18,9 +18,9 @@ import numpy as np
 from gradtrace.attribution.run_check import check_run
 from gradtrace.errors import UserError
 from gradtrace.evaluate.eval_lds import PLOT, RESULT, finished_retraining, targets_from_outputs
-from gradtrace.evaluate.lds import lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs
 from gradtrace.io import check_can_write, command_line, read_json, sha256_arrays, versions, write_json_atomic
+from gradtrace.metrics.lds import lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.report.lds import plot_per_group
 
 ARRAYS = ("scores.npy", "train_ids.npy", "query_ids.npy")
