@@ -17,9 +17,9 @@ from gradtrace.features.gradients import GradientFeaturizer
 from gradtrace.features.groups import make_groups
 from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProjector
 from gradtrace.features.kronecker import KroneckerFeaturizer
-from gradtrace.features.projection import DEFAULT_PROJECTION, GroupProjector, default_dim
 from gradtrace.features.numerics import current
 from gradtrace.features.progress import is_progress_file
+from gradtrace.features.projection import DEFAULT_PROJECTION, GroupProjector, default_dim
 from gradtrace.features.store import OWN_FILES, FeatureStore, storage_dtype
 from gradtrace.ranks import rank_and_world
 
