@@ -42,8 +42,9 @@ RUN_FILES = ("topk_ids.npy", "topk_scores.npy")
 
 
 class Child:
-    def __init__(self, op: str, argv: list, log: Path, threads: int = 1, kill_at: float | None = None):
-        self.op, self.argv, self.log, self.kill_at = op, [str(a) for a in argv], log, kill_at
+    def __init__(self, op: str, argv: list, log: Path, threads: int = 1, kill_at: float | None = None,
+                 target: Path | None = None):
+        self.op, self.argv, self.log, self.kill_at, self.target = op, [str(a) for a in argv], log, kill_at, target
         log.touch()  # the child may be killed before it opens its log
         self.started = time.monotonic()
         self.pid = os.fork()
@@ -165,17 +166,18 @@ def soak(root: Path, invocations: int, seed: int, parallel: int, p_kill: float) 
         kill_at = rng.uniform(0.05, 1.5) if rng.random() < p_kill else None
         log = logs / f"{i:03d}-{op}.log"
         if op == "featurize":
-            child = Child(op, argv(kind, work / kind), log, kill_at=kill_at)
+            child = Child(op, argv(kind, work / kind), log, kill_at=kill_at, target=work / kind)
         elif op == "second-writer":
             child = Child(op, argv(kind, work / kind), log)
         elif op == "overwrite":  # start the store over (refused while another writer holds it)
-            child = Child(op, argv(kind, work / kind) + ["--overwrite"], log, kill_at=kill_at)
-        elif op == "two-threads":  # a store whose recorded rows are of one thread; none: a plain writer instead
-            started = [k for k in commands if has_rows(work / k)]
+            child = Child(op, argv(kind, work / kind) + ["--overwrite"], log, kill_at=kill_at, target=work / kind)
+        elif op == "two-threads":  # an idle unfinished store with rows of one thread; none: a plain writer instead
+            busy = {c.target for c in live if not c.poll()}
+            started = [k for k in commands if work / k not in busy and has_rows(work / k)]
             if not started:
-                child = Child("featurize", argv(kind, work / kind), log, kill_at=kill_at)
+                child = Child("featurize", argv(kind, work / kind), log, kill_at=kill_at, target=work / kind)
             else:
-                child = Child(op, argv(started[0], work / started[0]), log, threads=2)
+                child = Child(op, argv(started[0], work / started[0]), log, threads=2, target=work / started[0])
         elif op == "merge":
             child = Child(op, ["merge-features", "--shard", work / "train", "--out", work / f"merged-{i % 2}"], log,
                           kill_at=kill_at)
