@@ -133,6 +133,7 @@ def soak(root: Path, invocations: int, seed: int, parallel: int, p_kill: float) 
     outcomes: collections.Counter = collections.Counter()
     problems: list[str] = []
     refusals: collections.Counter = collections.Counter()
+    after_kill: list[Path] = []  # stores a writer was killed in: the next invocation may be a two-thread writer
     start = time.monotonic()
 
     def settle(child: Child) -> None:
@@ -140,6 +141,8 @@ def soak(root: Path, invocations: int, seed: int, parallel: int, p_kill: float) 
         lines = [line for line in text.splitlines() if line.strip()]
         if child.killed and child.code == -signal.SIGKILL:
             outcome = "killed"
+            if child.target is not None and child.op in ("featurize", "overwrite"):
+                after_kill.append(child.target)
         elif child.code == 0:
             outcome = "ok"
             if child.op == "attribute":
@@ -163,17 +166,21 @@ def soak(root: Path, invocations: int, seed: int, parallel: int, p_kill: float) 
             time.sleep(0.01)
         op = rng.choice(ops)
         kind = rng.choice(list(commands))
-        kill_at = rng.uniform(0.05, 1.5) if rng.random() < p_kill else None
+        if after_kill and rng.random() < 0.5:  # after a kill, the store may stay unfinished
+            op, kind = "two-threads", after_kill.pop(0).name
+        kill_at = rng.uniform(0.05, 4.0) if rng.random() < p_kill else None
         log = logs / f"{i:03d}-{op}.log"
         if op == "featurize":
             child = Child(op, argv(kind, work / kind), log, kill_at=kill_at, target=work / kind)
         elif op == "second-writer":
-            child = Child(op, argv(kind, work / kind), log)
+            child = Child(op, argv(kind, work / kind), log, target=work / kind)
         elif op == "overwrite":  # start the store over (refused while another writer holds it)
             child = Child(op, argv(kind, work / kind) + ["--overwrite"], log, kill_at=kill_at, target=work / kind)
-        elif op == "two-threads":  # an idle unfinished store with rows of one thread; none: a plain writer instead
-            busy = {c.target for c in live if not c.poll()}
-            started = [k for k in commands if work / k not in busy and has_rows(work / k)]
+        elif op == "two-threads":  # an unfinished store with rows of one thread, once its writers are done
+            deadline = time.monotonic() + 30
+            while any(c.target == work / kind and not c.poll() for c in live) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            started = [kind] if has_rows(work / kind) else []
             if not started:
                 child = Child("featurize", argv(kind, work / kind), log, kill_at=kill_at, target=work / kind)
             else:
