@@ -41,8 +41,9 @@ METHODS = [("tracin", "identity", "loss"), ("trak", "shared", "loss"), ("trak", 
            ("das", "per-group", "das")]
 PICTURE_METHOD = "trak/per-group"  # fixed in advance for the attribution grids (not chosen on results)
 SETTINGS = {
-    "full": {"n_train": None, "steps": 1500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64, "sample_steps": 50,
-             "guidance": 1.0, "dim": 2048, "timesteps": 10, "learn_steps": 200, "k": 10, "threads": 1,
+    "full": {"n_train": None, "steps": 1500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64,
+             "sample_steps": 50, "guidance": 1.0, "dim": 2048, "timesteps": 10, "learn_steps": 200, "k": 10,
+             "threads": 1,
              "show_queries": 3, "show_k": 6, "bootstrap": 2000, "groups": "block", "projection": "rademacher"},
     "quick": {"n_train": 96, "steps": 10, "batch_size": 16, "lr": 3e-3, "n_eval": 8, "n_learn": 6, "sample_steps": 3,
               "guidance": 1.0, "dim": 64, "timesteps": 1, "learn_steps": 5, "k": 10, "threads": 1,
@@ -318,24 +319,27 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['method']} | {r['weights']} | {c} | {n_eff} | " +
                      " | ".join(f"{fmt(r[f'{a}_recall'])} | {fmt(r[f'{a}_map'])}" for a in ASPECTS) + " |")
     lines += ["", "Recall@10 of learned weights vs uniform (paired bootstrap 95% CI over evaluation queries):", "",
-              "| method | aspect | weights | uniform | learned | Δ | 95% CI | verdict |", "|---|---|---|---|---|---|---|---|"]
+              "| method | aspect | weights | uniform | learned | Δ | 95% CI | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
     for v in doc["summary"]["verdict"]:
         lines.append(f"| {v['method']} | {v['aspect']} | {v['weights']} | {v['uniform']:.3f} | {v['learned']:.3f} | "
                      f"{v['delta']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | {v['verdict']} |")
-    lines += ["", "Per-group diagnostics (general λ): best single group on the evaluation queries (diagnostic only), the "
-              "group with the best label-free solo quality on the aspect's learning queries, and the Spearman "
+    lines += ["", "Per-group diagnostics (general λ): best single group on the evaluation queries (diagnostic only), "
+              "the group with the best label-free solo quality on the aspect's learning queries, and the Spearman "
               "correlation between solo quality and single-group Recall@10:", "",
-              "| method | aspect | best group (R@10) | solo-best group (R@10) | ρ(solo, R@10) |", "|---|---|---|---|---|"]
+              "| method | aspect | best group (R@10) | solo-best group (R@10) | ρ(solo, R@10) |",
+              "|---|---|---|---|---|"]
     for key, r in doc["methods"].items():
         for a, d in r["diagnostics"].items():
             lines.append(f"| {key} | {a} | {d['best_group']} ({d['best_group_recall']:.3f}) | {d['solo_best_group']} "
                          f"({d['solo_best_group_recall']:.3f}) | {d['spearman_solo_vs_group_recall']:.2f} |")
     lines += ["", "Do the generated queries show the requested values? Pixel logistic-regression accuracy on the "
               "requested attribute (held-out = real shapes not in training; chance = 1/6, 1/4, 1/4):", "",
-              "| attribute | held-out real | eval queries | general learning | own-aspect learning |", "|---|---|---|---|---|"]
+              "| attribute | held-out real | eval queries | general learning | own-aspect learning |",
+              "|---|---|---|---|---|"]
     for a, row in doc["fidelity"].items():
-        lines.append(f"| {a} | {row['heldout_accuracy']:.3f} | {fmt(row.get('eval'))} | {fmt(row.get('learn-general'))} "
-                     f"| {fmt(row.get(f'learn-{a}'))} |")
+        lines.append(f"| {a} | {row['heldout_accuracy']:.3f} | {fmt(row.get('eval'))} | "
+                     f"{fmt(row.get('learn-general'))} | {fmt(row.get(f'learn-{a}'))} |")
     t = doc["timings_s"]
     lines += ["", f"Date {doc['date']}; total {t['total'] / 60:.1f} min; load average at end "
               f"{', '.join(f'{x:.1f}' for x in doc['load_average_end'])}."]

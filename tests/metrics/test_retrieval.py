@@ -6,8 +6,14 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from gradtrace.errors import UserError
-from gradtrace.metrics.retrieval import (average_precision, mean_average_precision, ranking, recall_at_k,
-                                         retrieval_summary, shared_value_relevance)
+from gradtrace.metrics.retrieval import (
+    average_precision,
+    mean_average_precision,
+    ranking,
+    recall_at_k,
+    retrieval_summary,
+    shared_value_relevance,
+)
 
 # Two queries over 6 items. Query 0 ranks items 3,1,5,0,2,4 and items {1,2} are relevant:
 # top-2 = {3,1} -> 1 hit / min(2, 2) = 0.5; top-4 = {3,1,5,0} -> 1 / 2 = 0.5.

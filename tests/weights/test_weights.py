@@ -10,8 +10,16 @@ import torch
 
 from gradtrace.errors import UserError
 from gradtrace.methods import FittedMethod, get_method
-from gradtrace.weights import (choose_lambda_scale, cosine, dense_contributions, learn_weights, load_weights,
-                               save_weights, snr_loss, solo_quality)
+from gradtrace.weights import (
+    choose_lambda_scale,
+    cosine,
+    dense_contributions,
+    learn_weights,
+    load_weights,
+    save_weights,
+    snr_loss,
+    solo_quality,
+)
 from gradtrace.weights.noise import psi_stats, query_grams
 from gradtrace.weights.pool import CandidatePool
 from gradtrace.weights.streamed import snr_at

@@ -43,7 +43,7 @@ def counterfactual_jobs(train_ids, query_ids, top_ids, random_ids, seeds) -> lis
     return jobs
 
 
-def counterfactual_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL,
+def counterfactual_run(run, train_features, queries, out, *, method="trak", kernel: str = DEFAULT_KERNEL,
                        c=None, weights=None, weights_path=None, learning_queries=None, num_queries: int = 5,
                        k: int = 10,
                        n_seeds: int = 1, workers: int = 1, random_seed: int = 0, grid: OutputGrid = OutputGrid(),

@@ -96,7 +96,7 @@ def per_group_lds(problem: LDSProblem, scored: Scored, *, seed: int = 0) -> dict
     return out
 
 
-def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL,
+def eval_lds_run(run, retrain, train_features, queries, out, *, method="trak", kernel: str = DEFAULT_KERNEL,
                  c=None, weights_path=None, per_group: bool = False, grid: OutputGrid = OutputGrid(),
                  seed: int = 0, learning_queries=None, progress: bool = True) -> dict:
     """LDS (mean, 95% CI, per query) of one method; writes lds.json (+ with `per_group`, each group's LDS

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.metrics.detection import check_fraction
 
 
@@ -39,16 +38,6 @@ def flip_labels(labels, num_classes: int, *, fraction: float = 0.1, seed: int = 
 
 
 def bilinear_self_influence(fitted, features, *, chunk_rows: int = 8192, progress: bool = False) -> np.ndarray:
-    """(N, M) float64 per-group self-influence c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n) of a fitted bilinear method
-    (`gradtrace.methods.FittedMethod`) whose training features are `features` (N, k): row chunks of Φ and of Ψ
-    (computed for the chunk in query-side mode), multiplied elementwise and summed within each group."""
-    n, dim = fitted.n_train, fitted.dim
-    if tuple(features.shape) != (n, dim):
-        raise UserError(f"training features have shape {tuple(features.shape)}, the fitted method ({n}, {dim})")
-    out = np.empty((n, fitted.n_groups), dtype=np.float64)
-    rows = effective_chunk_rows(int(chunk_rows), 16 * dim)
-    for start, stop in row_chunks(n, rows, progress=progress, desc="self-influence"):
-        prod = np.asarray(features[start:stop], dtype=np.float64) * fitted.psi_rows(start, stop).astype(np.float64)
-        for j, (_, lo, hi) in enumerate(fitted.group_slices):
-            out[start:stop, j] = prod[:, lo:hi].sum(1)
-    return out
+    """(N, M) float64 per-group self-influence c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n) of a fitted bilinear method whose
+    training features are `features` (N, k): `gradtrace.methods.FittedMethod.self_contributions`."""
+    return fitted.self_contributions(features, chunk_rows=chunk_rows, progress=progress)

@@ -45,7 +45,7 @@ def read_attributions(folder) -> Attributions:
     path = Path(folder)
     file = path / "attributions.json"
     if not file.is_file():
-        raise UserError(f"{path} has no attributions.json; pass the output folder of attribute-ekfac")
+        raise UserError(f"{path} has no attributions.json; pass the output folder of `attribute --method ekfac`")
     doc = read_json(file, "attributions file")
     manifest = doc.get("manifest") if isinstance(doc, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":

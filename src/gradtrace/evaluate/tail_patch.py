@@ -107,8 +107,9 @@ def _store_sets(adapter, ckpt, train_features, queries, *, method, kernel, c, we
 
 
 def _attribution_sets(run, folder, *, k, num_queries) -> dict:
-    """Top-k rows per query from a dense attribute output (attribute-ekfac): its scores are the learned row when
-    it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else uniform."""
+    """Top-k rows per query from a dense attribute output (`attribute --method ekfac`): its scores are the learned row
+    when it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else
+    uniform."""
     attr = read_attributions(folder)
     recipe = load_recipe(run)
     check_for_run(attr, recipe)
@@ -130,7 +131,7 @@ def _attribution_sets(run, folder, *, k, num_queries) -> dict:
                        "weights": m.get("weights"), "lambda": m.get("lambda")}}
 
 
-def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL, c=None,
+def tail_patch_run(run, train_features, queries, out, *, method="trak", kernel: str = DEFAULT_KERNEL, c=None,
                    weights_path=None, learning_queries=None, attributions=None, k: int = 10, lr: float = 1e-2,
                    num_queries=None, random_seed: int = 0, grid: OutputGrid = OutputGrid(), seed: int = 0,
                    progress: bool = True) -> dict:

@@ -10,21 +10,9 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
+from gradtrace.choices import TOP_FRACTION, check_fraction  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.metrics.stats import N_BOOTSTRAP, percentile_ci
-
-TOP_FRACTION = 0.1
-
-
-def check_fraction(value, flag: str = "--fraction") -> float:
-    """A fraction strictly between 0 and 1."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{flag} must be a number strictly between 0 and 1, got {value!r}") from None
-    if not 0.0 < value < 1.0:
-        raise UserError(f"{flag} must be strictly between 0 and 1, got {value:g}")
-    return value
 
 
 def roc_auc(scores, positive) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-N_BOOTSTRAP = 1000
+from gradtrace.choices import N_BOOTSTRAP  # noqa: F401  (the CLI's choices)
 
 
 def bootstrap_ci(values: np.ndarray, *, n_bootstrap: int = N_BOOTSTRAP, seed: int = 0,

@@ -11,7 +11,6 @@ corpus fingerprint and the versions; it is written last, so it marks a finished 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from gradtrace.adapters.causal_lm.build import save_small_gpt2
@@ -20,28 +19,9 @@ from gradtrace.data.text import TextDataset
 from gradtrace.errors import UserError
 from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
 from gradtrace.pipeline.build_manifest import MANIFEST, finished_build
-from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.pipeline.specs.build_lm import BuildLMSpec
 
 FORMAT = "gradtrace-built-lm"
-
-
-@dataclass
-class BuildLMSpec(Spec):
-    data: str = option("fortunes", "corpus the tokenizer is trained on: fortunes | jsonl:PATH | textfolder:PATH")
-    out: str = option(None, "model folder to write", required=True)
-    n: int | None = option(None, "use the first N documents of the corpus", type=int, check=positive)
-    vocab_size: int = option(512, "tokenizer vocabulary size (byte-level BPE)", check=positive)
-    layers: int = option(2, "transformer blocks", check=positive)
-    dim: int = option(64, "model width", check=positive)
-    heads: int = option(4, "attention heads", check=positive)
-    context: int = option(64, "context length (positions)", check=positive)
-    seed: int = option(0, "seed of the initial weights")
-
-    def validate(self) -> None:
-        if self.vocab_size < 260:
-            raise UserError(f"--vocab-size must be >= 260 (256 bytes and the end-of-text token), got {self.vocab_size}")
-        if self.context < 2:
-            raise UserError(f"--context must be >= 2 (a next-token loss needs two tokens), got {self.context}")
 
 
 def build_lm_run(spec: BuildLMSpec, *, progress: bool = True) -> Path:

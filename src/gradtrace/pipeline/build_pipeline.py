@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,32 +25,9 @@ from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
 from gradtrace.pipeline.build_manifest import MANIFEST, finished_build
-from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.pipeline.specs.build_pipeline import BuildPipelineSpec
 
 FORMAT = "gradtrace-built-pipeline"
-
-
-def _positive_number(value, flag: str) -> None:
-    if value is None or isinstance(value, bool) or not value > 0:
-        raise UserError(f"{flag} must be a positive number, got {value}")
-
-
-@dataclass
-class BuildPipelineSpec(Spec):
-    data: str = option("shapes", "captioned dataset: shapes | imagefolder:PATH (captions: a \"text\" column)")
-    out: str = option(None, "pipeline directory to write", required=True)
-    n: int | None = option(None, "use the first N images of the dataset", type=int, check=positive)
-    size: int = option(16, "image size, a multiple of 4 (latents are half of it)", check=positive)
-    data_seed: int = option(0, "seed of a generated dataset (shapes)")
-    vae_steps: int = option(400, "VAE training steps", check=positive)
-    unet_steps: int = option(800, "UNet + text encoder training steps", check=positive)
-    batch_size: int = option(32, "images per step", check=positive)
-    lr: float = option(1e-3, "learning rate (AdamW, both phases)", check=_positive_number)
-    seed: int = option(0, "seed of the initial weights and of every training draw")
-
-    def validate(self) -> None:
-        if self.size % 4:
-            raise UserError(f"--size must be a multiple of 4 (the VAE and the UNet each halve it), got {self.size}")
 
 
 def dataset_captions(dataset) -> list[str]:

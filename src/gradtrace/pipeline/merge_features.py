@@ -11,9 +11,6 @@ writes, so every later stage (attribute, learn-weights, eval) gives the unsharde
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 from gradtrace.errors import UserError
@@ -21,29 +18,7 @@ from gradtrace.features.numerics import check_not_mixed
 from gradtrace.features.progress import ChunkProgress, digest
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line
-from gradtrace.pipeline.spec import Spec, option
-
-
-@dataclass
-class MergeFeaturesSpec(Spec):
-    shard: list = option([], "a partial feature store (repeat: one per machine of the job)", append=True,
-                         metavar="DIR")
-    out: str = option(None, "the merged feature store", required=True)
-    allow_mixed_numerics: bool = option(False, "merge shards computed under other numerics (thread count, device, "
-                                        "dtype, library versions); recorded in the merged store's manifest")
-
-    def validate(self) -> None:
-        if len(self.shard) < 1:
-            raise UserError("pass at least one --shard DIR (the feature store directory of each machine)")
-        seen: dict[Path, str] = {}
-        for shard in self.shard:
-            where = Path(shard).resolve()
-            if where in seen:
-                raise UserError(f"--shard {shard} is passed twice (as {seen[where]} too); pass each machine's "
-                                "directory once")
-            seen[where] = str(shard)
-        if Path(self.out).resolve() in seen:
-            raise UserError("--out must be a new directory, not one of the shards")
+from gradtrace.pipeline.specs.merge_features import MergeFeaturesSpec
 
 
 def merge_features_run(spec: MergeFeaturesSpec, *, progress: bool = True) -> FeatureStore:

@@ -46,8 +46,8 @@ from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import RunningTopK, sort_desc_then_index
 from gradtrace.weights.noise import GramNorm
 from gradtrace.weights.objective import ratio_loss
-from gradtrace.weights.psi_passes import U32, PsiSource, pick_device, psi_stats_fast, query_grams_fast, top_pass
 from gradtrace.weights.pool import CandidatePool
+from gradtrace.weights.psi_passes import U32, PsiSource, pick_device, psi_stats_fast, query_grams_fast, top_pass
 from gradtrace.weights.shortlist import Shortlist
 from gradtrace.weights.threads import threads
 
