@@ -135,10 +135,10 @@ def effective_groups(w: np.ndarray) -> float:
 
 
 def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0) -> list[float]:
-    """95% bootstrap CI over queries of mean(a − b) (paired)."""
-    d = np.asarray(a) - np.asarray(b)
-    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    """95% bootstrap CI over queries of mean(a − b) (paired): `eval retrieval`'s paired difference."""
+    from gradtrace.evaluate.retrieval import paired_difference
+
+    return paired_difference(b, a, n_bootstrap=n_boot, seed=seed)["ci95"]
 
 
 def run(out: Path, s: dict, img_dir: Path | None, methods=METHODS) -> dict:

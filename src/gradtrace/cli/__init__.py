@@ -28,6 +28,8 @@ from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_
 from gradtrace.pipeline.ekfac import (AttributeEkfacSpec, LearnWeightsEkfacSpec, attribute_ekfac_run,
                                       learn_weights_ekfac_run)
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, MislabelSpec, eval_mislabel
+from gradtrace.pipeline.eval_retrieval import EvalRetrievalSpec, eval_retrieval
+from gradtrace.evaluate.eval_retrieval import RESULT as RETRIEVAL_RESULT, TABLE as RETRIEVAL_TABLE
 from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
 from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, TailPatchSpec, eval_tail_patch
 from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
@@ -123,6 +125,10 @@ def _say_tail_patch(doc, spec) -> str:
     return f"{tail_patch_table(doc)}\ntail-patch: {Path(spec.out) / TAIL_PATCH_RESULT}"
 
 
+def _say_retrieval(doc, spec) -> str:
+    return f"{(Path(spec.out) / RETRIEVAL_TABLE).read_text()}retrieval: {Path(spec.out) / RETRIEVAL_RESULT}"
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(TrainSpec, train_run, _say_train, "train a model (default: a tiny diffusion UNet, DDPM)"),
     "sample": Command(SampleSpec, sample_run, _say_sample, "generate images from a checkpoint"),
@@ -160,6 +166,8 @@ EVAL_COMMANDS: dict[str, Command] = {
                         "flip a fraction of a classifier's training labels, retrain, and find them by self-influence"),
     "tail-patch": Command(TailPatchSpec, eval_tail_patch, _say_tail_patch,
                           "one small gradient step on each query's top-k training examples (against k random ones)"),
+    "retrieval": Command(EvalRetrievalSpec, eval_retrieval, _say_retrieval,
+                         "Recall@k and mAP per aspect (label column) with bootstrap CIs, paired between runs"),
 }
 
 
@@ -185,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         _add(sub, name, command, name)
-    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining, mislabel detection)")
+    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining, mislabel detection, retrieval)")
     esub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     for name, command in EVAL_COMMANDS.items():
         _add(esub, name, command, f"eval {name}")
