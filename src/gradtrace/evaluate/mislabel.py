@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +45,7 @@ from gradtrace.errors import UserError
 from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, bilinear_self_influence, check_fraction, \
     detection_table, flip_labels
 from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset
-from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
+from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for, spec_record
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, process_alive, read_json, sha256_arrays,
                           versions, write_json_atomic)
@@ -284,7 +284,7 @@ def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods
     learn_ex = adapter.examples(recipe.model_config, l_source, ids=l_ids)
     settings = {"run_fingerprint": recipe.fingerprint, "train_ids_sha256": sha256_arrays([train_ex.ids]),
                 "fraction": fraction, "flip_seed": int(flip_seed), "labels_sha256": sha256_arrays([noisy]),
-                "features": asdict(spec), "learning_source": l_source, "learning_ids_sha256": sha256_arrays([l_ids])}
+                "features": spec_record(spec), "learning_source": l_source, "learning_ids_sha256": sha256_arrays([l_ids])}
     open_workdir(out, settings)
     if not (out / FLIPS).exists():
         rows = np.flatnonzero(flipped)

@@ -37,6 +37,10 @@ class FeaturizeSpec(Spec):
                                      "models, of loss, dtrak, mean, das; margin for classifiers, of margin, loss)",
                                      type=str)
     timesteps: int = option(10, "T timesteps averaged per example", check=positive)
+    timestep_bands: int | None = option(None, "diffusion models: split the T timesteps into N bands (3: high / mid / "
+                                        "low noise) and store one block per (parameter group x band), so that "
+                                        "kernels and weights work per band (the store holds N times --dim columns)",
+                                        type=int, check=positive)
     noise_seed: int = option(0, "seed of the per-example noise")
     chunk: int = option(64, "examples per chunk", check=positive)
     store_dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
@@ -57,7 +61,7 @@ class FeaturizeSpec(Spec):
         return FeatureSpec(groups=self.groups, projection=self.projection, total_dim=self.dim,
                            projection_seed=self.proj_seed, measurement=self.measurement,
                            num_timesteps=self.timesteps, noise_seed=self.noise_seed, chunk_rows=self.chunk,
-                           dtype=self.store_dtype, precision=self.dtype)
+                           dtype=self.store_dtype, precision=self.dtype, timestep_bands=self.timestep_bands)
 
     @classmethod
     def like(cls, settings: dict, **where) -> "FeaturizeSpec":
@@ -65,7 +69,8 @@ class FeaturizeSpec(Spec):
         s = settings["spec"]
         return cls(groups=s["groups"], projection=s["projection"], dim=s["total_dim"], proj_seed=s["projection_seed"],
                    measurement=s["measurement"], timesteps=s["num_timesteps"], noise_seed=s["noise_seed"],
-                   chunk=s["chunk_rows"], store_dtype=s["dtype"], dtype=s.get("precision", "float32"), **where)
+                   chunk=s["chunk_rows"], store_dtype=s["dtype"], dtype=s.get("precision", "float32"),
+                   timestep_bands=s.get("timestep_bands"), **where)
 
 
 def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore:
