@@ -140,6 +140,12 @@ def labels_of(source: dict, ids: np.ndarray, columns: list[str], file: str | Non
     return out
 
 
+def _examples_of(source: dict) -> dict:
+    """What identifies the examples of a source: the same images featurized under another conditioning
+    (`featurize --condition-on`) are the same queries."""
+    return {k: v for k, v in source.items() if k != "condition_on"}
+
+
 def eval_retrieval_run(folders: list[str], labels: list[str], out, *, ks=(10,), n_bootstrap: int = 2000,
                        seed: int = 0, train_labels: str | None = None, query_labels: str | None = None) -> dict:
     out = Path(out)
@@ -147,7 +153,8 @@ def eval_retrieval_run(folders: list[str], labels: list[str], out, *, ks=(10,), 
     runs = [Run(f) for f in folders]
     first = runs[0]
     for run in runs[1:]:
-        if not np.array_equal(run.query_ids, first.query_ids) or run.sources["query"] != first.sources["query"]:
+        if not np.array_equal(run.query_ids, first.query_ids) or \
+                _examples_of(run.sources["query"]) != _examples_of(first.sources["query"]):
             raise UserError(f"{run.path} attributes other queries than {first.path}; compare runs over the same "
                             "query set")
         if not np.array_equal(np.sort(run.train_ids), np.sort(first.train_ids)):

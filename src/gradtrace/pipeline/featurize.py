@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from gradtrace.adapters import adapter_of
 from gradtrace.data.sources import dataset_source
 from gradtrace.errors import UserError
@@ -42,6 +44,9 @@ class FeaturizeSpec(Spec):
                                         "kernels and weights work per band (the store holds N times --dim columns)",
                                         type=int, check=positive)
     noise_seed: int = option(0, "seed of the per-example noise")
+    condition_on: str | None = option(None, "attribute-conditioned models: featurize every example conditioned on "
+                                      "this attribute's token alone, the other attributes' tokens null (e.g. a "
+                                      "query's style only)", type=str)
     chunk: int = option(64, "examples per chunk", check=positive)
     store_dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     overwrite: bool = option(False, "replace a store made with other settings")
@@ -91,6 +96,8 @@ def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore
         if ids is None:
             ids = ckpt.train_ids
     examples = adapter.examples(ckpt.model_config, source, ids=ids, cache_dir=cache_dir_for(spec.out))
+    if spec.condition_on is not None:
+        examples = conditioned_on(examples, ckpt.model_config, spec.condition_on)
     features = spec.feature_spec()
     device = resolve_device(spec.device)
     featurizer, _ = featurizer_for(adapter, ckpt, features, device=device)
@@ -99,3 +106,16 @@ def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore
     return featurize(featurizer, examples.images, examples.ids, spec.out, spec=features, cond=examples.cond,
                      model_fingerprint=ckpt.fingerprint, source=examples.source, provenance=provenance,
                      overwrite=spec.overwrite, progress=progress)
+
+
+def conditioned_on(examples, model_config: dict, attribute: str):
+    """The examples with every attribute token but `attribute`'s null (-1); recorded in their source."""
+    names = list(model_config.get("attributes") or {}) if model_config.get("kind") == "conditional" else []
+    if not names or examples.cond is None or np.ndim(examples.cond) != 2:
+        raise UserError("--condition-on needs a model conditioned on attribute tokens (a conditional UNet); "
+                        "drop --condition-on")
+    if attribute not in names:
+        raise UserError(f"--condition-on {attribute}: the model's attributes are {', '.join(names)}; pick one")
+    cond = np.full_like(np.asarray(examples.cond), -1)
+    cond[:, names.index(attribute)] = np.asarray(examples.cond)[:, names.index(attribute)]
+    return replace(examples, cond=cond, source={**examples.source, "condition_on": attribute})

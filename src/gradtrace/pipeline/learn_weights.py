@@ -14,6 +14,7 @@ from gradtrace.adapters import adapter_of
 from gradtrace.attribution import (AUTO, default_weights_path, fit_method, query_set_id, resolve_learning_c,
                                    store_identity)
 from gradtrace.errors import UserError
+from gradtrace.evaluate.eval_retrieval import labels_of
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json
 from gradtrace.methods import configure
@@ -23,6 +24,7 @@ from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, m
 from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, GUARDS, learn_weights,
                                save_weights)
+from gradtrace.weights.family import OBJECTIVES, learn_family_weights
 
 
 @dataclass
@@ -49,8 +51,19 @@ class LearnWeightsSpec(Spec):
                         "and shrink the weights towards uniform as far as the gain does not carry over",
                         choices=GUARDS)
     out: str | None = option(None, "weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)", type=str)
+    objective: str = option("snr", "snr: the top-k signal-to-noise ratio; family: learning queries that share "
+                            "--family's value should rank the same training examples first (and others not); "
+                            "snr+family: both", choices=OBJECTIVES)
+    family: str | None = option(None, "with --objective family: the learning queries' label column whose value "
+                                "makes a family (generated queries: an attribute they were sampled with)", type=str)
+    family_labels: str | None = option(None, "the --family column of the learning queries from a file (CSV with an "
+                                       "id column, or JSON lines with \"id\")", type=str)
 
     def validate(self) -> None:
+        if (self.objective == "snr") != (self.family is None):
+            raise UserError("--objective family / snr+family needs --family COLUMN (and --family is only for them)")
+        if self.objective != "snr" and self.guard != "none":
+            raise UserError("--guard holdout works with --objective snr only; drop --guard")
         if (self.queries is None) == (self.generate is None):
             raise UserError("pass exactly one of --queries STORE or --generate N")
         if self.prompts is not None and self.generate is None:
@@ -90,8 +103,14 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
     train.check_compatible(queries)
     c_value, lambda_table = resolve_learning_c(train, queries, spec.method, spec.kernel, spec.lambda_c, spec.k)
     fitted = fit_method(train, spec.method, kernel=spec.kernel, c=c_value, progress=progress)
-    result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
-                           l2=spec.l2, guard=spec.guard, progress=progress)
+    if spec.objective == "snr":
+        result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
+                               l2=spec.l2, guard=spec.guard, progress=progress)
+    else:
+        families = labels_of(queries.settings["source"], queries.ids, [spec.family], spec.family_labels,
+                             "family")[spec.family]
+        result = learn_family_weights(fitted, np.asarray(queries.features), families, objective=spec.objective,
+                                      k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
     provenance = {
         "command": command_line(), "spec": spec.to_dict(),
         "base_method": fitted.info, "method": spec.method,
