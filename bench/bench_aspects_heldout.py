@@ -91,7 +91,7 @@ class Bench:
             where = dict(samples=str(self.out / "samples" / which))
         log(f"featurize {tag}/{which}")
         return featurize_run(FeaturizeSpec(checkpoint=self.ckpt, out=str(path), groups="block",
-                                           projection="rademacher", dim=self.a.dim, measurement=meas,
+                                           projection=self.a.projection, dim=self.a.dim, measurement=meas,
                                            timesteps=self.a.timesteps, timestep_bands=bands, condition_on=cond_on,
                                            overwrite=True, **where), progress=False)
 
@@ -111,7 +111,8 @@ class Bench:
                   learning=None) -> str:
         from gradtrace.pipeline import AttributeSpec, attribute_run
 
-        out = Path(train.path).parent / "runs" / f"{method}-{kernel}" / name
+        q = queries.settings["source"].get("condition_on")
+        out = Path(train.path).parent / "runs" / f"{method}-{kernel}" / (name + ("" if q is None else f"-q-{q}"))
         if not (out / "attributions.json").exists():
             extra = dict(weights=weights) if weights else dict(lambda_c="auto", learning_queries=str(learning.path))
             attribute_run(AttributeSpec(train=str(train.path), queries=str(queries.path), out=str(out),
@@ -127,15 +128,18 @@ def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None,
     """Every recipe's attribution runs for one (method, kernel, bands); one `eval retrieval` over all of them."""
     from gradtrace.evaluate.eval_retrieval import eval_retrieval_run
 
-    train, ev = b.store(meas, "train", bands), b.store(meas, "eval", bands)
-    general = b.store(meas, "learn-general", bands)
+    image_only = b.a.queries == "image"  # evaluation queries featurized with every token null
+    train = b.store(meas, "train", bands)
+    ev = b.store(meas, "eval", bands, "none" if image_only else None)
+    lq = "none" if image_only else None  # learning queries featurized as the evaluation queries are
+    general = b.store(meas, "learn-general", bands, lq)
     runs = {"uniform": b.attribute(train, ev, method, kernel, "uniform", learning=general)}
     if "general" in recipes:
         runs["general"] = b.attribute(train, ev, method, kernel, "general",
                                       b.weights(train, general, method, kernel, "general"))
     for a in ASPECTS:
         if "aspect-only" in recipes:
-            learn = b.store(meas, f"learn-{a}", bands)
+            learn = b.store(meas, f"learn-{a}", bands, lq)
             runs[f"aspect-only:{a}"] = b.attribute(train, ev, method, kernel, f"aspect-only-{a}",
                                                    b.weights(train, learn, method, kernel, f"aspect-only-{a}"))
         for obj in ("family", "snr+family"):
@@ -143,7 +147,8 @@ def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None,
                 runs[f"{obj}:{a}"] = b.attribute(train, ev, method, kernel, f"{obj}-{a}",
                                                  b.weights(train, general, method, kernel, f"{obj}-{a}", obj, a))
         if {"cond", "cond-snr", "cond-family"} & set(recipes):
-            ctrain, cev = b.store(meas, "train", bands, a), b.store(meas, "eval", bands, a)
+            ctrain = b.store(meas, "train", bands, a)
+            cev = ev if image_only else b.store(meas, "eval", bands, a)
             clearn = b.store(meas, f"learn-{a}", bands, a)
             if "cond" in recipes:
                 runs[f"cond:{a}"] = b.attribute(ctrain, cev, method, kernel, "uniform", learning=clearn)
@@ -154,7 +159,7 @@ def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None,
                 cgen = b.store(meas, "learn-general", bands, a)
                 runs[f"cond-family:{a}"] = b.attribute(ctrain, cev, method, kernel, "family",
                                                        b.weights(ctrain, cgen, method, kernel, "family", "family", a))
-    tag = f"{method}-{kernel}-b{bands or 1}"
+    tag = f"{method}-{kernel}-b{bands or 1}-{b.a.queries}"
     doc = eval_retrieval_run(list(runs.values()), list(ASPECTS), b.out / "retrieval" / tag, ks=(10,),
                              n_bootstrap=2000, seed=0)
     names = dict(zip(runs, [r["name"] for r in doc["runs"]]))
@@ -214,6 +219,25 @@ def pixel_baseline(b: Bench) -> dict:
     return out
 
 
+def summary_md(results: dict) -> str:
+    """Markdown: per configuration and recipe, Recall@10 / mAP on each aspect and the paired differences."""
+    def ci(x):
+        return "—" if x is None else f"{x['mean']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]" + (
+            " **+**" if x["verdict"] == "higher" else " **−**" if x["verdict"] == "lower" else "")
+
+    lines = ["| config | recipe | aspect | R@10 [95% CI] | mAP | Δ R@10 vs uniform | Δ R@10 vs general |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lo, hi = r["recall_ci"]
+        lines.append(f"| {r['config']} | {r['recipe']} | {r['aspect']} | {r['recall']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{r['map']:.3f} | {ci(r.get('vs_uniform'))} | {ci(r.get('vs_general'))} |")
+    for a, m in results["pixel"].items():
+        lo, hi = m["recall@10"]["ci95"]
+        lines.append(f"| pixel −L2 | — | {a} | {m['recall@10']['mean']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{m['map']['mean']:.3f} | | |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     import json
 
@@ -229,12 +253,16 @@ def main(argv=None) -> int:
     p.add_argument("--query-seed", type=int, default=1, help="data seed of the evaluation images")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--timesteps", type=int, default=6)
-    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--projection", default="kronecker")
+    p.add_argument("--dim", type=int, default=None, help="per band (default: the projection's, 8,192 for kronecker)")
     p.add_argument("--n-learn", type=int, default=48)
     p.add_argument("--learn-steps", type=int, default=200)
     p.add_argument("--configs", default="dtrak:per-group:1,dtrak:per-group:3",
                    help="comma-separated measurement/method:kernel:bands, e.g. dtrak:shared:3,das:per-group:1")
     p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--queries", default="tokens", choices=("tokens", "image"),
+                   help="evaluation queries featurized with their tokens, or with every token null (the image alone: "
+                        "relevance cannot be read off the conditioning)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(a.out)
@@ -260,6 +288,7 @@ def main(argv=None) -> int:
         res = run_config(b, meas, method, kernel, None if bands == "1" else int(bands), recipes)
         results["rows"] += rows_of(res)
         write_json_atomic(out / "summary.json", results)
+        (out / "summary.md").write_text(summary_md(results))
         log(f"done {res['tag']}")
     print(json.dumps({"rows": len(results["rows"])}))
     return 0

@@ -72,6 +72,21 @@ def test_band_blocks_equal_an_autograd_loop_and_sum_to_the_whole(tmp_path, measu
     np.testing.assert_allclose(total, np.asarray(whole.features), rtol=1e-4, atol=1e-6)
 
 
+def test_kronecker_bands_sum_to_the_whole(tmp_path):
+    model, scheduler = tiny_model("conditional")
+    x, ids, cond = random_inputs(model, 3)
+    spec = dict(groups="block", projection="kronecker", total_dim=512, measurement="dtrak", num_timesteps=4)
+    banded = featurize_unet(model, scheduler, x, ids, tmp_path / "b", spec=FeatureSpec(**spec, timestep_bands=2),
+                            cond=cond, model_fingerprint="m", progress=False)
+    whole = featurize_unet(model, scheduler, x, ids, tmp_path / "w", spec=FeatureSpec(**spec), cond=cond,
+                           model_fingerprint="m", progress=False)
+    cols = {n: (s, e) for n, s, e in banded.group_slices}
+    for name, s, e in whole.group_slices:
+        parts = [np.asarray(banded.features)[:, slice(*cols[f"{name}@{b}"])] for b in ("high", "low")]
+        np.testing.assert_allclose(0.5 * parts[0] + 0.5 * parts[1], np.asarray(whole.features)[:, s:e],
+                                   rtol=1e-4, atol=1e-6)
+
+
 def test_cli_bands_and_compatibility(tmp_path, capsys):
     assert main(["train", "--data", "shapes", "--n", "24", "--steps", "2", "--batch-size", "8",
                  "--out", str(tmp_path / "run"), "--no-progress"]) == 0

@@ -46,7 +46,7 @@ class FeaturizeSpec(Spec):
     noise_seed: int = option(0, "seed of the per-example noise")
     condition_on: str | None = option(None, "attribute-conditioned models: featurize every example conditioned on "
                                       "this attribute's token alone, the other attributes' tokens null (e.g. a "
-                                      "query's style only)", type=str)
+                                      "query's style only); none: every token null (the image alone)", type=str)
     chunk: int = option(64, "examples per chunk", check=positive)
     store_dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     overwrite: bool = option(False, "replace a store made with other settings")
@@ -109,13 +109,16 @@ def featurize_run(spec: FeaturizeSpec, *, progress: bool = True) -> FeatureStore
 
 
 def conditioned_on(examples, model_config: dict, attribute: str):
-    """The examples with every attribute token but `attribute`'s null (-1); recorded in their source."""
+    """The examples with every attribute token but `attribute`'s null (-1; "none": all null); recorded in their
+    source."""
     names = list(model_config.get("attributes") or {}) if model_config.get("kind") == "conditional" else []
     if not names or examples.cond is None or np.ndim(examples.cond) != 2:
         raise UserError("--condition-on needs a model conditioned on attribute tokens (a conditional UNet); "
                         "drop --condition-on")
-    if attribute not in names:
-        raise UserError(f"--condition-on {attribute}: the model's attributes are {', '.join(names)}; pick one")
+    if attribute not in names and attribute != "none":
+        raise UserError(f"--condition-on {attribute}: the model's attributes are {', '.join(names)}; pick one "
+                        "(or none)")
     cond = np.full_like(np.asarray(examples.cond), -1)
-    cond[:, names.index(attribute)] = np.asarray(examples.cond)[:, names.index(attribute)]
+    if attribute != "none":
+        cond[:, names.index(attribute)] = np.asarray(examples.cond)[:, names.index(attribute)]
     return replace(examples, cond=cond, source={**examples.source, "condition_on": attribute})
