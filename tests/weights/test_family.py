@@ -50,7 +50,7 @@ def test_value_and_gradient(beta):
 def test_planted_group_wins():
     """Group 0 ranks the family's 5 own examples first; group 1 ranks examples by a varied aspect; group 2 is
     noise. Learned weights move to group 0."""
-    from gradtrace.weights.learn import _optimise
+    from gradtrace.weights.learn import optimise_weights
     from gradtrace.weights.objective import softmax_weights
 
     rng = np.random.default_rng(1)
@@ -63,7 +63,7 @@ def test_planted_group_wins():
         c[q, 20 + other[q] * 5:20 + (other[q] + 1) * 5, 1] += 1.0
     t = torch.from_numpy(c)
     opts = {"k": 5, "steps": 100, "lr": 0.05, "l2": 0.0, "seed": 0}
-    theta, curve, _ = _optimise(lambda: ((lambda w, last=False: family_loss(t, w, fam, 5)), "dense"),
+    theta, curve, _ = optimise_weights(lambda: ((lambda w, last=False: family_loss(t, w, fam, 5)), "dense"),
                                 (Q, N, 3), opts, False)
     w = softmax_weights(torch.from_numpy(theta)).numpy()
     assert w[0] > 0.6 and w[0] > w[1] and w[0] > w[2] and curve[-1] < curve[0]

@@ -22,7 +22,7 @@ import torch
 
 from gradtrace.errors import UserError
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.weights.learn import WeightsResult, _optimise, dense_contributions
+from gradtrace.weights.learn import WeightsResult, dense_contributions, optimise_weights
 from gradtrace.weights.objective import check_k, softmax_weights
 
 OBJECTIVES = ("snr", "family", "snr+family")
@@ -81,7 +81,7 @@ def learn_family_weights(fitted: FittedMethod, query_features: Any, families: li
     def make():
         return (lambda w, last=False: family_loss(contrib, w, codes, opts["k"], beta)), "dense-family"  # noqa: E731
 
-    theta, curve, info = _optimise(make, tuple(contrib.shape), opts, progress)
+    theta, curve, info = optimise_weights(make, tuple(contrib.shape), opts, progress)
     info.update({"objective": objective, "snr_weight": beta, "families": int(len(set(codes[codes >= 0].tolist()))),
                  "guard_mode": "none"})
     weights = softmax_weights(torch.from_numpy(theta)).numpy().astype(np.float64)
