@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-t2i test clean
+.PHONY: venv demo demo-t2i test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,17 @@ demo: $(STAMP)
 demo-t2i: $(STAMP)
 	$(VENV)/bin/gradtrace demo --text-to-image --out demo_t2i_out
 
-# the HTML report tests drive a real headless Chromium (installed from Debian where missing); the language-model
-# tests train on Debian's fortunes (installed where missing)
+# lint first (ruff, configured in pyproject.toml: pyflakes, pycodestyle, import order); the HTML report tests drive a
+# real headless Chromium (installed from Debian where missing); the language-model tests train on Debian's fortunes
+# (installed where missing)
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	bash scripts/ensure_chromium.sh
 	bash scripts/ensure_fortunes.sh
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) demo_out demo_t2i_out

@@ -28,17 +28,22 @@ from pathlib import Path
 
 import numpy as np
 
+from common import Clock, effective_groups
+from gradtrace.data.shapes import ATTRIBUTES
+from gradtrace.metrics.stats import paired_ci
+
 EVAL_SEED = 1001
 LEARN_SEED = 2002  # general learning queries; aspect i uses LEARN_SEED + 1 + i
 RANDOM_SEED = 3003
-ASPECTS = ("subject", "style", "background")
+ASPECTS = tuple(ATTRIBUTES)  # subject, style, background
 METHODS = [("tracin", "identity", "loss"), ("trak", "shared", "loss"), ("trak", "per-group", "loss"),
            ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak"), ("das", "shared", "das"),
            ("das", "per-group", "das")]
 PICTURE_METHOD = "trak/per-group"  # fixed in advance for the attribution grids (not chosen on results)
 SETTINGS = {
-    "full": {"n_train": None, "steps": 1500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64, "sample_steps": 50,
-             "guidance": 1.0, "dim": 2048, "timesteps": 10, "learn_steps": 200, "k": 10, "threads": 1,
+    "full": {"n_train": None, "steps": 1500, "batch_size": 64, "lr": 3e-3, "n_eval": 96, "n_learn": 64,
+             "sample_steps": 50, "guidance": 1.0, "dim": 2048, "timesteps": 10, "learn_steps": 200, "k": 10,
+             "threads": 1,
              "show_queries": 3, "show_k": 6, "bootstrap": 2000, "groups": "block", "projection": "rademacher"},
     "quick": {"n_train": 96, "steps": 10, "batch_size": 16, "lr": 3e-3, "n_eval": 8, "n_learn": 6, "sample_steps": 3,
               "guidance": 1.0, "dim": 64, "timesteps": 1, "learn_steps": 5, "k": 10, "threads": 1,
@@ -129,18 +134,6 @@ def weights_current(path: Path, train, queries, s: dict, guard: str = "none") ->
             and prov.get("learning_queries", {}).get("source") == ids["source"])
 
 
-def effective_groups(w: np.ndarray) -> float:
-    v = np.asarray(w, dtype=np.float64) / np.sum(w)
-    return float(1.0 / np.sum(v ** 2))
-
-
-def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0) -> list[float]:
-    """95% bootstrap CI over queries of mean(a − b) (paired): `eval retrieval`'s paired difference."""
-    from gradtrace.evaluate.retrieval import paired_difference
-
-    return paired_difference(b, a, n_bootstrap=n_boot, seed=seed)["ci95"]
-
-
 def run(out: Path, s: dict, img_dir: Path | None, methods=METHODS) -> dict:
     import torch
     from scipy.stats import spearmanr
@@ -148,25 +141,24 @@ def run(out: Path, s: dict, img_dir: Path | None, methods=METHODS) -> dict:
     from gradtrace.adapters import get_adapter
     from gradtrace.attribution import fit_method, read_group_weights
     from gradtrace.data import load_dataset
-    from gradtrace.evaluate.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.features.store import FeatureStore
     from gradtrace.io import read_json, versions, write_json_atomic
-    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, TrainSpec, featurize_run, learn_weights_run,
-                                    train_run)
+    from gradtrace.metrics.retrieval import average_precision, recall_at_k, shared_value_relevance
+    from gradtrace.pipeline import (
+        FeaturizeSpec,
+        LearnWeightsSpec,
+        TrainSpec,
+        featurize_run,
+        learn_weights_run,
+        train_run,
+    )
     from gradtrace.weights import solo_quality
 
     torch.set_num_threads(int(s["threads"]))  # 1: OpenMP spin-waits make 2 threads far slower on shared cores
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    clock = Clock("bench-aspects", digits=1, say_done=True)
+    timings, stage = clock.timings, clock.stage
     t_all = time.perf_counter()
-
-    def stage(name, fn, *a, **kw):
-        t = time.perf_counter()
-        log(f"{name} ...")
-        result = fn(*a, **kw)
-        timings[name] = round(time.perf_counter() - t, 1)
-        log(f"{name} done in {timings[name]} s")
-        return result
 
     ckpt = str(stage("train", train_run, TrainSpec(data="shapes", out=str(out / "model"), n=s["n_train"],
                                                    steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], seed=0),
@@ -327,24 +319,27 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r['method']} | {r['weights']} | {c} | {n_eff} | " +
                      " | ".join(f"{fmt(r[f'{a}_recall'])} | {fmt(r[f'{a}_map'])}" for a in ASPECTS) + " |")
     lines += ["", "Recall@10 of learned weights vs uniform (paired bootstrap 95% CI over evaluation queries):", "",
-              "| method | aspect | weights | uniform | learned | Δ | 95% CI | verdict |", "|---|---|---|---|---|---|---|---|"]
+              "| method | aspect | weights | uniform | learned | Δ | 95% CI | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
     for v in doc["summary"]["verdict"]:
         lines.append(f"| {v['method']} | {v['aspect']} | {v['weights']} | {v['uniform']:.3f} | {v['learned']:.3f} | "
                      f"{v['delta']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | {v['verdict']} |")
-    lines += ["", "Per-group diagnostics (general λ): best single group on the evaluation queries (diagnostic only), the "
-              "group with the best label-free solo quality on the aspect's learning queries, and the Spearman "
+    lines += ["", "Per-group diagnostics (general λ): best single group on the evaluation queries (diagnostic only), "
+              "the group with the best label-free solo quality on the aspect's learning queries, and the Spearman "
               "correlation between solo quality and single-group Recall@10:", "",
-              "| method | aspect | best group (R@10) | solo-best group (R@10) | ρ(solo, R@10) |", "|---|---|---|---|---|"]
+              "| method | aspect | best group (R@10) | solo-best group (R@10) | ρ(solo, R@10) |",
+              "|---|---|---|---|---|"]
     for key, r in doc["methods"].items():
         for a, d in r["diagnostics"].items():
             lines.append(f"| {key} | {a} | {d['best_group']} ({d['best_group_recall']:.3f}) | {d['solo_best_group']} "
                          f"({d['solo_best_group_recall']:.3f}) | {d['spearman_solo_vs_group_recall']:.2f} |")
     lines += ["", "Do the generated queries show the requested values? Pixel logistic-regression accuracy on the "
               "requested attribute (held-out = real shapes not in training; chance = 1/6, 1/4, 1/4):", "",
-              "| attribute | held-out real | eval queries | general learning | own-aspect learning |", "|---|---|---|---|---|"]
+              "| attribute | held-out real | eval queries | general learning | own-aspect learning |",
+              "|---|---|---|---|---|"]
     for a, row in doc["fidelity"].items():
-        lines.append(f"| {a} | {row['heldout_accuracy']:.3f} | {fmt(row.get('eval'))} | {fmt(row.get('learn-general'))} "
-                     f"| {fmt(row.get(f'learn-{a}'))} |")
+        lines.append(f"| {a} | {row['heldout_accuracy']:.3f} | {fmt(row.get('eval'))} | "
+                     f"{fmt(row.get('learn-general'))} | {fmt(row.get(f'learn-{a}'))} |")
     t = doc["timings_s"]
     lines += ["", f"Date {doc['date']}; total {t['total'] / 60:.1f} min; load average at end "
               f"{', '.join(f'{x:.1f}' for x in doc['load_average_end'])}."]

@@ -20,15 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_aspects import ASPECTS, paired_ci as aspects_paired_ci
+from gradtrace.data.shapes import ATTRIBUTES
+from gradtrace.metrics.stats import paired_ci
+
+ASPECTS = tuple(ATTRIBUTES)  # subject, style, background, as bench_aspects
 
 N_BOOT = 2000
 
 
-def paired_ci(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
-    """mean(a − b) and its 95% bootstrap CI (bench_aspects' own) over queries where both are defined."""
+def paired_delta(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """mean(a − b) and its 95% paired bootstrap CI (as bench_aspects') over queries where both are defined."""
     ok = ~np.isnan(a) & ~np.isnan(b)
-    lo, hi = aspects_paired_ci(a[ok], b[ok], N_BOOT)
+    lo, hi = paired_ci(a[ok], b[ok], N_BOOT)
     return float(np.mean(a[ok] - b[ok])), lo, hi
 
 
@@ -74,10 +77,10 @@ def compare(docs: dict[str, dict], base: str) -> str:
             for a in ASPECTS:
                 u, w, g = (recall(doc, method, x, a) for x in ("uniform", a, f"{a} (guarded)"))
                 bu = recall(docs[base], method, "uniform", a)
-                d_w, d_g = paired_ci(w, u), paired_ci(g, u)
+                d_w, d_g = paired_delta(w, u), paired_delta(g, u)
                 for key, t in (("learned", d_w), ("guarded", d_g)):
                     verdicts[cfg, key][0 if t[1] > 0 else (2 if t[2] < 0 else 1)] += 1
-                vs_base = (fmt(paired_ci(u, bu)), fmt(paired_ci(w, bu))) if bu is not None else ("—", "—")
+                vs_base = (fmt(paired_delta(u, bu)), fmt(paired_delta(w, bu))) if bu is not None else ("—", "—")
                 lines.append(f"| {cfg} | {method} | {a} | {np.nanmean(u):.3f} | {np.nanmean(w):.3f} "
                              f"({np.nanmean(g):.3f}) | {fmt(d_w)} | {fmt(d_g)} | {vs_base[0]} | {vs_base[1]} |")
     lines += ["", "Own-aspect weights against uniform (rows above; beats / no clear difference / worse): " + "; ".join(
@@ -89,7 +92,7 @@ def compare(docs: dict[str, dict], base: str) -> str:
         for method in doc["methods"]:
             for a in ASPECTS:
                 u, w, g = (recall(doc, method, x, a) for x in ("uniform", "general", "general (guarded)"))
-                lines.append(f"| {cfg} | {method} | {a} | {fmt(paired_ci(w, u))} | {fmt(paired_ci(g, u))} |")
+                lines.append(f"| {cfg} | {method} | {a} | {fmt(paired_delta(w, u))} | {fmt(paired_delta(g, u))} |")
     lines += ["", "Times (s): " + "; ".join(
         f"{cfg}: featurize {sum(v for k, v in d['timings_s'].items() if k.startswith('featurize')):.0f}, learn "
         f"{sum(v for k, v in d['timings_s'].items() if k.startswith('learn')):.0f}" for cfg, d in docs.items())]

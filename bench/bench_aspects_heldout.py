@@ -202,7 +202,7 @@ def rows_of(result: dict) -> list[dict]:
 def pixel_baseline(b: Bench) -> dict:
     """Pixel −L2 nearest neighbours, Recall@10 / mAP per aspect with bootstrap CIs and per-query values."""
     from gradtrace.data import load_dataset
-    from gradtrace.evaluate.retrieval import average_precision, bootstrap_mean, label_relevance, recall_at_k
+    from gradtrace.metrics.retrieval import average_precision, bootstrap_mean, label_relevance, recall_at_k
 
     train_ids, q_ids = np.load(b.out / "train_ids.npy"), np.load(b.out / "query_ids.npy")
     tr = load_dataset("shapes", n=960)

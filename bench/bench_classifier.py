@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench_lds import bench_main, GUARD_ROWS, _fmt, apply_overrides, learned_weights
+from common import GUARD_ROWS, Clock, bench_main, fmt_summary as _fmt, learned_weights
 
 N_DIGITS = 1797
 MODELS = {"resnet": {}, "vit": {}}  # --model-options of each (the adapter's defaults)
@@ -87,12 +87,10 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
     from gradtrace.pipeline import FeaturizeSpec, TrainSpec, featurize_run, train_run
     from gradtrace.weights.defaults import DEFAULT_K
 
-    def stage(label, fn, *a, **kw):
-        t = time.perf_counter()
-        print(f"[bench-classifier] {name}: {label} ...", file=sys.stderr, flush=True)
-        result = fn(*a, **kw)
-        timings[f"{name} {label}"] = round(timings.get(f"{name} {label}", 0.0) + time.perf_counter() - t, 2)
-        return result
+    clock = Clock("bench-classifier", timings)
+
+    def stage(label, fn, *a, **kw):  # timed as "NAME label"
+        return clock.stage(f"{name} {label}", fn, *a, **kw)
 
     out.mkdir(parents=True, exist_ok=True)
     run = str(stage("train", train_run, TrainSpec(
@@ -156,36 +154,39 @@ def _run_model(name: str, out: Path, s: dict, ids: dict, timings: dict, progress
 
 
 def ekfac_rows(ctx: dict) -> dict:
-    """EK-FAC (kronfluence) × uniform / learned weights, as `learn-weights-ekfac` and `attribute-ekfac` do it:
+    """EK-FAC (kronfluence) × uniform / learned weights, as `learn-weights`/`attribute --method ekfac` do it:
     factors fitted on the model's training set (OUT/ekfac-factors), the true Fisher; damping c · mean(Λ) with c
     label-free on the learning images (`--lambda-c auto`), shared by the uniform and learned rows; weights learned
     from the learning images' per-group contributions (each guard of GUARD_ROWS, saved in OUT/weights); the
     held-out queries' scores Σ_j w_j c_j(q, n) of their margin. The uniform row's time includes the factors."""
+    from gradtrace.attribution import choose_model_c
+    from gradtrace.data.sources import dataset_source
     from gradtrace.evaluate import summarize
     from gradtrace.io import command_line
-    from gradtrace.pipeline.ekfac import EkfacInputs, choose_c_contributions, setup
+    from gradtrace.methods import get_method
     from gradtrace.weights import DEFAULT_K, learn_weights_dense, save_weights
 
     name, s, stores, out, per_query = ctx["model"], ctx["settings"], ctx["stores"], ctx["out"], ctx["per_query"]
     t = time.perf_counter()
     train = stores["train"]
-    spec = EkfacInputs(checkpoint=ctx["run"], ids=np.asarray(stores["heldout"].ids), data="digits",
-                       groups=train.settings["groups_spec"], measurement=train.settings["measurement"]["name"])
-    ek = setup(spec, out / "ekfac-factors", progress=False).fit()
-    learning, heldout = ek.examples(spec, np.asarray(stores["learn"].ids)), ek.examples(spec, spec.ids)
+    method = get_method("ekfac", groups=train.settings["groups_spec"],
+                        measurement=train.settings["measurement"]["name"])
+    ek = method.session(ctx["run"], default_factors=out / "ekfac-factors", progress=False).fit()
+    digits = dataset_source("digits", n=None, size=None, seed=0)
+    learning, heldout = (ek.examples(digits, np.asarray(stores[key].ids)) for key in ("learn", "heldout"))
     for got, store in ((ek.train, train), (learning, stores["learn"]), (heldout, stores["heldout"])):
         if not np.array_equal(got.ids, store.ids):  # the LDS problem's rows and columns are in the stores' order
             raise RuntimeError(f"{name}: EK-FAC examples are not in the order of {store.path}")
     k = min(DEFAULT_K, len(train.ids))
-    c, grid, learn_contrib = choose_c_contributions(ek, learning, k)
-    contrib = ek.engine.contributions(heldout, ek.train, c)
+    c, grid, learn_contrib = choose_model_c(ek, learning, k)
+    contrib = ek.contributions(heldout, c)
     uniform = per_query(contrib.sum(-1))
     rows = [{"model": name, "method": "ekfac", "kernel": "ekfac", "weights": "uniform", "c": c, "lambda_grid": grid,
              "lds": summarize(uniform), "seconds": round(time.perf_counter() - t, 2)}]
     paired = []
     for guard in GUARD_ROWS:
         t = time.perf_counter()
-        result = learn_weights_dense(learn_contrib, ek.engine.group_names, k=k, steps=s["learn_steps"], guard=guard,
+        result = learn_weights_dense(learn_contrib, ek.group_names, k=k, steps=s["learn_steps"], guard=guard,
                                      progress=False)
         w = np.asarray(result.weights, dtype=np.float64)
         pq = per_query(contrib @ w)
@@ -250,7 +251,8 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
     finally:
         torch.set_num_threads(threads)
     results = {"settings": s, "models": models, "timings_s": timings, "wall_s": round(time.perf_counter() - start, 1),
-               "splits": {k: len(v) for k, v in ids.items()}, "versions": versions(),
+               "splits": {k: len(v) for k, v in ids.items()}, "methods": METHODS, "guard_rows": GUARD_ROWS,
+               "versions": versions(),
                "command": " ".join(["python", *sys.argv])}
     results["estimated_full_minutes"] = estimate_full_minutes(results)
     results["markdown"] = markdown(results)
@@ -295,7 +297,8 @@ def markdown(results: dict) -> str:
     lines += ["", f"Mislabel detection: {100 * frac:g}% of the training labels flipped; self-influence ranks the "
               "training set (flipped = positive); bootstrap 95% CIs over training examples, paired for Δ.", "",
               "| model | measurement | method | kernel | AUC uniform | AUC learned | Δ AUC (paired) | Δ excludes 0 | "
-              "top-10% found uniform | learned | Δ found (paired) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "top-10% found uniform | learned | Δ found (paired) | s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["models"].items():
         for r in m["mislabel"]:
             u, lw, d = r["scores"]["uniform"], r["scores"]["learned"], r["paired"]["learned - uniform"]

@@ -35,17 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import peak_rss_mb, traker_features, write_docs
+
 CONFIGS = ("floor", "vmap", "kron", "kron4x", "traker", "dattri")
 MODELS = {"digits": ("unconditional", 1, 8), "shapes": ("conditional", 3, 16)}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------- setup
 def prepare(workdir: Path, name: str, n: int, n_query: int, steps: int) -> Path:
     """Train the model of `name` on its first n examples; save the checkpoint and the example ids."""
-    from gradtrace.data.registry import load_dataset
     from gradtrace.adapters.checkpoint import save_checkpoint
     from gradtrace.adapters.diffusion import TrainConfig, default_model_config, train
+    from gradtrace.data.registry import load_dataset
 
     path = workdir / name
     if (path / "config.json").exists():
@@ -66,8 +67,8 @@ def prepare(workdir: Path, name: str, n: int, n_query: int, steps: int) -> Path:
 
 def load(path: Path, which: str = "train"):
     """(checkpoint, images, ids, cond codes or None) of the train or query examples."""
-    from gradtrace.data.registry import load_dataset
     from gradtrace.adapters import get_adapter
+    from gradtrace.data.registry import load_dataset
 
     ckpt = get_adapter().load(path)
     ds = load_dataset(path.name)
@@ -112,15 +113,6 @@ def worker(path: Path, config: str, T: int, dim: int, chunk: int, out_dir: Path)
             "peak_rss_mb": peak, "pre_rss_mb": rss0}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM, MiB). Not ru_maxrss: Linux carries that over from the
-    forking parent across exec, so every worker would report at least the parent's RSS."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def train_floor(model, sched, images, cond, T, chunk) -> None:
     """Ordinary training forward+backward over the same (64·T)-row batches."""
     model.train()
@@ -147,34 +139,9 @@ def _per_example_loss(model, T, sched):
 
 
 def run_traker(model, xt, noise, cond, T, sched, dim, chunk, out_dir) -> int:
-    from trak import TRAKer
-    from trak.modelout_functions import AbstractModelOutput
-    from trak.projectors import BasicProjector, ProjectionType
-
-    loss = _per_example_loss(model, T, sched)
-
-    class DiffusionLoss(AbstractModelOutput):
-        def __init__(self):
-            super().__init__()
-
-        def get_output(self, model, weights, buffers, *batch):
-            return loss({**weights, **buffers}, *batch)
-
-        def get_out_to_loss_grad(self, model, weights, buffers, batch):
-            return torch.ones(batch[0].shape[0], 1)
-
-    grad_dim = sum(p.numel() for p in model.parameters())
-    proj = BasicProjector(grad_dim=grad_dim, proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
-                          device="cpu", dtype=torch.float32)
-    traker = TRAKer(model=model, task=DiffusionLoss(), train_set_size=len(xt), save_dir=str(out_dir / "trak"),
-                    device="cpu", projector=proj, proj_dim=dim, use_half_precision=False, logging_level=40)
-    traker.load_checkpoint(model.state_dict(), model_id=0)
-    for s in range(0, len(xt), chunk):
-        batch = (xt[s:s + chunk], noise[s:s + chunk]) + (() if cond is None else
-                                                         (torch.as_tensor(cond[s:s + chunk]),))
-        traker.featurize(batch=batch, num_samples=batch[0].shape[0])
-    traker.finalize_features()
-    return dim
+    batches = [(xt[s:s + chunk], noise[s:s + chunk]) + (() if cond is None else (torch.as_tensor(cond[s:s + chunk]),))
+               for s in range(0, len(xt), chunk)]
+    return traker_features(model, _per_example_loss(model, T, sched), batches, len(xt), dim, out_dir / "trak")
 
 
 def run_dattri(model, xt, noise, cond, T, sched, dim, chunk) -> int:
@@ -243,8 +210,7 @@ def quality(path: Path, T: int, dim: int, seeds: int, c: float = 0.01, top: int 
 
 def profile(path: Path, T: int, dim: int, chunk: int, top: int = 8) -> list[str]:
     """torch.profiler self-CPU time per op: one chunk of the floor vs one of the Kronecker featurizer."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from gradtrace.adapters import get_adapter
     from gradtrace.features.featurize import FeatureSpec, featurizer_for
@@ -319,20 +285,6 @@ def table(name: str, results: dict, qual: dict | None) -> list[str]:
                 lines.append(f"| {cfg} | {r['k']} | {r['trak_top10']:.3f} ± {r['trak_top10_se']:.3f} | "
                              f"{r['tracin_top10']:.3f} |")
     return lines + [""]
-
-
-def write_docs(lines: list[str], heading: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"## {heading}\n\n" + "\n".join(lines).rstrip() + "\n"
-    start = text.find(f"## {heading}\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + block
-    else:
-        nxt = text.find("\n## ", start + 1)
-        text = text[:start] + block + ("" if nxt < 0 else text[nxt:])
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
 
 
 def main() -> None:

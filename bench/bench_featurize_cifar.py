@@ -39,8 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_featurize import peak_rss_mb, write_docs  # noqa: E402
+from common import peak_rss_mb, traker_features, write_docs
 
 CONFIGS = ("floor", "vmap", "kron", "kron8k", "traker", "dattri")
 HEADING = "Featurization at CIFAR scale"
@@ -141,35 +140,10 @@ def _loss(model, t):
 
 
 def run_traker(model, sched, images, ids, args, device) -> int:
-    from trak import TRAKer
-    from trak.modelout_functions import AbstractModelOutput
-    from trak.projectors import BasicProjector, ProjectionType
-
     xt, noise, t = _noisy(sched, images, ids, args.T, device)
-    loss = _loss(model, t)
-
-    class DiffusionLoss(AbstractModelOutput):
-        def __init__(self):
-            super().__init__()
-
-        def get_output(self, model, weights, buffers, *batch):
-            return loss({**weights, **buffers}, *batch)
-
-        def get_out_to_loss_grad(self, model, weights, buffers, batch):
-            return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
-
-    grad_dim = sum(p.numel() for p in model.parameters())
-    proj = BasicProjector(grad_dim=grad_dim, proj_dim=args.dim, seed=0, proj_type=ProjectionType.rademacher,
-                          device=str(device), dtype=torch.float32, block_size=args.peer_block)
-    traker = TRAKer(model=model, task=DiffusionLoss(), train_set_size=len(xt),
-                    save_dir=str(Path(args.workdir) / "trak"), device=str(device), projector=proj,
-                    proj_dim=args.dim, use_half_precision=False, logging_level=40)
-    traker.load_checkpoint(model.state_dict(), model_id=0)
-    for s in range(0, len(xt), args.chunk):
-        traker.featurize(batch=(xt[s:s + args.chunk], noise[s:s + args.chunk]),
-                         num_samples=xt[s:s + args.chunk].shape[0])
-    traker.finalize_features()
-    return args.dim
+    batches = [(xt[s:s + args.chunk], noise[s:s + args.chunk]) for s in range(0, len(xt), args.chunk)]
+    return traker_features(model, _loss(model, t), batches, len(xt), args.dim, Path(args.workdir) / "trak",
+                           device=str(device), block_size=args.peer_block)
 
 
 def run_dattri(model, sched, images, ids, args, device) -> int:

@@ -24,8 +24,6 @@ processes. Override any setting with --set KEY=VALUE (e.g. --set threads=2 --set
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -33,8 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-EVAL_SAMPLE_SEED = 1001
-LEARN_SAMPLE_SEED = 2002
+from common import (
+    EVAL_SAMPLE_SEED,
+    GUARD_ROWS,
+    LEARN_SAMPLE_SEED,
+    Clock,
+    bench_main,
+    fmt_summary,
+    lds_tables,
+    learned_weights,
+)
+
 N_DIGITS = 1797
 SETTINGS = {
     "full": {"n_train": 1000, "steps": 1250, "batch_size": 64, "subsets": 64, "fraction": 0.5, "seeds": 1,
@@ -49,27 +56,6 @@ SETTINGS = {
 METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
            ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]
 MEASUREMENT = {"dtrak": "dtrak", "das": "das"}  # the others differentiate the loss
-GUARD_ROWS = ("none", "holdout")  # learned weights as learned, and with the label-free holdout guard
-
-
-def learned_weights(stores: dict, folder: Path, method: str, kernel: str, c, steps: int, guard: str):
-    """Weights learned on stores["learn"] (guard "none" or "holdout"), read back as `eval lds --weights` reads
-    them: (weights in group order, a record {key, kind, label, path, weights, shrink})."""
-    from gradtrace.attribution.weights_file import read_group_weights
-    from gradtrace.pipeline import LearnWeightsSpec, learn_weights_run
-
-    kernel_arg = "shared" if kernel == "identity" else kernel
-    suffix = "" if guard == "none" else "-guarded"
-    path, doc = learn_weights_run(LearnWeightsSpec(
-        train=str(stores["train"].path), out=str(folder / f"{method}-{kernel}{suffix}.json"),
-        queries=str(stores["learn"].path), method=method, kernel=kernel_arg, lambda_c=str(c), steps=steps,
-        guard=guard), progress=False)
-    w, info = read_group_weights(stores["train"], stores["heldout"], path, method=method, kernel=kernel_arg)
-    shrink = (doc["provenance"].get("guard") or {}).get("shrink")
-    kind = "learned" if guard == "none" else "guarded"
-    return w, {"key": f"{method}/{kernel}{'' if guard == 'none' else '/guarded'}", "kind": kind,
-               "label": kind if shrink is None else f"{kind} (shrink {shrink:g})", "path": str(path),
-               "weights": info["weights"], "shrink": shrink}
 
 
 def run_bench(out, s: dict, *, progress: bool = True) -> dict:
@@ -99,14 +85,8 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    def stage(name, fn, *a, **kw):
-        t = time.perf_counter()
-        print(f"[bench-lds] {name} ...", file=sys.stderr, flush=True)
-        result = fn(*a, **kw)
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 2)
-        return result
+    clock = Clock("bench-lds")
+    timings, stage = clock.timings, clock.stage
 
     perm = np.random.default_rng(s["split_seed"]).permutation(N_DIGITS)
     train_ids = np.sort(perm[:s["n_train"]])
@@ -169,13 +149,14 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
         rows.append(row(method, kernel, "uniform", uniform_pq[(method, kernel)], time.perf_counter() - t, c))
         if kernel == "per-group":  # paired over queries: per-group minus shared kernel, uniform weights
             paired.append({"comparison": f"{method}: per-group − shared kernel (uniform)",
-                           "delta": summarize(both(uniform_pq[(method, kernel)]) - both(uniform_pq[(method, "shared")]))})
+                           "delta": summarize(both(uniform_pq[(method, kernel)])
+                                              - both(uniform_pq[(method, "shared")]))})
         if grid_table:  # diagnostic only: LDS at every c of the grid, to check the label-free choice
             tr = stores[meas]["train"]
             gram = get_method(method, c=grid_table[0][0], kernel=kernel_arg).gram(tr.features, tr.group_slices)
             for entry in grid_table:
-                f_c = get_method(method, c=entry[0], kernel=kernel_arg).fit(tr.features, tr.group_slices, gram=gram,
-                                                                          row_scale=tr.row_scale if method == "das" else None)
+                f_c = get_method(method, c=entry[0], kernel=kernel_arg).fit(
+                    tr.features, tr.group_slices, gram=gram, row_scale=tr.row_scale if method == "das" else None)
                 pq = per_query({q: f_c.scores(qf[q]) for q in sets})
                 entry.append(summarize(np.concatenate([pq[q] for q in sets])))
         for guard in GUARD_ROWS:  # learned on the learning queries only, read back as `eval lds --weights` does
@@ -252,47 +233,6 @@ def _run_bench(out, s: dict, *, progress: bool = True) -> dict:
     return results
 
 
-def _fmt(summary: dict) -> str:
-    if summary["mean"] is None:
-        return "undefined"
-    ci = summary["ci95"]
-    return f"{summary['mean']:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
-
-
-def lds_tables(rows: list[dict], paired: list[dict]) -> list[str]:
-    """Markdown lines: the LDS table of `rows` (held-out / generated columns) and the paired differences."""
-    lines = ["| method | kernel | weights | λ scale c | LDS (95% CI) | held-out | generated | undefined | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        c = "-" if not r.get("c") else f"{r['c']:g}"
-        lines.append(f"| {r['method']} | {r['kernel']} | {r['weights']} | {c} | {_fmt(r['lds'])} | "
-                     f"{_fmt(r['lds_heldout'])} | {_fmt(r['lds_samples'])} | {r['lds']['n_undefined']} | "
-                     f"{r['seconds']} |")
-    if paired:
-        lines += ["", "Paired differences (per query, both query sets; bootstrap 95% CI over queries):", "",
-                  "| comparison | Δ LDS (95% CI) | CI excludes 0 |", "|---|---|---|"]
-        for d in paired:
-            lo, hi = d["delta"]["ci95"]
-            excl = "—" if lo is None else ("yes" if lo > 0 or hi < 0 else "no")
-            lines.append(f"| {d['comparison']} | {_fmt(d['delta'])} | {excl} |")
-    return lines
-
-
-def apply_overrides(parser: argparse.ArgumentParser, settings: dict, pairs: list[str]) -> dict:
-    """`settings` with each --set KEY=VALUE applied (JSON values, else the bare string, cast to the key's type)."""
-    s = dict(settings)
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in s:
-            parser.error(f"unknown setting {key!r}; known: {', '.join(s)}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value  # a bare string such as c=auto
-        s[key] = type(s[key])(parsed)
-    return s
-
-
 def markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"LDS on digits: {s['n_train']} training images, {s['subsets']} subsets at α = {s['fraction']}, "
@@ -310,31 +250,13 @@ def markdown(results: dict) -> str:
             for k in keys:
                 c_k, loss, lds = grids[k][i]
                 star = "*" if c_k == results["lambda"][k]["c"] else ""
-                cells.append(f"{loss:.4f}{star} | {_fmt(lds)}")
+                cells.append(f"{loss:.4f}{star} | {fmt_summary(lds)}")
             lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
     lines += ["", "Counterfactual (TRAK, per-group kernel): change of the query's loss when its top-k or k random "
               "training images are removed.", "", results["counterfactual"]["table"], "",
               "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items())]
     return "\n".join(lines)
 
-
-
-def bench_main(argv: list[str] | None, doc: str, name: str, quick_help: str, run_bench, settings: dict) -> int:
-    """The command line every LDS-style benchmark shares: --quick, --out (default bench_out/NAME[_quick]),
-    --set KEY=VALUE overrides of its `settings` ({"full": ..., "quick": ...}), --no-progress;
-    `run_bench(out, settings, progress)` does the work."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--out", default=None, help=f"output directory (default bench_out/{name} or bench_out/{name}_quick)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    s = apply_overrides(p, settings["quick" if args.quick else "full"], args.set)
-    out = args.out or (f"bench_out/{name}_quick" if args.quick else f"bench_out/{name}")
-    results = run_bench(out, s, progress=not args.no_progress)
-    print(results["markdown"])
-    print(f"\nresults: {Path(out) / 'results.json'}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

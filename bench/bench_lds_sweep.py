@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lds import EVAL_SAMPLE_SEED  # noqa: E402
+from common import EVAL_SAMPLE_SEED
 
 # (name, featurize options): the default (block, Rademacher 2,048) first; "exact" = unprojected gradients
 CONFIGS = [
@@ -96,8 +95,8 @@ def run_sweep(lds: Path, out: Path, only: str | None, learn_steps: int | None, p
     rows, per_query_all, feat_s = [], {}, {}
 
     def per_query(scores: dict) -> np.ndarray:
-        return np.concatenate([np.array([np.nan if v is None else v for v in problems[q].evaluate(scores[q])["per_query"]])
-                               for q in sets])
+        return np.concatenate([np.array([np.nan if v is None else v
+                                         for v in problems[q].evaluate(scores[q])["per_query"]]) for q in sets])
 
     def add(config, method, kernel, damping, weighting, pq, seconds, extra=None):
         key = f"{config}|{method}|{kernel}|{damping}|{weighting}"
@@ -129,8 +128,8 @@ def run_sweep(lds: Path, out: Path, only: str | None, learn_steps: int | None, p
                         {"c": c, "groups": len(train.group_slices), "dim": int(train.features.shape[1])})
                 t = time.perf_counter()
                 w = learn_weights(fitted, learn, steps=steps, memory_budget_bytes=DENSE_BUDGET, progress=False).weights
-                add(name, method, kernel, "global", "learned", per_query({q: fitted.scores(qf[q], weights=w) for q in sets}),
-                    time.perf_counter() - t, {"c": c})
+                add(name, method, kernel, "global", "learned",
+                    per_query({q: fitted.scores(qf[q], weights=w) for q in sets}), time.perf_counter() - t, {"c": c})
                 if kernel != "per-group":
                     continue
                 t = time.perf_counter()
@@ -140,7 +139,8 @@ def run_sweep(lds: Path, out: Path, only: str | None, learn_steps: int | None, p
                                                                                          train.group_slices)
                 add(name, method, kernel, "per-group", "uniform",
                     per_query({q: damped.scores(qf[q]) for q in sets}), time.perf_counter() - t,
-                    {"c": c, "damping_search": {k2: record[k2] for k2 in ("start_loss", "loss", "moves", "sweeps_run")}})
+                    {"c": c, "damping_search": {k2: record[k2]
+                                                for k2 in ("start_loss", "loss", "moves", "sweeps_run")}})
                 t = time.perf_counter()
                 w = learn_weights(damped, learn, steps=steps, memory_budget_bytes=DENSE_BUDGET, progress=False).weights
                 add(name, method, kernel, "per-group", "learned",

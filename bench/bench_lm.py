@@ -18,8 +18,9 @@ learned rows; learned weights learned on the learning queries with the default r
 - TracIn, TRAK shared, TRAK per-group: `featurize` (Rademacher projection, `block` groups, `dim` columns);
 - LoGra: `featurize --projection kronecker --groups module` (`dim` columns; "LoGra wide": `logra_wide_dim`) +
   TRAK's per-group kernel (one kernel per layer);
-- EK-FAC: `learn-weights-ekfac` (kronfluence factors, `block` groups) then `attribute-ekfac --weights`; the uniform
-  row is the sum of the same output's unweighted per-group contributions (same factors, same c).
+- EK-FAC: `learn-weights --method ekfac` (kronfluence factors, `block` groups) then
+  `attribute --method ekfac --weights`; the uniform row is the sum of the same output's unweighted per-group
+  contributions (same factors, same c).
 With `guarded`, also the weights learned with the holdout guard (`--guard holdout`; LDS only). Each row's time is
 its own scoring (c choice, fit, weight learning, scores); the shared feature stores' times are
 listed with the other stage timings. Tail-patch (`eval tail-patch`): one SGD step (lr `tp_lr`) on each query's
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_lds import bench_main, _fmt, apply_overrides, learned_weights
+from common import Clock, bench_main, fmt_summary as _fmt, learned_weights, lm_featurization_cost
 
 SETTINGS = {
     "full": {"n_train": 320, "n_heldout": 30, "n_learn": 50, "steps": 200, "batch_size": 16, "lr": 3e-3,
@@ -80,18 +81,6 @@ def write_texts(out: Path, s: dict) -> dict[str, str]:
             path.write_text(body, encoding="utf-8")
         specs[name] = f"jsonl:{path.resolve()}"
     return specs
-
-
-class Clock:
-    def __init__(self):
-        self.timings: dict[str, float] = {}
-
-    def stage(self, label, fn, *a, **kw):
-        t = time.perf_counter()
-        print(f"[bench-lm] {label} ...", file=sys.stderr, flush=True)
-        result = fn(*a, **kw)
-        self.timings[label] = round(self.timings.get(label, 0.0) + time.perf_counter() - t, 2)
-        return result
 
 
 def _per_query(problem, scores: np.ndarray) -> np.ndarray:
@@ -145,21 +134,20 @@ def store_rows(out: Path, s: dict, run: str, stores: dict, problem, clock: Clock
 def ekfac_rows(out: Path, s: dict, run: str, specs: dict, ids: dict, problem, train_ids, clock: Clock,
                progress: bool):
     from gradtrace.evaluate import summarize
-    from gradtrace.evaluate.eval_attributions import read_attributions
+    from gradtrace.evaluate.saved_attributions import read_attributions
     from gradtrace.evaluate.tail_patch import tail_patch_run
-    from gradtrace.pipeline.ekfac import (AttributeEkfacSpec, LearnWeightsEkfacSpec, attribute_ekfac_run,
-                                          learn_weights_ekfac_run)
+    from gradtrace.pipeline import AttributeSpec, LearnWeightsSpec, attribute_run, learn_weights_run
 
-    common = {"checkpoint": run, "factors": str(out / "ekfac-factors"), "batch_size": s["ekfac_batch"]}
+    common = {"method": "ekfac", "checkpoint": run, "factors": str(out / "ekfac-factors"),
+              "batch_size": s["ekfac_batch"]}
     t = time.perf_counter()
-    path, doc = learn_weights_ekfac_run(LearnWeightsEkfacSpec(
+    path, doc = learn_weights_run(LearnWeightsSpec(
         **common, data=specs["learn"], ids=ids["learn"], out=str(out / "weights" / "ekfac.json"), lambda_c=s["c"],
         steps=s["learn_steps"]), progress=progress)
     learn_s = time.perf_counter() - t
     t = time.perf_counter()
-    attribute_ekfac_run(AttributeEkfacSpec(**common, data=specs["heldout"], ids=ids["heldout"],
-                                           out=str(out / "ekfac-attr"), weights=str(path), top_k=s["top_k"]),
-                        progress=progress)
+    attribute_run(AttributeSpec(**common, data=specs["heldout"], ids=ids["heldout"], out=str(out / "ekfac-attr"),
+                                weights=str(path), top_k=s["top_k"]), progress=progress)
     attr_s = time.perf_counter() - t
     attr = read_attributions(out / "ekfac-attr")
     col = {int(i): j for j, i in enumerate(attr.train_ids)}
@@ -176,9 +164,9 @@ def ekfac_rows(out: Path, s: dict, run: str, specs: dict, ids: dict, problem, tr
             {"row": "EK-FAC", "weights": "learned", "c": c, "lds": summarize(learned), "seconds": seconds,
              "learned_weights": attr.manifest["weights"]["weights"]}]
     paired = [{"row": "EK-FAC", "weights": "learned", "delta": summarize(learned - uniform)}]
-    if s["guarded"]:  # the guarded weights applied to the same unweighted contributions (as attribute-ekfac does)
+    if s["guarded"]:  # the guarded weights applied to the same unweighted contributions (as `attribute` does)
         t = time.perf_counter()
-        gpath, gdoc = learn_weights_ekfac_run(LearnWeightsEkfacSpec(
+        gpath, gdoc = learn_weights_run(LearnWeightsSpec(
             **common, data=specs["learn"], ids=ids["learn"], out=str(out / "weights" / "ekfac-guarded.json"),
             lambda_c=s["c"], steps=s["learn_steps"], guard="holdout"), progress=progress)
         wg = np.array([gdoc["weights"][g] for g in attr.doc["groups"]])
@@ -206,7 +194,7 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(int(s["threads"]))
-    start, clock, out = time.perf_counter(), Clock(), Path(out)
+    start, clock, out = time.perf_counter(), Clock("bench-lm"), Path(out)
     try:
         specs = write_texts(out, s)
         ids = {"heldout": np.arange(s["n_heldout"]), "learn": np.arange(s["n_learn"])}
@@ -235,8 +223,7 @@ def run_bench(out, s: dict, *, progress: bool = True) -> dict:
         rows, paired, tails = rows + e_rows, paired + e_paired, tails + e_tails
         cost = []
         if s["featurize_cost"]:
-            from bench_lm_featurize import measure
-            cost = clock.stage("featurization cost", measure, str(out / "featurize-cost"),
+            cost = clock.stage("featurization cost", lm_featurization_cost, str(out / "featurize-cost"),
                                log=lambda line: print(f"[bench-lm] {line}", file=sys.stderr, flush=True))
     finally:
         torch.set_num_threads(threads)
@@ -296,9 +283,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['model']} | {r['params']} | {r['projection']} | {r['sequences_per_s']} | "
                          f"{r['floor_per_s']} | {r['ratio']} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()),
-              f"EK-FAC: learn-weights-ekfac {results['ekfac_times_s']['learn_weights_s']} s (factors, c, weights), "
-              f"attribute-ekfac {results['ekfac_times_s']['attribute_s']} s (the uniform and learned EK-FAC rows' "
-              f"time); wall {results['wall_s']} s."]
+              f"EK-FAC: learn-weights --method ekfac {results['ekfac_times_s']['learn_weights_s']} s (factors, c, "
+              f"weights), attribute --method ekfac {results['ekfac_times_s']['attribute_s']} s (the uniform and "
+              f"learned EK-FAC rows' time); wall {results['wall_s']} s."]
     return "\n".join(lines)
 
 

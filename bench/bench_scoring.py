@@ -36,16 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common import peak_rss_mb, write_docs
+
 DTYPES = ("float32", "float16", "bfloat16")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set of this process (VmHWM, MiB; ru_maxrss would include the forking parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _settings(dtype: str, k: int, groups: int, seed: int) -> dict:
@@ -212,9 +206,6 @@ def main() -> None:
             lines.append(f"| {cfg} | {d} | {ov} | {r['spearman_mean']:.6f} | {r['spearman_min']:.6f} |")
     print("\n".join(lines))
     if args.write_docs:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_featurize import write_docs
-
         write_docs(lines, "Scoring at scale")
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_aspects import effective_groups, paired_ci
-from bench_lds import apply_overrides
+from common import Clock, apply_overrides, effective_groups
+from gradtrace.metrics.stats import paired_ci
 
 EVAL_SEED = 1001
 LEARN_SEED = 2002  # general; aspect i uses LEARN_SEED + 1 + i
@@ -71,23 +71,25 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     from gradtrace.attribution import fit_method, read_group_weights
     from gradtrace.data import load_dataset
     from gradtrace.data.shapes import ATTRIBUTES
-    from gradtrace.evaluate.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.io import versions, write_json_atomic
-    from gradtrace.pipeline import (FeaturizeSpec, LearnWeightsSpec, SampleSpec, TrainSpec, featurize_run,
-                                    learn_weights_run, sample_run, train_run)
+    from gradtrace.metrics.retrieval import average_precision, recall_at_k, shared_value_relevance
+    from gradtrace.pipeline import (
+        FeaturizeSpec,
+        LearnWeightsSpec,
+        SampleSpec,
+        TrainSpec,
+        featurize_run,
+        learn_weights_run,
+        sample_run,
+        train_run,
+    )
     from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 
     torch.set_num_threads(int(s["threads"]))
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    clock = Clock("bench-t2i-aspects", digits=1)
+    timings, stage = clock.timings, clock.stage
     t_all = time.perf_counter()
-
-    def stage(name, fn, *a, **kw):
-        t = time.perf_counter()
-        log(f"{name} ...")
-        result = fn(*a, **kw)
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 1)
-        return result
 
     if pipeline is None:
         steps = {k: s[k] for k in ("vae_steps", "unet_steps") if k in s}
@@ -119,8 +121,8 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     tag = "" if bands is None else f"-b{bands}"
     stores = {}
     for meas in sorted({m for _, _, m in methods_run}):
-        spec = dict(checkpoint=run_dir, projection="rademacher", dim=s["dim"], measurement=meas, timesteps=s["timesteps"],
-                    timestep_bands=bands, overwrite=True)
+        spec = dict(checkpoint=run_dir, projection="rademacher", dim=s["dim"], measurement=meas,
+                    timesteps=s["timesteps"], timestep_bands=bands, overwrite=True)
         stores[meas] = {"train": stage("featurize", featurize_run, FeaturizeSpec(
             out=str(out / "features" / f"{meas}{tag}" / "train"), **spec), progress=False)}
         for name in sets:
@@ -240,7 +242,8 @@ def summarize(methods: dict, baselines: dict, s: dict) -> dict:
                     verdict.append({"judge": judge, "method": key, "aspect": a, "weights": cmp,
                                     "uniform": float(np.mean(u[ok])), "learned": float(np.mean(w[ok])),
                                     "delta": float(np.mean(w[ok] - u[ok])), "ci95": ci,
-                                    "verdict": "beats" if ci[0] > 0 else ("worse" if ci[1] < 0 else "no clear difference")})
+                                    "verdict": "beats" if ci[0] > 0 else (
+                                        "worse" if ci[1] < 0 else "no clear difference")})
         for name, m in baselines.items():
             table.append({"judge": judge, "method": name, "weights": "—", "c": None, "n_eff": None,
                           **{f"{a}_{x}": _mean(m[judge][a][x]) for a in ASPECTS for x in ("recall", "map")}})
@@ -256,7 +259,8 @@ def markdown(doc: dict) -> str:
     for judge, what in (("prompt", "relevance by the value the prompt asked for"),
                         ("shown", "relevance by the value the classifier reads off the generated image")):
         lines += [f"Recall@{s['k']} and mAP, {what}:", "",
-                  "| method | weights | λ c | n_eff | " + " | ".join(f"{a} R@{s['k']} | {a} mAP" for a in ASPECTS) + " |",
+                  "| method | weights | λ c | n_eff | "
+                  + " | ".join(f"{a} R@{s['k']} | {a} mAP" for a in ASPECTS) + " |",
                   "|" + "---|" * (4 + 2 * len(ASPECTS))]
         for r in doc["summary"]["table"]:
             if r["judge"] != judge:
@@ -267,7 +271,8 @@ def markdown(doc: dict) -> str:
                          " | ".join(f"{fmt(r[f'{a}_recall'])} | {fmt(r[f'{a}_map'])}" for a in ASPECTS) + " |")
         lines += ["", f"Recall@{s['k']} of learned weights − uniform on each aspect ({judge}; paired bootstrap 95% CI "
                   "over evaluation queries):", "",
-                  "| method | aspect | weights | uniform | learned | Δ | 95% CI | verdict |", "|---|---|---|---|---|---|---|---|"]
+                  "| method | aspect | weights | uniform | learned | Δ | 95% CI | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
         for v in doc["summary"]["verdict"]:
             if v["judge"] == judge:
                 lines.append(f"| {v['method']} | {v['aspect']} | {v['weights']} | {v['uniform']:.3f} | "
@@ -278,7 +283,8 @@ def markdown(doc: dict) -> str:
               "accuracy on held-out real shapes, and how often it reads the prompt's value off the generated "
               "evaluation image:", "", "| aspect | chance | held-out real | generated = prompt |", "|---|---|---|---|"]
     for a, row in doc["fidelity"].items():
-        lines.append(f"| {a} | {doc['chance'][a]:.3f} | {row['heldout_accuracy']:.3f} | {row['eval_matches_prompt']:.3f} |")
+        lines.append(f"| {a} | {doc['chance'][a]:.3f} | {row['heldout_accuracy']:.3f} | "
+                     f"{row['eval_matches_prompt']:.3f} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in doc["timings_s"].items())]
     return "\n".join(lines)
 

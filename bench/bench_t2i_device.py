@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
         t = time.perf_counter()
         stores[device, dtype] = featurize_run(FeaturizeSpec(
-            checkpoint=str(run), out=str(out / f"features-{device}-{dtype}"), projection="rademacher", dim=2048, timesteps=10, device=device,
-            dtype=dtype, overwrite=True), progress=False)
+            checkpoint=str(run), out=str(out / f"features-{device}-{dtype}"), projection="rademacher", dim=2048,
+            timesteps=10, device=device, dtype=dtype, overwrite=True), progress=False)
         result[f"featurize_{device}_{dtype}_s"] = round(time.perf_counter() - t, 2)
     a = np.asarray(FeatureStore.open(stores["cpu", "float32"].path).features, np.float64)
     for dtype in ("float32", "bfloat16"):

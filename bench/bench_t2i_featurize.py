@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common import peak_rss_mb
 from gradtrace.adapters import get_adapter
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.io import versions, write_json_atomic
@@ -28,10 +28,6 @@ from gradtrace.pipeline import TrainSpec, train_run
 from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 
 CONFIGS = ("floor", "lora", "full-unet")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def worker(config: str, checkpoint: str, n: int, T: int, chunk: int, out: Path) -> dict:
@@ -100,7 +96,8 @@ def main(argv=None) -> int:
              "RSS vs floor |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['trainable_params']:,} | {r['k'] or '-'} | {r['rate']:.1f} | "
-                     f"{r['time_vs_floor']:.2f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_vs_floor']:.2f} |")
+                     f"{r['time_vs_floor']:.2f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['rss_vs_floor']:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

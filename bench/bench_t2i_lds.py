@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_lds import GUARD_ROWS, apply_overrides, lds_tables, learned_weights
+from common import GUARD_ROWS, Clock, apply_overrides, lds_tables, learned_weights
 
 EVAL_SEED = 1001
 LEARN_SEED = 2002
@@ -71,15 +71,9 @@ def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> d
     from gradtrace.weights.defaults import DEFAULT_K
 
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    clock = Clock("bench-t2i-lds")
+    timings, stage = clock.timings, clock.stage
     start = time.perf_counter()
-
-    def stage(name, fn, *a, **kw):
-        t = time.perf_counter()
-        print(f"[bench-t2i-lds] {name} ...", file=sys.stderr, flush=True)
-        result = fn(*a, **kw)
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 2)
-        return result
 
     if pipeline is None:
         steps = {k: s[k] for k in ("vae_steps", "unet_steps") if k in s}
@@ -140,7 +134,8 @@ def _run_bench(out: Path, s: dict, pipeline: str | None, *, progress: bool) -> d
         rows.append(row(method, kernel, "uniform", uniform_pq[(method, kernel)], time.perf_counter() - t, c))
         if kernel == "per-group":
             paired.append({"comparison": f"{method}: per-group − shared kernel (uniform)",
-                           "delta": summarize(both(uniform_pq[(method, kernel)]) - both(uniform_pq[(method, "shared")]))})
+                           "delta": summarize(both(uniform_pq[(method, kernel)])
+                                              - both(uniform_pq[(method, "shared")]))})
         for guard in GUARD_ROWS:  # learned on the learning queries only, read back as `eval lds --weights` does
             t = time.perf_counter()
             w, record = learned_weights(st, out / "weights", method, kernel, c, s["learn_steps"], guard)

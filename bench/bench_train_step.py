@@ -5,8 +5,8 @@ per-tensor loop implementations of the same update, measured in the same run.
     python bench/bench_train_step.py                       # digits model, 1 and 2 concurrent workers
     python bench/bench_train_step.py --steps 100 --rounds 2  # shorter
 
-Each measurement is one call of `gradtrace.adapters.diffusion.train` (the real training loop: batch draw, noise, forward,
-backward, clipping, AdamW, LR schedule) on 1,000 sklearn digits with the default 8x8 unconditional model,
+Each measurement is one call of `gradtrace.adapters.diffusion.train` (the real training loop: batch draw, noise,
+forward, backward, clipping, AdamW, LR schedule) on 1,000 sklearn digits with the default 8x8 unconditional model,
 batch 64, torch single-threaded; only the optimizer implementation is swapped. The implementations are
 interleaved round by round, so drifts in machine load hit all of them alike. With --workers 2, two
 processes train at once, as the retraining harness does on two cores. Prints a markdown table: median
@@ -28,8 +28,8 @@ def _one(impl: str, steps: int, queue) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from gradtrace.data.registry import load_dataset
     from gradtrace.adapters.diffusion import TrainConfig, default_model_config, train
+    from gradtrace.data.registry import load_dataset
 
     reference = torch.optim.AdamW
 

@@ -13,23 +13,20 @@ trajectory. For refreshes at steps 0 and 32 and t steps later, the fraction of q
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from common import PLANTED_SCALE, write_planted
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.weights import lazy, learn_weights
 from gradtrace.weights.pool import CandidatePool
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_weights_scale as scale
-
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        scale.generate(Path(tmp), dict(scale.SCALE, n_train=25_000, n_queries=250))
+        write_planted(Path(tmp), dict(PLANTED_SCALE, n_train=25_000, n_queries=250))
         psi = np.load(Path(tmp) / "psi.npy")
         slices = json.loads((Path(tmp) / "slices.json").read_text())
         q = np.load(Path(tmp) / "queries.npy")[:100].astype(np.float64)
@@ -48,7 +45,8 @@ def main() -> None:
     widths = np.diff([s for _, s, _ in slices] + [psi.shape[1]])
     x = psi.astype(np.float64)
     c, k = 256, 10
-    print("| refresh at step | steps after | today's bound proves | a perfect move bound proves | true top-k inside the pool |")
+    print("| refresh at step | steps after | today's bound proves | a perfect move bound proves "
+          "| true top-k inside the pool |")
     print("|---|---|---|---|---|")
     for r in (0, 32):
         base = (q * np.repeat(w_hist[r], widths)) @ x.T

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import PLANTED_SCALE, write_planted
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.weights.kernels import PsiSource, psi_stats_fast, query_grams_fast, threads, top_pass
 from gradtrace.weights.lazy import LazyPool
 from gradtrace.weights.noise import GramNorm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_weights_scale as scale
+from gradtrace.weights.psi_passes import PsiSource, psi_stats_fast, query_grams_fast, top_pass
+from gradtrace.weights.threads import threads
 
 
 def timed(label: str, fn):
@@ -41,7 +39,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        scale.generate(Path(tmp), scale.SCALE)
+        write_planted(Path(tmp), PLANTED_SCALE)
         psi = np.load(Path(tmp) / "psi.npy", mmap_mode="r")
         slices = json.loads((Path(tmp) / "slices.json").read_text())
         phi = np.load(Path(tmp) / "queries.npy").astype(np.float64)

@@ -6,13 +6,13 @@
     .venv/bin/python bench/bench_weights_scale.py --scaling       # the new path at 3 sizes each of N, Q, M
     .venv/bin/python bench/bench_weights_scale.py --sweep         # recall of planted items vs lr / steps / l2 / k
 
-With --baseline-src, a last learning process imports gradtrace from that source tree (e.g. an older
-commit's `git archive` of src/) and learns with its lazy refresh, so an older version and this one are
-measured in the same run on the same problem. The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and learns
-in a fresh one per refresh mode, one after the other (so their ratio is measured under the same load),
-so the reported peak RSS (ru_maxrss) is the learner's own (it includes the pages of Ψ it touched). The
-last columns compare each run with the first (by default the old exact path): largest weight difference
-and the number of queries whose top-10 at the learned weights is the same set. Results are printed as markdown for docs/benchmarks.md.
+With --baseline-src, a last learning process imports gradtrace from that source tree (e.g. an older commit's `git
+archive` of src/) and learns with its lazy refresh, so an older version and this one are measured in the same run on
+the same problem. The scale run generates a planted problem (Ψ as a .npy memmap in --workdir) in one subprocess and
+learns in a fresh one per refresh mode, one after the other (so their ratio is measured under the same load), so the
+reported peak RSS (ru_maxrss) is the learner's own (it includes the pages of Ψ it touched). The last columns compare
+each run with the first (by default the old exact path): largest weight difference and the number of queries whose
+top-10 at the learned weights is the same set. Results are printed as markdown for docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -28,24 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from common import PLANTED_SCALE as SCALE, write_planted
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.weights import learn_weights
 from gradtrace.weights.defaults import DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted problems are a test fixture
-from fixtures.planted import planted_problem, planted_recall  # noqa: E402
-
-SCALE = dict(n_train=100_000, n_queries=1000, n_groups=200, dim=2048, signal_dim=32, strength=45.0)
 QUICK = dict(n_train=5_000, n_queries=50, n_groups=50, dim=512, signal_dim=32, strength=30.0)  # smoke run
-
-
-def generate(workdir: Path, spec: dict) -> None:
-    prob = planted_problem(spec["n_train"], spec["n_queries"], spec["n_groups"], spec["dim"],
-                           signal_dim=spec["signal_dim"], strength=spec["strength"], seed=0,
-                           psi_path=workdir / "psi.npy")
-    np.save(workdir / "queries.npy", prob.queries)
-    np.save(workdir / "planted.npy", prob.planted)
-    (workdir / "slices.json").write_text(json.dumps(prob.fitted.group_slices))
 
 
 def learn(workdir: Path, refresh: str) -> dict:
@@ -64,8 +52,13 @@ def learn(workdir: Path, refresh: str) -> dict:
             "source": str(Path(gradtrace.__file__).resolve().parents[1]),
             "info": result.info, "w_signal": float(result.weights[0]), "weights": result.weights.tolist(),
             "top10": top.tolist(),
-            "recall_uniform": planted_recall(fitted, queries, planted, None, 10),
-            "recall_learned": float(np.mean([np.isin(p, t).mean() for p, t in zip(planted, top)]))}
+            "recall_uniform": recall(planted, fitted.topk(queries, 10)[0]), "recall_learned": recall(planted, top)}
+
+
+def recall(planted: np.ndarray, top: np.ndarray) -> float:
+    """Fraction of each query's planted rows in its top rows, averaged over queries. The learning process uses
+    only what every gradtrace version has (FittedMethod, learn_weights), so --baseline-src may be an older tree."""
+    return float(np.mean([np.isin(p, t).mean() for p, t in zip(planted, top)]))
 
 
 HEADER = ("| N | Q | M | refresh | wall s (CPU s) | precompute s (ΨᵀΨ / G) | steps s | passes (query refreshes) | "
@@ -139,6 +132,8 @@ SWEEP_PROBLEMS = {
 
 
 def sweep(args: argparse.Namespace) -> None:
+    from gradtrace.weights.planted import planted_problem, planted_recall
+
     print("| problem | k | lr | steps | l2 | w_signal | held-out recall@10 | learning loss |")
     print("|---|---|---|---|---|---|---|---|")
     for name, spec in SWEEP_PROBLEMS.items():
@@ -175,7 +170,7 @@ def main() -> None:
     parser.add_argument("--learn", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
-        generate(Path(args.generate), json.loads(args.spec))
+        write_planted(Path(args.generate), json.loads(args.spec))
     elif args.learn:
         print(json.dumps(learn(Path(args.learn), args.refresh[0]), default=float))
     elif args.sweep:

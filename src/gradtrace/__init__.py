@@ -5,6 +5,7 @@ The front door (names load on first use, so `import gradtrace` stays light):
     from gradtrace import FeaturizeSpec, featurize_run, AttributeSpec, attribute_run, FeatureStore
     store = featurize_run(FeaturizeSpec(checkpoint="runs/digits", out="runs/feat-train"))
     scored = score_queries(store, FeatureStore.open("runs/feat-queries"), method="trak")
+    result = AttributionResult.open("runs/attr")   # an attribute output: result.to_pandas(), inline HTML, PIL images
     result = learn_weights(scored.fitted, query_features)          # the label-free group weights
     fitted = get_method("dtrak", kernel="per-group").fit(features, group_slices)
 
@@ -21,6 +22,7 @@ _EXPORTS = {
                            "LearnWeightsSpec", "RetrainSpec", "SampleSpec", "TrainSpec", "attribute_run",
                            "eval_counterfactual", "eval_lds", "featurize_run", "learn_weights_run", "retrain",
                            "run_demo", "sample_run", "train_run"],
+    "gradtrace.pipeline.result": ["AttributionResult"],
     "gradtrace.features.store": ["FeatureStore"],
     "gradtrace.methods": ["get_method"],
     "gradtrace.weights": ["learn_weights"],

@@ -11,6 +11,14 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class GradtraceWarning(UserWarning):
+    """Something allowed that the user should know (e.g. learning and evaluation queries sampled differently);
+    the CLI prints it as one line: `gradtrace COMMAND: warning: ...`."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
 def os_error_line(exc: OSError) -> str:
     """One line for a filesystem error (full disk, read-only or forbidden path, a file where a folder goes or
     the reverse): what failed, where, and what to do."""

@@ -21,22 +21,28 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-import torch
 
+from gradtrace import __version__  # the front door sets it before any submodule loads
 from gradtrace.errors import UserError
 
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape numbers."""
-    import gradtrace  # the package's own version (set before any submodule loads)
-
-    out = {"gradtrace": gradtrace.__version__, "torch": torch.__version__, "numpy": np.__version__,
+    out = {"gradtrace": __version__, "torch": _installed("torch"), "numpy": np.__version__,
            "python": sys.version.split()[0], "platform": platform.platform()}
-    try:  # read the installed version without importing diffusers (seconds of start-up)
-        out["diffusers"] = version("diffusers")
-    except PackageNotFoundError:  # pragma: no cover - diffusers is a hard dependency
-        pass
+    diffusers = _installed("diffusers")
+    if diffusers is not None:  # pragma: no branch - diffusers is a hard dependency
+        out["diffusers"] = diffusers
     return out
+
+
+def _installed(package: str) -> str | None:
+    """The installed version of `package`, read without importing it (torch and diffusers take seconds to load,
+    and this module is below the CLI's start-up)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:  # pragma: no cover - torch and diffusers are hard dependencies
+        return None
 
 
 def command_line() -> str:

@@ -17,9 +17,9 @@ import contextlib
 
 import torch
 
+from gradtrace.choices import PRECISIONS  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 
-PRECISIONS = ("float32", "bfloat16")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

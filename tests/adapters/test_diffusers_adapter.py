@@ -2,6 +2,7 @@
 against a plain autograd loop over the LoRA parameters, prompts, the latent cache, and one-line refusals."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,9 +172,10 @@ def test_bad_input_is_one_line_and_exit_2(sd, tmp_path, capsys, case):
 def test_aspect_learning_queries_are_prompts_naming_only_that_aspect(sd, tmp_path):
     run("learn-weights", "--train", sd / "feat" / "train", "--generate", 4, "--aspect", "style", "--sample-steps", 2,
         "--steps", 5, "--out", tmp_path / "style.json")
-    prompts = json.loads((tmp_path / "style" / "samples" / "manifest.json").read_text())["prompts"]
+    made = Path(json.loads((tmp_path / "style.json").read_text())["provenance"]["learning_queries"]["set"])
+    prompts = json.loads((made / "samples" / "manifest.json").read_text())["prompts"]
     assert sorted(prompts) == sorted(["a dotted shape", "an outlined shape", "a solid shape", "a striped shape"])
-    learn = FeatureStore.open(tmp_path / "style" / "features")
+    learn = FeatureStore.open(made / "features")
     parts = get_adapter("diffusers").load(sd / "ft").model.components
     want = parts.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     np.testing.assert_array_equal(learn.cond, want.numpy())
@@ -182,5 +184,55 @@ def test_aspect_learning_queries_are_prompts_naming_only_that_aspect(sd, tmp_pat
     (tmp_path / "mine.txt").write_text("a circle\na bar\n")
     run("learn-weights", "--train", sd / "feat" / "train", "--generate", 3, "--prompts", tmp_path / "mine.txt",
         "--sample-steps", 2, "--steps", 5, "--out", tmp_path / "mine.json")
-    assert json.loads((tmp_path / "mine" / "samples" / "manifest.json").read_text())["prompts"] == [
+    mine = Path(json.loads((tmp_path / "mine.json").read_text())["provenance"]["learning_queries"]["set"])
+    assert json.loads((mine / "samples" / "manifest.json").read_text())["prompts"] == [
         "a circle", "a bar", "a circle"]
+
+
+def test_an_aspect_without_builtin_prompts_hints_at_prompts(sd, tmp_path, capsys):
+    """`--aspect` that the training data does not have: one line pointing at --prompts, which then works."""
+    args = ["learn-weights", "--train", str(sd / "feat" / "train"), "--generate", "2", "--aspect", "mood",
+            "--sample-steps", "2", "--steps", "5", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "refused.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown aspect 'mood'" in err[0] and "subject, style, background" in err[0], err
+    assert "pass --prompts FILE with --aspect mood" in err[0]
+    assert not (tmp_path / "refused.json").exists() and not (tmp_path / "learning-queries").exists()
+    (tmp_path / "mood.txt").write_text("a cheerful shape\na gloomy shape\n")
+    assert main([*args, "--prompts", str(tmp_path / "mood.txt"), "--out", str(tmp_path / "mood.json")]) == 0
+    mood = Path(json.loads((tmp_path / "mood.json").read_text())["provenance"]["learning_queries"]["set"])
+    assert json.loads((mood / "samples" / "manifest.json").read_text())["prompts"] == [
+        "a cheerful shape", "a gloomy shape"]
+    assert json.loads((tmp_path / "mood.json").read_text())["provenance"]["aspect"] == "mood"
+
+
+def test_a_learning_query_set_is_reused_with_its_aspect(sd, tmp_path, capsys):
+    """Generated learning queries are their own artefact: another kernel reuses them (not sampled again), and
+    `--queries SET/features` learns with the set's recorded aspect, which `attribute --aspect` then finds."""
+    train = sd / "feat" / "train"
+    args = ["learn-weights", "--train", train, "--generate", 3, "--aspect", "style", "--sample-steps", 2, "--steps", 5]
+    run(*args, "--kernel", "shared", "--out", tmp_path / "a.json")
+    made = Path(json.loads((tmp_path / "a.json").read_text())["provenance"]["learning_queries"]["set"])
+    files = [made / "samples" / "images.npy", made / "features" / "features.npy"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    run(*args, "--kernel", "per-group", "--out", tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text())["provenance"]["learning_queries"]["set"] == str(made)
+    assert [f.stat().st_mtime_ns for f in files] == stamps and len(list(made.parent.iterdir())) == 1
+    record = json.loads((made / "learning-queries.json").read_text())
+    assert (record["aspect"], record["num"], record["seed"], record["guidance"]) == ("style", 3, 1, 1.0)
+
+    run("learn-weights", "--train", train, "--queries", made / "features", "--kernel", "shared", "--steps", 5)
+    saved = train / "weights" / "trak-shared-style.json"  # the default path names the recorded aspect
+    assert json.loads(saved.read_text())["provenance"]["aspect"] == "style"
+    run("attribute", "--train", train, "--queries", sd / "feat" / "q", "--aspect", "style", "--kernel", "shared",
+        "--top-k", 2, "--no-report", "--out", tmp_path / "attr")
+    weights = json.loads((tmp_path / "attr" / "attributions.json").read_text())["manifest"]["weights"]
+    assert weights["aspect"] == "style" and weights["path"] == str(saved.resolve())
+    saved.unlink()  # the module's other tests see the store's weights folder as they left it
+
+    capsys.readouterr()
+    assert main(["learn-weights", "--train", str(train), "--queries", str(made / "features"), "--aspect", "subject",
+                 "--out", str(tmp_path / "c.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "generated for aspect 'style'" in err[0] and "--aspect style" in err[0], err
+    assert not (tmp_path / "c.json").exists()

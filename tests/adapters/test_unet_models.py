@@ -9,11 +9,11 @@ import torch
 from diffusers import DDIMScheduler
 from torch.func import functional_call, grad, vmap
 
-from gradtrace.errors import UserError
 from gradtrace.adapters import get_adapter
 from gradtrace.adapters.checkpoint import count_parameters, model_fingerprint, save_checkpoint
 from gradtrace.adapters.diffusion import build_model, default_model_config, make_scheduler, sample
 from gradtrace.adapters.diffusion.train import TrainConfig
+from gradtrace.errors import UserError
 
 load_checkpoint = get_adapter("diffusion-unet").load
 

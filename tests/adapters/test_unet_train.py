@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradtrace.errors import UserError
 from gradtrace.adapters.checkpoint import model_fingerprint
 from gradtrace.adapters.diffusion import TrainConfig, default_model_config, train
 from gradtrace.adapters.loop import batch_stream as _batch_stream
+from gradtrace.errors import UserError
 
 ATTRS = {"subject": ["a", "b", "c"], "style": ["x", "y"]}
 

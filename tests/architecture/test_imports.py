@@ -11,7 +11,7 @@ ROOT = Path(gradtrace.__file__).parent
 AGNOSTIC = ("features", "methods", "weights", "evaluate", "attribution")
 # The model-adapter interface and registry; everything else under adapters/ is one kind of model.
 SEAM = {"gradtrace.adapters", "gradtrace.adapters.base", "gradtrace.adapters.checkpoint",
-        "gradtrace.adapters.train_state"}
+        "gradtrace.adapters.layers", "gradtrace.adapters.train_state"}
 
 
 def module_name(path: Path) -> str:

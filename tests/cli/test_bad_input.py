@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ CASES = [
     ("samples-images-garbage", "featurize --checkpoint {ckpt} --samples {samples_garbage} --out {new}",
      "cannot read samples"),
     ("samples-ids-short", "featurize --checkpoint {ckpt} --samples {samples_short} --out {new}", "expected"),
-    ("featurize-dim-zero", f"featurize --checkpoint {{ckpt}} --out {{new}} --dim 0", "--dim must be a positive"),
+    ("featurize-dim-zero", "featurize --checkpoint {ckpt} --out {new} --dim 0", "--dim must be a positive"),
     ("featurize-groups-regex", f"featurize --checkpoint {{ckpt}} --groups 'a=(' --out {{new}} {FEAT}", "regex"),
     ("featurize-measurement", f"featurize --checkpoint {{ckpt}} --measurement entropy --out {{new}} {FEAT}",
      "entropy"),
@@ -159,8 +160,8 @@ CASES = [
     ("learn-both", "learn-weights --train {train} --queries {learn} --generate 4", "exactly one of"),
     ("learn-prompts-alone", "learn-weights --train {train} --queries {learn} --prompts {a_file}",
      "use it with --generate N"),
-    ("learn-aspect-with-queries", "learn-weights --train {train} --queries {learn} --aspect style",
-     "use it with --generate N"),
+    ("learn-aspect-other-than-the-set", "learn-weights --train {train} --queries {learn_set} --aspect style",
+     "generated for no aspect (general weights); drop --aspect"),
     ("learn-steps-zero", "learn-weights --train {train} --queries {learn} --steps 0", "--steps must be a positive"),
     ("learn-other-model", "learn-weights --train {train} --queries {other_queries} --steps 2 --out {new}",
      "'model_fingerprint' differs"),
@@ -289,6 +290,9 @@ def art(tmp_path_factory):
     ok("featurize", "--checkpoint", p["ckpt"], "--samples", p["samples"], "--out", p["learn"], *feat)
     ok("learn-weights", "--train", p["train"], "--queries", p["learn"], "--steps", 2, "--lambda-c", 0.01,
        "--out", root / "weights.json")
+    ok("learn-weights", "--train", p["train"], "--generate", 2, "--sample-steps", 2, "--steps", 2, "--lambda-c", 0.01,
+       "--out", root / "generated.json")  # a generated learning-query set (general: this model is unconditional)
+    learn_set = Path(json.loads((root / "generated.json").read_text())["provenance"]["learning_queries"]["store"])
     ok("retrain", "--run", p["ckpt"], "--subsets", 2, "--out", p["retrain"])
     ok("train", "--data", "digits", "--n", 12, "--steps", 1, "--batch-size", 4, "--seed", 1, "--out", p["other"])
     ok("featurize", "--checkpoint", p["other"], "--data", "digits", "--n", 16, "--out", root / "other_queries",
@@ -297,7 +301,8 @@ def art(tmp_path_factory):
     ok("train", "--base", p["pipe"], "--lora-rank", 2, "--data", "shapes", "--n", 4, "--steps", 1, "--batch-size",
        2, "--out", p["lora"])
     paths = {k: v for k, v in p.items() if k != "weights"} | {"weights": root / "weights.json",
-                                                               "other_queries": root / "other_queries"}
+                                                               "other_queries": root / "other_queries",
+                                                               "learn_set": learn_set}
     damaged(root, paths)
     return root, paths
 

@@ -6,14 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import FEAT  # noqa: E402
 from gradtrace.adapters import get_adapter
 from gradtrace.adapters.diffusion import sample
 from gradtrace.cli import main
 from gradtrace.data.sources import save_samples
 from gradtrace.errors import UserError
 from gradtrace.pipeline import DemoSpec, run_demo
-
-from conftest import FEAT  # noqa: E402
 
 
 def test_attributions_match_closed_form_trak(pipeline):

@@ -35,7 +35,8 @@ def test_weights_file_and_weighted_attribution(pipeline, learned, tmp_path):
     assert prov["lambda_c"] == pytest.approx(grid[np.argmin(grid[:, 1]), 0])
     assert prov["loss_last"] <= prov["loss_first"] + 1e-12
     assert main(["attribute", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "fq"), "--top-k", "4",
-                 "--kernel", "shared", "--weights", str(learned), "--out", str(tmp_path / "a"), "--no-progress", "--no-report"]) == 0
+                 "--kernel", "shared", "--weights", str(learned), "--out", str(tmp_path / "a"), "--no-progress",
+                 "--no-report"]) == 0
     res = json.loads((tmp_path / "a" / "attributions.json").read_text())
     phi = np.load(pipeline / "ft" / "features.npy").astype(np.float64)
     q = np.load(pipeline / "fq" / "features.npy").astype(np.float64)
@@ -95,7 +96,8 @@ def test_large_store_path_scores_query_side_with_the_same_result(pipeline, learn
 
 def test_guarded_weights_are_the_shrunk_learned_ones(pipeline, learned, tmp_path):
     out = tmp_path / "guarded.json"
-    assert main(["learn-weights", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "w" / "general" / "features"),
+    generated = json.loads(learned.read_text())["provenance"]["learning_queries"]["store"]
+    assert main(["learn-weights", "--train", str(pipeline / "ft"), "--queries", generated,
                  "--lambda-c", "auto", "--kernel", "shared", "--k", "3", "--steps", "20", "--guard", "holdout",
                  "--out", str(out), "--no-progress"]) == 0
     doc, plain = json.loads(out.read_text()), json.loads(learned.read_text())

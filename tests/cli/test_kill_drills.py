@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from fixtures.reliability import canonical, ok
 from fixtures.zygote import Zygote
 from gradtrace.adapters.train_state import STATE_FILE
-from gradtrace.evaluate.harness import is_finished
 from gradtrace.errors import UserError
+from gradtrace.evaluate.harness import is_finished
 from gradtrace.features.store import FeatureStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,7 +208,7 @@ def test_retrain(retrained):
 def test_learn_weights(zygote, inputs, tmp_path):
     argv = lambda root: ["learn-weights", "--train", inputs / "train", "--generate", 8, "--sample-steps", 8,
                          "--steps", 300, "--out", root / "w.json"]
-    made = lambda root: root / "w"
+    made = lambda root: next((root / "learning-queries").glob("general-n8-*"), root / "learning-queries" / "none")
 
     def progress(root):  # samples written (1), learning-query rows featurized (8), store complete (1)
         store = made(root) / "features"

@@ -15,8 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from gradtrace.data import ImageDataset, encode_attributes, load_dataset, render_shape
-from gradtrace.data import shapes as S
+from gradtrace.data import ImageDataset, encode_attributes, load_dataset, render_shape, shapes as S
 from gradtrace.errors import UserError
 
 
@@ -194,7 +193,8 @@ def test_combo_order_is_a_bijection():
 
 @pytest.mark.parametrize("factor", [0, 1, 2], ids=["subject", "style", "background"])
 def test_each_factor_changes_the_unjittered_image(factor):
-    """Two renders differing only in one factor differ clearly: mean |diff| >= 0.03 and some pixel by >= 0.4 (a fifth of the range)."""
+    """Two renders differing only in one factor differ clearly: mean |diff| >= 0.03 and some pixel by >= 0.4
+    (a fifth of the range)."""
     vocab = [S.SUBJECTS, S.STYLES, S.BACKGROUNDS]
     cache = {c: render_shape(*c) for c in itertools.product(*vocab)}
     smallest_mean, smallest_max = np.inf, np.inf

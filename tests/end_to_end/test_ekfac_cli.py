@@ -16,6 +16,7 @@ from gradtrace.cli import main
 from gradtrace.data import load_dataset
 from gradtrace.errors import UserError
 from gradtrace.pipeline.ekfac import EkfacInputs, self_influence, setup
+from gradtrace.pipeline.model_scoring import spec_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,8 +129,8 @@ def test_self_influence_per_group_is_the_diagonal_of_loss_attributions(run):
     # given examples are fitted and scored instead of the recorded ones: the same examples give the same numbers,
     # labels flipped for the first five give other factors (refused in the same folder) and other scores
     adapter = get_adapter("classifier")
-    given = adapter.examples(adapter.load(run / "run").model_config, {"kind": "dataset", "spec": "digits",
-                                                                        "n": N_DATA, "size": None, "seed": 0}, ids=TRAIN)
+    source = {"kind": "dataset", "spec": "digits", "n": N_DATA, "size": None, "seed": 0}
+    given = adapter.examples(adapter.load(run / "run").model_config, source, ids=TRAIN)
     same = self_influence(run / "run", examples=given, factors=run / "factors-given", progress=False)
     np.testing.assert_allclose(same.contributions, got.contributions, rtol=1e-6)
     given.cond = given.cond.copy()
@@ -195,9 +196,36 @@ def test_tiny_diffusion_unet_contributions_sum_to_kronfluence_total(tmp_path):
     spec = EkfacInputs(checkpoint=str(tmp_path / "unet"), ids=ids_file(tmp_path / "q.txt", range(24, 27)),
                        timesteps=2, batch_size=8, factors=str(tmp_path / "f"), device="cpu")
     s = setup(spec, tmp_path / "f", progress=False).fit()
-    queries = s.examples(spec, spec.ids)
+    queries = spec_examples(s, spec, spec.ids)
     assert s.engine.sign == 1.0 and s.engine.fisher == "empirical"  # a loss; no predictive distribution
     contrib = s.engine.contributions(queries, s.train, 0.1)
     total = s.engine.total(queries, s.train, 0.1)
     assert contrib.shape == (3, 24, len(s.engine.group_names)) and len(s.engine.group_names) > 5
     np.testing.assert_allclose(contrib.sum(-1), total, rtol=1e-4, atol=1e-5 * np.abs(total).max())
+
+
+def test_attribute_and_learn_weights_method_ekfac_give_the_alias_outputs(run):
+    """`attribute --method ekfac` / `learn-weights --method ekfac` (the general commands) write exactly the arrays
+    and weights of `attribute-ekfac` / `learn-weights-ekfac` (uniform with c auto on learning ids, and weighted)."""
+    common = ["--checkpoint", str(run / "run"), "--data", "digits", "--n", str(N_DATA), "--factors",
+              str(run / "factors"), *QUIET]
+    learn = ["--ids", str(run / "learn.txt"), "--steps", "30"]
+    assert main(["learn-weights-ekfac", *common, *learn, "--out", str(run / "alias-w.json")]) == 0
+    assert main(["learn-weights", "--method", "ekfac", *common, *learn, "--out", str(run / "new-w.json")]) == 0
+    old, new = (json.loads((run / f"{n}-w.json").read_text()) for n in ("alias", "new"))
+    assert new["weights"] == old["weights"] and new["provenance"]["lambda_grid"] == old["provenance"]["lambda_grid"]
+    for name, extra in (("auto", ["--lambda-c", "auto", "--learning-ids", str(run / "learn.txt")]),
+                        ("weighted", ["--weights", str(run / "alias-w.json")])):
+        args = [*common, "--ids", str(run / "held.txt"), "--top-k", "5", *extra]
+        assert main(["attribute-ekfac", *args, "--out", str(run / f"alias-{name}")]) == 0
+        assert main(["attribute", "--method", "ekfac", *args, "--out", str(run / f"new-{name}")]) == 0
+        for array in ("scores", "contributions", "topk_ids", "topk_scores", "topk_contributions", "train_ids",
+                      "query_ids"):
+            a, b = (np.load(run / f"{kind}-{name}" / f"{array}.npy") for kind in ("alias", "new"))
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (name, array)
+        docs = [json.loads((run / f"{kind}-{name}" / "attributions.json").read_text()) for kind in ("alias", "new")]
+        assert docs[0]["queries"] == docs[1]["queries"]
+        assert docs[0]["manifest"]["lambda"] == docs[1]["manifest"]["lambda"]
+    # the general command refuses what the method cannot take, in one line
+    assert main(["attribute", "--method", "ekfac", *common, "--ids", str(run / "held.txt"), "--aspect", "style",
+                 "--out", str(run / "bad")]) == 2

@@ -1,7 +1,9 @@
 """The quick LDS benchmark end to end, its numbers checked against dattri, and `gradtrace eval lds` on its outputs."""
-import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-thr
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("bench_lds", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The script run as `python bench/bench_lds.py --quick` is (one torch thread, as this module's own checks)."""
     out = tmp_path_factory.mktemp("bench") / "lds"
-    assert module.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out), "--no-progress"],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     return out
 
 

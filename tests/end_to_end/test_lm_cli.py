@@ -223,3 +223,23 @@ def test_logra_recipe_lds_and_tail_patch(run):
     doc = json.loads((run / "logra-tp" / "tail_patch.json").read_text())
     for qi, row in enumerate(doc["per_query"]):
         assert row["uniform_ids"] == np.argsort(-scores[qi], kind="stable")[:4].tolist()
+
+
+def test_method_ekfac_gives_the_alias_outputs_on_the_lm(run):
+    """On the LM, `learn-weights --method ekfac` and `attribute --method ekfac` write exactly the weights and arrays
+    of the `learn-weights-ekfac` / `attribute-ekfac` aliases."""
+    ids = run / "q.txt"
+    ids.write_text("\n".join(str(i) for i in range(N_QUERY)) + "\n")
+    common = ["--checkpoint", str(run / "run"), "--factors", str(run / "ek-factors"), *QUIET]
+    learn = ["--data", f"jsonl:{run / 'learn.jsonl'}", "--ids", str(ids), "--steps", "20"]
+    assert main(["learn-weights-ekfac", *common, *learn, "--out", str(run / "alias-w.json")]) == 0
+    assert main(["learn-weights", "--method", "ekfac", *common, *learn, "--out", str(run / "new-w.json")]) == 0
+    old, new = (json.loads((run / f"{n}-w.json").read_text()) for n in ("alias", "new"))
+    assert new["weights"] == old["weights"] and new["provenance"]["lambda_c"] == old["provenance"]["lambda_c"]
+    args = [*common, "--data", f"jsonl:{run / 'queries.jsonl'}", "--ids", str(ids), "--weights",
+            str(run / "alias-w.json"), "--top-k", "4"]
+    assert main(["attribute-ekfac", *args, "--out", str(run / "alias-attr")]) == 0
+    assert main(["attribute", "--method", "ekfac", *args, "--out", str(run / "new-attr")]) == 0
+    for array in ("scores", "contributions", "topk_ids", "topk_scores", "topk_contributions"):
+        a, b = (np.load(run / f"{kind}-attr" / f"{array}.npy") for kind in ("alias", "new"))
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), array

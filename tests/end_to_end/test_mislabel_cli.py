@@ -17,9 +17,11 @@ from gradtrace.adapters.classifier import train as train_classifier
 from gradtrace.attribution import fit_method
 from gradtrace.cli import main
 from gradtrace.data import load_dataset
-from gradtrace.evaluate.mislabel import PROVIDERS, GroupSelfInfluence, mislabel_run, register_self_influence
+from gradtrace.evaluate.mislabel import mislabel_run
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.features.store import FeatureStore
+from gradtrace.methods import ModelMethod, ModelSession, register_method
+from gradtrace.methods.registry import METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,24 +146,35 @@ def test_bad_input_is_one_line_and_exit_2(done, tmp_path, capsys):
 
 
 def test_a_method_with_its_own_self_influence_plugs_in(done):
-    """A provider (as EK-FAC will be) returns per-group self-influence (N, M) and the fitted method the weight
-    learner uses; the stage ranks by exactly its numbers."""
+    """A method that needs the model (as EK-FAC is) gives per-group self-influence (N, M) and the learning queries'
+    contributions the weight learner uses; the stage ranks by exactly its numbers."""
     train = FeatureStore.open(done / "ml" / "features" / "train")
+    learn = FeatureStore.open(done / "ml" / "features" / "learn")
     phi = np.asarray(train.features, dtype=np.float64)
     want = 3.0 * dense_self_influence(phi, train.group_slices, "trak", "per-group", 0.5)
     seen = {}
 
-    def provider(inputs, method, kernel, c, progress):
-        seen.update(method=method, kernel=kernel, n=len(inputs.train_examples.ids))
-        fitted = fit_method(inputs.train, "trak", kernel="per-group", c=0.5, progress=False)
-        return GroupSelfInfluence(want, list(inputs.train.group_names), {"method": "scaled trak"}, fitted)
+    class Session(ModelSession):
+        def contributions(self, queries, c):
+            fitted = fit_method(train, "trak", kernel="per-group", c=0.5, progress=False)
+            return fitted.contributions(learn.features).astype(np.float64)
 
-    register_self_influence("scaled", provider)
+        def self_contributions(self, c, *, measurement=False):
+            seen.update(method=self.method.name, kernel=self.method.kernel_kind, n=len(self.train.ids))
+            return want
+
+    class Scaled(ModelMethod):
+        name, kernel_kind = "scaled", "per-group"
+
+        def session(self, checkpoint, *, default_factors, examples=None, progress=True):
+            return Session(self, checkpoint, examples=examples, progress=progress)
+
+    register_method("scaled", lambda **options: Scaled(**options))
     try:
         doc = mislabel_run(done / "run", done / "ml", methods="scaled", feature_spec=FeatureSpec(total_dim=64,
                            measurement=None), num_learning=30, learn_steps=20, n_bootstrap=50, progress=False)
     finally:
-        PROVIDERS.pop("scaled")
+        METHODS.pop("scaled")
     assert seen == {"method": "scaled", "kernel": "per-group", "n": len(TRAIN)}
     r = doc["results"][0]
     w = np.array([r["learned_weights"]["weights"][n] for n in train.group_names])

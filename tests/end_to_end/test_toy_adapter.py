@@ -8,9 +8,21 @@ import torch
 from scipy.stats import spearmanr
 
 from fixtures.toy_adapter import NAME, targets
-from gradtrace import (AttributeSpec, EvalLDSSpec, FeaturizeSpec, LearnWeightsSpec, RetrainSpec,
-                       TrainSpec, attribute_run, eval_lds, featurize_run, get_adapter, learn_weights_run, retrain,
-                       train_run)
+from gradtrace import (
+    AttributeSpec,
+    EvalLDSSpec,
+    FeaturizeSpec,
+    LearnWeightsSpec,
+    RetrainSpec,
+    TrainSpec,
+    attribute_run,
+    eval_lds,
+    featurize_run,
+    get_adapter,
+    learn_weights_run,
+    retrain,
+    train_run,
+)
 from gradtrace.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

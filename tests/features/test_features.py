@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures.unet import build_featurizer, featurize_unet, random_inputs as _inputs, tiny_model as _model
+from gradtrace.adapters.checkpoint import model_fingerprint
 from gradtrace.errors import UserError
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.features.store import FeatureStore
-from gradtrace.adapters.checkpoint import model_fingerprint
-
-from fixtures.unet import build_featurizer, featurize_unet
-from fixtures.unet import random_inputs as _inputs
-from fixtures.unet import tiny_model as _model
 
 
 def _loop_gradient(model, featurizer, x, i, cond):

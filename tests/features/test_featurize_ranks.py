@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from fixtures.unet import random_inputs, tiny_model, build_featurizer
+from fixtures.unet import build_featurizer, random_inputs, tiny_model
 from gradtrace.attribution import fit_method
 from gradtrace.cli import main
 from gradtrace.errors import UserError

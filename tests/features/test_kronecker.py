@@ -8,21 +8,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fixtures.unet import build_featurizer, featurize_unet, random_inputs as _inputs, tiny_model as _model
+from gradtrace.adapters.checkpoint import model_fingerprint
+from gradtrace.adapters.diffusion.measure import DiffusionObjective, Measurement
 from gradtrace.errors import UserError
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.features.gradients import GradientFeaturizer
+from gradtrace.features.groups import make_groups
 from gradtrace.features.kron_projection import KroneckerProjector, factor_dims
 from gradtrace.features.kronecker import KroneckerFeaturizer
 from gradtrace.features.projection import GroupProjector
 from gradtrace.features.store import FeatureStore
-from gradtrace.features.groups import make_groups
-from gradtrace.adapters.diffusion.measure import DiffusionObjective, Measurement
-from gradtrace.adapters.checkpoint import model_fingerprint
-
-from fixtures.unet import build_featurizer, featurize_unet
-from fixtures.unet import random_inputs as _inputs
-from fixtures.unet import tiny_model as _model
-
 
 _EXACT: dict = {}
 

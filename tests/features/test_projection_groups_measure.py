@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from gradtrace.errors import UserError
-from gradtrace.features.projection import GroupProjector, split_dims
 from gradtrace.adapters import get_adapter
 from gradtrace.adapters.diffusion.groups import block_key
-from gradtrace.features.groups import make_groups
 from gradtrace.adapters.diffusion.measure import Measurement, example_noise, timestep_grid
+from gradtrace.errors import UserError
+from gradtrace.features.groups import make_groups
+from gradtrace.features.projection import GroupProjector, split_dims
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])

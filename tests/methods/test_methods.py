@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradtrace.errors import UserError
 import gradtrace.methods.trak as trak_module
+from gradtrace.errors import UserError
 from gradtrace.methods import TRAK, FittedMethod, TracIn, get_method, lambda_grid
 
 N, K = 200, 30

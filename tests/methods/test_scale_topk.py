@@ -12,7 +12,8 @@ SLICES = [("a", 0, 8), ("b", 8, 20), ("c", 20, 24)]
 
 def _settings(dtype, chunk=700):
     return {"model_fingerprint": "x", "groups": [{"name": n, "start": s, "stop": e} for n, s, e in SLICES],
-            "projection": {"kind": "test"}, "measurement": {"name": "loss"}, "dtype": dtype, "dim": 24, "chunk_rows": chunk}
+            "projection": {"kind": "test"}, "measurement": {"name": "loss"}, "dtype": dtype, "dim": 24,
+            "chunk_rows": chunk}
 
 
 def _store(tmp_path, dtype, phi, chunk=700):

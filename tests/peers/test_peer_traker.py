@@ -12,10 +12,9 @@ import torch
 from torch.func import functional_call
 
 from fixtures.unet import build_featurizer
+from gradtrace.adapters.diffusion import build_model, default_model_config, make_scheduler
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.methods import get_method
-from gradtrace.adapters.diffusion import default_model_config
-from gradtrace.adapters.diffusion import build_model, make_scheduler
 
 trak = pytest.importorskip("trak", reason="traker is a dev extra; `make test` installs it")
 from trak.modelout_functions import AbstractModelOutput  # noqa: E402

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures.browser import Browser
 from gradtrace.cli import main
 from gradtrace.pipeline import DemoSpec, run_demo
-from fixtures.browser import Browser
 
 TINY = {"n_train": 40, "steps": 10, "n_queries": 3, "sample_steps": 3, "dim": 64, "timesteps": 2, "top_k": 4,
         "n_learn": 8}
@@ -98,7 +98,8 @@ def test_weights_files_are_charted_one_section_per_aspect(demo, tmp_path, capsys
     text = out.read_text()
     assert 'id="weights-general"' in text and 'id="weights-style"' in text
     manifest = json.loads(re.search(r'id="gradtrace-manifest">(.*?)</script>', text).group(1))
-    assert manifest["inputs"]["weights"] == [str((demo / "weights.json").resolve()), str((tmp_path / "style.json").resolve())]
+    assert manifest["inputs"]["weights"] == [str((demo / "weights.json").resolve()),
+                                             str((tmp_path / "style.json").resolve())]
     assert text.count('<section class="query"') == TINY["n_queries"]
 
 

@@ -7,8 +7,15 @@ import pytest
 from PIL import Image
 
 from gradtrace.errors import UserError
-from gradtrace.report.weights import (attribution_comparison, block_colours, cosine_heatmap, cosine_matrix,
-                                      describe_group, weights_bars, weights_figure)
+from gradtrace.report.weights import (
+    attribution_comparison,
+    block_colours,
+    cosine_heatmap,
+    cosine_matrix,
+    describe_group,
+    weights_bars,
+    weights_figure,
+)
 
 NAMES = ["conv_in", "time_embedding", "down_blocks.0", "down_blocks.1", "down_blocks.1.self_attn.q",
          "down_blocks.1.cross_attn.k", "mid_block", "mid_block.cross_attn.out", "up_blocks.0",

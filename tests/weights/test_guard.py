@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.planted import even_slices, planted_problem, planted_recall
 from gradtrace.errors import UserError
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.weights import dense_contributions, learn_weights, snr_loss
 from gradtrace.weights.guard import SHRINKS
+from gradtrace.weights.planted import even_slices, planted_problem, planted_recall
 
 K, STEPS = 5, 60
 

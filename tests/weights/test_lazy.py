@@ -7,13 +7,13 @@ import torch
 
 from gradtrace.methods import FittedMethod
 from gradtrace.weights import learn_weights
-from gradtrace.weights.kernels import (
+from gradtrace.weights.noise import gram_matvec, query_grams
+from gradtrace.weights.psi_passes import (
     PsiSource,
     psi_stats_fast,
     query_grams_fast,
     top_pass,
 )
-from gradtrace.weights.noise import gram_matvec, query_grams
 
 SLICES = [("a", 0, 3), ("b", 3, 10), ("c", 10, 14), ("d", 14, 22)]
 
@@ -142,7 +142,7 @@ def test_a_shortlist_of_only_k_rows_still_follows_the_dense_path(monkeypatch):
 def test_threads_context_sets_and_restores_torch_and_blas():
     from threadpoolctl import threadpool_info
 
-    from gradtrace.weights.kernels import threads
+    from gradtrace.weights.threads import threads
     before = torch.get_num_threads()
     blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
     with threads(1):

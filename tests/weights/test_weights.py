@@ -10,8 +10,16 @@ import torch
 
 from gradtrace.errors import UserError
 from gradtrace.methods import FittedMethod, get_method
-from gradtrace.weights import (choose_lambda_scale, cosine, dense_contributions, learn_weights, load_weights,
-                               save_weights, snr_loss, solo_quality)
+from gradtrace.weights import (
+    choose_lambda_scale,
+    cosine,
+    dense_contributions,
+    learn_weights,
+    load_weights,
+    save_weights,
+    snr_loss,
+    solo_quality,
+)
 from gradtrace.weights.noise import psi_stats, query_grams
 from gradtrace.weights.pool import CandidatePool
 from gradtrace.weights.streamed import snr_at
@@ -299,7 +307,7 @@ def test_dense_contributions_and_trak_fitted_method_agree_with_numpy():
 
 
 def test_planted_problem_and_recall_match_numpy():
-    from fixtures.planted import planted_problem, planted_recall
+    from gradtrace.weights.planted import planted_problem, planted_recall
 
     prob = planted_problem(300, 6, 5, 40, signal_dim=12, strength=8.0, seed=12)
     assert [s[2] - s[1] for s in prob.fitted.group_slices] == [12, 7, 7, 7, 7]

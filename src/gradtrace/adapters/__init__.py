@@ -1,11 +1,12 @@
 """Model adapters by name: the one place that maps a checkpoint to the code that knows its kind of model.
 
-    adapter = get_adapter("diffusion-unet")          # a built-in adapter (also "diffusers", "classifier")
+    adapter = get_adapter("diffusion-unet")          # a built-in adapter (also "diffusers", "classifier", "causal-lm")
     adapter = get_adapter("mypkg.adapters:MyAdapter")  # any ModelAdapter subclass by import path
     adapter = adapter_of(checkpoint_dir)             # the adapter named in a checkpoint's manifest
 
 Adapters are imported on first use, so nothing model-specific loads until a stage asks for it. See
-`gradtrace.adapters.base` for the interface and docs/architecture.md for how to write one.
+`gradtrace.adapters.base` for the interface, `gradtrace.adapters.layers` for the layer-type facts the featurizers
+share, and docs/architecture.md for how to write one.
 """
 from __future__ import annotations
 

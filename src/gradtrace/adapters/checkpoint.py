@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
+from gradtrace.choices import DEFAULT_ADAPTER  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.io import read_json, versions, write_bytes_atomic, write_json_atomic
 
@@ -26,7 +27,6 @@ FORMAT = "gradtrace.checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-DEFAULT_ADAPTER = "diffusion-unet"  # checkpoints without an "adapter" key: the tiny diffusion UNets
 
 
 @dataclass

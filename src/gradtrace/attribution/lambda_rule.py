@@ -1,72 +1,87 @@
-"""The λ scale c of a scoring stage: one rule for what a user may pass, and how each stage resolves it.
+"""The λ scale c of every method and stage: one rule for what a user may pass, and how each stage resolves it.
 
-Valid values (`parse_c`): a finite number >= 0 (`gradtrace.methods.check_c`; 0 = no damping), or "auto" = the
-c of the log grid 1e-4..1 whose kernel gives the best label-free SNR objective with uniform weights on
-*learning* queries (never the queries scored), or None = the stage's default. Defaults: `attribute`, `eval
-lds` and `eval counterfactual` use the c the weights file was learned with, else `DEFAULT_C` (0.01);
-`learn-weights` uses "auto". A method without λ (TracIn) ignores c; "auto" with it is refused.
+Valid values (`parse_c`): a finite number >= 0 (`gradtrace.methods.check_c`; 0 = no damping), or "auto" = the c of
+the method's log grid 1e-4..1 (`method.lambda_grid()`) whose uniform-weight label-free SNR objective is best on
+*learning* queries (never the queries scored), or None = the stage's default. Defaults: `attribute`, `eval lds` and
+`eval counterfactual` use the c the weights file was learned with, else the method's `default_c` (TRAK 0.01, EK-FAC
+0.1); `learn-weights` and `eval mislabel` use "auto". A method without λ (TracIn) ignores c; "auto" with it is refused.
+
+The same rule for both kinds of method (`gradtrace.methods`): a feature kernel is refitted per c from one Gram pass
+(`gradtrace.weights.choose_lambda_scale`); a method that needs the model scores the learning queries at each c of its
+grid (`choose_model_c`).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import torch
 
 from gradtrace.attribution.weights_file import query_set_id
-from gradtrace.errors import UserError
+from gradtrace.choices import AUTO, parse_c  # noqa: F401  (the CLI's choices)
+from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.methods import DEFAULT_C, check_c, get_method
-from gradtrace.weights import DEFAULT_K, choose_lambda_scale
-
-AUTO = "auto"
+from gradtrace.methods import BaseMethod, configure
+from gradtrace.weights import DEFAULT_K, choose_lambda_scale, snr_loss
 
 
-def parse_c(value) -> float | str | None:
-    """None, "auto" or a float >= 0 (the one rule for --lambda-c); anything else is refused in one line."""
-    if value is None:
-        return None
-    if str(value).strip().lower() == AUTO:
-        return AUTO
-    try:
-        return check_c(value)
-    except UserError:
-        raise UserError(f"--lambda-c must be a number or 'auto' (numbers: finite, >= 0), got {value!r}") from None
+def _method(method, kernel: str) -> BaseMethod:
+    return configure(method, kernel=kernel)
 
 
-def choose_c(train: FeatureStore, learning: FeatureStore, method: str, kernel: str, k: int) -> tuple[float, list]:
+# ---- feature kernels: choose on learning-query feature stores ------------------------------------------------
+
+def choose_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, k: int) -> tuple[float, list]:
     """(c, [[c, loss], ...]): the SNR-best c of the grid on the learning queries, with uniform weights."""
-    scale = train.row_scale if get_method(method).needs_row_scale else None
+    base = _method(method, kernel)
+    scale = train.row_scale if base.needs_row_scale else None
     best, table = choose_lambda_scale(train.features, train.group_slices, np.asarray(learning.features),
-                                      method=method, kernel=kernel, k=k, row_scale=scale)
-    return float(best), [[float(a), float(b)] for a, b in table]
+                                      method=base.name, kernel=getattr(base, "kernel", kernel), k=k, row_scale=scale)
+    table = [[float(a), float(b)] for a, b in table]
+    edge = grid_edge(float(best), table)
+    if edge is not None:
+        warnings.warn(GradtraceWarning(
+            f"the label-free λ scale c = {best:.0e} is the {edge} value of the grid {table[0][0]:.0e}.."
+            f"{table[-1][0]:.0e} searched on {learning.path}: the SNR objective may prefer a c beyond it; check the "
+            "choice (the grid's losses are recorded) or pass --lambda-c NUMBER"), stacklevel=2)
+    return float(best), table
 
 
-def resolve_learning_c(train: FeatureStore, learning: FeatureStore, method: str, kernel: str, c,
+def grid_edge(c: float, table: list) -> str | None:
+    """"lowest" or "highest" when `c` is the first or last value of a grid of several c values, else None."""
+    values = [row[0] for row in table]
+    if len(values) < 2:
+        return None
+    return "lowest" if c == min(values) else "highest" if c == max(values) else None
+
+
+def resolve_learning_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, c,
                        k: int) -> tuple[float, list | None]:
     """`learn-weights`: (c, the grid table or None); c = "auto" chooses on the learning queries themselves."""
     value = parse_c(c)
-    if not get_method(method).uses_lambda:
+    base = _method(method, kernel)
+    if not base.uses_lambda:
         return 0.0, None
     if value == AUTO:
-        return choose_c(train, learning, method, kernel, k)
-    return (DEFAULT_C if value is None else value), None
+        return choose_c(train, learning, base, kernel, k)
+    return (base.default_c if value is None else value), None
 
 
-def resolve_scoring_c(train: FeatureStore, queries: FeatureStore, *, method: str, kernel: str, c,
+def resolve_scoring_c(train: FeatureStore, queries: FeatureStore, *, method, kernel: str, c,
                       weights_info: dict | None, learning_queries=None) -> tuple[float, dict]:
     """(c, its provenance) for the scoring stages: a number; "auto" = SNR-best on `learning_queries` (a store
-    that is not `queries`: the choice never reads the queries scored); None = the weights' c, else DEFAULT_C."""
+    that is not `queries`: the choice never reads the queries scored); None = the weights' c, else the default."""
     value = parse_c(c)
+    base = _method(method, kernel)
     if learning_queries is not None and value != AUTO:
         raise UserError("--learning-queries is only used with --lambda-c auto; drop it or pass --lambda-c auto")
     if value is None:
-        from_weights = weights_info and weights_info.get("lambda_c") is not None
-        value = weights_info["lambda_c"] if from_weights else DEFAULT_C
-        return float(value), {"c": float(value), "rule": "weights file" if from_weights else "default"}
-    uses_lambda = get_method(method).uses_lambda
+        return _default_c(base, weights_info)
     if value != AUTO:
-        value = value if uses_lambda else 0.0
+        value = value if base.uses_lambda else 0.0
         return value, {"c": value, "rule": "given"}
-    if not uses_lambda:
-        raise UserError(f"--lambda-c auto needs a method with a λ (trak or dtrak); {method} has none")
+    if not base.uses_lambda:
+        raise UserError(f"--lambda-c auto needs a method with a λ (trak or dtrak); {base.name} has none")
     if learning_queries is None:
         raise UserError("--lambda-c auto chooses c on learning queries; pass --learning-queries STORE "
                         "(featurized generated samples or held-out images, not the --queries)")
@@ -75,6 +90,70 @@ def resolve_scoring_c(train: FeatureStore, queries: FeatureStore, *, method: str
     if query_set_id(learn) == query_set_id(queries):
         raise UserError(f"--learning-queries {learn.path} holds the same queries as --queries; choose λ on "
                         f"other queries (learning and evaluation queries must be disjoint)")
-    value, table = choose_c(train, learn, method, kernel, min(DEFAULT_K, len(train.ids)))
+    value, table = choose_c(train, learn, base, kernel, min(DEFAULT_K, len(train.ids)))
     return value, {"c": value, "rule": "auto: SNR-best on the learning queries", "grid": table,
                    "learning_queries": {"store": str(learn.path), **query_set_id(learn)}}
+
+
+def _default_c(base: BaseMethod, weights_info: dict | None) -> tuple[float, dict]:
+    from_weights = weights_info and weights_info.get("lambda_c") is not None
+    value = weights_info["lambda_c"] if from_weights else base.default_c
+    value = 0.01 if value is None else value  # a method without λ: the number is recorded, never used
+    return float(value), {"c": float(value), "rule": "weights file" if from_weights else "default"}
+
+
+# ---- methods that need the model: choose on learning-query examples -------------------------------------------
+
+def choose_model_c(session, learning, k: int) -> tuple[float, list, np.ndarray]:
+    """(c, [[c, loss], ...], the learning queries' (Q, N, M) contributions at c): the c of the method's grid whose
+    uniform-weight SNR objective on the learning queries is lowest (ties: the smaller c)."""
+    table, best = [], None  # best: (loss, c, contributions), only the best so far kept
+    for c in session.method.lambda_grid():
+        contrib = session.contributions(learning, float(c))
+        m = contrib.shape[2]
+        loss = float(snr_loss(torch.from_numpy(contrib), torch.full((m,), 1.0 / m, dtype=torch.float64), k))
+        table.append([float(c), loss])
+        if best is None or (loss, float(c)) < best[:2]:
+            best = (loss, float(c), contrib)
+    return best[1], table, best[2]
+
+
+def resolve_model_learning_c(session, learning, c, k: int) -> tuple[float, list | None, np.ndarray]:
+    """`learn-weights` and `eval mislabel` for a method that needs the model: (c, its grid table or None, the
+    learning queries' (Q, N, M) contributions at c); c "auto" = `choose_model_c` with top-k `k`, None = the
+    method's default."""
+    value = parse_c(c)
+    if value == AUTO:
+        return choose_model_c(session, learning, k)
+    value = session.method.default_c if value is None else value
+    return value, None, session.contributions(learning, value)
+
+
+def resolve_model_scoring_c(session, queries, c, weights_info: dict | None, learning=None) -> tuple[float, dict]:
+    """`attribute` for a method that needs the model: (c, its provenance); "auto" = SNR-best on `learning` (examples
+    that are not `queries`), None = the weights' c, else the method's default."""
+    value = parse_c(c)
+    if learning is not None and value != AUTO:
+        raise UserError("--learning-ids is only used with --lambda-c auto; drop it or pass --lambda-c auto")
+    if value == AUTO and learning is None:
+        raise UserError("--lambda-c auto chooses c on learning queries; pass --learning-ids FILE (not the --ids)")
+    if value == AUTO:
+        if query_set_id(learning) == query_set_id(queries):
+            raise UserError("--learning-ids are the --ids; choose λ on other queries")
+        value, table, _ = choose_model_c(session, learning, min(DEFAULT_K, len(session.train.ids)))
+        lam = {"c": value, "rule": "auto: SNR-best on the learning queries", "grid": table,
+               "learning_queries": query_set_id(learning)}
+    elif value is None:
+        value, lam = _default_c(session.method, weights_info)
+    else:
+        lam = {"c": value, "rule": "given"}
+    return value, {**lam, **session.lambda_facts(value)}
+
+
+def check_model_scoring_c(c, learning_ids) -> None:
+    """The checks of `resolve_model_scoring_c` that need no session: run before anything is loaded or written."""
+    value = parse_c(c)
+    if learning_ids is not None and value != AUTO:
+        raise UserError("--learning-ids is only used with --lambda-c auto; drop it or pass --lambda-c auto")
+    if value == AUTO and learning_ids is None:
+        raise UserError("--lambda-c auto chooses c on learning queries; pass --learning-ids FILE (not the --ids)")

@@ -2,7 +2,8 @@
 
 Written into an output directory:
 
-    attributions.json      manifest + per query: its top-k training ids with scores and per-group breakdown
+    attributions.json      manifest + per query: its top-k training ids with scores and per-group breakdown, and
+                           each example's source (file name, caption or text; `gradtrace.data.sources`)
     topk_ids.npy           (Q, k) training ids
     topk_scores.npy        (Q, k) float32
     topk_contributions.npy (Q, k, M) float32 per-group contributions (sum over M = the score)
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from gradtrace.attribution.scoring import Scored
-from gradtrace.errors import UserError
+from gradtrace.data.sources import example_sources
+from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, versions, write_json_atomic
 from gradtrace.methods.trak import has_dual_blocks
@@ -53,6 +56,8 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
     arrays = {"topk_ids.npy": top_ids, "topk_scores.npy": top, "topk_contributions.npy": contrib.astype(np.float32)}
     if len(qf) * len(train.ids) <= FULL_SCORES_MAX:
         arrays["scores.npy"] = scored.scores()
+    train_source = sources_of(train, np.unique(top_ids))
+    query_source = sources_of(queries, queries.ids)
     doc = {
         "manifest": {
             "format": FORMAT, "format_version": 1,
@@ -65,8 +70,9 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
         },
         "groups": names,
         "queries": [
-            {"query_id": int(queries.ids[q]),
+            {"query_id": int(queries.ids[q]), "source": query_source.get(int(queries.ids[q])),
              "top": [{"rank": r + 1, "train_id": int(top_ids[q, r]), "score": float(top[q, r]),
+                      "source": train_source.get(int(top_ids[q, r])),
                       "contributions": {n: float(v) for n, v in zip(names, contrib[q, r])}}
                      for r in range(top_k)]}
             for q in range(len(qf))
@@ -74,6 +80,21 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
     }
     _write_set(Path(out), arrays, doc)
     return doc
+
+
+def sources_of(store: FeatureStore, ids) -> dict[int, dict]:
+    """id -> source record (file name, caption or text) of the given ids of a store's examples; {} with a warning
+    when the store records no source or its data cannot be read any more (the scores do not need it)."""
+    source = store.settings.get("source")
+    if not source:
+        return {}
+    ids = np.asarray(ids, dtype=np.int64)
+    try:
+        return {int(i): record for i, record in zip(ids.tolist(), example_sources(source, ids))}
+    except (UserError, OSError) as exc:
+        warnings.warn(GradtraceWarning(f"the examples of {store.path} cannot be described (file names, captions): "
+                                       f"{exc}"), stacklevel=2)
+        return {}
 
 
 def write_contribution_attributions(contrib: np.ndarray, weights, *, train_ids, query_ids, group_names: list[str],

@@ -15,18 +15,27 @@ from gradtrace.attribution.lambda_rule import resolve_scoring_c
 from gradtrace.attribution.weights_file import default_weights_path, read_group_weights
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.methods import DEFAULT_C, DEFAULT_KERNEL, FittedMethod, configure
+from gradtrace.methods import DEFAULT_C, DEFAULT_KERNEL, BaseMethod, FittedMethod, configure
 
 
-def fit_method(train: FeatureStore, method: str = "trak", *, kernel: str = DEFAULT_KERNEL, c: float = DEFAULT_C,
+def at_c(method, kernel: str, c: float) -> BaseMethod:
+    """The method (a name, or a configured method object) at λ scale c."""
+    return method.with_c(c) if isinstance(method, BaseMethod) else configure(method, kernel=kernel, c=c)
+
+
+def fit_method(train: FeatureStore, method="trak", *, kernel: str = DEFAULT_KERNEL, c: float = DEFAULT_C,
                progress: bool = True, query_side: bool = False) -> FittedMethod:
-    """The fitted base method for a training store (Ψ = Φ K), refusing features of another measurement
-    than the method requires. `query_side` (methods with a λ): K goes on the queries, Φ is scored directly."""
-    base = configure(method, kernel=kernel, c=c)
+    """The fitted base method (a name or a configured feature kernel) for a training store (Ψ = Φ K), refusing
+    features of another measurement than the method requires. `query_side` (methods with a λ): K goes on the
+    queries, Φ is scored directly."""
+    base = at_c(method, kernel, c)
+    if base.needs_model:
+        raise UserError(f"method '{base.name}' scores the model directly, not feature stores; use its checkpoint "
+                        "(--checkpoint, --ids)")
     base.check_measurement(train.settings["measurement"]["name"], str(train.path))
     if base.needs_row_scale:  # Ψ's rows carry the factor, so it is written out (no query-side mode)
         return base.fit(train.features, train.group_slices, progress=progress, row_scale=train.row_scale)
-    if query_side and base.uses_lambda:
+    if query_side and base.supports_query_side:
         return base.fit(train.features, train.group_slices, progress=progress, query_side=True)
     return base.fit(train.features, train.group_slices, progress=progress)
 
@@ -44,10 +53,11 @@ class Scored:
         return self.fitted.scores(self.query_features, weights=self.weights if weights is None else weights)
 
 
-def score_queries(train: FeatureStore, queries: FeatureStore, *, method: str = "trak", kernel: str = DEFAULT_KERNEL,
+def score_queries(train: FeatureStore, queries: FeatureStore, *, method="trak", kernel: str = DEFAULT_KERNEL,
                   c=None, weights=None, weights_path=None, aspect: str | None = None, learning_queries=None,
                   query_side: bool = False, progress: bool = True) -> Scored:
-    """Fit `method` on the training store and prepare the query features (compatible stores only).
+    """Fit `method` (a name or a configured feature kernel) on the training store and prepare the query features
+    (compatible stores only).
 
     Group weights: an (M,) array `weights`, a file `weights_path` (`gradtrace.attribution.weights_file`'s
     rule), or `aspect` (the store's learned weights for that aspect); none = uniform. λ scale: see
@@ -60,8 +70,9 @@ def score_queries(train: FeatureStore, queries: FeatureStore, *, method: str = "
     if aspect is not None:
         weights_path = default_weights_path(train, method, kernel, aspect)
         if not weights_path.exists():
+            name = configure(method, kernel=kernel).name
             raise UserError(f"no weights for aspect '{aspect}' at {weights_path}; run `gradtrace learn-weights "
-                            f"--train {train.path} --generate 64 --aspect {aspect} --method {method}` first")
+                            f"--train {train.path} --generate 64 --aspect {aspect} --method {name}` first")
     if weights_path is not None:
         weights, info = read_group_weights(train, queries, weights_path, method=method, kernel=kernel)
     elif weights is not None:

@@ -3,6 +3,10 @@
 Each subcommand parses its arguments from its stage's spec (`gradtrace.cli.args`), builds the spec, makes
 one pipeline call and prints one line. Bad input ends with one line on stderr and exit code 2 (``--debug``
 shows the traceback).
+
+Start-up stays light: the specs (`gradtrace.pipeline.specs`) import no torch, and the table below names each
+stage's function as a "module:function" string that is imported only when its command runs (and the printed
+line's function in `gradtrace.cli.say`), so `--help` and refusals of bad arguments take a fraction of a second.
 """
 from __future__ import annotations
 
@@ -10,163 +14,103 @@ import argparse
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from importlib import import_module
 
 from gradtrace import __version__
 from gradtrace.cli.args import add_spec_arguments, common_arguments, spec_from_args
-from gradtrace.errors import UserError, os_error_line
-from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT, counterfactual_table
-from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
-from gradtrace.evaluate.mislabel import RESULT as MISLABEL_RESULT, mislabel_table
-from gradtrace.pipeline import (AttributeSpec, CounterfactualSpec, DemoSpec, EvalLDSSpec, FeaturizeSpec,
-                                LearnWeightsSpec, RetrainSpec, SampleSpec, TrainSpec, attribute_run,
-                                eval_counterfactual, eval_lds, featurize_run, learn_weights_run, retrain, run_demo,
-                                sample_run, train_run)
-from gradtrace.pipeline.build_lm import BuildLMSpec, build_lm_run
-from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
-from gradtrace.pipeline.ekfac import (AttributeEkfacSpec, LearnWeightsEkfacSpec, attribute_ekfac_run,
-                                      learn_weights_ekfac_run)
-from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, MislabelSpec, eval_mislabel
-from gradtrace.pipeline.eval_retrieval import EvalRetrievalSpec, eval_retrieval
-from gradtrace.evaluate.eval_retrieval import RESULT as RETRIEVAL_RESULT, TABLE as RETRIEVAL_TABLE
-from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
-from gradtrace.pipeline.evaluate import RETRAIN_EPILOG, TailPatchSpec, eval_tail_patch
-from gradtrace.pipeline.import_lora import ImportLoraSpec, import_lora_run
-from gradtrace.pipeline.merge_features import MergeFeaturesSpec, merge_features_run
-from gradtrace.pipeline.report import ReportSpec, report_run
+from gradtrace.errors import GradtraceWarning, UserError, os_error_line
+from gradtrace.pipeline.specs.attribute import AttributeSpec
+from gradtrace.pipeline.specs.build_lm import BuildLMSpec
+from gradtrace.pipeline.specs.build_pipeline import BuildPipelineSpec
+from gradtrace.pipeline.specs.demo import DemoSpec
+from gradtrace.pipeline.specs.ekfac import AttributeEkfacSpec, LearnWeightsEkfacSpec
+from gradtrace.pipeline.specs.eval_retrieval import EvalRetrievalSpec
+from gradtrace.pipeline.specs.evaluate import (
+    RETRAIN_EPILOG,
+    CounterfactualSpec,
+    EvalLDSSpec,
+    MislabelSpec,
+    RetrainSpec,
+    TailPatchSpec,
+)
+from gradtrace.pipeline.specs.featurize import FeaturizeSpec
+from gradtrace.pipeline.specs.import_lora import ImportLoraSpec
+from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
+from gradtrace.pipeline.specs.merge_features import MergeFeaturesSpec
+from gradtrace.pipeline.specs.report import ReportSpec
+from gradtrace.pipeline.specs.sample import SampleSpec
+from gradtrace.pipeline.specs.train import TrainSpec
 
 EXIT_USAGE = 2
+SAY = "gradtrace.cli.say"  # the module of the printed lines (imported after a command ran)
+
+
+def load(ref: str):
+    """The object a "module:name" reference names (the module is imported now)."""
+    module, _, name = ref.partition(":")
+    return getattr(import_module(module), name)
 
 
 @dataclass(frozen=True)
 class Command:
     spec: type
-    run: Callable
-    say: Callable  # (result, spec) -> the one line printed
+    run_ref: str  # "module:function" of the stage: (spec, progress=...) -> result; imported when the command runs
+    say_ref: str  # the function of `gradtrace.cli.say` that prints the result: (result, spec) -> the one line
     help: str
     epilog: str | None = None
     takes_log: bool = False       # the run reports its stages through a `log` callback (printed)
     one_line_warnings: bool = False  # `say` prints the stage's warnings itself, as one line
 
+    def run(self, spec, **kwargs):
+        return load(self.run_ref)(spec, **kwargs)
 
-def _say_train(path, spec) -> str:
-    return f"checkpoint: {path}"
-
-
-def _say_sample(path, spec) -> str:
-    return f"samples: {path}"
+    def say(self, result, spec) -> str:
+        return load(f"{SAY}:{self.say_ref}")(result, spec)
 
 
-def _say_featurize(store, spec) -> str:
-    line = f"features: {store.path} ({store.features.shape[0]} x {store.features.shape[1]})"
-    if not store.complete:  # a rank whose share is done while other ranks still write
-        line += (f"; {len(store.missing_chunks())} chunks left to other ranks (the last to finish completes the "
-                 "store; rerun the same command if one was stopped)")
-    return line
-
-
-def _say_attribute(doc, spec) -> str:
-    return f"attributions: {Path(spec.out) / 'attributions.json'}"
-
-
-def _say_weights(result, spec) -> str:
-    path, doc = result
-    prov = doc["provenance"]
-    top = sorted(doc["weights"].items(), key=lambda kv: -kv[1])[:5]
-    return (f"weights: {path} (loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
-            + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
-
-
-def _say_build(path, spec) -> str:
-    return f"pipeline: {path}"
-
-
-def _say_build_lm(path, spec) -> str:
-    return f"model: {path}"
-
-
-def _say_report(path, spec) -> str:
-    return f"report: {path}"
-
-
-def _say_demo(summary, spec) -> str:
-    return "demo: " + ", ".join(str(v) for v in summary["outputs"].values())
-
-
-def _say_retrain(res, spec) -> str:
-    line = f"retraining: {res['out']} ({res['finished']}/{res['models']} models finished"
-    if res.get("world", 1) > 1:
-        line += f"; rank {res['rank']}/{res['world']} trained {res['trained']}"
-    return line + ")"
-
-
-def _say_lds(doc, spec) -> str:
-    r = doc["lds"]
-    if r["warning"]:
-        print(f"gradtrace eval lds: warning: {r['warning']}", file=sys.stderr)
-    mean = "undefined" if r["mean"] is None else f"{r['mean']:.4f}"
-    ci = "" if r["ci95"][0] is None else f" [95% CI {r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]"
-    undef = f", {r['n_undefined']} undefined" if r["n_undefined"] else ""
-    return f"LDS {mean}{ci} over {r['n_defined']} queries{undef}: {Path(spec.out) / LDS_RESULT}"
-
-
-def _say_counterfactual(doc, spec) -> str:
-    if not doc.get("finished"):
-        return f"counterfactual: {len(doc['missing'])} models still to train; rerun the same command"
-    return f"{counterfactual_table(doc)}\ncounterfactual: {Path(spec.out) / COUNTERFACTUAL_RESULT}"
-
-
-def _say_mislabel(doc, spec) -> str:
-    return f"{mislabel_table(doc)}\nmislabel: {Path(spec.out) / MISLABEL_RESULT}"
-
-
-def _say_tail_patch(doc, spec) -> str:
-    return f"{tail_patch_table(doc)}\ntail-patch: {Path(spec.out) / TAIL_PATCH_RESULT}"
-
-
-def _say_retrieval(doc, spec) -> str:
-    return f"{(Path(spec.out) / RETRIEVAL_TABLE).read_text()}retrieval: {Path(spec.out) / RETRIEVAL_RESULT}"
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command(TrainSpec, train_run, _say_train, "train a model (default: a tiny diffusion UNet, DDPM)"),
-    "sample": Command(SampleSpec, sample_run, _say_sample, "generate images from a checkpoint"),
-    "featurize": Command(FeaturizeSpec, featurize_run, _say_featurize,
+    "train": Command(TrainSpec, "gradtrace.pipeline.train:train_run", "train",
+                     "train a model (default: a tiny diffusion UNet, DDPM)"),
+    "sample": Command(SampleSpec, "gradtrace.pipeline.sample:sample_run", "sample",
+                      "generate images from a checkpoint"),
+    "featurize": Command(FeaturizeSpec, "gradtrace.pipeline.featurize:featurize_run", "featurize",
                          "per-example projected gradient features into a feature store"),
-    "merge-features": Command(MergeFeaturesSpec, merge_features_run, _say_featurize,
+    "merge-features": Command(MergeFeaturesSpec, "gradtrace.pipeline.merge_features:merge_features_run", "featurize",
                               "one feature store from the partial stores of a torchrun job's machines"),
-    "attribute": Command(AttributeSpec, attribute_run, _say_attribute,
+    "attribute": Command(AttributeSpec, "gradtrace.pipeline.attribute:attribute_run", "attribute",
                          "top-k training examples per query with per-group breakdown"),
-    "learn-weights": Command(LearnWeightsSpec, learn_weights_run, _say_weights,
+    "learn-weights": Command(LearnWeightsSpec, "gradtrace.pipeline.learn_weights:learn_weights_run", "weights",
                              "learn one non-negative weight per parameter group, without labels"),
-    "attribute-ekfac": Command(AttributeEkfacSpec, attribute_ekfac_run, _say_attribute,
-                               "EK-FAC influence (kronfluence) on the model directly: top-k with per-group breakdown"),
-    "learn-weights-ekfac": Command(LearnWeightsEkfacSpec, learn_weights_ekfac_run, _say_weights,
-                                   "learn group weights for EK-FAC on learning queries (held-out ids)"),
-    "report": Command(ReportSpec, report_run, _say_report,
+    "attribute-ekfac": Command(AttributeEkfacSpec, "gradtrace.pipeline.ekfac:attribute_ekfac_run", "attribute",
+                               "deprecated alias of `attribute --method ekfac` (the same options and output)"),
+    "learn-weights-ekfac": Command(LearnWeightsEkfacSpec, "gradtrace.pipeline.ekfac:learn_weights_ekfac_run",
+                                   "weights",
+                                   "deprecated alias of `learn-weights --method ekfac` (the same options and output)"),
+    "report": Command(ReportSpec, "gradtrace.pipeline.report:report_run", "report",
                       "one self-contained HTML page: queries, top-k per run, weights, LDS and counterfactual"),
-    "demo": Command(DemoSpec, run_demo, _say_demo, "train, sample, featurize, attribute and draw, end to end",
-                    takes_log=True),
-    "retrain": Command(RetrainSpec, retrain, _say_retrain,
+    "demo": Command(DemoSpec, "gradtrace.pipeline.demo:run_demo", "demo",
+                    "train, sample, featurize, attribute and draw, end to end", takes_log=True),
+    "retrain": Command(RetrainSpec, "gradtrace.pipeline.evaluate:retrain", "retrain",
                        "retrain the run's model on random training subsets (for the LDS)", RETRAIN_EPILOG),
-    "build-pipeline": Command(BuildPipelineSpec, build_pipeline_run, _say_build,
+    "build-pipeline": Command(BuildPipelineSpec, "gradtrace.pipeline.build_pipeline:build_pipeline_run", "build",
                               "build and pretrain a small text-to-image pipeline (SD layout) from configs"),
-    "build-lm": Command(BuildLMSpec, build_lm_run, _say_build_lm,
+    "build-lm": Command(BuildLMSpec, "gradtrace.pipeline.build_lm:build_lm_run", "build_lm",
                         "a small GPT-2 from a config and a BPE tokenizer trained on a text corpus (save_pretrained)"),
-    "import-lora": Command(ImportLoraSpec, import_lora_run, _say_train,
+    "import-lora": Command(ImportLoraSpec, "gradtrace.pipeline.import_lora:import_lora_run", "train",
                            "UNet LoRA weights trained elsewhere (diffusers' scripts) + their base, as a checkpoint"),
 }
 EVAL_COMMANDS: dict[str, Command] = {
-    "lds": Command(EvalLDSSpec, eval_lds, _say_lds, "linear datamodeling score against a finished retraining",
-                   one_line_warnings=True),
-    "counterfactual": Command(CounterfactualSpec, eval_counterfactual, _say_counterfactual,
+    "lds": Command(EvalLDSSpec, "gradtrace.pipeline.evaluate:eval_lds", "lds",
+                   "linear datamodeling score against a finished retraining", one_line_warnings=True),
+    "counterfactual": Command(CounterfactualSpec, "gradtrace.pipeline.evaluate:eval_counterfactual", "counterfactual",
                               "retrain without each query's top-k and k random training images"),
-    "mislabel": Command(MislabelSpec, eval_mislabel, _say_mislabel,
+    "mislabel": Command(MislabelSpec, "gradtrace.pipeline.evaluate:eval_mislabel", "mislabel",
                         "flip a fraction of a classifier's training labels, retrain, and find them by self-influence"),
-    "tail-patch": Command(TailPatchSpec, eval_tail_patch, _say_tail_patch,
+    "tail-patch": Command(TailPatchSpec, "gradtrace.pipeline.evaluate:eval_tail_patch", "tail_patch",
                           "one small gradient step on each query's top-k training examples (against k random ones)"),
-    "retrieval": Command(EvalRetrievalSpec, eval_retrieval, _say_retrieval,
+    "retrieval": Command(EvalRetrievalSpec, "gradtrace.pipeline.eval_retrieval:eval_retrieval", "retrieval",
                          "Recall@k and mAP per aspect (label column) with bootstrap CIs, paired between runs"),
 }
 
@@ -193,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         _add(sub, name, command, name)
-    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining, mislabel detection, retrieval)")
+    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining, mislabel detection, "
+                       "retrieval)")
     esub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     for name, command in EVAL_COMMANDS.items():
         _add(esub, name, command, f"eval {name}")
@@ -202,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_of(path: str) -> Command:
     return EVAL_COMMANDS[path.split()[1]] if path.startswith("eval ") else COMMANDS[path]
+
+
+def _keep_warnings(kept: list[str], show):
+    """`warnings.showwarning` that keeps gradtrace's own warnings (printed as one line each once the command has
+    succeeded: a refusal stays one line) and shows others as Python does."""
+    def showwarning(message, category, *args, **kwargs):
+        if issubclass(category, GradtraceWarning):
+            kept.append(str(message))
+        else:
+            show(message, category, *args, **kwargs)
+    return showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,11 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = spec_from_args(command.spec, args)
         extra = {"log": (lambda line: print(line, flush=True))} if command.takes_log and not args.no_progress else {}
+        kept: list[str] = []
         with warnings.catch_warnings():
             if command.one_line_warnings:
                 warnings.simplefilter("ignore", UserWarning)
+            warnings.showwarning = _keep_warnings(kept, warnings.showwarning)
             result = command.run(spec, progress=not args.no_progress, **extra)
         print(command.say(result, spec))
+        for line in dict.fromkeys(kept):  # each once, in order
+            print(f"gradtrace {args.command_path}: warning: {line}", file=sys.stderr)
     except (UserError, OSError) as exc:
         if args.debug:
             raise

@@ -117,6 +117,19 @@ def fit_square(img, size: int):
     return img.crop((left, top, left + size, top + size))
 
 
+def to_pixels(images: list, size: int | None) -> np.ndarray:
+    """PIL images as float32 (N, C, size, size) in [-1, 1]: C = 1 if every image is grayscale, else 3 (RGB); each
+    resized (shorter side) and centre-cropped by `fit_square`; `size` defaults to the first image's smaller side."""
+    mode = "L" if all(img.mode in GRAY_MODES for img in images) else "RGB"
+    if size is None:
+        size = min(images[0].size)
+    arrays = []
+    for img in images:
+        arr = np.asarray(fit_square(img.convert(mode), size), dtype=np.float32)
+        arrays.append(arr[None] if mode == "L" else arr.transpose(2, 0, 1))
+    return (np.stack(arrays) / 127.5 - 1.0).astype(np.float32)
+
+
 def load_imagefolder(path: str, *, size: int | None = None, n: int | None = None) -> ImageDataset:
     """Load a folder of images as (N, C, size, size) in [-1, 1]; C = 1 if every image is grayscale, else 3.
 
@@ -124,7 +137,6 @@ def load_imagefolder(path: str, *, size: int | None = None, n: int | None = None
     to `size` (bicubic) and is then centre-cropped to size x size, so nothing is squashed (the Resize +
     CenterCrop of torchvision and of diffusers' training scripts). `n` keeps the first n images in sorted order.
     """
-    from PIL import Image
 
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -157,20 +169,10 @@ def load_imagefolder(path: str, *, size: int | None = None, n: int | None = None
             raise UserError(f"n={n} is more than the {len(files)} images in {root}; pass n <= {len(files)}")
         files, rows = files[:n], rows[:n]
 
-    images = [_open(root / name) for name in files]
-    mode = "L" if all(img.mode in GRAY_MODES for img in images) else "RGB"
-    if size is None:
-        size = min(images[0].size)
-    arrays = []
-    for name, img in zip(files, images):
-        img = img.convert(mode)
-        img = fit_square(img, size)
-        arr = np.asarray(img, dtype=np.float32)
-        arrays.append(arr[None] if mode == "L" else arr.transpose(2, 0, 1))
-    pixels = np.stack(arrays) / 127.5 - 1.0
+    pixels = to_pixels([_open(root / name) for name in files], size)
     return ImageDataset(
         name=f"imagefolder:{root}",
-        images=torch.from_numpy(pixels.astype(np.float32)),
+        images=torch.from_numpy(pixels),
         ids=np.arange(len(files), dtype=np.int64),
         metadata=rows,
         attributes=vocab,

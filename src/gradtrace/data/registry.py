@@ -5,13 +5,13 @@ from numbers import Integral
 
 from gradtrace.data.base import ImageDataset
 from gradtrace.data.digits import load_digits_dataset
+from gradtrace.data.hf import PREFIX as HF_PREFIX, hf_holds_text, load_hf
 from gradtrace.data.imagefolder import load_imagefolder
-from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption
-from gradtrace.data.shapes import load_shapes
+from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption, load_shapes
 from gradtrace.data.text import TextDataset, load_fortunes, load_jsonl, load_textfolder
 from gradtrace.errors import UserError
 
-KNOWN_SPECS = ("digits", "shapes", "imagefolder:PATH", "jsonl:PATH", "textfolder:PATH", "fortunes")
+KNOWN_SPECS = ("digits", "shapes", "imagefolder:PATH", "hf:PATH", "jsonl:PATH", "textfolder:PATH", "fortunes")
 
 
 def _check_positive(name: str, value: int | None) -> int | None:
@@ -28,6 +28,8 @@ TEXT_PREFIXES = ("jsonl:", "textfolder:")
 def is_text_spec(spec) -> bool:
     """True for a text dataset spec (jsonl:PATH, textfolder:PATH, fortunes)."""
     text = str(spec).strip()
+    if text.startswith(HF_PREFIX):  # an hf: dataset without an image column holds documents
+        return hf_holds_text(text)
     return text == "fortunes" or text.startswith(TEXT_PREFIXES)
 
 
@@ -39,7 +41,8 @@ def aspect_caption(spec: str, aspect: str, value: str) -> str | None:
 def load_dataset(spec: str, *, size: int | None = None, seed: int = 0,
                  n: int | None = None) -> ImageDataset | TextDataset:
     """Load a dataset by spec: "digits", "shapes" or "imagefolder:PATH"; text: "jsonl:PATH", "textfolder:PATH" or
-    "fortunes" (`gradtrace.data.text`).
+    "fortunes" (`gradtrace.data.text`); a Hugging Face dataset on disk, images or text: "hf:PATH[?options]"
+    (`gradtrace.data.hf`).
 
     size: image side (shapes: default 16, at least 12; imagefolder: default the first image's; digits: 8,
           other sizes are resized bilinearly). seed: the shapes jitter (other sources ignore it).
@@ -59,6 +62,8 @@ def load_dataset(spec: str, *, size: int | None = None, seed: int = 0,
         if not path:
             raise UserError("imagefolder needs a folder: pass imagefolder:PATH")
         return load_imagefolder(path, size=size, n=n)
+    if text.startswith(HF_PREFIX):
+        return load_hf(text, size=size, n=n)
     for prefix, loader in zip(TEXT_PREFIXES, (load_jsonl, load_textfolder)):
         if text.startswith(prefix):
             if not text[len(prefix):]:

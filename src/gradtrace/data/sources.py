@@ -155,6 +155,61 @@ def samples_examples(path, *, attribute_values: dict | None = None) -> Examples:
                     source=source, texts=None if prompts is None else list(prompts))
 
 
+SAMPLING_KEYS = ("guidance", "sampler", "sample_steps", "eta")
+
+
+def sampling_of(source: dict | None) -> dict | None:
+    """How generated samples were drawn ({"guidance", "sampler", "sample_steps", "eta"} from their manifest); None
+    for dataset examples, or when the samples folder is gone."""
+    if not source or source.get("kind") != "samples":
+        return None
+    try:
+        manifest = read_json(Path(source["path"]) / "manifest.json", "samples manifest")
+    except UserError:
+        return None
+    return {k: manifest.get(k) for k in SAMPLING_KEYS if k in manifest}
+
+
+TEXT_CHARS = 200  # characters of a document's text kept in an example's source record (the rest: "…")
+
+
+def example_sources(source: dict, ids) -> list[dict]:
+    """What each example of a source record is, for people reading attributions: per id in `ids`, a dict with
+    "file" (a folder's file name, relative to it), "text" (a caption, a prompt, or the start of a document) and
+    "caption" (labels and attributes, e.g. "circle stripes plain"), each where the data has it; generated
+    samples add "sample" (their index in the samples folder)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if source.get("kind") == "samples":
+        ex = samples_examples(source["path"])
+        pos = {int(i): r for r, i in enumerate(ex.ids)}
+        out = []
+        for i in ids.tolist():
+            r = pos.get(i)
+            if r is None:
+                raise UserError(f"id {i} is not a sample of {source['path']}; featurize the samples again")
+            record = {"sample": int(i), "caption": ex.captions[r]}
+            if ex.texts is not None:
+                record["text"] = ex.texts[r]
+            out.append(record)
+        return out
+    ds = open_dataset(source)
+    rows = ds.index_of(ids)
+    texts = getattr(ds, "texts", None)
+    out = []
+    for r in rows.tolist():
+        meta = ds.metadata[r]
+        record = {}
+        if isinstance(meta.get("file_name"), str):
+            record["file"] = meta["file_name"]
+        text = texts[r] if texts is not None else meta.get("text")
+        if isinstance(text, str):
+            record["text"] = text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS] + "…"
+        if _caption(meta):
+            record["caption"] = _caption(meta)
+        out.append(record)
+    return out
+
+
 def load_source(source: dict, *, attribute_values: dict | None = None, ids=None,
                 labels: tuple[str, list[str]] | None = None) -> Examples:
     """The examples of a source record (a dataset's optionally only `ids`), e.g. those a store was made from;

@@ -19,15 +19,15 @@ import numpy as np
 
 from gradtrace.attribution import score_queries
 from gradtrace.errors import UserError
-from gradtrace.evaluate.eval_attributions import attribution_selection
 from gradtrace.evaluate.harness import Job, is_finished, model_dir, train_jobs
-from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
 from gradtrace.evaluate.recipe import load_recipe
 from gradtrace.evaluate.retrain import open_or_create
+from gradtrace.evaluate.saved_attributions import attribution_selection
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, versions, write_json_atomic
 from gradtrace.methods import DEFAULT_KERNEL
+from gradtrace.metrics.stats import mean_ci
 
 RESULT = "counterfactual.json"
 
@@ -43,7 +43,7 @@ def counterfactual_jobs(train_ids, query_ids, top_ids, random_ids, seeds) -> lis
     return jobs
 
 
-def counterfactual_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL,
+def counterfactual_run(run, train_features, queries, out, *, method="trak", kernel: str = DEFAULT_KERNEL,
                        c=None, weights=None, weights_path=None, learning_queries=None, num_queries: int = 5,
                        k: int = 10,
                        n_seeds: int = 1, workers: int = 1, random_seed: int = 0, grid: OutputGrid = OutputGrid(),
@@ -138,13 +138,8 @@ def summarize_counterfactual(jobs: list[Job], outputs: np.ndarray, query_ids, n_
                      "removed_top": [int(i) for i in top_ids[q]], "removed_random": [int(i) for i in random_ids[q]]})
     d_top = np.array([r["delta_top"] for r in rows])
     d_rand = np.array([r["delta_random"] for r in rows])
-
-    def stat(v: np.ndarray) -> dict:
-        ci = bootstrap_ci(v, seed=seed) if len(v) > 1 else (None, None)
-        return {"mean": float(v.mean()), "ci95": list(ci)}
-
-    return {"summary": {"n_queries": len(rows), "delta_top": stat(d_top), "delta_random": stat(d_rand),
-                        "delta_top_minus_random": stat(d_top - d_rand),
+    return {"summary": {"n_queries": len(rows), "delta_top": mean_ci(d_top, seed),
+                        "delta_random": mean_ci(d_rand, seed), "delta_top_minus_random": mean_ci(d_top - d_rand, seed),
                         "fraction_top_above_random": float(np.mean(d_top > d_rand))},
             "per_query": rows}
 

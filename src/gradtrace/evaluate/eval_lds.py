@@ -15,13 +15,13 @@ import numpy as np
 
 from gradtrace.attribution import Scored, score_queries
 from gradtrace.errors import UserError
-from gradtrace.evaluate.lds import N_BOOTSTRAP, lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs, store_examples
 from gradtrace.evaluate.recipe import Recipe, load_recipe
 from gradtrace.evaluate.retrain import Retraining, open_retraining
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import check_can_write, command_line, sha256_arrays, versions, write_json_atomic
 from gradtrace.methods import DEFAULT_KERNEL
+from gradtrace.metrics.lds import N_BOOTSTRAP, lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.report.lds import plot_per_group
 
 RESULT = "lds.json"
@@ -96,7 +96,7 @@ def per_group_lds(problem: LDSProblem, scored: Scored, *, seed: int = 0) -> dict
     return out
 
 
-def eval_lds_run(run, retrain, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL,
+def eval_lds_run(run, retrain, train_features, queries, out, *, method="trak", kernel: str = DEFAULT_KERNEL,
                  c=None, weights_path=None, per_group: bool = False, grid: OutputGrid = OutputGrid(),
                  seed: int = 0, learning_queries=None, progress: bool = True) -> dict:
     """LDS (mean, 95% CI, per query) of one method; writes lds.json (+ with `per_group`, each group's LDS

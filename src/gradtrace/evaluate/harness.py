@@ -22,13 +22,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from multiprocessing import forkserver
-from multiprocessing.connection import wait
 from tqdm.auto import tqdm
 
 from gradtrace.adapters.train_state import STATE_FILE, TrainState

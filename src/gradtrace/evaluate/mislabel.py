@@ -4,7 +4,7 @@ well each method's self-influence finds the flipped examples, with uniform and w
 Steps, each kept in OUT and reused by a rerun (resumable; every file written atomically):
 
 1. ``flips.json``: round(fraction·N) training examples drawn from a seeded generator, each given a class drawn
-   uniformly from the others (`gradtrace.evaluate.detection.flip_labels`);
+   uniformly from the others (`gradtrace.evaluate.flips.flip_labels`);
 2. ``model/``: the run's recipe (model config, train config and seed) trained on the corrupted labels (saved in a
    temp folder and renamed; a killed training resumes from ``.model.state``);
 3. ``features/train``: the training set featurized with the corrupted model *at the corrupted labels* (the margin
@@ -14,17 +14,18 @@ Steps, each kept in OUT and reused by a rerun (resumable; every file written ato
    c_j(x_n, x_n) (N, M), group weights learned on the learning queries (``weights/``, as `learn-weights`), and
    τ_w(x_n, x_n) = Σ_j w_j c_j(x_n, x_n) for uniform and learned w;
 5. ``self_influence.npz`` (training ids, flipped, and each "METHOD/KERNEL/uniform|learned" score vector, in the
-   training store's row order) and ``mislabel.json``: ROC AUC (flipped = positive) and the fraction of the flipped found in the top 10%, with
-   bootstrap 95% CIs, and the paired learned − uniform differences, per method; and the manifest.
+   training store's row order) and ``mislabel.json``: ROC AUC (flipped = positive) and the fraction of the flipped
+   found in
+   the top 10%, with bootstrap 95% CIs, and the paired learned − uniform differences, per method; and the manifest.
 
-The function boundary for other methods: `self_influence(inputs, method, kernel, c)` returns a
-`GroupSelfInfluence` (N, M); methods fitted on the feature store go through `store_self_influence`, and a method
-that computes its per-group self-influence another way registers a provider with `register_self_influence(name,
-fn)`. EK-FAC is one (`--methods ekfac`, `gradtrace.pipeline.ekfac.mislabel_self_influence`): kronfluence on the
-corrupted model, its factors fitted on the corrupted training set (OUT/ekfac-factors), c chosen by the provider
-("auto": SNR-best on the learning queries), and its weights learned from the learning queries' dense per-group
-contributions (`learn_weights_dense`) instead of a fitted method. Nothing here knows the kind of model: the
-adapter says which classes the model predicts (`classes`) and trains on other labels (`relabelled`).
+Every method is a configured method object (`gradtrace.methods`) and the stage dispatches on its facts: a feature
+kernel is fitted on the training store (`store_self_influence`), c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n), its weights
+learned from the learning store; a method that needs the model (`method.needs_model`, EK-FAC, `--methods ekfac`)
+opens a session on the corrupted model, fits what it fits once on the corrupted training set (OUT/METHOD-factors),
+gives its per-group self-influence (`model_self_influence`; c "auto": SNR-best on the learning queries, the same
+rule as learn-weights) and its weights are learned from the learning queries' dense per-group contributions
+(`learn_weights_dense`). Nothing here knows the kind of model: the adapter says which classes the model predicts
+(`classes`) and trains on other labels (`relabelled`).
 """
 from __future__ import annotations
 
@@ -33,31 +34,43 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from gradtrace.adapters import ModelAdapter
 from gradtrace.adapters.train_state import TrainState
-from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, store_identity
+from gradtrace.attribution import fit_method, query_set_id, resolve_learning_c, resolve_model_learning_c, store_identity
+from gradtrace.choices import MISLABEL_METHODS as DEFAULT_METHODS  # noqa: F401  (the CLI's choices)
 from gradtrace.data.sources import Examples, dataset_source, open_dataset
 from gradtrace.errors import UserError
-from gradtrace.evaluate.detection import N_BOOTSTRAP, TOP_FRACTION, bilinear_self_influence, check_fraction, \
-    detection_table, flip_labels
+from gradtrace.evaluate.flips import flip_labels
 from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for, spec_record
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import (atomic_write, check_can_write, command_line, jsonable, process_alive, read_json, sha256_arrays,
-                          versions, write_json_atomic)
-from gradtrace.methods import KERNELS, FittedMethod, configure, get_method, known_methods
-from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, learn_weights_dense,
-                               save_weights)
+from gradtrace.io import (
+    atomic_write,
+    check_can_write,
+    command_line,
+    jsonable,
+    process_alive,
+    read_json,
+    sha256_arrays,
+    versions,
+    write_json_atomic,
+)
+from gradtrace.methods import KERNELS, BaseMethod, FittedMethod, ModelMethod, configure, get_method, known_methods
+from gradtrace.metrics.detection import N_BOOTSTRAP, TOP_FRACTION, check_fraction, detection_table
+from gradtrace.weights import DEFAULT_GUARD, DEFAULT_K, DEFAULT_STEPS, learn_weights, learn_weights_dense, save_weights
 
 RESULT, MANIFEST, FLIPS, MODEL, SCORES = "mislabel.json", "manifest.json", "flips.json", "model", "self_influence.npz"
 FORMAT = "gradtrace-mislabel"
-DEFAULT_METHODS = "tracin,trak:shared,trak:per-group"
 EKFAC_FACTORS = "ekfac-factors"
 OWN = {RESULT, MANIFEST, FLIPS, MODEL, SCORES, "features", "weights", EKFAC_FACTORS}
+
+
+def factors_folder(method: BaseMethod) -> str:
+    """OUT/METHOD-factors: what a method that needs the model fits once on the corrupted model (EK-FAC: factors)."""
+    return f"{method.name}-factors"
 
 
 @dataclass
@@ -78,67 +91,69 @@ class GroupSelfInfluence:
     group_names: list[str]
     info: dict
     fitted: FittedMethod | None = None  # the bilinear method the weight learner scores the learning queries with
-    # or, for a method without one (EK-FAC): (Q, N, M) contributions of the learning queries to the training examples
+    # or, for a method that needs the model (EK-FAC): (Q, N, M) contributions of the learning queries
     learning_contributions: np.ndarray | None = None
 
 
-Provider = Callable[[SelfInfluenceInputs, str, str, object, bool], GroupSelfInfluence]
-PROVIDERS: dict[str, Provider] = {}
-PROVIDER_KERNELS: dict[str, str] = {}
-
-
-def register_self_influence(method: str, provider: Provider, kernel: str = "per-group") -> None:
-    """Make `method` compute its per-group self-influence with `provider(inputs, method, kernel, c, progress)`;
-    c is --lambda-c as given ("auto" or a number; the provider reports the c it used as info["lambda_c"]), and
-    `kernel` the kind recorded for it."""
-    PROVIDERS[method] = provider
-    PROVIDER_KERNELS[method] = kernel
-
-
-# "ekfac" is registered by gradtrace.pipeline.ekfac (kronfluence's home), which gradtrace.pipeline imports
-
-
-def store_self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: float,
+def store_self_influence(inputs: SelfInfluenceInputs, method: BaseMethod | str, kernel: str, c: float,
                          progress: bool = False) -> GroupSelfInfluence:
     """A bilinear method fitted on the training store: c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n)."""
     fitted = fit_method(inputs.train, method, kernel=kernel, c=c, progress=progress)
-    values = bilinear_self_influence(fitted, inputs.train.features, progress=progress)
+    values = fitted.self_contributions(inputs.train.features, progress=progress)
     return GroupSelfInfluence(values, fitted.group_names, fitted.info, fitted)
 
 
-def self_influence(inputs: SelfInfluenceInputs, method: str, kernel: str, c: float,
-                   progress: bool = False) -> GroupSelfInfluence:
-    result = PROVIDERS.get(method, store_self_influence)(inputs, method, kernel, c, progress)
-    n, m = len(inputs.train.ids), len(result.group_names)
-    if result.values.shape != (n, m) or not set(result.group_names) <= set(inputs.train.group_names):
-        raise ValueError(f"self-influence of {method} has shape {result.values.shape} for groups "
-                         f"{result.group_names}; expected ({n}, {m}) for groups of {inputs.train.group_names}")
-    lc = result.learning_contributions
-    if result.fitted is None and (lc is None or lc.shape != (len(inputs.learn.ids), n, m)):
-        raise ValueError(f"the self-influence provider of {method} gives neither a fitted method nor the learning "
-                         f"queries' ({len(inputs.learn.ids)}, {n}, {m}) contributions to learn weights with")
+def model_self_influence(inputs: SelfInfluenceInputs, method: ModelMethod, lambda_c, *, factors: Path,
+                         progress: bool = False) -> GroupSelfInfluence:
+    """A method that needs the model, on the corrupted model: its state fitted on the training examples at their
+    corrupted labels (`factors` folder, reused when it matches); the groups and measurement of the feature stores.
+    Self-influence of example n = the example scored as its own query, per group (for the training loss: the loss
+    on both sides; else sign · the measurement against the loss). c: "auto" = the SNR-best c on the learning
+    queries (as learn-weights), a number, or None = the method's default; the learning queries' contributions at
+    that c come along, to learn the weights from."""
+    train = inputs.train
+    measurement = train.settings["measurement"]["name"]
+    configured = method.with_settings(groups=train.settings["groups_spec"], measurement=measurement)
+    s = configured.session(inputs.checkpoint, default_factors=Path(factors), examples=inputs.train_examples,
+                           progress=progress).fit()
+    k = min(DEFAULT_K, len(train.ids))
+    c, table, learn_contrib = resolve_model_learning_c(s, inputs.learn_examples, lambda_c, k)
+    values = s.self_contributions(c, measurement=measurement != s.adapter.train_loss_measurement)
+    info = {**s.facts(), "lambda_c": c, "lambda_grid": table, **s.lambda_facts(c), "measurement": measurement,
+            "train_loss": s.identity["train_loss"], **s.fitted_record()}
+    result = GroupSelfInfluence(values, list(s.group_names), info, learning_contributions=learn_contrib)
+    n, m = len(train.ids), len(result.group_names)
+    if values.shape != (n, m) or not set(result.group_names) <= set(train.group_names) \
+            or learn_contrib.shape != (len(inputs.learn.ids), n, m):
+        raise ValueError(f"self-influence of {method.name} has shape {values.shape} for groups {result.group_names}; "
+                         f"expected ({n}, {m}) for groups of {train.group_names}")
     return result
 
 
-def parse_methods(text: str) -> list[tuple[str, str]]:
-    """'tracin,trak:shared,trak:per-group' → [(method, kernel)]; a method without λ gets kernel 'identity'."""
-    out = []
+def parse_methods(text: str) -> list[tuple[BaseMethod, str]]:
+    """'tracin,trak:shared,trak:per-group,ekfac' → [(configured method, kernel label)]: a feature kernel with a λ
+    needs its kernel; one without λ gets 'identity'; a method that needs the model has its own ('ekfac')."""
+    out, seen = [], []
     for item in [t.strip() for t in str(text).split(",") if t.strip()]:
         name, _, kernel = item.partition(":")
-        if name not in known_methods() and name not in PROVIDERS:
-            raise UserError(f"--methods: unknown method {name!r}; use {', '.join([*known_methods(), *PROVIDERS])}")
-        if name in PROVIDERS and name not in known_methods():
-            own = PROVIDER_KERNELS[name]
-            if kernel not in ("", own):
-                raise UserError(f"--methods: {name} has its own kernel ({name} or {name}:{own}); got {item!r}")
-            kernel = own
-        elif not get_method(name).uses_lambda:
-            kernel = "identity"
+        if name not in known_methods():
+            raise UserError(f"--methods: unknown method {name!r}; use {', '.join(known_methods())}")
+        bare = configure(name, c=None)
+        if bare.needs_model:
+            if kernel not in ("", bare.kernel_kind):
+                raise UserError(f"--methods: {name} has its own kernel ({name} or {name}:{bare.kernel_kind}); "
+                                f"got {item!r}")
+            kernel, method = bare.kernel_kind, bare
+        elif not bare.uses_lambda:
+            kernel, method = "identity", bare
         elif kernel not in KERNELS:
             raise UserError(f"--methods: {name} needs a kernel, {name}:shared or {name}:per-group; got {item!r}")
-        if (name, kernel) in out:
+        else:
+            method = get_method(name, kernel=kernel)
+        if (name, kernel) in seen:
             raise UserError(f"--methods lists {item!r} twice")
-        out.append((name, kernel))
+        seen.append((name, kernel))
+        out.append((method, kernel))
     if not out:
         raise UserError("--methods is empty; e.g. --methods tracin,trak:per-group")
     return out
@@ -187,7 +202,8 @@ def open_workdir(out: Path, settings: dict) -> None:
             raise UserError(f"{out} holds a mislabel evaluation made with other settings ('{key}' differs); pass the "
                             "same settings to resume, or a new --out")
         return
-    if out.exists() and any(p.name not in OWN and not p.name.startswith(".") for p in out.iterdir()):
+    if out.exists() and any(p.name not in OWN and not p.name.startswith(".") and not p.name.endswith("-factors")
+                            for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a mislabel evaluation; choose an empty or new --out")
     write_json_atomic(path, {"format": FORMAT, "format_version": 1, "command": command_line(),
                              "settings": jsonable(settings), "versions": versions()})
@@ -230,11 +246,11 @@ def featurize_examples(adapter, checkpoint: Path, examples: Examples, out: Path,
                      progress=progress)
 
 
-def learned_group_weights(inputs: SelfInfluenceInputs, si: GroupSelfInfluence, path: Path, method: str, kernel: str,
+def learned_group_weights(inputs: SelfInfluenceInputs, si: GroupSelfInfluence, path: Path, method: BaseMethod,
                           c, *, steps: int, guard: str, progress: bool) -> tuple[np.ndarray, dict]:
     """Weights learned on the learning queries as `learn-weights` learns them (label-free objective, top-k =
-    min(10, N)) — or as `learn-weights-ekfac` does from dense contributions — saved to `path`; (weights in the
-    order of `si.group_names`, a record)."""
+    min(10, N)): on the fitted method, or from the dense contributions of a method that needs the model; saved to
+    `path`; (weights in the order of `si.group_names`, a record)."""
     train, learn = inputs.train, inputs.learn
     k = min(DEFAULT_K, len(train.ids))
     if si.fitted is not None:
@@ -243,8 +259,8 @@ def learned_group_weights(inputs: SelfInfluenceInputs, si: GroupSelfInfluence, p
     else:
         result = learn_weights_dense(si.learning_contributions, si.group_names, k=k, steps=steps, guard=guard,
                                      progress=progress)
-    kind = configure(method, kernel=kernel).kernel_kind if method in known_methods() else kernel
-    provenance = {"command": command_line(), "base_method": si.info, "method": method, "kernel": kind,
+    provenance = {"command": command_line(), "base_method": si.info, "method": method.name,
+                  "kernel": method.kernel_kind,
                   "lambda_c": c,
                   "train_store": str(train.path), "store": store_identity(train),
                   "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
@@ -299,20 +315,21 @@ def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods
     results, arrays = [], {"ids": np.asarray(train.ids), "flipped": flipped}
     for method, kernel in entries:
         t = time.perf_counter()
-        kernel_arg = "shared" if kernel == "identity" else kernel
-        if method in PROVIDERS:  # the provider resolves c itself (e.g. from the model, not the stores)
-            si = self_influence(inputs, method, kernel_arg, lambda_c, progress)
+        if method.needs_model:  # its session resolves c on the learning examples (from the model, not the stores)
+            si = model_self_influence(inputs, method, lambda_c, factors=out / factors_folder(method),
+                                      progress=progress)
             c, grid = si.info.get("lambda_c"), si.info.get("lambda_grid")
         else:
+            kernel_arg = "shared" if kernel == "identity" else kernel
             c, grid = resolve_learning_c(train, learn, method, kernel_arg, lambda_c, min(DEFAULT_K, len(train.ids)))
-            si = self_influence(inputs, method, kernel_arg, c, progress)
-        w, w_info = learned_group_weights(inputs, si, out / "weights" / f"{method}-{kernel}.json", method,
-                                          kernel_arg, c, steps=learn_steps, guard=guard, progress=progress)
+            si = store_self_influence(inputs, method, kernel_arg, c, progress)
+        w, w_info = learned_group_weights(inputs, si, out / "weights" / f"{method.name}-{kernel}.json", method,
+                                          c, steps=learn_steps, guard=guard, progress=progress)
         scores = {"uniform": si.values.sum(1), "learned": si.values @ w}
         table = detection_table(scores, flipped, baseline="uniform", fraction=top_fraction, n_bootstrap=n_bootstrap,
                                 seed=seed, progress=progress)
-        arrays.update({f"{method}/{kernel}/{k}": v for k, v in scores.items()})
-        results.append({"method": method, "kernel": kernel, "c": c, "lambda_grid": grid, "fitted": si.info,
+        arrays.update({f"{method.name}/{kernel}/{k}": v for k, v in scores.items()})
+        results.append({"method": method.name, "kernel": kernel, "c": c, "lambda_grid": grid, "fitted": si.info,
                         "group_names": list(si.group_names),
                         "learned_weights": w_info, **table, "seconds": round(time.perf_counter() - t, 3)})
     doc = {"manifest": {"format": FORMAT, "format_version": 1, "command": command_line(), "run": recipe.run,

@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import score_queries
 from gradtrace.errors import UserError
-from gradtrace.evaluate.eval_attributions import check_for_run, examples_in_order, read_attributions
-from gradtrace.evaluate.lds import bootstrap_ci
 from gradtrace.evaluate.outputs import OutputGrid, store_examples
 from gradtrace.evaluate.recipe import load_recipe
+from gradtrace.evaluate.saved_attributions import check_for_run, examples_in_order, read_attributions
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
 from gradtrace.methods import DEFAULT_KERNEL
+from gradtrace.metrics.stats import mean_ci
 
 RESULT = "tail_patch.json"
 STEP_MEASUREMENT = "loss"  # every adapter's training loss
@@ -76,11 +76,6 @@ def patched_outputs(adapter, checkpoint, objective, train_ex, query_ex, sets: np
     return out
 
 
-def _stat(values: np.ndarray, seed: int) -> dict:
-    ci = bootstrap_ci(values, seed=seed) if len(values) > 1 else (None, None)
-    return {"mean": float(values.mean()), "ci95": list(ci)}
-
-
 def _store_sets(adapter, ckpt, train_features, queries, *, method, kernel, c, weights_path, learning_queries, k,
                 num_queries, progress) -> dict:
     """Top-k rows per query from feature stores, scored by `method` (uniform; learned with `weights_path`)."""
@@ -112,8 +107,9 @@ def _store_sets(adapter, ckpt, train_features, queries, *, method, kernel, c, we
 
 
 def _attribution_sets(run, folder, *, k, num_queries) -> dict:
-    """Top-k rows per query from a dense attribute output (attribute-ekfac): its scores are the learned row when
-    it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else uniform."""
+    """Top-k rows per query from a dense attribute output (`attribute --method ekfac`): its scores are the learned row
+    when it was weighted (then the uniform row is the sum of its unweighted contributions, at the same λ), else
+    uniform."""
     attr = read_attributions(folder)
     recipe = load_recipe(run)
     check_for_run(attr, recipe)
@@ -135,7 +131,7 @@ def _attribution_sets(run, folder, *, k, num_queries) -> dict:
                        "weights": m.get("weights"), "lambda": m.get("lambda")}}
 
 
-def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", kernel: str = DEFAULT_KERNEL, c=None,
+def tail_patch_run(run, train_features, queries, out, *, method="trak", kernel: str = DEFAULT_KERNEL, c=None,
                    weights_path=None, learning_queries=None, attributions=None, k: int = 10, lr: float = 1e-2,
                    num_queries=None, random_seed: int = 0, grid: OutputGrid = OutputGrid(), seed: int = 0,
                    progress: bool = True) -> dict:
@@ -169,11 +165,11 @@ def tail_patch_run(run, train_features, queries, out, *, method: str = "trak", k
     per_query = [{"query_id": int(query_ex.ids[q]), "output": float(base[q]),
                   **{f"delta_{name}": float(deltas[name][q]) for name in sets},
                   **{f"{name}_ids": [int(i) for i in ids[sets[name][q]]] for name in sets}} for q in range(nq)]
-    summary = {f"delta_{name}": _stat(deltas[name], seed) for name in sets}
+    summary = {f"delta_{name}": mean_ci(deltas[name], seed) for name in sets}
     for name in kinds:
-        summary[f"delta_{name}_minus_random"] = _stat(deltas[name] - deltas["random"], seed)
+        summary[f"delta_{name}_minus_random"] = mean_ci(deltas[name] - deltas["random"], seed)
     if "learned" in kinds:
-        summary["delta_learned_minus_uniform"] = _stat(deltas["learned"] - deltas["uniform"], seed)
+        summary["delta_learned_minus_uniform"] = mean_ci(deltas["learned"] - deltas["uniform"], seed)
     doc = {"summary": {"n_queries": nq, **summary}, "per_query": per_query,
            "manifest": {"format": "gradtrace-tail-patch", "format_version": 1, "command": command_line(),
                         "run": str(Path(run).resolve()), "run_fingerprint": ckpt.fingerprint, **sel["record"],

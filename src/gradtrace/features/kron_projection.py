@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gradtrace.features.projection import DEFAULT_KRONECKER_DIM, name_seed, split_dims
+from gradtrace.adapters.layers import is_transposed_linear
 from gradtrace.features.groups import Group
+from gradtrace.features.projection import DEFAULT_KRONECKER_DIM, name_seed, split_dims
 
 KIND = "kronecker"
 
@@ -64,14 +65,6 @@ class Member:
         else:
             d.update({"d": self.shape[0], "k": self.dims[0]})
         return d
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    """A linear layer that stores its weight as (d_in, d_out) and computes x @ W + b: transformers' `Conv1D`
-    (GPT-2's attention and MLP layers), recognised by its name and shape without importing transformers."""
-    weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
-            and getattr(module, "nf", None) == weight.shape[1])
 
 
 def shared_parameters(model: nn.Module) -> set[int]:

@@ -36,10 +36,11 @@ from torch.func import grad, vmap
 from torch.nn import functional as F
 
 from gradtrace.adapters.base import Objective
+from gradtrace.adapters.layers import is_transposed_linear
 from gradtrace.errors import UserError
 from gradtrace.features.gradients import GradientFeaturizer
 from gradtrace.features.groups import Group
-from gradtrace.features.kron_projection import KroneckerProjector, Member, is_transposed_linear, shared_parameters
+from gradtrace.features.kron_projection import KroneckerProjector, Member, shared_parameters
 
 CHECK_RTOL = 1e-3
 

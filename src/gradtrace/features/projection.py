@@ -25,15 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradtrace.choices import DEFAULT_PROJECTION, PROJECTIONS as KINDS  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.io import derive_seed
 
-KINDS = ("rademacher", "gaussian", "identity", "kronecker")  # kronecker: see kron_projection.py
 # The default features: the Kronecker projection to 8,192 dimensions. On the digits LDS sweep it beat the dense
 # Rademacher projection to 2,048 (the former default) for every per-group kernel, at less featurization cost
 # (README, "Defaults and why"; docs/benchmarks.md). A dense projection chosen without --dim keeps 2,048: its
 # cost grows with k, the Kronecker one's hardly does.
-DEFAULT_PROJECTION = "kronecker"
 DEFAULT_TOTAL_DIM = 2048
 DEFAULT_KRONECKER_DIM = 8192
 

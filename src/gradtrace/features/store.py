@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradtrace.choices import STORE_DTYPES as DTYPES  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.features.locks import create_lock, writer_locks
 from gradtrace.features.progress import ChunkProgress, digest, is_progress_file
@@ -38,7 +39,6 @@ ROW_SCALE = "row_scale.npy"  # (N,) float64 per-example factor of a method (sett
 # Settings that must agree between training features and query features to score one against the other.
 COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype", "precision")
 COMPAT_DEFAULTS = {"precision": "float32"}  # stores written before the key existed
-DTYPES = ("float32", "float16", "bfloat16")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 CACHE = ".gradtrace-cache"
 
@@ -335,7 +335,8 @@ def encode_rows(block: np.ndarray, name: str) -> np.ndarray:
         return block.astype(np.float16)
     if name == "bfloat16":  # round to nearest even on the upper 16 bits
         bits = block.view(np.uint32)
-        return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return (rounded >> np.uint32(16)).astype(np.uint16)
     return block
 
 

@@ -8,10 +8,10 @@
 kronfluence tracks every `nn.Linear` and `nn.Conv2d` whose weight is trainable (not those inside
 `nn.MultiheadAttention`, which never calls its projections' forward, nor a layer whose weight another module shares,
 e.g. a language model's output layer tied to its embedding; models whose layers are other modules doing the same,
-such as GPT-2's `Conv1D`, are given as Linear by their adapter's `influence_model`); its score of a query q and a training
-example n is ∇f(q)ᵀ (G + δI)⁻¹ ∇L(n) with G the eigenvalue-corrected Kronecker-factored curvature of the training
-loss (block-diagonal over modules), so per-module scores add up to the total. A module's score goes to the group
-of its weight (`features.groups`: the same presets as the projected features; a rule that puts a module's weight
+such as GPT-2's `Conv1D`, are given as Linear by their adapter's `influence_model`); its score of a query q and a
+training example n is ∇f(q)ᵀ (G + δI)⁻¹ ∇L(n) with G the eigenvalue-corrected Kronecker-factored curvature of the
+training loss (block-diagonal over modules), so per-module scores add up to the total. A module's score goes to the
+group of its weight (`features.groups`: the same presets as the projected features; a rule that puts a module's weight
 and bias in different groups is refused). Parameters outside tracked modules (norms, embeddings) have no EK-FAC
 score. The sign makes a positive contribution mean "helpful": kronfluence's score as is when the measurement is a
 loss (a helpful example lowers it), negated when higher is better (a classifier's margin).
@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradtrace.adapters.base import Objective
+from gradtrace.choices import EKFAC_DEFAULT_C as DEFAULT_C  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.features.kron_projection import shared_parameters
 from gradtrace.io import read_json, versions, write_json_atomic
@@ -52,7 +53,6 @@ MANIFEST = "gradtrace-ekfac.json"
 FORMAT = "gradtrace.ekfac-factors/1"
 ANALYSIS = "kronfluence"
 FACTORS = "ekfac"
-DEFAULT_C = 0.1
 TRAIN, QUERY = 0, 1
 
 

@@ -21,8 +21,16 @@ import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.io import atomic_write, read_json, versions, write_json_atomic
-from gradtrace.methods.checks import (block_scale, check_group_slices, check_matrix, check_positive_int,
-                                      check_rows, check_same_layout, check_weights, raise_if_nonfinite)
+from gradtrace.methods.checks import (
+    block_scale,
+    check_group_slices,
+    check_matrix,
+    check_positive_int,
+    check_rows,
+    check_same_layout,
+    check_weights,
+    raise_if_nonfinite,
+)
 from gradtrace.methods.rows import as_float32_rows, effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import RunningTopK
 
@@ -153,6 +161,23 @@ class FittedMethod:
         out = np.empty((q.shape[0], n_rows, self.n_groups), dtype=np.float32)
         for j, (_, start, stop) in enumerate(self.group_slices):
             out[:, :, j] = q[:, start:stop] @ psi[:, start:stop].T
+        return out
+
+    def self_contributions(self, train_features: Any, *, chunk_rows: int = 8192, progress: bool = False) -> np.ndarray:
+        """(N, M) float64 per-group self-influence c_j(x_n, x_n) = φ_j(x_n) · ψ_j(x_n), `train_features` being the
+        Φ (N, k) this method was fitted on: row chunks of Φ and of Ψ (computed for the chunk in query-side mode),
+        multiplied elementwise and summed within each group."""
+        n, dim = self.n_train, self.dim
+        if tuple(train_features.shape) != (n, dim):
+            raise UserError(f"training features have shape {tuple(train_features.shape)}, the fitted method "
+                            f"({n}, {dim})")
+        out = np.empty((n, self.n_groups), dtype=np.float64)
+        rows = effective_chunk_rows(int(chunk_rows), 16 * dim)
+        for start, stop in row_chunks(n, rows, progress=progress, desc="self-influence"):
+            phi = np.asarray(train_features[start:stop], dtype=np.float64)
+            prod = phi * self.psi_rows(start, stop).astype(np.float64)
+            for j, (_, lo, hi) in enumerate(self.group_slices):
+                out[start:stop, j] = prod[:, lo:hi].sum(1)
         return out
 
     # ---- persistence ---------------------------------------------------------------------------

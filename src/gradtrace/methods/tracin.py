@@ -6,8 +6,8 @@ import os
 import numpy as np
 
 from gradtrace.methods.base import Method
-from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.checks import raise_if_nonfinite
+from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import allocate_psi, as_float32_rows, effective_chunk_rows, finish_psi, row_chunks
 
 

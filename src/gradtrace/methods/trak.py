@@ -25,7 +25,6 @@ reference experiment): choose it per dataset with the label-free objective when 
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -33,18 +32,19 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from gradtrace.choices import DEFAULT_C, DEFAULT_KERNEL, KERNELS, check_c  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.methods.base import Method
-from gradtrace.methods.checks import (check_group_slices, check_positive_int, check_same_layout,
-                                      check_train_matrix, raise_if_nonfinite)
+from gradtrace.methods.checks import (
+    check_group_slices,
+    check_positive_int,
+    check_same_layout,
+    check_train_matrix,
+    raise_if_nonfinite,
+)
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import allocate_psi, effective_chunk_rows, finish_psi, row_chunks
 
-DEFAULT_C = 0.01
-KERNELS = ("shared", "per-group")
-# The kernel every stage uses unless told otherwise (the bare `TRAK` class keeps the textbook shared one):
-# per-group beat shared for TRAK and D-TRAK in both benchmarks (docs/benchmarks.md).
-DEFAULT_KERNEL = "per-group"
 # A shared kernel needs a few dense k x k float64 matrices (2 GiB each at this width).
 MAX_SHARED_DIM = 16384
 # A block wider than N (and than DUAL_MIN_WIDTH, below which either inverse is negligible) is solved in the dual
@@ -52,17 +52,6 @@ MAX_SHARED_DIM = 16384
 # N k_j² (the label-free λ search repeats the inverse for each of its 9 values).
 DUAL_MIN_WIDTH = 256
 MAX_DUAL_ROWS = 16384
-
-
-def check_c(c: Any) -> float:
-    """The one rule for a λ scale c: a finite number >= 0 (0 = no damping: the pseudo-inverse of the Gram)."""
-    try:
-        value = float(c)
-    except (TypeError, ValueError):
-        raise UserError(f"c must be a number, got {c!r}; pass e.g. c={DEFAULT_C}") from None
-    if not math.isfinite(value) or value < 0:
-        raise UserError(f"c must be finite and >= 0, got {c}; pass e.g. c={DEFAULT_C}")
-    return value
 
 
 @dataclass
@@ -157,6 +146,9 @@ class TRAK(Method):
 
     name = "trak"
     uses_lambda = True
+    default_c = DEFAULT_C
+    supports_query_side = True
+    shares_gram = True
 
     def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak",
                  required_measurement: str | None = None, needs_row_scale: bool = False,
@@ -178,6 +170,10 @@ class TRAK(Method):
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "c": self.c, "kernel": self.kernel,
                 **({"group_c": dict(self.group_c)} if self.group_c else {})}
+
+    def with_c(self, c: float) -> "TRAK":
+        return TRAK(c, self.kernel, name=self.name, required_measurement=self.required_measurement,
+                    needs_row_scale=self.needs_row_scale, group_c=self.group_c)
 
     def c_of(self, group: str) -> float:
         """The λ scale of one group's block (its own with per-group damping, else c)."""

@@ -7,18 +7,27 @@
     learn_weights_run(LearnWeightsSpec(train="runs/feat-train", generate=64))
     retrain(RetrainSpec(run="runs/digits")); eval_lds(EvalLDSSpec(...)); eval_counterfactual(CounterfactualSpec(...))
     run_demo(DemoSpec(out="demo_out", quick=True))
-"""
-from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
-from gradtrace.pipeline.demo import DemoSpec, run_demo
-from gradtrace.pipeline.evaluate import (CounterfactualSpec, EvalLDSSpec, RetrainSpec, eval_counterfactual, eval_lds,
-                                         retrain)
-from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
-from gradtrace.pipeline.learn_weights import LearnWeightsSpec, learn_weights_run
-from gradtrace.pipeline.sample import SampleSpec, sample_run
-from gradtrace.pipeline.train import TrainSpec, train_run
-from gradtrace.pipeline.build_pipeline import BuildPipelineSpec, build_pipeline_run
 
-__all__ = ["AttributeSpec", "CounterfactualSpec", "DemoSpec", "EvalLDSSpec", "FeaturizeSpec", "LearnWeightsSpec",
-           "RetrainSpec", "SampleSpec", "TrainSpec", "attribute_run", "eval_counterfactual", "eval_lds",
-           "featurize_run", "learn_weights_run", "retrain", "run_demo", "sample_run", "train_run"]
-__all__ += ["BuildPipelineSpec", "build_pipeline_run"]
+The specs live in `gradtrace.pipeline.specs` (they import no torch: the CLI builds its options from them at
+start-up); each stage module re-exports its spec. Names here are imported on first use.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "attribute": ["AttributeSpec", "attribute_run"],
+    "demo": ["DemoSpec", "run_demo"],
+    "evaluate": ["CounterfactualSpec", "EvalLDSSpec", "RetrainSpec", "eval_counterfactual", "eval_lds", "retrain"],
+    "featurize": ["FeaturizeSpec", "featurize_run"],
+    "learn_weights": ["LearnWeightsSpec", "learn_weights_run"],
+    "sample": ["SampleSpec", "sample_run"],
+    "train": ["TrainSpec", "train_run"],
+    "build_pipeline": ["BuildPipelineSpec", "build_pipeline_run"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'gradtrace.pipeline' has no attribute {name!r}")
+    return getattr(import_module(f"gradtrace.pipeline.{_WHERE[name]}"), name)

@@ -1,42 +1,34 @@
-"""The attribute stage: each query's top-k training examples with per-group breakdown, and report.png."""
+"""The attribute stage: each query's top-k training examples with per-group breakdown, and report.png.
+
+It dispatches on the configured method (`method.needs_model`): a feature kernel (TracIn, TRAK, D-TRAK, DAS) scores
+the query store against the training store; a method that needs the model (EK-FAC) scores the checkpoint's training
+examples and the `--ids` examples directly (`gradtrace.pipeline.model_scoring`). Same weights, λ rule and artefact.
+With `--compare-uniform`, the same scoring with uniform weights at the learned weights' c goes to OUT/uniform (so the
+comparison of learned and uniform weights differs in the weights only).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from gradtrace.attribution import query_side_for, score_queries, write_attributions
-from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, learning_queries_option, method_option
-from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.methods import configure, get_method
+from gradtrace.pipeline.model_scoring import attribute_model_run, configure_model_method
+from gradtrace.pipeline.specs.attribute import AttributeSpec
 from gradtrace.report.attributions import draw_attributions, is_text_store, write_text_attributions
 
-
-@dataclass
-class AttributeSpec(Spec):
-    train: str = option(None, "feature store of the training set", required=True)
-    queries: str = option(None, "feature store of the queries", required=True)
-    out: str = option(None, "output directory", required=True)
-    method: str = method_option()
-    kernel: str = kernel_option()
-    lambda_c: str | float | None = lambda_c_option()
-    learning_queries: str | None = learning_queries_option()
-    top_k: int = option(10, "training examples kept per query", check=positive)
-    weights: str | None = option(None, "group weights: a learn-weights JSON file, or {\"weights\": {group: w}}",
-                                 type=str)
-    aspect: str | None = option(None, "use the store's learned weights for this aspect (e.g. style)", type=str)
-    report: bool = option(True, "skip report.png", flag="--no-report")
-
-    def validate(self) -> None:
-        if self.weights is not None and self.aspect is not None:
-            raise UserError("pass either --weights FILE or --aspect NAME, not both")
+UNIFORM = "uniform"  # the --compare-uniform run, inside the output folder
 
 
 def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict:
     """Score the queries (one recipe: `gradtrace.attribution`), write the attributions and the report."""
+    if get_method(spec.method).needs_model:
+        return attribute_model_run(configure_model_method(spec, spec.method), spec, progress=progress)
+    method = configure(spec.method, kernel=spec.kernel)
     train = FeatureStore.open(spec.train)
     queries = FeatureStore.open(spec.queries)
-    scored = score_queries(train, queries, method=spec.method, kernel=spec.kernel, c=spec.lambda_c,
+    scored = score_queries(train, queries, method=method, kernel=spec.kernel, c=spec.lambda_c,
                            weights_path=spec.weights, aspect=spec.aspect, learning_queries=spec.learning_queries,
                            query_side=query_side_for(train, spec.kernel), progress=progress)
     doc = write_attributions(scored, train, queries, spec.out, top_k=spec.top_k, progress=progress,
@@ -45,4 +37,7 @@ def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict:
         write_text_attributions(train, queries, doc, Path(spec.out) / "report.md")
     elif spec.report:
         draw_attributions(train, queries, doc, Path(spec.out) / "report.png")
+    if spec.compare_uniform:  # the fair baseline: uniform weights, everything else (c included) as scored above
+        attribute_run(replace(spec, weights=None, aspect=None, lambda_c=scored.lambda_info["c"], learning_queries=None,
+                              compare_uniform=False, out=str(Path(spec.out) / UNIFORM)), progress=progress)
     return doc

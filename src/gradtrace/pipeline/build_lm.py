@@ -11,38 +11,17 @@ corpus fingerprint and the versions; it is written last, so it marks a finished 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
 
+from gradtrace.adapters.causal_lm.build import save_small_gpt2
 from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.data.text import TextDataset
 from gradtrace.errors import UserError
 from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
-from gradtrace.pipeline.build_pipeline import MANIFEST, finished_build
-from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.pipeline.build_manifest import MANIFEST, finished_build
+from gradtrace.pipeline.specs.build_lm import BuildLMSpec
 
 FORMAT = "gradtrace-built-lm"
-BUILD_MODULE = "gradtrace.adapters.causal_lm.build"  # transformers is imported when a build runs
-
-
-@dataclass
-class BuildLMSpec(Spec):
-    data: str = option("fortunes", "corpus the tokenizer is trained on: fortunes | jsonl:PATH | textfolder:PATH")
-    out: str = option(None, "model folder to write", required=True)
-    n: int | None = option(None, "use the first N documents of the corpus", type=int, check=positive)
-    vocab_size: int = option(512, "tokenizer vocabulary size (byte-level BPE)", check=positive)
-    layers: int = option(2, "transformer blocks", check=positive)
-    dim: int = option(64, "model width", check=positive)
-    heads: int = option(4, "attention heads", check=positive)
-    context: int = option(64, "context length (positions)", check=positive)
-    seed: int = option(0, "seed of the initial weights")
-
-    def validate(self) -> None:
-        if self.vocab_size < 260:
-            raise UserError(f"--vocab-size must be >= 260 (256 bytes and the end-of-text token), got {self.vocab_size}")
-        if self.context < 2:
-            raise UserError(f"--context must be >= 2 (a next-token loss needs two tokens), got {self.context}")
 
 
 def build_lm_run(spec: BuildLMSpec, *, progress: bool = True) -> Path:
@@ -58,9 +37,8 @@ def build_lm_run(spec: BuildLMSpec, *, progress: bool = True) -> Path:
     check_can_write(out)
     if (out / MANIFEST).exists():
         (out / MANIFEST).unlink()
-    built = import_module(BUILD_MODULE).save_small_gpt2(
-        out, dataset.texts, vocab_size=spec.vocab_size, layers=spec.layers, dim=spec.dim, heads=spec.heads,
-        context=spec.context, seed=spec.seed)
+    built = save_small_gpt2(out, dataset.texts, vocab_size=spec.vocab_size, layers=spec.layers, dim=spec.dim,
+                            heads=spec.heads, context=spec.context, seed=spec.seed)
     write_json_atomic(out / MANIFEST, {"format": FORMAT, "spec": spec.to_dict(), "command": command_line(),
                                        "dataset": info, "built": built, "versions": versions()})
     return out

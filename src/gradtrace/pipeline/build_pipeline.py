@@ -15,47 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from safetensors import SafetensorError
 
+from gradtrace.adapters.diffusers.build import build_components, save_pipeline
+from gradtrace.adapters.diffusers.pretrain import pretrain
 from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.errors import UserError
-from gradtrace.io import check_can_write, command_line, os_error_of, read_json, versions, write_json_atomic
-from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
+from gradtrace.pipeline.build_manifest import MANIFEST, finished_build
+from gradtrace.pipeline.specs.build_pipeline import BuildPipelineSpec
 
-MANIFEST = "gradtrace_build.json"
 FORMAT = "gradtrace-built-pipeline"
-# The diffusers code is imported when a build runs (seconds of start-up the other commands should not pay).
-BUILD_MODULE = "gradtrace.adapters.diffusers.build"
-PRETRAIN_MODULE = "gradtrace.adapters.diffusers.pretrain"
-
-
-def _positive_number(value, flag: str) -> None:
-    if value is None or isinstance(value, bool) or not value > 0:
-        raise UserError(f"{flag} must be a positive number, got {value}")
-
-
-@dataclass
-class BuildPipelineSpec(Spec):
-    data: str = option("shapes", "captioned dataset: shapes | imagefolder:PATH (captions: a \"text\" column)")
-    out: str = option(None, "pipeline directory to write", required=True)
-    n: int | None = option(None, "use the first N images of the dataset", type=int, check=positive)
-    size: int = option(16, "image size, a multiple of 4 (latents are half of it)", check=positive)
-    data_seed: int = option(0, "seed of a generated dataset (shapes)")
-    vae_steps: int = option(400, "VAE training steps", check=positive)
-    unet_steps: int = option(800, "UNet + text encoder training steps", check=positive)
-    batch_size: int = option(32, "images per step", check=positive)
-    lr: float = option(1e-3, "learning rate (AdamW, both phases)", check=_positive_number)
-    seed: int = option(0, "seed of the initial weights and of every training draw")
-
-    def validate(self) -> None:
-        if self.size % 4:
-            raise UserError(f"--size must be a multiple of 4 (the VAE and the UNet each halve it), got {self.size}")
 
 
 def dataset_captions(dataset) -> list[str]:
@@ -74,11 +46,6 @@ def captions_digest(captions: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest()
 
 
-def _diffusers_code() -> SimpleNamespace:
-    return SimpleNamespace(build=import_module(BUILD_MODULE), pretrain=import_module(PRETRAIN_MODULE),
-                           pipeline=import_module("diffusers").StableDiffusionPipeline)
-
-
 def build_pipeline_run(spec: BuildPipelineSpec, *, progress: bool = True) -> Path:
     """Build, pretrain and save the pipeline at `spec.out` (or reuse an identical finished build there)."""
     out = Path(spec.out)
@@ -90,24 +57,13 @@ def build_pipeline_run(spec: BuildPipelineSpec, *, progress: bool = True) -> Pat
     if _cached_build(out, spec, dataset_info):
         return out
     check_can_write(out)  # before minutes of pretraining
-    code = _diffusers_code()
     start = time.perf_counter()
-    components = code.build.build_components(captions, image_size=dataset.size, channels=dataset.channels,
-                                             seed=spec.seed)
-    log = code.pretrain.pretrain(components, dataset.images, captions, vae_steps=spec.vae_steps,
-                                 unet_steps=spec.unet_steps, batch_size=spec.batch_size, lr=spec.lr,
-                                 seed=spec.seed, progress=progress)
+    components = build_components(captions, image_size=dataset.size, channels=dataset.channels, seed=spec.seed)
+    log = pretrain(components, dataset.images, captions, vae_steps=spec.vae_steps, unet_steps=spec.unet_steps,
+                   batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, progress=progress)
     if (out / MANIFEST).exists():  # an older build is being replaced: it is unfinished until the new manifest
         (out / MANIFEST).unlink()
-    pipe = code.pipeline(vae=components["vae"], text_encoder=components["text_encoder"],
-                         tokenizer=components["tokenizer"], unet=components["unet"],
-                         scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
-                         requires_safety_checker=False)
-    try:
-        pipe.save_pretrained(out)
-    except SafetensorError as exc:  # diffusers writes weights with safetensors, whose I/O errors are not OSErrors
-        raise (os_error_of(exc, out) or exc) from None
-    code.build.save_vocab_files(components["tokenizer"], out / "tokenizer")
+    save_pipeline(components, out)
     log["wall_seconds"] = round(time.perf_counter() - start, 2)
     log["torch_threads"] = torch.get_num_threads()
     write_json_atomic(out / MANIFEST, {"format": FORMAT, "spec": spec.to_dict(), "command": command_line(),
@@ -118,19 +74,3 @@ def build_pipeline_run(spec: BuildPipelineSpec, *, progress: bool = True) -> Pat
 def _cached_build(out: Path, spec: BuildPipelineSpec, dataset_info: dict) -> bool:
     """True when `out` holds a finished build of the same settings (wherever `out` was spelled), data and captions."""
     return finished_build(out, FORMAT, "model_index.json", spec, dataset_info, ("fingerprint", "captions_sha256"))
-
-
-def finished_build(out: Path, fmt: str, marker: str, spec: Spec, dataset_info: dict, data_keys: tuple) -> bool:
-    """True when `out` holds a finished build (its manifest of format `fmt` and the file `marker`) of the same spec
-    (whatever `out` was) and the same data (`dataset_info`'s `data_keys`): the build steps' shared reuse rule."""
-    if not (out / MANIFEST).exists() or not (out / marker).exists():
-        return False
-    try:
-        old = read_json(out / MANIFEST, "build manifest")
-    except UserError:
-        return False
-    settings = {k: v for k, v in spec.to_dict().items() if k != "out"}
-    old_settings = {k: v for k, v in (old.get("spec") or {}).items() if k != "out"}
-    old_data = old.get("dataset") or {}
-    return (old.get("format") == fmt and old_settings == settings
-            and all(old_data.get(k) == dataset_info[k] for k in data_keys))

@@ -8,16 +8,16 @@ into --out, with ``demo.json`` recording settings and timings (`gradtrace.pipeli
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 from gradtrace.pipeline.demo_clock import DemoClock
 from gradtrace.pipeline.demo_method import uniform_and_learned
 from gradtrace.pipeline.demo_t2i import run_text_to_image_demo
-from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
+from gradtrace.pipeline.featurize import FeaturizeSpec, feature_spec, featurize_run
 from gradtrace.pipeline.sample import SampleSpec, sample_run
-from gradtrace.pipeline.spec import Spec, option
+from gradtrace.pipeline.specs.demo import DemoSpec
 from gradtrace.pipeline.train import TrainSpec, train_run
 
 SETTINGS = {
@@ -26,13 +26,6 @@ SETTINGS = {
     "full": {"n_train": None, "steps": 3000, "n_queries": 12, "sample_steps": 50, "dim": None, "timesteps": 10,
              "top_k": 8, "n_learn": 48},
 }
-
-
-@dataclass
-class DemoSpec(Spec):
-    out: str = option("demo_out", "output directory")
-    quick: bool = option(False, "tiny settings (about a minute)")
-    text_to_image: bool = option(False, "the text-to-image path instead: a small SD-layout pipeline, LoRA, prompts")
 
 
 def run_demo(spec: DemoSpec, *, progress: bool = True, settings: dict | None = None,
@@ -64,6 +57,6 @@ def run_demo(spec: DemoSpec, *, progress: bool = True, settings: dict | None = N
                               title="gradtrace demo: digits, tiny diffusion UNet, TRAK")
     n_rows = len(train_store.ids)
     rate = round(n_rows * s["timesteps"] / clock.timings["featurize-train"], 1)
-    return clock.finish(out, {"mode": mode, "settings": s, "feature_spec": asdict(query_spec.feature_spec()),
+    return clock.finish(out, {"mode": mode, "settings": s, "feature_spec": asdict(feature_spec(query_spec)),
                               "train_examples": n_rows, "featurize_examples_x_timesteps_per_s": rate}, doc,
                         f"query {doc['queries'][0]['query_id']}")

@@ -1,24 +1,11 @@
-"""Where and at what precision a stage runs its model: `--device auto|cpu|cuda` (auto = the first GPU when one
-is present) and `--dtype float32|bfloat16` (see `gradtrace.precision`)."""
+"""Where a stage runs its model: `--device auto|cpu|cuda` (auto = the first GPU when one is present; the options are
+in `gradtrace.pipeline.specs.devices`, the precisions in `gradtrace.precision`)."""
 from __future__ import annotations
 
 import torch
 
 from gradtrace.errors import UserError
-from gradtrace.precision import PRECISIONS
 from gradtrace.ranks import local_rank
-from gradtrace.pipeline.spec import option
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def device_option():
-    return option("auto", "where to compute: auto (a GPU when present, else the CPU), cpu or cuda", choices=DEVICES)
-
-
-def dtype_option():
-    return option("float32", "compute precision of the model's forward and backward: float32, or bfloat16 (faster "
-                  "where the hardware has it; about three significant digits)", choices=PRECISIONS)
 
 
 def resolve_device(name: str) -> torch.device:

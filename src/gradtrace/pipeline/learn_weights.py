@@ -2,74 +2,69 @@
 
 Learning queries are generated samples (or held-out images), never the evaluation queries: the weights
 file records the learning-query set's identity, and the scoring stages refuse to score that same set.
+It dispatches on the configured method: a feature kernel learns on a learning-query store (or generated
+queries); a method that needs the model (`method.needs_model`, EK-FAC) on the `--ids` examples of the checkpoint's
+model (`gradtrace.pipeline.model_scoring`).
+
+Generated learning queries are an artefact of their own:
+`learning-queries/<aspect>-n<N>-seed<S>-guidance<G>-steps<T>-store<hash>[-prompts<hash>]/` beside the weights file
+(samples/, features/ and `learning-queries.json`, which records how they were made and for which aspect). Every
+method and kernel learning on the same store with the same settings reuses the set instead of sampling it again,
+and `--queries SET/features` learns on it with its recorded aspect (a different `--aspect` is refused).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from gradtrace.adapters import adapter_of
-from gradtrace.attribution import (AUTO, default_weights_path, fit_method, query_set_id, resolve_learning_c,
-                                   store_identity)
+from gradtrace.attribution import default_weights_path, fit_method, query_set_id, resolve_learning_c, store_identity
+from gradtrace.data.sources import sampling_of
 from gradtrace.errors import UserError
 from gradtrace.evaluate.eval_retrieval import labels_of
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import command_line, read_json
-from gradtrace.methods import configure
+from gradtrace.io import command_line, read_json, write_json_atomic
+from gradtrace.methods import configure, get_method
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
+from gradtrace.pipeline.model_scoring import configure_model_method, learn_weights_model_run
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
-from gradtrace.pipeline.scoring_options import kernel_option, lambda_c_option, method_option
-from gradtrace.pipeline.spec import Spec, option, positive
-from gradtrace.weights import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS, GUARDS, learn_weights,
-                               save_weights)
-from gradtrace.weights.family import OBJECTIVES, learn_family_weights
+from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
+from gradtrace.weights import learn_weights, save_weights
+from gradtrace.weights.family import learn_family_weights
+
+LEARNING_SETS = "learning-queries"
+SET_MANIFEST = "learning-queries.json"
+SET_FORMAT = "gradtrace-learning-queries"
 
 
-@dataclass
-class LearnWeightsSpec(Spec):
-    train: str = option(None, "feature store of the training set", required=True)
-    queries: str | None = option(None, "feature store of learning queries (never evaluation queries)", type=str)
-    generate: int | None = option(None, "generate N learning queries from the store's checkpoint instead of "
-                                  "--queries", type=int, metavar="N", check=positive)
-    aspect: str | None = option(None, "with --generate: set only this attribute (e.g. style); text-to-image "
-                                "models: prompts that name only it (built in for shapes, else --prompts)", type=str)
-    prompts: str | None = option(None, "with --generate, text-to-image models: a file of learning prompts, one per "
-                                 "line (e.g. naming only --aspect), cycled over the N queries", type=str)
-    sample_seed: int = option(1, "seed of the generated learning queries")
-    guidance: float = option(1.0, "classifier-free guidance of the generated learning queries")
-    sample_steps: int = option(50, "sampling steps of the generated learning queries", check=positive)
-    method: str = method_option()
-    kernel: str = kernel_option()
-    lambda_c: str | float | None = lambda_c_option(default=AUTO)
-    k: int = option(DEFAULT_K, "top-k of the objective", check=positive)
-    steps: int = option(DEFAULT_STEPS, "optimiser steps", check=positive)
-    lr: float = option(DEFAULT_LR, "AdamW learning rate on θ")
-    l2: float = option(DEFAULT_L2, "λ‖w‖² penalty")
-    guard: str = option(DEFAULT_GUARD, "holdout: learn on each half of the learning queries, score on the other, "
-                        "and shrink the weights towards uniform as far as the gain does not carry over",
-                        choices=GUARDS)
-    out: str | None = option(None, "weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)", type=str)
-    objective: str = option("snr", "snr: the top-k signal-to-noise ratio; family: learning queries that share "
-                            "--family's value should rank the same training examples first (and others not); "
-                            "snr+family: both", choices=OBJECTIVES)
-    family: str | None = option(None, "with --objective family: the learning queries' label column whose value "
-                                "makes a family (generated queries: an attribute they were sampled with)", type=str)
-    family_labels: str | None = option(None, "the --family column of the learning queries from a file (CSV with an "
-                                       "id column, or JSON lines with \"id\")", type=str)
+def learning_set_dir(weights: Path, train: FeatureStore, *, num: int, aspect: str | None, seed: int, guidance: float,
+                     sample_steps: int, prompts: list[str] | None) -> Path:
+    """Where a generated learning-query set lives: named by what makes it (and a hash of the training store's
+    settings, which its features share), not by the method or kernel."""
+    store = hashlib.sha256(json.dumps(train.settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', aspect or 'general')}-n{num}-seed{seed}-guidance{guidance:g}-" \
+           f"steps{sample_steps}-store{store}"
+    if prompts:
+        name += "-prompts" + hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:10]
+    return weights.parent / LEARNING_SETS / name
 
-    def validate(self) -> None:
-        if (self.objective == "snr") != (self.family is None):
-            raise UserError("--objective family / snr+family needs --family COLUMN (and --family is only for them)")
-        if self.objective != "snr" and self.guard != "none":
-            raise UserError("--guard holdout works with --objective snr only; drop --guard")
-        if (self.queries is None) == (self.generate is None):
-            raise UserError("pass exactly one of --queries STORE or --generate N")
-        if self.prompts is not None and self.generate is None:
-            raise UserError("--prompts generates learning queries; use it with --generate N")
-        if self.aspect is not None and self.queries is not None:
-            raise UserError("--aspect generates its own learning queries; use it with --generate N, not --queries")
+
+def recorded_aspect(queries: FeatureStore, given: str | None) -> str | None:
+    """The aspect of learning queries: a generated set's record (a different `given` is refused), else `given`."""
+    record = queries.path.parent / SET_MANIFEST
+    if not record.exists():
+        return given
+    recorded = read_json(record, "learning-query set manifest").get("aspect")
+    if given is not None and given != recorded:
+        raise UserError(f"{queries.path} holds learning queries generated for "
+                        f"{'aspect ' + repr(recorded) if recorded else 'no aspect (general weights)'}; "
+                        + (f"pass --aspect {recorded}" if recorded else "drop --aspect") + " or generate a set for "
+                        f"{given!r} (--generate N --aspect {given})")
+    return recorded
 
 
 def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspect: str | None, seed: int,
@@ -86,23 +81,34 @@ def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspec
                           sample_steps=sample_steps, seed=seed, **request), progress=progress)
     spec = FeaturizeSpec.like(train.settings, checkpoint=checkpoint, out=str(out / "features"),
                               samples=str(out / "samples"), overwrite=True)
-    return featurize_run(spec, progress=progress)
+    store = featurize_run(spec, progress=progress)
+    write_json_atomic(out / SET_MANIFEST, {
+        "format": SET_FORMAT, "format_version": 1, "aspect": aspect, "num": num, "seed": seed, "guidance": guidance,
+        "sample_steps": sample_steps, "prompts": prompts, "checkpoint": checkpoint,
+        "model_fingerprint": train.settings["model_fingerprint"], "samples": "samples", "features": "features"})
+    return store
 
 
 def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple[Path, dict]:
-    """Learn group weights for a training store; returns (weights file, its document)."""
+    """Learn group weights for a training store (or, for a method that needs the model, its checkpoint); returns
+    (weights file, its document)."""
+    if get_method(spec.method).needs_model:
+        return learn_weights_model_run(configure_model_method(spec, spec.method), spec, progress=progress)
+    method = configure(spec.method, kernel=spec.kernel)
     train = FeatureStore.open(spec.train)
-    out = Path(spec.out) if spec.out else default_weights_path(train, spec.method, spec.kernel, spec.aspect)
+    queries = None if spec.queries is None else FeatureStore.open(spec.queries)
+    aspect = spec.aspect if queries is None else recorded_aspect(queries, spec.aspect)
+    out = Path(spec.out) if spec.out else default_weights_path(train, method, spec.kernel, aspect)
     if spec.generate is not None:
-        queries = generate_learning_queries(train, out.with_suffix(""), num=spec.generate, aspect=spec.aspect,
-                                            seed=spec.sample_seed, guidance=spec.guidance,
-                                            sample_steps=spec.sample_steps, progress=progress,
-                                            prompts=read_prompts(spec.prompts) if spec.prompts else None)
-    else:
-        queries = FeatureStore.open(spec.queries)
+        prompts = read_prompts(spec.prompts) if spec.prompts else None
+        where = learning_set_dir(out, train, num=spec.generate, aspect=aspect, seed=spec.sample_seed,
+                                 guidance=spec.guidance, sample_steps=spec.sample_steps, prompts=prompts)
+        queries = generate_learning_queries(train, where, num=spec.generate, aspect=aspect, seed=spec.sample_seed,
+                                            guidance=spec.guidance, sample_steps=spec.sample_steps,
+                                            progress=progress, prompts=prompts)
     train.check_compatible(queries)
-    c_value, lambda_table = resolve_learning_c(train, queries, spec.method, spec.kernel, spec.lambda_c, spec.k)
-    fitted = fit_method(train, spec.method, kernel=spec.kernel, c=c_value, progress=progress)
+    c_value, lambda_table = resolve_learning_c(train, queries, method, spec.kernel, spec.lambda_c, spec.k)
+    fitted = fit_method(train, method, kernel=spec.kernel, c=c_value, progress=progress)
     if spec.objective == "snr":
         result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
                                l2=spec.l2, guard=spec.guard, progress=progress)
@@ -113,13 +119,15 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
                                       k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
     provenance = {
         "command": command_line(), "spec": spec.to_dict(),
-        "base_method": fitted.info, "method": spec.method,
-        "kernel": configure(spec.method, kernel=spec.kernel).kernel_kind,
-        "lambda_c": c_value, "lambda_grid": lambda_table, "aspect": spec.aspect,
+        "base_method": fitted.info, "method": method.name, "kernel": method.kernel_kind,
+        "lambda_c": c_value, "lambda_grid": lambda_table, "aspect": aspect,
         "train_store": str(train.path), "store": store_identity(train),
         "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
         "steps": result.info["steps"], "lr": result.info["lr"], "guard": result.info.get("guard"),
-        "learning_queries": {"store": str(queries.path), **query_set_id(queries)},
+        "learning_queries": {"store": str(queries.path), **query_set_id(queries),
+                             "sampling": sampling_of(queries.settings.get("source")),
+                             "set": str(queries.path.parent) if (queries.path.parent / SET_MANIFEST).exists()
+                             else None},
         "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1],
         "learner": result.info,
     }

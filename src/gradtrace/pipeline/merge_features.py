@@ -11,29 +11,13 @@ writes, so every later stage (attribute, learn-weights, eval) gives the unsharde
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.features.progress import ChunkProgress, digest
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line
-from gradtrace.pipeline.spec import Spec, option
-
-
-@dataclass
-class MergeFeaturesSpec(Spec):
-    shard: list = option([], "a partial feature store (repeat: one per machine of the job)", append=True,
-                         metavar="DIR")
-    out: str = option(None, "the merged feature store", required=True)
-
-    def validate(self) -> None:
-        if len(self.shard) < 1:
-            raise UserError("pass at least one --shard DIR (the feature store directory of each machine)")
-        if Path(self.out).resolve() in {Path(s).resolve() for s in self.shard}:
-            raise UserError("--out must be a new directory, not one of the shards")
+from gradtrace.pipeline.specs.merge_features import MergeFeaturesSpec
 
 
 def merge_features_run(spec: MergeFeaturesSpec, *, progress: bool = True) -> FeatureStore:

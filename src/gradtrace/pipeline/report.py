@@ -8,7 +8,6 @@ weights). The page embeds every image and chart and its own manifest (what made 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from gradtrace import __version__
@@ -19,29 +18,11 @@ from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
 from gradtrace.evaluate.eval_retrieval import RESULT as RETRIEVAL_RESULT
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import atomic_write, command_line, read_json
-from gradtrace.pipeline.spec import Spec, option, positive
+from gradtrace.methods import get_method, known_methods
+from gradtrace.pipeline.specs.report import ReportSpec
 from gradtrace.report import html, sections
 
 ATTRIBUTIONS = "attributions.json"
-
-
-@dataclass
-class ReportSpec(Spec):
-    attributions: list = option([], "an attribute output folder (repeat: runs over the same queries are shown "
-                                "side by side)", append=True, metavar="DIR")
-    weights: list = option([], "a learn-weights JSON file to chart beside uniform (repeatable)", append=True,
-                           metavar="FILE")
-    lds: list = option([], "an `eval lds` output folder (repeatable)", append=True, metavar="DIR")
-    counterfactual: list = option([], "an `eval counterfactual` output folder (repeatable)", append=True,
-                                  metavar="DIR")
-    retrieval: list = option([], "an `eval retrieval` output folder (repeatable)", append=True, metavar="DIR")
-    out: str = option(None, "the HTML file to write", required=True)
-    max_queries: int = option(24, "queries shown (the first ones of the runs)", check=positive)
-    title: str = option("gradtrace report", "the page's title")
-
-    def validate(self) -> None:
-        if not self.attributions:
-            raise UserError("pass at least one --attributions DIR (an `attribute` output folder)")
 
 
 def _store(recorded: str, doc_path: Path, what: str) -> FeatureStore:
@@ -68,14 +49,24 @@ def load_run(folder: str) -> sections.Run:
     path, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
     manifest = doc.get("manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
-        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; pass an `attribute` output folder")
+        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; "
+                        "pass an `attribute` output folder")
     sources = {}
     for side, what in (("train", "training"), ("query", "query")):
         # methods that score the model directly (EK-FAC) record their sources, not feature stores
-        sources[side] = manifest.get(f"{side}_source") or \
+        sources[side] = manifest.get(f"{side}_source") if recorded_needs_model(manifest) else \
             _store(manifest[f"{side}_store"], path / ATTRIBUTIONS, what).settings["source"]
     return sections.Run(label=run_label(doc), path=path, doc=doc, train=load_source(sources["train"]),
                         queries=load_source(sources["query"]))
+
+
+def recorded_needs_model(manifest: dict) -> bool:
+    """Whether the run's method scored the model directly (its examples' sources are recorded, no feature stores):
+    the method's own `needs_model`, or, for a method not registered here, whether it recorded no stores."""
+    name = (manifest.get("method") or {}).get("method")
+    if name in known_methods():
+        return get_method(name).needs_model
+    return manifest.get("train_store") is None
 
 
 def run_label(doc: dict) -> str:

@@ -5,13 +5,14 @@ One definition of each: the method, the kernel (default per-group) and the λ sc
 """
 from __future__ import annotations
 
-from gradtrace.attribution import parse_c
-from gradtrace.methods import DEFAULT_C, DEFAULT_KERNEL, KERNELS, known_methods
+from gradtrace.choices import DEFAULT_C, DEFAULT_KERNEL, KERNELS, MethodNames, parse_c
 from gradtrace.pipeline.spec import option
 
 
 def method_option():
-    return option("trak", "base attribution method", choices=tuple(known_methods()))
+    """The base method by name: every registered one (`gradtrace.methods.register_method`), read when parsed."""
+    return option("trak", "base attribution method (ekfac: on the model directly, with --checkpoint and --ids)",
+                  choices=MethodNames())
 
 
 def kernel_option():
@@ -21,8 +22,9 @@ def kernel_option():
 
 def lambda_c_option(default=None):
     if default is None:
-        text = (f"λ = c · mean diag(ΦᵀΦ): a number >= 0, or 'auto' (SNR-best on --learning-queries); "
-                f"default: the weights' c, else {DEFAULT_C}")
+        text = (f"λ = c · mean diag(ΦᵀΦ) (EK-FAC: δ = c · mean(Λ)): a number >= 0, or 'auto' (SNR-best on "
+                f"--learning-queries, or --learning-ids); default: the weights' c, else the method's ({DEFAULT_C}; "
+                f"EK-FAC 0.1)")
     else:
         text = "λ scale c: a number >= 0, or 'auto' (default: the SNR-best c on the learning queries)"
     return option(default, text, type=str, check=lambda value, flag: parse_c(value))

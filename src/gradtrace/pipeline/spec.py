@@ -46,6 +46,12 @@ def positive(value, flag: str) -> None:
         raise UserError(f"{flag} must be a positive integer, got {value}")
 
 
+def positive_number(value, flag: str) -> None:
+    """A check: a number > 0."""
+    if value is None or isinstance(value, bool) or not value > 0:
+        raise UserError(f"{flag} must be a positive number, got {value}")
+
+
 def non_negative(value, flag: str) -> None:
     if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
         raise UserError(f"{flag} must be >= 0, got {value}")

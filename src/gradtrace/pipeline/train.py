@@ -6,78 +6,18 @@ checkpoint is saved."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from gradtrace.adapters import DEFAULT_ADAPTER, get_adapter
+from gradtrace.adapters import get_adapter
 from gradtrace.adapters.train_state import STATE_FILE, TrainState
 from gradtrace.data.sources import dataset_source, open_dataset, read_ids
 from gradtrace.errors import UserError
 from gradtrace.io import check_can_write, command_line, jsonable, read_json, sha256_arrays
-from gradtrace.pipeline.devices import device_option, dtype_option, resolve_device
-from gradtrace.pipeline.spec import Spec, option, positive
-
-
-@dataclass
-class TrainSpec(Spec):
-    data: str = option(None, "digits | shapes | imagefolder:PATH; text: jsonl:PATH | textfolder:PATH | fortunes",
-                       required=True)
-    out: str = option(None, "checkpoint directory", required=True)
-    n: int | None = option(None, "use the first N images of the dataset", type=int, check=positive)
-    size: int | None = option(None, "image size (shapes, imagefolder)", type=int, check=positive)
-    data_seed: int = option(0, "seed of a generated dataset (shapes)")
-    ids: object = option(None, "file of example ids to use (.npy, .json or one per line)", type=str)
-    adapter: str | None = option(None, "kind of model: a built-in adapter or module:Class (default: diffusers "
-                                 "with --base, else diffusion-unet)", type=str)
-    base: str | None = option(None, "fine-tune this diffusers pipeline folder (with --lora-rank: LoRA adapters on "
-                              "the UNet's attention), or this transformers causal-LM folder (all of it, or LoRA "
-                              "adapters with --lora-rank) on text", type=str)
-    lora_rank: int | None = option(None, "rank of the LoRA adapters (with --base)", type=int, check=positive)
-    model: str = option("auto", "model kind of the adapter; auto: conditional when the dataset has attributes "
-                        "(digits: unconditional); classifier: resnet (auto), vit or factory")
-    model_options: str | None = option(None, "the model's own settings as a JSON object, inline or a .json file "
-                                       "(classifier: e.g. '{\"widths\": [16, 32], \"blocks\": [1, 1]}', or "
-                                       "'{\"factory\": \"pkg.module:function\", \"kwargs\": {...}}')", type=str)
-    steps: int | None = option(None, "training steps (default: the recipe's: 3000 for the tiny UNets)", type=int,
-                               check=positive)
-    batch_size: int | None = option(None, "examples per step (default: the recipe's: 64 for the tiny UNets)",
-                                    type=int, check=positive)
-    lr: float | None = option(None, "learning rate (default: the recipe's)", type=float)
-    seed: int = option(0, "training seed")
-    device: str = device_option()
-    dtype: str = dtype_option()
-    overwrite: bool = option(False, "replace a checkpoint in --out that was trained with other settings or data")
-
-    def __post_init__(self) -> None:
-        if self.adapter is None and self.base is not None and is_lm_base(self.base):
-            self.adapter = "causal-lm"
-        if self.adapter is None:
-            self.adapter = "diffusers" if self.base is not None else DEFAULT_ADAPTER
-        super().__post_init__()
-
-    def validate(self) -> None:
-        if self.lora_rank is not None and self.base is None:
-            raise UserError("--lora-rank fine-tunes a pipeline; pass --base PIPELINE too")
-        adapter = get_adapter(self.adapter)
-        kinds = adapter.model_kinds
-        if self.dtype not in adapter.train_precisions:
-            raise UserError(f"--dtype {self.dtype}: {adapter.name} models train in "
-                            f"{' or '.join(adapter.train_precisions)}; drop --dtype")
-        if self.device == "cuda" and "cuda" not in adapter.train_devices:
-            raise UserError(f"{adapter.name} models train on the CPU; use --device cpu (or auto)")
-        if self.model != "auto" and self.model not in kinds:
-            raise UserError(f"--model must be auto or one of {', '.join(kinds)}, got {self.model!r}")
-
-
-def is_lm_base(path) -> bool:
-    """True for a transformers model folder (config.json with a model_type): `--base` then trains a causal LM."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model_type" in config and "format" not in config
+from gradtrace.pipeline.devices import resolve_device
+from gradtrace.pipeline.specs.train import TrainSpec, is_lm_base  # noqa: F401
 
 
 def resolve_ids(ids) -> np.ndarray | None:
@@ -108,9 +48,21 @@ def read_model_options(text: str) -> dict:
     return value
 
 
+def check_adapter_settings(spec: TrainSpec, adapter) -> None:
+    """What the kind of model allows: its training precisions and devices, its model kinds."""
+    if spec.dtype not in adapter.train_precisions:
+        raise UserError(f"--dtype {spec.dtype}: {adapter.name} models train in "
+                        f"{' or '.join(adapter.train_precisions)}; drop --dtype")
+    if spec.device == "cuda" and "cuda" not in adapter.train_devices:
+        raise UserError(f"{adapter.name} models train on the CPU; use --device cpu (or auto)")
+    if spec.model != "auto" and spec.model not in adapter.model_kinds:
+        raise UserError(f"--model must be auto or one of {', '.join(adapter.model_kinds)}, got {spec.model!r}")
+
+
 def train_run(spec: TrainSpec, *, progress: bool = True) -> Path:
     """Train (or reuse, when an identical checkpoint exists at `spec.out`) and save a checkpoint."""
     adapter = get_adapter(spec.adapter)
+    check_adapter_settings(spec, adapter)
     ids = resolve_ids(spec.ids)
     source = dataset_source(spec.data, n=spec.n, size=spec.size, seed=spec.data_seed)
     ds = open_dataset(source)

@@ -52,7 +52,9 @@ def write_text_attributions(train: FeatureStore, queries: FeatureStore, doc: dic
     for r in doc["queries"][:MAX_QUERIES]:
         lines += [f"## Query {r['query_id']}", "", quote(query_text[int(r['query_id'])]), ""]
         for rank, t in enumerate(r["top"], start=1):
-            lines += [f"{rank}. training document {t['train_id']} (score {t['score']:.4g})", "",
+            file = (t.get("source") or {}).get("file")
+            name = f"{t['train_id']} ({file})" if file else f"{t['train_id']}"
+            lines += [f"{rank}. training document {name} (score {t['score']:.4g})", "",
                       quote(train_text[int(t['train_id'])]), ""]
     with atomic_write(path) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")

@@ -42,6 +42,17 @@ def _caption(examples: Examples, pos: int) -> str:
     return str(examples.captions[pos]) if examples.captions else ""
 
 
+def source_line(source: dict | None, fallback: str) -> str:
+    """An example's source as one caption line: its file name, then its text (caption, prompt) or labels; the
+    examples' own caption when the attributions record no source (written before they did)."""
+    if not source:
+        return fallback
+    parts = [source.get("file"), source.get("text") or source.get("caption")]
+    if source.get("sample") is not None and not source.get("text"):
+        parts[0] = f"sample {source['sample']}"
+    return " · ".join(str(p) for p in parts if p) or fallback
+
+
 def runs_section(runs: Sequence[Run]) -> str:
     rows = []
     for run in runs:
@@ -75,7 +86,7 @@ def query_sections(runs: Sequence[Run], query_ids: Sequence[int], group_names: S
     styles = bar_styles(group_names)
     for qid in query_ids:
         pos = qpos[qid]
-        cap = _caption(first.queries, pos)
+        cap = source_line(by_run[0][qid].get("source"), _caption(first.queries, pos))
         out.append(f'<section class="query" id="query-{qid}"><div class="qhead"><figure class="query">'
                    f'<img alt="query {qid}" src="{png_uri(first.queries.images[pos].numpy())}">'
                    f'<figcaption>query {qid}<br>{esc(cap)}</figcaption></figure><div>')
@@ -87,7 +98,7 @@ def query_sections(runs: Sequence[Run], query_ids: Sequence[int], group_names: S
                 img = run.train.images[tp[tid]].numpy()
                 out.append(f'<figure class="train"><img alt="training example {tid}" src="{png_uri(img)}">'
                            f'<figcaption>#{t["rank"]} · id {tid} · {t["score"]:.4g}<br>'
-                           f'{esc(_caption(run.train, tp[tid]))}</figcaption>'
+                           f'{esc(source_line(t.get("source"), _caption(run.train, tp[tid])))}</figcaption>'
                            f'{contribution_svg(values, styles)}</figure>')
             out.append("</div></div>")
         out.append("</div></div></section>")
@@ -159,8 +170,9 @@ def counterfactual_section(results: Sequence[tuple[Path, dict]]) -> str:
                      _ci(s["delta_top_minus_random"]), f"{s['fraction_top_above_random']:.2f}"))
     return ('<section id="counterfactual"><h2>Counterfactual retraining</h2><p class="note">How much worse the '
             'model does on the query (its loss up, or a classifier\'s margin down) when retrained without the '
-            'query\'s top-k training examples, against without k random ones.</p>' + table(("result", "queries", "Δ without top-k", "Δ without random k", "difference",
-                                 "fraction top > random"), rows)
+            'query\'s top-k training examples, against without k random ones.</p>'
+            + table(("result", "queries", "Δ without top-k", "Δ without random k", "difference",
+                     "fraction top > random"), rows)
             + "".join(facts(f"manifest of {p}", d.get("manifest", {})) for p, d in results) + "</section>")
 
 

@@ -21,10 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
-from gradtrace.errors import UserError  # noqa: E402
 from gradtrace.adapters.diffusion.groups import describe_group  # noqa: E402
+from gradtrace.errors import UserError  # noqa: E402
 from gradtrace.report.figures import save_figure, show_image  # noqa: E402
 from gradtrace.weights.diagnostics import cosine  # noqa: E402
+
 
 def block_colours(group_names: Sequence[str]) -> dict[str, Any]:
     """A distinct colour per block, in order of first appearance."""
@@ -142,7 +143,8 @@ def attribution_comparison(query_images: Any, rows: Mapping[str, tuple], path, *
     for label in labels:
         imgs, sc = np.asarray(rows[label][0]), np.asarray(rows[label][1])
         if imgs.shape[:2] != (q, k) or sc.shape != (q, k):
-            raise UserError(f"row '{label}' must hold ({q}, {k}) images and scores, got {imgs.shape[:2]} and {sc.shape}")
+            raise UserError(f"row '{label}' must hold ({q}, {k}) images and scores, "
+                            f"got {imgs.shape[:2]} and {sc.shape}")
     n_rows = q * len(labels)
     fig, axes = plt.subplots(n_rows, k + 1, figsize=(0.95 * (k + 1) + 0.6, 1.05 * n_rows + (0.4 if title else 0)),
                              squeeze=False)

@@ -9,15 +9,23 @@ Defaults (k = 10, steps = 200, lr = 0.05, l2 = 0, pool_size = 256, refresh = "la
 64 MiB) come from the sweep in docs/benchmarks.md ("Weight learning at scale").
 """
 from gradtrace.weights.artefact import load_weights, save_weights
-from gradtrace.weights.defaults import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_MEMORY_BUDGET, DEFAULT_POOL,
-                                        DEFAULT_REFRESH, DEFAULT_STEPS)
-from gradtrace.weights.guard import GUARDS
+from gradtrace.weights.defaults import (
+                                        DEFAULT_GUARD,
+                                        DEFAULT_K,
+                                        DEFAULT_L2,
+                                        DEFAULT_LR,
+                                        DEFAULT_MEMORY_BUDGET,
+                                        DEFAULT_POOL,
+                                        DEFAULT_REFRESH,
+                                        DEFAULT_STEPS,
+)
 from gradtrace.weights.diagnostics import cosine, solo_quality
+from gradtrace.weights.guard import GUARDS
 from gradtrace.weights.lambda_scale import choose_lambda_scale
 from gradtrace.weights.learn import WeightsResult, dense_contributions, learn_weights, learn_weights_dense
 from gradtrace.weights.objective import snr_loss
 
-__all__ = ["snr_loss", "learn_weights", "learn_weights_dense", "WeightsResult", "dense_contributions", "choose_lambda_scale",
-           "save_weights", "load_weights", "solo_quality", "cosine",
+__all__ = ["snr_loss", "learn_weights", "learn_weights_dense", "WeightsResult", "dense_contributions",
+           "choose_lambda_scale", "save_weights", "load_weights", "solo_quality", "cosine",
            "DEFAULT_K", "DEFAULT_STEPS", "DEFAULT_LR", "DEFAULT_L2", "DEFAULT_POOL",
            "DEFAULT_REFRESH", "DEFAULT_MEMORY_BUDGET", "DEFAULT_GUARD", "GUARDS"]

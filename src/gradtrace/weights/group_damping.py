@@ -20,8 +20,7 @@ import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
-from gradtrace.methods.registry import get_method, lambda_grid
-from gradtrace.methods.trak import TRAK
+from gradtrace.methods.registry import configure, get_method, lambda_grid
 from gradtrace.weights.objective import check_k
 from gradtrace.weights.streamed import per_query_loss
 
@@ -38,15 +37,18 @@ def choose_group_lambda_scales(train_features: Any, group_slices: Any, learning_
                                start_c: float, method: str = "trak", grid: Any = None, k: int = 10,
                                sweeps: int = 2, row_scale: Any = None,
                                max_bytes: int = MAX_BYTES) -> tuple[dict[str, float], dict[str, Any]]:
-    """({group: c_j}, a record {start_c, start_loss, loss, sweeps_run, converged, moves, grid}) for the per-group kernel."""
+    """({group: c_j}, a record {start_c, start_loss, loss, sweeps_run, converged, moves, grid}) for the per-group
+    kernel."""
     phi = check_train_matrix(train_features)
     slices = check_group_slices(group_slices, phi.shape[1])
     queries = np.asarray(check_matrix(learning_query_features, "learning query features", phi.shape[1]),
                          dtype=np.float64)
     raise_if_nonfinite(queries, 0, "learning query features")
     k = check_k(k, phi.shape[0])
-    if not isinstance(get_method(method), TRAK):
-        raise UserError(f"method '{method}' has no λ to choose; use 'trak', 'dtrak' or 'das'")
+    method = method if isinstance(method, str) else method.name  # a configured method: its name (kernel as given)
+    bare = configure(method, c=None)
+    if not bare.uses_lambda or bare.needs_model or not getattr(bare, "shares_gram", False):
+        raise UserError(f"method '{method}' has no λ on features to choose; use 'trak', 'dtrak' or 'das'")
     values = sorted({float(c) for c in (lambda_grid() if grid is None else grid)} | {float(start_c)})
     n_q, n, m = queries.shape[0], phi.shape[0], len(slices)
     need = len(values) * n_q * n * m * 4

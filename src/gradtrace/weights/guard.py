@@ -18,10 +18,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gradtrace.choices import GUARDS  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.weights.objective import softmax_weights
 
-GUARDS = ("none", "holdout")
 SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIN_QUERIES = 4  # two per half
 

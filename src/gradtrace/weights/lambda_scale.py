@@ -12,8 +12,8 @@ import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
-from gradtrace.methods.registry import get_method, lambda_grid
-from gradtrace.methods.trak import DEFAULT_KERNEL, TRAK
+from gradtrace.methods.registry import configure
+from gradtrace.methods.trak import DEFAULT_KERNEL
 from gradtrace.weights.defaults import DEFAULT_K
 from gradtrace.weights.objective import check_k
 from gradtrace.weights.streamed import snr_at
@@ -26,7 +26,7 @@ def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_f
     """(best c, [(c, loss), ...] for every c in `grid`) with loss = mean_q L(uniform; q) on the learning queries.
 
     `method` is a kernel with a λ ("trak", "dtrak", "das"; "das" with the store's `row_scale`); `grid`
-    defaults to `lambda_grid()` (1e-4..1).
+    defaults to the method's `lambda_grid()` (1e-4..1).
     """
     phi = check_train_matrix(train_features)
     slices = check_group_slices(group_slices, phi.shape[1])
@@ -34,15 +34,19 @@ def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_f
     raise_if_nonfinite(queries, 0, "learning query features")
     queries = np.asarray(queries, dtype=np.float64)
     k = check_k(k, phi.shape[0])
-    values = _check_grid(lambda_grid() if grid is None else grid)
-    if not isinstance(get_method(method), TRAK):
-        raise UserError(f"method '{method}' has no λ to choose; use 'trak', 'dtrak' or 'das'")
-    base = get_method(method, c=values[0], kernel=kernel)
-    gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress)
+    method = method if isinstance(method, str) else method.name  # a configured method: its name (kernel as given)
+    bare = configure(method, c=None)
+    if not bare.uses_lambda or bare.needs_model:
+        raise UserError(f"method '{method}' has no λ on features to choose; use 'trak', 'dtrak' or 'das'")
+    values = _check_grid(bare.lambda_grid() if grid is None else grid)
+    base = configure(method, kernel=kernel, c=values[0])
+    # a kernel that shares one Gram pass over its values of c (TRAK's) is refitted from it; any other is refitted
+    gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress) if base.shares_gram else None
     table: list[tuple[float, float]] = []
     for c in values:
-        fitted = get_method(method, c=c, kernel=kernel).fit(phi, slices, chunk_rows=chunk_rows, gram=gram,
-                                                            row_scale=row_scale)
+        at = base.with_c(c)
+        fitted = at.fit(phi, slices, chunk_rows=chunk_rows, gram=gram, row_scale=row_scale) if base.shares_gram \
+            else at.fit(phi, slices, chunk_rows=chunk_rows)
         table.append((c, snr_at(fitted, queries, k, chunk_rows=chunk_rows)))
     best = min(range(len(table)), key=lambda i: (table[i][1], table[i][0]))
     return table[best][0], table

@@ -9,7 +9,7 @@ Same objective as `snr_loss` on the dense contributions, never building Q Ã— N Ã
   their per-group contributions in float32, as in `pool`). A step scores only a shortlist of each
   query's best 4k candidates, in float64 (`shortlist`: the rest are checked every few steps and before
   each refresh; a candidate that beat a step's k-th score rolls the steps back like a pool miss). Pools
-  are rebuilt by a streamed float32 pass (`kernels.top_pass`, on the GPU when present) at step 0,
+  are rebuilt by a streamed float32 pass (`psi_passes.top_pass`, on the GPU when present) at step 0,
   after `first_interval` steps, then every `max_interval` steps (rounded up to multiples of half of
   it, so that queries share passes), and at the last step: with the defaults 32 and 256 and 200 steps,
   at steps 0, 32 and 200. A pass costs as much as hundreds of steps, so misses are caught late and
@@ -44,12 +44,12 @@ import torch
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import RunningTopK, sort_desc_then_index
-from gradtrace.weights.kernels import (U32, PsiSource, pick_device, psi_stats_fast, query_grams_fast,
-                                      threads, top_pass)
 from gradtrace.weights.noise import GramNorm
 from gradtrace.weights.objective import ratio_loss
 from gradtrace.weights.pool import CandidatePool
+from gradtrace.weights.psi_passes import U32, PsiSource, pick_device, psi_stats_fast, query_grams_fast, top_pass
 from gradtrace.weights.shortlist import Shortlist
+from gradtrace.weights.threads import threads
 
 FIRST_INTERVAL = 32
 MAX_INTERVAL = 256

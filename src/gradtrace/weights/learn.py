@@ -35,14 +35,22 @@ from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_matrix, raise_if_nonfinite
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
-from gradtrace.weights.defaults import (DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_MEMORY_BUDGET,
-                                        DEFAULT_POOL, DEFAULT_REFRESH, DEFAULT_STEPS)
+from gradtrace.weights.defaults import (
+    DEFAULT_GUARD,
+    DEFAULT_K,
+    DEFAULT_L2,
+    DEFAULT_LR,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_POOL,
+    DEFAULT_REFRESH,
+    DEFAULT_STEPS,
+)
 from gradtrace.weights.guard import GUARDS, holdout_shrink
-from gradtrace.weights.kernels import threads
-from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
 from gradtrace.weights.lazy import LazyObjective
+from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
 from gradtrace.weights.pool import TRIGGERS
 from gradtrace.weights.scalable import ScalableObjective
+from gradtrace.weights.threads import threads
 
 REFRESH_MODES = ("lazy",) + TRIGGERS
 
@@ -71,10 +79,10 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
 
     `query_features` (Q, dim) are the learning queries' features in the fitted method's layout. The
     dense path is used when Q·N·M·8 bytes ≤ `memory_budget_bytes`, else the scalable path with
-    `pool_size` candidates per query and `refresh` "lazy" (default, `gradtrace.weights.lazy`), "exact"
-    (every step proven, `gradtrace.weights.pool`) or "fast" (approximate between rebuilds). `guard` "holdout" shrinks the weights towards uniform as far as their gain
-    does not carry over to held-out learning queries (`gradtrace.weights.guard`); "none" returns them as
-    learned. Deterministic for given inputs and `seed`.
+    `pool_size` candidates per query and `refresh` "lazy" (default, `gradtrace.weights.lazy`), "exact" (every step
+    proven, `gradtrace.weights.pool`) or "fast" (approximate between rebuilds). `guard` "holdout" shrinks the weights
+    towards uniform as far as their gain does not carry over to held-out learning queries (`gradtrace.weights.guard`);
+    "none" returns them as learned. Deterministic for given inputs and `seed`.
     """
     if not isinstance(fitted, FittedMethod):
         raise UserError(f"fitted must be a FittedMethod (from a method's .fit), got {type(fitted).__name__}")

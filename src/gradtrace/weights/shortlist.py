@@ -6,17 +6,18 @@ each query keeps a shortlist of s = 4k candidates (its top-k and its best under 
 and under those weights extrapolated to the next check, their contributions copied in float64), and a
 step scores only those, in float64. Every few steps (8, halved after a miss down to 2, doubled after a
 clean check) and before every pool refresh, the candidates outside the shortlist are scored at every
-step since the shortlist was chosen, in one float32 product (M × T weights against the whole pool), and
-those within float32 rounding of a step's k-th score again in float64. A candidate above a step's k-th score is a miss: the caller rolls back to that step (as for
-a pool miss, `lazy.LazyPool`), where the shortlist is chosen anew. So every step selects the top-k of
-all its candidates, scored in float64 from their float32 contributions, as if it had scored the pool.
+step since the shortlist was chosen, in one float32 product (M × T weights against the whole pool), and those within
+float32 rounding of a step's k-th score again in float64. A candidate above a step's k-th score is a miss: the caller
+rolls back to that step (as for a pool miss, `lazy.LazyPool`), where the shortlist is chosen anew. So every step
+selects the top-k of all its candidates, scored in float64 from their float32 contributions, as if it had scored the
+pool.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from gradtrace.weights.kernels import U32
+from gradtrace.weights.psi_passes import U32
 
 PER_K = 4          # shortlist size: 4k candidates per query
 MIN_INTERVAL = 2   # steps between checks: halved after a miss down to this, doubled after a clean check ...

@@ -18,16 +18,14 @@ import numpy as np
 import torch
 
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, OutputGrid
-from gradtrace.adapters.causal_lm.folder import (Base, files_state, is_lm_folder, is_peft_folder, load_base,
-                                                 peft_base)
+from gradtrace.adapters.causal_lm.folder import Base, files_state, is_lm_folder, is_peft_folder, load_base, peft_base
 from gradtrace.adapters.causal_lm.groups import PRESETS, block_key
 from gradtrace.adapters.causal_lm.influence import linear_twin
 from gradtrace.adapters.causal_lm.model import CausalLM, attach_lora, load_lora, lora_config_of, prepared_lm
 from gradtrace.adapters.causal_lm.objective import MEASUREMENTS, LMObjective, sequence_losses
 from gradtrace.adapters.causal_lm.tokens import check_seq_len, tokenize
 from gradtrace.adapters.causal_lm.train import TrainConfig, train_lm
-from gradtrace.adapters.checkpoint import (FORMAT, model_fingerprint, read_manifest, start_checkpoint,
-                                           write_manifest)
+from gradtrace.adapters.checkpoint import FORMAT, model_fingerprint, read_manifest, start_checkpoint, write_manifest
 from gradtrace.adapters.loop import select_rows
 from gradtrace.data.sources import Examples, open_dataset
 from gradtrace.data.text import TextDataset

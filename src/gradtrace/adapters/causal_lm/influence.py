@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from gradtrace.features.kron_projection import is_transposed_linear
+from gradtrace.adapters.layers import is_transposed_linear
 
 
 def as_linear(conv1d: nn.Module) -> nn.Linear:
@@ -35,7 +35,7 @@ def as_linear(conv1d: nn.Module) -> nn.Linear:
 
 
 def linear_twin(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every Conv1D whose weight is trainable replaced by `as_linear` of it (module docstring)."""
+    """A copy of `model` with every trainable Conv1D replaced by `as_linear` of it (module docstring)."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
         if name and is_transposed_linear(module) and module.weight.requires_grad:

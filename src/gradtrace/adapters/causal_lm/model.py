@@ -86,7 +86,8 @@ def lora_config_of(folder) -> dict:
     try:
         cfg = PeftConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the peft adapter config in {folder} ({exc}); pass a LoRA adapter folder") from None
+        raise UserError(f"cannot read the peft adapter config in {folder} ({exc}); "
+                        "pass a LoRA adapter folder") from None
     if getattr(cfg, "peft_type", None) is None or str(cfg.peft_type).split(".")[-1] != "LORA":
         raise UserError(f"{folder} holds a {cfg.peft_type} adapter; gradtrace attributes LoRA adapters")
     targets = cfg.target_modules

@@ -19,8 +19,14 @@ from tqdm.auto import tqdm
 
 from gradtrace.adapters.classifier.configs import check_model_config
 from gradtrace.adapters.classifier.models import build_model
-from gradtrace.adapters.loop import (batch_stream, config_from_dict, optimizer_step, select_rows, stream_generators,
-                                     warmup_cosine)
+from gradtrace.adapters.loop import (
+    batch_stream,
+    config_from_dict,
+    optimizer_step,
+    select_rows,
+    stream_generators,
+    warmup_cosine,
+)
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
 

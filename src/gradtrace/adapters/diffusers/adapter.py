@@ -20,9 +20,17 @@ from safetensors.torch import load_file, save
 
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, OutputGrid
 from gradtrace.adapters.checkpoint import CONFIG, read_manifest, start_checkpoint, write_manifest
-from gradtrace.adapters.diffusers.folder import (Components, PixelComponents, files_state, is_bare_unet,
-                                                is_pipeline_folder, is_text_to_image, load_components,
-                                                load_pixel_components, text_ids)
+from gradtrace.adapters.diffusers.folder import (
+    Components,
+    PixelComponents,
+    files_state,
+    is_bare_unet,
+    is_pipeline_folder,
+    is_text_to_image,
+    load_components,
+    load_pixel_components,
+    text_ids,
+)
 from gradtrace.adapters.diffusers.latents import encode_latents, fit_resolution
 from gradtrace.adapters.diffusers.model import LORA_TARGETS, PixelDiffusion, TextToImage, lora_shape, peft_format
 from gradtrace.adapters.diffusers.objective import TextObjective
@@ -226,8 +234,10 @@ class DiffusersAdapter(ModelAdapter):
             rows = np.arange(len(ds)) if checkpoint.train_ids is None else ds.index_of(checkpoint.train_ids)
             return {"texts": [ds.metadata[int(r)]["text"] for r in rng.choice(rows, size=num)]}
         if aspect not in ds.attributes:
-            raise UserError(f"unknown aspect '{aspect}'; the training data's attributes are "
-                            f"{', '.join(ds.attributes) or 'none'}")
+            raise UserError(f"unknown aspect '{aspect}': the training data's attributes are "
+                            f"{', '.join(ds.attributes) or 'none'}, so no built-in prompts name it; write learning "
+                            f"prompts that name only the {aspect} (one per line) and pass --prompts FILE with "
+                            f"--aspect {aspect}")
         values = ds.attributes[aspect]
         texts = [aspect_caption(dataset["source"]["spec"], aspect, values[int(i)])
                  for i in rng.permutation(np.arange(num) % len(values))]

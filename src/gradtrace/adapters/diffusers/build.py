@@ -4,6 +4,7 @@
     components = build_components(captions, image_size=16, seed=0)
     # {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
     #  "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}
+    save_pipeline(components, out)      # one StableDiffusionPipeline folder (after `pretrain.pretrain`)
 
 The tokenizer is a real `transformers.CLIPTokenizer` whose byte-pair vocabulary is built from the captions: every
 lower-cased caption word is one token, and any other text still tokenizes (into its characters). The weights are
@@ -17,11 +18,12 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import SafetensorError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gradtrace.errors import UserError
-from gradtrace.io import derive_seed
+from gradtrace.io import derive_seed, os_error_of
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END = "</w>"  # CLIP's BPE marks the last symbol of a word with this suffix
@@ -203,3 +205,17 @@ def build_components(captions: list[str], *, image_size: int = 16, channels: int
     text_encoder = _seeded(seed, 3, lambda: CLIPTextModel(text_config(tokenizer)))
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "scheduler": make_scheduler()}
+
+
+def save_pipeline(components: dict, out: Path) -> None:
+    """Save the components as one `StableDiffusionPipeline` folder at `out` (`save_pretrained`: model_index.json,
+    unet/, vae/, text_encoder/, tokenizer/ with CLIP's vocab.json and merges.txt, scheduler/)."""
+    pipe = StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                                   tokenizer=components["tokenizer"], unet=components["unet"],
+                                   scheduler=components["scheduler"], safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    try:
+        pipe.save_pretrained(out)
+    except SafetensorError as exc:  # diffusers writes weights with safetensors, whose I/O errors are not OSErrors
+        raise (os_error_of(exc, out) or exc) from None
+    save_vocab_files(components["tokenizer"], Path(out) / "tokenizer")

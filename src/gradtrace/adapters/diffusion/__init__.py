@@ -8,5 +8,5 @@ from gradtrace.adapters.diffusion.train import TrainConfig, train
 from gradtrace.adapters.diffusion.unet import DiffusionModel, build_model, make_scheduler
 
 __all__ = ["DiffusionModel", "DiffusionObjective", "MEASUREMENTS", "Measurement", "TinyUNetAdapter", "TrainConfig",
-           "build_model", "ddpm_cifar10_config", "default_model_config", "default_scheduler_config", "make_scheduler", "request_codes",
-           "sample", "train"]
+           "build_model", "ddpm_cifar10_config", "default_model_config", "default_scheduler_config", "make_scheduler",
+           "request_codes", "sample", "train"]

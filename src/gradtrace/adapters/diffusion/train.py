@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradtrace.adapters.diffusion.configs import check_model_config
+from gradtrace.adapters.diffusion.unet import DiffusionModel, build_model, make_scheduler
 from gradtrace.adapters.loop import batch_stream, optimizer_step, stream_generators, warmup_cosine
 from gradtrace.adapters.train_state import TrainState
 from gradtrace.errors import UserError
-from gradtrace.adapters.diffusion.configs import check_model_config
-from gradtrace.adapters.diffusion.unet import DiffusionModel, build_model, make_scheduler
 
 
 @dataclasses.dataclass

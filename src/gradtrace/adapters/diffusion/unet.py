@@ -20,8 +20,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch import nn
 from torch.nn import functional as F
 
-from gradtrace.errors import UserError
 from gradtrace.adapters.diffusion.configs import check_model_config, validate_attributes
+from gradtrace.errors import UserError
 
 
 class DiffusionModel(nn.Module):

@@ -9,9 +9,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from gradtrace.errors import UserError
-from gradtrace.evaluate.detection import (bilinear_self_influence, detection_table, flip_labels, roc_auc, top_count,
-                                          top_found)
+from gradtrace.evaluate.flips import bilinear_self_influence, flip_labels
 from gradtrace.methods import configure
+from gradtrace.metrics.detection import detection_table, roc_auc, top_count, top_found
 
 SLICES = [("a", 0, 5), ("b", 5, 8), ("c", 8, 14)]
 

@@ -1,4 +1,4 @@
-"""Dense kernels of the lazy scalable learner: ΨᵀΨ, all G_q, the streamed top-C pass, thread counts.
+"""The dense passes over Ψ of the lazy scalable learner: ΨᵀΨ, all G_q, the streamed top-C pass.
 
 On CPU the products are float32 BLAS calls through numpy (numpy's `xᵀx` is a symmetric rank-k update,
 half the flops of a general product; torch's CPU matmul was slower here), with float64 accumulation
@@ -10,15 +10,13 @@ Float32 rounding: a float32 dot product of length d has error ≤ γ_d Σ_a |x_a
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
 
 from gradtrace.methods.checks import raise_if_nonfinite
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.weights.noise import PsiStats, group_starts
+from gradtrace.weights.threads import threads
 
 U32 = 2.0 ** -24
 
@@ -159,24 +157,3 @@ def top_pass(source: PsiSource, qw: np.ndarray, take: int, *, progress: bool = F
     vals, pos = torch.sort(vals, dim=1, descending=True)
     idx = torch.gather(idx, 1, pos)
     return idx.cpu().numpy(), vals.cpu().numpy()
-
-
-_CONTROLLER: list = []  # the ThreadpoolController, made on first use (it inspects the loaded libraries)
-
-
-@contextlib.contextmanager
-def threads(n: int | None):
-    """Context: torch and the BLAS libraries numpy loaded run on `n` threads (restored on exit; None: as they are)."""
-    if n is None:
-        yield
-        return
-    if not _CONTROLLER:
-        _CONTROLLER.append(ThreadpoolController())
-    torch_before = torch.get_num_threads()
-    limit = _CONTROLLER[0].limit(limits=int(n), user_api="blas")
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(torch_before)
-        limit.restore_original_limits()

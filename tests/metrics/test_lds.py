@@ -6,14 +6,12 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from gradtrace.errors import UserError
-from gradtrace.evaluate.lds import (bootstrap_ci, lds, lds_per_query, subset_mask, subset_predictions,
-                                    summarize)
 from gradtrace.adapters.base import GT_STREAM
 from gradtrace.adapters.diffusion.outputs import query_losses
+from gradtrace.errors import UserError
 from gradtrace.evaluate.outputs import OutputGrid
 from gradtrace.evaluate.subsets import draw_subsets, load_subsets, save_subsets
-
+from gradtrace.metrics.lds import bootstrap_ci, lds, lds_per_query, subset_mask, subset_predictions, summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch single-threaded for this module
 

@@ -17,8 +17,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from gradtrace.errors import UserError
-
-N_BOOTSTRAP = 1000
+from gradtrace.metrics.stats import N_BOOTSTRAP, bootstrap_ci
 
 
 def subset_mask(subsets: np.ndarray, train_ids) -> np.ndarray:
@@ -100,17 +99,6 @@ def summarize(per_query: np.ndarray, *, query_ids=None, n_bootstrap: int = N_BOO
         lo, hi = bootstrap_ci(values, n_bootstrap=n_bootstrap, seed=seed)
         doc["ci95"] = [lo, hi]
     return doc
-
-
-def bootstrap_ci(values: np.ndarray, *, n_bootstrap: int = N_BOOTSTRAP, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean: resample `values` with replacement `n_bootstrap` times."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(int(seed))
-    idx = rng.integers(0, len(values), size=(int(n_bootstrap), len(values)))
-    means = values[idx].mean(1)
-    alpha = (1.0 - level) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 def lds(scores: np.ndarray, mask: np.ndarray, targets: np.ndarray, *, query_ids=None, seed: int = 0,

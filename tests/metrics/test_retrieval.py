@@ -1,4 +1,4 @@
-"""gradtrace.evaluate.retrieval: Recall@k and AP against hand-computed examples and scikit-learn."""
+"""gradtrace.metrics.retrieval: Recall@k and AP against hand-computed examples and scikit-learn."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,14 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from gradtrace.errors import UserError
-from gradtrace.evaluate.retrieval import (average_precision, mean_average_precision, ranking, recall_at_k,
-                                          retrieval_summary, shared_value_relevance)
+from gradtrace.metrics.retrieval import (
+    average_precision,
+    mean_average_precision,
+    ranking,
+    recall_at_k,
+    retrieval_summary,
+    shared_value_relevance,
+)
 
 # Two queries over 6 items. Query 0 ranks items 3,1,5,0,2,4 and items {1,2} are relevant:
 # top-2 = {3,1} -> 1 hit / min(2, 2) = 0.5; top-4 = {3,1,5,0} -> 1 / 2 = 0.5.
@@ -104,7 +110,7 @@ def test_bad_inputs_are_refused():
 
 
 def test_label_relevance_matches_strings_and_leaves_unset_queries_undefined():
-    from gradtrace.evaluate.retrieval import label_relevance
+    from gradtrace.metrics.retrieval import label_relevance
 
     rel = label_relevance(["a", None, "b"], ["b", "a", None, "a"])
     np.testing.assert_array_equal(rel, [[False, True, False, True], [False] * 4, [True, False, False, False]])
@@ -112,7 +118,7 @@ def test_label_relevance_matches_strings_and_leaves_unset_queries_undefined():
 
 
 def test_paired_difference_by_hand():
-    from gradtrace.evaluate.retrieval import bootstrap_mean, paired_difference
+    from gradtrace.metrics.retrieval import bootstrap_mean, paired_difference
 
     a = np.array([0.1, 0.5, np.nan, 0.2, 0.4])
     b = np.array([0.3, 0.9, 0.7, 0.6, np.nan])

@@ -17,9 +17,9 @@ import numpy as np
 
 from gradtrace.errors import UserError
 from gradtrace.evaluate.eval_lds import PLOT, RESULT, finished_retraining, targets_from_outputs
-from gradtrace.evaluate.lds import lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs
 from gradtrace.io import check_can_write, command_line, read_json, sha256_arrays, versions, write_json_atomic
+from gradtrace.metrics.lds import lds, lds_per_query, subset_mask, subset_predictions, summarize
 from gradtrace.report.lds import plot_per_group
 
 ARRAYS = ("scores.npy", "train_ids.npy", "query_ids.npy")
@@ -44,7 +44,7 @@ def read_attributions(folder) -> Attributions:
     path = Path(folder)
     file = path / "attributions.json"
     if not file.is_file():
-        raise UserError(f"{path} has no attributions.json; pass the output folder of attribute-ekfac")
+        raise UserError(f"{path} has no attributions.json; pass the output folder of `attribute --method ekfac`")
     doc = read_json(file, "attributions file")
     manifest = doc.get("manifest") if isinstance(doc, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":

@@ -1,0 +1,94 @@
+"""The one line (or table) each command prints about its result: `say(result, spec)`.
+
+Loaded after a command has run (it imports the evaluation modules whose tables it prints), so the CLI's start-up
+does not pay for it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT, counterfactual_table
+from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
+from gradtrace.evaluate.eval_retrieval import RESULT as RETRIEVAL_RESULT, TABLE as RETRIEVAL_TABLE
+from gradtrace.evaluate.mislabel import RESULT as MISLABEL_RESULT, mislabel_table
+from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
+
+
+def train(path, spec) -> str:
+    return f"checkpoint: {path}"
+
+
+def sample(path, spec) -> str:
+    return f"samples: {path}"
+
+
+def featurize(store, spec) -> str:
+    line = f"features: {store.path} ({store.features.shape[0]} x {store.features.shape[1]})"
+    if not store.complete:  # a rank whose share is done while other ranks still write
+        line += (f"; {len(store.missing_chunks())} chunks left to other ranks (the last to finish completes the "
+                 "store; rerun the same command if one was stopped)")
+    return line
+
+
+def attribute(doc, spec) -> str:
+    return f"attributions: {Path(spec.out) / 'attributions.json'}"
+
+
+def weights(result, spec) -> str:
+    path, doc = result
+    prov = doc["provenance"]
+    top = sorted(doc["weights"].items(), key=lambda kv: -kv[1])[:5]
+    return (f"weights: {path} (loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
+            + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
+
+
+def build(path, spec) -> str:
+    return f"pipeline: {path}"
+
+
+def build_lm(path, spec) -> str:
+    return f"model: {path}"
+
+
+def report(path, spec) -> str:
+    return f"report: {path}"
+
+
+def demo(summary, spec) -> str:
+    return "demo: " + ", ".join(str(v) for v in summary["outputs"].values())
+
+
+def retrain(res, spec) -> str:
+    line = f"retraining: {res['out']} ({res['finished']}/{res['models']} models finished"
+    if res.get("world", 1) > 1:
+        line += f"; rank {res['rank']}/{res['world']} trained {res['trained']}"
+    return line + ")"
+
+
+def lds(doc, spec) -> str:
+    r = doc["lds"]
+    if r["warning"]:
+        print(f"gradtrace eval lds: warning: {r['warning']}", file=sys.stderr)
+    mean = "undefined" if r["mean"] is None else f"{r['mean']:.4f}"
+    ci = "" if r["ci95"][0] is None else f" [95% CI {r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]"
+    undef = f", {r['n_undefined']} undefined" if r["n_undefined"] else ""
+    return f"LDS {mean}{ci} over {r['n_defined']} queries{undef}: {Path(spec.out) / LDS_RESULT}"
+
+
+def counterfactual(doc, spec) -> str:
+    if not doc.get("finished"):
+        return f"counterfactual: {len(doc['missing'])} models still to train; rerun the same command"
+    return f"{counterfactual_table(doc)}\ncounterfactual: {Path(spec.out) / COUNTERFACTUAL_RESULT}"
+
+
+def mislabel(doc, spec) -> str:
+    return f"{mislabel_table(doc)}\nmislabel: {Path(spec.out) / MISLABEL_RESULT}"
+
+
+def tail_patch(doc, spec) -> str:
+    return f"{tail_patch_table(doc)}\ntail-patch: {Path(spec.out) / TAIL_PATCH_RESULT}"
+
+
+def retrieval(doc, spec) -> str:
+    return f"{(Path(spec.out) / RETRIEVAL_TABLE).read_text()}retrieval: {Path(spec.out) / RETRIEVAL_RESULT}"

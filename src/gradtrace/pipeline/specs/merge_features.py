@@ -1,0 +1,21 @@
+"""The merge-features stage's spec: the partial stores of a job's machines and the merged store."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradtrace.errors import UserError
+from gradtrace.pipeline.spec import Spec, option
+
+
+@dataclass
+class MergeFeaturesSpec(Spec):
+    shard: list = option([], "a partial feature store (repeat: one per machine of the job)", append=True,
+                         metavar="DIR")
+    out: str = option(None, "the merged feature store", required=True)
+
+    def validate(self) -> None:
+        if len(self.shard) < 1:
+            raise UserError("pass at least one --shard DIR (the feature store directory of each machine)")
+        if Path(self.out).resolve() in {Path(s).resolve() for s in self.shard}:
+            raise UserError("--out must be a new directory, not one of the shards")
