@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures.unet import build_featurizer, featurize_unet, random_inputs, tiny_model
 from gradtrace.adapters.diffusion.measure import band_timesteps, example_noise, timestep_grid
 from gradtrace.cli import main
 from gradtrace.errors import UserError
 from gradtrace.features.featurize import FeatureSpec
 from gradtrace.features.store import FeatureStore
-from fixtures.unet import build_featurizer, featurize_unet, random_inputs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T, N_BANDS = 6, 3

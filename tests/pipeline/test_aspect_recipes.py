@@ -74,7 +74,8 @@ def test_family_objective_from_the_cli(run):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["featurize", "--condition-on", "colour", *FEAT], "the model's attributes are subject, style, background; pick one (or none)"),
+    (["featurize", "--condition-on", "colour", *FEAT],
+     "the model's attributes are subject, style, background; pick one (or none)"),
     (["learn-weights", "--objective", "family", "--generate", "4"], "needs --family COLUMN"),
     (["learn-weights", "--objective", "family", "--family", "style", "--guard", "holdout", "--generate", "4"],
      "works with --objective snr only"),

@@ -23,10 +23,15 @@ import numpy as np
 from gradtrace.data.base import row_index, row_positions
 from gradtrace.data.sources import open_dataset, samples_examples
 from gradtrace.errors import UserError
-from gradtrace.metrics.retrieval import (average_precision, bootstrap_mean, label_relevance, paired_difference,
-                                          recall_at_k)
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import check_can_write, command_line, read_json, versions, write_json_atomic
+from gradtrace.metrics.retrieval import (
+    average_precision,
+    bootstrap_mean,
+    label_relevance,
+    paired_difference,
+    recall_at_k,
+)
 
 RESULT = "retrieval.json"
 TABLE = "retrieval.md"

@@ -300,7 +300,8 @@ def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods
     learn_ex = adapter.examples(recipe.model_config, l_source, ids=l_ids)
     settings = {"run_fingerprint": recipe.fingerprint, "train_ids_sha256": sha256_arrays([train_ex.ids]),
                 "fraction": fraction, "flip_seed": int(flip_seed), "labels_sha256": sha256_arrays([noisy]),
-                "features": spec_record(spec), "learning_source": l_source, "learning_ids_sha256": sha256_arrays([l_ids])}
+                "features": spec_record(spec), "learning_source": l_source,
+                "learning_ids_sha256": sha256_arrays([l_ids])}
     open_workdir(out, settings)
     if not (out / FLIPS).exists():
         rows = np.flatnonzero(flipped)
