@@ -46,6 +46,10 @@ CASES = [
      "--out {new}", "--lr must be a positive number"),
     ("eval-cf-top-k", "eval counterfactual --run {ckpt} --train-features {train} --queries {queries} --top-k x "
      "--out {new}", "invalid int value"),
+    ("eval-retrieval-k", "eval retrieval --attributions {new} --labels subject --k 0 --out {new}",
+     "--k must be positive integers"),
+    ("eval-retrieval-no-run", "eval retrieval --attributions {new} --labels subject --out {new}",
+     "has no attributions.json"),
     ("eval-nothing", "eval", "required"),
     ("attribute-ekfac-c", "attribute-ekfac --checkpoint {ckpt} --ids {far_ids} --lambda-c -1 --out {new}",
      "--lambda-c must be a number"),

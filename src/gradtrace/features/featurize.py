@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, Objective
 from gradtrace.errors import UserError
+from gradtrace.features.bands import BandedFeaturizer, BandedObjective
 from gradtrace.features.gradients import GradientFeaturizer
 from gradtrace.features.groups import make_groups
 from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProjector
@@ -38,6 +39,7 @@ class FeatureSpec:
     chunk_rows: int = 64
     dtype: str = "float32"  # storage: float32 | float16 | bfloat16 (scoring upcasts chunks to float32)
     precision: str = "float32"  # compute: float32 | bfloat16 forward and backward (gradients reach float32)
+    timestep_bands: int | None = None  # diffusion: one block per (group × band of timesteps); None = no bands
 
     def __post_init__(self) -> None:
         if self.total_dim is None:
@@ -50,16 +52,27 @@ def build_featurizer(model: torch.nn.Module, objective: Objective, spec: Feature
 
     `preset_key` / `adapter_presets`: the adapter's own group presets (see `make_groups`)."""
     groups = make_groups(model, spec.groups, preset_key, adapter_presets)
+    if spec.timestep_bands is not None:  # one featurizer per band, all sharing the groups' projections
+        bands = objective.timestep_bands(spec.timestep_bands)
+        first, _ = _featurizer(model, bands[0][1], spec, groups)
+        parts = [first] + [_featurizer(model, obj, spec, groups, first.projector)[0] for _, obj in bands[1:]]
+        return BandedFeaturizer(parts, [name for name, _ in bands], BandedObjective(objective, bands)), groups
+    return _featurizer(model, objective, spec, groups)
+
+
+def _featurizer(model, objective, spec: FeatureSpec, groups, projector=None):
     if spec.projection == KRONECKER:
         if spec.precision != "float32":
             raise UserError("the kronecker projection computes in float32; drop --dtype or use --projection "
                             "rademacher")
-        projector = KroneckerProjector.create(model, groups, total_dim=spec.total_dim, seed=spec.projection_seed)
+        if projector is None:
+            projector = KroneckerProjector.create(model, groups, total_dim=spec.total_dim, seed=spec.projection_seed)
         return KroneckerFeaturizer(model, objective, groups, projector), groups
-    named = dict(model.named_parameters())
-    sizes = [sum(named[p].numel() for p in g.params) for g in groups]
-    projector = GroupProjector.create(spec.projection, [g.name for g in groups], sizes,
-                                      total_dim=spec.total_dim, seed=spec.projection_seed)
+    if projector is None:
+        named = dict(model.named_parameters())
+        sizes = [sum(named[p].numel() for p in g.params) for g in groups]
+        projector = GroupProjector.create(spec.projection, [g.name for g in groups], sizes,
+                                          total_dim=spec.total_dim, seed=spec.projection_seed)
     return GradientFeaturizer(model, objective, groups, projector, precision=spec.precision), groups
 
 
@@ -87,11 +100,20 @@ def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
     settings = {"model_fingerprint": model_fingerprint, "groups_spec": spec.groups, "groups": slices,
                 "projection": featurizer.projector.info(), "measurement": featurizer.objective.info(),
                 "dtype": spec.dtype, "precision": spec.precision, "dim": start, "chunk_rows": int(spec.chunk_rows),
-                "source": source, "spec": asdict(spec)}
+                "source": source, "spec": spec_record(spec)}
     scale_info = featurizer.objective.row_scale_info()
     if scale_info is not None:
         settings["row_scale"] = scale_info
     return settings
+
+
+def spec_record(spec: FeatureSpec) -> dict:
+    """The spec as a store records it; without bands, exactly as before bands existed (so stores made by earlier
+    versions are reopened and resumed as the same settings)."""
+    record = asdict(spec)
+    if record.get("timestep_bands") is None:
+        del record["timestep_bands"]
+    return record
 
 
 def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, cond=None,

@@ -17,6 +17,7 @@ from gradtrace.data.sources import load_source
 from gradtrace.errors import UserError
 from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT
 from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
+from gradtrace.evaluate.eval_retrieval import RESULT as RETRIEVAL_RESULT
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import atomic_write, command_line, read_json
 from gradtrace.methods import get_method, known_methods
@@ -114,6 +115,7 @@ def report_run(spec: ReportSpec, *, progress: bool = True) -> Path:
     lds = [_json(d, LDS_RESULT, "`gradtrace eval lds`", "lds") for d in spec.lds]
     counterfactual = [_json(d, COUNTERFACTUAL_RESULT, "`gradtrace eval counterfactual`", "summary")
                       for d in spec.counterfactual]
+    retrieval = [_json(d, RETRIEVAL_RESULT, "`gradtrace eval retrieval`", "runs") for d in spec.retrieval]
     unfinished = [str(p) for p, d in counterfactual if not d.get("finished")]
     if unfinished:
         raise UserError(f"counterfactual retraining in {unfinished[0]} is not finished; rerun its command first")
@@ -131,12 +133,16 @@ def report_run(spec: ReportSpec, *, progress: bool = True) -> Path:
     if counterfactual:
         body.append(sections.counterfactual_section(counterfactual))
         nav.append(("counterfactual", "counterfactual"))
+    if retrieval:
+        body.append(sections.retrieval_section(retrieval))
+        nav.append(("retrieval", "retrieval"))
     manifest = {"format": "gradtrace-report", "format_version": 1, "gradtrace": __version__,
                 "command": command_line(), "spec": spec.to_dict(),
                 "inputs": {"attributions": [str(r.path.resolve()) for r in runs],
                            "weights": [str(p.resolve()) for p, _ in weights],
                            "lds": [str(p.resolve()) for p, _ in lds],
-                           "counterfactual": [str(p.resolve()) for p, _ in counterfactual]}}
+                           "counterfactual": [str(p.resolve()) for p, _ in counterfactual],
+                           "retrieval": [str(p.resolve()) for p, _ in retrieval]}}
     body.append('<section id="made-by"><h2>How this page was made</h2>' + html.facts("manifest", manifest)
                 + '<script type="application/json" id="gradtrace-manifest">'
                 + json.dumps(manifest).replace("</", "<\\/") + "</script></section>")
