@@ -27,7 +27,7 @@ from gradtrace.attribution.scoring import Scored
 from gradtrace.data.sources import example_sources
 from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import command_line, versions, write_json_atomic
+from gradtrace.io import check_finite, command_line, versions, write_json_atomic
 from gradtrace.methods.trak import has_dual_blocks
 
 FORMAT = "gradtrace-attributions"
@@ -161,6 +161,9 @@ def write_contribution_attributions(contrib: np.ndarray, weights, *, train_ids, 
 
 def _write_set(out: Path, arrays: dict[str, np.ndarray], doc: dict) -> None:
     """Every file into a staging folder in `out`, then renamed into place with attributions.json last."""
+    for name, arr in arrays.items():  # before anything is staged: a refused set leaves the previous one as it was
+        check_finite(arr, f"attribute ({name})", "NaN/Inf features or weights, or a kernel too ill-conditioned for "
+                     "the chosen --lambda-c (raise it)")
     out.mkdir(parents=True, exist_ok=True)
     stage = out / f".attributions-{os.getpid()}.tmp"
     shutil.rmtree(stage, ignore_errors=True)
