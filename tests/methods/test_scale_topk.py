@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gradtrace.errors import UserError
-from gradtrace.features.store import FeatureStore, decode_bfloat16, encode_rows
+from gradtrace.features.row_encoding import decode_bfloat16, encode_rows
+from gradtrace.features.store import FeatureStore
 from gradtrace.methods import FittedMethod, get_method
 
 SLICES = [("a", 0, 8), ("b", 8, 20), ("c", 20, 24)]

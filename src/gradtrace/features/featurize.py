@@ -21,7 +21,8 @@ from gradtrace.features.kronecker import KroneckerFeaturizer
 from gradtrace.features.numerics import current
 from gradtrace.features.progress import is_progress_file
 from gradtrace.features.projection import DEFAULT_PROJECTION, GroupProjector, default_dim
-from gradtrace.features.store import OWN_FILES, FeatureStore, storage_dtype
+from gradtrace.features.row_encoding import storage_dtype
+from gradtrace.features.store import OWN_FILES, FeatureStore
 from gradtrace.ranks import rank_and_world
 
 

@@ -32,6 +32,7 @@ from gradtrace.errors import UserError
 from gradtrace.features.locks import create_lock, writer_locks
 from gradtrace.features.numerics import check_not_mixed, distinct
 from gradtrace.features.progress import ChunkProgress, digest, is_progress_file
+from gradtrace.features.row_encoding import Bfloat16Rows, encode_rows, storage_dtype
 from gradtrace.io import check_finite, check_match, check_unique_ids, jsonable, read_json, versions, write_json_atomic
 
 FORMAT = "gradtrace-features"
@@ -41,7 +42,6 @@ ROW_SCALE = "row_scale.npy"  # (N,) float64 per-example factor of a method (sett
 # Settings that must agree between training features and query features to score one against the other.
 COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtype", "precision")
 COMPAT_DEFAULTS = {"precision": "float32"}  # stores written before the key existed
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 CACHE = ".gradtrace-cache"
 FEATURE_CAUSE = ("the model's gradients overflowed: a diverged checkpoint, inputs outside the model's range, or "
                  "half-precision activations out of range (featurize with --dtype float32)")
@@ -347,57 +347,6 @@ def cache_dir_for(store_path) -> Path:
     """Where derived inputs of a store's examples (e.g. VAE latents) are cached: beside the store, shared by
     the stores of one directory."""
     return Path(store_path).resolve().parent / CACHE
-
-
-def storage_dtype(name: str) -> np.dtype:
-    """The numpy dtype features.npy holds for a settings dtype (bfloat16 as raw uint16 bits)."""
-    if name not in DTYPES:
-        raise UserError(f"unknown feature storage dtype '{name}'; use one of {', '.join(DTYPES)}")
-    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[name])
-
-
-def encode_rows(block: np.ndarray, name: str) -> np.ndarray:
-    """float32 rows → the storage representation (float16 refuses values beyond its range)."""
-    block = np.asarray(block, dtype=np.float32)
-    if name == "float16":
-        peak = float(np.abs(block).max(initial=0.0))
-        if peak > FLOAT16_MAX:
-            raise UserError(f"a feature value ({peak:.3g}) exceeds the float16 range; store with dtype "
-                            f"bfloat16 or float32")
-        return block.astype(np.float16)
-    if name == "bfloat16":  # round to nearest even on the upper 16 bits
-        bits = block.view(np.uint32)
-        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-        return (rounded >> np.uint32(16)).astype(np.uint16)
-    return block
-
-
-def decode_bfloat16(bits: np.ndarray) -> np.ndarray:
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-class Bfloat16Rows:
-    """Read-only (N, k) view of bfloat16 features (uint16 bits on disk); indexing decodes to float32.
-
-    Indexing rows (`x[a:b]`) reads and decodes only those rows; `np.asarray(x)` decodes everything.
-    """
-
-    ndim = 2
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, raw: np.ndarray):
-        self.raw = raw
-        self.shape = tuple(raw.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key) -> np.ndarray:
-        return decode_bfloat16(self.raw[key])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = decode_bfloat16(self.raw)
-        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def remove_store(path) -> None:
