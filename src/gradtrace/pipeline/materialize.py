@@ -47,6 +47,9 @@ def write_lm(model, tokenizer, folder: Path) -> Path:
     """`save_pretrained` of the model and its tokenizer into `folder` (written beside, then moved in place)."""
     if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
         raise UserError("a causal LM needs its tokenizer: Tracer(model, tokenizer=tokenizer, ...)")
+    from gradtrace.adapters.causal_lm.folder import quiet_transformers
+
+    quiet_transformers()
     part = _fresh(folder.with_name(folder.name + ".partial"))
     model.save_pretrained(part, safe_serialization=True)
     tokenizer.save_pretrained(part)
@@ -114,17 +117,17 @@ def as_hf_dataset(data):
 
 def write_dataset(ds, folder: Path, progress: bool = True) -> Path:
     """`ds.save_to_disk` into `folder` (written beside, then moved in place)."""
-    from datasets.utils import tqdm as bars
+    from datasets.utils import logging as bars
 
     part = _fresh(folder.with_name(folder.name + ".partial"))
-    was_off = bars.are_progress_bars_disabled()
+    was_off = not bars.is_progress_bar_enabled()
     if not progress:
-        bars.disable_progress_bars()
+        bars.disable_progress_bar()
     try:
         ds.save_to_disk(str(part))
     finally:
         if not progress and not was_off:
-            bars.enable_progress_bars()
+            bars.enable_progress_bar()
     return _move(part, folder)
 
 

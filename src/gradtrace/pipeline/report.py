@@ -43,13 +43,20 @@ def _json(folder: str, name: str, what: str, key: str) -> tuple[Path, dict]:
     return file.parent, doc
 
 
-def load_run(folder: str) -> sections.Run:
-    """An attribute output folder with the examples its ids refer to, labelled by its weights."""
+def load_attributions(folder: str) -> tuple[Path, dict]:
+    """(folder, attributions document) of an attribute output folder, refusing anything else in one line."""
     path, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
     manifest = doc.get("manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
         raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; "
                         "pass an `attribute` output folder")
+    return path, doc
+
+
+def load_run(folder: str) -> sections.Run:
+    """An attribute output folder with the examples its ids refer to, labelled by its weights."""
+    path, doc = load_attributions(folder)
+    manifest = doc["manifest"]
     sources = {}
     for side, what in (("train", "training"), ("query", "query")):
         # methods that score the model directly (EK-FAC) record their sources, not feature stores
