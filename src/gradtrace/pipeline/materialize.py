@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from gradtrace.adapters import get_adapter
+from gradtrace.adapters.causal_lm.folder import quiet_transformers
 from gradtrace.adapters.checkpoint import model_fingerprint
 from gradtrace.errors import UserError
 
@@ -47,8 +48,6 @@ def write_lm(model, tokenizer, folder: Path) -> Path:
     """`save_pretrained` of the model and its tokenizer into `folder` (written beside, then moved in place)."""
     if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
         raise UserError("a causal LM needs its tokenizer: Tracer(model, tokenizer=tokenizer, ...)")
-    from gradtrace.adapters.causal_lm.folder import quiet_transformers
-
     quiet_transformers()
     part = _fresh(folder.with_name(folder.name + ".partial"))
     model.save_pretrained(part, safe_serialization=True)

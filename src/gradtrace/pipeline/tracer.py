@@ -20,6 +20,7 @@ import shutil
 from dataclasses import fields
 from pathlib import Path
 
+from gradtrace.data.hf import load_hf
 from gradtrace.errors import UserError
 from gradtrace.io import read_json, write_json_atomic
 from gradtrace.pipeline.attribute import attribute_run
@@ -83,8 +84,6 @@ class Tracer:
         if kind == "causal-lm":
             write_lm(model, how["tokenizer"], folder)
         else:
-            from gradtrace.data.hf import load_hf
-
             config = classifier_config(model, load_hf(f"hf:{self.data}"), how["factory"], how["kwargs"])
             write_classifier(model, config, folder)
         record.update(model_fingerprint=fingerprint, adapter=kind)
