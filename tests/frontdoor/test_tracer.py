@@ -70,6 +70,22 @@ def test_a_classifier_object_gives_the_clis_answer(tmp_path):
     assert_same(result, tmp_path / "store", ids, scores, fingerprint)
     assert result.images(result.query_ids[0])[0].size == (8, 8)
 
+    learning = digits_dataset(slice(86, 106))  # learned group weights, then attributed with them: the CLI's too
+    learning.save_to_disk(str(tmp_path / "learning"))
+    assert main(["featurize", "--checkpoint", str(tmp_path / "model"), "--data", f"hf:{tmp_path / 'learning'}",
+                 "--out", str(tmp_path / "cli" / "feat-learning"), *QUIET]) == 0
+    assert main(["learn-weights", "--train", str(tmp_path / "cli" / "feat-train"), "--queries",
+                 str(tmp_path / "cli" / "feat-learning"), "--steps", "20", "--out", str(tmp_path / "cli" / "w.json"),
+                 *QUIET]) == 0
+    assert main(["attribute", "--train", str(tmp_path / "cli" / "feat-train"), "--queries",
+                 str(tmp_path / "cli" / "feat-queries"), "--weights", str(tmp_path / "cli" / "w.json"), "--top-k",
+                 "4", "--no-report", "--out", str(tmp_path / "cli" / "weighted"), *QUIET]) == 0
+    weights = tracer.learn_weights(learning, steps=20)
+    weighted = tracer.attribute(queries, method="trak", top_k=4, weights=weights, out=tmp_path / "weighted")
+    for name in ("topk_ids.npy", "topk_scores.npy"):
+        np.testing.assert_array_equal(np.load(weighted.path / name), np.load(tmp_path / "cli" / "weighted" / name))
+    assert not np.array_equal(np.load(weighted.path / "topk_scores.npy"), scores)  # the weights changed the scores
+
 
 def test_a_causal_lm_object_gives_the_clis_answer_and_shares_the_folders_store(tmp_path):
     import datasets

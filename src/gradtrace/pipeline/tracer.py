@@ -131,6 +131,7 @@ class Tracer:
         out = Path(out) if out is not None else self.store / "attributions" / f"{query_store.parent.name}-{method}"
         if out.exists() and self.overwrite:
             shutil.rmtree(out)
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}  # a weights file path
         spec = AttributeSpec(train=str(train), queries=str(query_store), out=str(out), method=method, top_k=top_k,
                              **options)
         attribute_run(spec, progress=self.progress)
