@@ -13,22 +13,29 @@ records it beside what it wrote and refuses other weights in the same store.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
+from safetensors.torch import save
 from torch import nn
 
 from gradtrace.adapters import get_adapter
 from gradtrace.adapters.causal_lm.folder import quiet_transformers
 from gradtrace.adapters.checkpoint import model_fingerprint
 from gradtrace.errors import UserError
+from gradtrace.io import write_bytes_atomic
 
-SUPPORTED = ("a transformers causal LM (AutoModelForCausalLM) with its tokenizer, a torch nn.Module image classifier, "
-             "or a checkpoint folder")
+SUPPORTED = ("a diffusers text-to-image pipeline (its UNet LoRA included), a transformers causal LM "
+             "(AutoModelForCausalLM) with its tokenizer, a torch nn.Module image classifier, or a checkpoint folder")
 
 
 def model_kind(model) -> str:
-    """The adapter name of an in-memory model ("causal-lm" or "classifier"); anything else is refused."""
+    """The adapter name of an in-memory model ("diffusers", "causal-lm" or "classifier"); anything else is
+    refused."""
+    if type(model).__module__.startswith("diffusers.") and hasattr(model, "components") and \
+            hasattr(model, "save_pretrained"):
+        return "diffusers"
     if isinstance(model, nn.Module) and hasattr(model, "save_pretrained") and \
             getattr(getattr(model, "config", None), "model_type", None):
         if hasattr(model, "peft_config"):
@@ -40,8 +47,47 @@ def model_kind(model) -> str:
     raise UserError(f"gradtrace cannot attribute a {type(model).__module__}.{type(model).__name__}; pass {SUPPORTED}")
 
 
-def object_fingerprint(model: nn.Module) -> str:
-    return model_fingerprint(model)
+def object_fingerprint(model) -> str:
+    """Over the parameters of the model, or of every module of a pipeline (named by component)."""
+    if isinstance(model, nn.Module):
+        return model_fingerprint(model)
+    parts = sorted((name, part) for name, part in model.components.items() if isinstance(part, nn.Module))
+    return hashlib.sha256("".join(f"{name}:{model_fingerprint(part)}\n" for name, part in parts).encode()).hexdigest()
+
+
+def write_pipeline(pipe, base: Path, lora: Path, folder: Path) -> Path:
+    """A diffusers pipeline: `save_pretrained` into `base` (its UNet without LoRA layers); with a UNet LoRA, the
+    LoRA weights as diffusers saves them into `lora` and a gradtrace fine-tune of the base into `folder` (the
+    `import-lora` stage's); returns the checkpoint folder (`base` without a LoRA)."""
+    unet = pipe.unet
+    te = getattr(pipe, "text_encoder", None)
+    if getattr(te, "peft_config", None):
+        raise UserError("text-encoder LoRA is not attributed; fuse it into the text encoder first")
+    adapters = dict(getattr(unet, "peft_config", None) or {})
+    if len(adapters) > 1:
+        raise UserError(f"the UNet holds {len(adapters)} LoRA adapters ({', '.join(adapters)}); keep one "
+                        "(unet.delete_adapters) or fuse the others")
+    part = _fresh(base.with_name(base.name + ".partial"))
+    pipe.save_pretrained(part, safe_serialization=True)
+    if adapters:
+        state = {k.replace(".base_layer.", "."): v.detach().cpu().contiguous() for k, v in unet.state_dict().items()
+                 if ".lora_" not in k}
+        weights = next((part / "unet").glob("*.safetensors"))
+        write_bytes_atomic(weights, save(state, metadata={"format": "pt"}))
+    _move(part, base)
+    if not adapters:
+        return base
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    name, config = next(iter(adapters.items()))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=name))
+    part = _fresh(lora.with_name(lora.name + ".partial"))
+    type(pipe).save_lora_weights(save_directory=part, unet_lora_layers=layers, safe_serialization=True)
+    _move(part, lora)
+    part = _fresh(folder.with_name(folder.name + ".partial"))
+    get_adapter("diffusers").import_lora(base, lora, part, alpha=float(config.lora_alpha))
+    return _move(part, folder)
 
 
 def write_lm(model, tokenizer, folder: Path) -> Path:

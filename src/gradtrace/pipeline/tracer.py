@@ -35,6 +35,7 @@ from gradtrace.pipeline.materialize import (
     write_classifier,
     write_dataset,
     write_lm,
+    write_pipeline,
 )
 from gradtrace.pipeline.result import AttributionResult
 from gradtrace.pipeline.specs.attribute import AttributeSpec
@@ -76,17 +77,20 @@ class Tracer:
         kind = model_kind(model)
         folder = self.store / "model"
         fingerprint = object_fingerprint(model)
-        if folder.exists() and record.get("model_fingerprint") == fingerprint:
-            return folder
-        if folder.exists() and not self.overwrite:
+        written = self.store / record.get("checkpoint", folder.name)
+        if written.exists() and record.get("model_fingerprint") == fingerprint:
+            return written
+        if written.exists() and not self.overwrite:
             raise UserError(f"{self.store} holds features of other weights (the model's fingerprint differs); pass "
                             "overwrite=True to replace them, or use another store")
-        if kind == "causal-lm":
+        if kind == "diffusers":
+            folder = write_pipeline(model, self.store / "base", self.store / "lora", folder)
+        elif kind == "causal-lm":
             write_lm(model, how["tokenizer"], folder)
         else:
             config = classifier_config(model, load_hf(f"hf:{self.data}"), how["factory"], how["kwargs"])
             write_classifier(model, config, folder)
-        record.update(model_fingerprint=fingerprint, adapter=kind)
+        record.update(model_fingerprint=fingerprint, adapter=kind, checkpoint=folder.name)
         return folder
 
     def _write_data(self, data, folder: Path, record: dict, key: str) -> Path:
