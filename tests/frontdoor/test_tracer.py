@@ -105,7 +105,7 @@ def test_a_causal_lm_object_gives_the_clis_answer_and_shares_the_folders_store(t
     assert tracer.featurize().path == from_folder.path  # the same weights in memory: the folder's store, reused
     result = tracer.attribute(texts[26:], method="tracin", top_k=3)
     assert_same(result, store, ids, scores, fingerprint)
-    assert result.records()[0]["query_text"] == texts[26]
+    assert result.records()[0]["query_text"] == texts[26] and result.holds_texts
     html = result._repr_html_()
     assert all(r["train_text"].split()[0] in html for r in result.records())
 

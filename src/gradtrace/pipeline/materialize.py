@@ -1,6 +1,8 @@
 """In-memory models and data sets written in the layout the adapters and the data layer read, so the Python front
 door (`gradtrace.pipeline.tracer`) runs the same stages as the command line.
 
+- a diffusers text-to-image pipeline → `save_pretrained(STORE/base)` with its UNet's LoRA layers left out, and a
+  UNet LoRA saved as diffusers saves it (`save_lora_weights`) and imported as `gradtrace import-lora` does;
 - a transformers causal LM (`PreTrainedModel`) → `model.save_pretrained(dir)` + `tokenizer.save_pretrained(dir)`,
   the folder the `causal-lm` adapter loads;
 - any other `nn.Module` → a `classifier` checkpoint (safetensors + manifest) whose model config names the
@@ -8,7 +10,8 @@ door (`gradtrace.pipeline.tracer`) runs the same stages as the command line.
 - a `datasets.Dataset`, a list of texts, of PIL images or of (PIL image, label) pairs → `save_to_disk(dir)`,
   read back as `hf:dir`.
 
-`object_fingerprint(model)` is over the in-memory parameters (names, dtypes, shapes, bytes): the front door
+`object_fingerprint(model)` is over the in-memory parameters (names, dtypes, shapes, bytes; of each module of a
+pipeline): the front door
 records it beside what it wrote and refuses other weights in the same store.
 """
 from __future__ import annotations

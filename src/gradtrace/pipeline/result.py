@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gradtrace.data.registry import is_text_spec
 from gradtrace.errors import UserError
+from gradtrace.features.store import FeatureStore
 from gradtrace.pipeline.report import load_attributions, load_run
 from gradtrace.report import html, sections
+from gradtrace.report.attributions import is_text_store
 from gradtrace.report.figures import to_display
 
 SHOWN = 8  # queries drawn inline (the table has all)
@@ -97,7 +100,7 @@ class AttributionResult:
                 [_pil(run.train.images[tpos[int(t["train_id"])]]) for t in top])
 
     def _repr_html_(self) -> str:
-        if any(k.startswith("train_text") for k in (self.records() or [{}])[0]):
+        if self.holds_texts:
             return self._text_html()
         run = self.run
         shown = self.query_ids[:SHOWN]
@@ -105,6 +108,15 @@ class AttributionResult:
         note = f'<p class="note">{more} more queries in to_pandas() and the report.</p>' if more > 0 else ""
         return (f'<div class="gradtrace"><style>{scoped_css(html.CSS, ".gradtrace")}</style>'
                 + sections.query_sections([run], shown, list(self.doc["groups"])) + note + "</div>")
+
+    @property
+    def holds_texts(self) -> bool:
+        """True when the training examples are text documents (a language model's run): no images to show."""
+        train = self.doc["manifest"].get("train_store")
+        if train is not None and Path(train).is_dir():
+            return is_text_store(FeatureStore.open(train))
+        source = self.doc["manifest"].get("train_source") or {}  # methods that score the model record sources
+        return source.get("kind") == "dataset" and is_text_spec(str(source.get("spec", "")))
 
     def _text_html(self) -> str:
         """Documents (language models): each shown query's text and its top-k training texts with scores."""
