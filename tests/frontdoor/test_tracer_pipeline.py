@@ -83,3 +83,26 @@ def test_pipeline_fingerprint_ignores_only_where_a_config_was_loaded_from(tmp_pa
         config.update(edit)
         file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         assert (files_fingerprint(tmp_path / name, parts) == want) == (name == "loaded")
+
+
+def test_prompts_are_sampled_then_attributed_as_the_cli_does(tmp_path):
+    tiny_pipeline(tmp_path / "pipe")
+    train = captioned(8, 0)
+    train.save_to_disk(str(tmp_path / "train"))
+    prompts = ["a red square", "a blue square"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    tracer = gradtrace.Tracer(StableDiffusionPipeline.from_pretrained(tmp_path / "pipe"), train=train,
+                              store=tmp_path / "store", timesteps=2, dim=64, progress=False)
+    result = tracer.attribute(prompts, method="trak", top_k=3, sample={"sample_steps": 3, "seed": 5})
+    assert main(["sample", "--checkpoint", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--sample-steps", "3", "--seed", "5", "--out", str(tmp_path / "samples"), *QUIET]) == 0
+    feat = ["--timesteps", "2", "--dim", "64", *QUIET]
+    assert main(["featurize", "--checkpoint", str(tmp_path / "pipe"), "--data", f"hf:{tmp_path / 'train'}", *feat,
+                 "--out", str(tmp_path / "feat-train")]) == 0
+    assert main(["featurize", "--checkpoint", str(tmp_path / "pipe"), "--samples", str(tmp_path / "samples"), *feat,
+                 "--out", str(tmp_path / "feat-queries")]) == 0
+    assert main(["attribute", "--train", str(tmp_path / "feat-train"), "--queries", str(tmp_path / "feat-queries"),
+                 "--method", "trak", "--top-k", "3", "--no-report", "--out", str(tmp_path / "attr"), *QUIET]) == 0
+    for name in ("topk_ids.npy", "topk_scores.npy"):
+        np.testing.assert_array_equal(np.load(result.path / name), np.load(tmp_path / "attr" / name))
+    assert [q["source"].get("text") for q in result.doc["queries"]] == prompts
