@@ -4,7 +4,7 @@
     tracer = gt.Tracer(model, train=dataset, store="runs/x", tokenizer=tok)  # an AutoModelForCausalLM + tokenizer,
                                                                           # an nn.Module classifier, or a folder
     tracer.featurize()                                                    # the resumable feature store, on disk
-    result = tracer.attribute(queries, method="trak", top_k=10)           # texts, PIL images, (image, label), a Dataset;
+    result = tracer.attribute(queries, method="trak", top_k=10)           # texts, PIL images, (image, label), Dataset;
                                                                           # prompts of a text-to-image model: sampled
     result                                                                # inline in Jupyter; result.to_pandas()
 
