@@ -2,7 +2,8 @@
 
     import gradtrace as gt
     tracer = gt.Tracer(model, train=dataset, store="runs/x", tokenizer=tok)  # an AutoModelForCausalLM + tokenizer,
-                                                                          # an nn.Module classifier, or a folder
+                                                                          # a diffusers pipeline (+ UNet LoRA), an
+                                                                          # nn.Module classifier, or a folder
     tracer.featurize()                                                    # the resumable feature store, on disk
     result = tracer.attribute(queries, method="trak", top_k=10)           # texts, PIL images, (image, label), Dataset;
                                                                           # prompts of a text-to-image model: sampled
@@ -56,7 +57,8 @@ FEATURE_OPTIONS = tuple(f.name for f in fields(FeaturizeSpec) if f.name not in O
 class Tracer:
     """Attribution for an in-memory model (see the module docstring).
 
-    model: a transformers causal LM (with `tokenizer=`), an `nn.Module` image classifier (rebuilt for later stages by
+    model: a diffusers text-to-image pipeline (with its UNet LoRA, if any), a transformers causal LM (with
+    `tokenizer=`), an `nn.Module` image classifier (rebuilt for later stages by
     `factory(**kwargs)`, default its own class with no arguments; a module gradtrace built needs neither), or a
     checkpoint folder. train: a `datasets.Dataset` or a list of texts / PIL images / (PIL image, label) pairs.
     Other keyword arguments are featurize options (`FeaturizeSpec`: groups, projection, dim, measurement, ...).
