@@ -37,10 +37,12 @@ ASPECTS = ("subject", "style", "background")
 SETTINGS = {
     "full": {"n_train": 240, "rank": 4, "steps": 200, "batch_size": 16, "n_eval": 60, "n_learn": 48,
              "sample_steps": 25, "guidance": 3.0, "dim": 2048, "timesteps": 6, "learn_steps": 200, "k": 10,
-             "bootstrap": 2000, "split_seed": 0, "threads": 1},
+             "bootstrap": 2000, "split_seed": 0, "threads": 1, "bands": 1, "methods": "all",
+             "aspect_objective": "snr"},
     "quick": {"n_train": 24, "rank": 2, "steps": 4, "batch_size": 8, "n_eval": 4, "n_learn": 4, "sample_steps": 2,
               "guidance": 2.0, "dim": 32, "timesteps": 1, "learn_steps": 5, "k": 3, "bootstrap": 200,
-              "split_seed": 0, "threads": 1, "vae_steps": 5, "unet_steps": 5},
+              "split_seed": 0, "threads": 1, "vae_steps": 5, "unet_steps": 5, "bands": 1, "methods": "all",
+              "aspect_objective": "snr"},
 }
 METHODS = [("tracin", "shared", "loss"), ("trak", "shared", "loss"), ("trak", "per-group", "loss"),
            ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak"), ("das", "shared", "das"),
@@ -113,15 +115,21 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
         stage("sample", sample_run, SampleSpec(checkpoint=run_dir, out=str(out / "samples" / name), texts=prompts,
                                                num=len(prompts), guidance=s["guidance"],
                                                sample_steps=s["sample_steps"], seed=seed), progress=False)
+    methods_run = METHODS if s["methods"] == "all" else [m for m in METHODS if f"{m[0]}/{m[1]}" in
+                                                          s["methods"].split(",")]
+    bands = None if int(s["bands"]) == 1 else int(s["bands"])
+    tag = "" if bands is None else f"-b{bands}"
     stores = {}
-    for meas in ("loss", "dtrak", "das"):
+    for meas in sorted({m for _, _, m in methods_run}):
         spec = dict(checkpoint=run_dir, projection="rademacher", dim=s["dim"], measurement=meas,
-                    timesteps=s["timesteps"], overwrite=True)
+                    timesteps=s["timesteps"], timestep_bands=bands, overwrite=True)
         stores[meas] = {"train": stage("featurize", featurize_run, FeaturizeSpec(
-            out=str(out / "features" / meas / "train"), **spec), progress=False)}
+            out=str(out / "features" / f"{meas}{tag}" / "train"), **spec), progress=False)}
         for name in sets:
             stores[meas][name] = stage("featurize", featurize_run, FeaturizeSpec(
-                out=str(out / "features" / meas / name), samples=str(out / "samples" / name), **spec), progress=False)
+                out=str(out / "features" / f"{meas}{tag}" / name), samples=str(out / "samples" / name), **spec),
+                progress=False)
+    family_file = write_family_labels(out, sets["learn-general"][0])
 
     # ---- relevance: by the prompt's value, and by what a classifier reads off the generated image
     codes = ds.attribute_codes()
@@ -153,7 +161,7 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     baselines = {"pixel −L2": metrics(pixel),
                  "random": metrics(np.random.default_rng(RANDOM_SEED).normal(size=pixel.shape))}
     methods = {}
-    for method, kernel, meas in METHODS:
+    for method, kernel, meas in methods_run:
         key = f"{method}/{kernel}"
         train, ev_store = stores[meas]["train"], stores[meas]["eval"]
         rows, fitted_by_c = {}, {}
@@ -165,10 +173,14 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
 
         qf = np.asarray(ev_store.features)
         for wset in ("general", *ASPECTS):
-            path = out / "weights" / f"{method}-{kernel}-{wset}.json"
+            family = wset != "general" and s["aspect_objective"] != "snr"
+            name = wset if not family else f"{wset}-{s['aspect_objective']}"
+            path = out / "weights" / f"{method}-{kernel}{tag}-{name}.json"
+            learn = stores[meas]["learn-general" if family else f"learn-{wset}"]
+            extra = dict(objective=s["aspect_objective"], family=wset, family_labels=str(family_file)) if family else {}
             stage("learn-weights", learn_weights_run, LearnWeightsSpec(
-                train=str(train.path), out=str(path), queries=str(stores[meas][f"learn-{wset}"].path), method=method,
-                kernel=kernel, lambda_c="auto", k=s["k"], steps=s["learn_steps"]), progress=False)
+                train=str(train.path), out=str(path), queries=str(learn.path), method=method,
+                kernel=kernel, lambda_c="auto", k=s["k"], steps=s["learn_steps"], **extra), progress=False)
             w, info = read_group_weights(train, ev_store, path, method=method, kernel=kernel)
             if wset == "general":
                 rows["uniform"] = {"c": info["lambda_c"], "n_eff": float(len(w)),
@@ -177,16 +189,35 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
                           "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf, weights=w))}
         methods[key] = {"group_names": train.group_names, "rows": rows}
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    doc = {"settings": s, "pipeline": pipeline, "run": run_dir, "groups": len(stores["loss"]["train"].group_names),
+    doc = {"settings": s, "pipeline": pipeline, "run": run_dir,
+           "groups": len(next(iter(stores.values()))["train"].group_names),
            "seeds": {"eval": EVAL_SEED, "learn": LEARN_SEED, "random": RANDOM_SEED},
            "prompts": {name: p for name, (p, _) in sets.items()}, "fidelity": fidelity,
            "chance": {a: 1.0 / len(ATTRIBUTES[a]) for a in ASPECTS},
            "summary": summarize(methods, baselines, s), "timings_s": timings, "versions": versions(),
            "command": " ".join(["python", *sys.argv])}
     doc["markdown"] = markdown(doc)
-    write_json_atomic(out / "results.json", doc)
-    (out / "results.md").write_text(doc["markdown"] + "\n")
+    name = "results" + tag + ("" if s["aspect_objective"] == "snr" else f"-{s['aspect_objective']}")
+    doc["results_file"] = str(out / f"{name}.json")
+    write_json_atomic(out / f"{name}.json", doc)
+    (out / f"{name}.md").write_text(doc["markdown"] + "\n")
     return doc
+
+
+def write_family_labels(out: Path, prompts: list[str]) -> Path:
+    """JSON lines id -> subject / style / background of each general learning prompt (a training caption): the
+    values the family objective groups the learning queries by (the prompts' own words, no training labels)."""
+    import itertools
+    import json
+
+    from gradtrace.data.shapes import ATTRIBUTES, caption
+
+    values = {caption(*combo): dict(zip(ASPECTS, combo))
+              for combo in itertools.product(*(ATTRIBUTES[a] for a in ASPECTS))}
+    path = out / "labels" / "learn-general.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": i, **values[p]}) + "\n" for i, p in enumerate(prompts)))
+    return path
 
 
 def _mean(v: np.ndarray) -> float | None:
@@ -269,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("bench_out/t2i_aspects_quick" if args.quick else "bench_out/t2i_aspects"))
     doc = run(out, s, args.pipeline)
     print(doc["markdown"])
-    print(f"\nresults: {out / 'results.json'}")
+    print(f"\nresults: {doc['results_file']}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Which rank of a job this process is: RANK and WORLD_SIZE as torchrun (or any launcher) sets them.
 
-Ranks never talk to each other: they share an output directory and split the work by index (the retraining's
-models, the feature store's chunks), so a killed rank costs only its own unfinished work and a rerun of the
-same command, with any number of ranks, redoes exactly that.
+The ranks of featurize and retrain never talk to each other: they share an output directory and split the work by
+index (the retraining's models, the feature store's chunks), so a killed rank costs only its own unfinished work and
+a rerun of the same command, with any number of ranks, redoes exactly that. Scoring's ranks sum their shares of the
+kernel and send their partial top-k over gloo (`gradtrace.attribution.sharded`).
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from fixtures.pipelines import tiny_pipeline
+from fixtures.probe import PROBE_CASES, probe_cases
 from fixtures.reliability import ok, refused, tmpfs
 from gradtrace.cli import COMMANDS, EVAL_COMMANDS
 
@@ -45,6 +46,10 @@ CASES = [
      "--out {new}", "--lr must be a positive number"),
     ("eval-cf-top-k", "eval counterfactual --run {ckpt} --train-features {train} --queries {queries} --top-k x "
      "--out {new}", "invalid int value"),
+    ("eval-retrieval-k", "eval retrieval --attributions {new} --labels subject --k 0 --out {new}",
+     "--k must be positive integers"),
+    ("eval-retrieval-no-run", "eval retrieval --attributions {new} --labels subject --out {new}",
+     "has no attributions.json"),
     ("eval-nothing", "eval", "required"),
     ("attribute-ekfac-c", "attribute-ekfac --checkpoint {ckpt} --ids {far_ids} --lambda-c -1 --out {new}",
      "--lambda-c must be a number"),
@@ -267,6 +272,7 @@ CASES = [
      "is not a shard of the same store"),
     ("merge-out-is-shard", "merge-features --shard {train} --out {train}", "not one of the shards"),
     ("merge-into-other-store", "merge-features --shard {train_unfinished} --out {queries}", "other settings"),
+    *PROBE_CASES,
 ]
 if not torch.cuda.is_available():
     CASES.append(("featurize-cuda", "featurize --checkpoint {ckpt} --device cuda --out {new}", "torch sees no GPU"))
@@ -296,9 +302,10 @@ def art(tmp_path_factory):
     tiny_pipeline(p["pipe"])
     ok("train", "--base", p["pipe"], "--lora-rank", 2, "--data", "shapes", "--n", 4, "--steps", 1, "--batch-size",
        2, "--out", p["lora"])
+    ok("attribute", "--train", p["train"], "--queries", p["queries"], "--top-k", 3, "--out", root / "attr")
     paths = {k: v for k, v in p.items() if k != "weights"} | {"weights": root / "weights.json",
                                                                "other_queries": root / "other_queries",
-                                                               "learn_set": learn_set}
+                                                               "attr": root / "attr", "learn_set": learn_set}
     damaged(root, paths)
     return root, paths
 
@@ -368,6 +375,7 @@ def damaged(root, p) -> None:
     (root / "samples_prompts" / "manifest.json").write_text(json.dumps({**man, "prompts": ["a", "b"]}))
     write("lora_garbage", "not safetensors")
     p["lora_garbage"] = p["lora_garbage"].rename(root / "lora_garbage.safetensors")
+    probe_cases(root, p, copy, write, doc)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -85,8 +85,9 @@ def test_bad_inputs_exit_2_with_one_line(pipeline, tmp_path, capsys):
     assert (pipeline / "ft" / "features.npy").read_bytes() == before
     # NaN in the inputs → NaN gradients → refused, naming the example
     images = torch.zeros(2, 1, 8, 8)
-    images[1, 0, 3, 3] = float("nan")
     save_samples(tmp_path / "bad", images, None, {"checkpoint": run})
+    images[1, 0, 3, 3] = float("nan")  # written by hand: save_samples itself refuses NaN
+    np.save(tmp_path / "bad" / "images.npy", images.numpy())
     _one_line_error(capsys, ["featurize", "--checkpoint", run, "--samples", str(tmp_path / "bad"),
                              "--out", str(tmp_path / "fbad"), *FEAT], "NaN/Inf for example id 1")
     _one_line_error(capsys, ["attribute", "--train", ft, "--queries", str(pipeline / "fq"), "--top-k", "0",

@@ -180,3 +180,42 @@ def test_build_pipeline_on_a_full_disk_is_one_line(run, tmp_path, capsys):
         refused(capsys, ["build-pipeline", "--n", 8, "--vae-steps", 1, "--unet-steps", 1, "--batch-size", 4, "--out",
                          mnt / "p"], "no space left on the device", run)
         assert not (mnt / "p" / "gradtrace_build.json").exists()  # unfinished: not a pipeline gradtrace reuses
+
+
+def test_five_ddim_steps_at_eta_one_give_finite_images(run, tmp_path, capsys):
+    """The probe's `sample --num 4 --sample-steps 5` (DDIM, η = 1) wrote NaN in every pixel."""
+    ok("sample", "--checkpoint", run / "ckpt", "--num", 4, "--sample-steps", 5, "--out", tmp_path / "s")
+    images = np.load(tmp_path / "s" / "images.npy")
+    assert images.shape == (4, 1, 8, 8) and np.isfinite(images).all() and images.std() > 0
+
+
+def test_overlapping_shards_with_the_same_bytes_merge_and_say_so(run, tmp_path, capsys):
+    """A complete store plus a partial copy of it: the shared chunks are taken once, and the line says how many."""
+    shard = tmp_path / "shard"
+    shutil.copytree(run / "train", shard)
+    manifest = json.loads((shard / "manifest.json").read_text())
+    (shard / "manifest.json").write_text(json.dumps({**manifest, "status": "incomplete"}))
+    capsys.readouterr()
+    ok("merge-features", "--shard", run / "train", "--shard", shard, "--out", tmp_path / "m")
+    line = capsys.readouterr().out.strip()
+    assert "3 chunk(s) were in more than one shard" in line, line
+    assert (tmp_path / "m" / "features.npy").read_bytes() == (run / "train" / "features.npy").read_bytes()
+
+
+def test_mixed_numerics_are_allowed_when_asked_and_recorded(run, tmp_path, capsys):
+    """A store whose recorded chunks say two threads, resumed under one: refused, then allowed and recorded."""
+    store = tmp_path / "s"
+    shutil.copytree(run / "train", store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "status": "incomplete"}))
+    progress = json.loads((store / "progress.json").read_text())
+    for record in progress["numerics"].values():
+        record["threads"] = 2
+    del progress["chunks"]["2"], progress["chunk_numerics"]["2"]
+    (store / "progress.json").write_text(json.dumps(progress))
+    args = ["featurize", "--checkpoint", run / "ckpt", "--out", store, *FEAT]
+    refused(capsys, args, "threads 2 vs 1", run)
+    ok(*args, "--allow-mixed-numerics")
+    done = json.loads((store / "manifest.json").read_text())
+    assert done["status"] == "complete" and done["mixed_numerics_allowed"] is True
+    assert sorted(n["threads"] for n in done["numerics"]) == [1, 2]

@@ -215,6 +215,44 @@ def test_memmap_features_and_psi_path_and_save_load(data, tmp_path):
                                   dense_topk(q.astype(np.float64) @ phi.astype(np.float64).T, 5)[0])
 
 
+@pytest.mark.parametrize("method,query_side", [(TracIn(), False), (TRAK(c=0.03, kernel="per-group"), False),
+                                               (TRAK(c=0.03, kernel="per-group"), True),
+                                               (TRAK(c=0.03, kernel="shared"), True)])
+def test_topk_contributions_equal_each_querys_dense_contributions(data, method, query_side):
+    """Each query's own rows (the top-k), all queries at once: the dense breakdown φ_j(q) · ψ_j(x_n) of Ψ = Φ K
+    (the Ψ fit, float64 products) at those rows; in query-side mode too, where a shared K spans the groups."""
+    phi, q = data
+    fitted = method.fit(phi, SLICES, query_side=True) if query_side else method.fit(phi, SLICES)
+    psi = np.asarray(method.fit(phi, SLICES).psi, dtype=np.float64)
+    idx, top = fitted.topk(q, 6)
+    got = fitted.topk_contributions(q, idx)
+    want = np.stack([np.stack([q[i, s:e].astype(np.float64) @ psi[idx[i], s:e].T for _, s, e in SLICES], axis=1)
+                     for i in range(len(q))])
+    np.testing.assert_allclose(np.stack([fitted.contributions(q[i:i + 1], rows=idx[i])[0] for i in range(len(q))]),
+                               want, rtol=0, atol=1e-5 * np.abs(want).max())
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got.sum(axis=2), top, rtol=0, atol=1e-5 * np.abs(top).max())
+    with pytest.raises(UserError, match="idx must be"):
+        fitted.topk_contributions(q, idx[:2])
+
+
+def test_tracin_references_a_float16_store_and_scores_its_exact_upcast(data, tmp_path):
+    """No N-sized copy of a reduced-precision Φ: chunks are upcast as they are scored (float16 -> float32 is exact,
+    so the results are those of the float32 upcast, bit for bit)."""
+    phi, q = data
+    np.save(tmp_path / "phi16.npy", phi.astype(np.float16))
+    mm = np.load(tmp_path / "phi16.npy", mmap_mode="r")
+    up = np.asarray(mm, dtype=np.float32)
+    fitted, ref = TracIn().fit(mm, SLICES, chunk_rows=40), TracIn().fit(up, SLICES)
+    assert fitted.psi is mm
+    for a, b in zip(fitted.topk(q, 6, chunk_rows=40), ref.topk(q, 6, chunk_rows=40)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fitted.contributions(q, rows=[4, 0, 9]), ref.contributions(q, rows=[4, 0, 9]))
+    fitted.save(tmp_path / "t16")
+    np.testing.assert_array_equal(np.load(tmp_path / "t16" / "psi.npy"), up)
+
+
 def test_gram_reuse_across_c_equals_direct_fit(data):
     phi, q = data
     gram = TRAK(kernel="per-group").gram(phi, SLICES)

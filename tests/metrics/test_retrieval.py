@@ -107,3 +107,28 @@ def test_bad_inputs_are_refused():
         average_precision(np.array([[np.nan, 1.0]]), np.array([[True, False]]))
     with pytest.raises(UserError):
         average_precision(SCORES, RELEVANT.astype(int) * 2)
+
+
+def test_label_relevance_matches_strings_and_leaves_unset_queries_undefined():
+    from gradtrace.metrics.retrieval import label_relevance
+
+    rel = label_relevance(["a", None, "b"], ["b", "a", None, "a"])
+    np.testing.assert_array_equal(rel, [[False, True, False, True], [False] * 4, [True, False, False, False]])
+    assert np.isnan(recall_at_k(np.arange(4.0)[None].repeat(3, 0), rel, 2).values[1])
+
+
+def test_paired_difference_by_hand():
+    from gradtrace.metrics.retrieval import bootstrap_mean, paired_difference
+
+    a = np.array([0.1, 0.5, np.nan, 0.2, 0.4])
+    b = np.array([0.3, 0.9, 0.7, 0.6, np.nan])
+    d = paired_difference(a, b, n_bootstrap=500, seed=3)
+    both = np.array([0.2, 0.4, 0.4])  # queries 0, 1, 3 are defined in both
+    assert d["mean"] == pytest.approx(both.mean()) and d["n_defined"] == 3 and d["n_undefined"] == 2
+    rng = np.random.default_rng(3)
+    means = [both[row].mean() for row in rng.integers(0, 3, size=(500, 3))]
+    assert d["ci95"] == pytest.approx([np.quantile(means, 0.025), np.quantile(means, 0.975)])
+    assert d["verdict"] == "higher"  # every resample of these three positive differences is positive
+    assert paired_difference(b, a, n_bootstrap=500, seed=3)["verdict"] == "lower"
+    one = bootstrap_mean([0.5, np.nan], n_bootstrap=10)
+    assert one["mean"] == 0.5 and one["ci95"] == [None, None]

@@ -89,6 +89,11 @@ class Objective(ABC):
     def context_stage(self, model: nn.Module) -> ContextStage | None:
         return None
 
+    def timestep_bands(self, n: int) -> list[tuple[str, "Objective"]]:
+        """[(band name, this objective restricted to that band)] for `n` bands of the schedule (diffusion only)."""
+        raise UserError(f"--timestep-bands applies to diffusion models; measurement '{self.info().get('name')}' "
+                        "has no timesteps: drop --timestep-bands")
+
     samples_targets: bool = False  # True when `sampled_total` draws targets (the true Fisher of influence functions)
 
     def sampled_total(self, model: nn.Module, inputs: torch.Tensor, ids: np.ndarray, cond,

@@ -21,7 +21,7 @@ from torch import nn
 
 from gradtrace.choices import DEFAULT_ADAPTER  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
-from gradtrace.io import read_json, versions, write_bytes_atomic, write_json_atomic
+from gradtrace.io import check_finite, read_json, versions, write_bytes_atomic, write_json_atomic
 
 FORMAT = "gradtrace.checkpoint"
 FORMAT_VERSION = 1
@@ -76,8 +76,10 @@ def save_checkpoint(path_dir, model: nn.Module, *, train_config, dataset_info: d
     `model.config` is the model config; `train_ids` None falls back to `model.train_ids` (set by training);
     None there too means "all". Returns the directory.
     """
-    path = start_checkpoint(path_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, tensor in state.items():  # before the folder is touched: a diverged model is never saved
+        check_finite(tensor, f"train (parameter {name})", "training diverged; lower --lr (or train fewer --steps)")
+    path = start_checkpoint(path_dir)
     # one metadata key: safetensors writes its metadata in hash order, so two would order differently run to run
     write_bytes_atomic(path / WEIGHTS, save(state, metadata={"format": FORMAT}))
     return write_manifest(path, model, fingerprint=model_fingerprint(model), train_config=train_config,

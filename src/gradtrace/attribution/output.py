@@ -3,7 +3,8 @@
 Written into an output directory:
 
     attributions.json      manifest + per query: its top-k training ids with scores and per-group breakdown, and
-                           each example's source (file name, caption or text; `gradtrace.data.sources`)
+                           each example's source (file name, caption or text; `gradtrace.data.sources`); indented
+                           up to INDENTED_MAX top-k entries, larger on one line (the C JSON encoder)
     topk_ids.npy           (Q, k) training ids
     topk_scores.npy        (Q, k) float32
     topk_contributions.npy (Q, k, M) float32 per-group contributions (sum over M = the score)
@@ -26,11 +27,12 @@ from gradtrace.attribution.scoring import Scored
 from gradtrace.data.sources import example_sources
 from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import command_line, versions, write_json_atomic
+from gradtrace.io import check_finite, command_line, versions, write_json_atomic
 from gradtrace.methods.trak import has_dual_blocks
 
 FORMAT = "gradtrace-attributions"
 FULL_SCORES_MAX = 50_000_000  # entries of the dense (Q, N) score matrix worth saving
+INDENTED_MAX = 10_000  # top-k entries (Q · k) up to which attributions.json is indented; larger: one line, C encoder
 PSI_IN_MEMORY = 256 * 2**20  # bytes of a float32 Ψ kept in memory; larger stores are scored query-side
 
 
@@ -49,24 +51,42 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
         raise UserError(f"--top-k must be in 1..{len(train.ids)} (the training set size), got {top_k}")
     fitted, qf, weights = scored.fitted, scored.query_features, scored.weights
     idx, top = fitted.topk(qf, top_k, weights, progress=progress)
+    contrib = topk_contributions(fitted, qf, idx, weights)
+    scores = scored.scores() if len(qf) * len(train.ids) <= FULL_SCORES_MAX else None
+    return write_topk_attributions(train, queries, out, idx=idx, top=top, contrib=contrib, scores=scores,
+                                   method_info=fitted.info, weights_info=scored.weights_info,
+                                   lambda_info=scored.lambda_info, top_k=top_k, spec=spec)
+
+
+def topk_contributions(fitted, query_features: np.ndarray, idx: np.ndarray, weights) -> np.ndarray:
+    """(Q, k, M) float32 weighted per-group contributions w_j c_j(q, n) of each query's rows `idx` (Q, k)."""
     w = np.ones(fitted.n_groups, dtype=np.float32) if weights is None else np.asarray(weights, np.float32)
-    contrib = np.stack([fitted.contributions(qf[q:q + 1], rows=idx[q])[0] for q in range(len(qf))]) * w
-    names = fitted.group_names
+    return (fitted.topk_contributions(query_features, idx) * w).astype(np.float32)
+
+
+def write_topk_attributions(train: FeatureStore, queries: FeatureStore, out, *, idx: np.ndarray, top: np.ndarray,
+                            contrib: np.ndarray, scores: np.ndarray | None, method_info: dict,
+                            weights_info: dict | None, lambda_info: dict | None, top_k: int, spec: dict | None,
+                            extra: dict | None = None) -> dict:
+    """Write the artefact from each query's top-k training rows `idx` (Q, k) (indices into the store), their
+    scores, weighted contributions (Q, k, M) and, when small enough, the dense (Q, N) scores; `extra` is added to
+    the manifest. Returns the JSON document written."""
+    names = [g[0] for g in train.group_slices]
     top_ids = train.ids[idx]
     arrays = {"topk_ids.npy": top_ids, "topk_scores.npy": top, "topk_contributions.npy": contrib.astype(np.float32)}
-    if len(qf) * len(train.ids) <= FULL_SCORES_MAX:
-        arrays["scores.npy"] = scored.scores()
+    if scores is not None:
+        arrays["scores.npy"] = scores
     train_source = sources_of(train, np.unique(top_ids))
     query_source = sources_of(queries, queries.ids)
     doc = {
         "manifest": {
             "format": FORMAT, "format_version": 1,
-            "command": command_line(), "method": fitted.info, "top_k": top_k,
+            "command": command_line(), "method": method_info, "top_k": top_k,
             "train_store": str(train.path), "query_store": str(queries.path),
             "model_fingerprint": train.settings["model_fingerprint"],
             "groups_spec": train.settings["groups_spec"], "measurement": train.settings["measurement"],
-            "projection": train.settings["projection"], "weights": scored.weights_info,
-            "lambda": scored.lambda_info, "spec": spec, "versions": versions(),
+            "projection": train.settings["projection"], "weights": weights_info,
+            "lambda": lambda_info, "spec": spec, "versions": versions(), **(extra or {}),
         },
         "groups": names,
         "queries": [
@@ -75,7 +95,7 @@ def write_attributions(scored: Scored, train: FeatureStore, queries: FeatureStor
                       "source": train_source.get(int(top_ids[q, r])),
                       "contributions": {n: float(v) for n, v in zip(names, contrib[q, r])}}
                      for r in range(top_k)]}
-            for q in range(len(qf))
+            for q in range(len(idx))
         ],
     }
     _write_set(Path(out), arrays, doc)
@@ -141,6 +161,9 @@ def write_contribution_attributions(contrib: np.ndarray, weights, *, train_ids, 
 
 def _write_set(out: Path, arrays: dict[str, np.ndarray], doc: dict) -> None:
     """Every file into a staging folder in `out`, then renamed into place with attributions.json last."""
+    for name, arr in arrays.items():  # before anything is staged: a refused set leaves the previous one as it was
+        check_finite(arr, f"attribute ({name})", "NaN/Inf features or weights, or a kernel too ill-conditioned for "
+                     "the chosen --lambda-c (raise it)")
     out.mkdir(parents=True, exist_ok=True)
     stage = out / f".attributions-{os.getpid()}.tmp"
     shutil.rmtree(stage, ignore_errors=True)
@@ -148,7 +171,8 @@ def _write_set(out: Path, arrays: dict[str, np.ndarray], doc: dict) -> None:
     try:
         for name, arr in arrays.items():
             np.save(stage / name, arr)
-        write_json_atomic(stage / "attributions.json", doc)
+        entries = sum(len(q["top"]) for q in doc["queries"])
+        write_json_atomic(stage / "attributions.json", doc, indent=2 if entries <= INDENTED_MAX else None)
         for name in [*arrays, "attributions.json"]:
             os.replace(stage / name, out / name)
         if "scores.npy" not in arrays and (out / "scores.npy").exists():

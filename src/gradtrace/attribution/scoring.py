@@ -63,6 +63,18 @@ def score_queries(train: FeatureStore, queries: FeatureStore, *, method="trak", 
     rule), or `aspect` (the store's learned weights for that aspect); none = uniform. λ scale: see
     `gradtrace.attribution.lambda_rule` (`c` given, "auto" on `learning_queries`, else the weights' c).
     """
+    weights, info, c, lambda_info = scoring_settings(train, queries, method=method, kernel=kernel, c=c,
+                                                     weights=weights, weights_path=weights_path, aspect=aspect,
+                                                     learning_queries=learning_queries)
+    fitted = fit_method(train, method, kernel=kernel, c=c, progress=progress, query_side=query_side)
+    return Scored(fitted=fitted, query_features=np.asarray(queries.features), weights=weights,
+                  weights_info=info, lambda_info=lambda_info)
+
+
+def scoring_settings(train: FeatureStore, queries: FeatureStore, *, method: str = "trak",
+                     kernel: str = DEFAULT_KERNEL, c=None, weights=None, weights_path=None, aspect: str | None = None,
+                     learning_queries=None) -> tuple[np.ndarray | None, dict | None, float, dict]:
+    """(weights or None, their description, c, how c was chosen): what `score_queries` fits and scores with."""
     if sum(x is not None for x in (weights, weights_path, aspect)) > 1:
         raise UserError("pass group weights one way: an array, --weights FILE or --aspect NAME")
     train.check_compatible(queries)
@@ -80,6 +92,4 @@ def score_queries(train: FeatureStore, queries: FeatureStore, *, method="trak", 
         info = {"weights": dict(zip(train.group_names, weights.tolist()))}
     c, lambda_info = resolve_scoring_c(train, queries, method=method, kernel=kernel, c=c, weights_info=info,
                                        learning_queries=learning_queries)
-    fitted = fit_method(train, method, kernel=kernel, c=c, progress=progress, query_side=query_side)
-    return Scored(fitted=fitted, query_features=np.asarray(queries.features), weights=weights,
-                  weights_info=info, lambda_info=lambda_info)
+    return weights, info, c, lambda_info

@@ -11,6 +11,8 @@ A weights file is either
   them against but the groups).
 
 Learning and evaluation queries are identified by `query_set_id` (their source and a hash of their ids).
+`report --weights` applies the same rule's store part (`weights_for`) to the runs it shows: the groups, and for a
+learned file the training store it was learned for.
 
 A method that needs the model (EK-FAC) has no store: `read_model_weights` takes a file learned for the same method,
 model, training set and measurement (its session's identity), or a plain file naming the method's groups.
@@ -54,18 +56,34 @@ def default_weights_path(train: FeatureStore, method, kernel: str, aspect: str |
     return train.path / "weights" / f"{base.name}-{base.kernel_kind}-{aspect or 'general'}.json"
 
 
-def read_group_weights(train: FeatureStore, queries: FeatureStore, path, *, method,
-                       kernel: str) -> tuple[np.ndarray, dict]:
-    """(weights (M,) float64 in the store's group order, a description for manifests); see the module rule."""
+def weights_for(path, group_names: list[str], identity: dict, what: str) -> tuple[np.ndarray, dict]:
+    """(weights (M,) in the order of `group_names`, the file's document) of a weights file for a training store
+    with these groups and this identity (`store_identity`, or the part of it a reader knows): a learned file must
+    name exactly these groups and have been learned for a store that agrees on every key of `identity`; a plain
+    file must name exactly these groups. `what` names the store in the fix."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"weights file not found: {path}")
     doc = read_json(path, "weights file")
     if isinstance(doc, dict) and "format" in doc:
-        w, doc = load_weights(path, train.group_names)
+        w, doc = load_weights(path, group_names)
+        prov = doc.get("provenance") if isinstance(doc.get("provenance"), dict) else {}
+        recorded = prov.get("store") or prov.get("identity") or {}
+        for key in (k for k in STORE_KEYS if k in identity):
+            if recorded.get(key) != identity[key]:
+                raise UserError(f"{path} was learned for another training store ('{key}' differs); "
+                                f"learn weights for {what}")
+        return w, doc
+    return _plain_weights(path, doc, group_names), doc
+
+
+def read_group_weights(train: FeatureStore, queries: FeatureStore, path, *, method,
+                       kernel: str) -> tuple[np.ndarray, dict]:
+    """(weights (M,) float64 in the store's group order, a description for manifests); see the module rule."""
+    path = Path(path)
+    w, doc = weights_for(path, train.group_names, store_identity(train), str(train.path))
+    if "format" in doc:
         _check_learned_for(doc.get("provenance", {}), train, queries, path, method, kernel)
-    else:
-        w = _plain_weights(path, doc, train.group_names)
     prov = doc.get("provenance", {}) if isinstance(doc.get("provenance"), dict) else {}
     return np.asarray(w, dtype=np.float64), {
         "path": str(path.resolve()), "format": doc.get("format", "plain"), "aspect": prov.get("aspect"),
@@ -74,11 +92,6 @@ def read_group_weights(train: FeatureStore, queries: FeatureStore, path, *, meth
 
 def _check_learned_for(prov: dict, train: FeatureStore, queries: FeatureStore, path: Path, method,
                        kernel: str) -> None:
-    mine = store_identity(train)
-    for key in STORE_KEYS:
-        if prov.get("store", {}).get(key) != mine[key]:
-            raise UserError(f"{path} was learned for another training store ('{key}' differs); "
-                            f"learn weights for {train.path}")
     base = configure(method, kernel=kernel)
     name, kind = base.name, base.kernel_kind
     if (prov.get("method"), prov.get("kernel")) != (name, kind):
@@ -107,7 +120,8 @@ def check_same_guidance(learned: dict | None, scored: dict | None, path) -> None
 def _plain_weights(path: Path, doc, group_names: list[str]) -> np.ndarray:
     table = doc.get("weights") if isinstance(doc, dict) else None
     if not isinstance(table, dict):
-        raise UserError(f"{path} has no 'weights' object; write {{\"weights\": {{group: weight, ...}}}}")
+        raise UserError(f"{path} is not a weights file (no 'weights' object); write {{\"weights\": {{group: weight, "
+                        "...}} or pass a file written by `gradtrace learn-weights`")
     missing = [g for g in group_names if g not in table]
     extra = [g for g in table if g not in group_names]
     if missing or extra:

@@ -24,6 +24,7 @@ from gradtrace.pipeline.specs.build_lm import BuildLMSpec
 from gradtrace.pipeline.specs.build_pipeline import BuildPipelineSpec
 from gradtrace.pipeline.specs.demo import DemoSpec
 from gradtrace.pipeline.specs.ekfac import AttributeEkfacSpec, LearnWeightsEkfacSpec
+from gradtrace.pipeline.specs.eval_retrieval import EvalRetrievalSpec
 from gradtrace.pipeline.specs.evaluate import (
     RETRAIN_EPILOG,
     CounterfactualSpec,
@@ -67,6 +68,8 @@ class Command:
         return load(f"{SAY}:{self.say_ref}")(result, spec)
 
 
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command(TrainSpec, "gradtrace.pipeline.train:train_run", "train",
                      "train a model (default: a tiny diffusion UNet, DDPM)"),
@@ -74,7 +77,7 @@ COMMANDS: dict[str, Command] = {
                       "generate images from a checkpoint"),
     "featurize": Command(FeaturizeSpec, "gradtrace.pipeline.featurize:featurize_run", "featurize",
                          "per-example projected gradient features into a feature store"),
-    "merge-features": Command(MergeFeaturesSpec, "gradtrace.pipeline.merge_features:merge_features_run", "featurize",
+    "merge-features": Command(MergeFeaturesSpec, "gradtrace.pipeline.merge_features:merge_features_run", "merge",
                               "one feature store from the partial stores of a torchrun job's machines"),
     "attribute": Command(AttributeSpec, "gradtrace.pipeline.attribute:attribute_run", "attribute",
                          "top-k training examples per query with per-group breakdown"),
@@ -107,6 +110,8 @@ EVAL_COMMANDS: dict[str, Command] = {
                         "flip a fraction of a classifier's training labels, retrain, and find them by self-influence"),
     "tail-patch": Command(TailPatchSpec, "gradtrace.pipeline.evaluate:eval_tail_patch", "tail_patch",
                           "one small gradient step on each query's top-k training examples (against k random ones)"),
+    "retrieval": Command(EvalRetrievalSpec, "gradtrace.pipeline.eval_retrieval:eval_retrieval", "retrieval",
+                         "Recall@k and mAP per aspect (label column) with bootstrap CIs, paired between runs"),
 }
 
 
@@ -132,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         _add(sub, name, command, name)
-    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining, mislabel detection)")
+    p = sub.add_parser("eval", help="evaluate attributions (LDS, counterfactual retraining, mislabel detection, "
+                       "retrieval)")
     esub = p.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     for name, command in EVAL_COMMANDS.items():
         _add(esub, name, command, f"eval {name}")

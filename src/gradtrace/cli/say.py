@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT, counterfactual_table
 from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
+from gradtrace.evaluate.eval_retrieval import RESULT as RETRIEVAL_RESULT, TABLE as RETRIEVAL_TABLE
 from gradtrace.evaluate.mislabel import RESULT as MISLABEL_RESULT, mislabel_table
 from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
 
@@ -30,7 +31,15 @@ def featurize(store, spec) -> str:
     return line
 
 
+def merge(store, spec) -> str:
+    overlap = store.manifest.get("provenance", {}).get("merge_overlap_chunks")
+    return featurize(store, spec) + (f"; {overlap} chunk(s) were in more than one shard (identical bytes, taken "
+                                     "once)" if overlap else "")
+
+
 def attribute(doc, spec) -> str:
+    if doc is None:  # a rank of a torchrun job: the last rank merges the ranks' shares
+        return f"attributions: this rank's rows scored; the last rank writes {Path(spec.out) / 'attributions.json'}"
     return f"attributions: {Path(spec.out) / 'attributions.json'}"
 
 
@@ -87,3 +96,7 @@ def mislabel(doc, spec) -> str:
 
 def tail_patch(doc, spec) -> str:
     return f"{tail_patch_table(doc)}\ntail-patch: {Path(spec.out) / TAIL_PATCH_RESULT}"
+
+
+def retrieval(doc, spec) -> str:
+    return f"{(Path(spec.out) / RETRIEVAL_TABLE).read_text()}retrieval: {Path(spec.out) / RETRIEVAL_RESULT}"

@@ -19,7 +19,7 @@ import torch
 
 from gradtrace.data.registry import load_dataset
 from gradtrace.errors import UserError
-from gradtrace.io import read_json, sha256_arrays, versions, write_json_atomic, write_npy_atomic
+from gradtrace.io import check_finite, read_json, sha256_arrays, versions, write_json_atomic, write_npy_atomic
 
 
 @dataclass
@@ -40,6 +40,14 @@ class Examples:
                         cond=None if self.cond is None else self.cond[rows],
                         captions=[self.captions[r] for r in rows], source=self.source,
                         texts=None if self.texts is None else [self.texts[r] for r in rows])
+
+
+def require_images(dataset, who: str) -> None:
+    """Refuse a dataset without images (text documents) for a model that trains on images, in one line."""
+    if not hasattr(dataset, "channels"):
+        raise UserError(f"dataset '{dataset.name}' is text, but {who} train on images (digits, shapes, "
+                        "imagefolder:PATH); to train a language model on text pass --base LM_FOLDER (a "
+                        "transformers causal LM; `gradtrace build-lm` makes a small one)")
 
 
 def read_ids(path) -> np.ndarray:
@@ -110,7 +118,12 @@ def _caption(meta: dict) -> str:
     return " ".join(str(meta[k]) for k in keys)
 
 
+SAMPLE_CAUSE = ("the model diverged or the sampling schedule is unstable; check the checkpoint (its training loss), "
+                "or sample with more --sample-steps or --eta 0")
+
+
 def save_samples(path, images: torch.Tensor, cond: np.ndarray | None, info: dict) -> None:
+    check_finite(images, "sample", SAMPLE_CAUSE)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_npy_atomic(path / "images.npy", images.detach().cpu().numpy().astype(np.float32))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ from gradtrace.data.sources import Examples, dataset_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.evaluate.flips import flip_labels
 from gradtrace.evaluate.recipe import Recipe, load_recipe, load_run_dataset
-from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
+from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for, spec_record
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import (
     atomic_write,
@@ -300,7 +300,8 @@ def mislabel_run(run, out, *, fraction: float = 0.1, flip_seed: int = 0, methods
     learn_ex = adapter.examples(recipe.model_config, l_source, ids=l_ids)
     settings = {"run_fingerprint": recipe.fingerprint, "train_ids_sha256": sha256_arrays([train_ex.ids]),
                 "fraction": fraction, "flip_seed": int(flip_seed), "labels_sha256": sha256_arrays([noisy]),
-                "features": asdict(spec), "learning_source": l_source, "learning_ids_sha256": sha256_arrays([l_ids])}
+                "features": spec_record(spec), "learning_source": l_source,
+                "learning_ids_sha256": sha256_arrays([l_ids])}
     open_workdir(out, settings)
     if not (out / FLIPS).exists():
         rows = np.flatnonzero(flipped)

@@ -60,7 +60,8 @@ def model_outputs(adapter: ModelAdapter, models: list[tuple[str, Path]], example
             out[m] = np.load(file)
             continue
         out[m] = adapter.outputs(adapter.load(path), examples, grid)
-        write_npy_atomic(file, out[m])
+        write_npy_atomic(file, out[m], stage=f"model outputs of {name}",
+                         cause="the retrained model diverged; check its training loss and retrain it")
         computed += 1
     return out, {**manifest, "path": str(cache), "computed_now": computed}
 

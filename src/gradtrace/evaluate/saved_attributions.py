@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradtrace.attribution.run_check import check_run
 from gradtrace.errors import UserError
 from gradtrace.evaluate.eval_lds import PLOT, RESULT, finished_retraining, targets_from_outputs
 from gradtrace.evaluate.outputs import OutputGrid, model_outputs
@@ -49,6 +50,7 @@ def read_attributions(folder) -> Attributions:
     manifest = doc.get("manifest") if isinstance(doc, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
         raise UserError(f"{file} is not a gradtrace attributions file; pass an attribute output folder")
+    check_run(path, doc)  # the run's arrays whole and agreeing with its document
     missing = [a for a in ARRAYS if not (path / a).is_file()]
     if missing:
         raise UserError(f"{path} has no {missing[0]} (attributions scored from feature stores, or too large to keep "

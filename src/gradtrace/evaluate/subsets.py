@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.io import read_json, sha256_arrays, versions, write_json_atomic, write_npy_atomic
+from gradtrace.io import check_unique_ids, read_json, sha256_arrays, versions, write_json_atomic, write_npy_atomic
 
 FORMAT = "gradtrace-lds-subsets"
 NPY = "subsets.npy"
@@ -35,8 +35,7 @@ def subset_size(n_train: int, fraction: float) -> int:
 def draw_subsets(train_ids, n_subsets: int, fraction: float, seed: int) -> np.ndarray:
     """(S, round(α·N)) int64 array of training ids, each row sorted, reproducible from `seed`."""
     ids = np.sort(np.asarray(train_ids, dtype=np.int64).reshape(-1))
-    if len(np.unique(ids)) != len(ids):
-        raise UserError("training ids contain duplicates; the run's train_ids must be unique")
+    check_unique_ids(ids, "the run's training ids", "train the run again on a deduplicated --ids file")
     if int(n_subsets) != n_subsets or n_subsets < 2:
         raise UserError(f"--subsets must be an integer >= 2 (a correlation needs at least two), got {n_subsets}")
     if int(seed) != seed or seed < 0:
@@ -80,4 +79,6 @@ def load_subsets(directory) -> tuple[np.ndarray, dict]:
     if sha256_arrays([subsets]) != doc.get("subsets_sha256"):
         raise UserError(f"{directory / NPY} does not match {directory / JSON}; the files were modified, "
                         "rerun `gradtrace retrain` into a new --out")
+    for s, row in enumerate(np.asarray(subsets).reshape(len(subsets), -1)):
+        check_unique_ids(row, f"{directory / NPY} (subset {s})", "rerun `gradtrace retrain` into a new --out")
     return subsets, doc

@@ -13,12 +13,15 @@ from tqdm.auto import tqdm
 
 from gradtrace.adapters.base import Checkpoint, ModelAdapter, Objective
 from gradtrace.errors import UserError
+from gradtrace.features.bands import BandedFeaturizer, BandedObjective
 from gradtrace.features.gradients import GradientFeaturizer
 from gradtrace.features.groups import make_groups
 from gradtrace.features.kron_projection import KIND as KRONECKER, KroneckerProjector
 from gradtrace.features.kronecker import KroneckerFeaturizer
+from gradtrace.features.numerics import current
+from gradtrace.features.progress import is_progress_file
 from gradtrace.features.projection import DEFAULT_PROJECTION, GroupProjector, default_dim
-from gradtrace.features.store import FeatureStore, storage_dtype
+from gradtrace.features.store import OWN_FILES, FeatureStore, storage_dtype
 from gradtrace.ranks import rank_and_world
 
 
@@ -36,6 +39,7 @@ class FeatureSpec:
     chunk_rows: int = 64
     dtype: str = "float32"  # storage: float32 | float16 | bfloat16 (scoring upcasts chunks to float32)
     precision: str = "float32"  # compute: float32 | bfloat16 forward and backward (gradients reach float32)
+    timestep_bands: int | None = None  # diffusion: one block per (group × band of timesteps); None = no bands
 
     def __post_init__(self) -> None:
         if self.total_dim is None:
@@ -48,16 +52,27 @@ def build_featurizer(model: torch.nn.Module, objective: Objective, spec: Feature
 
     `preset_key` / `adapter_presets`: the adapter's own group presets (see `make_groups`)."""
     groups = make_groups(model, spec.groups, preset_key, adapter_presets)
+    if spec.timestep_bands is not None:  # one featurizer per band, all sharing the groups' projections
+        bands = objective.timestep_bands(spec.timestep_bands)
+        first, _ = _featurizer(model, bands[0][1], spec, groups)
+        parts = [first] + [_featurizer(model, obj, spec, groups, first.projector)[0] for _, obj in bands[1:]]
+        return BandedFeaturizer(parts, [name for name, _ in bands], BandedObjective(objective, bands)), groups
+    return _featurizer(model, objective, spec, groups)
+
+
+def _featurizer(model, objective, spec: FeatureSpec, groups, projector=None):
     if spec.projection == KRONECKER:
         if spec.precision != "float32":
             raise UserError("the kronecker projection computes in float32; drop --dtype or use --projection "
                             "rademacher")
-        projector = KroneckerProjector.create(model, groups, total_dim=spec.total_dim, seed=spec.projection_seed)
+        if projector is None:
+            projector = KroneckerProjector.create(model, groups, total_dim=spec.total_dim, seed=spec.projection_seed)
         return KroneckerFeaturizer(model, objective, groups, projector), groups
-    named = dict(model.named_parameters())
-    sizes = [sum(named[p].numel() for p in g.params) for g in groups]
-    projector = GroupProjector.create(spec.projection, [g.name for g in groups], sizes,
-                                      total_dim=spec.total_dim, seed=spec.projection_seed)
+    if projector is None:
+        named = dict(model.named_parameters())
+        sizes = [sum(named[p].numel() for p in g.params) for g in groups]
+        projector = GroupProjector.create(spec.projection, [g.name for g in groups], sizes,
+                                          total_dim=spec.total_dim, seed=spec.projection_seed)
     return GradientFeaturizer(model, objective, groups, projector, precision=spec.precision), groups
 
 
@@ -85,24 +100,34 @@ def store_settings(featurizer, spec: FeatureSpec, model_fingerprint: str,
     settings = {"model_fingerprint": model_fingerprint, "groups_spec": spec.groups, "groups": slices,
                 "projection": featurizer.projector.info(), "measurement": featurizer.objective.info(),
                 "dtype": spec.dtype, "precision": spec.precision, "dim": start, "chunk_rows": int(spec.chunk_rows),
-                "source": source, "spec": asdict(spec)}
+                "source": source, "spec": spec_record(spec)}
     scale_info = featurizer.objective.row_scale_info()
     if scale_info is not None:
         settings["row_scale"] = scale_info
     return settings
 
 
+def spec_record(spec: FeatureSpec) -> dict:
+    """The spec as a store records it; without bands, exactly as before bands existed (so stores made by earlier
+    versions are reopened and resumed as the same settings)."""
+    record = asdict(spec)
+    if record.get("timestep_bands") is None:
+        del record["timestep_bands"]
+    return record
+
+
 def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, cond=None,
               model_fingerprint: str, source: dict | None = None, provenance: dict | None = None,
               overwrite: bool = False, progress: bool = True, stop_after_chunks: int | None = None,
-              rank: int | None = None, world: int | None = None) -> FeatureStore:
+              rank: int | None = None, world: int | None = None, allow_mixed_numerics: bool = False) -> FeatureStore:
     """Compute and store per-example features of `inputs` (ids and optional conditioning) with a featurizer
     built from `spec` (`featurizer_for` / `build_featurizer`).
 
     Resumes an unfinished store with the same settings. `rank` of `world` writers (default: torchrun's RANK and
     WORLD_SIZE, else 0 of 1) computes the chunks c with c % world == rank that nobody has recorded; the writer
     that finds every chunk recorded finishes the store (the others return it unfinished). `stop_after_chunks`
-    stops early (tests of resumption).
+    stops early (tests of resumption). Every chunk records the numerics it was computed under; a store whose
+    other chunks were computed under others is refused unless `allow_mixed_numerics` (`features.numerics`).
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if inputs.shape[0] != len(ids):
@@ -115,12 +140,27 @@ def featurize(featurizer, inputs: torch.Tensor, ids, out, *, spec: FeatureSpec, 
     if rank is None or world is None:
         rank, world = rank_and_world()
     settings = store_settings(featurizer, spec, model_fingerprint, source or {})
+    device = next((p.device for p in getattr(featurizer, "model", torch.nn.Module()).parameters()), None)
     store = FeatureStore.create(out, settings, ids, cond, provenance=provenance, overwrite=overwrite, rank=rank,
-                                world=world)
+                                world=world, numerics=current(device, spec.precision),
+                                allow_mixed_numerics=allow_mixed_numerics)
     try:
         return _fill(featurizer, store, inputs, ids, cond, progress, stop_after_chunks, rank, world)
+    except UserError:
+        if world == 1 and not store.progress.done():  # refused before any row was kept: leave nothing behind
+            _discard(store)
+        raise
     finally:
         store.release()
+
+
+def _discard(store: FeatureStore) -> None:
+    """Remove the files of a store no chunk of which was written (and its folder, if this writer made it)."""
+    for file in list(store.path.iterdir()):
+        if file.name in OWN_FILES or is_progress_file(file.name) or file.name.startswith(".lock"):
+            file.unlink(missing_ok=True)
+    if not getattr(store, "folder_existed", True) and not any(store.path.iterdir()):
+        store.path.rmdir()
 
 
 def _fill(featurizer, store, inputs, ids, cond, progress: bool, stop_after_chunks, rank: int,

@@ -15,7 +15,8 @@ and the settings, so a run killed at any point and started again with the same s
 arrays bit-identical to an uninterrupted run. Several writers (the ranks of a torchrun job) may fill one store,
 each its own chunks; the store is finished (status "complete") by the writer that finds every chunk recorded,
 after checking each chunk's bytes against the digest its writer recorded. A store made with other settings
-is refused.
+is refused, and so is a write that would mix rows computed under other numerics (thread count, device, dtype,
+library versions: `gradtrace.features.numerics`) unless the writer allows it (recorded in the manifest).
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ import numpy as np
 from gradtrace.choices import STORE_DTYPES as DTYPES  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import UserError
 from gradtrace.features.locks import create_lock, writer_locks
+from gradtrace.features.numerics import check_not_mixed, distinct
 from gradtrace.features.progress import ChunkProgress, digest, is_progress_file
-from gradtrace.io import check_match, jsonable, read_json, versions, write_json_atomic
+from gradtrace.io import check_finite, check_match, check_unique_ids, jsonable, read_json, versions, write_json_atomic
 
 FORMAT = "gradtrace-features"
 FORMAT_VERSION = 1
@@ -41,6 +43,8 @@ COMPAT_KEYS = ("model_fingerprint", "groups", "projection", "measurement", "dtyp
 COMPAT_DEFAULTS = {"precision": "float32"}  # stores written before the key existed
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 CACHE = ".gradtrace-cache"
+FEATURE_CAUSE = ("the model's gradients overflowed: a diverged checkpoint, inputs outside the model's range, or "
+                 "half-precision activations out of range (featurize with --dtype float32)")
 
 
 class FeatureStore:
@@ -72,21 +76,24 @@ class FeatureStore:
     # ----------------------------------------------------------------- creation and resume
     @classmethod
     def create(cls, path, settings: dict, ids, cond=None, *, provenance: dict | None = None,
-               overwrite: bool = False, rank: int = 0, world: int = 1) -> "FeatureStore":
+               overwrite: bool = False, rank: int = 0, world: int = 1, numerics: dict | None = None,
+               allow_mixed_numerics: bool = False) -> "FeatureStore":
         """Open `path` for writing: a new store, or the unfinished/finished store with equal settings. A single
         writer (`world` 1) holds `.lock` exclusively until `finish`, `release` or the process ends, so a second
         writer is refused in one line instead of interleaving rows; the ranks of one job (`world` > 1) share it
-        and each holds its own `.lock-rank<r>`."""
+        and each holds its own `.lock-rank<r>`. `numerics` (`gradtrace.features.numerics.current`) are recorded with
+        every chunk this writer writes; an unfinished store whose chunks were computed under others is refused
+        unless `allow_mixed_numerics` (then recorded in the manifest)."""
         path = Path(path)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(np.unique(ids)) != len(ids):
-            raise UserError("example ids must be unique; deduplicate the input set")
+        check_unique_ids(ids, "the examples to featurize", "deduplicate the input set")
         if not isinstance(settings.get("chunk_rows"), int) or settings["chunk_rows"] < 1:
             raise UserError("store settings need chunk_rows, a positive integer (the rows of one write)")
         if path.exists() and not path.is_dir():
             raise UserError(f"feature store path is a file, not a directory: {path}; choose another --out")
         if path.is_dir() and not (path / "manifest.json").exists():
             _refuse_foreign(path)  # before the lock file, so a refused folder is left as it was
+        existed = path.is_dir()
         path.mkdir(parents=True, exist_ok=True)
         locks = writer_locks(path, rank, world)
         try:
@@ -95,13 +102,27 @@ class FeatureStore:
                     raise UserError("--overwrite replaces a store; run it once without torchrun, then featurize "
                                     "with the ranks")
                 store = cls._create(path, settings, ids, cond, provenance=provenance, overwrite=overwrite)
+                store.progress = ChunkProgress(path, len(ids), int(settings["chunk_rows"]), rank)
+                store.numerics, store.folder_existed = numerics, existed
+                if not store.complete:
+                    store._admit_numerics(numerics, allow_mixed_numerics)
         except BaseException:
             for lock in locks:
                 lock.close()
             raise
         store._locks = locks
-        store.progress = ChunkProgress(path, len(ids), int(settings["chunk_rows"]), rank)
         return store
+
+    def _admit_numerics(self, numerics: dict | None, allow: bool) -> None:
+        """Refuse a writer whose numerics differ from those of the recorded chunks, unless mixing is allowed now or
+        was before; record the permission in the manifest."""
+        allowed = allow or bool(self.manifest.get("mixed_numerics_allowed"))
+        if numerics is not None:
+            check_not_mixed(self.progress.numerics().values(), f"feature store {self.path}", allowed=allowed,
+                            now=numerics)
+        if allow and not self.manifest.get("mixed_numerics_allowed"):
+            self.manifest["mixed_numerics_allowed"] = True
+            write_json_atomic(self.path / "manifest.json", self.manifest)
 
     @classmethod
     def _create(cls, path: Path, settings: dict, ids: np.ndarray, cond, *, provenance: dict | None,
@@ -164,9 +185,10 @@ class FeatureStore:
         """Indices of the chunks no writer has recorded (none once the store is complete)."""
         return [] if self.complete else self._progress().missing()
 
-    def write(self, start: int, block: np.ndarray, row_scale: np.ndarray | None = None) -> None:
+    def write(self, start: int, block: np.ndarray, row_scale: np.ndarray | None = None, *,
+              numerics: dict | None = None) -> None:
         """Write rows [start, start+len(block)), whole chunks (and their row factors, when the store keeps them),
-        and record each chunk as done once it is on disk."""
+        and record each chunk as done once it is on disk, computed under `numerics` (default: the writer's)."""
         if not self.writable:
             raise RuntimeError("store opened read-only")
         progress = self.progress
@@ -177,17 +199,19 @@ class FeatureStore:
             raise RuntimeError(f"rows {start}..{stop} are not whole chunks of {progress.chunk_rows} rows")
         if (row_scale is None) != (self._row_scale is None):
             raise RuntimeError("row factors must be written exactly when the store keeps them")
+        check_finite(block, f"featurize (rows {start}..{stop - 1})", FEATURE_CAUSE)
+        scale = None if row_scale is None else np.asarray(row_scale, dtype=np.float64)
+        if scale is not None:
+            if scale.shape != (len(block),):
+                raise RuntimeError(f"row factors of rows {start}..{stop - 1} must be one per row")
+            check_finite(scale, f"featurize row factors (rows {start}..{stop - 1})", FEATURE_CAUSE)
         self._raw[start:stop] = encode_rows(block, self.dtype)
         self._raw.flush()
-        if row_scale is not None:
-            scale = np.asarray(row_scale, dtype=np.float64)
-            if scale.shape != (len(block),) or not np.isfinite(scale).all():
-                raise UserError(f"row factors of rows {start}..{stop - 1} are not finite; check "
-                                "the model and the inputs")
+        if scale is not None:
             self._row_scale[start:stop] = scale
             self._row_scale.flush()
         for c in range(first, last):
-            progress.mark(c, self._chunk_digest(*progress.bounds[c]))
+            progress.mark(c, self._chunk_digest(*progress.bounds[c]), numerics or getattr(self, "numerics", None))
 
     def _chunk_digest(self, start: int, stop: int) -> str:
         return digest(self._raw[start:stop], None if self._row_scale is None else self._row_scale[start:stop])
@@ -205,6 +229,10 @@ class FeatureStore:
                     if done[c] is not None and done[c] != self._chunk_digest(start, stop):
                         raise UserError(f"feature store {self.path}: rows {start}..{stop - 1} changed after they "
                                         "were written; featurize again into a new directory")
+                records = self.progress.numerics().values()
+                check_not_mixed(records, f"feature store {self.path}",
+                                allowed=bool(self.manifest.get("mixed_numerics_allowed")))
+                self.manifest["numerics"] = distinct(records)
                 self.manifest["status"] = "complete"
                 write_json_atomic(self.path / "manifest.json", self.manifest)
         self.release()
@@ -262,6 +290,10 @@ class FeatureStore:
             if arr is not None and (arr.ndim < 1 or arr.shape[0] != rows):
                 raise UserError(f"feature store {where}: {name} has {arr.shape[0] if arr.ndim else 0} rows, the "
                                 f"manifest says {rows}; featurize again into a new directory")
+        if self.ids.dtype.kind not in "iu":
+            raise UserError(f"feature store {where}: ids.npy holds {self.ids.dtype}, not integer ids; featurize again "
+                            "into a new directory")
+        check_unique_ids(self.ids, f"feature store {where} (ids.npy)", "featurize again into a new directory")
 
     @property
     def settings(self) -> dict:

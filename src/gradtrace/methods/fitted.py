@@ -155,7 +155,10 @@ class FittedMethod:
                             f"would take {size / 2**30:.1f} GiB; pass rows= (e.g. the top-k indices)")
         if self.query_side:
             phi = self.psi[:] if sel is None else self.psi[sel]
-            psi = self._apply_kernel(np.asarray(phi, dtype=np.float64))
+            if q.shape[0] <= n_rows and self._kernel_within_groups():  # (K_j φ_j(q)) · φ_j(x), on the fewer rows
+                q, psi = self._apply_kernel(q.astype(np.float64)), np.asarray(phi, dtype=np.float32)
+            else:
+                psi = self._apply_kernel(np.asarray(phi, dtype=np.float64))
         else:
             psi = np.asarray(self.psi if sel is None else self.psi[sel], dtype=np.float32)
         out = np.empty((q.shape[0], n_rows, self.n_groups), dtype=np.float32)
@@ -179,6 +182,34 @@ class FittedMethod:
             for j, (_, lo, hi) in enumerate(self.group_slices):
                 out[start:stop, j] = prod[:, lo:hi].sum(1)
         return out
+
+    def topk_contributions(self, query_features: Any, idx: Any, *, group_slices: Any = None) -> np.ndarray:
+        """Per-group contributions of each query's own rows: (Q, r, M) float32, out[q, i, j] = c_j(q, idx[q, i]) for
+        `idx` (Q, r) (e.g. the top-k indices). In query-side mode K is applied to all queries at once."""
+        q = np.asarray(self._check_queries(query_features, group_slices), dtype=np.float32)
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.ndim != 2 or len(idx) != len(q):
+            raise UserError(f"idx must be (Q, r) with Q = {len(q)} query rows, got shape {idx.shape}")
+        check_rows(idx.reshape(-1), self.n_train)
+        on_queries = self.query_side and self._kernel_within_groups()
+        if on_queries:  # K block-diagonal within groups and symmetric: c_j = (K_j φ_j(q)) · φ_j(x)
+            q = self._apply_kernel(q.astype(np.float64))
+        starts = np.asarray([start for _, start, _ in self.group_slices])
+        out = np.empty((len(q), idx.shape[1], self.n_groups), dtype=np.float32)
+        for r in range(len(q)):
+            if self.query_side and not on_queries:  # a kernel block spans groups: ψ rows = φ K
+                rows = self._apply_kernel(np.asarray(self.psi[idx[r]], dtype=np.float64))
+            else:
+                rows = np.asarray(self.psi[idx[r]], dtype=np.float32)
+            out[r] = np.add.reduceat(rows * q[r], starts, axis=1)
+        return out
+
+    def _kernel_within_groups(self) -> bool:
+        """Whether every block of the query-side K lies inside one group (per-group kernel, or a single group): then
+        c_j(q, n) = φ_j(q)ᵀ K_j φ_j(x_n) may be computed as (K_j φ_j(q)) · φ_j(x_n). A shared K spanning groups mixes
+        them: c_j(q, n) = φ_j(q) · (K φ(x_n))_j differs from (K φ(q))_j · φ_j(x_n)."""
+        return all(any(lo <= start and stop <= hi for _, lo, hi in self.group_slices)
+                   for _, start, stop in self.query_kernel)
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, extra: dict | None = None, chunk_rows: int = 65536) -> Path:

@@ -14,8 +14,8 @@ from gradtrace.methods.rows import allocate_psi, as_float32_rows, effective_chun
 class TracIn(Method):
     """τ(q, n) = φ(q) · φ(x_n). One pass over Φ checks it is finite; Ψ is Φ itself.
 
-    A float32 Φ (array or memmap) is referenced as Ψ; any other dtype, or a given `psi_path`, is
-    copied to float32 in row chunks.
+    Φ (array or memmap, of any storage dtype: scoring upcasts each row chunk to float32) is referenced as Ψ, so
+    memory does not grow with N; a given `psi_path` gets a float32 copy written in row chunks.
     """
 
     name = "tracin"
@@ -23,7 +23,7 @@ class TracIn(Method):
     def _fit(self, phi: np.ndarray, group_slices: list[tuple[str, int, int]], *, chunk_rows: int,
              progress: bool, psi_path: str | os.PathLike | None) -> FittedMethod:
         n, k = phi.shape
-        copy = psi_path is not None or phi.dtype != np.float32
+        copy = psi_path is not None
         psi = allocate_psi(n, k, psi_path) if copy else phi
         rows = effective_chunk_rows(chunk_rows, 4 * k)
         for start, stop in row_chunks(n, rows, progress=progress, desc="tracin: check features"):

@@ -118,3 +118,49 @@ def retrieval_summary(scores: Any, relevant: Any, k: int = 10) -> dict:
     ap = average_precision(scores, relevant)
     return {"recall_at_k": rec.as_dict()["mean"], "map": ap.as_dict()["mean"], "k": int(k),
             "n_queries": int(rec.values.size), "n_undefined": rec.n_undefined}
+
+
+def label_relevance(query_labels: Any, train_labels: Any) -> np.ndarray:
+    """(Q, N) bool: training item n carries query q's label value. A query label of None (not set: a null token,
+    a missing metadata value) matches nothing, so that query's metrics are undefined; a training item without
+    the label is never relevant. Labels compare as strings."""
+    q = [None if v is None else str(v) for v in query_labels]
+    t = [None if v is None else str(v) for v in train_labels]
+    values = sorted({v for v in t if v is not None} | {v for v in q if v is not None})
+    code = {v: i for i, v in enumerate(values)}
+    return shared_value_relevance(np.array([code[v] if v is not None else -1 for v in q], dtype=np.int64),
+                                  np.array([code[v] if v is not None else -2 for v in t], dtype=np.int64))
+
+
+def bootstrap_mean(values: Any, *, n_bootstrap: int, seed: int = 0) -> dict:
+    """{"mean", "ci95", "n_defined", "n_undefined"}: mean over the defined (finite) per-query values with a
+    percentile bootstrap 95% CI over those queries (seeded); CI None with fewer than two defined values."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    ok = np.isfinite(v)
+    doc = {"mean": None, "ci95": [None, None], "n_defined": int(ok.sum()), "n_undefined": int((~ok).sum())}
+    if ok.any():
+        doc["mean"] = float(v[ok].mean())
+    if ok.sum() > 1:
+        doc["ci95"] = list(_percentile_ci(v[ok], n_bootstrap, seed))
+    return doc
+
+
+def paired_difference(a: Any, b: Any, *, n_bootstrap: int, seed: int = 0) -> dict:
+    """mean(b − a) over the queries where both are defined, with a paired percentile bootstrap 95% CI over those
+    queries (the same resampled queries for both), and a verdict: "higher" / "lower" when the CI excludes zero."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise UserError(f"paired values need the same queries, got {a.size} and {b.size}")
+    doc = bootstrap_mean(np.where(np.isfinite(a) & np.isfinite(b), b - a, np.nan), n_bootstrap=n_bootstrap,
+                         seed=seed)
+    lo, hi = doc["ci95"]
+    doc["verdict"] = ("higher" if lo is not None and lo > 0 else "lower" if hi is not None and hi < 0
+                      else "no clear difference")
+    return doc
+
+
+def _percentile_ci(values: np.ndarray, n_bootstrap: int, seed: int) -> tuple[float, float]:
+    idx = np.random.default_rng(int(seed)).integers(0, len(values), size=(int(n_bootstrap), len(values)))
+    means = values[idx].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))

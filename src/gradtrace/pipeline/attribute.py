@@ -12,27 +12,46 @@ from dataclasses import replace
 from pathlib import Path
 
 from gradtrace.attribution import query_side_for, score_queries, write_attributions
+from gradtrace.attribution.sharded import attribute_sharded
+from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.methods import configure, get_method
 from gradtrace.pipeline.model_scoring import attribute_model_run, configure_model_method
 from gradtrace.pipeline.specs.attribute import AttributeSpec
+from gradtrace.ranks import rank_and_world
 from gradtrace.report.attributions import draw_attributions, is_text_store, write_text_attributions
 
 UNIFORM = "uniform"  # the --compare-uniform run, inside the output folder
 
 
-def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict:
-    """Score the queries (one recipe: `gradtrace.attribution`), write the attributions and the report."""
+def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict | None:
+    """Score the queries (one recipe: `gradtrace.attribution`), write the attributions and the report.
+
+    Under torchrun (WORLD_SIZE > 1) a feature kernel's ranks each score their rows of the store and the last rank
+    writes the same artefact (`gradtrace.attribution.sharded`); the other ranks return None."""
     if get_method(spec.method).needs_model:
         return attribute_model_run(configure_model_method(spec, spec.method), spec, progress=progress)
     method = configure(spec.method, kernel=spec.kernel)
-    train = FeatureStore.open(spec.train)
-    queries = FeatureStore.open(spec.queries)
-    scored = score_queries(train, queries, method=method, kernel=spec.kernel, c=spec.lambda_c,
-                           weights_path=spec.weights, aspect=spec.aspect, learning_queries=spec.learning_queries,
-                           query_side=query_side_for(train, spec.kernel), progress=progress)
-    doc = write_attributions(scored, train, queries, spec.out, top_k=spec.top_k, progress=progress,
-                             spec=spec.to_dict())
+    rank, world = rank_and_world()
+    if world > 1:
+        if spec.compare_uniform:
+            raise UserError("--compare-uniform is not split over ranks; run the uniform attribute as its own command "
+                            "(--lambda-c set to the learned weights' c), or run without torchrun")
+        doc = attribute_sharded(spec.train, spec.queries, spec.out, rank=rank, world=world, method=method,
+                                kernel=spec.kernel, c=spec.lambda_c, weights_path=spec.weights, aspect=spec.aspect,
+                                learning_queries=spec.learning_queries, top_k=spec.top_k, spec=spec.to_dict(),
+                                progress=progress)
+        if doc is None:
+            return None
+        train, queries = FeatureStore.open(spec.train, require_complete=False), FeatureStore.open(spec.queries)
+    else:
+        train = FeatureStore.open(spec.train)
+        queries = FeatureStore.open(spec.queries)
+        scored = score_queries(train, queries, method=method, kernel=spec.kernel, c=spec.lambda_c,
+                               weights_path=spec.weights, aspect=spec.aspect, learning_queries=spec.learning_queries,
+                               query_side=query_side_for(train, spec.kernel), progress=progress)
+        doc = write_attributions(scored, train, queries, spec.out, top_k=spec.top_k, progress=progress,
+                                 spec=spec.to_dict())
     if spec.report and is_text_store(train):
         write_text_attributions(train, queries, doc, Path(spec.out) / "report.md")
     elif spec.report:

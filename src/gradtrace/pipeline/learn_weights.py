@@ -25,6 +25,7 @@ from gradtrace.adapters import adapter_of
 from gradtrace.attribution import default_weights_path, fit_method, query_set_id, resolve_learning_c, store_identity
 from gradtrace.data.sources import sampling_of
 from gradtrace.errors import UserError
+from gradtrace.evaluate.eval_retrieval import labels_of
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json, write_json_atomic
 from gradtrace.methods import configure, get_method
@@ -33,6 +34,7 @@ from gradtrace.pipeline.model_scoring import configure_model_method, learn_weigh
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
 from gradtrace.weights import learn_weights, save_weights
+from gradtrace.weights.family import learn_family_weights
 
 LEARNING_SETS = "learning-queries"
 SET_MANIFEST = "learning-queries.json"
@@ -107,8 +109,14 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
     train.check_compatible(queries)
     c_value, lambda_table = resolve_learning_c(train, queries, method, spec.kernel, spec.lambda_c, spec.k)
     fitted = fit_method(train, method, kernel=spec.kernel, c=c_value, progress=progress)
-    result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
-                           l2=spec.l2, guard=spec.guard, progress=progress)
+    if spec.objective == "snr":
+        result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
+                               l2=spec.l2, guard=spec.guard, progress=progress)
+    else:
+        families = labels_of(queries.settings["source"], queries.ids, [spec.family], spec.family_labels,
+                             "family")[spec.family]
+        result = learn_family_weights(fitted, np.asarray(queries.features), families, objective=spec.objective,
+                                      k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
     provenance = {
         "command": command_line(), "spec": spec.to_dict(),
         "base_method": fitted.info, "method": method.name, "kernel": method.kernel_kind,

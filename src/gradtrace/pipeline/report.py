@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 
 from gradtrace import __version__
+from gradtrace.attribution.run_check import open_run
+from gradtrace.attribution.weights_file import store_identity, weights_for
 from gradtrace.data.sources import load_source
 from gradtrace.errors import UserError
 from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT
 from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
+from gradtrace.evaluate.eval_retrieval import RESULT as RETRIEVAL_RESULT
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import atomic_write, command_line, read_json
 from gradtrace.methods import get_method, known_methods
@@ -43,19 +46,9 @@ def _json(folder: str, name: str, what: str, key: str) -> tuple[Path, dict]:
     return file.parent, doc
 
 
-def load_attributions(folder: str) -> tuple[Path, dict]:
-    """(folder, attributions document) of an attribute output folder, refusing anything else in one line."""
-    path, doc = _json(folder, ATTRIBUTIONS, "`gradtrace attribute`", "queries")
-    manifest = doc.get("manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != "gradtrace-attributions":
-        raise UserError(f"{path / ATTRIBUTIONS} is not a gradtrace attributions file; "
-                        "pass an `attribute` output folder")
-    return path, doc
-
-
 def load_run(folder: str) -> sections.Run:
     """An attribute output folder with the examples its ids refer to, labelled by its weights."""
-    path, doc = load_attributions(folder)
+    path, doc = open_run(folder)  # the document and its arrays, checked whole
     manifest = doc["manifest"]
     sources = {}
     for side, what in (("train", "training"), ("query", "query")):
@@ -93,16 +86,19 @@ def _labelled(folders: list[str]) -> list[sections.Run]:
     return runs
 
 
-def _weights(path: str) -> tuple[Path, dict]:
+def _weights(path: str, run: sections.Run) -> tuple[Path, dict]:
+    """A weights file charted beside `run`: the weights-file rule of `attribute` (its groups are the run's, a
+    learned file was learned for the run's training store)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"weights file not found: {path}; pass a file written by `gradtrace learn-weights`")
-    doc = read_json(p, "weights file")
-    table = doc.get("weights") if isinstance(doc, dict) else None
-    if not isinstance(table, dict) or not table or not all(
-            isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf") for v in table.values()):
-        raise UserError(f"{path} is not a weights file ({{\"weights\": {{group: non-negative number}}}}); "
-                        "pass a file written by `gradtrace learn-weights`")
+    if p.is_dir():
+        raise UserError(f"{path} is a directory; pass a weights file written by `gradtrace learn-weights`")
+    m = run.doc["manifest"]
+    if not recorded_needs_model(m):
+        train = FeatureStore.open(m["train_store"])
+        identity, what = store_identity(train), str(train.path)
+    else:  # a method that scored the model directly (EK-FAC): its model is what the run records
+        identity, what = {"model_fingerprint": m.get("model_fingerprint")}, f"the model of {run.path}"
+    _, doc = weights_for(p, list(run.doc["groups"]), identity, what)
     return p, doc
 
 
@@ -115,10 +111,11 @@ def report_run(spec: ReportSpec, *, progress: bool = True) -> Path:
                 run.queries.source != runs[0].queries.source:
             raise UserError(f"{run.path} attributes other queries than {runs[0].path}; runs shown side by side "
                             "must score the same query store")
-    weights = [_weights(w) for w in spec.weights]
+    weights = [_weights(w, runs[0]) for w in spec.weights]
     lds = [_json(d, LDS_RESULT, "`gradtrace eval lds`", "lds") for d in spec.lds]
     counterfactual = [_json(d, COUNTERFACTUAL_RESULT, "`gradtrace eval counterfactual`", "summary")
                       for d in spec.counterfactual]
+    retrieval = [_json(d, RETRIEVAL_RESULT, "`gradtrace eval retrieval`", "runs") for d in spec.retrieval]
     unfinished = [str(p) for p, d in counterfactual if not d.get("finished")]
     if unfinished:
         raise UserError(f"counterfactual retraining in {unfinished[0]} is not finished; rerun its command first")
@@ -136,12 +133,16 @@ def report_run(spec: ReportSpec, *, progress: bool = True) -> Path:
     if counterfactual:
         body.append(sections.counterfactual_section(counterfactual))
         nav.append(("counterfactual", "counterfactual"))
+    if retrieval:
+        body.append(sections.retrieval_section(retrieval))
+        nav.append(("retrieval", "retrieval"))
     manifest = {"format": "gradtrace-report", "format_version": 1, "gradtrace": __version__,
                 "command": command_line(), "spec": spec.to_dict(),
                 "inputs": {"attributions": [str(r.path.resolve()) for r in runs],
                            "weights": [str(p.resolve()) for p, _ in weights],
                            "lds": [str(p.resolve()) for p, _ in lds],
-                           "counterfactual": [str(p.resolve()) for p, _ in counterfactual]}}
+                           "counterfactual": [str(p.resolve()) for p, _ in counterfactual],
+                           "retrieval": [str(p.resolve()) for p, _ in retrieval]}}
     body.append('<section id="made-by"><h2>How this page was made</h2>' + html.facts("manifest", manifest)
                 + '<script type="application/json" id="gradtrace-manifest">'
                 + json.dumps(manifest).replace("</", "<\\/") + "</script></section>")

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gradtrace.attribution.run_check import open_run
 from gradtrace.data.registry import is_text_spec
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.pipeline.report import load_attributions, load_run
+from gradtrace.pipeline.report import load_run
 from gradtrace.report import html, sections
 from gradtrace.report.attributions import is_text_store
 from gradtrace.report.figures import to_display
@@ -46,7 +47,7 @@ class AttributionResult:
 
     @classmethod
     def open(cls, folder) -> "AttributionResult":
-        path, doc = load_attributions(str(folder))  # the examples load on first use (images(), the inline view)
+        path, doc = open_run(str(folder))  # checked whole; the examples load on first use (images(), inline view)
         return cls(path=path, doc=doc)
 
     @property

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from gradtrace.adapters import adapter_of
-from gradtrace.data.sources import save_samples
+from gradtrace.data.sources import SAMPLE_CAUSE, save_samples
 from gradtrace.errors import UserError
-from gradtrace.io import command_line, read_json, sha256_arrays
+from gradtrace.io import check_finite, command_line, read_json, sha256_arrays
 from gradtrace.pipeline.devices import resolve_device
 from gradtrace.pipeline.specs.sample import DEFAULT_NUM, SAMPLERS, SampleSpec, parse_attrs, read_prompts  # noqa: F401
 from gradtrace.precision import autocast
@@ -35,6 +35,7 @@ def sample_run(spec: SampleSpec, *, progress: bool = True) -> Path:
                                       steps=spec.sample_steps, sampler=spec.sampler, seed=spec.seed, eta=spec.eta,
                                       progress=progress)
     images = images.to(torch.float32)
+    check_finite(images, "sample", SAMPLE_CAUSE)  # before the grid: a refused set writes nothing
     info = {"checkpoint": str(Path(spec.checkpoint).resolve()), "model_fingerprint": ckpt.fingerprint,
             "attributes": attrs, "attribute_values": vocabulary,
             "guidance": spec.guidance, "sampler": spec.sampler, "sample_steps": spec.sample_steps, "seed": spec.seed,

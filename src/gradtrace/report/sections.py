@@ -174,3 +174,30 @@ def counterfactual_section(results: Sequence[tuple[Path, dict]]) -> str:
             + table(("result", "queries", "Δ without top-k", "Δ without random k", "difference",
                      "fraction top > random"), rows)
             + "".join(facts(f"manifest of {p}", d.get("manifest", {})) for p, d in results) + "</section>")
+
+
+def _d(r: dict) -> str:
+    if r.get("mean") is None:
+        return "undefined"
+    lo, hi = (r.get("ci95") or [None, None])[:2]
+    return f"{r['mean']:+.4f}" + ("" if lo is None else f" [{lo:+.4f}, {hi:+.4f}]")
+
+
+def retrieval_section(results: Sequence[tuple[Path, dict]]) -> str:
+    """Recall@k and mAP per run and aspect (mean [95% CI]), and the paired differences between runs."""
+    out = ['<section id="retrieval"><h2>Retrieval by aspect</h2><p class="note">A training example is relevant '
+           'to a query for an aspect when it carries the query\'s value of that label column. Mean over the queries '
+           'that have a value, with a bootstrap 95% CI; differences are paired over the same queries.</p>']
+    for path, doc in results:
+        metrics = [f"recall@{k}" for k in doc["manifest"]["k"]] + ["map"]
+        rows = [(run["name"], aspect, *[_ci(row[m]) if m in row else "—" for m in metrics],
+                 next(iter(row.values()))["n_defined"])
+                for run in doc["runs"] for aspect, row in run["metrics"].items()]
+        out.append(f"<h3>{esc(path)}</h3>" + table(("run", "aspect", *[f"{m} [95% CI]" for m in metrics],
+                                                    "queries"), rows))
+        if doc.get("differences"):
+            out.append(table(("a", "b", "aspect", "metric", "b − a [95% CI]", "verdict"),
+                             [(d["a"], d["b"], d["aspect"], d["metric"], _d(d), d["verdict"])
+                              for d in doc["differences"]]))
+        out.append(facts(f"manifest of {path}", doc.get("manifest", {})))
+    return "".join(out) + "</section>"

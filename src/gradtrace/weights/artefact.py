@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gradtrace.errors import UserError
-from gradtrace.io import read_json, versions, write_json_atomic
+from gradtrace.io import check_finite, read_json, versions, write_json_atomic
 from gradtrace.weights.learn import WeightsResult
 
 FORMAT = "gradtrace.group-weights/1"
@@ -37,6 +37,9 @@ def save_weights(path: str | os.PathLike, result: WeightsResult, provenance: dic
         json.dumps(provenance)
     except (TypeError, ValueError) as exc:
         raise UserError(f"provenance is not JSON-serialisable ({exc}); pass plain numbers, strings, lists, dicts")
+    check_finite(np.asarray(result.weights, dtype=np.float64), "learn-weights",
+                 "the learning queries' scores are NaN/Inf or the optimiser diverged; check the feature stores or "
+                 "lower --lr")
     learning = {key: result.info[key] for key in _LEARNING_KEYS if key in result.info}
     if result.loss_curve:
         learning["first_loss"], learning["last_loss"] = result.loss_curve[0], result.loss_curve[-1]

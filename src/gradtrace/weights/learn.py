@@ -215,6 +215,13 @@ def _optimise(make_objective, shape: tuple[int, int, int], opts: dict,
     return theta.detach().numpy().copy(), curve, info
 
 
+def optimise_weights(make_objective, shape: tuple[int, int, int], opts: dict,
+                     progress: bool) -> tuple[np.ndarray, list, dict]:
+    """AdamW on θ from 0 (uniform) for another objective of w (`gradtrace.weights.family`): `make_objective()` →
+    (w -> loss, path name); `opts` holds k, steps, lr, l2 and seed; returns (θ, loss curve, info)."""
+    return _optimise(make_objective, shape, opts, progress)
+
+
 def _snapshot(optimiser: torch.optim.Optimizer) -> dict:
     """A copy of the optimizer's state dict (its tensors cloned), for a rollback."""
     state = optimiser.state_dict()

@@ -129,7 +129,7 @@ class CausalLMAdapter(ModelAdapter):
         if not is_lm_folder(folder):
             raise UserError(f"checkpoint model folder missing or unfinished: {folder}; train again")
         try:
-            lm = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+            lm = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"cannot load the model in {folder} ({str(exc).splitlines()[0][:200]}); train again") \
                 from None

@@ -134,7 +134,7 @@ def load_base(path) -> Base:
     root = root.resolve()
     tok_fp = tokenizer_fingerprint(root)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(root, attn_implementation="eager")
+        lm = AutoModelForCausalLM.from_pretrained(root, attn_implementation="eager", use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(root)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -12,6 +12,7 @@ deterministic for its seed.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -71,6 +72,9 @@ def load_lora(lm: nn.Module, folder) -> nn.Module:
     """The LM with the peft adapter saved in `folder` (adapter_config.json + adapter_model.safetensors), trainable."""
     from peft import PeftModel
 
+    if not (Path(folder) / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle .bin
+        raise UserError(f"{folder} has no adapter_model.safetensors (pickled weights are never loaded); save the "
+                        "adapter with safe_serialization=True")
     try:
         return PeftModel.from_pretrained(lm, str(folder), is_trainable=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -21,7 +21,7 @@ from gradtrace.adapters.classifier.models import build_model, check_logits
 from gradtrace.adapters.classifier.objective import MEASUREMENTS, ClassifierObjective, margins
 from gradtrace.adapters.classifier.train import TrainConfig, train
 from gradtrace.data.base import ImageDataset
-from gradtrace.data.sources import Examples, load_source
+from gradtrace.data.sources import Examples, load_source, require_images
 from gradtrace.errors import UserError
 
 AUTO_KIND = "resnet"
@@ -68,6 +68,7 @@ class ClassifierAdapter(ModelAdapter):
         if base is not None or lora_rank is not None:
             raise UserError("classifiers are trained from scratch here; --base and --lora-rank fine-tune a diffusers "
                             "pipeline (drop them)")
+        require_images(dataset, "classifiers")
         options = dict(model_options or {})
         if kind == "auto":
             kind = "factory" if "factory" in options else AUTO_KIND

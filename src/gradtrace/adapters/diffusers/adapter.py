@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
@@ -35,6 +35,7 @@ from gradtrace.adapters.diffusers.latents import encode_latents, fit_resolution
 from gradtrace.adapters.diffusers.model import LORA_TARGETS, PixelDiffusion, TextToImage, lora_shape, peft_format
 from gradtrace.adapters.diffusers.objective import TextObjective
 from gradtrace.adapters.diffusers.train import FineTuneConfig, fine_tune
+from gradtrace.adapters.diffusion.ddim import StableDDIMScheduler
 from gradtrace.adapters.diffusion.groups import PRESETS, block_key
 from gradtrace.adapters.diffusion.measure import MEASUREMENTS, DiffusionObjective, Measurement
 from gradtrace.adapters.diffusion.outputs import GridLosses
@@ -178,11 +179,14 @@ class DiffusersAdapter(ModelAdapter):
         if model_options is not None:
             raise UserError("--model-options sets a classifier's architecture; a pipeline fine-tune takes --base and "
                             "--lora-rank (drop --model-options)")
-        if base is None or lora_rank is None:
-            raise UserError("fine-tuning a pipeline trains LoRA adapters: pass --base PIPELINE and --lora-rank R")
-        if not is_text_to_image(base):
+        if base is not None and not Path(base).is_dir():
+            raise UserError(f"--base {base}: no such folder; pass a diffusers text-to-image pipeline folder "
+                            "(save_pretrained) or a transformers causal-LM folder")
+        if base is not None and not is_text_to_image(base):
             raise UserError(f"{base} is not a text-to-image pipeline; gradtrace fine-tunes text-to-image pipelines "
                             "with LoRA (attribute an unconditional one with --checkpoint)")
+        if base is None or lora_rank is None:
+            raise UserError("fine-tuning a pipeline trains LoRA adapters: pass --base PIPELINE and --lora-rank R")
         if not all(isinstance(m.get("text"), str) for m in dataset.metadata):
             raise UserError(f"dataset '{dataset.name}' has no 'text' caption per image; add a text column to "
                             "metadata.jsonl")
@@ -257,7 +261,7 @@ class DiffusersAdapter(ModelAdapter):
         if not prompts or len(prompts) != num:
             raise UserError("a text-to-image model needs one prompt per image; pass --prompt TEXT or --prompts FILE")
         model, parts = checkpoint.model, checkpoint.model.components
-        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+        cls = StableDDIMScheduler if sampler == "ddim" else DDPMScheduler
         pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                        unet=model.unet, scheduler=cls.from_config(parts.scheduler.config),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -276,8 +280,9 @@ class DiffusersAdapter(ModelAdapter):
             raise UserError("an unconditional model takes no prompts; drop --prompt/--prompts")
         parts = checkpoint.model.components
         if sampler == "ddim":
-            pipe, extra = DDIMPipeline(unet=checkpoint.model.unet, scheduler=DDIMScheduler.from_config(
-                parts.scheduler.config)), {"eta": eta}
+            scheduler = StableDDIMScheduler.from_config(parts.scheduler.config)
+            pipe, extra = DDIMPipeline(unet=checkpoint.model.unet, scheduler=scheduler), {"eta": eta}
+            pipe.scheduler = scheduler  # DDIMPipeline converts its scheduler to a plain DDIMScheduler
         else:
             pipe, extra = DDPMPipeline(unet=checkpoint.model.unet, scheduler=DDPMScheduler.from_config(
                 parts.scheduler.config)), {}

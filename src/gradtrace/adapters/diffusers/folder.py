@@ -83,10 +83,11 @@ def load_pixel_components(path) -> PixelComponents:
     else:
         raise UserError(f"{root} is neither a diffusers pipeline (model_index.json) nor a UNet2DModel folder with "
                         "scheduler_config.json; pass a folder saved with save_pretrained")
-    if not weight_files(unet_dir):
-        raise UserError(f"{unet_dir} has no weights (*.safetensors or *.bin); save the model again")
+    if not safe_weights(unet_dir):
+        raise UserError(f"{unet_dir} has no *.safetensors weights{PICKLE_NOTE}; save the model with save_pretrained "
+                        "(safe_serialization=True)")
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir)
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)  # never a pickle
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -110,8 +111,9 @@ def check_text_to_image(path) -> Path:
         raise UserError(f"pipeline {root} ({index.get('_class_name', '?')}) lacks {', '.join(missing)}; a "
                         f"text-to-image pipeline needs {', '.join(TEXT_TO_IMAGE)}")
     for part in ("unet", "vae", "text_encoder"):
-        if not weight_files(root / part):
-            raise UserError(f"pipeline {root} has no weights in {part}/ (*.safetensors or *.bin); save it again")
+        if not safe_weights(root / part):
+            raise UserError(f"pipeline {root} has no *.safetensors weights in {part}/{PICKLE_NOTE}; save it again "
+                            "with save_pretrained (safe_serialization=True)")
     return root
 
 
@@ -119,6 +121,14 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 LOAD_KEYS = ("_name_or_path",)  # config keys that say where a model was loaded from
+
+
+PICKLE_NOTE = " (pickled *.bin/*.pt weights are never loaded: unpickling can run code)"
+
+
+def safe_weights(folder: Path) -> list[Path]:
+    """The *.safetensors weights of `folder`: the only weights gradtrace loads (`use_safetensors=True`)."""
+    return [p for p in weight_files(folder) if p.name.endswith(".safetensors")]
 
 
 def files_fingerprint(root: Path, parts) -> str:
@@ -164,9 +174,9 @@ def load_components(path) -> Components:
     """Load unet, vae, text encoder, tokenizer and the training noise scheduler of a pipeline folder."""
     root = check_text_to_image(path).resolve()
     try:
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", use_safetensors=True)  # never a pickle
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
     except (OSError, ValueError, TypeError, KeyError) as exc:

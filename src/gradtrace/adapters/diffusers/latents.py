@@ -50,5 +50,6 @@ def encode_latents(vae, vae_fingerprint: str, images: torch.Tensor, resolution: 
              for s in range(0, len(images), BATCH)]
     latents = torch.cat(parts).to(torch.float32).contiguous()
     if path is not None:
-        write_npy_atomic(path, latents.numpy())
+        write_npy_atomic(path, latents.numpy(), stage="VAE latents",
+                         cause="the VAE overflowed (its dtype, or images outside [-1, 1])")
     return latents

@@ -20,7 +20,7 @@ from gradtrace.adapters.diffusion.outputs import GridLosses
 from gradtrace.adapters.diffusion.sample import sample
 from gradtrace.adapters.diffusion.train import TrainConfig, train
 from gradtrace.adapters.diffusion.unet import build_model, make_scheduler
-from gradtrace.data.sources import Examples, load_source
+from gradtrace.data.sources import Examples, load_source, require_images
 from gradtrace.errors import UserError
 
 # The preferred model kind per dataset when the kind is "auto": digits are the unconditional benchmark.
@@ -72,6 +72,7 @@ class TinyUNetAdapter(ModelAdapter):
         if base is not None or lora_rank is not None:
             raise UserError("the diffusion-unet adapter trains tiny UNets from scratch; --base and --lora-rank "
                             "fine-tune a diffusers pipeline (drop --adapter)")
+        require_images(dataset, "the tiny diffusion UNets")
         if kind == "auto":
             kind = AUTO_MODEL.get(dataset.name, "conditional" if dataset.attributes else "unconditional")
         if kind == "conditional" and not dataset.attributes:

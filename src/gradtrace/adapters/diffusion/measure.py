@@ -18,6 +18,7 @@ An example's noise depends only on (seed, id, t), never on batch size, order or 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -80,6 +81,24 @@ class Measurement:
         if self.name == "dtrak":
             return (eps_pred ** 2).mean()
         return eps_pred.mean()
+
+
+BAND_NAMES = {1: ("all",), 2: ("high", "low"), 3: ("high", "mid", "low")}
+
+
+def band_names(n: int) -> tuple[str, ...]:
+    """Names of n timestep bands, high noise (large t) first: high / mid / low up to 3, else b0 (highest) ..."""
+    return BAND_NAMES.get(int(n)) or tuple(f"b{i}" for i in range(int(n)))
+
+
+def band_timesteps(timesteps, n: int) -> list[tuple[int, ...]]:
+    """The grid split into n contiguous bands of (nearly) equal count, high noise first, each ascending."""
+    ts = sorted(int(t) for t in timesteps)
+    if isinstance(n, bool) or int(n) != n or n < 1 or n > len(ts):
+        raise UserError(f"--timestep-bands must be in 1..{len(ts)} (the number of timesteps T); got {n}: raise "
+                        "--timesteps or lower --timestep-bands")
+    parts = np.array_split(np.array(ts[::-1], dtype=np.int64), int(n))
+    return [tuple(sorted(int(t) for t in p)) for p in parts]
 
 
 def timestep_grid(num_timesteps: int, num_train_timesteps: int) -> tuple[int, ...]:
@@ -188,6 +207,17 @@ class DiffusionObjective(Objective):
         rows_c = None if codes is None else codes.repeat_interleave(T, dim=0)
         eps = model(xt.reshape(B * T, *images.shape[1:]), t.repeat(B), rows_c)
         return vmap(self.measurement.reduce)(eps.reshape(B, T, *eps.shape[1:]), noise).sum()
+
+    def timestep_bands(self, n: int) -> list[tuple[str, "DiffusionObjective"]]:
+        """[(name, this objective on that band's timesteps only)], high noise first; the noise of each (example,
+        t) is the same as on the whole grid."""
+        out = []
+        for name, ts in zip(band_names(n), band_timesteps(self.measurement.timesteps, n)):
+            band = copy.copy(self)
+            band.measurement = Measurement(name=self.measurement.name, timesteps=ts,
+                                           noise_seed=self.measurement.noise_seed)
+            out.append((name, band))
+        return out
 
     def context_stage(self, model: nn.Module) -> ContextStage | None:
         """The attribute-token tables (outside the UNet) reach it only as encoder_hidden_states."""

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from gradtrace.adapters.diffusion.ddim import StableDDIMScheduler
 from gradtrace.errors import UserError
 
 SAMPLERS = ("ddim", "ddpm")
@@ -55,10 +56,11 @@ def request_codes(model, attributes, n: int) -> np.ndarray | None:
 
 
 def make_sampler(scheduler, sampler: str):
-    """A fresh DDIM or DDPM scheduler built from the training scheduler's config."""
+    """A fresh DDIM (its update finite for every schedule: `gradtrace.adapters.diffusion.ddim`) or DDPM scheduler
+    built from the training scheduler's config."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    cls = StableDDIMScheduler if sampler == "ddim" else DDPMScheduler
     return cls.from_config(scheduler.config)
 
 

@@ -30,10 +30,20 @@ class FeaturizeSpec(Spec):
                                      "models, of loss, dtrak, mean, das; margin for classifiers, of margin, loss)",
                                      type=str)
     timesteps: int = option(10, "T timesteps averaged per example", check=positive)
+    timestep_bands: int | None = option(None, "diffusion models: split the T timesteps into N bands (3: high / mid / "
+                                        "low noise) and store one block per (parameter group x band), so that "
+                                        "kernels and weights work per band (the store holds N times --dim columns)",
+                                        type=int, check=positive)
     noise_seed: int = option(0, "seed of the per-example noise")
+    condition_on: str | None = option(None, "attribute-conditioned models: featurize every example conditioned on "
+                                      "this attribute's token alone, the other attributes' tokens null (e.g. a "
+                                      "query's style only); none: every token null (the image alone)", type=str)
     chunk: int = option(64, "examples per chunk", check=positive)
     store_dtype: str = option("float32", "storage dtype of the features", choices=STORE_DTYPES)
     overwrite: bool = option(False, "replace a store made with other settings")
+    allow_mixed_numerics: bool = option(False, "let this run add rows computed under other numerics (thread count, "
+                                        "device, dtype, library versions) than the store's other rows; recorded in "
+                                        "its manifest (its bytes then differ from a clean run's)")
     device: str = device_option()
     dtype: str = dtype_option()
 
@@ -52,4 +62,5 @@ class FeaturizeSpec(Spec):
         s = settings["spec"]
         return cls(groups=s["groups"], projection=s["projection"], dim=s["total_dim"], proj_seed=s["projection_seed"],
                    measurement=s["measurement"], timesteps=s["num_timesteps"], noise_seed=s["noise_seed"],
-                   chunk=s["chunk_rows"], store_dtype=s["dtype"], dtype=s.get("precision", "float32"), **where)
+                   chunk=s["chunk_rows"], store_dtype=s["dtype"], dtype=s.get("precision", "float32"),
+                   timestep_bands=s.get("timestep_bands"), **where)

@@ -13,9 +13,18 @@ class MergeFeaturesSpec(Spec):
     shard: list = option([], "a partial feature store (repeat: one per machine of the job)", append=True,
                          metavar="DIR")
     out: str = option(None, "the merged feature store", required=True)
+    allow_mixed_numerics: bool = option(False, "merge shards computed under other numerics (thread count, device, "
+                                        "dtype, library versions); recorded in the merged store's manifest")
 
     def validate(self) -> None:
         if len(self.shard) < 1:
             raise UserError("pass at least one --shard DIR (the feature store directory of each machine)")
-        if Path(self.out).resolve() in {Path(s).resolve() for s in self.shard}:
+        seen: dict[Path, str] = {}
+        for shard in self.shard:
+            where = Path(shard).resolve()
+            if where in seen:
+                raise UserError(f"--shard {shard} is passed twice (as {seen[where]} too); pass each machine's "
+                                "directory once")
+            seen[where] = str(shard)
+        if Path(self.out).resolve() in seen:
             raise UserError("--out must be a new directory, not one of the shards")

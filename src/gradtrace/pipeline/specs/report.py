@@ -16,6 +16,7 @@ class ReportSpec(Spec):
     lds: list = option([], "an `eval lds` output folder (repeatable)", append=True, metavar="DIR")
     counterfactual: list = option([], "an `eval counterfactual` output folder (repeatable)", append=True,
                                   metavar="DIR")
+    retrieval: list = option([], "an `eval retrieval` output folder (repeatable)", append=True, metavar="DIR")
     out: str = option(None, "the HTML file to write", required=True)
     max_queries: int = option(24, "queries shown (the first ones of the runs)", check=positive)
     title: str = option("gradtrace report", "the page's title")

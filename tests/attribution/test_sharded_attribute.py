@@ -1,0 +1,207 @@
+"""attribute under torchrun: each rank scores its rows (of the one store, or of its node's partial store), the Gram
+shares are all-reduced over gloo, the last rank merges the partial top-k. Checked against one process's `attribute`
+on the same stores: top-k ids exactly, scores / contributions / dense scores within float32 rounding (the Gram is
+summed in another order: ranks' partial sums, then their sum, so K differs from one process's in the last bits of
+float64 and not bitwise)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gradtrace.attribution.sharded import ShardRows, merge_partials, shard_ranges
+from gradtrace.cli import main
+from gradtrace.errors import UserError
+from gradtrace.features.store import FeatureStore
+from gradtrace.methods.topk import RunningTopK
+
+N, K, GROUPS, Q, CHUNK = 600, 48, 3, 7, 64  # 10 chunks, the last one short
+SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+
+
+def _settings() -> dict:
+    w = K // GROUPS
+    return {"model_fingerprint": "synthetic", "groups_spec": "synthetic",
+            "groups": [{"name": f"g{j}", "start": j * w, "stop": (j + 1) * w, "size": w, "exact": True,
+                        "params": []} for j in range(GROUPS)],
+            "projection": {"kind": "synthetic"}, "measurement": {"name": "loss"}, "dtype": "float32",
+            "dim": K, "chunk_rows": CHUNK, "source": {"synthetic": 1}}
+
+
+def _features(n, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, K))
+    scale = np.exp(0.5 * rng.standard_normal((n, 1)))
+    return (scale * (centres[np.arange(n) % 20] + 1.5 * rng.standard_normal((n, K)))).astype(np.float32)
+
+
+def _store(path, feats, ids, rank=0, world=1):
+    store = FeatureStore.create(path, _settings(), ids, rank=rank, world=world)
+    for c, start in enumerate(range(0, len(ids), CHUNK)):
+        if c % world == rank:
+            store.write(start, feats[start:start + CHUNK])
+    store.finish()
+    store.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    train, queries = _features(N, 0), _features(Q, 1)
+    ids = np.arange(N) * 3 + 5  # ids are not row numbers
+    _store(root / "train", train, ids)
+    _store(root / "queries", queries, np.arange(Q) + 10_000)
+    for r in (0, 1):  # two machines without a shared filesystem: one partial store each, at the same path
+        _store(root / f"node{r}" / "train", train, ids, rank=r, world=2)
+        _store(root / f"node{r}" / "queries", queries, np.arange(Q) + 10_000)
+    (root / "w.json").write_text(json.dumps({"weights": {"g0": 0.5, "g1": 1.5, "g2": 1.0}}))
+    return root
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, cwds, nproc=2, ok=True):
+    """Run `gradtrace attribute ARGS` under torchrun: one node with `nproc` ranks, or one node per cwd; returns the
+    launchers' (returncode, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.abspath(SRC)}
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if len(cwds) == 1:
+        launches = [cmd + ["--standalone", "--nproc-per-node", str(nproc)]]
+    else:
+        port = _port()
+        launches = [cmd + ["--nnodes", str(len(cwds)), "--nproc-per-node", "1", "--node-rank", str(r),
+                           "--master-addr", "127.0.0.1", "--master-port", str(port)] for r in range(len(cwds))]
+    procs = [subprocess.Popen(launch + ["-m", "gradtrace.cli", "--", "attribute", *args], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for launch, cwd in zip(launches, cwds)]
+    done = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0 or not ok, err[-3000:]
+        done.append((p.returncode, err))
+    return done
+
+
+def _read(out):
+    doc = json.loads((out / "attributions.json").read_text())
+    arrays = {name: np.load(out / name) for name in ("topk_ids.npy", "topk_scores.npy", "topk_contributions.npy",
+                                                      "scores.npy")}
+    return doc, arrays
+
+
+def _assert_same(sharded, single):
+    (doc_a, a), (doc_b, b) = _read(sharded), _read(single)
+    np.testing.assert_array_equal(a["topk_ids.npy"], b["topk_ids.npy"])
+    for name in ("topk_scores.npy", "topk_contributions.npy", "scores.npy"):
+        scale = np.abs(b[name]).max()
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+    assert [[t["train_id"] for t in q["top"]] for q in doc_a["queries"]] == \
+        [[t["train_id"] for t in q["top"]] for q in doc_b["queries"]]
+    assert doc_a["manifest"]["ranks"] == 2 and doc_a["manifest"]["method"]["N"] == N
+    assert doc_a["manifest"]["weights"] == doc_b["manifest"]["weights"]
+    lam_a, lam_b = doc_a["manifest"]["method"]["lambda_per_group"], doc_b["manifest"]["method"]["lambda_per_group"]
+    assert lam_a is None and lam_b is None or all(np.isclose(lam_a[g], lam_b[g], rtol=1e-12) for g in lam_b)
+
+
+@pytest.mark.parametrize("method", ["trak", "tracin"])
+def test_two_ranks_on_one_store_give_the_top_k_of_one_process(stores, tmp_path, method):
+    args = ["--train", str(stores / "train"), "--queries", str(stores / "queries"), "--method", method,
+            "--weights", str(stores / "w.json"), "--top-k", "12", "--no-progress", "--no-report"]
+    assert main(["attribute", *args, "--out", str(tmp_path / "one")]) == 0
+    _torchrun(args + ["--out", str(tmp_path / "two")], [str(tmp_path)])
+    _assert_same(tmp_path / "two", tmp_path / "one")
+
+
+def test_two_machines_score_their_partial_stores_without_copying(stores, tmp_path):
+    args = ["--train", "train", "--queries", "queries", "--lambda-c", "0.05", "--top-k", "9", "--no-progress",
+            "--no-report"]
+    assert main(["attribute", "--train", str(stores / "train"), "--queries", str(stores / "queries"), *args[4:],
+                 "--out", str(tmp_path / "one")]) == 0
+    _torchrun(args + ["--out", "out"], [str(stores / "node0"), str(stores / "node1")])
+    _assert_same(stores / "node1" / "out", tmp_path / "one")  # the last rank (node 1) writes
+    assert not (stores / "node0" / "out").exists()
+
+
+def test_a_refusal_on_a_rank_stops_every_rank_with_its_one_line_message(stores, tmp_path):
+    (code, err), = _torchrun(["--train", str(stores / "node0" / "train"), "--queries", str(stores / "queries"),
+                              "--no-progress", "--out", str(tmp_path / "x")], [str(tmp_path)], ok=False)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("gradtrace attribute: error:")]
+    # rank 1's chunks are not in node 0's partial store: rank 1 says so, rank 0 stops with the same reason (whichever
+    # exits first, torchrun then ends the other, so one or both lines are printed), exit code 2 (a UserError)
+    assert 1 <= len(lines) <= 2 and all("rank 1 of 2" in line for line in lines), err[-2000:]
+    assert "exitcode  : 2" in err and "Traceback" not in err.split("torch/distributed/elastic")[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_partial_store_without_the_ranks_chunks_is_refused(stores):
+    part = FeatureStore.open(stores / "node0" / "train", require_complete=False)
+    assert shard_ranges(part, 0, 2) == [(c * CHUNK, min(N, (c + 1) * CHUNK)) for c in range(0, 10, 2)]
+    with pytest.raises(UserError, match=r"rank 1 of 2 .* 5 of them are not in this partial store \(rows 64..127"):
+        shard_ranges(part, 1, 2)
+    whole = FeatureStore.open(stores / "train")
+    assert shard_ranges(whole, 1, 3) == [(200, 400)]
+
+
+def test_shard_rows_read_the_ranks_rows_and_the_merge_breaks_ties_like_one_process():
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    view = ShardRows(x, [(2, 5), (9, 12), (15, 16)])
+    assert view.shape == (7, 2)
+    np.testing.assert_array_equal(view[1:6], x[[3, 4, 9, 10, 11]])
+    np.testing.assert_array_equal(view[np.array([6, 0])], x[[15, 2]])
+    np.testing.assert_array_equal(view.global_rows([0, 3, 6]), [2, 9, 15])
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, size=(5, 30)).astype(np.float32)  # many ties at every cut
+    whole = RunningTopK(5, 6)
+    whole.update(scores, 0)
+    parts = []
+    for rows in ([(0, 7), (20, 30)], [(7, 20)]):
+        cols = np.concatenate([np.arange(a, b) for a, b in rows])
+        part = RunningTopK(5, 6)
+        part.update(scores[:, cols], 0)
+        idx, val = part.result()
+        parts.append({"rows": cols[idx], "scores": val, "contrib": val[:, :, None], "dense": scores[:, cols],
+                      "ranges": rows, "info": {"N": len(cols)}})
+    idx, top, contrib, dense, info = merge_partials(parts, 6, 30, 5)
+    np.testing.assert_array_equal(idx, whole.result()[0])
+    np.testing.assert_array_equal(top, whole.result()[1])
+    np.testing.assert_array_equal(contrib[:, :, 0], top)
+    np.testing.assert_array_equal(dense, scores)
+    assert info == {"N": 30}
+
+
+@pytest.mark.parametrize("query_side", [True, False])
+def test_shares_of_the_gram_and_partial_top_k_equal_one_fit_in_both_scoring_modes(stores, query_side):
+    """The path of stores too large for Ψ in memory (K on the queries) as well as the small-store one, in process:
+    each shard's Gram share summed, each shard scored, the partials merged."""
+    from gradtrace.attribution import fit_method
+    from gradtrace.attribution.sharded import gram_share, score_shard
+    from gradtrace.methods import configure
+
+    train, queries = FeatureStore.open(stores / "train"), FeatureStore.open(stores / "queries")
+    base = configure("trak", kernel="per-group", c=0.02)
+    views = [ShardRows(train.features, shard_ranges(train, r, 3)) for r in range(3)]
+    shares = [gram_share(v, train.group_slices, base.kernel) for v in views]
+    blocks = [sum(parts) for parts in zip(*shares)]
+    w = np.array([0.2, 1.0, 3.0])
+    parts = [score_shard(train, queries, base, v, blocks, w, 8, full=True, query_side=query_side, progress=False)
+             for v in views]
+    idx, top, contrib, dense, info = merge_partials(parts, 8, N, Q)
+    one = fit_method(train, "trak", c=0.02, progress=False, query_side=query_side)
+    qf = np.asarray(queries.features)
+    want_idx, want_top = one.topk(qf, 8, w)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(top, want_top, rtol=1e-5)
+    np.testing.assert_allclose(dense, one.scores(qf, w), rtol=1e-5, atol=1e-6 * np.abs(want_top).max())
+    np.testing.assert_allclose(contrib.sum(axis=2), want_top, rtol=1e-4)
+    assert info.get("query_side", False) is query_side

@@ -1,0 +1,87 @@
+"""Aspect recipes through the CLI: `featurize --condition-on` (other attribute tokens null) equals featurizing
+hand-nulled codes; `learn-weights --objective family --family COLUMN` equals the family learner called on the
+learning queries' sampled values; refusals are one line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gradtrace.adapters import get_adapter
+from gradtrace.cli import main
+from gradtrace.data import load_dataset
+from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
+from gradtrace.features.store import FeatureStore
+from gradtrace.pipeline import SampleSpec, sample_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FEAT = ["--dim", "32", "--timesteps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    assert main(["train", "--data", "shapes", "--n", "36", "--steps", "2", "--batch-size", "12",
+                 "--out", str(root / "run"), "--no-progress"]) == 0
+    assert main(["featurize", "--checkpoint", str(root / "run"), "--out", str(root / "ft"), *FEAT]) == 0
+    return root
+
+
+def test_condition_on_nulls_the_other_tokens(run):
+    assert main(["featurize", "--checkpoint", str(run / "run"), "--out", str(run / "fs"), "--condition-on", "style",
+                 *FEAT]) == 0
+    store = FeatureStore.open(run / "fs")
+    meta = load_dataset("shapes", n=36).metadata
+    styles = get_adapter().load(str(run / "run")).model.attribute_values["style"]
+    want = np.full((36, 3), -1)
+    want[:, 1] = [styles.index(m["style"]) for m in meta]
+    np.testing.assert_array_equal(store.cond, want)
+    assert store.settings["source"]["condition_on"] == "style"
+    # independent: the features stage on the same images with hand-nulled codes
+    adapter = get_adapter()
+    ckpt = adapter.load(str(run / "run"))
+    spec = FeatureSpec(**{k: v for k, v in store.settings["spec"].items()})
+    feat, _ = featurizer_for(adapter, ckpt, spec)
+    ex = adapter.examples(ckpt.model_config, store.settings["source"], ids=store.ids)
+    other = featurize(feat, ex.images, ex.ids, run / "hand", spec=spec, cond=want, model_fingerprint=ckpt.fingerprint,
+                      source={"hand": True}, progress=False)
+    np.testing.assert_array_equal(np.asarray(store.features), np.asarray(other.features))
+    assert not np.array_equal(np.asarray(store.features), np.asarray(FeatureStore.open(run / "ft").features))
+
+
+def test_family_objective_from_the_cli(run):
+    from gradtrace.attribution import fit_method
+    from gradtrace.weights.family import learn_family_weights
+
+    codes = np.array([[s % 6, s % 4, (s // 4) % 4] for s in range(12)])
+    sample_run(SampleSpec(checkpoint=str(run / "run"), out=str(run / "learn"), num=12, codes=codes, sample_steps=2,
+                          seed=5), progress=False)
+    assert main(["featurize", "--checkpoint", str(run / "run"), "--samples", str(run / "learn"),
+                 "--out", str(run / "fl"), *FEAT]) == 0
+    out = run / "w.json"
+    assert main(["learn-weights", "--train", str(run / "ft"), "--queries", str(run / "fl"), "--method", "trak",
+                 "--lambda-c", "0.1", "--objective", "family", "--family", "style", "--steps", "20",
+                 "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads(out.read_text())
+    train, learn = FeatureStore.open(run / "ft"), FeatureStore.open(run / "fl")
+    styles = get_adapter().load(str(run / "run")).model.attribute_values["style"]
+    fitted = fit_method(train, "trak", kernel="per-group", c=0.1, progress=False)
+    want = learn_family_weights(fitted, np.asarray(learn.features), [styles[c] for c in codes[:, 1]], k=10,
+                                steps=20, lr=0.05, l2=0.0, progress=False)
+    np.testing.assert_allclose([doc["weights"][n] for n in train.group_names], want.weights, rtol=1e-10)
+    assert doc["provenance"]["spec"]["objective"] == "family" and doc["learning"]["steps"] == 20
+
+
+@pytest.mark.parametrize("args, message", [
+    (["featurize", "--condition-on", "colour", *FEAT],
+     "the model's attributes are subject, style, background; pick one (or none)"),
+    (["learn-weights", "--objective", "family", "--generate", "4"], "needs --family COLUMN"),
+    (["learn-weights", "--objective", "family", "--family", "style", "--guard", "holdout", "--generate", "4"],
+     "works with --objective snr only"),
+])
+def test_refusals(run, tmp_path, capsys, args, message):
+    where = ["--checkpoint", str(run / "run")] if args[0] == "featurize" else ["--train", str(run / "ft")]
+    assert main([args[0], *where, "--out", str(tmp_path / "x"), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
