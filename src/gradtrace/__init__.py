@@ -2,6 +2,8 @@
 
 The front door (names load on first use, so `import gradtrace` stays light):
 
+    tracer = Tracer(model, train=dataset, store="runs/x")   # the model object and data you hold (examples/)
+    result = tracer.attribute(queries, method="trak", top_k=10)
     from gradtrace import FeaturizeSpec, featurize_run, AttributeSpec, attribute_run, FeatureStore
     store = featurize_run(FeaturizeSpec(checkpoint="runs/digits", out="runs/feat-train"))
     scored = score_queries(store, FeatureStore.open("runs/feat-queries"), method="trak")
@@ -23,6 +25,7 @@ _EXPORTS = {
                            "eval_counterfactual", "eval_lds", "featurize_run", "learn_weights_run", "retrain",
                            "run_demo", "sample_run", "train_run"],
     "gradtrace.pipeline.result": ["AttributionResult"],
+    "gradtrace.pipeline.tracer": ["Tracer"],
     "gradtrace.features.store": ["FeatureStore"],
     "gradtrace.methods": ["get_method"],
     "gradtrace.weights": ["learn_weights"],

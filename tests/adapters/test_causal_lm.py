@@ -276,3 +276,22 @@ def test_training_killed_after_a_saved_state_resumes_to_the_same_weights(lm, tmp
     assert again.resumed_from == 3
     assert model_fingerprint(resumed) == model_fingerprint(whole)
     np.testing.assert_array_equal(resumed.train_log["losses"], whole.train_log["losses"])
+
+
+def test_tokenizer_fingerprint_ignores_only_the_keys_of_the_loading_call(lm, tmp_path):
+    """A tokenizer loaded and saved again gains "is_local"/"local_files_only" in tokenizer_config.json: the same
+    tokenizer, the same fingerprint; any other change to the file changes it."""
+    import json
+    import shutil
+
+    from gradtrace.adapters.causal_lm.folder import tokenizer_fingerprint
+
+    folder, _ = lm
+    want = tokenizer_fingerprint(folder)
+    for name, edit in (("loaded", {"is_local": True, "local_files_only": False}), ("other", {"model_max_length": 7})):
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        config = json.loads((copy / "tokenizer_config.json").read_text())
+        config.update(edit)
+        (copy / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        assert (tokenizer_fingerprint(copy) == want) == (name == "loaded")

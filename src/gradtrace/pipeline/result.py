@@ -16,9 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gradtrace.attribution.run_check import open_run
+from gradtrace.data.registry import is_text_spec
 from gradtrace.errors import UserError
+from gradtrace.features.store import FeatureStore
 from gradtrace.pipeline.report import load_run
 from gradtrace.report import html, sections
+from gradtrace.report.attributions import is_text_store
 from gradtrace.report.figures import to_display
 
 SHOWN = 8  # queries drawn inline (the table has all)
@@ -43,10 +47,8 @@ class AttributionResult:
 
     @classmethod
     def open(cls, folder) -> "AttributionResult":
-        run = load_run(str(folder))
-        result = cls(path=run.path, doc=run.doc)
-        result._run = run
-        return result
+        path, doc = open_run(str(folder))  # checked whole; the examples load on first use (images(), inline view)
+        return cls(path=path, doc=doc)
 
     @property
     def run(self) -> sections.Run:
@@ -99,12 +101,34 @@ class AttributionResult:
                 [_pil(run.train.images[tpos[int(t["train_id"])]]) for t in top])
 
     def _repr_html_(self) -> str:
+        if self.holds_texts:
+            return self._text_html()
         run = self.run
         shown = self.query_ids[:SHOWN]
         more = len(self.query_ids) - len(shown)
         note = f'<p class="note">{more} more queries in to_pandas() and the report.</p>' if more > 0 else ""
         return (f'<div class="gradtrace"><style>{scoped_css(html.CSS, ".gradtrace")}</style>'
                 + sections.query_sections([run], shown, list(self.doc["groups"])) + note + "</div>")
+
+    @property
+    def holds_texts(self) -> bool:
+        """True when the training examples are text documents (a language model's run): no images to show."""
+        train = self.doc["manifest"].get("train_store")
+        if train is not None and Path(train).is_dir():
+            return is_text_store(FeatureStore.open(train))
+        source = self.doc["manifest"].get("train_source") or {}  # methods that score the model record sources
+        return source.get("kind") == "dataset" and is_text_spec(str(source.get("spec", "")))
+
+    def _text_html(self) -> str:
+        """Documents (language models): each shown query's text and its top-k training texts with scores."""
+        from html import escape
+
+        rows = [r for r in self.records() if r["query_id"] in set(self.query_ids[:SHOWN])]
+        body = "".join(f"<tr><td>{r['query_id']}</td><td>{escape(str(r.get('query_text', '')))}</td>"
+                       f"<td>{r['rank']}</td><td>{r['train_id']}</td><td>{escape(str(r.get('train_text', '')))}</td>"
+                       f"<td>{r['score']:.4g}</td></tr>" for r in rows)
+        return ('<div class="gradtrace"><table><tr><th>query</th><th>query text</th><th>rank</th><th>training id</th>'
+                f"<th>training text</th><th>score</th></tr>{body}</table></div>")
 
 
 def _pil(image) -> Image.Image:

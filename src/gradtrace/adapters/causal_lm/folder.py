@@ -22,6 +22,7 @@ from gradtrace.errors import UserError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "vocab.txt")
 PEFT_CONFIG = "adapter_config.json"
+LOAD_KEYS = ("is_local", "local_files_only")  # tokenizer_config.json keys that record how it was loaded
 
 
 def _json(path: Path) -> dict | None:
@@ -62,8 +63,25 @@ def tokenizer_fingerprint(path) -> str:
     h = hashlib.sha256(b"gradtrace.tokenizer.v1\n")
     for file in files:
         h.update(file.name.encode() + b"\n")
-        h.update(file.read_bytes())
+        h.update(_tokenizer_bytes(file))
     return h.hexdigest()
+
+
+def _tokenizer_bytes(file: Path) -> bytes:
+    """A tokenizer file's bytes; tokenizer_config.json without the arguments of the call that loaded the tokenizer
+    (`is_local`, `local_files_only`: transformers saves them once a loaded tokenizer is saved again), written as
+    transformers writes it, so a tokenizer saved from memory has the fingerprint of the folder it was loaded from."""
+    data = file.read_bytes()
+    if file.name != "tokenizer_config.json":
+        return data
+    try:
+        config = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(config, dict) or not any(key in config for key in LOAD_KEYS):
+        return data
+    kept = {k: v for k, v in config.items() if k not in LOAD_KEYS}
+    return (json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
 def files_state(path) -> str:

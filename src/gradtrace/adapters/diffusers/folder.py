@@ -10,6 +10,7 @@ a sha256 over the bytes of every weights file (and the configs), so it names exa
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,8 @@ def check_text_to_image(path) -> Path:
 def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
+LOAD_KEYS = ("_name_or_path",)  # config keys that say where a model was loaded from
+
 
 PICKLE_NOTE = " (pickled *.bin/*.pt weights are never loaded: unpickling can run code)"
 
@@ -136,10 +139,28 @@ def files_fingerprint(root: Path, parts) -> str:
         files = weight_files(folder) + sorted(p for p in folder.iterdir() if p.name in CONFIG_NAMES)
         for f in files:
             h.update(f"{part}/{f.name}\n".encode())
+            if f.name in CONFIG_NAMES:
+                h.update(_config_bytes(f))
+                continue
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()
+
+
+def _config_bytes(file: Path) -> bytes:
+    """A config file's bytes, without `_name_or_path` (where it was loaded from, which diffusers adds when a loaded
+    pipeline is saved again), written as diffusers and transformers write it, so a pipeline saved from memory has
+    the fingerprint of the folder it was loaded from."""
+    data = file.read_bytes()
+    try:
+        config = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(config, dict) or not any(key in config for key in LOAD_KEYS):
+        return data
+    kept = {k: v for k, v in config.items() if k not in LOAD_KEYS}
+    return (json.dumps(kept, indent=2, sort_keys=True) + "\n").encode()
 
 
 def files_state(path) -> str:
