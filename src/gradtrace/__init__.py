@@ -17,7 +17,7 @@ from importlib import import_module
 
 from gradtrace.errors import UserError  # noqa: F401  (in __all__)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 _EXPORTS = {
     "gradtrace.pipeline": ["AttributeSpec", "CounterfactualSpec", "DemoSpec", "EvalLDSSpec", "FeaturizeSpec",
