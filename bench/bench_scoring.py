@@ -29,14 +29,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import peak_rss_mb, write_docs
+from common import peak_rss_mb, run_worker, write_docs
 
 DTYPES = ("float32", "float16", "bfloat16")
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,12 +133,9 @@ def agreement(work: Path, config: str, n_spearman: int, c: float = 0.01) -> dict
 
 
 def run(args, *extra) -> dict:
-    cmd = [sys.executable, __file__, "--workdir", str(args.workdir), "--n", str(args.n), "--k", str(args.k),
-           "--queries", str(args.queries), "--top", str(args.top), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--workdir", str(args.workdir), "--n", str(args.n), "--k", str(args.k),
+                                 "--queries", str(args.queries), "--top", str(args.top), *extra],
+                      " ".join(extra))
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_docs
+from common import run_worker, write_docs
 
 GROUPS = 16
 
@@ -148,12 +147,9 @@ def measure(work: Path, what: str, top: int) -> dict:
 
 
 def run(args, *extra) -> dict:
-    cmd = [sys.executable, __file__, "--workdir", str(args.workdir), "--n", str(args.n), "--k", str(args.k),
-           "--queries", str(args.queries), "--top", str(args.top), "--dtype", args.dtype, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--workdir", str(args.workdir), "--n", str(args.n), "--k", str(args.k),
+                                 "--queries", str(args.queries), "--top", str(args.top), "--dtype", args.dtype, *extra],
+                      " ".join(extra))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,15 @@ def write_planted(workdir: Path, spec: dict) -> None:
     np.save(workdir / "queries.npy", prob.queries)
     np.save(workdir / "planted.npy", prob.planted)
     (workdir / "slices.json").write_text(json.dumps(prob.fitted.group_slices))
+
+
+def run_worker(script: str, args: list[str], what: str) -> dict:
+    """Run `python SCRIPT ARGS...` in a fresh process (so its memory and page-cache figures are its own) and return
+    the JSON object on the last line of its output; exit with its stderr's tail when it fails."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def best_of(fn, repeats: int = 3) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,21 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def json_without_keys(data: bytes, keys, *, ensure_ascii: bool = True) -> bytes:
+    """A JSON object's bytes without `keys` (those that record how a model or tokenizer was loaded, which a library
+    adds when a loaded object is saved again), re-written as diffusers and transformers write JSON (indent 2, sorted
+    keys), so an object saved from memory has the fingerprint of the folder it was loaded from. Bytes that are no
+    JSON object, or hold none of the keys, are returned as they are."""
+    try:
+        config = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(config, dict) or not any(key in config for key in keys):
+        return data
+    kept = {k: v for k, v in config.items() if k not in keys}
+    return (json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=ensure_ascii) + "\n").encode()
 
 
 def count_parameters(model: nn.Module) -> int:

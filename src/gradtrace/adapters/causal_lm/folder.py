@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradtrace.adapters.checkpoint import model_fingerprint
+from gradtrace.adapters.checkpoint import json_without_keys, model_fingerprint
 from gradtrace.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -74,14 +74,7 @@ def _tokenizer_bytes(file: Path) -> bytes:
     data = file.read_bytes()
     if file.name != "tokenizer_config.json":
         return data
-    try:
-        config = json.loads(data)
-    except ValueError:
-        return data
-    if not isinstance(config, dict) or not any(key in config for key in LOAD_KEYS):
-        return data
-    kept = {k: v for k, v in config.items() if k not in LOAD_KEYS}
-    return (json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    return json_without_keys(data, LOAD_KEYS, ensure_ascii=False)
 
 
 def files_state(path) -> str:

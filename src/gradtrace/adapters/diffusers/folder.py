@@ -10,7 +10,6 @@ a sha256 over the bytes of every weights file (and the configs), so it names exa
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import AutoTokenizer, CLIPTextModel
 
+from gradtrace.adapters.checkpoint import json_without_keys
 from gradtrace.errors import UserError
 from gradtrace.io import read_json
 
@@ -152,15 +152,7 @@ def _config_bytes(file: Path) -> bytes:
     """A config file's bytes, without `_name_or_path` (where it was loaded from, which diffusers adds when a loaded
     pipeline is saved again), written as diffusers and transformers write it, so a pipeline saved from memory has
     the fingerprint of the folder it was loaded from."""
-    data = file.read_bytes()
-    try:
-        config = json.loads(data)
-    except ValueError:
-        return data
-    if not isinstance(config, dict) or not any(key in config for key in LOAD_KEYS):
-        return data
-    kept = {k: v for k, v in config.items() if k not in LOAD_KEYS}
-    return (json.dumps(kept, indent=2, sort_keys=True) + "\n").encode()
+    return json_without_keys(file.read_bytes(), LOAD_KEYS)
 
 
 def files_state(path) -> str:
