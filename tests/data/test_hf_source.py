@@ -103,3 +103,18 @@ def test_cli_features_equal_an_image_folders_and_sources_carry_captions(pipeline
     for t in (t for q in doc["queries"] for t in q["top"]):
         assert t["source"] == {"text": f"a handwritten {NAMES[target[t['train_id']]]}",
                                "caption": NAMES[target[t["train_id"]]]}
+
+
+def test_integer_labels_keep_their_numeric_class_order(tmp_path):
+    """Twelve integer classes: class index = the label itself ("10" is class 10, not the third of sorted strings)."""
+    images, _ = digits_uint8()
+    labels = [i % 12 for i in range(24)]
+    pictures = [Image.fromarray(images[i % len(images)]) for i in range(24)]
+    ds = datasets.Dataset.from_dict({"image": pictures, "label": labels},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "label": datasets.Value("int64")}))
+    ds.save_to_disk(str(tmp_path / "twelve"))
+    loaded = load_dataset(f"hf:{tmp_path / 'twelve'}")
+    classes = loaded.attributes["label"]
+    assert classes == [str(i) for i in range(12)]
+    assert loaded.class_indices("label", classes).tolist() == labels

@@ -149,7 +149,18 @@ def load_hf(spec: str, *, size: int | None = None, n: int | None = None) -> Imag
         return TextDataset(name=name, texts=[m.pop("text") for m in rows], ids=ids, metadata=rows)
     pixels = to_pixels([_pil(value, i) for i, value in enumerate(ds[image])], size)
     return ImageDataset(name=name, images=torch.from_numpy(pixels), ids=ids, metadata=rows,
-                        attributes=attribute_vocab(rows))
+                        attributes=_vocab(rows, labels if names is None else None))
+
+
+def _vocab(rows: list[dict], int_labels) -> dict[str, list[str]]:
+    """The attribute vocabulary; integer class labels (0, 1, ...) keep their numeric order, 0..max, so that a
+    label's index is the label itself (as a classifier trained on them expects), not its place among sorted strings
+    ("10" before "2")."""
+    vocab = attribute_vocab(rows)
+    if int_labels and "label" in vocab and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in int_labels):
+        vocab["label"] = [str(i) for i in range(max(int_labels) + 1)]
+    return vocab
 
 
 def hf_holds_text(spec: str) -> bool:
