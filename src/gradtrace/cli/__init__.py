@@ -22,6 +22,7 @@ from gradtrace.errors import GradtraceWarning, UserError, os_error_line
 from gradtrace.pipeline.specs.attribute import AttributeSpec
 from gradtrace.pipeline.specs.build_lm import BuildLMSpec
 from gradtrace.pipeline.specs.build_pipeline import BuildPipelineSpec
+from gradtrace.pipeline.specs.check_captions import CheckCaptionsSpec
 from gradtrace.pipeline.specs.demo import DemoSpec
 from gradtrace.pipeline.specs.ekfac import AttributeEkfacSpec, LearnWeightsEkfacSpec
 from gradtrace.pipeline.specs.eval_retrieval import EvalRetrievalSpec
@@ -96,6 +97,9 @@ COMMANDS: dict[str, Command] = {
                        "retrain the run's model on random training subsets (for the LDS)", RETRAIN_EPILOG),
     "build-pipeline": Command(BuildPipelineSpec, "gradtrace.pipeline.build_pipeline:build_pipeline_run", "build",
                               "build and pretrain a small text-to-image pipeline (SD layout) from configs"),
+    "check-captions": Command(CheckCaptionsSpec, "gradtrace.pipeline.check_captions:check_captions_run",
+                              "check_captions", "how well a text-to-image model renders its training captions "
+                              "(nearest training image of generated ones; no labels)"),
     "build-lm": Command(BuildLMSpec, "gradtrace.pipeline.build_lm:build_lm_run", "build_lm",
                         "a small GPT-2 from a config and a BPE tokenizer trained on a text corpus (save_pretrained)"),
     "import-lora": Command(ImportLoraSpec, "gradtrace.pipeline.import_lora:import_lora_run", "train",

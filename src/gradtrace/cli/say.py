@@ -8,11 +8,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from gradtrace.evaluate.caption_fidelity import fidelity_line
 from gradtrace.evaluate.counterfactual import RESULT as COUNTERFACTUAL_RESULT, counterfactual_table
 from gradtrace.evaluate.eval_lds import RESULT as LDS_RESULT
 from gradtrace.evaluate.eval_retrieval import RESULT as RETRIEVAL_RESULT, TABLE as RETRIEVAL_TABLE
 from gradtrace.evaluate.mislabel import RESULT as MISLABEL_RESULT, mislabel_table
 from gradtrace.evaluate.tail_patch import RESULT as TAIL_PATCH_RESULT, tail_patch_table
+from gradtrace.io import read_json
+from gradtrace.pipeline.build_manifest import MANIFEST
 
 
 def train(path, spec) -> str:
@@ -52,7 +55,12 @@ def weights(result, spec) -> str:
 
 
 def build(path, spec) -> str:
-    return f"pipeline: {path}"
+    fidelity = read_json(Path(path) / MANIFEST, "build manifest").get("caption_fidelity")
+    return f"pipeline: {path}" + (f"; {fidelity_line(fidelity)}" if fidelity else "")
+
+
+def check_captions(result, spec) -> str:
+    return fidelity_line(result) + (f"; written to {spec.out}" if spec.out else "")
 
 
 def build_lm(path, spec) -> str:

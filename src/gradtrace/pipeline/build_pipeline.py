@@ -14,20 +14,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
+from gradtrace.adapters import adapter_of
 from gradtrace.adapters.diffusers.build import build_components, save_pipeline
 from gradtrace.adapters.diffusers.pretrain import pretrain
 from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.io import check_can_write, command_line, versions, write_json_atomic
 from gradtrace.pipeline.build_manifest import MANIFEST, finished_build
+from gradtrace.pipeline.check_captions import fidelity_of
 from gradtrace.pipeline.specs.build_pipeline import BuildPipelineSpec
+from gradtrace.pipeline.specs.check_captions import CheckCaptionsSpec
 
 FORMAT = "gradtrace-built-pipeline"
+
+# The default schedule (when --vae-steps / --unet-steps are not given): enough steps that every image is seen
+# EPOCHS times and, for the UNet, every distinct caption CAPTION_VIEWS times, within [FLOOR, CAP] steps.
+VAE_EPOCHS, VAE_FLOOR, VAE_CAP = 12, 400, 2000
+UNET_EPOCHS, CAPTION_VIEWS, UNET_FLOOR, UNET_CAP = 80, 800, 800, 6000
 
 
 def dataset_captions(dataset) -> list[str]:
@@ -39,6 +48,17 @@ def dataset_captions(dataset) -> list[str]:
                         f"images (first id {missing[0]}); use a captioned dataset: shapes, or imagefolder:PATH "
                         "whose metadata.jsonl gives every image a \"text\"")
     return [meta["text"] for meta in dataset.metadata]
+
+
+def training_schedule(spec: BuildPipelineSpec, n_images: int, n_captions: int) -> dict:
+    """The VAE and UNet steps: the spec's where given, else scaled to the images and distinct captions (see the
+    constants above); recorded in the manifest with what they were chosen from."""
+    def scaled(views: float, floor: int, cap: int) -> int:
+        return int(min(cap, max(floor, math.ceil(views / spec.batch_size))))
+    vae = spec.vae_steps or scaled(VAE_EPOCHS * n_images, VAE_FLOOR, VAE_CAP)
+    unet = spec.unet_steps or scaled(max(UNET_EPOCHS * n_images, CAPTION_VIEWS * n_captions), UNET_FLOOR, UNET_CAP)
+    return {"vae_steps": vae, "unet_steps": unet, "images": n_images, "distinct_captions": n_captions,
+            "vae_rule": "given" if spec.vae_steps else "scaled", "unet_rule": "given" if spec.unet_steps else "scaled"}
 
 
 def captions_digest(captions: list[str]) -> str:
@@ -58,17 +78,35 @@ def build_pipeline_run(spec: BuildPipelineSpec, *, progress: bool = True) -> Pat
         return out
     check_can_write(out)  # before minutes of pretraining
     start = time.perf_counter()
-    components = build_components(captions, image_size=dataset.size, channels=dataset.channels, seed=spec.seed)
-    log = pretrain(components, dataset.images, captions, vae_steps=spec.vae_steps, unet_steps=spec.unet_steps,
-                   batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed, progress=progress)
+    schedule = training_schedule(spec, len(captions), len(set(captions)))
+    components = build_components(captions, image_size=dataset.size, channels=dataset.channels, seed=spec.seed,
+                                  model_size=spec.model_size)
+    log = pretrain(components, dataset.images, captions, vae_steps=schedule["vae_steps"],
+                   unet_steps=schedule["unet_steps"], batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
+                   progress=progress)
     if (out / MANIFEST).exists():  # an older build is being replaced: it is unfinished until the new manifest
         (out / MANIFEST).unlink()
     save_pipeline(components, out)
     log["wall_seconds"] = round(time.perf_counter() - start, 2)
+    fidelity = _check_captions(out, dataset.images, captions, spec, schedule, progress)
     log["torch_threads"] = torch.get_num_threads()
     write_json_atomic(out / MANIFEST, {"format": FORMAT, "spec": spec.to_dict(), "command": command_line(),
-                                       "dataset": dataset_info, "log": log, "versions": versions()})
+                                       "dataset": dataset_info, "schedule": schedule, "log": log,
+                                       "caption_fidelity": fidelity, "versions": versions()})
     return out
+
+
+def _check_captions(out: Path, images, captions: list[str], spec: BuildPipelineSpec, schedule: dict,
+                    progress: bool) -> dict | None:
+    """`check-captions` on the folder just saved (None when --check-captions 0)."""
+    if not spec.check_captions:
+        return None
+    adapter = adapter_of(out)
+    start = time.perf_counter()
+    result = fidelity_of(adapter, adapter.load(out), images, captions,
+                         CheckCaptionsSpec(checkpoint=str(out), captions=spec.check_captions, seed=spec.seed),
+                         hint=f"train longer: --unet-steps {2 * schedule['unet_steps']}", progress=progress)
+    return {**result, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _cached_build(out: Path, spec: BuildPipelineSpec, dataset_info: dict) -> bool:

@@ -31,9 +31,16 @@ MAX_LENGTH = 77  # CLIP's context length: prompts are padded to it, as Stable Di
 
 VAE_CHANNELS = [16, 32]
 LATENT_CHANNELS = 4
-UNET_CHANNELS = [32, 64]
 TEXT_HIDDEN = 32
 NORM_GROUPS = 8
+# The UNet of each model size: channels per level, resnet layers per block, and which levels have cross-attention
+# (the mid block always has it). `small` is the original 2-level UNet (about 250k parameters at 16x16 images);
+# `medium` adds a third level, a second layer per block and attention on both lower levels.
+UNET_SIZES = {
+    "small": {"block_out_channels": [32, 64], "layers_per_block": 1, "attention": [False, True]},
+    "medium": {"block_out_channels": [32, 64, 128], "layers_per_block": 2, "attention": [False, True, True]},
+}
+MODEL_SIZES = tuple(UNET_SIZES)
 
 
 def byte_symbols() -> list[str]:
@@ -167,12 +174,20 @@ def vae_config(image_size: int, channels: int) -> dict:
             "norm_num_groups": NORM_GROUPS}
 
 
-def unet_config(image_size: int) -> dict:
+def unet_config(image_size: int, model_size: str = "small") -> dict:
+    size = UNET_SIZES[model_size]
+    attention = size["attention"]
     return {"sample_size": image_size // 2 ** (len(VAE_CHANNELS) - 1), "in_channels": LATENT_CHANNELS,
-            "out_channels": LATENT_CHANNELS, "block_out_channels": UNET_CHANNELS, "layers_per_block": 1,
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "out_channels": LATENT_CHANNELS, "block_out_channels": list(size["block_out_channels"]),
+            "layers_per_block": size["layers_per_block"],
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
             "cross_attention_dim": TEXT_HIDDEN, "attention_head_dim": 4, "norm_num_groups": NORM_GROUPS}
+
+
+def size_factor(model_size: str = "small") -> int:
+    """What the image size must be a multiple of: the VAE halves it once per extra level, the UNet too."""
+    return 2 ** (len(VAE_CHANNELS) - 1) * 2 ** (len(UNET_SIZES[model_size]["block_out_channels"]) - 1)
 
 
 def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -188,20 +203,24 @@ def make_scheduler() -> DDPMScheduler:
                          clip_sample=False, steps_offset=1)
 
 
-def build_components(captions: list[str], *, image_size: int = 16, channels: int = 3, seed: int = 0) -> dict:
+def build_components(captions: list[str], *, image_size: int = 16, channels: int = 3, seed: int = 0,
+                     model_size: str = "small") -> dict:
     """Untrained unet, vae, text_encoder, tokenizer (from the captions) and scheduler of an SD-layout pipeline.
 
-    Latents are image_size / 2 on a side (4 channels); each model's weights come from its own seed derived
-    from `seed`, so the same captions, sizes and seed give identical weights.
+    Latents are image_size / 2 on a side (4 channels); the UNet is `model_size` (UNET_SIZES). Each model's
+    weights come from its own seed derived from `seed`, so the same captions, sizes and seed give identical weights.
     """
-    factor = 2 ** (len(VAE_CHANNELS) - 1) * 2 ** (len(UNET_CHANNELS) - 1)
+    if model_size not in UNET_SIZES:
+        raise UserError(f"unknown model size {model_size!r}; use one of {', '.join(MODEL_SIZES)}")
+    factor = size_factor(model_size)
     if isinstance(image_size, bool) or int(image_size) != image_size or image_size < factor \
             or image_size % factor:
-        raise UserError(f"image size must be a multiple of {factor}, got {image_size}; pass e.g. size 16")
+        raise UserError(f"image size must be a multiple of {factor} for model size {model_size}, got {image_size}; "
+                        f"pass e.g. size {2 * factor if model_size == 'medium' else 16}")
     with tempfile.TemporaryDirectory(prefix="gradtrace-tokenizer-") as tmp:
         tokenizer = caption_tokenizer(captions, tmp)
     vae = _seeded(seed, 1, lambda: AutoencoderKL(**vae_config(int(image_size), int(channels))))
-    unet = _seeded(seed, 2, lambda: UNet2DConditionModel(**unet_config(int(image_size))))
+    unet = _seeded(seed, 2, lambda: UNet2DConditionModel(**unet_config(int(image_size), model_size)))
     text_encoder = _seeded(seed, 3, lambda: CLIPTextModel(text_config(tokenizer)))
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "scheduler": make_scheduler()}

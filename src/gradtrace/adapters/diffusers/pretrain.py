@@ -97,7 +97,7 @@ def _step(opt, schedule, loss: torch.Tensor) -> float:
 
 
 def _train_denoiser(unet, text_encoder, scheduler, latents, ids, empty, *, steps, batch_size, lr, seed,
-                    progress) -> list[float]:
+                    progress, after_step=None) -> list[float]:
     unet.train()
     text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -113,16 +113,19 @@ def _train_denoiser(unet, text_encoder, scheduler, latents, ids, empty, *, steps
         batch_ids = torch.where((torch.rand(batch_size, generator=drop) < CAPTION_DROPOUT)[:, None], empty, ids[idx])
         losses.append(_step(opt, schedule, denoise_loss(unet, text_encoder, scheduler, latents[idx], batch_ids, t,
                                                         noise)))
+        if after_step is not None:
+            after_step(len(losses))
     unet.eval()
     text_encoder.eval()
     return losses
 
 
 def pretrain(components: dict, images: torch.Tensor, captions: list[str], *, vae_steps: int, unet_steps: int,
-             batch_size: int, lr: float, seed: int = 0, progress: bool = True) -> dict:
+             batch_size: int, lr: float, seed: int = 0, progress: bool = True, after_unet_step=None) -> dict:
     """Train the components in place (VAE, then UNet + text encoder); returns the log of losses and times.
 
-    images: float (N, C, H, W) in [-1, 1]; captions: one string per image.
+    images: float (N, C, H, W) in [-1, 1]; captions: one string per image. `after_unet_step(step)`, if given, is
+    called after each UNet step (1-based), e.g. to save snapshots; it must not change the models' weights.
     """
     if images.ndim != 4 or len(images) != len(captions) or len(images) == 0:
         raise UserError(f"pretraining needs one caption per image, got {len(captions)} captions for images of "
@@ -141,7 +144,8 @@ def pretrain(components: dict, images: torch.Tensor, captions: list[str], *, vae
     ids = caption_ids(tokenizer, captions)
     empty = caption_ids(tokenizer, [""])
     unet_losses = _train_denoiser(unet, text_encoder, scheduler, latents, ids, empty, steps=unet_steps,
-                                  batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+                                  batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                                  after_step=after_unet_step)
     return {"vae": {**_summary(vae_losses, vae_steps), "seconds": round(vae_seconds, 2)},
             "unet": {**_summary(unet_losses, unet_steps),
                      "seconds": round(time.perf_counter() - start - vae_seconds, 2)},
