@@ -26,16 +26,23 @@ def loop_fidelity(images, prompts, train, captions) -> dict:
     def share(prompt, caption):
         want = set(prompt.lower().split())
         return sum(w in caption.lower().split() for w in want) / len(want)
-    words, exact, words_chance, exact_chance = [], [], [], []
+    words, exact, words_chance, exact_chance, neighbours = [], [], [], [], []
     for image, prompt in zip(images, prompts):
         dists = [float(((image.double() - t.double()) ** 2).sum()) for t in train]
         neighbour = captions[int(np.argmin(dists))]
+        neighbours.append(neighbour)
         words.append(share(prompt, neighbour))
         exact.append(float(neighbour == prompt))
         words_chance.append(np.mean([share(prompt, c) for c in captions]))
         exact_chance.append(np.mean([c == prompt for c in captions]))
+    by_word = {}
+    for word in {w for p in prompts for w in p.lower().split()}:
+        chance = np.mean([word in c.lower().split() for c in captions])
+        if chance < 1:
+            hits = [word in n.lower().split() for p, n in zip(prompts, neighbours) if word in p.lower().split()]
+            by_word[word] = {"rate": np.mean(hits), "chance": chance, "images": len(hits)}
     return {"words": np.mean(words), "exact": np.mean(exact), "words_chance": np.mean(words_chance),
-            "exact_chance": np.mean(exact_chance)}
+            "exact_chance": np.mean(exact_chance), "by_word": by_word}
 
 
 def test_matches_a_plain_loop_on_perturbed_copies_and_noise():
@@ -47,8 +54,14 @@ def test_matches_a_plain_loop_on_perturbed_copies_and_noise():
     prompts = [captions[int(r)] for r in rows] + [CAPTIONS[i % len(CAPTIONS)] for i in range(10)]
     got = caption_fidelity(images, prompts, train, captions)
     want = loop_fidelity(images, prompts, train, captions)
+    by_word = want.pop("by_word")
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
+    assert got["by_word"].keys() == by_word.keys() and "a" not in by_word and "background" in by_word
+    for word, value in by_word.items():
+        assert got["by_word"][word] == pytest.approx(value, abs=1e-12), word
+    lift = {w: (v["rate"] - v["chance"]) / (1 - v["chance"]) for w, v in by_word.items()}
+    assert [lift[w] for w in got["least_rendered"]] == sorted(lift.values())[:3]
     assert 0 < got["exact"] < 1  # the perturbation moved some images to a neighbour of another caption
     assert got["above_chance"] == pytest.approx((want["words"] - want["words_chance"]) / (1 - want["words_chance"]))
     assert got["images"] == 35 and got["prompts"] == len(set(prompts))

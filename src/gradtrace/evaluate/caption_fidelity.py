@@ -11,6 +11,9 @@ checker background") gets partial credit for each part rendered. Each has its ch
 when the neighbour is a training image drawn at random (every caption weighted by how often it occurs), averaged
 over the prompts. `above_chance` = (words - words_chance) / (1 - words_chance): 0 at chance, 1 when every
 neighbour's caption holds all the prompt's words. Images that copy a training image of their prompt score 1.
+`by_word` breaks this down per word (how often an image prompted with it shows it, against its share of the
+training captions), so an unlearned part of the captions (say its subjects) shows even when the rest is rendered;
+`least_rendered` names the three words least above their chance.
 Nothing here needs labels or a pretrained judge; it assumes that images of the same caption look alike in pixels.
 """
 from __future__ import annotations
@@ -77,13 +80,39 @@ def caption_fidelity(images: torch.Tensor, prompts: list[str], train_images: tor
         words_chance.append(sum(c * word_match(prompt, cap) for cap, c in counts.items()) / total)
         exact_chance.append(counts.get(prompt, 0) / total)
     w, wc = float(np.mean(words)), float(np.mean(words_chance))
+    by_word = word_rates(prompts, [str(train_captions[int(n)]) for n in nearest], counts)
     return {"words": w, "words_chance": wc, "exact": float(np.mean(exact)),
             "exact_chance": float(np.mean(exact_chance)),
             "above_chance": (w - wc) / (1.0 - wc) if wc < 1.0 else 0.0, "images": len(prompts),
-            "prompts": len(set(map(str, prompts))), "distance": "pixel L2", "nearest": [int(n) for n in nearest]}
+            "prompts": len(set(map(str, prompts))), "distance": "pixel L2", "by_word": by_word,
+            "least_rendered": least_rendered(by_word), "nearest": [int(n) for n in nearest]}
+
+
+def word_rates(prompts: list[str], neighbours: list[str], counts: Counter) -> dict:
+    """Per prompt word that not every training caption has: how often an image prompted with it has a nearest
+    training image whose caption has it too (`rate`), against the share of training images whose caption has it
+    (`chance`), over `images` images."""
+    total = sum(counts.values())
+    out = {}
+    for word in sorted({w for p in prompts for w in caption_words(p)}):
+        chance = sum(c for cap, c in counts.items() if word in caption_words(cap)) / total
+        hits = [word in caption_words(n) for p, n in zip(prompts, neighbours) if word in caption_words(p)]
+        if chance < 1.0:
+            out[word] = {"rate": float(np.mean(hits)), "chance": chance, "images": len(hits)}
+    return out
+
+
+def least_rendered(by_word: dict, count: int = 3) -> list[str]:
+    """The words rendered least above their chance ((rate - chance) / (1 - chance), lowest first)."""
+    lift = {w: (v["rate"] - v["chance"]) / (1.0 - v["chance"]) for w, v in by_word.items()}
+    return sorted(lift, key=lambda w: (lift[w], w))[:count]
 
 
 def fidelity_line(result: dict) -> str:
-    """The one line that says how well a model renders its captions."""
+    """The one line that says how well a model renders its captions (and its least rendered words)."""
+    words = result.get("by_word") or {}
+    least = ", ".join(f"{w} {words[w]['rate']:.2f} (chance {words[w]['chance']:.2f})"
+                      for w in result.get("least_rendered") or [] if w in words)
     return (f"the pipeline renders its captions at {result['words']:.2f} of their words (chance "
-            f"{result['words_chance']:.2f}; whole caption {result['exact']:.2f}, chance {result['exact_chance']:.2f})")
+            f"{result['words_chance']:.2f}; whole caption {result['exact']:.2f}, chance {result['exact_chance']:.2f}"
+            + (f"; least rendered: {least}" if least else "") + ")")
