@@ -16,7 +16,6 @@ from gradtrace.cli import main
 from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.evaluate.caption_fidelity import caption_fidelity
 from gradtrace.pipeline.build_pipeline import (
-    CAPTION_VIEWS,
     MANIFEST,
     UNET_CAP,
     UNET_EPOCHS,
@@ -101,9 +100,8 @@ def test_a_lora_run_is_checked_on_its_own_training_rows(pipe, tmp_path):
 def test_the_default_schedule_scales_with_the_data_and_given_steps_win(n, captions, batch):
     spec = BuildPipelineSpec(out="x", batch_size=batch)
     got = training_schedule(spec, n, captions)
-    views = max(UNET_EPOCHS * n, CAPTION_VIEWS * captions)  # each image and each distinct caption seen enough
-    unet = min(UNET_CAP, max(UNET_FLOOR, math.ceil(views / batch)))
-    assert got["unet_steps"] == unet and got["unet_rule"] == "scaled"
+    unet = min(UNET_CAP, max(UNET_FLOOR, math.ceil(UNET_EPOCHS * n / batch)))  # each image seen UNET_EPOCHS times
+    assert got["unet_steps"] == unet and got["unet_rule"] == "scaled" and got["distinct_captions"] == captions
     assert got["vae_steps"] >= VAE_FLOOR and got["vae_steps"] >= min(2000, math.ceil(VAE_EPOCHS * n / batch))
     given = training_schedule(BuildPipelineSpec(out="x", batch_size=batch, unet_steps=7, vae_steps=9), n, captions)
     assert (given["unet_steps"], given["vae_steps"], given["unet_rule"]) == (7, 9, "given")

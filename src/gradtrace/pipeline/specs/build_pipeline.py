@@ -17,8 +17,8 @@ class BuildPipelineSpec(Spec):
     size: int = option(16, "image size, a multiple of 4 (8 for --model-size medium; latents are half of it)",
                        check=positive)
     data_seed: int = option(0, "seed of a generated dataset (shapes)")
-    model_size: str = option("small", "UNet size: small (2 levels, 32-64 channels, 1M parameters with the text "
-                             "encoder) | medium (3 levels, 32-128 channels, 2 layers per block, 6M)",
+    model_size: str = option("small", "UNet size: small (2 levels, 32-64 channels, 1.0M parameters) | medium "
+                             "(3 levels, 32-128 channels, 2 layers per block, 6.0M)",
                              choices=MODEL_SIZES)
     vae_steps: int | None = option(None, "VAE training steps (default: scaled to the data, see the README)",
                                    type=int, check=positive)
