@@ -12,7 +12,7 @@ import pytest
 from gradtrace.attribution import fit_method, gram_cache as cache_module
 from gradtrace.attribution.gram_cache import MIN_BYTES_ENV, load_gram, store_fingerprint
 from gradtrace.features.store import FeatureStore
-from gradtrace.methods.trak import accumulate_gram
+from gradtrace.methods.trak import TRAK, accumulate_gram
 
 K, GROUPS, CHUNK = 48, 3, 64
 W = np.array([0.3, 1.0, 2.0])
@@ -140,3 +140,17 @@ def test_a_store_that_cannot_be_written_is_scored_without_a_cache(tmp_path, cach
     want = fit_method(train, "trak", c=0.01, progress=False).scores(np.asarray(queries.features), W)  # Ψ path
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     assert accumulate_gram(phi, train.group_slices, "per-group").n == 200
+
+
+def test_the_label_free_lambda_search_reads_the_kept_blocks(tmp_path, monkeypatch):
+    from gradtrace.attribution.lambda_rule import choose_c
+
+    train, learning = _store(tmp_path / "train", _features(256, 9)), _store(tmp_path / "q", _features(8, 10),
+                                                                             first_id=10_000)
+    plain = choose_c(train, learning, "trak", "per-group", 5)
+    monkeypatch.setenv(MIN_BYTES_ENV, "0")
+    assert choose_c(train, learning, "trak", "per-group", 5) == plain  # computes and keeps the blocks
+    assert load_gram(train, "per-group")[1] == "hit"
+    calls = []
+    monkeypatch.setattr(TRAK, "gram", lambda *a, **k: calls.append(1))
+    assert choose_c(train, learning, "trak", "per-group", 5) == plain and not calls  # read, not computed
