@@ -42,11 +42,13 @@ from gradtrace.pipeline.materialize import (
     write_lm,
     write_pipeline,
 )
+from gradtrace.pipeline.report import report_run
 from gradtrace.pipeline.result import AttributionResult
 from gradtrace.pipeline.sample import sample_run
 from gradtrace.pipeline.specs.attribute import AttributeSpec
 from gradtrace.pipeline.specs.featurize import FeaturizeSpec
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
+from gradtrace.pipeline.specs.report import ReportSpec
 from gradtrace.pipeline.specs.sample import SampleSpec
 
 RECORD = "tracer.json"
@@ -70,6 +72,8 @@ class Tracer:
         if unknown:
             raise UserError(f"unknown featurize option {unknown[0]!r}; use {', '.join(FEATURE_OPTIONS)}")
         self.store, self.progress, self.overwrite = Path(store), progress, overwrite
+        self.runs: list[Path] = []      # attribution output folders of this tracer, in order (`report` shows them)
+        self.weights: list[Path] = []   # weights files it learned
         self.options = featurize_options
         record = read_json(self.store / RECORD, "tracer record") if (self.store / RECORD).is_file() else {}
         FeaturizeSpec(checkpoint=str(self.store), out=str(self.store / "train"), **self.options)  # checked first
@@ -179,6 +183,7 @@ class Tracer:
         spec = AttributeSpec(train=str(train), queries=str(query_store), out=str(out), method=method, top_k=top_k,
                              **options)
         attribute_run(spec, progress=self.progress)
+        self._remember(self.runs, out)
         return AttributionResult.open(out)
 
     def learn_weights(self, queries, *, out=None, **options) -> Path:
@@ -189,4 +194,33 @@ class Tracer:
         out = Path(out) if out is not None else self.store / "weights" / f"{query_store.parent.name}.json"
         path, _ = learn_weights_run(LearnWeightsSpec(train=str(train), queries=str(query_store), out=str(out),
                                                      **options), progress=self.progress)
+        self._remember(self.weights, Path(path))
         return Path(path)
+
+    def report(self, path, *, attributions=None, weights=None, **options) -> Path:
+        """The HTML report (the `gradtrace report` stage, `report_run`) of attribution runs: `attributions` (results
+        or output folders; default: this tracer's runs that score the queries of its latest run, side by side) and
+        `weights` files charted beside uniform (default: the ones this tracer learned). The other options are
+        `ReportSpec`'s (title, max_queries). Returns the page's path."""
+        if attributions is None:
+            if not self.runs:
+                raise UserError("no attribution to report yet; call tracer.attribute(queries) first, or pass "
+                                "attributions=[folder, ...]")
+            last = _queries_of(self.runs[-1])
+            attributions = [r for r in self.runs if r.is_dir() and _queries_of(r) == last]
+        runs = [str(getattr(a, "path", a)) for a in attributions]
+        files = [str(w) for w in (self.weights if weights is None else weights)]
+        return report_run(ReportSpec(attributions=runs, weights=files, out=str(path), **options),
+                          progress=self.progress)
+
+    @staticmethod
+    def _remember(seen: list[Path], path: Path) -> None:
+        if path in seen:
+            seen.remove(path)
+        seen.append(path)
+
+
+def _queries_of(run: Path):
+    """What a run scored: its query feature store (or, for a method that scores the model, its query source)."""
+    manifest = AttributionResult.open(run).doc["manifest"]
+    return manifest.get("query_store") or json.dumps(manifest.get("query_source"), sort_keys=True)
