@@ -26,6 +26,7 @@ _EXPORTS = {
                            "run_demo", "sample_run", "train_run"],
     "gradtrace.pipeline.result": ["AttributionResult"],
     "gradtrace.pipeline.tracer": ["Tracer"],
+    "gradtrace.pipeline.weights_result": ["WeightsResult"],
     "gradtrace.features.store": ["FeatureStore"],
     "gradtrace.methods": ["get_method"],
     "gradtrace.weights": ["learn_weights"],

@@ -52,7 +52,7 @@ def test_the_tracers_report_is_the_clis_page_for_the_same_runs(tmp_path, capsys)
     mine, cli = manifest_of(ours), manifest_of(theirs)
     assert mine["inputs"] == cli["inputs"] == {
         "attributions": [str(uniform.path.resolve()), str((tmp_path / "learned").resolve())],
-        "weights": [str(weights.resolve())], "lds": [], "counterfactual": [], "retrieval": []}
+        "weights": [str(weights.path.resolve())], "lds": [], "counterfactual": [], "retrieval": []}
     assert {**mine["spec"], "out": None} == {**cli["spec"], "out": None}
     assert str(other.path.resolve()) not in ours
     assert ours.count('<section class="query"') == len(queries)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -50,6 +51,7 @@ from gradtrace.pipeline.specs.featurize import FeaturizeSpec
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
 from gradtrace.pipeline.specs.report import ReportSpec
 from gradtrace.pipeline.specs.sample import SampleSpec
+from gradtrace.pipeline.weights_result import WeightsResult
 
 RECORD = "tracer.json"
 OWN = ("checkpoint", "out", "data", "samples", "ids", "overwrite")  # set by the Tracer, not by featurize options
@@ -179,23 +181,24 @@ class Tracer:
         out = Path(out) if out is not None else self.store / "attributions" / f"{query_store.parent.name}-{method}"
         if out.exists() and self.overwrite:
             shutil.rmtree(out)
-        options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}  # a weights file path
+        options = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}  # weights
         spec = AttributeSpec(train=str(train), queries=str(query_store), out=str(out), method=method, top_k=top_k,
                              **options)
         attribute_run(spec, progress=self.progress)
         self._remember(self.runs, out)
         return AttributionResult.open(out)
 
-    def learn_weights(self, queries, *, out=None, **options) -> Path:
+    def learn_weights(self, queries, *, out=None, **options) -> WeightsResult:
         """Learn the label-free group weights on learning `queries` (never the evaluation ones); the other options
-        are `LearnWeightsSpec`'s. Returns the weights file, which `attribute(..., weights=PATH)` takes."""
+        are `LearnWeightsSpec`'s. Returns the weights file (a path: `attribute(..., weights=w)` takes it; inline in
+        Jupyter: its chart)."""
         train = self.featurize().path
         query_store = self.featurize_queries(queries)
         out = Path(out) if out is not None else self.store / "weights" / f"{query_store.parent.name}.json"
         path, _ = learn_weights_run(LearnWeightsSpec(train=str(train), queries=str(query_store), out=str(out),
                                                      **options), progress=self.progress)
         self._remember(self.weights, Path(path))
-        return Path(path)
+        return WeightsResult.open(path)
 
     def report(self, path, *, attributions=None, weights=None, **options) -> Path:
         """The HTML report (the `gradtrace report` stage, `report_run`) of attribution runs: `attributions` (results
@@ -209,7 +212,7 @@ class Tracer:
             last = _queries_of(self.runs[-1])
             attributions = [r for r in self.runs if r.is_dir() and _queries_of(r) == last]
         runs = [str(getattr(a, "path", a)) for a in attributions]
-        files = [str(w) for w in (self.weights if weights is None else weights)]
+        files = [os.fspath(w) for w in (self.weights if weights is None else weights)]
         return report_run(ReportSpec(attributions=runs, weights=files, out=str(path), **options),
                           progress=self.progress)
 
