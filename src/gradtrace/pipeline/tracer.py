@@ -1,7 +1,8 @@
 """The Python front door: attribute the model object you already have, on the data you already hold.
 
     import gradtrace as gt
-    tracer = gt.Tracer(model, train=dataset, store="runs/x", tokenizer=tok)  # an AutoModelForCausalLM + tokenizer,
+    tracer = gt.Tracer(model, train=dataset, store="runs/x", tokenizer=tok)  # an AutoModelForCausalLM (peft LoRA or
+                                                                          # not) + tokenizer,
                                                                           # a diffusers pipeline (+ UNet LoRA), an
                                                                           # nn.Module classifier, or a folder
     tracer.featurize()                                                    # the resumable feature store, on disk
@@ -41,6 +42,7 @@ from gradtrace.pipeline.materialize import (
     write_classifier,
     write_dataset,
     write_lm,
+    write_peft_lm,
     write_pipeline,
 )
 from gradtrace.pipeline.report import report_run
@@ -99,6 +101,8 @@ class Tracer:
                             "overwrite=True to replace them, or use another store")
         if kind == "diffusers":
             folder = write_pipeline(model, self.store / "base", self.store / "lora", folder)
+        elif kind == "causal-lm" and hasattr(model, "peft_config"):
+            write_peft_lm(model, how["tokenizer"], self.store / "base", folder)
         elif kind == "causal-lm":
             write_lm(model, how["tokenizer"], folder)
         else:
