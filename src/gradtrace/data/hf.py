@@ -29,6 +29,7 @@ from gradtrace.data.base import ImageDataset
 from gradtrace.data.imagefolder import attribute_vocab, to_pixels
 from gradtrace.data.text import TextDataset
 from gradtrace.errors import UserError
+from gradtrace.extras import require
 
 PREFIX = "hf:"
 OPTIONS = ("image", "text", "label", "split")
@@ -53,11 +54,8 @@ def parse_hf(spec: str) -> tuple[Path, dict[str, str]]:
 
 def open_hf(path: Path, split: str | None):
     """The `datasets.Dataset` at `path` (save_to_disk folder, a parquet file or a folder of them)."""
-    try:
-        import datasets
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("hf: datasets need the `datasets` package; pip install datasets") from None
+    datasets = require("datasets", "hf: data")  # the `hf` extra
+    pq = require("pyarrow.parquet", "hf: data")
     if not path.exists():
         raise UserError(f"hf dataset not found: {path}; pass hf:PATH with a save_to_disk folder or parquet files")
     parquet = [path] if path.is_file() else sorted(path.glob("*.parquet"))

@@ -29,6 +29,7 @@ from gradtrace.adapters import get_adapter
 from gradtrace.adapters.causal_lm.folder import quiet_transformers
 from gradtrace.adapters.checkpoint import model_fingerprint
 from gradtrace.errors import UserError
+from gradtrace.extras import require
 from gradtrace.io import write_bytes_atomic
 
 LORA_PARTS = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.", "lora_magnitude_vector.")
@@ -180,10 +181,7 @@ def write_classifier(model: nn.Module, config: dict, folder: Path) -> Path:
 
 def as_hf_dataset(data):
     """A `datasets.Dataset` of `data`: itself, or built from a list of texts, PIL images or (image, label) pairs."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("in-memory data needs the `datasets` package; pip install datasets") from None
+    datasets = require("datasets", "in-memory data")  # the `hf` extra
     if isinstance(data, datasets.Dataset):
         return data
     rows = list(data) if isinstance(data, (list, tuple)) else None

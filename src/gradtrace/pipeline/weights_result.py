@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradtrace.errors import UserError
+from gradtrace.extras import require
 from gradtrace.io import read_json
 from gradtrace.pipeline.result import scoped_css
 from gradtrace.report import html, sections
@@ -52,13 +53,9 @@ class WeightsResult(os.PathLike):
         return self.doc.get("provenance") or {}
 
     def to_pandas(self):
-        """One row per group: group, weight (pandas is imported here: it is not a dependency of gradtrace)."""
-        try:
-            import pandas as pd
-        except ImportError:
-            raise UserError("to_pandas needs pandas; pip install 'gradtrace[notebook]' (weights gives the same "
-                            "values)") from None
-        return pd.DataFrame({"group": list(self.weights), "weight": list(self.weights.values())})
+        """One row per group: group, weight (pandas: the `notebook` extra; `weights` gives the same values)."""
+        return require("pandas", "to_pandas").DataFrame({"group": list(self.weights),
+                                                          "weight": list(self.weights.values())})
 
     def _repr_html_(self) -> str:
         return (f'<div class="gradtrace"><style>{scoped_css(html.CSS, ".gradtrace")}</style>'
