@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradtrace.errors import UserError
-from gradtrace.evaluate.caption_fidelity import caption_fidelity
+from gradtrace.evaluate.caption_fidelity import caption_fidelity, poorly_rendered
 
 CAPTIONS = ["a red circle on a plain background", "a red square on a plain background",
             "a blue circle on a noise background", "a blue square on a checker background", "a tree"]
@@ -93,3 +93,19 @@ def test_refuses_mismatched_inputs():
         caption_fidelity(train[:3], ["a tree"] * 2, train, captions)
     with pytest.raises(UserError, match="same resolution"):
         caption_fidelity(torch.zeros(2, 3, 4, 4), ["a tree"] * 2, train, captions)
+
+
+def word(rate: float, chance: float) -> dict:
+    return {"rate": rate, "chance": chance, "images": 4}
+
+
+@pytest.mark.parametrize("above, rates, expected", [
+    (0.20, [0.9, 0.9, 0.9, 0.9], "near chance"),                      # the whole near chance
+    (0.50, [0.9, 0.9, 0.9, 0.2], "1 of 4 caption words near chance (w3)"),  # lift (0.2 - 0.1) / 0.9 = 0.11
+    (0.50, [0.9, 0.9, 0.9, 0.35], None),                               # lift 0.28: rendered
+    (0.50, [0.9, 0.9, 0.9, 0.9], None),
+    (0.50, [0.9, 0.9, 0.9, 0.9, 0.9, 0.2], None),                      # 1 of 6: under a quarter of the words
+])
+def test_poorly_rendered_when_the_whole_or_a_quarter_of_the_words_is_near_chance(above, rates, expected):
+    by_word = {f"w{i}": word(r, 0.1) for i, r in enumerate(rates)}
+    assert poorly_rendered({"above_chance": above, "by_word": by_word}) == expected

@@ -19,14 +19,13 @@ from gradtrace.adapters import adapter_of
 from gradtrace.adapters.diffusers.latents import fit_resolution
 from gradtrace.data.sources import dataset_source, open_dataset
 from gradtrace.errors import GradtraceWarning, UserError
-from gradtrace.evaluate.caption_fidelity import caption_fidelity, fidelity_line
+from gradtrace.evaluate.caption_fidelity import caption_fidelity, fidelity_line, poorly_rendered
 from gradtrace.io import command_line, read_json, versions, write_json_atomic
 from gradtrace.pipeline.build_manifest import MANIFEST
 from gradtrace.pipeline.specs.check_captions import CheckCaptionsSpec
 from gradtrace.pipeline.specs.sample import SampleSpec
 
 FORMAT = "gradtrace-caption-fidelity"
-NEAR_CHANCE = 0.25  # above_chance below this: the captions are barely rendered (warned)
 SETTINGS = ("captions", "per_caption", "sample_steps", "guidance", "seed")
 
 
@@ -64,9 +63,10 @@ def fidelity_of(adapter, checkpoint, images, captions: list[str], spec, *, hint:
     result.pop("nearest")
     result["settings"] = {k: getattr(spec, k) for k in SETTINGS}
     result["checked"] = chosen
-    if result["above_chance"] < NEAR_CHANCE:
-        warnings.warn(GradtraceWarning(f"{fidelity_line(result)}: aspect attribution on this pipeline will mean "
-                                       f"little; {hint}"))
+    why = poorly_rendered(result)
+    if why is not None:
+        warnings.warn(GradtraceWarning(f"{fidelity_line(result)}; {why}: aspect attribution on this pipeline will "
+                                       f"mean little; {hint}"))
     return result
 
 
