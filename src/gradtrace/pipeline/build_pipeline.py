@@ -6,7 +6,8 @@ pretrained on a captioned dataset on CPU (or reused, when `out` already holds an
 The folder is written by `StableDiffusionPipeline.save_pretrained` (model_index.json, unet/, vae/,
 text_encoder/, tokenizer/, scheduler/), so whatever reads Stable Diffusion 1.x/2.x folders reads it too; the
 tokenizer folder also holds CLIP's vocab.json and merges.txt. `gradtrace_build.json` beside them records the
-spec, the command, the dataset, the losses and the versions; it is written last, so it marks a finished build.
+spec, the command, the dataset, the schedule (`training_schedule`), the losses, the caption fidelity
+(`check-captions` on the saved folder) and the versions; it is written last, so it marks a finished build.
 Captions are the "text" entry of each image's metadata (shapes has them; an imagefolder gets them from a
 "text" column of its metadata.jsonl).
 """
