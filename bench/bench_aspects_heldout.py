@@ -122,22 +122,36 @@ class Bench:
 
 
 RECIPES = ("uniform", "general", "aspect-only", "family", "snr+family", "cond", "cond-snr", "cond-family")
+# beyond the default list (pass them in --recipes): the label-free contrast statistic over the general weights, and
+# the ORACLE ceilings that use the training labels (bench/aspect_levers.py; diagnostics, not recipes a user can run)
+EXTRA_RECIPES = ("contrast", "oracle-loo", "oracle-learn")
 
 
 def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None, recipes) -> dict:
     """Every recipe's attribution runs for one (method, kernel, bands); one `eval retrieval` over all of them."""
+    from aspect_levers import contrast_weights_file, oracle_weights
     from gradtrace.evaluate.eval_retrieval import eval_retrieval_run
 
     image_only = b.a.queries == "image"  # evaluation queries featurized with every token null
-    train = b.store(meas, "train", bands)
+    null_train = b.a.train_condition == "none"  # training images featurized with every token null too
+    train = b.store(meas, "train", bands, "none" if null_train else None)
     ev = b.store(meas, "eval", bands, "none" if image_only else None)
     lq = "none" if image_only else None  # learning queries featurized as the evaluation queries are
     general = b.store(meas, "learn-general", bands, lq)
     runs = {"uniform": b.attribute(train, ev, method, kernel, "uniform", learning=general)}
-    if "general" in recipes:
-        runs["general"] = b.attribute(train, ev, method, kernel, "general",
-                                      b.weights(train, general, method, kernel, "general"))
+    if {"general", *EXTRA_RECIPES} & set(recipes):
+        gw = b.weights(train, general, method, kernel, "general")
+        runs["general"] = b.attribute(train, ev, method, kernel, "general", gw)
+    cache: dict = {}
     for a in ASPECTS:
+        if "contrast" in recipes:
+            runs[f"contrast:{a}"] = b.attribute(train, ev, method, kernel, f"contrast-{a}",
+                                                contrast_weights_file(cache, train, general, gw, method, kernel, a))
+        for mode in ("loo", "learn"):
+            if f"oracle-{mode}" in recipes:
+                loo = b.store(meas, "train", bands, "none") if mode == "loo" else None
+                w = oracle_weights(cache, train, general, loo, gw, method, kernel, a, mode, b.a.learn_steps)
+                runs[f"oracle-{mode}:{a}"] = b.attribute(train, ev, method, kernel, f"oracle-{mode}-{a}", w)
         if "aspect-only" in recipes:
             learn = b.store(meas, f"learn-{a}", bands, lq)
             runs[f"aspect-only:{a}"] = b.attribute(train, ev, method, kernel, f"aspect-only-{a}",
@@ -159,7 +173,7 @@ def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None,
                 cgen = b.store(meas, "learn-general", bands, a)
                 runs[f"cond-family:{a}"] = b.attribute(ctrain, cev, method, kernel, "family",
                                                        b.weights(ctrain, cgen, method, kernel, "family", "family", a))
-    tag = f"{method}-{kernel}-b{bands or 1}-{b.a.queries}"
+    tag = f"{method}-{kernel}-b{bands or 1}-{b.a.queries}" + ("-trainnull" if null_train else "")
     doc = eval_retrieval_run(list(runs.values()), list(ASPECTS), b.out / "retrieval" / tag, ks=(10,),
                              n_bootstrap=2000, seed=0)
     names = dict(zip(runs, [r["name"] for r in doc["runs"]]))
@@ -263,6 +277,9 @@ def main(argv=None) -> int:
     p.add_argument("--queries", default="tokens", choices=("tokens", "image"),
                    help="evaluation queries featurized with their tokens, or with every token null (the image alone: "
                         "relevance cannot be read off the conditioning)")
+    p.add_argument("--train-condition", default="tokens", choices=("tokens", "none"),
+                   help="training images featurized with their tokens (as before), or with every token null (the "
+                        "regime image-only queries are featurized in)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(a.out)
