@@ -64,7 +64,7 @@ def oracle_weights(cache: dict, train, learn, loo_store, general_path: str, meth
     fitted = _fitted(cache, train, method, kernel, doc["provenance"]["lambda_c"])
     tl = _labels(train, "train")
     y_train = np.array([str(v) for v in tl[aspect]])
-    if mode == "loo":
+    if mode in ("loo", "solo"):
         rows = np.sort(np.random.default_rng(29).choice(len(train.ids), N_LOO, replace=False))
         if not np.array_equal(np.asarray(loo_store.ids), np.asarray(train.ids)):
             raise ValueError("the leave-one-out queries must be the training images")
@@ -79,6 +79,8 @@ def oracle_weights(cache: dict, train, learn, loo_store, general_path: str, meth
         yq = np.array([str(v) for v in _labels(learn, "learning")[aspect]])
         rel = yq[:, None] == y_train[None, :]
         queries = query_set_id(learn)
+    if mode == "solo":
+        return _solo(path, contrib, masked, rel, fitted, doc, aspect, queries)
     c_t = torch.from_numpy(contrib)
     rel_t = torch.from_numpy(rel.astype(np.float64))
     count = rel_t.sum(1).clamp(min=1)
@@ -95,6 +97,28 @@ def oracle_weights(cache: dict, train, learn, loo_store, general_path: str, meth
     result = WeightsResult(weights=w, theta=theta, group_names=fitted.group_names, loss_curve=curve, info=info)
     return _save(path, result, doc, {"objective": f"ORACLE-{mode} (uses training labels; diagnostic only)",
                                      "aspect": aspect, "learning_queries": queries})
+
+
+def _top10_precision(tau: np.ndarray, masked: np.ndarray, rel: np.ndarray) -> float:
+    tau = np.where(masked, -np.inf, tau)
+    top = np.argsort(-tau, axis=1, kind="stable")[:, :10]
+    return float(np.take_along_axis(rel, top, axis=1).mean())
+
+
+def _solo(path: Path, contrib, masked, rel, fitted, doc, aspect: str, queries) -> str:
+    """ORACLE-solo: all the weight on the one group whose scores alone rank same-value training images highest for
+    the leave-one-out queries (top-10 precision); the per-group and uniform precisions are recorded."""
+    from gradtrace.weights.learn import WeightsResult
+
+    solo = [_top10_precision(contrib[:, :, j], masked, rel) for j in range(contrib.shape[2])]
+    w = np.zeros(contrib.shape[2])
+    w[int(np.argmax(solo))] = 1.0
+    info = {"k": 10, "steps": 0, "Q": int(contrib.shape[0]), "N": int(contrib.shape[1]), "M": int(contrib.shape[2]),
+            "path": "oracle-solo", "solo_top10_precision": solo, "best_group": fitted.group_names[int(np.argmax(solo))],
+            "uniform_top10_precision": _top10_precision(contrib.sum(2), masked, rel)}
+    result = WeightsResult(weights=w, theta=w, group_names=fitted.group_names, loss_curve=[], info=info)
+    return _save(path, result, doc, {"objective": "ORACLE-solo (uses training labels; diagnostic only)",
+                                     "aspect": aspect, "learning_queries": queries, "oracle": info})
 
 
 def contrast_weights_file(cache: dict, train, learn, general_path: str, method: str, kernel: str,

@@ -124,7 +124,7 @@ class Bench:
 RECIPES = ("uniform", "general", "aspect-only", "family", "snr+family", "cond", "cond-snr", "cond-family")
 # beyond the default list (pass them in --recipes): the label-free contrast statistic over the general weights, and
 # the ORACLE ceilings that use the training labels (bench/aspect_levers.py; diagnostics, not recipes a user can run)
-EXTRA_RECIPES = ("contrast", "oracle-loo", "oracle-learn")
+EXTRA_RECIPES = ("contrast", "oracle-loo", "oracle-learn", "oracle-solo")
 
 
 def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None, recipes) -> dict:
@@ -147,9 +147,9 @@ def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None,
         if "contrast" in recipes:
             runs[f"contrast:{a}"] = b.attribute(train, ev, method, kernel, f"contrast-{a}",
                                                 contrast_weights_file(cache, train, general, gw, method, kernel, a))
-        for mode in ("loo", "learn"):
+        for mode in ("loo", "learn", "solo"):
             if f"oracle-{mode}" in recipes:
-                loo = b.store(meas, "train", bands, "none") if mode == "loo" else None
+                loo = b.store(meas, "train", bands, "none") if mode != "learn" else None
                 w = oracle_weights(cache, train, general, loo, gw, method, kernel, a, mode, b.a.learn_steps)
                 runs[f"oracle-{mode}:{a}"] = b.attribute(train, ev, method, kernel, f"oracle-{mode}-{a}", w)
         if "aspect-only" in recipes:
