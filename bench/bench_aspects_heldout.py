@@ -96,7 +96,7 @@ class Bench:
                                            overwrite=True, **where), progress=False)
 
     def weights(self, train, learn, method: str, kernel: str, name: str, objective: str = "snr",
-                family: str | None = None) -> str:
+                family: str | None = None, l2: float = 0.0) -> str:
         from gradtrace.pipeline import LearnWeightsSpec, learn_weights_run
 
         path = Path(train.path) / "weights" / f"{method}-{kernel}-{name}.json"
@@ -104,7 +104,8 @@ class Bench:
             log(f"learn {train.path.parent.name} {method}/{kernel} {name}")
             learn_weights_run(LearnWeightsSpec(train=str(train.path), queries=str(learn.path), method=method,
                                                kernel=kernel, lambda_c="auto", steps=self.a.learn_steps,
-                                               objective=objective, family=family, out=str(path)), progress=False)
+                                               objective=objective, family=family, l2=l2, out=str(path)),
+                              progress=False)
         return str(path)
 
     def attribute(self, train, queries, method: str, kernel: str, name: str, weights: str | None = None,
@@ -124,7 +125,8 @@ class Bench:
 RECIPES = ("uniform", "general", "aspect-only", "family", "snr+family", "cond", "cond-snr", "cond-family")
 # beyond the default list (pass them in --recipes): the label-free contrast statistic over the general weights, and
 # the ORACLE ceilings that use the training labels (bench/aspect_levers.py; diagnostics, not recipes a user can run)
-EXTRA_RECIPES = ("contrast", "oracle-loo", "oracle-learn", "oracle-solo")
+EXTRA_RECIPES = ("contrast", "oracle-loo", "oracle-learn", "oracle-solo", "family144")
+N_FAMILY, FAMILY_L2 = 144, 1.0  # family144: the family objective on 144 general learning queries, l2 toward uniform
 
 
 def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None, recipes) -> dict:
@@ -147,6 +149,11 @@ def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None,
         if "contrast" in recipes:
             runs[f"contrast:{a}"] = b.attribute(train, ev, method, kernel, f"contrast-{a}",
                                                 contrast_weights_file(cache, train, general, gw, method, kernel, a))
+        if "family144" in recipes:
+            big = b.store(meas, f"learn-general-{N_FAMILY}", bands, lq)
+            runs[f"family144:{a}"] = b.attribute(train, ev, method, kernel, f"family144-l2-{a}",
+                                                 b.weights(train, big, method, kernel, f"family144-l2-{a}", "family",
+                                                           a, FAMILY_L2))
         for mode in ("loo", "learn", "solo"):
             if f"oracle-{mode}" in recipes:
                 loo = b.store(meas, "train", bands, "none") if mode != "learn" else None
@@ -292,6 +299,8 @@ def main(argv=None) -> int:
     sets = {"learn-general": (query_codes(values, a.n_learn, seed=2002), 2002)}
     for i, asp in enumerate(ASPECTS):
         sets[f"learn-{asp}"] = (query_codes(values, a.n_learn, aspect=asp, seed=2003 + i), 2003 + i)
+    if "family144" in a.recipes.split(","):
+        sets[f"learn-general-{N_FAMILY}"] = (query_codes(values, N_FAMILY, seed=2102), 2102)
     for name, (codes, seed) in sets.items():
         if not (out / "samples" / name / "manifest.json").exists():
             log(f"sample {name}")
