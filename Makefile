@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# kronfluence (EK-FAC) declares torchvision, which it never imports and whose wheel breaks the CPU torch:
-	# install it without dependencies (its real ones, accelerate/einops/einconv/opt-einsum, are in pyproject.toml)
+	# install it without dependencies (its real ones, accelerate/einops/einconv/opt-einsum, are the [ekfac] extra)
 	$(PY) -m pip install --quiet --no-deps kronfluence==1.0.1
 	touch $(STAMP)
 

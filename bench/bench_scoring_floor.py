@@ -12,7 +12,9 @@ subprocess, in this order:
     floor     one plain matrix multiply of the same shapes over the same memory-mapped store: Q x k times k x N,
               chunk by chunk (the chunk `FittedMethod.topk` uses), float32, the product dropped
     tracin    what `gradtrace attribute --method tracin` does: fit, top-k, per-group contributions, write
-    trak      the same for per-group TRAK (the query-side path of large stores) with group weights
+    trak      the same for per-group TRAK (the query-side path of large stores) with group weights, its Gram blocks
+              computed (any kept from an earlier run removed first) and kept beside the store (STORE/gram/)
+    trak-cached  the same again, reading the Gram blocks the trak step kept (its top-k compared with trak's)
 
 Group weights are a fixed random point of the simplex written as a weights file: their cost does not depend on
 their values (they scale the query side). Memory: a sampler thread reads /proc/self/status every 0.1 s and keeps
@@ -27,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -108,6 +111,7 @@ def generate(work: Path, n: int, k: int, q: int, dtype: str, seed: int, clusters
 def measure(work: Path, what: str, top: int) -> dict:
     """One configuration in this (fresh) process."""
     from gradtrace.attribution import query_side_for, score_queries
+    from gradtrace.attribution.gram_cache import FOLDER as GRAM_FOLDER
     from gradtrace.attribution.output import topk_contributions, write_topk_attributions
     from gradtrace.features.store import FeatureStore
     from gradtrace.methods.rows import effective_chunk_rows, row_chunks
@@ -128,7 +132,10 @@ def measure(work: Path, what: str, top: int) -> dict:
             qf @ np.asarray(raw[s:e], dtype=np.float32).T
         out["total_s"] = time.perf_counter() - t0
     else:
-        scored = score_queries(train, queries, method=what, weights_path=work / "weights.json",
+        method = "trak" if what.startswith("trak") else what
+        if what == "trak":  # the first fit on this store: no Gram blocks kept from an earlier run
+            shutil.rmtree(work / "train" / GRAM_FOLDER, ignore_errors=True)
+        scored = score_queries(train, queries, method=method, weights_path=work / "weights.json",
                                query_side=query_side_for(train, "per-group"), progress=False)
         t1 = time.perf_counter()
         idx, top_scores = scored.fitted.topk(scored.query_features, top, scored.weights)
@@ -140,6 +147,9 @@ def measure(work: Path, what: str, top: int) -> dict:
                                 lambda_info=scored.lambda_info, top_k=top, spec=None)
         t4 = time.perf_counter()
         np.save(work / f"top_{what}.npy", idx)
+        if what == "trak-cached" and (work / "top_trak.npy").exists():  # the cached blocks give the same top-k
+            out["same_topk_as_trak"] = bool(np.array_equal(idx, np.load(work / "top_trak.npy")))
+        out["gram_cache"] = scored.fitted.info.get("gram_cache")
         out.update(fit_s=t1 - t0, topk_s=t2 - t1, contrib_s=t3 - t2, write_s=t4 - t3, total_s=t4 - t0,
                    contrib_error=float(np.abs(contrib.sum(axis=2) - top_scores).max() / np.abs(top_scores).max()))
     out.update(peaks.stop())
@@ -160,7 +170,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=100)
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="+", default=["read", "floor", "tracin", "trak", "floor"],
+    p.add_argument("--only", nargs="+", default=["read", "floor", "tracin", "trak", "trak-cached", "floor"],
                    help="steps in order (a repeated floor is averaged into the ratios' denominator)")
     p.add_argument("--workdir", default=None, help="where the store goes (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the store (and reuse it when it is there)")
@@ -173,7 +183,6 @@ def main() -> None:
                else measure(work, args.worker[0], args.top))
         print(json.dumps(res))
         return
-    import shutil
     import tempfile
 
     own = args.workdir is None

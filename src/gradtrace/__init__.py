@@ -16,6 +16,7 @@ Stages and their specs live in `gradtrace.pipeline`, kinds of model in `gradtrac
 from importlib import import_module
 
 from gradtrace.errors import UserError  # noqa: F401  (in __all__)
+from gradtrace.extras import missing_extra
 
 __version__ = "0.2.0.dev0"
 
@@ -26,6 +27,7 @@ _EXPORTS = {
                            "run_demo", "sample_run", "train_run"],
     "gradtrace.pipeline.result": ["AttributionResult"],
     "gradtrace.pipeline.tracer": ["Tracer"],
+    "gradtrace.pipeline.weights_result": ["WeightsResult"],
     "gradtrace.features.store": ["FeatureStore"],
     "gradtrace.methods": ["get_method"],
     "gradtrace.weights": ["learn_weights"],
@@ -39,4 +41,11 @@ __all__ = sorted([*_WHERE, "UserError", "__version__"])
 def __getattr__(name: str):
     if name not in _WHERE:
         raise AttributeError(f"module 'gradtrace' has no attribute {name!r}")
-    return getattr(import_module(_WHERE[name]), name)
+    try:
+        module = import_module(_WHERE[name])
+    except ImportError as exc:  # an optional package it needs: one line naming the extra (`gradtrace.extras`)
+        error = missing_extra(exc, f"gradtrace.{name}")
+        if error is None:
+            raise
+        raise error from None
+    return getattr(module, name)

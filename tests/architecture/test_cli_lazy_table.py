@@ -63,7 +63,8 @@ def test_each_command_resolves_its_stage_and_its_line(path):
 def test_help_and_refusals_import_no_torch_and_no_stage(argv):
     code = ("import sys\nfrom gradtrace.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    rc = e.code\nheavy = sorted(m for m in sys.modules if m in ('torch', 'diffusers', 'transformers') or "
-            "m.startswith('gradtrace.') and m.split('.')[1] not in ('cli', 'pipeline', 'errors', 'io', 'choices') or "
+            "m.startswith('gradtrace.') and m.split('.')[1] not in ('cli', 'pipeline', 'errors', 'extras', 'io', "
+            "'choices') or "
             "m.startswith('gradtrace.pipeline.') and not m.startswith(('gradtrace.pipeline.spec', "
             "'gradtrace.pipeline.scoring_options')))\nprint('HEAVY', heavy, rc)")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout

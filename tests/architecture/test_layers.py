@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("adapters",),
     ("data",),
     ("io", "metrics", "precision", "ranks"),
-    ("choices",),  # the named choices and defaults the specs offer (imports errors only)
+    ("choices", "extras"),  # the named choices and defaults the specs offer; the optional packages (errors only)
     ("errors",),
 ]
 FRONT_DOOR = "gradtrace"

@@ -205,3 +205,34 @@ def test_shares_of_the_gram_and_partial_top_k_equal_one_fit_in_both_scoring_mode
     np.testing.assert_allclose(dense, one.scores(qf, w), rtol=1e-5, atol=1e-6 * np.abs(want_top).max())
     np.testing.assert_allclose(contrib.sum(axis=2), want_top, rtol=1e-4)
     assert info.get("query_side", False) is query_side
+
+
+def test_ranks_keep_the_gram_blocks_and_read_them_back_like_one_process(stores, tmp_path, monkeypatch):
+    """Under torchrun the last rank keeps the all-reduced blocks beside the complete store (`"ranks": 2`); one
+    process then reads them, and so does a second torchrun job: every run gives one process's top-k."""
+    import shutil
+
+    from gradtrace.attribution.gram_cache import MIN_BYTES_ENV, load_gram
+
+    shutil.copytree(stores / "train", tmp_path / "train")
+    args = ["--train", str(tmp_path / "train"), "--queries", str(stores / "queries"), "--weights",
+            str(stores / "w.json"), "--top-k", "10", "--no-progress", "--no-report"]
+    assert main(["attribute", *args, "--out", str(tmp_path / "plain")]) == 0  # below the size kept: no blocks
+    assert not (tmp_path / "train" / "gram").exists()
+    monkeypatch.setenv(MIN_BYTES_ENV, "0")
+    _torchrun(args + ["--out", str(tmp_path / "two")], [str(tmp_path)])
+    doc = json.loads((tmp_path / "train" / "gram" / "per-group.json").read_text())
+    assert doc["ranks"] == 2
+    x = np.asarray(FeatureStore.open(tmp_path / "train").features, dtype=np.float64)
+    gram, state = load_gram(FeatureStore.open(tmp_path / "train"), "per-group")
+    assert state == "hit"
+    for block, (_, s, e) in zip(gram.blocks, FeatureStore.open(tmp_path / "train").group_slices):
+        np.testing.assert_allclose(block, x[:, s:e].T @ x[:, s:e], rtol=1e-13)
+    assert main(["attribute", *args, "--out", str(tmp_path / "one")]) == 0
+    _torchrun(args + ["--out", str(tmp_path / "again")], [str(tmp_path)])
+    for out, state in (("two", "written"), ("one", "hit"), ("again", "hit")):
+        assert _read(tmp_path / out)[0]["manifest"]["method"]["gram_cache"] == state
+    _assert_same(tmp_path / "two", tmp_path / "plain")
+    _assert_same(tmp_path / "again", tmp_path / "one")
+    one, plain = _read(tmp_path / "one")[1], _read(tmp_path / "plain")[1]
+    np.testing.assert_array_equal(one["topk_ids.npy"], plain["topk_ids.npy"])

@@ -60,7 +60,7 @@ def test_images_captions_and_labels_are_the_arrays_they_were_made_from(saved, wh
     assert ds.ids.tolist() == list(range(N))
     assert [m["text"] for m in ds.metadata] == [f"a handwritten {NAMES[t]}" for t in target]
     assert [m["label"] for m in ds.metadata] == [NAMES[t] for t in target]
-    assert ds.attributes == {"label": sorted({NAMES[t] for t in target})}
+    assert ds.attributes == {"label": NAMES}  # the ClassLabel's own order: names[i] is class i
     assert not is_text_spec(f"hf:{saved / where}")
 
 
@@ -118,3 +118,25 @@ def test_integer_labels_keep_their_numeric_class_order(tmp_path):
     classes = loaded.attributes["label"]
     assert classes == [str(i) for i in range(12)]
     assert loaded.class_indices("label", classes).tolist() == labels
+
+
+def test_class_label_names_keep_the_datasets_order_and_its_integers_are_the_class_indices(tmp_path):
+    """A ClassLabel whose names are not sorted: class i is names[i] for the classifier, as for the user's model
+    trained on the dataset's integers (sorted strings would make "ant" class 0)."""
+    from gradtrace.adapters.classifier.configs import label_of
+    from gradtrace.data.sources import dataset_examples
+
+    names = ["zebra", "ant", "moose"]
+    images, _ = digits_uint8()
+    labels = [0, 1, 2, 2, 1, 0, 0, 2, 1]
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(images[i]) for i in range(9)], "label": labels},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "label": datasets.ClassLabel(names=names)}))
+    ds.save_to_disk(str(tmp_path / "animals"))
+    loaded = load_dataset(f"hf:{tmp_path / 'animals'}")
+    assert [m["label"] for m in loaded.metadata] == [names[i] for i in labels]
+    attribute, classes = label_of(loaded)
+    assert (attribute, classes) == ("label", names)
+    assert loaded.class_indices(attribute, classes).tolist() == labels
+    examples = dataset_examples(f"hf:{tmp_path / 'animals'}", labels=(attribute, classes))
+    assert np.asarray(examples.cond).tolist() == labels  # what the classifier's margin is taken at

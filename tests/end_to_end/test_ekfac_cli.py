@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
+from sklearn.datasets import load_digits
 
 from gradtrace.adapters import get_adapter
 from gradtrace.cli import main
@@ -78,8 +79,10 @@ def test_attribute_learn_and_weighted_attribute(run):
     scores = contrib @ w
     scale = np.abs(scores).max()
     np.testing.assert_allclose(np.load(run / "learned" / "scores.npy"), scores, rtol=1e-4, atol=1e-6 * scale)
+    digits = load_digits().target  # each example named by its source, as the other methods' outputs are
     for qi, row in enumerate(doc["queries"]):
-        assert row["query_id"] == HELD[qi]
+        assert row["query_id"] == HELD[qi] and row["source"] == {"caption": str(digits[HELD[qi]])}
+        assert [t["source"] for t in row["top"]] == [{"caption": str(digits[t["train_id"]])} for t in row["top"]]
         assert [t["train_id"] for t in row["top"]] == TRAIN[np.argsort(-scores[qi], kind="stable")[:5]].tolist()
         for t in row["top"]:
             assert sum(t["contributions"].values()) == pytest.approx(t["score"], rel=1e-4, abs=1e-6 * scale)

@@ -4,6 +4,7 @@ renders in a real headless Chromium with every image loaded and the sources unde
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from sklearn.datasets import load_digits
 
 import gradtrace
 from fixtures.browser import Browser
+from gradtrace.cli import main
 from gradtrace.errors import UserError
 from gradtrace.pipeline.result import scoped_css
 
@@ -75,3 +77,30 @@ def test_inline_html_renders_every_image_with_its_source(result, tmp_path):
 def test_scoped_css_prefixes_every_selector():
     assert scoped_css("body{margin:0}h1,h2{color:red}", ".g") == ".g{margin:0}\n.g h1,.g h2{color:red}"
     json.dumps(scoped_css(gradtrace.report.html.CSS, ".g"))  # the report's own sheet parses
+
+
+def test_weights_inline_render_their_chart_and_are_the_files_values(pipeline, result, tmp_path):
+    out = tmp_path / "w.json"
+    assert main(["learn-weights", "--train", str(pipeline / "ft"), "--queries", str(pipeline / "fq"), "--steps", "10",
+                 "--out", str(out), "--no-progress"]) == 0
+    weights = gradtrace.WeightsResult.open(out)
+    doc = json.loads(out.read_text())
+    assert weights.weights == doc["weights"] and list(weights.weights) == result.doc["groups"]
+    assert weights.to_pandas()["weight"].tolist() == list(doc["weights"].values())
+    assert os.fspath(weights) == str(out)
+    cells = [result._repr_html_(), weights._repr_html_()]  # two notebook cells on one page
+    assert all("<body" not in c and "body{" not in c for c in cells)
+    (tmp_path / "nb.html").write_text("<!DOCTYPE html><html><body>" + "".join(f"<div class=cell>{c}</div>"
+                                                                             for c in cells) + "</body></html>")
+    with Browser(width=1000, height=800) as b:
+        b.load(tmp_path / "nb.html")
+        dom = b.evaluate("""(() => [...document.querySelectorAll('div.cell')].map(c => ({
+          images: [...c.querySelectorAll('img')].map(i => i.complete && i.naturalWidth),
+          charts: [...c.querySelectorAll('img.chart')].map(i => i.alt),
+          text: c.innerText})))()""")
+    k = result.doc["manifest"]["top_k"]
+    assert len(dom[0]["images"]) == len(result.query_ids) * (1 + k) and all(w and w > 0 for w in dom[0]["images"])
+    assert dom[1]["charts"] == ["weights for general"] and all(w and w > 0 for w in dom[1]["images"])
+    assert str(out) in dom[1]["text"] and "Aspect: general" in dom[1]["text"]
+    with pytest.raises(UserError, match="not a weights file"):
+        gradtrace.WeightsResult.open(pipeline / "attr" / "attributions.json")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gradtrace.adapters.base import DEFAULT_ADAPTER, Checkpoint, ContextStage, ModelAdapter, Objective
 from gradtrace.errors import UserError
+from gradtrace.extras import missing_extra
 from gradtrace.io import read_json
 
 BUILTIN = {"diffusion-unet": "gradtrace.adapters.diffusion.adapter:TinyUNetAdapter",
@@ -39,6 +40,9 @@ def get_adapter(name: str = DEFAULT_ADAPTER) -> ModelAdapter:
         try:
             adapter_cls = getattr(import_module(module), cls)
         except (ImportError, AttributeError) as exc:
+            missing = missing_extra(exc, f"the '{name}' model adapter")  # its optional package: the extra's line
+            if missing is not None:
+                raise missing from None
             raise UserError(f"cannot import model adapter '{name}' ({exc}); install it or fix the name")
         if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, ModelAdapter)):
             raise UserError(f"'{name}' is not a gradtrace ModelAdapter subclass")

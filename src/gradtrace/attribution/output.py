@@ -105,15 +105,20 @@ def write_topk_attributions(train: FeatureStore, queries: FeatureStore, out, *, 
 def sources_of(store: FeatureStore, ids) -> dict[int, dict]:
     """id -> source record (file name, caption or text) of the given ids of a store's examples; {} with a warning
     when the store records no source or its data cannot be read any more (the scores do not need it)."""
-    source = store.settings.get("source")
+    return described(store.settings.get("source"), ids, str(store.path))
+
+
+def described(source: dict | None, ids, what: str) -> dict[int, dict]:
+    """id -> source record of the given ids of the examples a source record (`gradtrace.data.sources`) names; {}
+    with a warning when there is none or its data cannot be read any more."""
     if not source:
         return {}
     ids = np.asarray(ids, dtype=np.int64)
     try:
         return {int(i): record for i, record in zip(ids.tolist(), example_sources(source, ids))}
     except (UserError, OSError) as exc:
-        warnings.warn(GradtraceWarning(f"the examples of {store.path} cannot be described (file names, captions): "
-                                       f"{exc}"), stacklevel=2)
+        warnings.warn(GradtraceWarning(f"the examples of {what} cannot be described (file names, captions): "
+                                       f"{exc}"), stacklevel=3)
         return {}
 
 
@@ -122,7 +127,9 @@ def write_contribution_attributions(contrib: np.ndarray, weights, *, train_ids, 
     """The same artefact from dense per-group contributions (Q, N, M) of a method that scores the model directly
     (EK-FAC): τ_w = contrib @ w (None = all ones), plus contributions.npy (Q, N, M) when small enough and the id
     order of scores.npy's rows and columns (train_ids.npy, query_ids.npy). `manifest` holds the method's facts
-    (method, sources, fingerprint, groups_spec, measurement, weights, lambda, spec); returns the document."""
+    (method, sources, fingerprint, groups_spec, measurement, weights, lambda, spec); each example carries its
+    source record (file name, caption or text) read from the manifest's train_source / query_source; returns the
+    document."""
     n = contrib.shape[1]
     if top_k < 1 or top_k > n:
         raise UserError(f"--top-k must be in 1..{n} (the training set size), got {top_k}")
@@ -133,6 +140,8 @@ def write_contribution_attributions(contrib: np.ndarray, weights, *, train_ids, 
     parts = np.take_along_axis(contrib, idx[:, :, None], 1) * w
     train_ids, query_ids = np.asarray(train_ids, np.int64), np.asarray(query_ids, np.int64)
     top_ids = train_ids[idx]
+    train_source = described(manifest.get("train_source"), np.unique(top_ids), "the training data")
+    query_source = described(manifest.get("query_source"), query_ids, "the queries")
     arrays = {"topk_ids.npy": top_ids, "topk_scores.npy": top.astype(np.float32),
               "topk_contributions.npy": parts.astype(np.float32), "train_ids.npy": train_ids,
               "query_ids.npy": query_ids}
@@ -146,8 +155,9 @@ def write_contribution_attributions(contrib: np.ndarray, weights, *, train_ids, 
                      "versions": versions()},
         "groups": list(group_names),
         "queries": [
-            {"query_id": int(query_ids[q]),
+            {"query_id": int(query_ids[q]), "source": query_source.get(int(query_ids[q])),
              "top": [{"rank": r + 1, "train_id": int(top_ids[q, r]), "score": float(top[q, r]),
+                      "source": train_source.get(int(top_ids[q, r])),
                       "contributions": {g: float(v) for g, v in zip(group_names, parts[q, r])}}
                      for r in range(top_k)]}
             for q in range(len(query_ids))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradtrace.attribution.gram_cache import store_gram, wants_cache
 from gradtrace.attribution.lambda_rule import resolve_scoring_c
 from gradtrace.attribution.weights_file import default_weights_path, read_group_weights
 from gradtrace.errors import UserError
@@ -27,17 +28,24 @@ def fit_method(train: FeatureStore, method="trak", *, kernel: str = DEFAULT_KERN
                progress: bool = True, query_side: bool = False) -> FittedMethod:
     """The fitted base method (a name or a configured feature kernel) for a training store (Ψ = Φ K), refusing
     features of another measurement than the method requires. `query_side` (methods with a λ): K goes on the
-    queries, Φ is scored directly."""
+    queries, Φ is scored directly. A large store's Gram blocks are read from, or written to, its cache
+    (`gradtrace.attribution.gram_cache`; `info["gram_cache"]` says which)."""
     base = at_c(method, kernel, c)
     if base.needs_model:
         raise UserError(f"method '{base.name}' scores the model directly, not feature stores; use its checkpoint "
                         "(--checkpoint, --ids)")
     base.check_measurement(train.settings["measurement"]["name"], str(train.path))
+    gram, cache = store_gram(train, base, progress=progress) if wants_cache(train, base) else (None, None)
+    given = {} if gram is None else {"gram": gram}
     if base.needs_row_scale:  # Ψ's rows carry the factor, so it is written out (no query-side mode)
-        return base.fit(train.features, train.group_slices, progress=progress, row_scale=train.row_scale)
-    if query_side and base.supports_query_side:
-        return base.fit(train.features, train.group_slices, progress=progress, query_side=True)
-    return base.fit(train.features, train.group_slices, progress=progress)
+        fitted = base.fit(train.features, train.group_slices, progress=progress, row_scale=train.row_scale, **given)
+    elif query_side and base.supports_query_side:
+        fitted = base.fit(train.features, train.group_slices, progress=progress, query_side=True, **given)
+    else:
+        fitted = base.fit(train.features, train.group_slices, progress=progress, **given)
+    if cache is not None:
+        fitted.info["gram_cache"] = cache
+    return fitted
 
 
 @dataclass

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gradtrace.attribution.gram_cache import load_gram, save_gram, wants_cache
 from gradtrace.attribution.output import FULL_SCORES_MAX, query_side_for, topk_contributions, write_topk_attributions
 from gradtrace.attribution.scoring import at_c, scoring_settings
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import sort_desc_then_index
-from gradtrace.methods.trak import Gram, has_dual_blocks, kernel_spans
+from gradtrace.methods.trak import Gram, add_chunk_gram, has_dual_blocks, kernel_spans
 
 TIMEOUT = datetime.timedelta(minutes=30)  # how long a rank waits for the others at a collective
 
@@ -120,14 +121,12 @@ def gram_share(rows: ShardRows, group_slices: list[tuple[str, int, int]], kernel
     blocks = [np.zeros((e - s, e - s), dtype=np.float64) for s, e in spans]
     step = effective_chunk_rows(chunk_rows, 8 * k)
     for start, stop in row_chunks(len(rows), step, progress=progress, desc="gram (this rank's rows)"):
-        x = np.asarray(rows[start:stop], dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        if len(bad):
+        x = rows[start:stop]
+        if not add_chunk_gram(blocks, x, spans):
+            bad = np.flatnonzero(~np.isfinite(np.asarray(x, dtype=np.float64)).all(axis=1))
             shown = ", ".join(str(int(r)) for r in rows.global_rows(bad[:5] + start))
             raise UserError(f"training features contain NaN/Inf in rows {shown}; re-featurize those examples (or "
                             "drop them) before scoring")
-        for block, (s, e) in zip(blocks, spans):
-            block += x[:, s:e].T @ x[:, s:e]
     return blocks
 
 
@@ -189,11 +188,23 @@ def _attribute(train_path, query_path, out, *, rank, world, method, kernel, c, w
             raise UserError(f"a kernel block is wider than the {n} training rows (solved in its dual form, which "
                             "needs every row at once); run attribute without torchrun")
         rows = ShardRows(train.features, shard_ranges(train, rank, world))
-        share = gram_share(rows, train.group_slices, base.kernel_kind, progress=progress) if base.shares_gram else None
-        return train, queries, weights, info, lam, base, rows, share
+        cached = load_gram(train, base.kernel_kind)[0] if wants_cache(train, base) else None
+        return train, queries, weights, info, lam, base, rows, cached
 
-    train, queries, weights, w_info, lam, base, rows, share = agree(group, prepare)
-    blocks = all_reduce_blocks(share, group) if share is not None else None
+    train, queries, weights, w_info, lam, base, rows, cached = agree(group, prepare)
+    blocks, cache = None, None
+    if base.shares_gram:  # the cache when every rank read it, else each rank's share of the sums
+        hit = torch.tensor([int(cached is not None)])
+        dist.all_reduce(hit, op=dist.ReduceOp.MIN, group=group)
+        if hit.item():
+            blocks, cache = cached.blocks, "hit"
+        else:
+            share = agree(group, lambda: gram_share(rows, train.group_slices, base.kernel_kind, progress=progress))
+            blocks = all_reduce_blocks(share, group)
+            if rank == world - 1 and wants_cache(train, base):
+                gram = Gram(kernel=base.kernel_kind, blocks=blocks, group_slices=train.group_slices,
+                            n=len(train.ids), dual=[False] * len(blocks))
+                cache = "written" if save_gram(train, gram, ranks=world) else "not writable"
     full = len(queries.ids) * len(train.ids) <= FULL_SCORES_MAX
     partial = agree(group, lambda: score_shard(train, queries, base, rows, blocks, weights, top_k, full=full,
                                                query_side=query_side_for(train, kernel), progress=progress))
@@ -203,6 +214,8 @@ def _attribute(train_path, query_path, out, *, rank, world, method, kernel, c, w
     if rank != last:
         return None
     idx, top, contrib, scores, info = merge_partials(gathered, top_k, len(train.ids), len(queries.ids))
+    if cache is not None:
+        info["gram_cache"] = cache
     return write_topk_attributions(train, queries, out, idx=idx, top=top, contrib=contrib, scores=scores,
                                    method_info=info, weights_info=w_info, lambda_info=lam, top_k=top_k, spec=spec,
                                    extra={"ranks": world})

@@ -19,6 +19,7 @@ from importlib import import_module
 from gradtrace import __version__
 from gradtrace.cli.args import add_spec_arguments, common_arguments, spec_from_args
 from gradtrace.errors import GradtraceWarning, UserError, os_error_line
+from gradtrace.extras import missing_extra
 from gradtrace.pipeline.specs.attribute import AttributeSpec
 from gradtrace.pipeline.specs.build_lm import BuildLMSpec
 from gradtrace.pipeline.specs.build_pipeline import BuildPipelineSpec
@@ -178,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         print(command.say(result, spec))
         for line in dict.fromkeys(kept):  # each once, in order
             print(f"gradtrace {args.command_path}: warning: {line}", file=sys.stderr)
-    except (UserError, OSError) as exc:
-        if args.debug:
-            raise
+    except (UserError, OSError, ImportError) as exc:
+        if args.debug or (isinstance(exc, ImportError) and missing_extra(exc) is None):
+            raise  # an ImportError of a package that is not optional is a bug: its traceback
+        if isinstance(exc, ImportError):  # an optional package a step needs: the extra that brings it
+            exc = missing_extra(exc, f"gradtrace {args.command_path}")
         line = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         print(f"gradtrace {args.command_path}: error: {line}", file=sys.stderr)
         return EXIT_USAGE

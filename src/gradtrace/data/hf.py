@@ -9,8 +9,9 @@ Columns, unless named in the options:
   rows are text documents (a `TextDataset`, for language models);
 - text: "text", else "caption", else "prompt" (an image's caption, the conditioning of text-to-image models;
   a document's text);
-- label: "label" (a `ClassLabel` gives its names); it becomes the "label" attribute, as an image folder's class
-  sub-folders do (classifiers read it).
+- label: "label"; it becomes the "label" attribute, as an image folder's class sub-folders do (classifiers read
+  it). A class's index is the dataset's own integer: a `ClassLabel` gives its names in its own order (names[i] is
+  class i), plain integer labels 0..max keep their numeric order; only string labels are sorted.
 
 Ids are row positions (0..N-1), stable while the dataset does not change (its fingerprint is checked by later
 stages). `datasets` (and pyarrow) load only when such a dataset is opened.
@@ -28,6 +29,7 @@ from gradtrace.data.base import ImageDataset
 from gradtrace.data.imagefolder import attribute_vocab, to_pixels
 from gradtrace.data.text import TextDataset
 from gradtrace.errors import UserError
+from gradtrace.extras import require
 
 PREFIX = "hf:"
 OPTIONS = ("image", "text", "label", "split")
@@ -52,11 +54,8 @@ def parse_hf(spec: str) -> tuple[Path, dict[str, str]]:
 
 def open_hf(path: Path, split: str | None):
     """The `datasets.Dataset` at `path` (save_to_disk folder, a parquet file or a folder of them)."""
-    try:
-        import datasets
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("hf: datasets need the `datasets` package; pip install datasets") from None
+    datasets = require("datasets", "hf: data")  # the `hf` extra
+    pq = require("pyarrow.parquet", "hf: data")
     if not path.exists():
         raise UserError(f"hf dataset not found: {path}; pass hf:PATH with a save_to_disk folder or parquet files")
     parquet = [path] if path.is_file() else sorted(path.glob("*.parquet"))
@@ -149,16 +148,18 @@ def load_hf(spec: str, *, size: int | None = None, n: int | None = None) -> Imag
         return TextDataset(name=name, texts=[m.pop("text") for m in rows], ids=ids, metadata=rows)
     pixels = to_pixels([_pil(value, i) for i, value in enumerate(ds[image])], size)
     return ImageDataset(name=name, images=torch.from_numpy(pixels), ids=ids, metadata=rows,
-                        attributes=_vocab(rows, labels if names is None else None))
+                        attributes=_vocab(rows, labels, names))
 
 
-def _vocab(rows: list[dict], int_labels) -> dict[str, list[str]]:
-    """The attribute vocabulary; integer class labels (0, 1, ...) keep their numeric order, 0..max, so that a
-    label's index is the label itself (as a classifier trained on them expects), not its place among sorted strings
-    ("10" before "2")."""
+def _vocab(rows: list[dict], int_labels, names) -> dict[str, list[str]]:
+    """The attribute vocabulary; a label's class index is the dataset's own integer (as a classifier trained on
+    them expects), not its place among sorted strings ("10" before "2", "ant" before "zebra"): a `ClassLabel`'s
+    names in their order, or integer labels' numeric order 0..max."""
     vocab = attribute_vocab(rows)
-    if int_labels and "label" in vocab and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                               for v in int_labels):
+    if names is not None and "label" in vocab:
+        vocab["label"] = [str(n) for n in names]
+    elif int_labels and "label" in vocab and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in int_labels):
         vocab["label"] = [str(i) for i in range(max(int_labels) + 1)]
     return vocab
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from gradtrace.choices import EKFAC_GRID, FISHERS  # noqa: F401  (the CLI's choices)
-from gradtrace.methods.ekfac import DEFAULT_C, EkfacEngine
+from gradtrace.choices import EKFAC_DEFAULT_C as DEFAULT_C, EKFAC_GRID, FISHERS  # noqa: F401  (the CLI's choices)
+from gradtrace.extras import require
 from gradtrace.methods.model_method import ModelMethod, ModelSession
 
 
@@ -38,12 +38,13 @@ class EkfacSession(ModelSession):
     """The EK-FAC engine on one checkpoint (see `ModelSession`); `fit` fits or reuses the factors."""
 
     def __init__(self, method: Ekfac, checkpoint, *, default_factors: Path, examples=None, progress: bool = True):
+        engine = require("gradtrace.methods.ekfac", "EK-FAC").EkfacEngine  # kronfluence: the `ekfac` extra
         super().__init__(method, checkpoint, examples=examples, progress=progress)
         fisher = {"auto": None, "true": False, "empirical": True}[method.fisher]
-        self.engine = EkfacEngine(self.model, self.train_loss, self.query_measurement, self.group_of.__getitem__,
-                                  self.group_names, factors_dir=Path(method.factors) if method.factors
-                                  else default_factors, sign=self.sign, batch_size=method.batch_size,
-                                  seed=method.noise_seed, progress=progress, empirical_fisher=fisher)
+        self.engine = engine(self.model, self.train_loss, self.query_measurement, self.group_of.__getitem__,
+                             self.group_names, factors_dir=Path(method.factors) if method.factors
+                             else default_factors, sign=self.sign, batch_size=method.batch_size,
+                             seed=method.noise_seed, progress=progress, empirical_fisher=fisher)
         self.factors: dict = {}
 
     @property

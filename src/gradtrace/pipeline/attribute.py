@@ -8,12 +8,14 @@ comparison of learned and uniform weights differs in the weights only).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 from gradtrace.attribution import query_side_for, score_queries, write_attributions
 from gradtrace.attribution.sharded import attribute_sharded
-from gradtrace.errors import UserError
+from gradtrace.errors import GradtraceWarning, UserError
+from gradtrace.extras import install_line, installed
 from gradtrace.features.store import FeatureStore
 from gradtrace.methods import configure, get_method
 from gradtrace.pipeline.model_scoring import attribute_model_run, configure_model_method
@@ -54,6 +56,9 @@ def attribute_run(spec: AttributeSpec, *, progress: bool = True) -> dict | None:
                                  spec=spec.to_dict())
     if spec.report and is_text_store(train):
         write_text_attributions(train, queries, doc, Path(spec.out) / "report.md")
+    elif spec.report and not installed("matplotlib"):  # the picture is a side output: the attributions stand
+        warnings.warn(GradtraceWarning("report.png is not drawn: matplotlib is not installed; "
+                                       f"{install_line('matplotlib')} (or pass --no-report)"), stacklevel=2)
     elif spec.report:
         draw_attributions(train, queries, doc, Path(spec.out) / "report.png")
     if spec.compare_uniform:  # the fair baseline: uniform weights, everything else (c included) as scored above

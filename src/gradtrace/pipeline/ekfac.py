@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from gradtrace.attribution import AUTO, parse_c
+from gradtrace.choices import EKFAC_DEFAULT_C as DEFAULT_C
 from gradtrace.errors import UserError
-from gradtrace.methods.ekfac import DEFAULT_C
 from gradtrace.methods.ekfac_method import EkfacSession
 from gradtrace.pipeline.attribute import AttributeSpec, attribute_run
 from gradtrace.pipeline.learn_weights import LearnWeightsSpec, learn_weights_run

@@ -4,7 +4,9 @@ door (`gradtrace.pipeline.tracer`) runs the same stages as the command line.
 - a diffusers text-to-image pipeline → `save_pretrained(STORE/base)` with its UNet's LoRA layers left out, and a
   UNet LoRA saved as diffusers saves it (`save_lora_weights`) and imported as `gradtrace import-lora` does;
 - a transformers causal LM (`PreTrainedModel`) → `model.save_pretrained(dir)` + `tokenizer.save_pretrained(dir)`,
-  the folder the `causal-lm` adapter loads;
+  the folder the `causal-lm` adapter loads; a peft LoRA causal LM (`get_peft_model`, `PeftModel.from_pretrained`)
+  → its base without the LoRA layers and the tokenizer into `STORE/base`, and the adapter (`save_pretrained`)
+  into the checkpoint folder, its adapter_config.json naming that base: the peft adapter folder the CLI takes;
 - any other `nn.Module` → a `classifier` checkpoint (safetensors + manifest) whose model config names the
   function that rebuilds it (`factory`, default: the module's own class, with `kwargs`);
 - a `datasets.Dataset`, a list of texts, of PIL images or of (PIL image, label) pairs → `save_to_disk(dir)`,
@@ -27,10 +29,13 @@ from gradtrace.adapters import get_adapter
 from gradtrace.adapters.causal_lm.folder import quiet_transformers
 from gradtrace.adapters.checkpoint import model_fingerprint
 from gradtrace.errors import UserError
+from gradtrace.extras import require
 from gradtrace.io import write_bytes_atomic
 
+LORA_PARTS = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.", "lora_magnitude_vector.")
 SUPPORTED = ("a diffusers text-to-image pipeline (its UNet LoRA included), a transformers causal LM "
-             "(AutoModelForCausalLM) with its tokenizer, a torch nn.Module image classifier, or a checkpoint folder")
+             "(AutoModelForCausalLM, peft LoRA or not) with its tokenizer, a torch nn.Module image classifier, or a "
+             "checkpoint folder")
 
 
 def model_kind(model) -> str:
@@ -41,9 +46,9 @@ def model_kind(model) -> str:
         return "diffusers"
     if isinstance(model, nn.Module) and hasattr(model, "save_pretrained") and \
             getattr(getattr(model, "config", None), "model_type", None):
-        if hasattr(model, "peft_config"):
-            raise UserError("peft models are not taken in memory yet; save the adapter with model.save_pretrained(DIR) "
-                            "(its base beside it) and pass DIR")
+        if hasattr(model, "peft_config") and not _is_peft_model(model):
+            raise UserError("a transformers model with adapters added by add_adapter is not taken in memory; wrap "
+                            "it with peft.get_peft_model (or PeftModel.from_pretrained), or fuse the adapter")
         return "causal-lm"
     if isinstance(model, nn.Module) and not hasattr(model, "save_pretrained"):
         return "classifier"
@@ -93,15 +98,54 @@ def write_pipeline(pipe, base: Path, lora: Path, folder: Path) -> Path:
     return _move(part, folder)
 
 
-def write_lm(model, tokenizer, folder: Path) -> Path:
-    """`save_pretrained` of the model and its tokenizer into `folder` (written beside, then moved in place)."""
+def write_lm(model, tokenizer, folder: Path, state_dict: dict | None = None) -> Path:
+    """`save_pretrained` of the model (or of `state_dict` in its layout) and its tokenizer into `folder` (written
+    beside, then moved in place)."""
     if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
         raise UserError("a causal LM needs its tokenizer: Tracer(model, tokenizer=tokenizer, ...)")
     quiet_transformers()
     part = _fresh(folder.with_name(folder.name + ".partial"))
-    model.save_pretrained(part, safe_serialization=True)
+    model.save_pretrained(part, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(part)
     return _move(part, folder)
+
+
+def write_peft_lm(model, tokenizer, base: Path, folder: Path) -> Path:
+    """A peft LoRA causal LM: its base LM (LoRA layers left out) and the tokenizer saved into `base`, the adapter
+    with peft's `save_pretrained` into `folder`, whose adapter_config.json names `base`; returns `folder`."""
+    import json
+
+    adapters = dict(model.peft_config)
+    if len(adapters) != 1:
+        raise UserError(f"the model holds {len(adapters)} peft adapters ({', '.join(adapters)}); keep one "
+                        "(model.delete_adapter) or merge the others")
+    name, config = next(iter(adapters.items()))
+    if str(getattr(config, "peft_type", "")).split(".")[-1] != "LORA":
+        raise UserError(f"the model holds a {config.peft_type} adapter; gradtrace attributes LoRA adapters")
+    lm = model.get_base_model()
+    state = {k.replace(".base_layer.", "."): v for k, v in lm.state_dict().items()
+             if not any(f".{part}" in k for part in LORA_PARTS)}
+    write_lm(lm, tokenizer, base, state_dict=state)
+    quiet_transformers()
+    part = _fresh(folder.with_name(folder.name + ".partial"))
+    model.save_pretrained(part, selected_adapters=[name], safe_serialization=True)
+    saved = part / name if name != "default" else part  # peft saves other adapter names in a sub-folder
+    config_file = saved / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    adapter_config["base_model_name_or_path"] = str(base.resolve())
+    config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    done = _move(saved, folder)
+    if part.exists():
+        shutil.rmtree(part)
+    return done
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def classifier_config(model: nn.Module, dataset, factory=None, kwargs: dict | None = None) -> dict:
@@ -137,10 +181,7 @@ def write_classifier(model: nn.Module, config: dict, folder: Path) -> Path:
 
 def as_hf_dataset(data):
     """A `datasets.Dataset` of `data`: itself, or built from a list of texts, PIL images or (image, label) pairs."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("in-memory data needs the `datasets` package; pip install datasets") from None
+    datasets = require("datasets", "in-memory data")  # the `hf` extra
     if isinstance(data, datasets.Dataset):
         return data
     rows = list(data) if isinstance(data, (list, tuple)) else None

@@ -19,6 +19,7 @@ from PIL import Image
 from gradtrace.attribution.run_check import open_run
 from gradtrace.data.registry import is_text_spec
 from gradtrace.errors import UserError
+from gradtrace.extras import require
 from gradtrace.features.store import FeatureStore
 from gradtrace.pipeline.report import load_run
 from gradtrace.report import html, sections
@@ -82,12 +83,8 @@ class AttributionResult:
         return rows
 
     def to_pandas(self):
-        """`records()` as a pandas DataFrame (pandas is imported here: it is not a dependency of gradtrace)."""
-        try:
-            import pandas as pd
-        except ImportError:
-            raise UserError("to_pandas needs pandas; pip install pandas (records() gives the same rows)") from None
-        return pd.DataFrame.from_records(self.records())
+        """`records()` as a pandas DataFrame (pandas: the `notebook` extra; records() gives the same rows)."""
+        return require("pandas", "to_pandas").DataFrame.from_records(self.records())
 
     def images(self, query_id: int):
         """(the query's image, [its top-k training images]) as PIL images (image models)."""

@@ -1,7 +1,8 @@
 """The Python front door: attribute the model object you already have, on the data you already hold.
 
     import gradtrace as gt
-    tracer = gt.Tracer(model, train=dataset, store="runs/x", tokenizer=tok)  # an AutoModelForCausalLM + tokenizer,
+    tracer = gt.Tracer(model, train=dataset, store="runs/x", tokenizer=tok)  # an AutoModelForCausalLM (peft LoRA or
+                                                                          # not) + tokenizer,
                                                                           # a diffusers pipeline (+ UNet LoRA), an
                                                                           # nn.Module classifier, or a folder
     tracer.featurize()                                                    # the resumable feature store, on disk
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -40,14 +42,18 @@ from gradtrace.pipeline.materialize import (
     write_classifier,
     write_dataset,
     write_lm,
+    write_peft_lm,
     write_pipeline,
 )
+from gradtrace.pipeline.report import report_run
 from gradtrace.pipeline.result import AttributionResult
 from gradtrace.pipeline.sample import sample_run
 from gradtrace.pipeline.specs.attribute import AttributeSpec
 from gradtrace.pipeline.specs.featurize import FeaturizeSpec
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
+from gradtrace.pipeline.specs.report import ReportSpec
 from gradtrace.pipeline.specs.sample import SampleSpec
+from gradtrace.pipeline.weights_result import WeightsResult
 
 RECORD = "tracer.json"
 OWN = ("checkpoint", "out", "data", "samples", "ids", "overwrite")  # set by the Tracer, not by featurize options
@@ -70,6 +76,8 @@ class Tracer:
         if unknown:
             raise UserError(f"unknown featurize option {unknown[0]!r}; use {', '.join(FEATURE_OPTIONS)}")
         self.store, self.progress, self.overwrite = Path(store), progress, overwrite
+        self.runs: list[Path] = []      # attribution output folders of this tracer, in order (`report` shows them)
+        self.weights: list[Path] = []   # weights files it learned
         self.options = featurize_options
         record = read_json(self.store / RECORD, "tracer record") if (self.store / RECORD).is_file() else {}
         FeaturizeSpec(checkpoint=str(self.store), out=str(self.store / "train"), **self.options)  # checked first
@@ -93,6 +101,8 @@ class Tracer:
                             "overwrite=True to replace them, or use another store")
         if kind == "diffusers":
             folder = write_pipeline(model, self.store / "base", self.store / "lora", folder)
+        elif kind == "causal-lm" and hasattr(model, "peft_config"):
+            write_peft_lm(model, how["tokenizer"], self.store / "base", folder)
         elif kind == "causal-lm":
             write_lm(model, how["tokenizer"], folder)
         else:
@@ -175,18 +185,49 @@ class Tracer:
         out = Path(out) if out is not None else self.store / "attributions" / f"{query_store.parent.name}-{method}"
         if out.exists() and self.overwrite:
             shutil.rmtree(out)
-        options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}  # a weights file path
+        options = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}  # weights
         spec = AttributeSpec(train=str(train), queries=str(query_store), out=str(out), method=method, top_k=top_k,
                              **options)
         attribute_run(spec, progress=self.progress)
+        self._remember(self.runs, out)
         return AttributionResult.open(out)
 
-    def learn_weights(self, queries, *, out=None, **options) -> Path:
+    def learn_weights(self, queries, *, out=None, **options) -> WeightsResult:
         """Learn the label-free group weights on learning `queries` (never the evaluation ones); the other options
-        are `LearnWeightsSpec`'s. Returns the weights file, which `attribute(..., weights=PATH)` takes."""
+        are `LearnWeightsSpec`'s. Returns the weights file (a path: `attribute(..., weights=w)` takes it; inline in
+        Jupyter: its chart)."""
         train = self.featurize().path
         query_store = self.featurize_queries(queries)
         out = Path(out) if out is not None else self.store / "weights" / f"{query_store.parent.name}.json"
         path, _ = learn_weights_run(LearnWeightsSpec(train=str(train), queries=str(query_store), out=str(out),
                                                      **options), progress=self.progress)
-        return Path(path)
+        self._remember(self.weights, Path(path))
+        return WeightsResult.open(path)
+
+    def report(self, path, *, attributions=None, weights=None, **options) -> Path:
+        """The HTML report (the `gradtrace report` stage, `report_run`) of attribution runs: `attributions` (results
+        or output folders; default: this tracer's runs that score the queries of its latest run, side by side) and
+        `weights` files charted beside uniform (default: the ones this tracer learned). The other options are
+        `ReportSpec`'s (title, max_queries). Returns the page's path."""
+        if attributions is None:
+            if not self.runs:
+                raise UserError("no attribution to report yet; call tracer.attribute(queries) first, or pass "
+                                "attributions=[folder, ...]")
+            last = _queries_of(self.runs[-1])
+            attributions = [r for r in self.runs if r.is_dir() and _queries_of(r) == last]
+        runs = [str(getattr(a, "path", a)) for a in attributions]
+        files = [os.fspath(w) for w in (self.weights if weights is None else weights)]
+        return report_run(ReportSpec(attributions=runs, weights=files, out=str(path), **options),
+                          progress=self.progress)
+
+    @staticmethod
+    def _remember(seen: list[Path], path: Path) -> None:
+        if path in seen:
+            seen.remove(path)
+        seen.append(path)
+
+
+def _queries_of(run: Path):
+    """What a run scored: its query feature store (or, for a method that scores the model, its query source)."""
+    manifest = AttributionResult.open(run).doc["manifest"]
+    return manifest.get("query_store") or json.dumps(manifest.get("query_source"), sort_keys=True)

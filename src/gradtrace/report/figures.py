@@ -1,13 +1,23 @@
-"""Shared pieces of every picture: saving a figure atomically, and showing an image in [-1, 1]."""
+"""Shared pieces of every picture: matplotlib's pyplot (on first use), saving a figure atomically, and showing an
+image in [-1, 1]."""
 from __future__ import annotations
 
-import matplotlib
+import sys
+from importlib import import_module
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
-from gradtrace.io import atomic_write  # noqa: E402
+from gradtrace.extras import require
+from gradtrace.io import atomic_write
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported on first use (matplotlib is the `report` extra): the one
+    place every picture gets it, so a missing matplotlib is one line naming the extra."""
+    matplotlib = require("matplotlib", "drawing a figure")
+    if "matplotlib.pyplot" not in sys.modules:  # a notebook's own backend stays as it is
+        matplotlib.use("Agg")
+    return import_module("matplotlib.pyplot")
 
 
 def save_figure(fig, path, *, dpi: int = 100, tight: bool = True) -> None:
@@ -17,7 +27,7 @@ def save_figure(fig, path, *, dpi: int = 100, tight: bool = True) -> None:
         with atomic_write(path, suffix=f".tmp{suffix}") as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches="tight" if tight else None)
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 def to_display(img) -> np.ndarray:

@@ -1,20 +1,16 @@
 """Pictures: image grids of samples and of attributions (each query, then its top-k training images)."""
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from gradtrace.report.figures import save_figure, show_image  # noqa: E402
+from gradtrace.report.figures import pyplot, save_figure, show_image
 
 
 def image_grid(images, path, *, ncols: int = 8, titles: list[str] | None = None) -> None:
     images = np.asarray(images)
     n = len(images)
     nrows = max(1, (n + ncols - 1) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 * ncols, 1.3 * nrows), squeeze=False)
+    fig, axes = pyplot().subplots(nrows, ncols, figsize=(1.2 * ncols, 1.3 * nrows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i < n:
             show_image(ax, images[i])
@@ -34,7 +30,7 @@ def attribution_grid(query_images, train_images, scores, path, *, query_titles: 
     query_images, train_images, scores = map(np.asarray, (query_images, train_images, scores))
     q, k = scores.shape
     # constrained layout places the title right above the grid (a fixed figure height left an empty band)
-    fig, axes = plt.subplots(q, k + 1, figsize=(1.15 * (k + 1), 1.3 * q + (0.3 if title else 0)), squeeze=False,
+    fig, axes = pyplot().subplots(q, k + 1, figsize=(1.15 * (k + 1), 1.3 * q + (0.3 if title else 0)), squeeze=False,
                              layout="constrained")
     for r in range(q):
         show_image(axes[r, 0], query_images[r])

@@ -13,13 +13,11 @@ import io
 import json
 from typing import Iterable, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import to_hex
 from PIL import Image
 
 from gradtrace.adapters.diffusion.groups import describe_group
-from gradtrace.report.figures import to_display
+from gradtrace.report.figures import pyplot, to_display
 from gradtrace.report.weights import block_colours
 
 CSS = """
@@ -68,7 +66,7 @@ def figure_uri(fig, *, dpi: int = 110) -> str:
     try:
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -80,6 +78,7 @@ def file_uri(path) -> str:
 
 def hex_colours(group_names: Sequence[str]) -> dict[str, str]:
     """Block → hex colour, the same colours as the weights chart (`report.weights.block_colours`)."""
+    to_hex = pyplot().matplotlib.colors.to_hex
     return {block: to_hex(c) for block, c in block_colours(group_names).items()}
 
 

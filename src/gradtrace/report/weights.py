@@ -14,23 +14,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch, Rectangle  # noqa: E402
-
-from gradtrace.adapters.diffusion.groups import describe_group  # noqa: E402
-from gradtrace.errors import UserError  # noqa: E402
-from gradtrace.report.figures import save_figure, show_image  # noqa: E402
-from gradtrace.weights.diagnostics import cosine  # noqa: E402
+from gradtrace.adapters.diffusion.groups import describe_group
+from gradtrace.errors import UserError
+from gradtrace.report.figures import pyplot, save_figure, show_image
+from gradtrace.weights.diagnostics import cosine
 
 
 def block_colours(group_names: Sequence[str]) -> dict[str, Any]:
     """A distinct colour per block, in order of first appearance."""
     blocks = list(dict.fromkeys(describe_group(n)["block"] for n in group_names))
-    cmap = plt.get_cmap("tab10" if len(blocks) <= 10 else "tab20")
+    cmap = pyplot().get_cmap("tab10" if len(blocks) <= 10 else "tab20")
     return {b: cmap(i % cmap.N) for i, b in enumerate(blocks)}
 
 
@@ -54,7 +49,7 @@ def weights_figure(weight_sets: Mapping[str, Any], group_names: Sequence[str], *
     colours = block_colours(names)
     info = [describe_group(n) for n in names]
     m, p = len(names), len(sets)
-    fig, axes = plt.subplots(1, p, figsize=(2.0 + 1.9 * p, 0.6 + 0.17 * m), sharey=True, squeeze=False)
+    fig, axes = pyplot().subplots(1, p, figsize=(2.0 + 1.9 * p, 0.6 + 0.17 * m), sharey=True, squeeze=False)
     y = np.arange(m)
     top = max(float(v.max()) for v in sets.values())
     for ax, (label, v) in zip(axes[0], sets.items()):
@@ -73,6 +68,7 @@ def weights_figure(weight_sets: Mapping[str, Any], group_names: Sequence[str], *
     axes[0, 0].set_yticks(y)
     axes[0, 0].set_yticklabels([d["label"] for d in info], fontsize=6)
     axes[0, 0].invert_yaxis()
+    Patch = pyplot().matplotlib.patches.Patch  # loaded by pyplot
     handles = [Patch(color=c, label=b) for b, c in colours.items()]
     handles.append(Patch(facecolor="0.6", hatch="////", edgecolor="white", label="cross-attention"))
     fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=6, frameon=False,
@@ -104,7 +100,7 @@ def cosine_heatmap(vectors: Mapping[str, Any], path, *, title: str | None = None
     if p == 0:
         raise UserError("no weight vectors to compare; pass at least one {label: weights}")
     side = 1.6 + 0.3 * p
-    fig, ax = plt.subplots(figsize=(side + 0.8, side))
+    fig, ax = pyplot().subplots(figsize=(side + 0.8, side))
     # colour range = the data's range: learned weights stay near uniform, so cosines bunch up just below 1
     low = float(mat.min()) if mat.min() < 1.0 else 0.0
     im = ax.imshow(mat, vmin=low, vmax=1.0, cmap="viridis")
@@ -146,7 +142,7 @@ def attribution_comparison(query_images: Any, rows: Mapping[str, tuple], path, *
             raise UserError(f"row '{label}' must hold ({q}, {k}) images and scores, "
                             f"got {imgs.shape[:2]} and {sc.shape}")
     n_rows = q * len(labels)
-    fig, axes = plt.subplots(n_rows, k + 1, figsize=(0.95 * (k + 1) + 0.6, 1.05 * n_rows + (0.4 if title else 0)),
+    fig, axes = pyplot().subplots(n_rows, k + 1, figsize=(0.95 * (k + 1) + 0.6, 1.05 * n_rows + (0.4 if title else 0)),
                              squeeze=False)
     for qi in range(q):
         for li, label in enumerate(labels):
@@ -169,8 +165,8 @@ def attribution_comparison(query_images: Any, rows: Mapping[str, tuple], path, *
                 if highlight is not None and label in highlight:
                     good = bool(np.asarray(highlight[label])[qi, c])
                     size = imgs.shape[-1]
-                    ax.add_patch(Rectangle((-0.5, -0.5), size, size, fill=False, linewidth=2.2,
-                                           edgecolor="tab:green" if good else "tab:red"))
+                    ax.add_patch(pyplot().Rectangle((-0.5, -0.5), size, size, fill=False, linewidth=2.2,
+                                                    edgecolor="tab:green" if good else "tab:red"))
     height = 1.05 * n_rows + (0.4 if title else 0)
     if title:
         fig.suptitle(title, fontsize=8)

@@ -22,11 +22,12 @@ from gradtrace.weights.streamed import snr_at
 def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_features: Any, *,
                         method: str = "trak", kernel: str = DEFAULT_KERNEL, grid: Any = None, k: int = DEFAULT_K,
                         chunk_rows: int = 65536, progress: bool = False,
-                        row_scale: Any = None) -> tuple[float, list[tuple[float, float]]]:
+                        row_scale: Any = None, gram: Any = None) -> tuple[float, list[tuple[float, float]]]:
     """(best c, [(c, loss), ...] for every c in `grid`) with loss = mean_q L(uniform; q) on the learning queries.
 
     `method` is a kernel with a λ ("trak", "dtrak", "das"; "das" with the store's `row_scale`); `grid`
-    defaults to the method's `lambda_grid()` (1e-4..1).
+    defaults to the method's `lambda_grid()` (1e-4..1). `gram` (the kernel's Gram blocks of these features, e.g. kept
+    beside the store) skips the Gram pass.
     """
     phi = check_train_matrix(train_features)
     slices = check_group_slices(group_slices, phi.shape[1])
@@ -41,7 +42,8 @@ def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_f
     values = _check_grid(bare.lambda_grid() if grid is None else grid)
     base = configure(method, kernel=kernel, c=values[0])
     # a kernel that shares one Gram pass over its values of c (TRAK's) is refitted from it; any other is refitted
-    gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress) if base.shares_gram else None
+    if base.shares_gram and gram is None:
+        gram = base.gram(phi, slices, chunk_rows=chunk_rows, progress=progress)
     table: list[tuple[float, float]] = []
     for c in values:
         at = base.with_c(c)
