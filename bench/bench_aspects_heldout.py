@@ -8,10 +8,14 @@ unseen (subject, style, background) combination, the training images that share 
 Protocol (DESIGN.md §2). 24 of the 96 combinations (seeded by --split-seed; every value of every attribute stays
 in training) are held out: the conditional UNet trains on the 720 `shapes` images (data seed 0) of the other 72.
 Evaluation queries: real images of the held-out combinations drawn with another data seed (--query-seed, 2 per
-combination = 48), featurized with their full tokens. On combinations seen in training every method is near
+combination = 48), featurized with their full tokens (`--queries tokens`) or with every token null (`--queries image`,
+the measurement); the training images with their tokens or, `--train-condition none`, null as well (the regime of
+image-only queries). On combinations seen in training every method is near
 1.0; held out, a method must find the aspect, not the combination. Learning queries are generated from the
 model (never the evaluation images). Every attribution run is scored by `gradtrace eval retrieval --labels
-subject,style,background` (Recall@10 and mAP with bootstrap CIs, paired differences).
+subject,style,background` (Recall@10 and mAP with bootstrap CIs, paired differences). Recipes beyond the default
+list (`EXTRA_RECIPES`): the contrast statistic, the family objective on 144 learning queries, and ORACLE ceilings
+that use the training labels (`bench/aspect_levers.py`; diagnostics, not recipes).
 """
 from __future__ import annotations
 
