@@ -69,6 +69,19 @@ def test_attribute_warns_when_queries_and_training_store_are_conditioned_differe
     assert main(["attribute", "--train", str(run / "ft-none"), "--queries", str(run / "fq-none"), "--out",
                  str(run / "a-same"), "--no-progress"]) == 0
     assert "conditioned on" not in capsys.readouterr().err
+    # generated learning queries are featurized the training store's way (here: null tokens), so no warning either
+    assert main(["learn-weights", "--train", str(run / "ft-none"), "--generate", "4", "--sample-steps", "3",
+                 "--steps", "5", "--lambda-c", "0.01", "--no-progress"]) == 0
+    assert "conditioned on" not in capsys.readouterr().err
+    sets = list((run / "ft-none" / "weights" / "learning-queries").iterdir())
+    assert len(sets) == 1
+    learned_on = FeatureStore.open(sets[0] / "features")
+    assert learned_on.settings["source"]["condition_on"] == "none"
+    np.testing.assert_array_equal(learned_on.cond, np.full((4, 3), -1))
+    # learning queries given with another conditioning: the warning names them
+    assert main(["learn-weights", "--train", str(run / "ft-none"), "--queries", str(run / "ft"), "--steps", "5",
+                 "--lambda-c", "0.01", "--out", str(run / "w-mixed.json"), "--no-progress"]) == 0
+    assert "conditioned on every attribute" in capsys.readouterr().err
 
 def test_family_objective_from_the_cli(run):
     from gradtrace.attribution import fit_method
