@@ -8,10 +8,14 @@ unseen (subject, style, background) combination, the training images that share 
 Protocol (DESIGN.md §2). 24 of the 96 combinations (seeded by --split-seed; every value of every attribute stays
 in training) are held out: the conditional UNet trains on the 720 `shapes` images (data seed 0) of the other 72.
 Evaluation queries: real images of the held-out combinations drawn with another data seed (--query-seed, 2 per
-combination = 48), featurized with their full tokens. On combinations seen in training every method is near
+combination = 48), featurized with their full tokens (`--queries tokens`) or with every token null (`--queries image`,
+the measurement); the training images with their tokens or, `--train-condition none`, null as well (the regime of
+image-only queries). On combinations seen in training every method is near
 1.0; held out, a method must find the aspect, not the combination. Learning queries are generated from the
 model (never the evaluation images). Every attribution run is scored by `gradtrace eval retrieval --labels
-subject,style,background` (Recall@10 and mAP with bootstrap CIs, paired differences).
+subject,style,background` (Recall@10 and mAP with bootstrap CIs, paired differences). Recipes beyond the default
+list (`EXTRA_RECIPES`): the contrast statistic, the family objective on 144 learning queries, and ORACLE ceilings
+that use the training labels (`bench/aspect_levers.py`; diagnostics, not recipes).
 """
 from __future__ import annotations
 
@@ -96,7 +100,7 @@ class Bench:
                                            overwrite=True, **where), progress=False)
 
     def weights(self, train, learn, method: str, kernel: str, name: str, objective: str = "snr",
-                family: str | None = None) -> str:
+                family: str | None = None, l2: float = 0.0) -> str:
         from gradtrace.pipeline import LearnWeightsSpec, learn_weights_run
 
         path = Path(train.path) / "weights" / f"{method}-{kernel}-{name}.json"
@@ -104,7 +108,8 @@ class Bench:
             log(f"learn {train.path.parent.name} {method}/{kernel} {name}")
             learn_weights_run(LearnWeightsSpec(train=str(train.path), queries=str(learn.path), method=method,
                                                kernel=kernel, lambda_c="auto", steps=self.a.learn_steps,
-                                               objective=objective, family=family, out=str(path)), progress=False)
+                                               objective=objective, family=family, l2=l2, out=str(path)),
+                              progress=False)
         return str(path)
 
     def attribute(self, train, queries, method: str, kernel: str, name: str, weights: str | None = None,
@@ -122,22 +127,42 @@ class Bench:
 
 
 RECIPES = ("uniform", "general", "aspect-only", "family", "snr+family", "cond", "cond-snr", "cond-family")
+# beyond the default list (pass them in --recipes): the label-free contrast statistic over the general weights, and
+# the ORACLE ceilings that use the training labels (bench/aspect_levers.py; diagnostics, not recipes a user can run)
+EXTRA_RECIPES = ("contrast", "oracle-loo", "oracle-learn", "oracle-solo", "family144")
+N_FAMILY, FAMILY_L2 = 144, 1.0  # family144: the family objective on 144 general learning queries, l2 toward uniform
 
 
 def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None, recipes) -> dict:
     """Every recipe's attribution runs for one (method, kernel, bands); one `eval retrieval` over all of them."""
+    from aspect_levers import contrast_weights_file, oracle_weights
     from gradtrace.evaluate.eval_retrieval import eval_retrieval_run
 
     image_only = b.a.queries == "image"  # evaluation queries featurized with every token null
-    train = b.store(meas, "train", bands)
+    null_train = b.a.train_condition == "none"  # training images featurized with every token null too
+    train = b.store(meas, "train", bands, "none" if null_train else None)
     ev = b.store(meas, "eval", bands, "none" if image_only else None)
     lq = "none" if image_only else None  # learning queries featurized as the evaluation queries are
     general = b.store(meas, "learn-general", bands, lq)
     runs = {"uniform": b.attribute(train, ev, method, kernel, "uniform", learning=general)}
-    if "general" in recipes:
-        runs["general"] = b.attribute(train, ev, method, kernel, "general",
-                                      b.weights(train, general, method, kernel, "general"))
+    if {"general", *EXTRA_RECIPES} & set(recipes):
+        gw = b.weights(train, general, method, kernel, "general")
+        runs["general"] = b.attribute(train, ev, method, kernel, "general", gw)
+    cache: dict = {}
     for a in ASPECTS:
+        if "contrast" in recipes:
+            runs[f"contrast:{a}"] = b.attribute(train, ev, method, kernel, f"contrast-{a}",
+                                                contrast_weights_file(cache, train, general, gw, method, kernel, a))
+        if "family144" in recipes:
+            big = b.store(meas, f"learn-general-{N_FAMILY}", bands, lq)
+            runs[f"family144:{a}"] = b.attribute(train, ev, method, kernel, f"family144-l2-{a}",
+                                                 b.weights(train, big, method, kernel, f"family144-l2-{a}", "family",
+                                                           a, FAMILY_L2))
+        for mode in ("loo", "learn", "solo"):
+            if f"oracle-{mode}" in recipes:
+                loo = b.store(meas, "train", bands, "none") if mode != "learn" else None
+                w = oracle_weights(cache, train, general, loo, gw, method, kernel, a, mode, b.a.learn_steps)
+                runs[f"oracle-{mode}:{a}"] = b.attribute(train, ev, method, kernel, f"oracle-{mode}-{a}", w)
         if "aspect-only" in recipes:
             learn = b.store(meas, f"learn-{a}", bands, lq)
             runs[f"aspect-only:{a}"] = b.attribute(train, ev, method, kernel, f"aspect-only-{a}",
@@ -159,7 +184,7 @@ def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None,
                 cgen = b.store(meas, "learn-general", bands, a)
                 runs[f"cond-family:{a}"] = b.attribute(ctrain, cev, method, kernel, "family",
                                                        b.weights(ctrain, cgen, method, kernel, "family", "family", a))
-    tag = f"{method}-{kernel}-b{bands or 1}-{b.a.queries}"
+    tag = f"{method}-{kernel}-b{bands or 1}-{b.a.queries}" + ("-trainnull" if null_train else "")
     doc = eval_retrieval_run(list(runs.values()), list(ASPECTS), b.out / "retrieval" / tag, ks=(10,),
                              n_bootstrap=2000, seed=0)
     names = dict(zip(runs, [r["name"] for r in doc["runs"]]))
@@ -263,6 +288,9 @@ def main(argv=None) -> int:
     p.add_argument("--queries", default="tokens", choices=("tokens", "image"),
                    help="evaluation queries featurized with their tokens, or with every token null (the image alone: "
                         "relevance cannot be read off the conditioning)")
+    p.add_argument("--train-condition", default="tokens", choices=("tokens", "none"),
+                   help="training images featurized with their tokens (as before), or with every token null (the "
+                        "regime image-only queries are featurized in)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(a.out)
@@ -275,6 +303,8 @@ def main(argv=None) -> int:
     sets = {"learn-general": (query_codes(values, a.n_learn, seed=2002), 2002)}
     for i, asp in enumerate(ASPECTS):
         sets[f"learn-{asp}"] = (query_codes(values, a.n_learn, aspect=asp, seed=2003 + i), 2003 + i)
+    if "family144" in a.recipes.split(","):
+        sets[f"learn-general-{N_FAMILY}"] = (query_codes(values, N_FAMILY, seed=2102), 2102)
     for name, (codes, seed) in sets.items():
         if not (out / "samples" / name / "manifest.json").exists():
             log(f"sample {name}")

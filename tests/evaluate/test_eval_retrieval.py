@@ -83,6 +83,12 @@ def test_numbers_equal_a_hand_computation(runs, tmp_path):
         assert d["verdict"] == ("higher" if lo > 0 else "lower" if hi < 0 else "no clear difference")
     assert doc["manifest"]["labels"] == list(ASPECTS) and doc["manifest"]["k"] == [3, 5]
     assert "| subject |" in (out / "retrieval.md").read_text()
+    # run again into the same folder (the runs swapped): the result is replaced, not refused
+    assert main(["eval", "retrieval", "--attributions", str(runs / "b"), "--attributions", str(runs / "a"),
+                 "--labels", "subject,style,background", "--k", "3,5", "--bootstrap", "300", "--seed", "4",
+                 "--out", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "retrieval.json").read_text())
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in reversed(doc["runs"])]
 
 
 def test_labels_from_a_file_and_top_k_only(runs, tmp_path):

@@ -50,6 +50,39 @@ def test_condition_on_nulls_the_other_tokens(run):
     assert not np.array_equal(np.asarray(store.features), np.asarray(FeatureStore.open(run / "ft").features))
 
 
+
+def test_attribute_warns_when_queries_and_training_store_are_conditioned_differently(run, capsys):
+    """Image-only queries (--condition-on none) against a training store featurized with its tokens: one warning
+    line naming both and the fix; the same conditioning on both sides: no warning."""
+    assert main(["featurize", "--checkpoint", str(run / "run"), "--out", str(run / "fq-none"), "--condition-on",
+                 "none", "--data", "shapes", "--data-seed", "1", "--n", "6", *FEAT]) == 0
+    assert main(["featurize", "--checkpoint", str(run / "run"), "--out", str(run / "ft-none"), "--condition-on",
+                 "none", *FEAT]) == 0
+    capsys.readouterr()
+    assert main(["attribute", "--train", str(run / "ft"), "--queries", str(run / "fq-none"), "--out",
+                 str(run / "a-mixed"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "conditioned on" in line]
+    assert len(lines) == 1, err
+    assert "conditioned on none" in lines[0] and "on every attribute" in lines[0]
+    assert "--condition-on none" in lines[0]
+    assert main(["attribute", "--train", str(run / "ft-none"), "--queries", str(run / "fq-none"), "--out",
+                 str(run / "a-same"), "--no-progress"]) == 0
+    assert "conditioned on" not in capsys.readouterr().err
+    # generated learning queries are featurized the training store's way (here: null tokens), so no warning either
+    assert main(["learn-weights", "--train", str(run / "ft-none"), "--generate", "4", "--sample-steps", "3",
+                 "--steps", "5", "--lambda-c", "0.01", "--no-progress"]) == 0
+    assert "conditioned on" not in capsys.readouterr().err
+    sets = list((run / "ft-none" / "weights" / "learning-queries").iterdir())
+    assert len(sets) == 1
+    learned_on = FeatureStore.open(sets[0] / "features")
+    assert learned_on.settings["source"]["condition_on"] == "none"
+    np.testing.assert_array_equal(learned_on.cond, np.full((4, 3), -1))
+    # learning queries given with another conditioning: the warning names them
+    assert main(["learn-weights", "--train", str(run / "ft-none"), "--queries", str(run / "ft"), "--steps", "5",
+                 "--lambda-c", "0.01", "--out", str(run / "w-mixed.json"), "--no-progress"]) == 0
+    assert "conditioned on every attribute" in capsys.readouterr().err
+
 def test_family_objective_from_the_cli(run):
     from gradtrace.attribution import fit_method
     from gradtrace.weights.family import learn_family_weights

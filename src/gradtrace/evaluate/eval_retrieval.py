@@ -154,7 +154,7 @@ def _examples_of(source: dict) -> dict:
 def eval_retrieval_run(folders: list[str], labels: list[str], out, *, ks=(10,), n_bootstrap: int = 2000,
                        seed: int = 0, train_labels: str | None = None, query_labels: str | None = None) -> dict:
     out = Path(out)
-    check_can_write(out / RESULT)
+    check_can_write(out)
     runs = [Run(f) for f in folders]
     first = runs[0]
     for run in runs[1:]:

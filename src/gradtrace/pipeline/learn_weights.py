@@ -23,6 +23,7 @@ import numpy as np
 
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import default_weights_path, fit_method, query_set_id, resolve_learning_c, store_identity
+from gradtrace.attribution.scoring import check_same_conditioning
 from gradtrace.data.sources import sampling_of
 from gradtrace.errors import UserError
 from gradtrace.evaluate.eval_retrieval import labels_of
@@ -107,6 +108,7 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
                                             guidance=spec.guidance, sample_steps=spec.sample_steps,
                                             progress=progress, prompts=prompts)
     train.check_compatible(queries)
+    check_same_conditioning(train, queries)
     c_value, lambda_table = resolve_learning_c(train, queries, method, spec.kernel, spec.lambda_c, spec.k)
     fitted = fit_method(train, method, kernel=spec.kernel, c=c_value, progress=progress)
     if spec.objective == "snr":

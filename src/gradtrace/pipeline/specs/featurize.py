@@ -58,8 +58,10 @@ class FeaturizeSpec(Spec):
 
     @classmethod
     def like(cls, settings: dict, **where) -> "FeaturizeSpec":
-        """A spec that featurizes more examples exactly as a store was made (`settings` = its settings)."""
+        """A spec that featurizes more examples exactly as a store was made (`settings` = its settings), under the
+        same conditioning (`--condition-on`)."""
         s = settings["spec"]
+        where.setdefault("condition_on", (settings.get("source") or {}).get("condition_on"))
         return cls(groups=s["groups"], projection=s["projection"], dim=s["total_dim"], proj_seed=s["projection_seed"],
                    measurement=s["measurement"], timesteps=s["num_timesteps"], noise_seed=s["noise_seed"],
                    chunk=s["chunk_rows"], store_dtype=s["dtype"], dtype=s.get("precision", "float32"),
