@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gradtrace.attribution.gram_cache import store_gram, wants_cache
+from gradtrace.attribution.psi_place import psi_place
 from gradtrace.attribution.weights_file import query_set_id
 from gradtrace.choices import AUTO, parse_c  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import GradtraceWarning, UserError
@@ -37,9 +38,10 @@ def choose_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, k
     base = _method(method, kernel)
     scale = train.row_scale if base.needs_row_scale else None
     gram = store_gram(train, base)[0] if wants_cache(train, base) else None  # kept beside a large store
-    best, table = choose_lambda_scale(train.features, train.group_slices, np.asarray(learning.features),
-                                      method=base.name, kernel=getattr(base, "kernel", kernel), k=k, row_scale=scale,
-                                      gram=gram)
+    with psi_place(train, base) as psi_path:
+        best, table = choose_lambda_scale(train.features, train.group_slices, np.asarray(learning.features),
+                                          method=base.name, kernel=getattr(base, "kernel", kernel), k=k,
+                                          row_scale=scale, gram=gram, psi_path=psi_path)
     table = [[float(a), float(b)] for a, b in table]
     edge = grid_edge(float(best), table)
     if edge is not None:

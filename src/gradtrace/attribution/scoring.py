@@ -26,11 +26,12 @@ def at_c(method, kernel: str, c: float) -> BaseMethod:
 
 
 def fit_method(train: FeatureStore, method="trak", *, kernel: str = DEFAULT_KERNEL, c: float = DEFAULT_C,
-               progress: bool = True, query_side: bool = False) -> FittedMethod:
+               progress: bool = True, query_side: bool = False, psi_path=None) -> FittedMethod:
     """The fitted base method (a name or a configured feature kernel) for a training store (Ψ = Φ K), refusing
     features of another measurement than the method requires. `query_side` (methods with a λ): K goes on the
     queries, Φ is scored directly. A large store's Gram blocks are read from, or written to, its cache
-    (`gradtrace.attribution.gram_cache`; `info["gram_cache"]` says which)."""
+    (`gradtrace.attribution.gram_cache`; `info["gram_cache"]` says which). `psi_path` (methods that write Ψ):
+    Ψ goes to that `.npy` memmap instead of memory (`gradtrace.attribution.psi_place`)."""
     base = at_c(method, kernel, c)
     if base.needs_model:
         raise UserError(f"method '{base.name}' scores the model directly, not feature stores; use its checkpoint "
@@ -38,6 +39,8 @@ def fit_method(train: FeatureStore, method="trak", *, kernel: str = DEFAULT_KERN
     base.check_measurement(train.settings["measurement"]["name"], str(train.path))
     gram, cache = store_gram(train, base, progress=progress) if wants_cache(train, base) else (None, None)
     given = {} if gram is None else {"gram": gram}
+    if psi_path is not None and not query_side:
+        given["psi_path"] = psi_path
     if base.needs_row_scale:  # Ψ's rows carry the factor, so it is written out (no query-side mode)
         fitted = base.fit(train.features, train.group_slices, progress=progress, row_scale=train.row_scale, **given)
     elif query_side and base.supports_query_side:

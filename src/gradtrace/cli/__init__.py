@@ -11,6 +11,7 @@ line's function in `gradtrace.cli.say`), so `--help` and refusals of bad argumen
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             exc = missing_extra(exc, f"gradtrace {args.command_path}")
         line = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         print(f"gradtrace {args.command_path}: error: {line}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: skip the interpreter's teardown, where gloo
+            sys.stdout.flush()                     # can abort (SIGABRT) on a peer rank that has already exited,
+            sys.stderr.flush()                     # so the launcher reports this exit code 2 and its one line
+            os._exit(EXIT_USAGE)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gradtrace: interrupted", file=sys.stderr)

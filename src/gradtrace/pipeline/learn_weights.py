@@ -23,6 +23,7 @@ import numpy as np
 
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import default_weights_path, fit_method, query_set_id, resolve_learning_c, store_identity
+from gradtrace.attribution.psi_place import psi_place
 from gradtrace.attribution.scoring import check_same_conditioning
 from gradtrace.data.sources import sampling_of
 from gradtrace.errors import UserError
@@ -110,15 +111,16 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
     train.check_compatible(queries)
     check_same_conditioning(train, queries)
     c_value, lambda_table = resolve_learning_c(train, queries, method, spec.kernel, spec.lambda_c, spec.k)
-    fitted = fit_method(train, method, kernel=spec.kernel, c=c_value, progress=progress)
-    if spec.objective == "snr":
-        result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
-                               l2=spec.l2, guard=spec.guard, progress=progress)
-    else:
-        families = labels_of(queries.settings["source"], queries.ids, [spec.family], spec.family_labels,
-                             "family")[spec.family]
-        result = learn_family_weights(fitted, np.asarray(queries.features), families, objective=spec.objective,
-                                      k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
+    with psi_place(train, method) as psi_path:  # Ψ of a large store: a memmap beside it, not memory
+        fitted = fit_method(train, method, kernel=spec.kernel, c=c_value, progress=progress, psi_path=psi_path)
+        if spec.objective == "snr":
+            result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
+                                   l2=spec.l2, guard=spec.guard, progress=progress)
+        else:
+            families = labels_of(queries.settings["source"], queries.ids, [spec.family], spec.family_labels,
+                                 "family")[spec.family]
+            result = learn_family_weights(fitted, np.asarray(queries.features), families, objective=spec.objective,
+                                          k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
     provenance = {
         "command": command_line(), "spec": spec.to_dict(),
         "base_method": fitted.info, "method": method.name, "kernel": method.kernel_kind,

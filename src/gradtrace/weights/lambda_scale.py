@@ -22,12 +22,14 @@ from gradtrace.weights.streamed import snr_at
 def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_features: Any, *,
                         method: str = "trak", kernel: str = DEFAULT_KERNEL, grid: Any = None, k: int = DEFAULT_K,
                         chunk_rows: int = 65536, progress: bool = False,
-                        row_scale: Any = None, gram: Any = None) -> tuple[float, list[tuple[float, float]]]:
+                        row_scale: Any = None, gram: Any = None,
+                        psi_path: Any = None) -> tuple[float, list[tuple[float, float]]]:
     """(best c, [(c, loss), ...] for every c in `grid`) with loss = mean_q L(uniform; q) on the learning queries.
 
     `method` is a kernel with a λ ("trak", "dtrak", "das"; "das" with the store's `row_scale`); `grid`
     defaults to the method's `lambda_grid()` (1e-4..1). `gram` (the kernel's Gram blocks of these features, e.g. kept
-    beside the store) skips the Gram pass.
+    beside the store) skips the Gram pass. `psi_path`: each c's Ψ is written to that `.npy` memmap in turn instead
+    of memory (large stores).
     """
     phi = check_train_matrix(train_features)
     slices = check_group_slices(group_slices, phi.shape[1])
@@ -47,9 +49,10 @@ def choose_lambda_scale(train_features: Any, group_slices: Any, learning_query_f
     table: list[tuple[float, float]] = []
     for c in values:
         at = base.with_c(c)
-        fitted = at.fit(phi, slices, chunk_rows=chunk_rows, gram=gram, row_scale=row_scale) if base.shares_gram \
-            else at.fit(phi, slices, chunk_rows=chunk_rows)
+        fitted = at.fit(phi, slices, chunk_rows=chunk_rows, gram=gram, row_scale=row_scale, psi_path=psi_path) \
+            if base.shares_gram else at.fit(phi, slices, chunk_rows=chunk_rows, psi_path=psi_path)
         table.append((c, snr_at(fitted, queries, k, chunk_rows=chunk_rows)))
+        del fitted  # its memmap of psi_path is released before the next c rewrites the file
     best = min(range(len(table)), key=lambda i: (table[i][1], table[i][0]))
     return table[best][0], table
 

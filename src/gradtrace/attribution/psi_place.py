@@ -1,0 +1,71 @@
+"""Where Ψ = Φ K lives while the λ search and the weight learner read it: in memory up to a budget, else in a
+temporary `.npy` memmap beside the training store (its disk, not this process's memory), removed afterwards.
+
+Scoring never writes Ψ for large stores (the query-side mode); the weight learner and the label-free λ search
+read Ψ's rows, N · k · 4 bytes (32 GB at N = 1,000,000 and k = 8,192), so above the budget they read them from
+disk through the page cache. `GRADTRACE_PSI_IN_MEMORY_BYTES` sets the budget (default 4 GiB).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from gradtrace.errors import UserError
+from gradtrace.features.store import FeatureStore
+from gradtrace.methods import BaseMethod
+
+BUDGET_ENV = "GRADTRACE_PSI_IN_MEMORY_BYTES"
+DEFAULT_BUDGET = 4 * 2**30
+
+
+def psi_budget() -> int:
+    """The most bytes of Ψ held in memory (`GRADTRACE_PSI_IN_MEMORY_BYTES`, default 4 GiB)."""
+    raw = os.environ.get(BUDGET_ENV)
+    if raw is None:
+        return DEFAULT_BUDGET
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UserError(f"{BUDGET_ENV}={raw!r} is not a number of bytes; set it to a whole number (e.g. 4294967296) "
+                        "or unset it")
+    return value
+
+
+@contextmanager
+def psi_place(train: FeatureStore, base: BaseMethod):
+    """None (Ψ in memory: small enough, or a method that never writes Ψ) or a temporary path for Ψ's memmap,
+    deleted when the block ends."""
+    n, k = train.features.shape
+    if not base.uses_lambda or base.needs_model or 4 * n * k <= psi_budget():
+        yield None
+        return
+    where = train.path if os.access(train.path, os.W_OK) else Path(tempfile.gettempdir())
+    remove_stale(where)
+    fd, name = tempfile.mkstemp(prefix=f".psi-{os.getpid()}-", suffix=".npy", dir=where)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def remove_stale(where: Path) -> None:
+    """Delete the Ψ files of processes that no longer run (a killed learn-weights leaves its file behind)."""
+    for path in where.glob(".psi-*-*.npy"):
+        pid = path.name.split("-")[1]
+        if pid.isdigit() and not _running(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
