@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
+from gradtrace.io import process_alive
 from gradtrace.methods import BaseMethod
 
 BUDGET_ENV = "GRADTRACE_PSI_IN_MEMORY_BYTES"
@@ -57,15 +58,6 @@ def remove_stale(where: Path) -> None:
     """Delete the Ψ files of processes that no longer run (a killed learn-weights leaves its file behind)."""
     for path in where.glob(".psi-*-*.npy"):
         pid = path.name.split("-")[1]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             path.unlink(missing_ok=True)
 
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
