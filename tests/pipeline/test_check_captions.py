@@ -87,7 +87,7 @@ def test_a_lora_run_is_checked_on_its_own_training_rows(pipe, tmp_path):
     (tmp_path / "ids.json").write_text(json.dumps(rows))
     run = train_run(TrainSpec(data="shapes", n=12, ids=str(tmp_path / "ids.json"), base=str(pipe), lora_rank=2,
                               steps=2, batch_size=4, out=str(tmp_path / "lora")), progress=False)
-    with pytest.warns(UserWarning, match="fine-tune longer"):
+    with pytest.warns(UserWarning, match="fine-tune longer: train --steps 4"):  # twice the run's 2 steps
         got = check_captions_run(CheckCaptionsSpec(checkpoint=str(run), captions=4), progress=False)
     captions = [m["text"] for m in open_dataset(dataset_source("shapes", n=12)).metadata]
     assert set(got["checked"]) <= {captions[r] for r in rows}

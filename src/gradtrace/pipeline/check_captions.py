@@ -78,7 +78,9 @@ def _training_data(spec: CheckCaptionsSpec, path: Path, checkpoint):
     if spec.data is not None:
         source, hint = dataset_source(spec.data, n=spec.n, seed=spec.data_seed), "train it longer"
     elif isinstance(config.get("dataset"), dict) and config["dataset"].get("source"):
-        source, hint = config["dataset"]["source"], "fine-tune longer: train --steps"
+        steps = (config.get("train_config") or {}).get("steps")
+        source = config["dataset"]["source"]
+        hint = f"fine-tune longer: train --steps {2 * int(steps)}" if steps else "fine-tune it longer (train --steps)"
         rows = checkpoint.model.train_ids
     elif (path / MANIFEST).is_file():
         build = read_json(path / MANIFEST, "build manifest").get("spec") or {}
