@@ -110,6 +110,17 @@ def check_can_write(directory: str | os.PathLike) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
 
+def writer_temp(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new empty temporary file beside `path` whose name carries this writer's host and pid, after removing the
+    ones of `path` that dead writers of this host left (`remove_stale_temps`); the caller renames or deletes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path` with the umask's mode.
@@ -122,10 +133,7 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path
     path = Path(path)
     if path.is_dir():  # named before any temporary file exists, so the error names the user's path
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=suffix)
-    os.close(fd)
+    tmp = writer_temp(path, suffix)
     try:
         yield Path(tmp)
         os.chmod(tmp, _umask_mode())

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import numpy as np
 import pytest
 
 import gradtrace.methods.trak as trak_module
-from gradtrace.attribution.psi_place import BUDGET_ENV, remove_stale
+from gradtrace.attribution.psi_place import BUDGET_ENV, PSI_NAME, psi_place
 from gradtrace.cli import main
+from gradtrace.features.store import FeatureStore
+from gradtrace.methods import configure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,13 +52,18 @@ def test_psi_on_disk_learns_the_same_weights(pipeline, tmp_path, monkeypatch, me
     assert len(on_disk["provenance"]["lambda_grid"]) == 9
 
 
-def test_a_dead_process_leftover_is_removed_and_a_live_one_kept(tmp_path):
-    dead = tmp_path / ".psi-999999999-x.npy"
-    live = tmp_path / f".psi-{os.getpid()}-y.npy"
+def test_a_dead_process_leftover_is_removed_and_a_live_one_kept(pipeline, monkeypatch):
+    host = socket.gethostname().replace(".", "_")
+    dead = pipeline / "ft" / f".{PSI_NAME}.{host}-999999999.x1.tmp.npy"
+    live = pipeline / "ft" / f".{PSI_NAME}.{host}-{os.getpid()}.y2.tmp.npy"
     for p in (dead, live):
         np.save(p, np.zeros(2))
-    remove_stale(tmp_path)
-    assert not dead.exists() and live.exists()
+    monkeypatch.setenv(BUDGET_ENV, "0")
+    store = FeatureStore.open(pipeline / "ft")
+    with psi_place(store, configure("trak")) as path:
+        assert path is not None and path.parent == pipeline / "ft"
+    assert not dead.exists() and live.exists() and not path.exists()
+    live.unlink()
 
 
 def test_a_bad_budget_is_one_line(pipeline, tmp_path, monkeypatch, capsys):

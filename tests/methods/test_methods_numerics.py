@@ -12,18 +12,12 @@ from fixtures.method_refs import (
     K,
     N,
     inv_reg,
-    make_data,
     ref_trak_per_group_terms,
     ref_trak_shared,
     rel_err,
 )
 from gradtrace.errors import UserError
 from gradtrace.methods import TRAK, FittedMethod, TracIn, get_method
-
-
-@pytest.fixture(scope="module")
-def data():
-    return make_data()
 
 
 # ---- numerics ----------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
-from gradtrace.io import process_alive
+from gradtrace.io import writer_temp
 from gradtrace.methods import BaseMethod
 
 BUDGET_ENV = "GRADTRACE_PSI_IN_MEMORY_BYTES"
+PSI_NAME = "psi.npy"  # temporary files are .psi.npy.HOST-PID.XXXX.tmp.npy beside the store
 DEFAULT_BUDGET = 4 * 2**30
 
 
@@ -45,19 +46,9 @@ def psi_place(train: FeatureStore, base: BaseMethod):
         yield None
         return
     where = train.path if os.access(train.path, os.W_OK) else Path(tempfile.gettempdir())
-    remove_stale(where)
-    fd, name = tempfile.mkstemp(prefix=f".psi-{os.getpid()}-", suffix=".npy", dir=where)
-    os.close(fd)
+    path = writer_temp(where / PSI_NAME, ".tmp.npy")  # a dead run's file (this host's) is removed first
     try:
-        yield Path(name)
+        yield path
     finally:
-        Path(name).unlink(missing_ok=True)
-
-
-def remove_stale(where: Path) -> None:
-    """Delete the Ψ files of processes that no longer run (a killed learn-weights leaves its file behind)."""
-    for path in where.glob(".psi-*-*.npy"):
-        pid = path.name.split("-")[1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
