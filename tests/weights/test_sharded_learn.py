@@ -113,7 +113,8 @@ def _doc(path):
 
 def _top_sets(train_store, doc, queries_store, k):
     """The top-k rows per query under the file's weights and λ, from a float64 dense scoring of every row."""
-    fitted = fit_method(FeatureStore.open(train_store), "trak", kernel="per-group", c=doc["provenance"]["lambda_c"],
+    prov = doc["provenance"]
+    fitted = fit_method(FeatureStore.open(train_store), prov["method"], kernel="per-group", c=prov["lambda_c"],
                         progress=False)
     w = np.array([doc["weights"][f"g{j}"] for j in range(GROUPS)])
     q = np.asarray(FeatureStore.open(queries_store).features, dtype=np.float64) * np.repeat(w, K // GROUPS)
@@ -143,10 +144,10 @@ def _assert_same(two, one, stores, k=10):
     assert _top_sets(train, a, queries, k) == _top_sets(train, b, queries, k)
 
 
-@pytest.mark.parametrize("extra", [[], ["--guard", "holdout"]])
-def test_two_ranks_learn_the_weights_of_one_process(stores, tmp_path, extra):
-    """The default λ search (auto) and the dense learner, with and without the holdout guard."""
-    args = ["--train", str(stores / "train"), "--queries", str(stores / "queries"), "--method", "trak",
+@pytest.mark.parametrize("method,extra", [("trak", []), ("trak", ["--guard", "holdout"]), ("tracin", [])])
+def test_two_ranks_learn_the_weights_of_one_process(stores, tmp_path, method, extra):
+    """The default λ search (auto) and the dense learner, with and without the holdout guard; TracIn (no kernel)."""
+    args = ["--train", str(stores / "train"), "--queries", str(stores / "queries"), "--method", method,
             "--kernel", "per-group", "--steps", "60", "--lr", "0.1", "--no-progress", *extra]
     assert main(["learn-weights", *args, "--out", str(tmp_path / "one.json")]) == 0
     _torchrun(_learn_cli(args + ["--out", str(tmp_path / "two.json")]), [str(tmp_path)])
