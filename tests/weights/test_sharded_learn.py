@@ -36,13 +36,14 @@ RTOL = 1e-9       # float64 sums in another order
 RTOL_LAZY = 1e-6  # ΨᵀΨ's float32 chunk products over other chunks
 
 
-def _settings() -> dict:
+def _settings(measurement="loss") -> dict:
     w = K // GROUPS
+    extra = {"row_scale": {"kind": "synthetic"}} if measurement == "das" else {}
     return {"model_fingerprint": "synthetic", "groups_spec": "synthetic",
             "groups": [{"name": f"g{j}", "start": j * w, "stop": (j + 1) * w, "size": w, "exact": True,
                         "params": []} for j in range(GROUPS)],
-            "projection": {"kind": "synthetic"}, "measurement": {"name": "loss"}, "dtype": "float32",
-            "dim": K, "chunk_rows": CHUNK, "source": {"synthetic": 1}}
+            "projection": {"kind": "synthetic"}, "measurement": {"name": measurement}, "dtype": "float32",
+            "dim": K, "chunk_rows": CHUNK, "source": {"synthetic": 1}, **extra}
 
 
 def _features(n, seed):
@@ -53,11 +54,12 @@ def _features(n, seed):
     return (scale * (centres[np.arange(n) % 20] + rng.standard_normal((n, K)))).astype(np.float32)
 
 
-def _store(path, feats, ids, rank=0, world=1):
-    store = FeatureStore.create(path, _settings(), ids, rank=rank, world=world)
+def _store(path, feats, ids, rank=0, world=1, measurement="loss"):
+    store = FeatureStore.create(path, _settings(measurement), ids, rank=rank, world=world)
+    scale = np.exp(np.sin(np.arange(len(ids)))) if measurement == "das" else None  # DAS's per-example factor
     for c, start in enumerate(range(0, len(ids), CHUNK)):
         if c % world == rank:
-            store.write(start, feats[start:start + CHUNK])
+            store.write(start, feats[start:start + CHUNK], None if scale is None else scale[start:start + CHUNK])
     store.finish()
     store.release()
     return path
@@ -70,6 +72,8 @@ def stores(tmp_path_factory):
     ids = np.arange(N) * 3 + 5  # ids are not row numbers
     _store(root / "train", train, ids)
     _store(root / "queries", queries, np.arange(Q) + 10_000)
+    _store(root / "das" / "train", train, ids, measurement="das")
+    _store(root / "das" / "queries", queries, np.arange(Q) + 10_000, measurement="das")
     for r in (0, 1):  # two machines without a shared filesystem: one partial store each, at the same path
         _store(root / f"node{r}" / "train", train, ids, rank=r, world=2)
         _store(root / f"node{r}" / "queries", queries, np.arange(Q) + 10_000)
@@ -144,14 +148,17 @@ def _assert_same(two, one, stores, k=10):
     assert _top_sets(train, a, queries, k) == _top_sets(train, b, queries, k)
 
 
-@pytest.mark.parametrize("method,extra", [("trak", []), ("trak", ["--guard", "holdout"]), ("tracin", [])])
+@pytest.mark.parametrize("method,extra", [("trak", []), ("trak", ["--guard", "holdout"]), ("tracin", []),
+                                          ("das", [])])
 def test_two_ranks_learn_the_weights_of_one_process(stores, tmp_path, method, extra):
-    """The default λ search (auto) and the dense learner, with and without the holdout guard; TracIn (no kernel)."""
-    args = ["--train", str(stores / "train"), "--queries", str(stores / "queries"), "--method", method,
+    """The default λ search (auto) and the dense learner, with and without the holdout guard; TracIn (no kernel);
+    DAS (each row of Ψ times its example's factor, read for the rank's rows)."""
+    where = stores / "das" if method == "das" else stores
+    args = ["--train", str(where / "train"), "--queries", str(where / "queries"), "--method", method,
             "--kernel", "per-group", "--steps", "60", "--lr", "0.1", "--no-progress", *extra]
     assert main(["learn-weights", *args, "--out", str(tmp_path / "one.json")]) == 0
     _torchrun(_learn_cli(args + ["--out", str(tmp_path / "two.json")]), [str(tmp_path)])
-    _assert_same(tmp_path / "two.json", tmp_path / "one.json", stores)
+    _assert_same(tmp_path / "two.json", tmp_path / "one.json", where)
     assert _doc(tmp_path / "one.json")["weights"] != {f"g{j}": 0.25 for j in range(GROUPS)} or extra
 
 
