@@ -281,3 +281,17 @@ def test_a_refusal_on_a_rank_stops_every_rank_with_its_one_line_message(stores, 
     assert 1 <= len(lines) <= 2 and all("rank 1 of 2" in line for line in lines), err[-2000:]
     assert "exitcode  : 2" in err and "Traceback" not in err.split("torch/distributed/elastic")[0]
     assert not (tmp_path / "w.json").exists()
+
+
+@pytest.mark.parametrize("extra,says", [(["--generate", "8"], "make the learning queries first"),
+                                        (["--objective", "family", "--family", "style"], "not split over ranks")])
+def test_what_is_not_split_is_refused_under_torchrun_in_one_line(stores, tmp_path, monkeypatch, capsys, extra,
+                                                                says):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any rendezvous: no process group is needed
+    source = [] if extra[0] == "--generate" else ["--queries", str(stores / "queries")]
+    code = main(["learn-weights", "--train", str(stores / "train"), *source, *extra, "--no-progress",
+                 "--out", str(tmp_path / "w.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "w.json").exists()

@@ -30,6 +30,10 @@ Same objective as `snr_loss` on the dense contributions, never building Q × N �
   in float64. So the final top-k is the dense path's and `final_loss` is the objective at the
   returned weights.
 
+Rows: every pass over Ψ (ΨᵀΨ, the pool passes, contributions of new pool rows, the float64 passes and contributions
+of the last step) goes through a `row_source.RowSource`: one process's rows, or a torchrun rank's with each result
+merged over the ranks, so that every rank holds the same pools and takes the same steps.
+
 Threads: the steps are small, memory-bound products where a second thread only contends (and, on a
 shared machine, multiplies the CPU time), so the learner runs them on one thread; the passes and ΨᵀΨ
 use the threads torch was configured with.
@@ -259,7 +263,7 @@ class LazyPool(CandidatePool):
         scores = self.pool_scores(w).astype(np.float64)   # the pools were just rebuilt: no extra rows
         err = self.eps_rel * (self.a @ w)                    # (Q,) float32 error of a pool or pass score
         part = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
-        unsafe = np.flatnonzero(~(self.t < part - err))
+        unsafe = np.flatnonzero(~(self.t < part - err))     # t already carries the pass's error
         if len(unsafe):
             self._float64_pools(unsafe, w)
             scores[unsafe] = self.pool_scores(w, unsafe)

@@ -33,7 +33,7 @@ from gradtrace.errors import UserError
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.methods.rows import ShardRows, effective_chunk_rows, row_chunks
 from gradtrace.methods.topk import RunningTopK, sort_desc_then_index
-from gradtrace.ranks import all_gather, all_reduce_blocks
+from gradtrace.ranks import all_gather, all_reduce_blocks, local_rank
 from gradtrace.weights.noise import PsiStats, group_starts
 from gradtrace.weights.psi_passes import PsiSource, pick_device, psi_stats_fast, top_pass
 from gradtrace.weights.streamed import per_query_loss, snr_pass
@@ -67,6 +67,8 @@ class RowSource:
         if shard is not None and len(shard.view) != fitted.n_train:
             raise UserError(f"a rank's fitted method holds {fitted.n_train} rows but its share has "
                             f"{len(shard.view)}; fit it on the share's rows")
+        if device is None and shard is not None and torch.cuda.is_available():  # a rank takes its node's own GPU
+            device = torch.device("cuda", local_rank() % torch.cuda.device_count())
         self.device = pick_device(device)
         self.starts = group_starts(fitted.group_slices)
         self._source: PsiSource | None = None
