@@ -18,8 +18,11 @@ and, on a rank, its result is merged over the ranks so that every rank holds the
 - `snr_at`: the SNR objective at fixed weights in one float64 pass (the label-free λ choice).
 
 The steps see only the pools, G_q and S, so they run identically on every rank with no communication. A rank's
-passes are those of one process on its rows: float32 products of the same Ψ rows give the same bits, and only the
-float64 sums over rows (S, the noise of `snr_at`) are added in another order (ranks' partial sums, then their sum).
+passes are those of one process on its rows: a row's scores and contributions are the same products of the same Ψ
+row. Sums over rows are not the same bits: S takes float32 products per row chunk, and a rank's chunks start at its
+first row, so S agrees with one process's to float32 rounding (it enters only the noise term, whose G_q are kept in
+float32 anyway); float64 sums (the dense path's noise, `snr_at`'s) are only added in another order (ranks' partial
+sums, then their sum).
 """
 from __future__ import annotations
 
