@@ -24,6 +24,7 @@ from gradtrace.methods.fitted import FittedMethod
 from gradtrace.weights.lazy import LazyPool
 from gradtrace.weights.noise import GramNorm
 from gradtrace.weights.psi_passes import PsiSource, psi_stats_fast, query_grams_fast, top_pass
+from gradtrace.weights.row_source import RowSource
 from gradtrace.weights.threads import threads
 
 
@@ -49,7 +50,8 @@ def main() -> None:
         stats = timed("ΨᵀΨ", lambda: psi_stats_fast(source, slices))
         grams = timed("all G_q", lambda: query_grams_fast(phi, stats.gram, slices))
         idx, _ = timed("one full pool pass", lambda: top_pass(source, phi, 257))
-        pool = LazyPool(FittedMethod(psi=psi, group_slices=slices, info={}), phi, stats, source, size=256, k=10)
+        fitted = FittedMethod(psi=psi, group_slices=slices, info={})
+        pool = LazyPool(fitted, phi, stats, RowSource(fitted), size=256, k=10)
         contrib, _ = timed("first pool contributions", lambda: pool._new_contributions(
             np.arange(len(phi)), idx[:, :256], reuse=np.zeros(len(phi), dtype=bool)))
         pool.contrib[:] = contrib

@@ -19,12 +19,14 @@ import torch
 
 from gradtrace.attribution.gram_cache import store_gram, wants_cache
 from gradtrace.attribution.psi_place import psi_place
+from gradtrace.attribution.shard_fit import job_gram, row_scale_of
 from gradtrace.attribution.weights_file import query_set_id
 from gradtrace.choices import AUTO, parse_c  # noqa: F401  (the CLI's choices)
 from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.features.store import FeatureStore
 from gradtrace.methods import BaseMethod, configure
 from gradtrace.weights import DEFAULT_K, choose_lambda_scale, snr_loss
+from gradtrace.weights.row_source import Shard
 
 
 def _method(method, kernel: str) -> BaseMethod:
@@ -33,15 +35,21 @@ def _method(method, kernel: str) -> BaseMethod:
 
 # ---- feature kernels: choose on learning-query feature stores ------------------------------------------------
 
-def choose_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, k: int) -> tuple[float, list]:
-    """(c, [[c, loss], ...]): the SNR-best c of the grid on the learning queries, with uniform weights."""
+def choose_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, k: int, *,
+             shard: Shard | None = None, blocks=None) -> tuple[float, list]:
+    """(c, [[c, loss], ...]): the SNR-best c of the grid on the learning queries, with uniform weights. `shard` (a
+    torchrun rank, `gradtrace.attribution.shard_fit`): its rows only, with the job's Gram `blocks`."""
     base = _method(method, kernel)
-    scale = train.row_scale if base.needs_row_scale else None
-    gram = store_gram(train, base)[0] if wants_cache(train, base) else None  # kept beside a large store
+    if shard is None:
+        features, scale = train.features, (train.row_scale if base.needs_row_scale else None)
+        gram = store_gram(train, base)[0] if wants_cache(train, base) else None  # kept beside a large store
+    else:
+        features, scale = shard.view, row_scale_of(train, base, shard.view)
+        gram = job_gram(base, blocks, train, shard.view)
     with psi_place(train, base) as psi_path:
-        best, table = choose_lambda_scale(train.features, train.group_slices, np.asarray(learning.features),
+        best, table = choose_lambda_scale(features, train.group_slices, np.asarray(learning.features),
                                           method=base.name, kernel=getattr(base, "kernel", kernel), k=k,
-                                          row_scale=scale, gram=gram, psi_path=psi_path)
+                                          row_scale=scale, gram=gram, psi_path=psi_path, shard=shard)
     table = [[float(a), float(b)] for a, b in table]
     edge = grid_edge(float(best), table)
     if edge is not None:
@@ -61,14 +69,15 @@ def grid_edge(c: float, table: list) -> str | None:
 
 
 def resolve_learning_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, c,
-                       k: int) -> tuple[float, list | None]:
-    """`learn-weights`: (c, the grid table or None); c = "auto" chooses on the learning queries themselves."""
+                       k: int, *, shard: Shard | None = None, blocks=None) -> tuple[float, list | None]:
+    """`learn-weights`: (c, the grid table or None); c = "auto" chooses on the learning queries themselves (over a
+    torchrun job's ranks with `shard` and the job's Gram `blocks`, see `choose_c`)."""
     value = parse_c(c)
     base = _method(method, kernel)
     if not base.uses_lambda:
         return 0.0, None
     if value == AUTO:
-        return choose_c(train, learning, base, kernel, k)
+        return choose_c(train, learning, base, kernel, k, shard=shard, blocks=blocks)
     return (base.default_c if value is None else value), None
 
 

@@ -47,6 +47,8 @@ def attribute(doc, spec) -> str:
 
 
 def weights(result, spec) -> str:
+    if result is None:  # a rank of a torchrun job: the last rank writes the weights file
+        return "weights: this rank's rows learned with the others; the last rank writes the weights file"
     path, doc = result
     prov = doc["provenance"]
     top = sorted(doc["weights"].items(), key=lambda kv: -kv[1])[:5]

@@ -11,6 +11,12 @@ Generated learning queries are an artefact of their own:
 (samples/, features/ and `learning-queries.json`, which records how they were made and for which aspect). Every
 method and kernel learning on the same store with the same settings reuses the set instead of sampling it again,
 and `--queries SET/features` learns on it with its recorded aspect (a different `--aspect` is refused).
+
+Under torchrun (WORLD_SIZE > 1) a feature kernel's learner is split over the ranks: each rank reads only its rows of
+the training store (`gradtrace.attribution.shard_fit`: a block of a complete store, or its node's own chunks of a
+partial one), fits Ψ of those rows with the job's kernel, and every pass over Ψ (ΨᵀΨ, the pools, the final
+certificate, the λ search) is merged over the ranks (`gradtrace.weights.row_source`); the steps run identically on
+every rank. The last rank writes the weights file (its manifest records `"ranks"`); the others return None.
 """
 from __future__ import annotations
 
@@ -24,19 +30,23 @@ import numpy as np
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import default_weights_path, fit_method, query_set_id, resolve_learning_c, store_identity
 from gradtrace.attribution.psi_place import psi_place
-from gradtrace.attribution.scoring import check_same_conditioning
+from gradtrace.attribution.scoring import at_c, check_same_conditioning
+from gradtrace.attribution.shard_fit import check_splittable, fit_shard, shard_ranges, shared_gram
 from gradtrace.data.sources import sampling_of
 from gradtrace.errors import UserError
 from gradtrace.evaluate.eval_retrieval import labels_of
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json, write_json_atomic
 from gradtrace.methods import configure, get_method
+from gradtrace.methods.rows import ShardRows
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
 from gradtrace.pipeline.model_scoring import configure_model_method, learn_weights_model_run
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
+from gradtrace.ranks import agree, process_group, rank_and_world
 from gradtrace.weights import learn_weights, save_weights
 from gradtrace.weights.family import learn_family_weights
+from gradtrace.weights.row_source import Shard
 
 LEARNING_SETS = "learning-queries"
 SET_MANIFEST = "learning-queries.json"
@@ -91,12 +101,16 @@ def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspec
     return store
 
 
-def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple[Path, dict]:
+def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple[Path, dict] | None:
     """Learn group weights for a training store (or, for a method that needs the model, its checkpoint); returns
-    (weights file, its document)."""
+    (weights file, its document). Under torchrun the ranks split the rows and only the last one writes and returns
+    them (module docstring); the others return None."""
     if get_method(spec.method).needs_model:
         return learn_weights_model_run(configure_model_method(spec, spec.method), spec, progress=progress)
     method = configure(spec.method, kernel=spec.kernel)
+    rank, world = rank_and_world()
+    if world > 1:
+        return _learn_over_ranks(spec, method, rank, world, progress)
     train = FeatureStore.open(spec.train)
     queries = None if spec.queries is None else FeatureStore.open(spec.queries)
     aspect = spec.aspect if queries is None else recorded_aspect(queries, spec.aspect)
@@ -121,9 +135,61 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
                                  "family")[spec.family]
             result = learn_family_weights(fitted, np.asarray(queries.features), families, objective=spec.objective,
                                           k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
-    provenance = {
+    path = save_weights(out, result, _provenance(spec, train, queries, method, fitted.info, c_value, lambda_table,
+                                                 aspect, result))
+    return path, read_json(path, "weights file")
+
+
+def _learn_over_ranks(spec: LearnWeightsSpec, method, rank: int, world: int,
+                      progress: bool) -> tuple[Path, dict] | None:
+    """`learn_weights_run` split over the `world` ranks of a torchrun job (module docstring)."""
+    if spec.generate is not None:
+        raise UserError("--generate samples and featurizes in one process; make the learning queries first (sample "
+                        "and featurize them, or reuse a set learn-weights --generate wrote) and pass --queries "
+                        "SET/features under torchrun")
+    if spec.objective != "snr":
+        raise UserError(f"--objective {spec.objective} is not split over ranks; run learn-weights without torchrun")
+    with process_group(world, "learning weights") as group:
+        def prepare():
+            train = FeatureStore.open(spec.train, require_complete=False)
+            queries = FeatureStore.open(spec.queries)
+            aspect = recorded_aspect(queries, spec.aspect)
+            train.check_compatible(queries)
+            check_same_conditioning(train, queries)
+            check_splittable(method, train, "learn-weights")
+            rows = ShardRows(train.features, shard_ranges(train, rank, world))
+            if len(rows) == 0:
+                raise UserError(f"rank {rank} of {world} holds none of the {len(train.ids)} training rows; run "
+                                f"learn-weights with fewer ranks")
+            return train, queries, aspect, rows
+
+        train, queries, aspect, rows = agree(group, prepare)
+        blocks, cache = shared_gram(train, method, rows, rank=rank, world=world, group=group, progress=progress)
+        shard = Shard(view=rows, n=len(train.ids), group=group)
+        c_value, lambda_table = resolve_learning_c(train, queries, method, spec.kernel, spec.lambda_c, spec.k,
+                                                   shard=shard, blocks=blocks)
+        base = at_c(method, spec.kernel, c_value)
+        show = progress and rank == world - 1
+        with psi_place(train, base) as psi_path:  # this rank's Ψ, in memory or a memmap beside the store
+            fitted = agree(group, lambda: fit_shard(train, base, rows, blocks, psi_path=psi_path, progress=show))
+            if cache is not None:
+                fitted.info["gram_cache"] = cache
+            result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
+                                   l2=spec.l2, guard=spec.guard, progress=show, shard=shard)
+    if rank != world - 1:
+        return None
+    out = Path(spec.out) if spec.out else default_weights_path(train, method, spec.kernel, aspect)
+    provenance = _provenance(spec, train, queries, method, fitted.info, c_value, lambda_table, aspect, result)
+    path = save_weights(out, result, {**provenance, "ranks": world})
+    return path, read_json(path, "weights file")
+
+
+def _provenance(spec: LearnWeightsSpec, train: FeatureStore, queries: FeatureStore, method, method_info: dict,
+                c_value: float, lambda_table, aspect: str | None, result) -> dict:
+    """What the weights file records about how it was made."""
+    return {
         "command": command_line(), "spec": spec.to_dict(),
-        "base_method": fitted.info, "method": method.name, "kernel": method.kernel_kind,
+        "base_method": method_info, "method": method.name, "kernel": method.kernel_kind,
         "lambda_c": c_value, "lambda_grid": lambda_table, "aspect": aspect,
         "train_store": str(train.path), "store": store_identity(train),
         "groups_preset": train.settings["groups_spec"], "k": result.info["k"], "l2": result.info["l2"],
@@ -135,5 +201,3 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
         "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1],
         "learner": result.info,
     }
-    path = save_weights(out, result, provenance)
-    return path, read_json(path, "weights file")

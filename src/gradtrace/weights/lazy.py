@@ -30,6 +30,10 @@ Same objective as `snr_loss` on the dense contributions, never building Q × N �
   in float64. So the final top-k is the dense path's and `final_loss` is the objective at the
   returned weights.
 
+Rows: every pass over Ψ (ΨᵀΨ, the pool passes, contributions of new pool rows, the float64 passes and contributions
+of the last step) goes through a `row_source.RowSource`: one process's rows, or a torchrun rank's with each result
+merged over the ranks, so that every rank holds the same pools and takes the same steps.
+
 Threads: the steps are small, memory-bound products where a second thread only contends (and, on a
 shared machine, multiplies the CPU time), so the learner runs them on one thread; the passes and ΨᵀΨ
 use the threads torch was configured with.
@@ -42,12 +46,12 @@ import numpy as np
 import torch
 
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.methods.rows import effective_chunk_rows, row_chunks
-from gradtrace.methods.topk import RunningTopK, sort_desc_then_index
+from gradtrace.methods.topk import sort_desc_then_index
 from gradtrace.weights.noise import GramNorm
 from gradtrace.weights.objective import ratio_loss
 from gradtrace.weights.pool import CandidatePool
-from gradtrace.weights.psi_passes import U32, PsiSource, pick_device, psi_stats_fast, query_grams_fast, top_pass
+from gradtrace.weights.psi_passes import U32, query_grams_fast
+from gradtrace.weights.row_source import RowSource
 from gradtrace.weights.shortlist import Shortlist
 from gradtrace.weights.threads import threads
 
@@ -63,13 +67,12 @@ class LazyPool(CandidatePool):
     optimizer as they were before that step); the pools have then already taken in the missed rows.
     """
 
-    def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, stats, source: PsiSource, *, size: int, k: int,
+    def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, stats, rows: RowSource, *, size: int, k: int,
                  first_interval: int | None = None, max_interval: int | None = None,
                  max_rollbacks: int = MAX_ROLLBACKS, shortlist: int | None = None,
                  shortlist_interval: int | None = None):
-        super().__init__(fitted, phi_q, stats, size=size, k=k, trigger="lazy")
+        super().__init__(fitted, phi_q, stats, size=size, k=k, trigger="lazy", rows=rows)
         n_q = len(phi_q)
-        self.source = source
         self.pass_threads = torch.get_num_threads()
         self.shortlist = Shortlist(self, size=shortlist, interval=shortlist_interval)
         self.widths = np.diff(np.append(self.starts, fitted.dim))
@@ -169,9 +172,9 @@ class LazyPool(CandidatePool):
         A miss: a row of the new pool that the query's step could not see (outside its candidates)
         scoring above the k-th score that step selected (both float64 products of float32 contributions).
         """
-        take = min(self.size + 1, self.fitted.n_train)
+        take = min(self.size + 1, self.rows.n)
         with threads(self.pass_threads):
-            idx, top = top_pass(self.source, self.phi_q[rows] * np.repeat(w, self.widths), take)
+            idx, top = self.rows.top(self.phi_q[rows] * np.repeat(w, self.widths), take)
         new = idx[:, : self.size]
         if self.complete:
             t = np.full(len(rows), -np.inf)
@@ -261,46 +264,45 @@ class LazyPool(CandidatePool):
         err = self.eps_rel * (self.a @ w)                    # (Q,) float32 error of a pool or pass score
         part = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
         unsafe = np.flatnonzero(~(self.t < part - err))     # t already carries the pass's error
-        for q in unsafe:
-            self._float64_pool(int(q), w)
         if len(unsafe):
+            self._float64_pools(unsafe, w)
             scores[unsafe] = self.pool_scores(w, unsafe)
         pos = np.empty((n_q, k), dtype=np.int64)
         kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
         band = scores >= (kth - 2 * err)[:, None]           # every row that may be in the top-k
+        cands = [np.flatnonzero(band[q]) for q in range(n_q)]
+        tied = [q for q in range(n_q) if len(cands[q]) > k]
+        exact = self._exact_contrib(np.repeat(tied, [len(cands[q]) for q in tied]).astype(np.int64),
+                                    np.concatenate([self.idx[q, cands[q]] for q in tied] or [[]]).astype(np.int64)) @ w
+        at = 0
         for q in range(n_q):
-            cand = np.flatnonzero(band[q])
+            cand = cands[q]
             if len(cand) > k:
-                exact = self._exact_contrib(q, self.idx[q, cand]) @ w
-                order = sort_desc_then_index(exact[None], self.idx[q, cand][None])[0][:k]
+                rows = self.idx[q, cand]
+                order = sort_desc_then_index(exact[None, at:at + len(cand)], rows[None])[0][:k]
+                at += len(cand)
                 pos[q] = cand[order]
             else:
                 pos[q] = cand
         rows = np.take_along_axis(self.idx, pos, axis=1)
         self.final_rows = rows
-        self.final_contrib = np.stack([self._exact_contrib(q, rows[q]) for q in range(n_q)])
+        self.final_contrib = self._exact_contrib(np.repeat(np.arange(n_q), k), rows.ravel()).reshape(n_q, k, -1)
         return pos
 
-    def _exact_contrib(self, q: int, train_rows: np.ndarray) -> np.ndarray:
-        """(len(rows), M) float64 contributions of query q (float64 products of the stored features)."""
-        order = np.argsort(train_rows)
-        x = np.empty((len(train_rows), self.fitted.dim), dtype=np.float64)
-        x[order] = self.fitted.psi[train_rows[order]]
-        x *= self.phi_q[q]
-        return np.add.reduceat(x, self.starts, axis=1)
+    def _exact_contrib(self, queries: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
+        """(P, M) float64 contributions of the pairs (queries[i], train_rows[i]) (float64 products of the stored
+        features)."""
+        return self.rows.contributions(self.phi_q, queries, train_rows)
 
-    def _float64_pool(self, q: int, w: np.ndarray) -> None:
-        """Query q's pool := its exact top-C under `w` from a float64 pass over all rows."""
-        qw = self.phi_q[q] * np.repeat(w, np.diff(np.append(self.starts, self.fitted.dim)))
-        running = RunningTopK(1, self.size)
-        rows = effective_chunk_rows(65536, 8 * self.fitted.dim)
-        for s, e in row_chunks(self.fitted.n_train, rows):
-            running.update((np.asarray(self.fitted.psi[s:e], dtype=np.float64) @ qw)[None], s)
-        idx, _ = running.result()
-        self.idx[q] = idx[0]
-        self.contrib[q] = self._exact_contrib(q, idx[0]).astype(np.float32)
-        self.t[q] = -np.inf
-        self.float64_fallbacks += 1
+    def _float64_pools(self, queries: np.ndarray, w: np.ndarray) -> None:
+        """The pools of `queries` := their exact top-C under `w` from one float64 pass over all rows."""
+        qw = self.phi_q[queries] * np.repeat(w, np.diff(np.append(self.starts, self.fitted.dim)))
+        idx, _ = self.rows.top64(qw, self.size)
+        self.idx[queries] = idx
+        self.contrib[queries] = self._exact_contrib(np.repeat(queries, idx.shape[1]), idx.ravel()).astype(
+            np.float32).reshape(len(queries), idx.shape[1], -1)
+        self.t[queries] = -np.inf
+        self.float64_fallbacks += len(queries)
 
 
 class LazyObjective:
@@ -308,16 +310,16 @@ class LazyObjective:
 
     def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, *, k: int, pool_size: int,
                  first_interval: int | None = None, max_interval: int | None = None,
-                 device: str | torch.device | None = None, progress: bool = False):
-        self.device = pick_device(device)
-        self.source = PsiSource(fitted.psi, self.device)
+                 device: str | torch.device | None = None, progress: bool = False, rows: RowSource | None = None):
+        self.rows = RowSource(fitted, device=device) if rows is None else rows   # one process's rows, or a rank's
+        self.device = self.rows.device
         start = time.perf_counter()
-        self.stats = psi_stats_fast(self.source, fitted.group_slices, progress=progress)
+        self.stats = self.rows.stats(progress=progress)
         self.seconds = {"psi_gram": time.perf_counter() - start}
         start = time.perf_counter()
         self.grams = torch.from_numpy(query_grams_fast(phi_q, self.stats.gram, fitted.group_slices))
         self.seconds["query_grams"] = time.perf_counter() - start
-        self.pool = LazyPool(fitted, phi_q, self.stats, self.source, size=pool_size, k=k,
+        self.pool = LazyPool(fitted, phi_q, self.stats, self.rows, size=pool_size, k=k,
                              first_interval=first_interval, max_interval=max_interval)
 
     step_threads = 1   # the steps are small, memory-bound work where threads only contend; passes lift this

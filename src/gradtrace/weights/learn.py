@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_matrix, raise_if_nonfinite
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.methods.rows import effective_chunk_rows, row_chunks
 from gradtrace.weights.defaults import (
     DEFAULT_GUARD,
     DEFAULT_K,
@@ -49,6 +48,7 @@ from gradtrace.weights.guard import GUARDS, holdout_shrink
 from gradtrace.weights.lazy import LazyObjective
 from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
 from gradtrace.weights.pool import TRIGGERS
+from gradtrace.weights.row_source import RowSource, Shard
 from gradtrace.weights.scalable import ScalableObjective
 from gradtrace.weights.threads import threads
 
@@ -74,7 +74,8 @@ class WeightsResult:
 def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT_K, steps: int = DEFAULT_STEPS,
                   lr: float = DEFAULT_LR, l2: float = DEFAULT_L2, seed: int = 0,
                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, pool_size: int = DEFAULT_POOL,
-                  refresh: str = DEFAULT_REFRESH, guard: str = DEFAULT_GUARD, progress: bool = True) -> WeightsResult:
+                  refresh: str = DEFAULT_REFRESH, guard: str = DEFAULT_GUARD, progress: bool = True,
+                  shard: Shard | None = None) -> WeightsResult:
     """Learn group weights on learning queries (never the evaluation queries) for a fitted base method.
 
     `query_features` (Q, dim) are the learning queries' features in the fitted method's layout. The
@@ -83,6 +84,10 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
     proven, `gradtrace.weights.pool`) or "fast" (approximate between rebuilds). `guard` "holdout" shrinks the weights
     towards uniform as far as their gain does not carry over to held-out learning queries (`gradtrace.weights.guard`);
     "none" returns them as learned. Deterministic for given inputs and `seed`.
+
+    `shard` (a torchrun rank): `fitted` holds Ψ of the rank's rows only; every pass over Ψ is merged over the ranks
+    (`gradtrace.weights.row_source`), so every rank returns the same result, that of one process on all rows up to
+    the order of float64 sums over rows. Only the lazy refresh splits (`refresh="lazy"`).
     """
     if not isinstance(fitted, FittedMethod):
         raise UserError(f"fitted must be a FittedMethod (from a method's .fit), got {type(fitted).__name__}")
@@ -91,11 +96,15 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
     phi_q = check_matrix(query_features, "learning query features", fitted.dim)
     raise_if_nonfinite(phi_q, 0, "learning query features")
     phi_q = np.asarray(phi_q, dtype=np.float64)
-    k = check_k(k, fitted.n_train)
+    if shard is not None and refresh != "lazy":
+        raise UserError(f"refresh '{refresh}' reads Ψ through the fitted method, which a rank holds only part of; "
+                        "use refresh='lazy' over ranks")
+    rows = RowSource(fitted, shard)
+    k = check_k(k, rows.n)
     opts = {"k": k, "steps": _check_int(steps, "steps", 0), "lr": _check_number(lr, "lr", positive=True),
             "l2": _check_number(l2, "l2", positive=False), "seed": _check_int(seed, "seed", 0),
             "budget": _check_int(memory_budget_bytes, "memory_budget_bytes", 1),
-            "pool_size": _check_int(pool_size, "pool_size", 1), "refresh": refresh}
+            "pool_size": _check_int(pool_size, "pool_size", 1), "refresh": refresh, "rows": rows}
     if refresh not in REFRESH_MODES:
         raise UserError(f"unknown refresh '{refresh}'; use one of: {', '.join(REFRESH_MODES)}")
     if guard not in GUARDS:
@@ -131,8 +140,8 @@ MAX_DENSE_BYTES = 8 * 2**30  # the dense path is not taken beyond this, whatever
 
 def _objective(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool):
     """(callable w -> mean_q L(w; q), "dense" | "scalable") for these learning queries."""
-    k = opts["k"]
-    dense_bytes = phi_q.shape[0] * fitted.n_train * fitted.n_groups * 8
+    k, rows = opts["k"], opts["rows"]
+    dense_bytes = phi_q.shape[0] * rows.n * fitted.n_groups * 8
     # the scalable paths keep ΨᵀΨ (dim x dim): where that is larger than the dense tensor (features far wider than
     # the learning problem, e.g. exact gradients of a small training set), the dense path is the cheaper one
     if dense_bytes <= max(opts["budget"], 8 * fitted.dim ** 2):
@@ -140,12 +149,12 @@ def _objective(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bo
             raise UserError(f"learning weights over {fitted.dim} feature columns needs a {fitted.dim}² Gram or "
                             f"{dense_bytes / 2**30:.1f} GiB of contributions; project the gradients to fewer "
                             f"columns (featurize --dim) or use fewer learning queries")
-        contrib = torch.from_numpy(dense_contributions(fitted, phi_q))
+        contrib = torch.from_numpy(rows.dense(phi_q))
         return (lambda w, last=False: snr_loss(contrib, w, k)), "dense"  # noqa: E731
     if opts["pool_size"] < k:
         raise UserError(f"pool_size = {opts['pool_size']} is smaller than k = {k}; pass pool_size >= k (e.g. 256)")
     if opts["refresh"] == "lazy":
-        return LazyObjective(fitted, phi_q, k=k, pool_size=opts["pool_size"], progress=progress), "scalable"
+        return LazyObjective(fitted, phi_q, k=k, pool_size=opts["pool_size"], progress=progress, rows=rows), "scalable"
     return ScalableObjective(fitted, phi_q, k=k, pool_size=opts["pool_size"], trigger=opts["refresh"],
                              progress=progress), "scalable"
 
@@ -157,7 +166,7 @@ def _objective_value(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, w: np.
 
 def _learn(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bool) -> tuple[np.ndarray, list, dict]:
     """(θ, loss curve, info) of AdamW on θ from 0 (uniform) for these learning queries."""
-    return _optimise(lambda: _objective(fitted, phi_q, opts, progress), (phi_q.shape[0], fitted.n_train,
+    return _optimise(lambda: _objective(fitted, phi_q, opts, progress), (phi_q.shape[0], opts["rows"].n,
                                                                          fitted.n_groups), opts, progress)
 
 
@@ -276,13 +285,7 @@ def learn_weights_dense(contrib: Any, group_names: list[str], *, k: int = DEFAUL
 
 def dense_contributions(fitted: FittedMethod, phi_q: np.ndarray, *, chunk_rows: int = 65536) -> np.ndarray:
     """(Q, N, M) float64 contributions c_j(q, n), reading Ψ in row chunks."""
-    out = np.empty((phi_q.shape[0], fitted.n_train, fitted.n_groups), dtype=np.float64)
-    rows = effective_chunk_rows(chunk_rows, 8 * fitted.dim)
-    for start, stop in row_chunks(fitted.n_train, rows):
-        x = np.asarray(fitted.psi[start:stop], dtype=np.float64)
-        for j, (_, s, e) in enumerate(fitted.group_slices):
-            out[:, start:stop, j] = phi_q[:, s:e] @ x[:, s:e].T
-    return out
+    return RowSource(fitted).dense(phi_q, chunk_rows=chunk_rows)
 
 
 def _check_int(value: Any, what: str, low: int) -> int:

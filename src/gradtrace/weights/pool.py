@@ -32,6 +32,7 @@ import numpy as np
 
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.weights.noise import PsiStats, group_starts
+from gradtrace.weights.row_source import RowSource
 
 TRIGGERS = ("exact", "fast")
 _U32 = 2.0 ** -24  # unit roundoff of float32
@@ -43,10 +44,11 @@ class CandidatePool:
     """Per-query candidate rows and their contributions; `select(w)` returns top-k positions in the pool."""
 
     def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, stats: PsiStats, *, size: int, k: int,
-                 trigger: str, chunk_rows: int = 65536):
+                 trigger: str, chunk_rows: int = 65536, rows: RowSource | None = None):
         self.fitted, self.phi_q, self.stats = fitted, phi_q, stats
+        self.rows = RowSource(fitted) if rows is None else rows   # the passes over Ψ (one process, or a rank's)
         self.trigger, self.k, self.chunk_rows = trigger, int(k), int(chunk_rows)
-        n_q, n, m = phi_q.shape[0], fitted.n_train, fitted.n_groups
+        n_q, n, m = phi_q.shape[0], self.rows.n, fitted.n_groups
         self.size = min(int(size), n)
         self.complete = self.size >= n  # the pool holds every row: nothing outside it
         self.starts = group_starts(fitted.group_slices)
@@ -138,7 +140,7 @@ class CandidatePool:
     # ---- refresh -------------------------------------------------------------------------------
     def refresh(self, rows: np.ndarray, w: np.ndarray) -> int:
         """Rebuild the pools of queries `rows` under `w` with one streamed pass over Ψ; returns entrants."""
-        take = min(self.size + 1, self.fitted.n_train)
+        take = min(self.size + 1, self.rows.n)
         idx, top = self.fitted.topk(self.phi_q[rows], take, weights=w, chunk_rows=self.chunk_rows)
         new = idx[:, : self.size]
         if self.complete:
@@ -170,7 +172,7 @@ class CandidatePool:
             r = np.flatnonzero(reuse)
             old = self.idx[rows[r]]
             order = np.argsort(old, axis=1)
-            offset = (np.arange(len(r)) * self.fitted.n_train)[:, None]
+            offset = (np.arange(len(r)) * self.rows.n)[:, None]
             keys_old = (np.take_along_axis(old, order, axis=1) + offset).ravel()
             keys_new = (new[r] + offset).ravel()
             at = np.minimum(np.searchsorted(keys_old, keys_new), keys_old.size - 1)
@@ -185,17 +187,6 @@ class CandidatePool:
         return out.reshape(n_rows, c, m), held
 
     def _contributions(self, queries: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
-        """Contributions (P, M) float32 of the (query, training row) pairs, computed from float32 φ and Ψ.
-
-        Query by query: its rows of Ψ (read in ascending order) times its φ, summed per group.
-        """
-        out = np.empty((len(queries), self.fitted.n_groups), dtype=np.float32)
-        order = np.argsort(queries, kind="stable")
-        q_sorted = queries[order]
-        bounds = np.flatnonzero(np.diff(q_sorted)) + 1
-        for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
-            at = order[s:e][np.argsort(train_rows[order[s:e]])]
-            x = np.asarray(self.fitted.psi[train_rows[at]], dtype=np.float32)
-            x *= self.phi32[q_sorted[s]]
-            out[at] = np.add.reduceat(x, self.starts, axis=1)
-        return out
+        """Contributions (P, M) float32 of the (query, training row) pairs, computed from float32 φ and Ψ
+        (`RowSource.contributions`)."""
+        return self.rows.contributions(self.phi32, queries, train_rows)

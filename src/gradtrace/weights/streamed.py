@@ -1,6 +1,6 @@
 """The SNR objective at fixed weights, exactly, in one streamed float64 pass over Ψ (no Q × N matrix kept).
 
-    snr_at(fitted, queries, k, w)  = mean_q L(w; q)                 (one pass, Q·N·k flops)
+    snr_at(fitted, queries, k, w)  = mean_q L(w; q)                 (one pass, Q·N·k flops; `snr_pass` its parts)
     snr_per_group(fitted, queries, k) = [mean_q L(e_j; q)]_j        (one pass, M running top-k's)
 """
 from __future__ import annotations
@@ -22,6 +22,14 @@ def per_query_loss(top_mean: np.ndarray, norm: np.ndarray) -> np.ndarray:
 def snr_at(fitted: FittedMethod, phi_q: np.ndarray, k: int, weights: np.ndarray | None = None, *,
            chunk_rows: int = 65536, progress: bool = False) -> float:
     """mean_q L(w; q) for checked float64 query features (Q, dim); `weights` None means uniform."""
+    _, top, sumsq = snr_pass(fitted, phi_q, k, weights, chunk_rows=chunk_rows, progress=progress)
+    return float(per_query_loss(top.mean(axis=1), np.sqrt(sumsq)).mean())
+
+
+def snr_pass(fitted: FittedMethod, phi_q: np.ndarray, k: int, weights: np.ndarray | None = None, *,
+             chunk_rows: int = 65536, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parts of `snr_at` from one float64 pass over Ψ's rows: per query the top-k (rows, scores) and the sum of
+    squared scores."""
     qw = phi_q if weights is None else phi_q * block_scale(fitted.group_slices, weights, fitted.dim)
     rows = effective_chunk_rows(chunk_rows, 8 * (fitted.dim + 2 * qw.shape[0]))
     running = RunningTopK(qw.shape[0], k)
@@ -30,8 +38,8 @@ def snr_at(fitted: FittedMethod, phi_q: np.ndarray, k: int, weights: np.ndarray 
         block = qw @ np.asarray(fitted.psi[start:stop], dtype=np.float64).T
         sumsq += np.einsum("qn,qn->q", block, block)
         running.update(block, start)
-    _, top = running.result()
-    return float(per_query_loss(top.mean(axis=1), np.sqrt(sumsq)).mean())
+    idx, top = running.result()
+    return idx, top, sumsq
 
 
 def snr_per_group(fitted: FittedMethod, phi_q: np.ndarray, k: int, *, chunk_rows: int = 65536,
