@@ -38,11 +38,11 @@ SETTINGS = {
     "full": {"n_train": 240, "rank": 4, "steps": 200, "batch_size": 16, "n_eval": 60, "n_learn": 48,
              "sample_steps": 25, "guidance": 3.0, "dim": 2048, "timesteps": 6, "learn_steps": 200, "k": 10,
              "bootstrap": 2000, "split_seed": 0, "threads": 1, "bands": 1, "methods": "all",
-             "aspect_objective": "snr"},
+             "aspect_objective": "snr", "guard": "none"},
     "quick": {"n_train": 24, "rank": 2, "steps": 4, "batch_size": 8, "n_eval": 4, "n_learn": 4, "sample_steps": 2,
               "guidance": 2.0, "dim": 32, "timesteps": 1, "learn_steps": 5, "k": 3, "bootstrap": 200,
               "split_seed": 0, "threads": 1, "vae_steps": 5, "unet_steps": 5, "bands": 1, "methods": "all",
-              "aspect_objective": "snr"},
+              "aspect_objective": "snr", "guard": "none"},
 }
 METHODS = [("tracin", "shared", "loss"), ("trak", "shared", "loss"), ("trak", "per-group", "loss"),
            ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak"), ("das", "shared", "das"),
@@ -175,12 +175,14 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
         for wset in ("general", *ASPECTS):
             family = wset != "general" and s["aspect_objective"] != "snr"
             name = wset if not family else f"{wset}-{s['aspect_objective']}"
-            path = out / "weights" / f"{method}-{kernel}{tag}-{name}.json"
+            guarded = "" if s["guard"] == "none" or family else f"-guard-{s['guard']}"
+            path = out / "weights" / f"{method}-{kernel}{tag}-{name}{guarded}.json"
             learn = stores[meas]["learn-general" if family else f"learn-{wset}"]
             extra = dict(objective=s["aspect_objective"], family=wset, family_labels=str(family_file)) if family else {}
             stage("learn-weights", learn_weights_run, LearnWeightsSpec(
                 train=str(train.path), out=str(path), queries=str(learn.path), method=method,
-                kernel=kernel, lambda_c="auto", k=s["k"], steps=s["learn_steps"], **extra), progress=False)
+                kernel=kernel, lambda_c="auto", k=s["k"], steps=s["learn_steps"],
+                guard="none" if family else s["guard"], **extra), progress=False)
             w, info = read_group_weights(train, ev_store, path, method=method, kernel=kernel)
             if wset == "general":
                 rows["uniform"] = {"c": info["lambda_c"], "n_eff": float(len(w)),
@@ -197,7 +199,8 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
            "summary": summarize(methods, baselines, s), "timings_s": timings, "versions": versions(),
            "command": " ".join(["python", *sys.argv])}
     doc["markdown"] = markdown(doc)
-    name = "results" + tag + ("" if s["aspect_objective"] == "snr" else f"-{s['aspect_objective']}")
+    name = "results" + tag + ("" if s["aspect_objective"] == "snr" else f"-{s['aspect_objective']}") \
+        + ("" if s["guard"] == "none" else f"-guard-{s['guard']}")
     doc["results_file"] = str(out / f"{name}.json")
     write_json_atomic(out / f"{name}.json", doc)
     (out / f"{name}.md").write_text(doc["markdown"] + "\n")

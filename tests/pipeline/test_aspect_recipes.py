@@ -83,6 +83,21 @@ def test_attribute_warns_when_queries_and_training_store_are_conditioned_differe
                  "--lambda-c", "0.01", "--out", str(run / "w-mixed.json"), "--no-progress"]) == 0
     assert "conditioned on every attribute" in capsys.readouterr().err
 
+def test_aspect_weights_on_the_shared_kernel_warn(run, capsys):
+    """`learn-weights --aspect` on the shared kernel: one warning line naming the fix; per-group (the default) and
+    general weights on the shared kernel: none."""
+    capsys.readouterr()
+    common = ["learn-weights", "--train", str(run / "ft"), "--generate", "4", "--sample-steps", "2", "--steps", "3",
+              "--lambda-c", "0.01", "--no-progress"]
+    assert main([*common, "--aspect", "style", "--kernel", "shared", "--out", str(run / "w-sh.json")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "shared kernel" in line]
+    assert len(lines) == 1 and "aspect weights (style)" in lines[0] and "--kernel per-group" in lines[0]
+    assert json.loads((run / "w-sh.json").read_text())["provenance"]["aspect"] == "style"
+    assert main([*common, "--aspect", "style", "--out", str(run / "w-pg.json")]) == 0
+    assert main([*common, "--kernel", "shared", "--out", str(run / "w-gen.json")]) == 0
+    assert "shared kernel" not in capsys.readouterr().err
+
+
 def test_family_objective_from_the_cli(run):
     from gradtrace.attribution import fit_method
     from gradtrace.weights.family import learn_family_weights

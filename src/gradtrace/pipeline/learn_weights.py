@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from gradtrace.attribution.psi_place import psi_place
 from gradtrace.attribution.scoring import at_c, check_same_conditioning
 from gradtrace.attribution.shard_fit import check_splittable, fit_shard, shard_ranges, shared_gram
 from gradtrace.data.sources import sampling_of
-from gradtrace.errors import UserError
+from gradtrace.errors import GradtraceWarning, UserError
 from gradtrace.evaluate.eval_retrieval import labels_of
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json, write_json_atomic
@@ -101,6 +102,17 @@ def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspec
     return store
 
 
+def warn_shared_kernel_aspect(method, aspect: str | None) -> None:
+    """Warn (one line) when an aspect's weights are learned on the shared kernel. In the text-to-image aspect
+    benchmarks they collapsed onto a few groups (effective number of groups 1.5-7 of 80) and lowered their own
+    aspect's Recall@10 in 10 of 12 cases on two builds of the medium pipeline, where the per-group kernel's beat
+    uniform in 7 of 12 and lowered it in 2 (docs/benchmarks.md, "Aspects by model size")."""
+    if aspect is not None and method.kernel_kind == "shared":
+        warnings.warn(GradtraceWarning(
+            f"aspect weights ({aspect}) on the shared kernel tend to collapse onto a few groups and lower their own "
+            f"aspect's recall; learn them with --kernel per-group (the default)"), stacklevel=3)
+
+
 def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple[Path, dict] | None:
     """Learn group weights for a training store (or, for a method that needs the model, its checkpoint); returns
     (weights file, its document). Under torchrun the ranks split the rows and only the last one writes and returns
@@ -114,6 +126,7 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
     train = FeatureStore.open(spec.train)
     queries = None if spec.queries is None else FeatureStore.open(spec.queries)
     aspect = spec.aspect if queries is None else recorded_aspect(queries, spec.aspect)
+    warn_shared_kernel_aspect(method, aspect)
     out = Path(spec.out) if spec.out else default_weights_path(train, method, spec.kernel, aspect)
     if spec.generate is not None:
         prompts = read_prompts(spec.prompts) if spec.prompts else None
@@ -154,6 +167,7 @@ def _learn_over_ranks(spec: LearnWeightsSpec, method, rank: int, world: int,
             train = FeatureStore.open(spec.train, require_complete=False)
             queries = FeatureStore.open(spec.queries)
             aspect = recorded_aspect(queries, spec.aspect)
+            warn_shared_kernel_aspect(method, aspect)
             train.check_compatible(queries)
             check_same_conditioning(train, queries)
             check_splittable(method, train, "learn-weights")
