@@ -83,8 +83,7 @@ def test_lambda_on_the_grid_edge_warns(pipeline, tmp_path, capsys):
         values = [float(row[0]) for row in table]
         at_edge = c in (min(values), max(values))
         assert at_edge == (name == "edge")  # the two cases are what they are meant to be
-        assert grid_edge(float(c), [[v, 0.0] for v in values]) == ("highest" if c == max(values) else
-                                                                   "lowest" if c == min(values) else None)
+        assert grid_edge(float(c), table) == ("highest" if name == "edge" else None)  # a cliff, not a plateau
         err = _run(capsys, ["learn-weights", "--train", str(pipeline / "ft"), "--queries", str(learning),
                             "--lambda-c", "auto", "--k", "3", "--steps", "5", "--out", str(tmp_path / f"{name}.json")])
         prov = json.loads((tmp_path / f"{name}.json").read_text())["provenance"]
@@ -94,6 +93,18 @@ def test_lambda_on_the_grid_edge_warns(pipeline, tmp_path, capsys):
         if at_edge:
             assert warned[0].startswith("gradtrace learn-weights: warning: the label-free λ scale c = 1e+00 is the "
                                         "highest value of the grid 1e-04..1e+00"), warned
+
+
+@pytest.mark.parametrize("losses, c, edge", [
+    ([-0.20, -0.21, -0.22], 1.0, "highest"),         # still improving at the top: warn
+    ([-0.2334, -0.23339, -0.20], 1e-4, None),        # flat at the bottom (within 1e-3 relative): a plateau
+    ([-0.2334, -0.2300, -0.20], 1e-4, "lowest"),     # improving at the bottom by 1.5%: warn
+    ([-0.20, -0.22, -0.21], 1e-2, None),              # inside the grid
+])
+def test_grid_edge_tells_a_cliff_from_a_plateau(losses, c, edge):
+    table = [[1e-4, losses[0]], [1e-2, losses[1]], [1.0, losses[2]]]
+    assert grid_edge(c, table) == edge
+    assert grid_edge(c, table[::-1]) == edge  # the table's order does not matter
 
 
 def test_compare_uniform_scores_uniform_weights_at_the_weights_c(pipeline, learned, tmp_path, capsys):

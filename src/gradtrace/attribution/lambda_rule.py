@@ -33,6 +33,8 @@ def _method(method, kernel: str) -> BaseMethod:
     return configure(method, kernel=kernel)
 
 
+PLATEAU_RTOL = 1e-3  # grid_edge: an edge whose loss is within this of its neighbour's is a plateau, not a cliff
+
 # ---- feature kernels: choose on learning-query feature stores ------------------------------------------------
 
 def choose_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, k: int, *,
@@ -61,11 +63,17 @@ def choose_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, k
 
 
 def grid_edge(c: float, table: list) -> str | None:
-    """"lowest" or "highest" when `c` is the first or last value of a grid of several c values, else None."""
-    values = [row[0] for row in table]
-    if len(values) < 2:
+    """"lowest" or "highest" when `c` is the first or last value of a grid of several c values and the objective
+    still improves towards it: its loss differs from its neighbour's by more than `PLATEAU_RTOL` of its size. On a
+    plateau (e.g. c -> 0, where a per-group kernel whose blocks are narrower than the training set stops changing)
+    a c beyond the grid would score the same, so there is nothing to warn about; else None."""
+    rows = sorted((float(a), float(b)) for a, b in table)
+    if len(rows) < 2 or c not in (rows[0][0], rows[-1][0]):
         return None
-    return "lowest" if c == min(values) else "highest" if c == max(values) else None
+    (edge_c, edge_loss), (_, next_loss) = (rows[0], rows[1]) if c == rows[0][0] else (rows[-1], rows[-2])
+    if abs(edge_loss - next_loss) <= PLATEAU_RTOL * abs(edge_loss):
+        return None
+    return "lowest" if edge_c == rows[0][0] else "highest"
 
 
 def resolve_learning_c(train: FeatureStore, learning: FeatureStore, method, kernel: str, c,
