@@ -28,12 +28,12 @@ from gradtrace.methods import BaseMethod, configure
 from gradtrace.weights import DEFAULT_K, choose_lambda_scale, snr_loss
 from gradtrace.weights.row_source import Shard
 
+PLATEAU_RTOL = 1e-3  # grid_edge: an edge whose loss is within this of its neighbour's is a plateau, not a cliff
+
 
 def _method(method, kernel: str) -> BaseMethod:
     return configure(method, kernel=kernel)
 
-
-PLATEAU_RTOL = 1e-3  # grid_edge: an edge whose loss is within this of its neighbour's is a plateau, not a cliff
 
 # ---- feature kernels: choose on learning-query feature stores ------------------------------------------------
 
