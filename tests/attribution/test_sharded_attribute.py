@@ -6,14 +6,11 @@ float64 and not bitwise)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from fixtures.ranks import synthetic_settings, torchrun, write_store
 from gradtrace.attribution.sharded import ShardRows, merge_partials, shard_ranges
 from gradtrace.cli import main
 from gradtrace.errors import UserError
@@ -21,16 +18,6 @@ from gradtrace.features.store import FeatureStore
 from gradtrace.methods.topk import RunningTopK
 
 N, K, GROUPS, Q, CHUNK = 600, 48, 3, 7, 64  # 10 chunks, the last one short
-SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-
-
-def _settings() -> dict:
-    w = K // GROUPS
-    return {"model_fingerprint": "synthetic", "groups_spec": "synthetic",
-            "groups": [{"name": f"g{j}", "start": j * w, "stop": (j + 1) * w, "size": w, "exact": True,
-                        "params": []} for j in range(GROUPS)],
-            "projection": {"kind": "synthetic"}, "measurement": {"name": "loss"}, "dtype": "float32",
-            "dim": K, "chunk_rows": CHUNK, "source": {"synthetic": 1}}
 
 
 def _features(n, seed):
@@ -41,13 +28,7 @@ def _features(n, seed):
 
 
 def _store(path, feats, ids, rank=0, world=1):
-    store = FeatureStore.create(path, _settings(), ids, rank=rank, world=world)
-    for c, start in enumerate(range(0, len(ids), CHUNK)):
-        if c % world == rank:
-            store.write(start, feats[start:start + CHUNK])
-    store.finish()
-    store.release()
-    return path
+    return write_store(path, synthetic_settings(K, GROUPS, CHUNK), feats, ids, rank, world)
 
 
 @pytest.fixture(scope="module")
@@ -64,32 +45,9 @@ def stores(tmp_path_factory):
     return root
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args, cwds, nproc=2, ok=True):
-    """Run `gradtrace attribute ARGS` under torchrun: one node with `nproc` ranks, or one node per cwd; returns the
-    launchers' (returncode, stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.abspath(SRC)}
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
-    if len(cwds) == 1:
-        launches = [cmd + ["--standalone", "--nproc-per-node", str(nproc)]]
-    else:
-        port = _port()
-        launches = [cmd + ["--nnodes", str(len(cwds)), "--nproc-per-node", "1", "--node-rank", str(r),
-                           "--master-addr", "127.0.0.1", "--master-port", str(port)] for r in range(len(cwds))]
-    procs = [subprocess.Popen(launch + ["-m", "gradtrace.cli", "--", "attribute", *args], cwd=cwd, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for launch, cwd in zip(launches, cwds)]
-    done = []
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0 or not ok, err[-3000:]
-        done.append((p.returncode, err))
-    return done
+    """Run `gradtrace attribute ARGS` under torchrun (`fixtures.ranks.torchrun`)."""
+    return torchrun(["-m", "gradtrace.cli", "--", "attribute", *args], cwds, nproc, ok)
 
 
 def _read(out):

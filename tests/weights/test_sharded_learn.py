@@ -12,16 +12,13 @@ The selected top-k sets, the pool passes and rollbacks are compared exactly.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+from fixtures.ranks import synthetic_settings, torchrun, write_store
 from gradtrace.attribution import fit_method
 from gradtrace.cli import main
 from gradtrace.features.store import FeatureStore
@@ -31,19 +28,8 @@ from gradtrace.weights.psi_passes import PsiSource, top_pass
 from gradtrace.weights.row_source import RowSource, merge_top
 
 N, K, GROUPS, Q, CHUNK = 600, 48, 4, 16, 64  # 10 chunks, the last one short
-SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 RTOL = 1e-9       # float64 sums in another order
 RTOL_LAZY = 1e-6  # ΨᵀΨ's float32 chunk products over other chunks
-
-
-def _settings(measurement="loss") -> dict:
-    w = K // GROUPS
-    extra = {"row_scale": {"kind": "synthetic"}} if measurement == "das" else {}
-    return {"model_fingerprint": "synthetic", "groups_spec": "synthetic",
-            "groups": [{"name": f"g{j}", "start": j * w, "stop": (j + 1) * w, "size": w, "exact": True,
-                        "params": []} for j in range(GROUPS)],
-            "projection": {"kind": "synthetic"}, "measurement": {"name": measurement}, "dtype": "float32",
-            "dim": K, "chunk_rows": CHUNK, "source": {"synthetic": 1}, **extra}
 
 
 def _features(n, seed):
@@ -55,14 +41,8 @@ def _features(n, seed):
 
 
 def _store(path, feats, ids, rank=0, world=1, measurement="loss"):
-    store = FeatureStore.create(path, _settings(measurement), ids, rank=rank, world=world)
     scale = np.exp(np.sin(np.arange(len(ids)))) if measurement == "das" else None  # DAS's per-example factor
-    for c, start in enumerate(range(0, len(ids), CHUNK)):
-        if c % world == rank:
-            store.write(start, feats[start:start + CHUNK], None if scale is None else scale[start:start + CHUNK])
-    store.finish()
-    store.release()
-    return path
+    return write_store(path, synthetic_settings(K, GROUPS, CHUNK, measurement), feats, ids, rank, world, scale)
 
 
 @pytest.fixture(scope="module")
@@ -78,33 +58,6 @@ def stores(tmp_path_factory):
         _store(root / f"node{r}" / "train", train, ids, rank=r, world=2)
         _store(root / f"node{r}" / "queries", queries, np.arange(Q) + 10_000)
     return root
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(target, cwds, nproc=2, ok=True):
-    """Run `target` (a list: `-m gradtrace.cli -- ARGS`, or a script) under torchrun: one node with `nproc` ranks,
-    or one node per cwd; returns the launchers' (returncode, stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.abspath(SRC)}
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
-    if len(cwds) == 1:
-        launches = [cmd + ["--standalone", "--nproc-per-node", str(nproc)]]
-    else:
-        port = _port()
-        launches = [cmd + ["--nnodes", str(len(cwds)), "--nproc-per-node", "1", "--node-rank", str(r),
-                           "--master-addr", "127.0.0.1", "--master-port", str(port)] for r in range(len(cwds))]
-    procs = [subprocess.Popen(launch + target, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for launch, cwd in zip(launches, cwds)]
-    done = []
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0 or not ok, err[-3000:]
-        done.append((p.returncode, err))
-    return done
 
 
 def _learn_cli(args):
@@ -157,7 +110,7 @@ def test_two_ranks_learn_the_weights_of_one_process(stores, tmp_path, method, ex
     args = ["--train", str(where / "train"), "--queries", str(where / "queries"), "--method", method,
             "--kernel", "per-group", "--steps", "60", "--lr", "0.1", "--no-progress", *extra]
     assert main(["learn-weights", *args, "--out", str(tmp_path / "one.json")]) == 0
-    _torchrun(_learn_cli(args + ["--out", str(tmp_path / "two.json")]), [str(tmp_path)])
+    torchrun(_learn_cli(args + ["--out", str(tmp_path / "two.json")]), [str(tmp_path)])
     _assert_same(tmp_path / "two.json", tmp_path / "one.json", where)
     assert _doc(tmp_path / "one.json")["weights"] != {f"g{j}": 0.25 for j in range(GROUPS)} or extra
 
@@ -167,7 +120,7 @@ def test_two_machines_learn_on_their_partial_stores(stores, tmp_path):
             "--no-progress", "--out", "w.json"]
     assert main(["learn-weights", "--train", str(stores / "train"), "--queries", str(stores / "queries"),
                  *args[4:-1], str(tmp_path / "one.json")]) == 0
-    _torchrun(_learn_cli(args), [str(stores / "node0"), str(stores / "node1")])
+    torchrun(_learn_cli(args), [str(stores / "node0"), str(stores / "node1")])
     a, b = _doc(stores / "node1" / "w.json"), _doc(tmp_path / "one.json")  # the last rank (node 1) writes
     assert not (stores / "node0" / "w.json").exists()
     assert a["provenance"]["ranks"] == 2
@@ -213,7 +166,7 @@ def test_the_lazy_learner_over_two_ranks_is_the_one_process_learner(stores, tmp_
                         memory_budget_bytes=1, pool_size=12, guard=guard, progress=False)
     script = tmp_path / "learn.py"
     script.write_text(LAZY_SCRIPT)
-    _torchrun([str(script), str(stores / "train"), str(stores / "queries"), str(tmp_path / "out"), guard],
+    torchrun([str(script), str(stores / "train"), str(stores / "queries"), str(tmp_path / "out"), guard],
               [str(tmp_path)])
     ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["curve"] == ranks[1]["curve"]  # same bits
@@ -271,7 +224,7 @@ def test_local_rows_inverts_global_rows_and_contributions_are_the_pairs_products
 
 
 def test_a_refusal_on_a_rank_stops_every_rank_with_its_one_line_message(stores, tmp_path):
-    (code, err), = _torchrun(_learn_cli(["--train", str(stores / "node0" / "train"), "--queries",
+    (code, err), = torchrun(_learn_cli(["--train", str(stores / "node0" / "train"), "--queries",
                                          str(stores / "queries"), "--no-progress", "--out", str(tmp_path / "w.json")]),
                              [str(tmp_path)], ok=False)
     assert code != 0
