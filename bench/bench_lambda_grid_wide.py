@@ -18,45 +18,31 @@ from pathlib import Path
 
 import numpy as np
 
+from common import T2I_LDS_MEASUREMENT, T2I_LDS_METHODS, mean_lds, open_t2i_lds, snr_of_scores
+
 GRID = np.logspace(-7, 3, 21)
-METHODS = [("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"), ("dtrak", "per-group"), ("das", "shared"),
-           ("das", "per-group")]
-MEASUREMENT = {"dtrak": "dtrak", "das": "das"}
-
-
-def snr(scores: np.ndarray, k: int = 10) -> float:
-    top = -np.sort(-scores, axis=1)[:, :k].mean(1)
-    return float(np.mean(top / np.linalg.norm(scores, axis=1)))
+METHODS = [mk for mk in T2I_LDS_METHODS if mk[1] != "identity"]  # the kernels with a λ
 
 
 def main(argv=None) -> int:
     from gradtrace.attribution import fit_method
-    from gradtrace.evaluate import load_problem
-    from gradtrace.evaluate.outputs import OutputGrid
     from gradtrace.features.store import FeatureStore
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lds", required=True, help="a finished bench_t2i_lds.py --out folder")
     out = Path(p.parse_args(argv).lds)
-    res = json.loads((out / "results.json").read_text())
-    s = res["settings"]
-    grid = OutputGrid(num_timesteps=s["grid_timesteps"], num_draws=s["grid_draws"])
-    loss_train = FeatureStore.open(out / "features" / "loss" / "train")
-    problems = {q: load_problem(res["run"], out / "retrain", loss_train,
-                                FeatureStore.open(out / "features" / "loss" / q), grid=grid, progress=False)
-                for q in ("heldout", "samples")}
+    _, problems = open_t2i_lds(out)
     report = {}
     for method, kernel in METHODS:
-        base = out / "features" / MEASUREMENT.get(method, "loss")
+        base = out / "features" / T2I_LDS_MEASUREMENT.get(method, "loss")
         train = FeatureStore.open(base / "train")
         learn = np.asarray(FeatureStore.open(base / "learn").features)
         evals = {q: np.asarray(FeatureStore.open(base / q).features) for q in problems}
         rows = []
         for c in GRID:
             fitted = fit_method(train, method, kernel=kernel, c=float(c), progress=False)
-            lds = [v for q in problems for v in problems[q].evaluate(fitted.scores(evals[q]))["per_query"]
-                   if v is not None]
-            rows.append({"c": float(c), "snr": snr(fitted.scores(learn)), "lds": float(np.mean(lds))})
+            rows.append({"c": float(c), "snr": snr_of_scores(fitted.scores(learn), 10),
+                         "lds": mean_lds(problems, fitted, evals)})
         default = [r for r in rows if 1e-4 * 0.999 <= r["c"] <= 1.001]
         pick = {"default grid": max(default, key=lambda r: r["snr"]), "wide grid": max(rows, key=lambda r: r["snr"]),
                 "LDS-best": max(rows, key=lambda r: r["lds"])}

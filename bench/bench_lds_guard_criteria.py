@@ -24,37 +24,26 @@ from pathlib import Path
 
 import numpy as np
 
+from common import T2I_LDS_MEASUREMENT, T2I_LDS_METHODS, mean_lds, open_t2i_lds, snr_of_scores
+
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 KS = (10, 32, 80)
-METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
-           ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]
-MEASUREMENT = {"dtrak": "dtrak", "das": "das"}
-SETS = ("heldout", "samples")
-
-
 def reliability(a: np.ndarray, b: np.ndarray) -> float:
     a = a - a.mean(1, keepdims=True)
     b = b - b.mean(1, keepdims=True)
     return float(np.mean((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))))
 
 
-def snr(scores: np.ndarray, k: int) -> float:
-    top = -np.sort(-scores, axis=1)[:, :k].mean(1)
-    return float(np.mean(top / np.linalg.norm(scores, axis=1)))
-
-
 def main(argv=None) -> int:
     from gradtrace.attribution import fit_method
     from gradtrace.attribution.weights_file import read_group_weights
-    from gradtrace.evaluate import load_problem
-    from gradtrace.evaluate.outputs import OutputGrid
     from gradtrace.features.store import FeatureStore
     from gradtrace.pipeline import FeaturizeSpec, featurize_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lds", required=True, help="a finished bench_t2i_lds.py --out folder")
     lds_dir = Path(p.parse_args(argv).lds)
-    res = json.loads((lds_dir / "results.json").read_text())
+    res, problems = open_t2i_lds(lds_dir)
     s, run = res["settings"], res["run"]
     sources = {"heldout": {"data": "shapes", "ids": np.asarray(res["splits"]["heldout_ids"])},
                "samples": {"samples": str(lds_dir / "samples_eval")},
@@ -68,12 +57,9 @@ def main(argv=None) -> int:
                 checkpoint=run, out=str(base / f"{name}_n1"), projection="rademacher", dim=s["dim"],
                 timesteps=s["timesteps"], measurement=meas, noise_seed=1, **src), progress=False)
         stores[meas] = st
-    grid = OutputGrid(num_timesteps=s["grid_timesteps"], num_draws=s["grid_draws"])
-    problems = {q: load_problem(run, lds_dir / "retrain", stores["loss"]["train"], stores["loss"][q], grid=grid,
-                                progress=False) for q in SETS}
     rows = []
-    for method, kernel in METHODS:
-        st = stores[MEASUREMENT.get(method, "loss")]
+    for method, kernel in T2I_LDS_METHODS:
+        st = stores[T2I_LDS_MEASUREMENT.get(method, "loss")]
         karg = "shared" if kernel == "identity" else kernel
         fitted = fit_method(st["train"], method, kernel=karg, c=res["lambda"][f"{method}/{kernel}"]["c"],
                             progress=False)
@@ -83,11 +69,10 @@ def main(argv=None) -> int:
         feats = {name: np.asarray(store.features) for name, store in st.items() if name != "train"}
         for alpha in ALPHAS:
             w = learned ** alpha / np.sum(learned ** alpha)
-            per_query = [v for q in SETS for v in problems[q].evaluate(fitted.scores(feats[q], weights=w))["per_query"]
-                         if v is not None]
             learn0, learn1 = (fitted.scores(feats[n], weights=w) for n in ("learn", "learn_n1"))
-            rows.append({"method": method, "kernel": kernel, "alpha": alpha, "lds": float(np.mean(per_query)),
-                         "rel": reliability(learn0, learn1), **{f"snr@{k}": snr(learn0, k) for k in KS}})
+            rows.append({"method": method, "kernel": kernel, "alpha": alpha,
+                         "lds": mean_lds(problems, fitted, feats, w), "rel": reliability(learn0, learn1),
+                         **{f"snr@{k}": snr_of_scores(learn0, k) for k in KS}})
             print(json.dumps(rows[-1]), flush=True)
     lines = ["| method | kernel | α | LDS | rel | " + " | ".join(f"snr@{k}" for k in KS) + " |",
              "|---|---|---|---|---|" + "---|" * len(KS)]

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
-           ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]
-MEASUREMENT = {"dtrak": "dtrak", "das": "das"}
+from common import T2I_LDS_MEASUREMENT, T2I_LDS_METHODS, mean_lds, open_t2i_lds
 
 
 def main(argv=None) -> int:
     from gradtrace.attribution import fit_method
     from gradtrace.attribution.weights_file import read_group_weights
-    from gradtrace.evaluate import load_problem
-    from gradtrace.evaluate.outputs import OutputGrid
     from gradtrace.features.store import FeatureStore
     from gradtrace.pipeline import LearnWeightsSpec, learn_weights_run
 
@@ -34,33 +30,24 @@ def main(argv=None) -> int:
     p.add_argument("--ks", default="2,5,10,32,80", help="values of the learner's k")
     args = p.parse_args(argv)
     out, ks = Path(args.lds), [int(k) for k in args.ks.split(",")]
-    res = json.loads((out / "results.json").read_text())
-    s = res["settings"]
-    grid = OutputGrid(num_timesteps=s["grid_timesteps"], num_draws=s["grid_draws"])
-    loss_train = FeatureStore.open(out / "features" / "loss" / "train")
-    problems = {q: load_problem(res["run"], out / "retrain", loss_train,
-                                FeatureStore.open(out / "features" / "loss" / q), grid=grid, progress=False)
-                for q in ("heldout", "samples")}
+    res, problems = open_t2i_lds(out)
     report = {}
-    for method, kernel in METHODS:
-        base = out / "features" / MEASUREMENT.get(method, "loss")
+    for method, kernel in T2I_LDS_METHODS:
+        base = out / "features" / T2I_LDS_MEASUREMENT.get(method, "loss")
         karg = "shared" if kernel == "identity" else kernel
         train, heldout = FeatureStore.open(base / "train"), FeatureStore.open(base / "heldout")
         c = res["lambda"][f"{method}/{kernel}"]["c"]
         fitted = fit_method(train, method, kernel=karg, c=c, progress=False)
         evals = {q: np.asarray(FeatureStore.open(base / q).features) for q in problems}
 
-        def lds(w=None) -> float:
-            return float(np.mean([v for q in problems for v in problems[q].evaluate(fitted.scores(evals[q], weights=w))
-                                  ["per_query"] if v is not None]))
-
-        row = {"uniform": lds()}
+        row = {"uniform": mean_lds(problems, fitted, evals)}
         for k in ks:
             path = out / "learner_k" / f"{method}-{kernel}-k{k}.json"
             learn_weights_run(LearnWeightsSpec(train=str(train.path), out=str(path), queries=str(base / "learn"),
                                                method=method, kernel=karg, lambda_c=str(c), k=k, steps=200),
                               progress=False)
-            row[f"k={k}"] = lds(read_group_weights(train, heldout, path, method=method, kernel=karg)[0])
+            row[f"k={k}"] = mean_lds(problems, fitted, evals,
+                                     read_group_weights(train, heldout, path, method=method, kernel=karg)[0])
         report[f"{method}/{kernel}"] = row
         print(f"{method}/{kernel}: " + ", ".join(f"{name} {v:.4f}" for name, v in row.items()), flush=True)
     (out / "learner_k.json").write_text(json.dumps({"command": " ".join(sys.argv), "lds": report}, indent=1))

@@ -27,7 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common import GUARD_ROWS, Clock, apply_overrides, lds_tables, learned_weights
+from common import (
+    GUARD_ROWS,
+    T2I_LDS_MEASUREMENT,
+    T2I_LDS_METHODS,
+    T2I_LDS_SETS,
+    Clock,
+    apply_overrides,
+    lds_tables,
+    learned_weights,
+)
 
 EVAL_SEED = 1001
 LEARN_SEED = 2002
@@ -42,10 +51,7 @@ SETTINGS = {
               "dim": 32, "timesteps": 1, "grid_timesteps": 2, "grid_draws": 1, "learn_steps": 5, "split_seed": 0,
               "c": "auto", "threads": 1, "vae_steps": 5, "unet_steps": 5},
 }
-METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
-           ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]
-MEASUREMENT = {"dtrak": "dtrak", "das": "das"}  # the others differentiate the loss
-SETS = ("heldout", "samples")
+METHODS, MEASUREMENT, SETS = T2I_LDS_METHODS, T2I_LDS_MEASUREMENT, T2I_LDS_SETS
 
 
 def run_bench(out, s: dict, pipeline: str | None = None, *, progress: bool = True) -> dict:

@@ -11,6 +11,7 @@ answers at once.
     from common import effective_groups, peak_rss_mb, traker_features, write_docs    # aspects, featurization
     from common import PLANTED_SCALE, write_planted                                   # weight learning at scale
     from common import lm_featurization_cost                            # the small GPT-2's featurization cost
+    from common import T2I_LDS_METHODS, open_t2i_lds, mean_lds, snr_of_scores  # studies of a text-to-image LDS run
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_SAMPLE_SEED = 1001   # generated evaluation queries of the LDS benchmarks (bench_lds, bench_lds_sweep)
 LEARN_SAMPLE_SEED = 2002  # their learning queries (weights and the λ choice), never the evaluation queries
+T2I_LDS_METHODS = [("tracin", "identity"), ("trak", "shared"), ("trak", "per-group"), ("dtrak", "shared"),
+                   ("dtrak", "per-group"), ("das", "shared"), ("das", "per-group")]  # bench_t2i_lds.py's rows
+T2I_LDS_MEASUREMENT = {"dtrak": "dtrak", "das": "das"}  # the others differentiate the loss
+T2I_LDS_SETS = ("heldout", "samples")                  # its evaluation query sets
 GUARD_ROWS = ("none", "holdout")  # learned weights as learned, and with the label-free holdout guard
 # The planted problem of the weight-learning benchmarks at full size (bench_weights_scale, _parts, _certificate)
 LM_CHUNK = 64  # sequences per featurization call of the LM cost measurement
@@ -104,6 +109,39 @@ def learned_weights(stores: dict, folder: Path, method: str, kernel: str, c, ste
     return w, {"key": f"{method}/{kernel}{'' if guard == 'none' else '/guarded'}", "kind": kind,
                "label": kind if shrink is None else f"{kind} (shrink {shrink:g})", "path": str(path),
                "weights": info["weights"], "shrink": shrink}
+
+
+def open_t2i_lds(out: Path) -> tuple[dict, dict]:
+    """A finished `bench_t2i_lds.py --out` folder: (its results.json, the LDS problem of each evaluation query set,
+    read from its cached model outputs)."""
+    from gradtrace.evaluate import load_problem
+    from gradtrace.evaluate.outputs import OutputGrid
+    from gradtrace.features.store import FeatureStore
+
+    res = json.loads((out / "results.json").read_text())
+    s = res["settings"]
+    grid = OutputGrid(num_timesteps=s["grid_timesteps"], num_draws=s["grid_draws"])
+    loss = out / "features" / "loss"
+    train = FeatureStore.open(loss / "train")
+    return res, {q: load_problem(res["run"], out / "retrain", train, FeatureStore.open(loss / q), grid=grid,
+                                 progress=False) for q in T2I_LDS_SETS}
+
+
+def mean_lds(problems: dict, fitted, features: dict, weights=None) -> float:
+    """The LDS over every evaluation query of `open_t2i_lds`'s problems (the mean of the defined per-query values):
+    `fitted`'s scores of each set's query `features` under `weights` (None: uniform)."""
+    return float(np.mean([v for q, problem in problems.items()
+                          for v in problem.evaluate(fitted.scores(features[q], weights=weights))["per_query"]
+                          if v is not None]))
+
+
+def snr_of_scores(scores: np.ndarray, k: int) -> float:
+    """The SNR objective's signal / noise (mean top-k score over the L2 norm; higher is better), averaged over the
+    rows of a (queries, training rows) score matrix: −`gradtrace.weights.streamed.per_query_loss`."""
+    from gradtrace.weights.streamed import per_query_loss
+
+    top = -np.sort(-scores, axis=1)[:, :k].mean(axis=1)
+    return float(-per_query_loss(top, np.linalg.norm(scores, axis=1)).mean())
 
 
 def fmt_summary(summary: dict) -> str:
