@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Aspect weights from prompt families, on a finished text-to-image aspects run (bench_t2i_aspects.py --out RUN).
+
+    python bench/bench_aspect_families.py --run bench_out/cap/aspects_medium_s0 --out bench_out/fam_s0
+
+The aspect-only learning queries of that run are generated from prompts that name one value of one aspect ("a
+striped shape"), several images per prompt: each prompt is a *family* (same value of the aspect, the other aspects
+left to the model), with no labels beyond the prompt text itself. Per method and kernel of the run, and per aspect,
+recipes on that aspect's learning queries (λ as the run chose for the SNR weights):
+
+- ``snr``: the run's own SNR weights (the recipe so far; recomputed, as a check that the run is reproduced);
+- ``family``: the family objective with families = prompts (`weights.family`, β = 0);
+- ``snr+family``: the same plus the SNR term (β = 1);
+- ``snr-shrunk``: the SNR weights mixed with uniform, w = (1 − α)/M + α·w_snr, α ∈ {0, ¼, ½, ¾, 1} chosen by the
+  family criterion (within-family minus across-family agreement of the weighted top-k) on the same queries: a
+  label-free guard that returns toward uniform when the weights make the families less distinct.
+
+Recall@10 on the run's 60 evaluation queries (relevance: the prompt's value, as the run judges it) against uniform
+on the own aspect, paired bootstrap 95% CI. Writes results.json and results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import effective_groups
+from gradtrace.metrics.stats import paired_ci
+
+ASPECTS = ("subject", "style", "background")
+EVAL_SEED = 1001
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+RECIPES = ("snr", "family", "snr+family", "snr-shrunk", "pg-family-inside")
+
+
+def eval_codes(n: int) -> np.ndarray:
+    """The (n, 3) value codes of bench_t2i_aspects.py's evaluation prompts (the same seeded draw)."""
+    from gradtrace.data.shapes import ATTRIBUTES
+
+    rng = np.random.default_rng([EVAL_SEED, 31])
+    return np.stack([rng.integers(0, len(ATTRIBUTES[a]), n) for a in ASPECTS], axis=1)
+
+
+def family_criterion(contrib, w: np.ndarray, codes: np.ndarray, k: int) -> float:
+    """Within-family minus across-family agreement (the family objective's value, sign flipped: higher = the
+    families are more distinct under weights w)."""
+    import torch
+
+    from gradtrace.weights.family import family_loss
+
+    return -float(family_loss(contrib, torch.from_numpy(w), codes, k))
+
+
+def inside_scores(train, qf: np.ndarray, method: str, c: float, w: np.ndarray) -> np.ndarray:
+    """Scores with the weights inside the shared kernel: the base method fitted on features whose block j is
+    scaled by √w_j, the queries scaled the same way (TRAK on reweighted gradients; λ relative to the new Gram)."""
+    from gradtrace.attribution.scoring import at_c
+
+    scale = np.ones(qf.shape[1])
+    for j, (_, a, b) in enumerate(train.group_slices):
+        scale[a:b] = np.sqrt(w[j])
+    base = at_c(method, "shared", float(c))
+    feats = np.asarray(train.features, dtype=np.float64) * scale
+    kw = {"row_scale": train.row_scale} if base.needs_row_scale else {}
+    return base.fit(feats, train.group_slices, progress=False, **kw).scores(qf * scale)
+
+
+def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
+    import torch
+
+    from gradtrace.attribution import fit_method, read_group_weights
+    from gradtrace.data import load_dataset
+    from gradtrace.features.store import FeatureStore
+    from gradtrace.metrics.retrieval import recall_at_k, shared_value_relevance
+    from gradtrace.pipeline import LearnWeightsSpec, learn_weights_run
+    from gradtrace.weights.family import family_codes
+    from gradtrace.weights.learn import dense_contributions
+
+    src = json.loads((run_dir / "results.json").read_text())
+    prompts = src["prompts"]
+    methods = sorted({(r["method"], ) for r in src["summary"]["table"] if "/" in r["method"]})
+    ds = load_dataset("shapes")
+    codes_all = ds.attribute_codes()
+    out.mkdir(parents=True, exist_ok=True)
+    labels = {}
+    for a in ASPECTS:
+        path = out / "labels" / f"learn-{a}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts[f"learn-{a}"])))
+        labels[a] = path
+    ev_codes = eval_codes(len(prompts["eval"]))
+    results = {}
+    for (key,) in methods:
+        method, kernel = key.split("/")
+        meas = {"dtrak": "dtrak", "das": "das"}.get(method, "loss")
+        feats = run_dir / "features" / meas
+        train = FeatureStore.open(feats / "train")
+        ev = FeatureStore.open(feats / "eval")
+        train_codes = codes_all[ds.index_of(np.asarray(train.ids))]
+        rel = {a: shared_value_relevance(ev_codes[:, i], train_codes[:, i]) for i, a in enumerate(ASPECTS)}
+        qf = np.asarray(ev.features)
+        _, gen_info = read_group_weights(train, ev, run_dir / "weights" / f"{method}-{kernel}-general.json",
+                                         method=method, kernel=kernel)
+        fitted_by_c = {}
+
+        def fitted_at(c):
+            if float(c) not in fitted_by_c:
+                fitted_by_c[float(c)] = fit_method(train, method, kernel=kernel, c=float(c), progress=False)
+            return fitted_by_c[float(c)]
+
+        uni = fitted_at(gen_info["lambda_c"]).scores(qf)
+        rows = {}
+        for i, a in enumerate(ASPECTS):
+            learn = FeatureStore.open(feats / f"learn-{a}")
+            w_snr, info = read_group_weights(train, ev, run_dir / "weights" / f"{method}-{kernel}-{a}.json",
+                                             method=method, kernel=kernel)
+            c = info["lambda_c"]
+            fitted = fitted_at(c)
+            fam = family_codes(prompts[f"learn-{a}"])
+            contrib = torch.from_numpy(dense_contributions(fitted, np.asarray(learn.features)))
+            m = len(w_snr)
+            weights = {"snr": w_snr}
+            for objective in ("family", "snr+family"):
+                path = out / "weights" / f"{method}-{kernel}-{a}-{objective}.json"
+                learn_weights_run(LearnWeightsSpec(train=str(train.path), out=str(path), queries=str(learn.path),
+                                                   method=method, kernel=kernel, lambda_c=float(c), k=k, steps=steps,
+                                                   objective=objective, family="prompt", family_labels=str(labels[a])),
+                                  progress=False)
+                weights[objective], _ = read_group_weights(train, ev, path, method=method, kernel=kernel)
+            crit = {al: family_criterion(contrib, (1 - al) / m + al * w_snr, fam, k) for al in ALPHAS}
+            alpha = max(ALPHAS, key=lambda al: (crit[al], -al))
+            weights["snr-shrunk"] = (1 - alpha) / m + alpha * w_snr
+            u = recall_at_k(uni, rel[a], 10).values
+            row = {"uniform": float(np.nanmean(u)), "c": c, "alpha": alpha, "criterion": crit, "recipes": {}}
+            for name, w in weights.items():
+                r = recall_at_k(fitted.scores(qf, weights=w), rel[a], 10).values
+                ok = ~np.isnan(u) & ~np.isnan(r)
+                ci = paired_ci(r[ok], u[ok], bootstrap)
+                row["recipes"][name] = {"recall": float(np.nanmean(r)), "delta": float(np.mean(r[ok] - u[ok])),
+                                        "ci95": ci, "n_eff": effective_groups(w),
+                                        "criterion": family_criterion(contrib, np.asarray(w), fam, k),
+                                        "weights": np.asarray(w).tolist()}
+            if kernel == "shared" and f"{method}/per-group" in results:  # per-group family weights, inside K
+                check = inside_scores(train, qf, method, c, np.full(m, 1.0 / m))
+                row["inside_uniform_max_rel_diff"] = float(np.abs(check / np.abs(check).max() - fitted.scores(qf)
+                                                                  / np.abs(fitted.scores(qf)).max()).max())
+                w_pg = np.asarray(results[f"{method}/per-group"][a]["recipes"]["family"]["weights"])
+                r = recall_at_k(inside_scores(train, qf, method, c, w_pg), rel[a], 10).values
+                ok = ~np.isnan(u) & ~np.isnan(r)
+                row["recipes"]["pg-family-inside"] = {
+                    "recall": float(np.nanmean(r)), "delta": float(np.mean(r[ok] - u[ok])),
+                    "ci95": paired_ci(r[ok], u[ok], bootstrap), "n_eff": effective_groups(w_pg), "criterion": None}
+            rows[a] = row
+            print(f"{key} {a}: uniform {row['uniform']:.3f} " + " ".join(
+                f"{n} {v['delta']:+.3f}[{v['ci95'][0]:+.3f},{v['ci95'][1]:+.3f}]" for n, v in row["recipes"].items())
+                + f" alpha {alpha}", file=sys.stderr, flush=True)
+        results[key] = rows
+    doc = {"run": str(run_dir), "k": k, "steps": steps, "results": results, "command": " ".join(["python", *sys.argv])}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    (out / "results.md").write_text(markdown(doc) + "\n")
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"Own-aspect Recall@10 − uniform (paired 95% CI; **bold**: CI excludes zero), run {doc['run']}:", "",
+             "| method | aspect | uniform | " + " | ".join(RECIPES) + " | α |", "|" + "---|" * (4 + len(RECIPES))]
+    for key, rows in doc["results"].items():
+        for a, row in rows.items():
+            cells = []
+            for name in RECIPES:
+                v = row["recipes"].get(name)
+                if v is None:
+                    cells.append("—")
+                    continue
+                cell = f"{v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+                cells.append(f"**{cell}**" if v["ci95"][0] > 0 or v["ci95"][1] < 0 else cell)
+            lines.append(f"| {key} | {a} | {row['uniform']:.3f} | " + " | ".join(cells) + f" | {row['alpha']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a finished bench_t2i_aspects.py --out folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--bootstrap", type=int, default=2000)
+    args = p.parse_args(argv)
+    doc = run(Path(args.run), Path(args.out), args.k, args.steps, args.bootstrap)
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
