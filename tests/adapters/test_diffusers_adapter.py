@@ -189,6 +189,35 @@ def test_aspect_learning_queries_are_prompts_naming_only_that_aspect(sd, tmp_pat
         "a circle", "a bar", "a circle"]
 
 
+def test_aspect_weights_of_a_text_to_image_model_take_their_prompts_as_families(sd, tmp_path, capsys):
+    """The default objective of `--aspect` weights on text-to-image learning queries: the family objective with one
+    family per prompt ("a striped shape" twice is one family), equal to the family learner called on the prompts;
+    prompts that never repeat form no families, and the SNR objective is used with one warning line."""
+    from gradtrace.attribution import fit_method
+    from gradtrace.weights.family import learn_family_weights
+
+    run("learn-weights", "--train", sd / "feat" / "train", "--generate", 8, "--aspect", "style", "--sample-steps", 2,
+        "--steps", 5, "--lambda-c", "0.1", "--out", tmp_path / "fam.json")
+    doc = json.loads((tmp_path / "fam.json").read_text())
+    made = Path(doc["provenance"]["learning_queries"]["set"])
+    prompts = json.loads((made / "samples" / "manifest.json").read_text())["prompts"]
+    assert len(set(prompts)) == 4 and doc["provenance"]["objective"] == "family"
+    train = FeatureStore.open(sd / "feat" / "train")
+    fitted = fit_method(train, "trak", kernel="per-group", c=0.1, progress=False)
+    want = learn_family_weights(fitted, np.asarray(FeatureStore.open(made / "features").features), prompts, k=10,
+                                steps=5, lr=0.05, l2=0.0, progress=False)
+    np.testing.assert_allclose([doc["weights"][n] for n in train.group_names], want.weights, rtol=1e-10)
+
+    (tmp_path / "once.txt").write_text("a dotted shape\na striped shape\n")
+    capsys.readouterr()
+    assert main(["learn-weights", "--train", str(sd / "feat" / "train"), "--generate", "2", "--aspect", "style",
+                 "--prompts", str(tmp_path / "once.txt"), "--sample-steps", "2", "--steps", "5", "--lambda-c", "0.1",
+                 "--out", str(tmp_path / "once.json"), "--no-progress"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "not the family objective" in ln]
+    assert len(lines) == 1 and "two learning queries sharing a value" in lines[0], lines
+    assert json.loads((tmp_path / "once.json").read_text())["provenance"]["objective"] == "snr"
+
+
 def test_an_aspect_without_builtin_prompts_hints_at_prompts(sd, tmp_path, capsys):
     """`--aspect` that the training data does not have: one line pointing at --prompts, which then works."""
     args = ["learn-weights", "--train", str(sd / "feat" / "train"), "--generate", "2", "--aspect", "mood",

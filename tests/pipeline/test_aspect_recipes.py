@@ -133,3 +133,43 @@ def test_refusals(run, tmp_path, capsys, args, message):
     assert main([args[0], *where, "--out", str(tmp_path / "x"), *args[1:]]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_aspect_weights_learn_with_the_family_objective_by_default(run, capsys):
+    """`learn-weights --generate N --aspect style` (objective auto): the family objective, families = the style each
+    learning query was generated with, equal to the family learner called on those queries and values; --objective
+    snr keeps the SNR learner; --guard holdout falls back to SNR in one warning line."""
+    from gradtrace.attribution import fit_method
+    from gradtrace.weights import learn_weights
+    from gradtrace.weights.family import learn_family_weights
+
+    common = ["learn-weights", "--train", str(run / "ft"), "--generate", "8", "--aspect", "style", "--sample-steps",
+              "2", "--steps", "6", "--lambda-c", "0.1", "--no-progress"]
+    capsys.readouterr()
+    assert main([*common, "--out", str(run / "w-auto.json")]) == 0
+    assert "SNR objective" not in capsys.readouterr().err
+    doc = json.loads((run / "w-auto.json").read_text())
+    made = FeatureStore.open(doc["provenance"]["learning_queries"]["store"])
+    styles = get_adapter().load(str(run / "run")).model.attribute_values["style"]
+    cond = np.load(made.settings["source"]["path"] + "/cond.npy")
+    assert (cond[:, [0, 2]] == -1).all() and len(set(cond[:, 1])) < 8  # only style set, values repeat
+    train = FeatureStore.open(run / "ft")
+    fitted = fit_method(train, "trak", kernel="per-group", c=0.1, progress=False)
+    phi = np.asarray(made.features)
+    want = learn_family_weights(fitted, phi, [styles[c] for c in cond[:, 1]], k=10, steps=6, lr=0.05, l2=0.0,
+                                progress=False)
+    got = [doc["weights"][n] for n in train.group_names]
+    np.testing.assert_allclose(got, want.weights, rtol=1e-10)
+    assert doc["provenance"]["objective"] == "family" and doc["provenance"]["spec"]["objective"] == "auto"
+
+    assert main([*common, "--objective", "snr", "--out", str(run / "w-snr.json")]) == 0
+    snr = json.loads((run / "w-snr.json").read_text())
+    want_snr = learn_weights(fitted, phi, k=10, steps=6, lr=0.05, l2=0.0, progress=False)
+    np.testing.assert_allclose([snr["weights"][n] for n in train.group_names], want_snr.weights, rtol=1e-10)
+    assert snr["provenance"]["objective"] == "snr"
+
+    capsys.readouterr()
+    assert main([*common, "--guard", "holdout", "--out", str(run / "w-guard.json")]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "SNR objective" in ln]
+    assert len(lines) == 1 and "--guard holdout" in lines[0], lines
+    assert json.loads((run / "w-guard.json").read_text())["provenance"]["objective"] == "snr"

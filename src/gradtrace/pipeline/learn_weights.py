@@ -35,12 +35,12 @@ from gradtrace.attribution.scoring import at_c, check_same_conditioning
 from gradtrace.attribution.shard_fit import check_splittable, fit_shard, shard_ranges, shared_gram
 from gradtrace.data.sources import sampling_of
 from gradtrace.errors import GradtraceWarning, UserError
-from gradtrace.evaluate.eval_retrieval import labels_of
 from gradtrace.features.store import FeatureStore
 from gradtrace.io import command_line, read_json, write_json_atomic
 from gradtrace.methods import configure, get_method
 from gradtrace.methods.rows import ShardRows
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
+from gradtrace.pipeline.learning_families import resolve_objective
 from gradtrace.pipeline.model_scoring import configure_model_method, learn_weights_model_run
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
@@ -137,16 +137,17 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
                                             progress=progress, prompts=prompts)
     train.check_compatible(queries)
     check_same_conditioning(train, queries)
+    objective, families = resolve_objective(spec.objective, aspect=aspect, family=spec.family,
+                                            labels_file=spec.family_labels, guard=spec.guard, queries=queries,
+                                            n_train=len(train.ids), n_groups=len(train.group_names))
     c_value, lambda_table = resolve_learning_c(train, queries, method, spec.kernel, spec.lambda_c, spec.k)
     with psi_place(train, method) as psi_path:  # Ψ of a large store: a memmap beside it, not memory
         fitted = fit_method(train, method, kernel=spec.kernel, c=c_value, progress=progress, psi_path=psi_path)
-        if spec.objective == "snr":
+        if objective == "snr":
             result = learn_weights(fitted, np.asarray(queries.features), k=spec.k, steps=spec.steps, lr=spec.lr,
                                    l2=spec.l2, guard=spec.guard, progress=progress)
         else:
-            families = labels_of(queries.settings["source"], queries.ids, [spec.family], spec.family_labels,
-                                 "family")[spec.family]
-            result = learn_family_weights(fitted, np.asarray(queries.features), families, objective=spec.objective,
+            result = learn_family_weights(fitted, np.asarray(queries.features), families, objective=objective,
                                           k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
     path = save_weights(out, result, _provenance(spec, train, queries, method, fitted.info, c_value, lambda_table,
                                                  aspect, result))
@@ -160,7 +161,7 @@ def _learn_over_ranks(spec: LearnWeightsSpec, method, rank: int, world: int,
         raise UserError("--generate samples and featurizes in one process; make the learning queries first (sample "
                         "and featurize them, or reuse a set learn-weights --generate wrote) and pass --queries "
                         "SET/features under torchrun")
-    if spec.objective != "snr":
+    if spec.objective in ("family", "snr+family"):
         raise UserError(f"--objective {spec.objective} is not split over ranks; run learn-weights without torchrun")
     with process_group(world, "learning weights") as group:
         def prepare():
@@ -168,6 +169,10 @@ def _learn_over_ranks(spec: LearnWeightsSpec, method, rank: int, world: int,
             queries = FeatureStore.open(spec.queries)
             aspect = recorded_aspect(queries, spec.aspect)
             warn_shared_kernel_aspect(method, aspect)
+            if aspect is not None and spec.objective == "auto" and rank == world - 1:
+                warnings.warn(GradtraceWarning(
+                    f"aspect weights ({aspect}) learned with the SNR objective: the family objective is not split "
+                    f"over ranks; run learn-weights without torchrun for family weights"), stacklevel=2)
             train.check_compatible(queries)
             check_same_conditioning(train, queries)
             check_splittable(method, train, "learn-weights")
@@ -212,6 +217,7 @@ def _provenance(spec: LearnWeightsSpec, train: FeatureStore, queries: FeatureSto
                              "sampling": sampling_of(queries.settings.get("source")),
                              "set": str(queries.path.parent) if (queries.path.parent / SET_MANIFEST).exists()
                              else None},
+        "objective": result.info.get("objective", "snr"),
         "loss_first": result.loss_curve[0], "loss_last": result.loss_curve[-1],
         "learner": result.info,
     }

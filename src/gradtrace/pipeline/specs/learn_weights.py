@@ -21,6 +21,7 @@ from gradtrace.pipeline.spec import Spec, option, positive
 from gradtrace.pipeline.specs.model_inputs import ModelInputs
 
 OBJECTIVES = ("snr", "family", "snr+family")  # gradtrace.weights.family (the objectives' definitions)
+OBJECTIVE_CHOICES = (AUTO, *OBJECTIVES)  # auto: family for an aspect's weights, snr for general ones
 
 
 @dataclass
@@ -52,11 +53,13 @@ class _LearnWeightsOptions(Spec):
                         "and shrink the weights towards uniform as far as the gain does not carry over",
                         choices=GUARDS)
     out: str | None = option(None, "weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)", type=str)
-    objective: str = option("snr", "snr: the top-k signal-to-noise ratio; family: learning queries that share "
+    objective: str = option(AUTO, "snr: the top-k signal-to-noise ratio; family: learning queries that share "
                             "--family's value should rank the same training examples first (and others not); "
-                            "snr+family: both", choices=OBJECTIVES)
+                            "snr+family: both; auto: family for --aspect weights (families: the aspect's value each "
+                            "learning query was generated with), snr otherwise", choices=OBJECTIVE_CHOICES)
     family: str | None = option(None, "with --objective family: the learning queries' label column whose value "
-                                "makes a family (generated queries: an attribute they were sampled with)", type=str)
+                                "makes a family (generated queries: an attribute they were sampled with, or "
+                                "'prompt', the text they were generated from; default: --aspect)", type=str)
     family_labels: str | None = option(None, "the --family column of the learning queries from a file (CSV with an "
                                        "id column, or JSON lines with \"id\")", type=str)
 
@@ -77,9 +80,12 @@ class LearnWeightsSpec(ModelInputs, _LearnWeightsOptions):
             if self.out is None:
                 raise UserError(f"method '{self.method}' has no feature store to keep its weights in; pass --out FILE")
             return
-        if (self.objective == "snr") != (self.family is None):
-            raise UserError("--objective family / snr+family needs --family COLUMN (and --family is only for them)")
-        if self.objective != "snr" and self.guard != "none":
+        if self.objective in ("family", "snr+family") and self.family is None and self.aspect is None:
+            raise UserError(f"--objective {self.objective} needs --family COLUMN (or --aspect NAME: families by the "
+                            f"aspect's value)")
+        if self.family is not None and self.objective == "snr":
+            raise UserError("--family is for --objective family / snr+family; drop it or pass --objective family")
+        if self.objective in ("family", "snr+family") and self.guard != "none":
             raise UserError("--guard holdout works with --objective snr only; drop --guard")
         if self.train is None:
             raise UserError("--train is required (a feature store; a method that needs the model, e.g. ekfac, takes "
