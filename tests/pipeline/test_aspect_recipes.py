@@ -173,3 +173,50 @@ def test_aspect_weights_learn_with_the_family_objective_by_default(run, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "SNR objective" in ln]
     assert len(lines) == 1 and "--guard holdout" in lines[0], lines
     assert json.loads((run / "w-guard.json").read_text())["provenance"]["objective"] == "snr"
+
+
+def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path):
+    """`learn-weights --aspect style --kernel shared` (objective auto): the family weights are learned on the
+    per-group kernel's contributions and recorded to act inside the shared kernel, at the c of the store's general
+    shared-kernel weights; `attribute --aspect style --kernel shared` then scores like TRAK fitted on features whose
+    block j is scaled by √w_j (a plain numpy solve)."""
+    from gradtrace.attribution import fit_method
+    from gradtrace.weights.family import learn_family_weights
+
+    ft = run / "ft"
+    common = ["learn-weights", "--train", str(ft), "--sample-steps", "2", "--steps", "6", "--kernel", "shared",
+              "--no-progress"]
+    assert main([*common, "--generate", "6", "--lambda-c", "0.3"]) == 0           # general weights, c = 0.3
+    assert main([*common, "--generate", "8", "--aspect", "style"]) == 0            # λ auto
+    general, path = ft / "weights" / "trak-shared-general.json", ft / "weights" / "trak-shared-style.json"
+    try:
+        prov = json.loads(path.read_text())["provenance"]
+        assert (prov["apply"], prov["objective"], prov["kernel"]) == ("inside", "family", "shared")
+        assert prov["lambda_c"] == 0.3 and prov["lambda_grid"]["rule"] == "the general weights' c"
+        assert prov["learned_on"]["kernel"] == "per-group"
+        train = FeatureStore.open(ft)
+        learn = FeatureStore.open(prov["learning_queries"]["store"])
+        styles = get_adapter().load(str(run / "run")).model.attribute_values["style"]
+        cond = np.load(learn.settings["source"]["path"] + "/cond.npy")
+        fitted = fit_method(train, "trak", kernel="per-group", c=prov["learned_on"]["lambda_c"], progress=False)
+        want = learn_family_weights(fitted, np.asarray(learn.features), [styles[c] for c in cond[:, 1]], k=10,
+                                    steps=6, lr=0.05, l2=0.0, progress=False).weights
+        w = np.array([json.loads(path.read_text())["weights"][n] for n in train.group_names])
+        np.testing.assert_allclose(w, want, rtol=1e-10)
+
+        assert main(["featurize", "--checkpoint", str(run / "run"), "--out", str(tmp_path / "q"), "--data", "shapes",
+                     "--data-seed", "1", "--n", "5", *FEAT]) == 0
+        assert main(["attribute", "--train", str(ft), "--queries", str(tmp_path / "q"), "--aspect", "style",
+                     "--kernel", "shared", "--out", str(tmp_path / "a"), "--no-report", "--no-progress"]) == 0
+        doc = json.loads((tmp_path / "a" / "attributions.json").read_text())
+        assert doc["manifest"]["weights"]["apply"] == "inside"
+        d = np.concatenate([np.full(e - s, np.sqrt(wj)) for (_, s, e), wj in zip(train.group_slices, w)])
+        x = np.asarray(train.features, dtype=np.float64) * d
+        q = np.asarray(FeatureStore.open(tmp_path / "q").features, dtype=np.float64) * d
+        g = x.T @ x
+        plain = q @ np.linalg.solve(g + 0.3 * np.mean(np.diag(g)) * np.eye(len(g)), x.T)
+        got = np.load(tmp_path / "a" / "scores.npy")
+        np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+    finally:
+        general.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)

@@ -78,9 +78,23 @@ def score_queries(train: FeatureStore, queries: FeatureStore, *, method="trak", 
     weights, info, c, lambda_info = scoring_settings(train, queries, method=method, kernel=kernel, c=c,
                                                      weights=weights, weights_path=weights_path, aspect=aspect,
                                                      learning_queries=learning_queries)
+    method, weights = weights_inside(method, kernel, weights, info, train.group_names)
     fitted = fit_method(train, method, kernel=kernel, c=c, progress=progress, query_side=query_side)
     return Scored(fitted=fitted, query_features=np.asarray(queries.features), weights=weights,
                   weights_info=info, lambda_info=lambda_info)
+
+
+def weights_inside(method, kernel: str, weights, info: dict | None, group_names: list[str]):
+    """(method, query-side weights): weights whose file says they act inside the kernel (an aspect's family weights
+    on the shared kernel, `gradtrace.methods.trak`) become the kernel's feature weights, and the queries are scored
+    unweighted; other weights stay on the query side."""
+    if weights is None or not info or info.get("apply", "query") != "inside":
+        return method, weights
+    base = configure(method, kernel=kernel)
+    if not hasattr(base, "with_feature_weights") or base.kernel_kind != "shared":
+        raise UserError(f"{info.get('path')} holds weights that act inside the shared kernel; score with "
+                        f"--kernel shared (or learn weights for kernel '{base.kernel_kind}')")
+    return base.with_feature_weights(dict(zip(group_names, np.asarray(weights, dtype=np.float64).tolist()))), None
 
 
 def scoring_settings(train: FeatureStore, queries: FeatureStore, *, method: str = "trak",

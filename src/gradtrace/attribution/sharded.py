@@ -17,7 +17,7 @@ import numpy as np
 import torch.distributed as dist
 
 from gradtrace.attribution.output import FULL_SCORES_MAX, query_side_for, topk_contributions, write_topk_attributions
-from gradtrace.attribution.scoring import at_c, scoring_settings
+from gradtrace.attribution.scoring import at_c, scoring_settings, weights_inside
 from gradtrace.attribution.shard_fit import check_splittable, fit_shard, gram_share, shard_ranges, shared_gram
 from gradtrace.errors import UserError
 from gradtrace.features.store import FeatureStore
@@ -55,7 +55,8 @@ def _attribute(train_path, query_path, out, *, rank, world, method, kernel, c, w
         weights, info, c_value, lam = scoring_settings(train, queries, method=method, kernel=kernel, c=c,
                                                        weights_path=weights_path, aspect=aspect,
                                                        learning_queries=learning_queries)
-        base = at_c(method, kernel, c_value)
+        inner, weights = weights_inside(method, kernel, weights, info, train.group_names)
+        base = at_c(inner, kernel, c_value)
         check_splittable(base, train, "attribute")
         rows = ShardRows(train.features, shard_ranges(train, rank, world))
         return train, queries, weights, info, lam, base, rows

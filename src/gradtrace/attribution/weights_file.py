@@ -87,6 +87,7 @@ def read_group_weights(train: FeatureStore, queries: FeatureStore, path, *, meth
     prov = doc.get("provenance", {}) if isinstance(doc.get("provenance"), dict) else {}
     return np.asarray(w, dtype=np.float64), {
         "path": str(path.resolve()), "format": doc.get("format", "plain"), "aspect": prov.get("aspect"),
+        "apply": prov.get("apply", "query"),
         "lambda_c": prov.get("lambda_c"), "weights": dict(zip(train.group_names, np.asarray(w).tolist()))}
 
 

@@ -3,6 +3,14 @@
     shared:     K = (ΦᵀΦ + λ I)⁻¹,                  λ   = c · mean diag(ΦᵀΦ)
     per-group:  K = blockdiag_j (Φ_jᵀΦ_j + λ_j I)⁻¹,  λ_j = c · mean diag(Φ_jᵀΦ_j)   (one c for all groups)
 
+Group weights inside the shared kernel (`feature_weights` w, one per group; an aspect's weights on the shared
+kernel): TRAK on gradients whose block j is scaled by √w_j, written as a kernel on the unscaled features,
+
+    K_w = D (D ΦᵀΦ D + λ_w I)⁻¹ D,   D = diag(√w_j on group j's columns),   λ_w = c · mean diag(D ΦᵀΦ D)
+
+so the Gram blocks (and their cache) are the unweighted ones. On the per-group kernel the scaling cancels (block j's
+λ_j scales with w_j), so there weights act on the query side only.
+
 Three passes of work: the Gram matrix accumulated in float64 over row chunks; a float64 Cholesky solve
 (eigh pseudo-inverse when the matrix is not numerically positive definite); Ψ = Φ K computed chunkwise in
 float64 and stored as float32. D-TRAK is this kernel on features of another measurement, so it is the
@@ -174,13 +182,17 @@ class TRAK(Method):
 
     def __init__(self, c: float = DEFAULT_C, kernel: str = "shared", *, name: str = "trak",
                  required_measurement: str | None = None, needs_row_scale: bool = False,
-                 group_c: dict[str, float] | None = None):
+                 group_c: dict[str, float] | None = None, feature_weights: dict[str, float] | None = None):
         self.c = check_c(c)
         self.kernel = normalise_kernel(kernel)
         # per-group damping: λ_j = group_c[name_j] · mean diag(Φ_jᵀΦ_j) (groups not named keep c)
         self.group_c = None if group_c is None else {str(k): check_c(v) for k, v in dict(group_c).items()}
         if self.group_c is not None and self.kernel != "per-group":
             raise UserError("per-group damping (group_c) needs kernel='per-group'")
+        self.feature_weights = None if feature_weights is None else check_feature_weights(feature_weights)
+        if self.feature_weights is not None and self.kernel != "shared":
+            raise UserError("group weights inside the kernel need kernel='shared' (on the per-group kernel they "
+                            "cancel); weight the queries instead")
         self.name = name
         self.required_measurement = required_measurement
         self.needs_row_scale = bool(needs_row_scale)
@@ -191,11 +203,18 @@ class TRAK(Method):
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, "c": self.c, "kernel": self.kernel,
-                **({"group_c": dict(self.group_c)} if self.group_c else {})}
+                **({"group_c": dict(self.group_c)} if self.group_c else {}),
+                **({"feature_weights": dict(self.feature_weights)} if self.feature_weights else {})}
 
     def with_c(self, c: float) -> "TRAK":
         return TRAK(c, self.kernel, name=self.name, required_measurement=self.required_measurement,
-                    needs_row_scale=self.needs_row_scale, group_c=self.group_c)
+                    needs_row_scale=self.needs_row_scale, group_c=self.group_c,
+                    feature_weights=self.feature_weights)
+
+    def with_feature_weights(self, weights: dict[str, float] | None) -> "TRAK":
+        """The same kernel with group weights inside it (module docstring); None: without."""
+        return TRAK(self.c, self.kernel, name=self.name, required_measurement=self.required_measurement,
+                    needs_row_scale=self.needs_row_scale, group_c=self.group_c, feature_weights=weights)
 
     def c_of(self, group: str) -> float:
         """The λ scale of one group's block (its own with per-group damping, else c)."""
@@ -258,9 +277,13 @@ class TRAK(Method):
         if self.group_c and set(self.group_c) - set(names):
             raise UserError(f"group_c names groups the features do not have: "
                             f"{', '.join(sorted(set(self.group_c) - set(names)))}")
-        solved = [regularised_inverse(block, self.c_of(name),
-                                      float(np.trace(block)) / (e - s) if gram.is_dual(j) else None)
-                  for j, (block, (s, e), name) in enumerate(zip(gram.blocks, spans, names))]
+        col_w = None if self.feature_weights is None else self._column_weights(group_slices, k)
+        if col_w is not None:
+            solved = [self._weighted_inverse(gram, phi, col_w)]
+        else:
+            solved = [regularised_inverse(block, self.c_of(name),
+                                          float(np.trace(block)) / (e - s) if gram.is_dual(j) else None)
+                      for j, (block, (s, e), name) in enumerate(zip(gram.blocks, spans, names))]
         if query_side and any(gram.is_dual(j) for j in range(len(spans))):
             raise UserError(f"a kernel block wider than the {n} training rows is solved in its dual form, which "
                             f"writes Ψ; fit without query_side (or project to fewer columns than rows)")
@@ -279,8 +302,8 @@ class TRAK(Method):
                 if not gram.is_dual(j):
                     psi[start:stop, s:e] = x[:, s:e] @ k_mat
         for j, ((inv_a, _, _, _), (s, e)) in enumerate(zip(solved, spans)):
-            if gram.is_dual(j):  # Ψ_j = (A_j + λ_j I)⁻¹ Φ_j, then each row times its factor
-                x = inv_a @ np.asarray(phi[:, s:e], dtype=np.float64)
+            if gram.is_dual(j):  # Ψ_j = (A_j + λ_j I)⁻¹ Φ_j (Φ W with weights inside), then each row times its factor
+                x = inv_a @ (np.asarray(phi[:, s:e], dtype=np.float64) * (1.0 if col_w is None else col_w))
                 psi[:, s:e] = x if row_scale is None else x * row_scale[:, None]
         info = self._info(solved, group_slices, n, k)
         if gram.dual and any(gram.dual):
@@ -288,7 +311,32 @@ class TRAK(Method):
 
         if row_scale is not None:
             info["row_scale"] = {"min": float(row_scale.min()), "max": float(row_scale.max())}
+        if self.feature_weights is not None:
+            info["feature_weights"] = dict(self.feature_weights)
         return FittedMethod(psi=finish_psi(psi), group_slices=group_slices, info=info)
+
+    def _column_weights(self, group_slices: list[tuple[str, int, int]], k: int) -> np.ndarray:
+        """(k,) w_j on group j's columns."""
+        names = [name for name, _, _ in group_slices]
+        missing = sorted(set(names) - set(self.feature_weights))
+        if missing or set(self.feature_weights) - set(names):
+            raise UserError(f"the weights inside the kernel must name exactly the features' groups (missing: "
+                            f"{', '.join(missing) or 'none'}); learn them on this store")
+        w = np.empty(k)
+        for name, s, e in group_slices:
+            w[s:e] = self.feature_weights[name]
+        return w
+
+    def _weighted_inverse(self, gram: Gram, phi: np.ndarray, col_w: np.ndarray) -> tuple[np.ndarray, float, float, str]:
+        """K_w of the module docstring, as `regularised_inverse` returns it (λ_w and its scale are the weighted
+        Gram's). In the dual form (k > N): (Φ W Φᵀ + λ_w I)⁻¹, with Ψ = that times Φ W (the push-through identity)."""
+        if gram.is_dual(0):
+            x = np.asarray(phi, dtype=np.float64)
+            a_w = (x * col_w) @ x.T
+            return regularised_inverse(a_w, self.c, float(np.trace(a_w)) / len(col_w))
+        d = np.sqrt(col_w)
+        k_w, lam, scale, solver = regularised_inverse(gram.blocks[0] * d[:, None] * d[None, :], self.c)
+        return d[:, None] * k_w * d[None, :], lam, scale, solver
 
     # ---- helpers -------------------------------------------------------------------------------
     def _info(self, solved: list, group_slices: list[tuple[str, int, int]], n: int, k: int) -> dict[str, Any]:
@@ -321,6 +369,15 @@ class TRAK(Method):
             raise UserError(f"gram was computed on {gram.n} rows but the features have {n}; "
                             f"compute it on the same training features")
         check_same_layout(gram.group_slices, group_slices, "training features")
+
+
+def check_feature_weights(weights: Any) -> dict[str, float]:
+    """{group: w_j}, each finite and >= 0, not all zero."""
+    out = {str(k): float(v) for k, v in dict(weights).items()}
+    values = np.array(list(out.values()), dtype=np.float64)
+    if not len(values) or not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+        raise UserError("group weights inside the kernel must be finite, >= 0 and not all zero")
+    return out
 
 
 def normalise_kernel(kernel: Any) -> str:

@@ -25,6 +25,7 @@ from gradtrace.features.store import FeatureStore
 from gradtrace.io import read_json
 from gradtrace.weights.family import MAX_DENSE_BYTES, family_codes
 
+
 def query_families(queries: FeatureStore, column: str, labels_file: str | None) -> list:
     """One family value per learning query: `column` from `labels_file`; else, for generated queries, the attribute
     value they were sampled with, or the prompt they were generated from (`column` 'prompt', or an aspect that only
