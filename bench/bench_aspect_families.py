@@ -33,7 +33,6 @@ from gradtrace.metrics.stats import paired_ci
 ASPECTS = ("subject", "style", "background")
 EVAL_SEED = 1001
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-RECIPES = ("snr", "family", "snr+family", "snr-shrunk", "pg-family-inside")
 
 
 def eval_codes(n: int) -> np.ndarray:
@@ -68,6 +67,20 @@ def inside_scores(train, qf: np.ndarray, method: str, c: float, w: np.ndarray) -
     return base.fit(feats, train.group_slices, progress=False, **kw).scores(qf * scale)
 
 
+def family_c(train, method: str, kernel: str, learn_phi: np.ndarray, fam: np.ndarray, k: int, fitted_at) -> float:
+    """The c of the grid whose uniform-weight scores make the learning families most distinct (family criterion)."""
+    import torch
+
+    from gradtrace.methods.base import lambda_grid
+    from gradtrace.weights.learn import dense_contributions
+
+    crit = {}
+    for c in lambda_grid():
+        contrib = torch.from_numpy(dense_contributions(fitted_at(kernel, c), learn_phi))
+        crit[float(c)] = family_criterion(contrib, np.full(contrib.shape[2], 1.0 / contrib.shape[2]), fam, k)
+    return max(crit, key=crit.get)
+
+
 def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
     import torch
 
@@ -81,7 +94,7 @@ def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
 
     src = json.loads((run_dir / "results.json").read_text())
     prompts = src["prompts"]
-    methods = sorted({(r["method"], ) for r in src["summary"]["table"] if "/" in r["method"]})
+    keys = sorted({r["method"] for r in src["summary"]["table"] if "/" in r["method"]})
     ds = load_dataset("shapes")
     codes_all = ds.attribute_codes()
     out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +106,7 @@ def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
         labels[a] = path
     ev_codes = eval_codes(len(prompts["eval"]))
     results = {}
-    for (key,) in methods:
-        method, kernel = key.split("/")
+    for method in sorted({key.split("/")[0] for key in keys}):
         meas = {"dtrak": "dtrak", "das": "das"}.get(method, "loss")
         feats = run_dir / "features" / meas
         train = FeatureStore.open(feats / "train")
@@ -102,62 +114,78 @@ def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
         train_codes = codes_all[ds.index_of(np.asarray(train.ids))]
         rel = {a: shared_value_relevance(ev_codes[:, i], train_codes[:, i]) for i, a in enumerate(ASPECTS)}
         qf = np.asarray(ev.features)
-        _, gen_info = read_group_weights(train, ev, run_dir / "weights" / f"{method}-{kernel}-general.json",
-                                         method=method, kernel=kernel)
-        fitted_by_c = {}
+        fits = {}
 
-        def fitted_at(c):
-            if float(c) not in fitted_by_c:
-                fitted_by_c[float(c)] = fit_method(train, method, kernel=kernel, c=float(c), progress=False)
-            return fitted_by_c[float(c)]
+        def fitted_at(kernel, c):
+            if (kernel, float(c)) not in fits:
+                fits[(kernel, float(c))] = fit_method(train, method, kernel=kernel, c=float(c), progress=False)
+            return fits[(kernel, float(c))]
 
-        uni = fitted_at(gen_info["lambda_c"]).scores(qf)
-        rows = {}
-        for i, a in enumerate(ASPECTS):
-            learn = FeatureStore.open(feats / f"learn-{a}")
-            w_snr, info = read_group_weights(train, ev, run_dir / "weights" / f"{method}-{kernel}-{a}.json",
-                                             method=method, kernel=kernel)
-            c = info["lambda_c"]
-            fitted = fitted_at(c)
-            fam = family_codes(prompts[f"learn-{a}"])
-            contrib = torch.from_numpy(dense_contributions(fitted, np.asarray(learn.features)))
-            m = len(w_snr)
-            weights = {"snr": w_snr}
-            for objective in ("family", "snr+family"):
-                path = out / "weights" / f"{method}-{kernel}-{a}-{objective}.json"
-                learn_weights_run(LearnWeightsSpec(train=str(train.path), out=str(path), queries=str(learn.path),
-                                                   method=method, kernel=kernel, lambda_c=float(c), k=k, steps=steps,
-                                                   objective=objective, family="prompt", family_labels=str(labels[a])),
-                                  progress=False)
-                weights[objective], _ = read_group_weights(train, ev, path, method=method, kernel=kernel)
-            crit = {al: family_criterion(contrib, (1 - al) / m + al * w_snr, fam, k) for al in ALPHAS}
-            alpha = max(ALPHAS, key=lambda al: (crit[al], -al))
-            weights["snr-shrunk"] = (1 - alpha) / m + alpha * w_snr
-            u = recall_at_k(uni, rel[a], 10).values
-            row = {"uniform": float(np.nanmean(u)), "c": c, "alpha": alpha, "criterion": crit, "recipes": {}}
-            for name, w in weights.items():
-                r = recall_at_k(fitted.scores(qf, weights=w), rel[a], 10).values
-                ok = ~np.isnan(u) & ~np.isnan(r)
-                ci = paired_ci(r[ok], u[ok], bootstrap)
-                row["recipes"][name] = {"recall": float(np.nanmean(r)), "delta": float(np.mean(r[ok] - u[ok])),
-                                        "ci95": ci, "n_eff": effective_groups(w),
-                                        "criterion": family_criterion(contrib, np.asarray(w), fam, k),
-                                        "weights": np.asarray(w).tolist()}
-            if kernel == "shared" and f"{method}/per-group" in results:  # per-group family weights, inside K
-                check = inside_scores(train, qf, method, c, np.full(m, 1.0 / m))
-                row["inside_uniform_max_rel_diff"] = float(np.abs(check / np.abs(check).max() - fitted.scores(qf)
-                                                                  / np.abs(fitted.scores(qf)).max()).max())
-                w_pg = np.asarray(results[f"{method}/per-group"][a]["recipes"]["family"]["weights"])
-                r = recall_at_k(inside_scores(train, qf, method, c, w_pg), rel[a], 10).values
-                ok = ~np.isnan(u) & ~np.isnan(r)
-                row["recipes"]["pg-family-inside"] = {
-                    "recall": float(np.nanmean(r)), "delta": float(np.mean(r[ok] - u[ok])),
-                    "ci95": paired_ci(r[ok], u[ok], bootstrap), "n_eff": effective_groups(w_pg), "criterion": None}
-            rows[a] = row
-            print(f"{key} {a}: uniform {row['uniform']:.3f} " + " ".join(
-                f"{n} {v['delta']:+.3f}[{v['ci95'][0]:+.3f},{v['ci95'][1]:+.3f}]" for n, v in row["recipes"].items())
-                + f" alpha {alpha}", file=sys.stderr, flush=True)
-        results[key] = rows
+        def recall(scores, a):
+            return recall_at_k(scores, rel[a], 10).values
+
+        def versus(r, base):
+            ok = ~np.isnan(base) & ~np.isnan(r)
+            return {"recall": float(np.nanmean(r)), "delta": float(np.mean(r[ok] - base[ok])),
+                    "ci95": paired_ci(r[ok], base[ok], bootstrap)}
+
+        pg_family = {}  # (aspect, c rule) -> per-group family weights
+        for kernel in ("per-group", "shared"):
+            key = f"{method}/{kernel}"
+            if key not in keys:
+                continue
+            gen_w, gen_info = read_group_weights(train, ev, run_dir / "weights" / f"{method}-{kernel}-general.json",
+                                                 method=method, kernel=kernel)
+            c_gen = gen_info["lambda_c"]
+            uni_scores = fitted_at(kernel, c_gen).scores(qf)
+            gen_scores = fitted_at(kernel, c_gen).scores(qf, weights=gen_w)
+            rows = {}
+            for a in ASPECTS:
+                learn = FeatureStore.open(feats / f"learn-{a}")
+                phi = np.asarray(learn.features)
+                fam = family_codes(prompts[f"learn-{a}"])
+                w_snr, info = read_group_weights(train, ev, run_dir / "weights" / f"{method}-{kernel}-{a}.json",
+                                                 method=method, kernel=kernel)
+                c_rule = {"aspect": info["lambda_c"], "general": c_gen,
+                          "family": family_c(train, method, kernel, phi, fam, k, fitted_at)}
+                u, g = recall(uni_scores, a), recall(gen_scores, a)
+                row = {"uniform": float(np.nanmean(u)), "general": float(np.nanmean(g)), "c": c_rule, "recipes": {}}
+
+                def add(name, scores, w=None):
+                    r = recall(scores, a)
+                    row["recipes"][name] = {**versus(r, u), "vs_general": versus(r, g)}
+                    if w is not None:
+                        row["recipes"][name].update(n_eff=effective_groups(w), weights=np.asarray(w).tolist())
+
+                fitted = fitted_at(kernel, c_rule["aspect"])
+                add("snr", fitted.scores(qf, weights=w_snr), w_snr)
+                m = len(w_snr)
+                contrib = torch.from_numpy(dense_contributions(fitted, phi))
+                crit = {al: family_criterion(contrib, (1 - al) / m + al * w_snr, fam, k) for al in ALPHAS}
+                alpha = max(ALPHAS, key=lambda al: (crit[al], -al))
+                add("snr-shrunk", fitted.scores(qf, weights=(1 - alpha) / m + alpha * w_snr))
+                row["alpha"] = alpha
+                for rule, c in c_rule.items():
+                    for objective in ("family", "snr+family") if rule == "aspect" else ("family",):
+                        path = out / "weights" / f"{method}-{kernel}-{a}-{objective}-c{rule}.json"
+                        learn_weights_run(LearnWeightsSpec(
+                            train=str(train.path), out=str(path), queries=str(learn.path), method=method,
+                            kernel=kernel, lambda_c=float(c), k=k, steps=steps, objective=objective,
+                            family="prompt", family_labels=str(labels[a])), progress=False)
+                        w, _ = read_group_weights(train, ev, path, method=method, kernel=kernel)
+                        add(f"{objective}@{rule}", fitted_at(kernel, c).scores(qf, weights=w), w)
+                        if kernel == "per-group" and objective == "family":
+                            pg_family[(a, rule)] = w
+                    if kernel == "shared" and (a, rule) in pg_family:  # per-group family weights, inside K
+                        add(f"inside@{rule}", inside_scores(train, qf, method, c, pg_family[(a, rule)]))
+                if kernel == "shared":
+                    check = inside_scores(train, qf, method, c_gen, np.full(m, 1.0 / m))
+                    row["inside_uniform_max_rel_diff"] = float(np.abs(
+                        check / np.abs(check).max() - uni_scores / np.abs(uni_scores).max()).max())
+                rows[a] = row
+                print(f"{key} {a}: c {c_rule} uniform {row['uniform']:.3f} " + " ".join(
+                    f"{n} {v['delta']:+.3f}" for n, v in row["recipes"].items()), file=sys.stderr, flush=True)
+            results[key] = rows
     doc = {"run": str(run_dir), "k": k, "steps": steps, "results": results, "command": " ".join(["python", *sys.argv])}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     (out / "results.md").write_text(markdown(doc) + "\n")
@@ -165,19 +193,33 @@ def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"Own-aspect Recall@10 − uniform (paired 95% CI; **bold**: CI excludes zero), run {doc['run']}:", "",
-             "| method | aspect | uniform | " + " | ".join(RECIPES) + " | α |", "|" + "---|" * (4 + len(RECIPES))]
-    for key, rows in doc["results"].items():
-        for a, row in rows.items():
-            cells = []
-            for name in RECIPES:
-                v = row["recipes"].get(name)
-                if v is None:
-                    cells.append("—")
-                    continue
-                cell = f"{v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
-                cells.append(f"**{cell}**" if v["ci95"][0] > 0 or v["ci95"][1] < 0 else cell)
-            lines.append(f"| {key} | {a} | {row['uniform']:.3f} | " + " | ".join(cells) + f" | {row['alpha']} |")
+    def cell(v):
+        text = f"{v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+        return f"**{text}**" if v["ci95"][0] > 0 or v["ci95"][1] < 0 else text
+
+    lines = [f"Run {doc['run']}. Own-aspect Recall@10 minus uniform at the general set's c (paired 95% CI over the "
+             "evaluation queries; **bold**: CI excludes zero); c rules: aspect = the SNR rule on the aspect's learning "
+             "queries (the run's), general = the general learning queries' c, family = the family criterion at "
+             "uniform weights on the aspect's learning queries.", ""]
+    for kernel in ("per-group", "shared"):
+        keys = [key for key in doc["results"] if key.endswith(kernel)]
+        if not keys:
+            continue
+        names = list(next(iter(doc["results"][keys[0]].values()))["recipes"])
+        lines += [f"**{kernel} kernel**", "", "| method | aspect | uniform | general | c (aspect/general/family) | "
+                  + " | ".join(names) + " |", "|" + "---|" * (5 + len(names))]
+        for key in keys:
+            for a, row in doc["results"][key].items():
+                c = "/".join(f"{row['c'][r]:g}" for r in ("aspect", "general", "family"))
+                lines.append(f"| {key} | {a} | {row['uniform']:.3f} | {row['general']:.3f} | {c} | "
+                             + " | ".join(cell(row["recipes"][n]) for n in names) + " |")
+        lines += ["", f"Against the general weights on their own aspect ({kernel}):", "",
+                  "| method | aspect | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+        for key in keys:
+            for a, row in doc["results"][key].items():
+                lines.append(f"| {key} | {a} | " + " | ".join(cell(row["recipes"][n]["vs_general"]) for n in names)
+                             + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -100,7 +100,7 @@ class Bench:
                                            overwrite=True, **where), progress=False)
 
     def weights(self, train, learn, method: str, kernel: str, name: str, objective: str = "snr",
-                family: str | None = None, l2: float = 0.0) -> str:
+                family: str | None = None, l2: float = 0.0, aspect: str | None = None) -> str:
         from gradtrace.pipeline import LearnWeightsSpec, learn_weights_run
 
         path = Path(train.path) / "weights" / f"{method}-{kernel}-{name}.json"
@@ -108,7 +108,8 @@ class Bench:
             log(f"learn {train.path.parent.name} {method}/{kernel} {name}")
             learn_weights_run(LearnWeightsSpec(train=str(train.path), queries=str(learn.path), method=method,
                                                kernel=kernel, lambda_c="auto", steps=self.a.learn_steps,
-                                               objective=objective, family=family, l2=l2, out=str(path)),
+                                               objective=objective, family=family, l2=l2, aspect=aspect,
+                                               out=str(path)),
                               progress=False)
         return str(path)
 
@@ -126,7 +127,7 @@ class Bench:
         return str(out)
 
 
-RECIPES = ("uniform", "general", "aspect-only", "family", "snr+family", "cond", "cond-snr", "cond-family")
+RECIPES = ("uniform", "general", "aspect-only", "family", "snr+family", "cond", "cond-snr", "cond-family", "recipe")
 # beyond the default list (pass them in --recipes): the label-free contrast statistic over the general weights, and
 # the ORACLE ceilings that use the training labels (bench/aspect_levers.py; diagnostics, not recipes a user can run)
 EXTRA_RECIPES = ("contrast", "oracle-loo", "oracle-learn", "oracle-solo", "family144")
@@ -167,6 +168,11 @@ def run_config(b: Bench, meas: str, method: str, kernel: str, bands: int | None,
             learn = b.store(meas, f"learn-{a}", bands, lq)
             runs[f"aspect-only:{a}"] = b.attribute(train, ev, method, kernel, f"aspect-only-{a}",
                                                    b.weights(train, learn, method, kernel, f"aspect-only-{a}"))
+        if "recipe" in recipes:  # learn-weights --aspect with its defaults (after the general weights: their c)
+            learn = b.store(meas, f"learn-{a}", bands, lq)
+            runs[f"recipe:{a}"] = b.attribute(train, ev, method, kernel, f"recipe-{a}",
+                                              b.weights(train, learn, method, kernel, f"recipe-{a}", "auto",
+                                                        aspect=a))
         for obj in ("family", "snr+family"):
             if obj in recipes:
                 runs[f"{obj}:{a}"] = b.attribute(train, ev, method, kernel, f"{obj}-{a}",

@@ -38,11 +38,11 @@ SETTINGS = {
     "full": {"n_train": 240, "rank": 4, "steps": 200, "batch_size": 16, "n_eval": 60, "n_learn": 48,
              "sample_steps": 25, "guidance": 3.0, "dim": 2048, "timesteps": 6, "learn_steps": 200, "k": 10,
              "bootstrap": 2000, "split_seed": 0, "threads": 1, "bands": 1, "methods": "all",
-             "aspect_objective": "snr", "guard": "none"},
+             "aspect_objective": "snr", "guard": "none", "reuse": 0},
     "quick": {"n_train": 24, "rank": 2, "steps": 4, "batch_size": 8, "n_eval": 4, "n_learn": 4, "sample_steps": 2,
               "guidance": 2.0, "dim": 32, "timesteps": 1, "learn_steps": 5, "k": 3, "bootstrap": 200,
               "split_seed": 0, "threads": 1, "vae_steps": 5, "unet_steps": 5, "bands": 1, "methods": "all",
-              "aspect_objective": "snr", "guard": "none"},
+              "aspect_objective": "snr", "guard": "none", "reuse": 0},
 }
 METHODS = [("tracin", "shared", "loss"), ("trak", "shared", "loss"), ("trak", "per-group", "loss"),
            ("dtrak", "shared", "dtrak"), ("dtrak", "per-group", "dtrak"), ("das", "shared", "das"),
@@ -68,9 +68,10 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from gradtrace.adapters import adapter_of
-    from gradtrace.attribution import fit_method, read_group_weights
+    from gradtrace.attribution import fit_method, read_group_weights, score_queries
     from gradtrace.data import load_dataset
     from gradtrace.data.shapes import ATTRIBUTES
+    from gradtrace.features.store import FeatureStore
     from gradtrace.io import versions, write_json_atomic
     from gradtrace.metrics.retrieval import average_precision, recall_at_k, shared_value_relevance
     from gradtrace.pipeline import (
@@ -99,9 +100,11 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     perm = np.random.default_rng(s["split_seed"]).permutation(len(ds))
     train_ids = np.sort(perm[:s["n_train"]])
     held_ids = np.sort(perm[s["n_train"]:])
-    run_dir = str(stage("fine-tune", train_run, TrainSpec(data="shapes", out=str(out / "run"), ids=train_ids,
-                                                          base=pipeline, lora_rank=s["rank"], steps=s["steps"],
-                                                          batch_size=s["batch_size"]), progress=False))
+    reuse = bool(s["reuse"])  # a finished run's fine-tune, samples and features are read, not made again
+    run_dir = str(out / "run") if reuse and (out / "run").exists() else str(stage(
+        "fine-tune", train_run, TrainSpec(data="shapes", out=str(out / "run"), ids=train_ids, base=pipeline,
+                                          lora_rank=s["rank"], steps=s["steps"], batch_size=s["batch_size"]),
+        progress=False))
     adapter = adapter_of(run_dir)
     ckpt = adapter.load(run_dir)
     texts, eval_codes = eval_prompts(s["n_eval"], EVAL_SEED)
@@ -112,6 +115,8 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
         seed = LEARN_SEED + 1 + i
         sets[f"learn-{a}"] = (adapter.query_request(ckpt, s["n_learn"], aspect=a, seed=seed)["texts"], seed)
     for name, (prompts, seed) in sets.items():
+        if reuse and (out / "samples" / name / "images.npy").exists():
+            continue
         stage("sample", sample_run, SampleSpec(checkpoint=run_dir, out=str(out / "samples" / name), texts=prompts,
                                                num=len(prompts), guidance=s["guidance"],
                                                sample_steps=s["sample_steps"], seed=seed), progress=False)
@@ -123,12 +128,15 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     for meas in sorted({m for _, _, m in methods_run}):
         spec = dict(checkpoint=run_dir, projection="rademacher", dim=s["dim"], measurement=meas,
                     timesteps=s["timesteps"], timestep_bands=bands, overwrite=True)
-        stores[meas] = {"train": stage("featurize", featurize_run, FeaturizeSpec(
-            out=str(out / "features" / f"{meas}{tag}" / "train"), **spec), progress=False)}
-        for name in sets:
-            stores[meas][name] = stage("featurize", featurize_run, FeaturizeSpec(
-                out=str(out / "features" / f"{meas}{tag}" / name), samples=str(out / "samples" / name), **spec),
-                progress=False)
+        stores[meas] = {}
+        for name in ("train", *sets):
+            where = out / "features" / f"{meas}{tag}" / name
+            if reuse and (where / "manifest.json").exists():
+                stores[meas][name] = FeatureStore.open(where)
+                continue
+            source = {} if name == "train" else {"samples": str(out / "samples" / name)}
+            stores[meas][name] = stage("featurize", featurize_run, FeaturizeSpec(out=str(where), **source, **spec),
+                                       progress=False)
     family_file = write_family_labels(out, sets["learn-general"][0])
 
     # ---- relevance: by the prompt's value, and by what a classifier reads off the generated image
@@ -173,22 +181,28 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
 
         qf = np.asarray(ev_store.features)
         for wset in ("general", *ASPECTS):
-            family = wset != "general" and s["aspect_objective"] != "snr"
+            product = s["aspect_objective"] == "auto"  # learn-weights' own recipe: --aspect, the default paths
+            family = wset != "general" and s["aspect_objective"] not in ("snr", "auto")
             name = wset if not family else f"{wset}-{s['aspect_objective']}"
             guarded = "" if s["guard"] == "none" or family else f"-guard-{s['guard']}"
-            path = out / "weights" / f"{method}-{kernel}{tag}-{name}{guarded}.json"
+            path = None if product else out / "weights" / f"{method}-{kernel}{tag}-{name}{guarded}.json"
             learn = stores[meas]["learn-general" if family else f"learn-{wset}"]
             extra = dict(objective=s["aspect_objective"], family=wset, family_labels=str(family_file)) if family else {}
-            stage("learn-weights", learn_weights_run, LearnWeightsSpec(
-                train=str(train.path), out=str(path), queries=str(learn.path), method=method,
-                kernel=kernel, lambda_c="auto", k=s["k"], steps=s["learn_steps"],
+            if product and wset != "general":
+                extra = dict(aspect=wset)
+            made = stage("learn-weights", learn_weights_run, LearnWeightsSpec(
+                train=str(train.path), out=None if path is None else str(path), queries=str(learn.path),
+                method=method, kernel=kernel, lambda_c="auto", k=s["k"], steps=s["learn_steps"],
                 guard="none" if family else s["guard"], **extra), progress=False)
+            path = made[0]
             w, info = read_group_weights(train, ev_store, path, method=method, kernel=kernel)
             if wset == "general":
                 rows["uniform"] = {"c": info["lambda_c"], "n_eff": float(len(w)),
                                    "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf))}
+            scored = score_queries(train, ev_store, method=method, kernel=kernel, weights_path=path, progress=False)
             rows[wset] = {"c": info["lambda_c"], "n_eff": effective_groups(w), "weights": w.tolist(),
-                          "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf, weights=w))}
+                          "apply": info["apply"], "objective": made[1]["provenance"].get("objective", "snr"),
+                          "metrics": metrics(scored.scores())}
         methods[key] = {"group_names": train.group_names, "rows": rows}
     timings["total"] = round(time.perf_counter() - t_all, 1)
     doc = {"settings": s, "pipeline": pipeline, "run": run_dir,
@@ -237,12 +251,13 @@ def summarize(methods: dict, baselines: dict, s: dict) -> dict:
                 table.append({"judge": judge, "method": key, "weights": wset, "c": row["c"], "n_eff": row["n_eff"],
                               **{f"{a}_{x}": _mean(m[a][x]) for a in ASPECTS for x in ("recall", "map")}})
             for a in ASPECTS:
-                u = r["rows"]["uniform"]["metrics"][judge][a]["recall"]
-                for cmp in ("general", a):
+                for cmp, base in (("general", "uniform"), (a, "uniform"), (a, "general")):
+                    u = r["rows"][base]["metrics"][judge][a]["recall"]
                     w = r["rows"][cmp]["metrics"][judge][a]["recall"]
                     ok = ~np.isnan(u) & ~np.isnan(w)
                     ci = paired_ci(w[ok], u[ok], s["bootstrap"])
-                    verdict.append({"judge": judge, "method": key, "aspect": a, "weights": cmp,
+                    verdict.append({"judge": judge, "method": key, "aspect": a,
+                                    "weights": cmp if base == "uniform" else f"{cmp} vs general",
                                     "uniform": float(np.mean(u[ok])), "learned": float(np.mean(w[ok])),
                                     "delta": float(np.mean(w[ok] - u[ok])), "ci95": ci,
                                     "verdict": "beats" if ci[0] > 0 else (
@@ -272,9 +287,10 @@ def markdown(doc: dict) -> str:
             n_eff = "—" if r["n_eff"] is None else f"{r['n_eff']:.1f}"
             lines.append(f"| {r['method']} | {r['weights']} | {c} | {n_eff} | " +
                          " | ".join(f"{fmt(r[f'{a}_recall'])} | {fmt(r[f'{a}_map'])}" for a in ASPECTS) + " |")
-        lines += ["", f"Recall@{s['k']} of learned weights − uniform on each aspect ({judge}; paired bootstrap 95% CI "
+        lines += ["", f"Recall@{s['k']} of learned weights − the baseline (uniform; for 'vs general' rows the general "
+                  f"weights) on each aspect ({judge}; paired bootstrap 95% CI "
                   "over evaluation queries):", "",
-                  "| method | aspect | weights | uniform | learned | Δ | 95% CI | verdict |",
+                  "| method | aspect | weights | baseline | learned | Δ | 95% CI | verdict |",
                   "|---|---|---|---|---|---|---|---|"]
         for v in doc["summary"]["verdict"]:
             if v["judge"] == judge:
