@@ -105,14 +105,15 @@ def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspec
 
 
 def warn_shared_kernel_aspect(method, aspect: str | None) -> None:
-    """Warn (one line) when an aspect's weights are learned on the shared kernel. In the text-to-image aspect
-    benchmarks they collapsed onto a few groups (effective number of groups 1.5-7 of 80) and lowered their own
-    aspect's Recall@10 in 10 of 12 cases on two builds of the medium pipeline, where the per-group kernel's beat
-    uniform in 7 of 12 and lowered it in 2 (docs/benchmarks.md, "Aspects by model size")."""
+    """Warn (one line) when an aspect's weights are learned with the SNR objective on the shared kernel, on the query
+    side. In the text-to-image aspect benchmarks they collapsed onto a few groups (effective number of groups
+    1.5-7 of 80) and lowered their own aspect's Recall@10 in 10 of 12 cases on two builds of the medium pipeline
+    (docs/benchmarks.md, "Aspects by model size"); the family objective's weights act inside the kernel instead."""
     if aspect is not None and method.kernel_kind == "shared":
         warnings.warn(GradtraceWarning(
-            f"aspect weights ({aspect}) on the shared kernel tend to collapse onto a few groups and lower their own "
-            f"aspect's recall; learn them with --kernel per-group (the default)"), stacklevel=3)
+            f"SNR aspect weights ({aspect}) on the shared kernel tend to collapse onto a few groups and lower their "
+            f"own aspect's recall; learn them with the family objective (generate several learning queries per "
+            f"value) or with --kernel per-group"), stacklevel=3)
 
 
 def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple[Path, dict] | None:
