@@ -119,6 +119,12 @@ def test_family_objective_from_the_cli(run):
                                 steps=20, lr=0.05, l2=0.0, progress=False)
     np.testing.assert_allclose([doc["weights"][n] for n in train.group_names], want.weights, rtol=1e-10)
     assert doc["provenance"]["spec"]["objective"] == "family" and doc["learning"]["steps"] == 20
+    # --family alone (objective auto) asks for the family objective too
+    assert main(["learn-weights", "--train", str(run / "ft"), "--queries", str(run / "fl"), "--method", "trak",
+                 "--lambda-c", "0.1", "--family", "style", "--steps", "20", "--out", str(run / "w-fam.json"),
+                 "--no-progress"]) == 0
+    same = json.loads((run / "w-fam.json").read_text())
+    assert same["weights"] == doc["weights"] and same["provenance"]["objective"] == "family"
 
 
 @pytest.mark.parametrize("args, message", [

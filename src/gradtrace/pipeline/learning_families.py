@@ -43,7 +43,9 @@ def query_families(queries: FeatureStore, column: str, labels_file: str | None) 
 def resolve_objective(objective: str, *, aspect: str | None, family: str | None, labels_file: str | None,
                       guard: str, queries: FeatureStore, n_train: int, n_groups: int) -> tuple[str, list | None]:
     """(objective, the learning queries' family values or None for SNR): `objective` as given, or "auto" resolved
-    (module docstring)."""
+    (module docstring); `family` given with "auto" asks for the family objective."""
+    if objective == "auto" and family is not None:
+        objective = "family"
     if objective != "auto":
         if objective == "snr":
             return "snr", None
