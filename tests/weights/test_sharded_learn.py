@@ -237,7 +237,8 @@ def test_a_refusal_on_a_rank_stops_every_rank_with_its_one_line_message(stores, 
 
 
 @pytest.mark.parametrize("extra,says", [(["--generate", "8"], "make the learning queries first"),
-                                        (["--objective", "family", "--family", "style"], "not split over ranks")])
+                                        (["--objective", "family", "--family", "style"], "not split over ranks"),
+                                        (["--family", "style"], "--objective family is not split over ranks")])
 def test_what_is_not_split_is_refused_under_torchrun_in_one_line(stores, tmp_path, monkeypatch, capsys, extra,
                                                                 says):
     monkeypatch.setenv("RANK", "1")

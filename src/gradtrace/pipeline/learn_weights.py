@@ -190,8 +190,9 @@ def _learn_over_ranks(spec: LearnWeightsSpec, method, rank: int, world: int,
         raise UserError("--generate samples and featurizes in one process; make the learning queries first (sample "
                         "and featurize them, or reuse a set learn-weights --generate wrote) and pass --queries "
                         "SET/features under torchrun")
-    if spec.objective in ("family", "snr+family"):
-        raise UserError(f"--objective {spec.objective} is not split over ranks; run learn-weights without torchrun")
+    if spec.objective in ("family", "snr+family") or spec.family is not None:
+        raise UserError(f"--objective {'family' if spec.objective == 'auto' else spec.objective} is not split over "
+                        f"ranks; run learn-weights without torchrun")
     with process_group(world, "learning weights") as group:
         def prepare():
             train = FeatureStore.open(spec.train, require_complete=False)
