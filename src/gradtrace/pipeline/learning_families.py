@@ -7,7 +7,8 @@ on the training data: the attribute's token for token-conditioned models, the pr
 ("a striped shape" eight times is one family). On the text-to-image aspect benchmark (three builds of the medium
 pipeline, D-TRAK and DAS with both kernels; docs/benchmarks.md "Aspect weights from prompt families") such weights
 beat uniform on their own aspect in 19 of 36 cases and were worse in 4, where SNR weights on the same queries beat
-it in 12 and were worse in 17; on shapes with tokens, 12 of 12 and none worse (SNR: 6 and 2).
+it in 12 and were worse in 17; on shapes with tokens, 12 of 12 and none worse (SNR: 6 and 2); on held-out shapes
+with queries from the image alone, 3 of 12 and 5 worse, subject lower in 4 of 4 (SNR: 2 and 1).
 
 `auto` falls back to the SNR objective, in one warning line, when the learning queries form no families (every
 query its own value, or a single value), when the aspect's values cannot be read from them, when the holdout guard
