@@ -181,7 +181,7 @@ def test_aspect_weights_learn_with_the_family_objective_by_default(run, capsys):
     assert json.loads((run / "w-guard.json").read_text())["provenance"]["objective"] == "snr"
 
 
-def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path):
+def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path, capsys):
     """`learn-weights --aspect style --kernel shared` (objective auto): the family weights are learned on the
     per-group kernel's contributions and recorded to act inside the shared kernel, at the c of the store's general
     shared-kernel weights; `attribute --aspect style --kernel shared` then scores like TRAK fitted on features whose
@@ -193,7 +193,9 @@ def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path)
     common = ["learn-weights", "--train", str(ft), "--sample-steps", "2", "--steps", "6", "--kernel", "shared",
               "--no-progress"]
     assert main([*common, "--generate", "6", "--lambda-c", "0.3"]) == 0           # general weights, c = 0.3
+    capsys.readouterr()
     assert main([*common, "--generate", "8", "--aspect", "style"]) == 0            # λ auto
+    assert "(family objective, inside the shared kernel; loss" in capsys.readouterr().out
     general, path = ft / "weights" / "trak-shared-general.json", ft / "weights" / "trak-shared-style.json"
     try:
         prov = json.loads(path.read_text())["provenance"]

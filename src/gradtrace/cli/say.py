@@ -52,7 +52,9 @@ def weights(result, spec) -> str:
     path, doc = result
     prov = doc["provenance"]
     top = sorted(doc["weights"].items(), key=lambda kv: -kv[1])[:5]
-    return (f"weights: {path} (loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
+    how = f"{prov.get('objective', 'snr')} objective" + (", inside the shared kernel" if prov.get("apply") == "inside"
+                                                          else "")
+    return (f"weights: {path} ({how}; loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
             + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
 
 
