@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import effective_groups
+from common import aspect_families, effective_groups
 from gradtrace.metrics.stats import paired_ci
 
 ASPECTS = ("subject", "style", "background")
@@ -143,7 +143,7 @@ def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
             for a in ASPECTS:
                 learn = FeatureStore.open(feats / f"learn-{a}")
                 phi = np.asarray(learn.features)
-                fam = family_codes(prompts[f"learn-{a}"])
+                fam = family_codes(aspect_families(run_dir, prompts[f"learn-{a}"], a))
                 w_snr, info = read_group_weights(train, ev, run_dir / "weights" / f"{method}-{kernel}-{a}.json",
                                                  method=method, kernel=kernel)
                 c_rule = {"aspect": info["lambda_c"], "general": c_gen,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import aspect_families
 from gradtrace.metrics.stats import paired_ci
 
 ASPECTS = ("subject", "style", "background")
@@ -86,7 +87,7 @@ def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
             rel = shared_value_relevance(ev_codes[:, i], codes[:, i])
             learn = FeatureStore.open(feats / f"learn-{a}")
             phi = np.asarray(learn.features)
-            fam = family_codes(prompts[f"learn-{a}"])
+            fam = family_codes(aspect_families(run_dir, prompts[f"learn-{a}"], a))
             h = halves(fam)
             crit = {"uniform": [], "general": [], "family": []}
             for fit_on, read_on in ((h[0], h[1]), (h[1], h[0])):

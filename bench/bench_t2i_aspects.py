@@ -111,9 +111,12 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
     sets = {"eval": (texts, EVAL_SEED),
             "learn-general": (adapter.query_request(ckpt, s["n_learn"], aspect=None, seed=LEARN_SEED)["texts"],
                               LEARN_SEED)}
+    aspect_families = {}  # the value each aspect learning prompt was built with (learn-weights records it alike)
     for i, a in enumerate(ASPECTS):
         seed = LEARN_SEED + 1 + i
-        sets[f"learn-{a}"] = (adapter.query_request(ckpt, s["n_learn"], aspect=a, seed=seed)["texts"], seed)
+        request = adapter.query_request(ckpt, s["n_learn"], aspect=a, seed=seed)
+        sets[f"learn-{a}"] = (request["texts"], seed)
+        aspect_families[a] = write_labels(out / "labels" / f"learn-{a}.jsonl", [{a: v} for v in request["families"]])
     for name, (prompts, seed) in sets.items():
         if reuse and (out / "samples" / name / "images.npy").exists():
             continue
@@ -189,7 +192,7 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
             learn = stores[meas]["learn-general" if family else f"learn-{wset}"]
             extra = dict(objective=s["aspect_objective"], family=wset, family_labels=str(family_file)) if family else {}
             if product and wset != "general":
-                extra = dict(aspect=wset)
+                extra = dict(aspect=wset, family_labels=str(aspect_families[wset]))
             made = stage("learn-weights", learn_weights_run, LearnWeightsSpec(
                 train=str(train.path), out=None if path is None else str(path), queries=str(learn.path),
                 method=method, kernel=kernel, lambda_c="auto", k=s["k"], steps=s["learn_steps"],
@@ -225,15 +228,20 @@ def write_family_labels(out: Path, prompts: list[str]) -> Path:
     """JSON lines id -> subject / style / background of each general learning prompt (a training caption): the
     values the family objective groups the learning queries by (the prompts' own words, no training labels)."""
     import itertools
-    import json
 
     from gradtrace.data.shapes import ATTRIBUTES, caption
 
     values = {caption(*combo): dict(zip(ASPECTS, combo))
               for combo in itertools.product(*(ATTRIBUTES[a] for a in ASPECTS))}
-    path = out / "labels" / "learn-general.jsonl"
+    return write_labels(out / "labels" / "learn-general.jsonl", [values[p] for p in prompts])
+
+
+def write_labels(path: Path, rows: list[dict]) -> Path:
+    """JSON lines {"id": i, **row}: a labels file for `learn-weights --family-labels`."""
+    import json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": i, **values[p]}) + "\n" for i, p in enumerate(prompts)))
+    path.write_text("".join(json.dumps({"id": i, **row}) + "\n" for i, row in enumerate(rows)))
     return path
 
 

@@ -9,6 +9,7 @@ answers at once.
 
     from common import Clock, bench_main, fmt_summary, learned_weights, lds_tables   # LDS-style benchmarks
     from common import effective_groups, peak_rss_mb, traker_features, write_docs    # aspects, featurization
+    from common import aspect_families                          # the families of a text-to-image aspects run
     from common import PLANTED_SCALE, write_planted                                   # weight learning at scale
     from common import lm_featurization_cost                            # the small GPT-2's featurization cost
     from common import T2I_LDS_METHODS, open_t2i_lds, mean_lds, snr_of_scores  # studies of a text-to-image LDS run
@@ -169,6 +170,17 @@ def lds_tables(rows: list[dict], paired: list[dict]) -> list[str]:
             excl = "—" if lo is None else ("yes" if lo > 0 or hi < 0 else "no")
             lines.append(f"| {d['comparison']} | {fmt_summary(d['delta'])} | {excl} |")
     return lines
+
+
+def aspect_families(run: Path, prompts: list[str], aspect: str) -> list:
+    """The family of each of a text-to-image aspects run's learning prompts for `aspect`: the value recorded in
+    RUN/labels/learn-ASPECT.jsonl (whole captions built per value), else the prompt itself (the earlier
+    aspect-only prompts, one per value)."""
+    path = Path(run) / "labels" / f"learn-{aspect}.jsonl"
+    if not path.exists():
+        return list(prompts)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row[aspect] for row in sorted(rows, key=lambda r: r["id"])]
 
 
 def effective_groups(w: np.ndarray) -> float:

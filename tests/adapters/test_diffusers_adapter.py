@@ -169,12 +169,22 @@ def test_bad_input_is_one_line_and_exit_2(sd, tmp_path, capsys, case):
     assert not any(p.name in ("f", "s", "t") for p in tmp_path.iterdir())
 
 
-def test_aspect_learning_queries_are_prompts_naming_only_that_aspect(sd, tmp_path):
-    run("learn-weights", "--train", sd / "feat" / "train", "--generate", 4, "--aspect", "style", "--sample-steps", 2,
+def test_aspect_learning_queries_are_families_of_whole_captions(sd, tmp_path):
+    """`--generate N --aspect style`: whole captions, each style value in turn (balanced) with subject and background
+    drawn at random; the set's manifest records each prompt's style (its family)."""
+    from gradtrace.data.shapes import ATTRIBUTES, STYLE_WORDS
+
+    run("learn-weights", "--train", sd / "feat" / "train", "--generate", 8, "--aspect", "style", "--sample-steps", 2,
         "--steps", 5, "--out", tmp_path / "style.json")
     made = Path(json.loads((tmp_path / "style.json").read_text())["provenance"]["learning_queries"]["set"])
     prompts = json.loads((made / "samples" / "manifest.json").read_text())["prompts"]
-    assert sorted(prompts) == sorted(["a dotted shape", "an outlined shape", "a solid shape", "a striped shape"])
+    families = json.loads((made / "learning-queries.json").read_text())["families"]
+    assert sorted(families) == sorted(ATTRIBUTES["style"] * 2)
+    for prompt, style in zip(prompts, families):
+        words = prompt.split()
+        assert STYLE_WORDS[style] in words and words[-1] == "background", prompt
+        assert any(subject in words for subject in ATTRIBUTES["subject"]), prompt
+    assert len(set(prompts)) > 4  # the other factors vary within a family
     learn = FeatureStore.open(made / "features")
     parts = get_adapter("diffusers").load(sd / "ft").model.components
     want = parts.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -189,10 +199,11 @@ def test_aspect_learning_queries_are_prompts_naming_only_that_aspect(sd, tmp_pat
         "a circle", "a bar", "a circle"]
 
 
-def test_aspect_weights_of_a_text_to_image_model_take_their_prompts_as_families(sd, tmp_path, capsys):
-    """The default objective of `--aspect` weights on text-to-image learning queries: the family objective with one
-    family per prompt ("a striped shape" twice is one family), equal to the family learner called on the prompts;
-    prompts that never repeat form no families, and the SNR objective is used with one warning line."""
+def test_aspect_weights_of_a_text_to_image_model_learn_on_their_families(sd, tmp_path, capsys):
+    """The default objective of `--aspect` weights on text-to-image learning queries: the family objective, one
+    family per value of the aspect (the recorded value each whole caption was built with), equal to the family
+    learner called on those values; a user's prompts that never repeat form no families, and the SNR objective is
+    used with one warning line."""
     from gradtrace.attribution import fit_method
     from gradtrace.weights.family import learn_family_weights
 
@@ -200,11 +211,11 @@ def test_aspect_weights_of_a_text_to_image_model_take_their_prompts_as_families(
         "--steps", 5, "--lambda-c", "0.1", "--out", tmp_path / "fam.json")
     doc = json.loads((tmp_path / "fam.json").read_text())
     made = Path(doc["provenance"]["learning_queries"]["set"])
-    prompts = json.loads((made / "samples" / "manifest.json").read_text())["prompts"]
-    assert len(set(prompts)) == 4 and doc["provenance"]["objective"] == "family"
+    families = json.loads((made / "learning-queries.json").read_text())["families"]
+    assert len(set(families)) == 4 and doc["provenance"]["objective"] == "family"
     train = FeatureStore.open(sd / "feat" / "train")
     fitted = fit_method(train, "trak", kernel="per-group", c=0.1, progress=False)
-    want = learn_family_weights(fitted, np.asarray(FeatureStore.open(made / "features").features), prompts, k=10,
+    want = learn_family_weights(fitted, np.asarray(FeatureStore.open(made / "features").features), families, k=10,
                                 steps=5, lr=0.05, l2=0.0, progress=False)
     np.testing.assert_allclose([doc["weights"][n] for n in train.group_names], want.weights, rtol=1e-10)
 

@@ -7,7 +7,7 @@ from gradtrace.data.base import ImageDataset
 from gradtrace.data.digits import load_digits_dataset
 from gradtrace.data.hf import PREFIX as HF_PREFIX, hf_holds_text, load_hf
 from gradtrace.data.imagefolder import load_imagefolder
-from gradtrace.data.shapes import aspect_caption as shapes_aspect_caption, load_shapes
+from gradtrace.data.shapes import family_caption as shapes_family_caption, load_shapes
 from gradtrace.data.text import TextDataset, load_fortunes, load_jsonl, load_textfolder
 from gradtrace.errors import UserError
 
@@ -33,9 +33,10 @@ def is_text_spec(spec) -> bool:
     return text == "fortunes" or text.startswith(TEXT_PREFIXES)
 
 
-def aspect_caption(spec: str, aspect: str, value: str) -> str | None:
-    """A built-in caption naming only `aspect` = `value` for a dataset's images (None: the dataset has none)."""
-    return shapes_aspect_caption(aspect, value) if str(spec).strip() == "shapes" else None
+def family_caption(spec: str, aspect: str, value: str, rng) -> str | None:
+    """A built-in caption with `aspect` = `value` and the dataset's other factors drawn from `rng` (None: the dataset
+    has none)."""
+    return shapes_family_caption(aspect, value, rng) if str(spec).strip() == "shapes" else None
 
 
 def load_dataset(spec: str, *, size: int | None = None, seed: int = 0,

@@ -216,15 +216,13 @@ def _a(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
-def aspect_caption(aspect: str, value: str) -> str:
-    """A caption that names only one factor: "a circle", "a striped shape", "a shape on a checker background"."""
-    if aspect == "subject":
-        return _a(value)
-    if aspect == "style":
-        return f"{_a(STYLE_WORDS[value])} shape"
-    if aspect == "background":
-        return f"a shape on a {value} background"
-    raise UserError(f"unknown shapes aspect {aspect!r}; use one of {', '.join(ATTRIBUTES)}")
+def family_caption(aspect: str, value: str, rng: np.random.Generator) -> str:
+    """A whole caption with `aspect` = `value` and the other factors drawn from `rng`, e.g. for background = noise
+    "a striped circle on a noise background": one member of that value's family of learning prompts."""
+    if aspect not in ATTRIBUTES:
+        raise UserError(f"unknown shapes aspect {aspect!r}; use one of {', '.join(ATTRIBUTES)}")
+    values = {a: value if a == aspect else vals[int(rng.integers(len(vals)))] for a, vals in ATTRIBUTES.items()}
+    return caption(values["subject"], values["style"], values["background"])
 
 
 def load_shapes(*, size: int | None = None, seed: int = 0, n: int | None = None) -> ImageDataset:

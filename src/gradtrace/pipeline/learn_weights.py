@@ -42,7 +42,7 @@ from gradtrace.io import command_line, read_json, write_json_atomic
 from gradtrace.methods import configure, get_method
 from gradtrace.methods.rows import ShardRows
 from gradtrace.pipeline.featurize import FeaturizeSpec, featurize_run
-from gradtrace.pipeline.learning_families import resolve_objective
+from gradtrace.pipeline.learning_families import SET_MANIFEST, resolve_objective
 from gradtrace.pipeline.model_scoring import configure_model_method, learn_weights_model_run
 from gradtrace.pipeline.sample import SampleSpec, read_prompts, sample_run
 from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
@@ -52,7 +52,6 @@ from gradtrace.weights.family import learn_family_weights
 from gradtrace.weights.row_source import Shard
 
 LEARNING_SETS = "learning-queries"
-SET_MANIFEST = "learning-queries.json"
 SET_FORMAT = "gradtrace-learning-queries"
 
 
@@ -92,6 +91,7 @@ def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspec
         raise UserError(f"{train.path} does not record its checkpoint; pass --queries with featurized learning queries")
     adapter = adapter_of(checkpoint)
     request = adapter.query_request(adapter.load(checkpoint), num, aspect=aspect, seed=seed, prompts=prompts)
+    families = request.pop("families", None)  # the aspect's value of each generated prompt, when built in
     sample_run(SampleSpec(checkpoint=checkpoint, out=str(out / "samples"), num=num, guidance=guidance,
                           sample_steps=sample_steps, seed=seed, **request), progress=progress)
     spec = FeaturizeSpec.like(train.settings, checkpoint=checkpoint, out=str(out / "features"),
@@ -99,7 +99,7 @@ def generate_learning_queries(train: FeatureStore, out: Path, *, num: int, aspec
     store = featurize_run(spec, progress=progress)
     write_json_atomic(out / SET_MANIFEST, {
         "format": SET_FORMAT, "format_version": 1, "aspect": aspect, "num": num, "seed": seed, "guidance": guidance,
-        "sample_steps": sample_steps, "prompts": prompts, "checkpoint": checkpoint,
+        "sample_steps": sample_steps, "prompts": prompts, "families": families, "checkpoint": checkpoint,
         "model_fingerprint": train.settings["model_fingerprint"], "samples": "samples", "features": "features"})
     return store
 

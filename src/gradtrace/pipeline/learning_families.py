@@ -26,12 +26,21 @@ from gradtrace.features.store import FeatureStore
 from gradtrace.io import read_json
 from gradtrace.weights.family import MAX_DENSE_BYTES, family_codes
 
+SET_MANIFEST = "learning-queries.json"  # beside a generated learning-query set's features/ (`learn_weights`)
+
 
 def query_families(queries: FeatureStore, column: str, labels_file: str | None) -> list:
-    """One family value per learning query: `column` from `labels_file`; else, for generated queries, the attribute
-    value they were sampled with, or the prompt they were generated from (`column` 'prompt', or an aspect that only
-    their prompts name); else the source data's metadata."""
+    """One family value per learning query: `column` from `labels_file`; else, for a generated set of `column`'s
+    aspect, the value each prompt was built with (recorded in its manifest); else, for generated queries, the
+    attribute value they were sampled with, or the prompt they were generated from (`column` 'prompt', or an aspect
+    that only their prompts name); else the source data's metadata."""
     source = queries.settings.get("source") or {}
+    record = queries.path.parent / SET_MANIFEST
+    if labels_file is None and record.exists():
+        made = read_json(record, "learning-query set manifest")
+        if made.get("families") and made.get("aspect") == column and source.get("kind") == "samples":
+            order = {int(i): r for r, i in enumerate(samples_examples(source["path"]).ids)}
+            return [made["families"][order[int(i)]] for i in queries.ids]
     if labels_file is None and source.get("kind") == "samples":
         manifest = read_json(Path(source["path"]) / "manifest.json", "samples manifest")
         ex = samples_examples(source["path"])

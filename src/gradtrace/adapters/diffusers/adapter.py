@@ -40,7 +40,7 @@ from gradtrace.adapters.diffusion.groups import PRESETS, block_key
 from gradtrace.adapters.diffusion.measure import MEASUREMENTS, DiffusionObjective, Measurement
 from gradtrace.adapters.diffusion.outputs import GridLosses
 from gradtrace.adapters.loop import select_rows
-from gradtrace.data.registry import aspect_caption
+from gradtrace.data.registry import family_caption
 from gradtrace.data.sources import Examples, load_source, open_dataset
 from gradtrace.errors import UserError
 from gradtrace.io import write_bytes_atomic
@@ -220,8 +220,11 @@ class DiffusersAdapter(ModelAdapter):
 
     def query_request(self, checkpoint: Checkpoint, num: int, *, aspect: str | None, seed: int,
                       prompts: list[str] | None = None) -> dict:
-        """Prompts of `num` generated queries: the user's (cycled), else training captions drawn at random, or
-        with `aspect` captions that name only it (one value after another, balanced)."""
+        """Prompts of `num` generated queries: the user's (cycled), else training captions drawn at random, or with
+        `aspect` families of whole captions: each value of the aspect (balanced) with the other factors drawn at
+        random ("families": the value of each). Captions naming only the aspect ("a shape on a noise background")
+        were rendered poorly: the classifier read the asked background off 25-58% of such images (chance 25%),
+        against 90-100% for whole captions (docs/benchmarks.md, "Aspect weights from prompt families")."""
         if checkpoint.model_config["kind"] == PIXEL:
             if prompts or aspect is not None:
                 raise UserError("an unconditional model has neither prompts nor aspects; drop --prompts/--aspect")
@@ -240,15 +243,15 @@ class DiffusersAdapter(ModelAdapter):
         if aspect not in ds.attributes:
             raise UserError(f"unknown aspect '{aspect}': the training data's attributes are "
                             f"{', '.join(ds.attributes) or 'none'}, so no built-in prompts name it; write learning "
-                            f"prompts that name only the {aspect} (one per line) and pass --prompts FILE with "
-                            f"--aspect {aspect}")
+                            f"prompts for the {aspect} (several per value, one per line) and pass --prompts FILE "
+                            f"with --aspect {aspect}")
         values = ds.attributes[aspect]
-        texts = [aspect_caption(dataset["source"]["spec"], aspect, values[int(i)])
-                 for i in rng.permutation(np.arange(num) % len(values))]
-        if texts[0] is None:
-            raise UserError(f"no built-in prompts name only '{aspect}' for {dataset['source']['spec']}; write "
-                            "them in a file (one per line) and pass --prompts FILE")
-        return {"texts": texts}
+        families = [values[int(i)] for i in rng.permutation(np.arange(num) % len(values))]
+        texts = [family_caption(dataset["source"]["spec"], aspect, v, rng) for v in families]
+        if texts and texts[0] is None:
+            raise UserError(f"no built-in prompts for '{aspect}' for {dataset['source']['spec']}; write them in a "
+                            "file (several per value, one per line) and pass --prompts FILE")
+        return {"texts": texts, "families": families}
 
     def sample(self, checkpoint: Checkpoint, num: int, *, prompts=None, guidance_scale: float = 1.0,
                steps: int = 50, sampler: str = "ddim", seed: int = 0, eta: float = 1.0, progress: bool = True,
