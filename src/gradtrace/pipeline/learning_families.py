@@ -2,13 +2,14 @@
 
 `--objective auto` (the default) learns an aspect's weights (`--aspect NAME`) with the family objective
 (`gradtrace.weights.family`) and general weights with the SNR objective. An aspect's learning queries are generated
-naming only that aspect, several per value, so the value each was generated with makes its family, with no labels
-on the training data: the attribute's token for token-conditioned models, the prompt text for text-to-image models
-("a striped shape" eight times is one family). On the text-to-image aspect benchmark (four builds of the medium
-pipeline, D-TRAK and DAS with both kernels; docs/benchmarks.md "Aspect weights from prompt families") such weights
-beat uniform on their own aspect in 23 of 48 cases and were worse in 5, where SNR weights on the same queries beat
-it in 13 and were worse in 25; on shapes with tokens, 12 of 12 and none worse (SNR: 6 and 2); on held-out shapes
-with queries from the image alone, 3 of 12 and 5 worse, subject lower in 4 of 4 (SNR: 2 and 1).
+in families, several per value of the aspect, and the value each was generated with makes its family, with no
+labels on the training data: the value recorded beside a generated set (text-to-image: whole captions built with
+that value, the other factors drawn at random), else the attribute's token the samples carry, else the prompt text
+(a user's prompts: identical prompts are one family). On the text-to-image aspect benchmark (four builds of the
+medium pipeline, D-TRAK and DAS with both kernels; docs/benchmarks.md "Aspect weights from prompt families") such
+weights beat uniform on their own aspect in 36 of 48 cases and were worse in 1, where SNR weights beat it in 13 and
+were worse in 25; on shapes with tokens, 12 of 12 and none worse (SNR: 6 and 2); on held-out shapes with queries
+from the image alone, 3 of 12 and 5 worse, subject lower in 4 of 4 (SNR: 2 and 1).
 
 `auto` falls back to the SNR objective, in one warning line, when the learning queries form no families (every
 query its own value, or a single value), when the aspect's values cannot be read from them, when the holdout guard
