@@ -32,12 +32,13 @@ class _LearnWeightsOptions(Spec):
                                  type=str)
     generate: int | None = option(None, "generate N learning queries from the store's checkpoint instead of "
                                   "--queries", type=int, metavar="N", check=positive)
-    aspect: str | None = option(None, "with --generate: set only this attribute (e.g. style); text-to-image "
-                                "models: prompts that name only it (built in for shapes, else --prompts); with "
-                                "--queries: the aspect those learning queries show (checked against a generated "
-                                "set's record)", type=str)
+    aspect: str | None = option(None, "with --generate: learning queries in families of this attribute's values "
+                                "(token-conditioned models: only its token set; text-to-image models: whole captions "
+                                "built per value, built in for shapes, else --prompts); with --queries: the aspect "
+                                "those learning queries show (checked against a generated set's record)", type=str)
     prompts: str | None = option(None, "with --generate, text-to-image models: a file of learning prompts, one per "
-                                 "line (e.g. naming only --aspect), cycled over the N queries", type=str)
+                                 "line, cycled over the N queries (for --aspect: identical prompts form a family)",
+                                 type=str)
     sample_seed: int = option(1, "seed of the generated learning queries")
     guidance: float = option(DEFAULT_GUIDANCE, "classifier-free guidance of the generated learning queries (pass "
                              "the --guidance the evaluation queries were sampled with; attribute warns on a mismatch)")
