@@ -27,30 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import aspect_families, effective_groups
+from common import T2I_ASPECTS, aspect_families, effective_groups, family_criterion, t2i_eval_prompts
 from gradtrace.metrics.stats import paired_ci
 
-ASPECTS = ("subject", "style", "background")
-EVAL_SEED = 1001
+ASPECTS = T2I_ASPECTS
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def eval_codes(n: int) -> np.ndarray:
-    """The (n, 3) value codes of bench_t2i_aspects.py's evaluation prompts (the same seeded draw)."""
-    from gradtrace.data.shapes import ATTRIBUTES
-
-    rng = np.random.default_rng([EVAL_SEED, 31])
-    return np.stack([rng.integers(0, len(ATTRIBUTES[a]), n) for a in ASPECTS], axis=1)
-
-
-def family_criterion(contrib, w: np.ndarray, codes: np.ndarray, k: int) -> float:
-    """Within-family minus across-family agreement (the family objective's value, sign flipped: higher = the
-    families are more distinct under weights w)."""
-    import torch
-
-    from gradtrace.weights.family import family_loss
-
-    return -float(family_loss(contrib, torch.from_numpy(w), codes, k))
 
 
 def inside_scores(train, qf: np.ndarray, method: str, c: float, w: np.ndarray) -> np.ndarray:
@@ -104,7 +85,8 @@ def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts[f"learn-{a}"])))
         labels[a] = path
-    ev_codes = eval_codes(len(prompts["eval"]))
+    texts, ev_codes = t2i_eval_prompts(len(prompts["eval"]))
+    assert texts == prompts["eval"], "the run's evaluation prompts are not the benchmark's draw"
     results = {}
     for method in sorted({key.split("/")[0] for key in keys}):
         meas = {"dtrak": "dtrak", "das": "das"}.get(method, "loss")

@@ -21,21 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import aspect_families
+from common import T2I_ASPECTS, aspect_families, family_criterion, t2i_eval_prompts
 from gradtrace.metrics.stats import paired_ci
 
-ASPECTS = ("subject", "style", "background")
-EVAL_SEED = 1001
-
-
-def criterion(scores: np.ndarray, fam: np.ndarray, k: int) -> float:
-    """The family criterion of a (Q, N) score matrix (higher: families more distinct)."""
-    import torch
-
-    from gradtrace.weights.family import family_loss
-
-    return -float(family_loss(torch.from_numpy(np.asarray(scores, np.float64)[:, :, None]),
-                              torch.ones(1, dtype=torch.float64), fam, k))
+ASPECTS = T2I_ASPECTS
 
 
 def halves(fam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,15 +39,14 @@ def halves(fam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
     from gradtrace.attribution import fit_method, read_group_weights, score_queries
     from gradtrace.data import load_dataset
-    from gradtrace.data.shapes import ATTRIBUTES
     from gradtrace.features.store import FeatureStore
     from gradtrace.metrics.retrieval import recall_at_k, shared_value_relevance
     from gradtrace.weights.family import family_codes, learn_family_weights
 
     src = json.loads((run_dir / "results-auto.json").read_text())
     prompts = src["prompts"]
-    rng = np.random.default_rng([EVAL_SEED, 31])
-    ev_codes = np.stack([rng.integers(0, len(ATTRIBUTES[a]), len(prompts["eval"])) for a in ASPECTS], axis=1)
+    texts, ev_codes = t2i_eval_prompts(len(prompts["eval"]))
+    assert texts == prompts["eval"], "the run's evaluation prompts are not the benchmark's draw"
     ds = load_dataset("shapes")
     results = {}
     for key in sorted({r["method"] for r in src["summary"]["table"] if "/" in r["method"]}):
@@ -96,7 +84,7 @@ def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:
                 for name, scores in (("uniform", fitted.scores(phi[read_on])),
                                      ("general", fitted.scores(phi[read_on], weights=gen_w)),
                                      ("family", applied(w, phi[read_on]))):
-                    crit[name].append(criterion(scores, fam[read_on], k))
+                    crit[name].append(family_criterion(scores, None, fam[read_on], k))
             mean = {n: float(np.mean(v)) for n, v in crit.items()}
             choice = max(mean, key=mean.get)
             recipe = score_queries(train, ev, method=method, kernel=kernel,

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import Clock, apply_overrides, effective_groups
+from common import EVAL_SAMPLE_SEED, T2I_ASPECTS, Clock, apply_overrides, effective_groups, t2i_eval_prompts
 from gradtrace.metrics.stats import paired_ci
 
-EVAL_SEED = 1001
+EVAL_SEED = EVAL_SAMPLE_SEED
 LEARN_SEED = 2002  # general; aspect i uses LEARN_SEED + 1 + i
 RANDOM_SEED = 7
-ASPECTS = ("subject", "style", "background")
+ASPECTS = T2I_ASPECTS
 SETTINGS = {
     "full": {"n_train": 240, "rank": 4, "steps": 200, "batch_size": 16, "n_eval": 60, "n_learn": 48,
              "sample_steps": 25, "guidance": 3.0, "dim": 2048, "timesteps": 6, "learn_steps": 200, "k": 10,
@@ -51,16 +51,6 @@ METHODS = [("tracin", "shared", "loss"), ("trak", "shared", "loss"), ("trak", "p
 
 def log(msg: str) -> None:
     print(f"[bench-t2i-aspects] {msg}", file=sys.stderr, flush=True)
-
-
-def eval_prompts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """`n` full captions of random attribute combinations and their (n, 3) value codes."""
-    from gradtrace.data.shapes import ATTRIBUTES, caption
-
-    rng = np.random.default_rng([seed, 31])
-    codes = np.stack([rng.integers(0, len(ATTRIBUTES[a]), n) for a in ASPECTS], axis=1)
-    texts = [caption(*(ATTRIBUTES[a][int(c)] for a, c in zip(ASPECTS, row))) for row in codes]
-    return texts, codes
 
 
 def run(out: Path, s: dict, pipeline: str | None) -> dict:
@@ -107,7 +97,7 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
         progress=False))
     adapter = adapter_of(run_dir)
     ckpt = adapter.load(run_dir)
-    texts, eval_codes = eval_prompts(s["n_eval"], EVAL_SEED)
+    texts, eval_codes = t2i_eval_prompts(s["n_eval"], EVAL_SEED)
     sets = {"eval": (texts, EVAL_SEED),
             "learn-general": (adapter.query_request(ckpt, s["n_learn"], aspect=None, seed=LEARN_SEED)["texts"],
                               LEARN_SEED)}

@@ -9,7 +9,7 @@ answers at once.
 
     from common import Clock, bench_main, fmt_summary, learned_weights, lds_tables   # LDS-style benchmarks
     from common import effective_groups, peak_rss_mb, traker_features, write_docs    # aspects, featurization
-    from common import aspect_families                          # the families of a text-to-image aspects run
+    from common import aspect_families, family_criterion, t2i_eval_prompts  # studies of a text-to-image aspects run
     from common import PLANTED_SCALE, write_planted                                   # weight learning at scale
     from common import lm_featurization_cost                            # the small GPT-2's featurization cost
     from common import T2I_LDS_METHODS, open_t2i_lds, mean_lds, snr_of_scores  # studies of a text-to-image LDS run
@@ -170,6 +170,34 @@ def lds_tables(rows: list[dict], paired: list[dict]) -> list[str]:
             excl = "—" if lo is None else ("yes" if lo > 0 or hi < 0 else "no")
             lines.append(f"| {d['comparison']} | {fmt_summary(d['delta'])} | {excl} |")
     return lines
+
+
+T2I_ASPECTS = ("subject", "style", "background")  # the aspects of the text-to-image aspects benchmark
+
+
+def t2i_eval_prompts(n: int, seed: int = EVAL_SAMPLE_SEED) -> tuple[list[str], np.ndarray]:
+    """bench_t2i_aspects.py's evaluation queries: `n` whole shapes captions of seeded random attribute combinations,
+    and their (n, 3) value codes (subject, style, background)."""
+    from gradtrace.data.shapes import ATTRIBUTES, caption
+
+    rng = np.random.default_rng([seed, 31])
+    codes = np.stack([rng.integers(0, len(ATTRIBUTES[a]), n) for a in T2I_ASPECTS], axis=1)
+    texts = [caption(*(ATTRIBUTES[a][int(c)] for a, c in zip(T2I_ASPECTS, row))) for row in codes]
+    return texts, codes
+
+
+def family_criterion(contrib, w: np.ndarray, families: np.ndarray, k: int) -> float:
+    """The family objective's value with its sign flipped (within-family minus across-family agreement of the
+    weighted top-k; higher: the families are more distinct) for contributions (Q, N, M) at weights (M,); a (Q, N)
+    score matrix is read as one group with weight 1."""
+    import torch
+
+    from gradtrace.weights.family import family_loss
+
+    contrib = torch.as_tensor(np.asarray(contrib, np.float64))
+    if contrib.ndim == 2:
+        contrib, w = contrib[:, :, None], np.ones(1)
+    return -float(family_loss(contrib, torch.from_numpy(np.asarray(w, np.float64)), families, k))
 
 
 def aspect_families(run: Path, prompts: list[str], aspect: str) -> list:
