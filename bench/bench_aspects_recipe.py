@@ -6,11 +6,12 @@
 Per base method and kernel of the run, as a user runs it: general weights first (`learn-weights` on the run's
 general learning queries, λ auto, the store's default weights path), then each aspect's weights (`learn-weights
 --queries learn-ASPECT --aspect ASPECT`, every other option at its default: the family objective with families =
-the token value each learning query was generated with, the general weights' c, on the shared kernel learned on the
-per-group kernel and applied inside it). Every weighting is scored by `score_queries`, as `attribute` scores it.
-Recall@10 on the run's evaluation queries (relevance: the query's requested value) against uniform (at the general
-weights' c) and against the general weights, paired bootstrap 95% CI; the run's own SNR aspect rows beside them.
-Writes results.json and results.md.
+the token value each learning query was generated with, the general weights' c; on the shared kernel learned on the
+per-group kernel and applied inside it, at the c the family criterion chooses). Every weighting is scored by
+`score_queries`, as `attribute` scores it. Recall@10 on the run's evaluation queries (relevance: the query's requested
+value) against uniform (at the general weights' c, and at the aspect weights' own c where that differs) and against
+the general weights, paired bootstrap 95% CI; the run's own SNR aspect rows beside them. Writes results.json and
+results.md.
 """
 from __future__ import annotations
 
@@ -57,13 +58,16 @@ def run(run_dir: Path, out: Path, bootstrap: int) -> dict:
         rows = {}
         for a in ASPECTS:
             scores, info = learn(a, aspect=a)
-            u, g, r = (recall_at_k(x, rel[a], 10).values for x in (uni, gen_scores, scores))
+            uni_c = uni if info["c"] == gen["c"] else score_queries(train, ev, method=method, kernel=kernel,
+                                                                    c=info["c"], progress=False).scores()
+            u, g, r, uc = (recall_at_k(x, rel[a], 10).values for x in (uni, gen_scores, scores, uni_c))
             ok = ~np.isnan(u)
             snr = next(v for v in src["summary"]["verdict"] if v["method"] == key and v["aspect"] == a
                        and v["weights"] == a)
             rows[a] = {**info, "uniform": float(np.mean(u[ok])), "general": float(np.mean(g[ok])),
                        "recipe": float(np.mean(r[ok])), "vs_uniform": paired_ci(r[ok], u[ok], bootstrap),
                        "vs_general": paired_ci(r[ok], g[ok], bootstrap), "general_c": gen["c"],
+                       "uniform_same_c": float(np.mean(uc[ok])), "vs_uniform_same_c": paired_ci(r[ok], uc[ok], bootstrap),
                        "snr_recipe": {k: snr[k] for k in ("learned", "delta", "ci95", "verdict")}}
             print(f"{key} {a}: uniform {rows[a]['uniform']:.3f} recipe {rows[a]['recipe']:.3f} "
                   f"{rows[a]['vs_uniform']} vs general {rows[a]['vs_general']}", file=sys.stderr, flush=True)
@@ -82,13 +86,17 @@ def markdown(doc: dict) -> str:
     lines = [f"Run {doc['run']}: own-aspect Recall@10 of the aspect recipe against uniform and against the general "
              "weights (paired 95% CI; **bold**: CI excludes zero), and the SNR aspect weights of the run against "
              "uniform.", "",
-             "| method | aspect | objective | applied | uniform | general | recipe | recipe − uniform | "
-             "recipe − general | SNR aspect weights − uniform |", "|" + "---|" * 10]
+             "| method | aspect | objective | applied | c (recipe / general) | uniform | general | recipe | "
+             "recipe − uniform | recipe − uniform at its c | recipe − general | SNR aspect weights − uniform |",
+             "|" + "---|" * 12]
     for key, rows in doc["results"].items():
         for a, r in rows.items():
             snr = r["snr_recipe"]
-            lines.append(f"| {key} | {a} | {r['objective']} | {r['apply']} | {r['uniform']:.3f} | {r['general']:.3f} "
-                         f"| {r['recipe']:.3f} | {cell(r['recipe'] - r['uniform'], r['vs_uniform'])} | "
+            same = (cell(r['recipe'] - r['uniform_same_c'], r['vs_uniform_same_c']) if r['c'] != r['general_c']
+                    else "(same c)")
+            lines.append(f"| {key} | {a} | {r['objective']} | {r['apply']} | {r['c']:g} / {r['general_c']:g} | "
+                         f"{r['uniform']:.3f} | {r['general']:.3f} "
+                         f"| {r['recipe']:.3f} | {cell(r['recipe'] - r['uniform'], r['vs_uniform'])} | {same} | "
                          f"{cell(r['recipe'] - r['general'], r['vs_general'])} | {cell(snr['delta'], snr['ci95'])} |")
     return "\n".join(lines)
 

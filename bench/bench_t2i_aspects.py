@@ -196,6 +196,9 @@ def run(out: Path, s: dict, pipeline: str | None) -> dict:
             rows[wset] = {"c": info["lambda_c"], "n_eff": effective_groups(w), "weights": w.tolist(),
                           "apply": info["apply"], "objective": made[1]["provenance"].get("objective", "snr"),
                           "metrics": metrics(scored.scores())}
+            if wset != "general" and info["lambda_c"] != rows["uniform"]["c"]:  # uniform at the weights' own c
+                rows[f"uniform-at-{wset}"] = {"c": info["lambda_c"], "n_eff": float(len(w)),
+                                              "metrics": metrics(fitted_at(info["lambda_c"]).scores(qf))}
         methods[key] = {"group_names": train.group_names, "rows": rows}
     timings["total"] = round(time.perf_counter() - t_all, 1)
     doc = {"settings": s, "pipeline": pipeline, "run": run_dir,
@@ -249,13 +252,15 @@ def summarize(methods: dict, baselines: dict, s: dict) -> dict:
                 table.append({"judge": judge, "method": key, "weights": wset, "c": row["c"], "n_eff": row["n_eff"],
                               **{f"{a}_{x}": _mean(m[a][x]) for a in ASPECTS for x in ("recall", "map")}})
             for a in ASPECTS:
-                for cmp, base in (("general", "uniform"), (a, "uniform"), (a, "general")):
+                same_c = [(a, f"uniform-at-{a}")] if f"uniform-at-{a}" in r["rows"] else []  # its c differs
+                for cmp, base in (("general", "uniform"), (a, "uniform"), (a, "general"), *same_c):
                     u = r["rows"][base]["metrics"][judge][a]["recall"]
                     w = r["rows"][cmp]["metrics"][judge][a]["recall"]
                     ok = ~np.isnan(u) & ~np.isnan(w)
                     ci = paired_ci(w[ok], u[ok], s["bootstrap"])
                     verdict.append({"judge": judge, "method": key, "aspect": a,
-                                    "weights": cmp if base == "uniform" else f"{cmp} vs general",
+                                    "weights": {"uniform": cmp, "general": f"{cmp} vs general"}.get(
+                                        base, f"{cmp} vs uniform at its c"),
                                     "uniform": float(np.mean(u[ok])), "learned": float(np.mean(w[ok])),
                                     "delta": float(np.mean(w[ok] - u[ok])), "ci95": ci,
                                     "verdict": "beats" if ci[0] > 0 else (

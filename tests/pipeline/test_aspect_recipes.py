@@ -13,7 +13,9 @@ from gradtrace.cli import main
 from gradtrace.data import load_dataset
 from gradtrace.features.featurize import FeatureSpec, featurize, featurizer_for
 from gradtrace.features.store import FeatureStore
+from gradtrace.methods import configure
 from gradtrace.pipeline import SampleSpec, sample_run
+from gradtrace.weights.inside_lambda import INSIDE_GRID
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FEAT = ["--dim", "32", "--timesteps", "2", "--no-progress"]
@@ -167,6 +169,7 @@ def test_aspect_weights_learn_with_the_family_objective_by_default(run, capsys):
     got = [doc["weights"][n] for n in train.group_names]
     np.testing.assert_allclose(got, want.weights, rtol=1e-10)
     assert doc["provenance"]["objective"] == "family" and doc["provenance"]["spec"]["objective"] == "auto"
+    assert doc["provenance"]["learner"]["family_signal"]["learned"]  # the families agree: weights were learned
 
     assert main([*common, "--objective", "snr", "--out", str(run / "w-snr.json")]) == 0
     snr = json.loads((run / "w-snr.json").read_text())
@@ -181,11 +184,23 @@ def test_aspect_weights_learn_with_the_family_objective_by_default(run, capsys):
     assert json.loads((run / "w-guard.json").read_text())["provenance"]["objective"] == "snr"
 
 
+def _family_criterion(scores, families, k):
+    """Within-family minus across-family mean agreement A(q, q') = (1/k) Σ_{n ∈ top-k(q)} z_q'(n), plain numpy."""
+    scores = np.asarray(scores, dtype=np.float64)
+    z = scores / np.linalg.norm(scores, axis=1, keepdims=True)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    agree = np.stack([z[:, t].mean(axis=1) for t in top])       # agree[q, q'] = A(q, q')
+    fam = np.asarray(families)
+    same = (fam[:, None] == fam[None, :]) & ~np.eye(len(fam), dtype=bool)
+    return agree[same].mean() - agree[fam[:, None] != fam[None, :]].mean()
+
+
 def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path, capsys):
     """`learn-weights --aspect style --kernel shared` (objective auto): the family weights are learned on the
-    per-group kernel's contributions and recorded to act inside the shared kernel, at the c of the store's general
-    shared-kernel weights; `attribute --aspect style --kernel shared` then scores like TRAK fitted on features whose
-    block j is scaled by √w_j (a plain numpy solve)."""
+    per-group kernel's contributions and recorded to act inside the shared kernel, at the c of the inside grid whose
+    scores give the learning queries the best family criterion (each c fitted by TRAK with the weights inside, the
+    criterion by plain numpy); `attribute --aspect style --kernel shared` then scores like TRAK fitted on features
+    whose block j is scaled by √w_j (a plain numpy solve)."""
     from gradtrace.attribution import fit_method
     from gradtrace.weights.family import learn_family_weights
 
@@ -195,13 +210,14 @@ def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path,
     assert main([*common, "--generate", "6", "--lambda-c", "0.3"]) == 0           # general weights, c = 0.3
     capsys.readouterr()
     assert main([*common, "--generate", "8", "--aspect", "style"]) == 0            # λ auto
-    assert "(family objective, inside the shared kernel; loss" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "(family objective, inside the shared kernel at c = " in said
     general, path = ft / "weights" / "trak-shared-general.json", ft / "weights" / "trak-shared-style.json"
     try:
         prov = json.loads(path.read_text())["provenance"]
         assert (prov["apply"], prov["objective"], prov["kernel"]) == ("inside", "family", "shared")
-        assert prov["lambda_c"] == 0.3 and prov["lambda_grid"]["rule"] == "the general weights' c"
-        assert prov["learned_on"]["kernel"] == "per-group"
+        assert prov["lambda_grid"]["rule"] == "the family criterion inside the shared kernel"
+        assert prov["learned_on"]["kernel"] == "per-group" and prov["learner"]["family_signal"]["learned"]
         train = FeatureStore.open(ft)
         learn = FeatureStore.open(prov["learning_queries"]["store"])
         styles = get_adapter().load(str(run / "run")).model.attribute_values["style"]
@@ -211,6 +227,14 @@ def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path,
                                     steps=6, lr=0.05, l2=0.0, progress=False).weights
         w = np.array([json.loads(path.read_text())["weights"][n] for n in train.group_names])
         np.testing.assert_allclose(w, want, rtol=1e-10)
+        fam = [styles[c] for c in cond[:, 1]]
+        crit = []
+        for c in INSIDE_GRID:
+            base = configure("trak", kernel="shared", c=c).with_feature_weights(dict(zip(train.group_names, w)))
+            crit.append(_family_criterion(base.fit(train.features, train.group_slices).scores(learn.features), fam, 10))
+        c_best = INSIDE_GRID[int(np.argmax(crit))]
+        assert prov["lambda_c"] == c_best and c_best != 0.3 and f"kernel at c = {c_best:g}; loss" in said
+        np.testing.assert_allclose([-loss for _, loss in prov["lambda_grid"]["grid"]], crit, rtol=1e-4, atol=1e-7)
 
         assert main(["featurize", "--checkpoint", str(run / "run"), "--out", str(tmp_path / "q"), "--data", "shapes",
                      "--data-seed", "1", "--n", "5", *FEAT]) == 0
@@ -222,9 +246,50 @@ def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path,
         x = np.asarray(train.features, dtype=np.float64) * d
         q = np.asarray(FeatureStore.open(tmp_path / "q").features, dtype=np.float64) * d
         g = x.T @ x
-        plain = q @ np.linalg.solve(g + 0.3 * np.mean(np.diag(g)) * np.eye(len(g)), x.T)
+        plain = q @ np.linalg.solve(g + c_best * np.mean(np.diag(g)) * np.eye(len(g)), x.T)
         got = np.load(tmp_path / "a" / "scores.npy")
         np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
     finally:
         general.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
+
+
+def test_families_without_a_signal_keep_uniform_weights(run, tmp_path, capsys):
+    """Family values that the queries' scores do not follow (a shuffle whose permutation p-value is above 0.05,
+    checked here): `learn-weights --objective family --kernel shared` warns in one line, keeps uniform weights on
+    the query side at the given c, and `attribute` with them scores as the plain shared kernel."""
+    from gradtrace.attribution import fit_method, score_queries
+    from gradtrace.weights.family import family_signal
+
+    ft = run / "ft"
+    assert main(["featurize", "--checkpoint", str(run / "run"), "--out", str(tmp_path / "lq"), "--data", "shapes",
+                 "--data-seed", "3", "--n", "12", *FEAT]) == 0
+    lq, train = FeatureStore.open(tmp_path / "lq"), FeatureStore.open(ft)
+    scores = fit_method(train, "trak", kernel="per-group", c=0.1, progress=False).scores(np.asarray(lq.features))
+    for seed in range(50):
+        labels = [str(v) for v in np.random.default_rng(seed).permutation(["x", "y", "z"] * 4)]
+        if family_signal(scores, labels, 10)[1] > 0.05:
+            break
+    else:
+        pytest.fail("no shuffle without a family signal among 50")
+    (tmp_path / "fam.jsonl").write_text("".join(json.dumps({"id": int(i), "mark": v}) + "\n"
+                                                for i, v in zip(lq.ids, labels)))
+    capsys.readouterr()
+    assert main(["learn-weights", "--train", str(ft), "--queries", str(tmp_path / "lq"), "--objective", "family",
+                 "--family", "mark", "--family-labels", str(tmp_path / "fam.jsonl"), "--kernel", "shared",
+                 "--lambda-c", "0.1", "--steps", "6", "--out", str(tmp_path / "w.json"), "--no-progress"]) == 0
+    said = capsys.readouterr()
+    lines = [ln for ln in said.err.splitlines() if "no more than across them" in ln]
+    assert len(lines) == 1 and "weights stay uniform" in lines[0], said.err
+    assert "kept uniform: no family signal" in said.out
+    doc = json.loads((tmp_path / "w.json").read_text())
+    prov = doc["provenance"]
+    assert prov.get("apply", "query") == "query" and prov["lambda_c"] == 0.1
+    assert not prov["learner"]["family_signal"]["learned"] and prov["learner"]["family_signal"]["p_value"] > 0.05
+    np.testing.assert_allclose(list(doc["weights"].values()), 1 / len(train.group_names))
+    q = FeatureStore.open(run / "ft")  # any compatible queries: the training store itself
+    got = score_queries(train, q, method="trak", kernel="shared", weights_path=tmp_path / "w.json",
+                        progress=False).scores()
+    plain = fit_method(train, "trak", kernel="shared", c=0.1, progress=False).scores(np.asarray(q.features))
+    want = plain / len(train.group_names)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -52,8 +52,12 @@ def weights(result, spec) -> str:
     path, doc = result
     prov = doc["provenance"]
     top = sorted(doc["weights"].items(), key=lambda kv: -kv[1])[:5]
-    how = f"{prov.get('objective', 'snr')} objective" + (", inside the shared kernel" if prov.get("apply") == "inside"
-                                                          else "")
+    how = f"{prov.get('objective', 'snr')} objective"
+    if prov.get("apply") == "inside":
+        how += f", inside the shared kernel at c = {prov['lambda_c']:g}"
+    signal = (prov.get("learner") or {}).get("family_signal")
+    if signal and not signal["learned"]:
+        how += f"; kept uniform: no family signal, p = {signal['p_value']:.3f}"
     return (f"weights: {path} ({how}; loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
             + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
 

@@ -30,6 +30,8 @@ import numpy as np
 
 from gradtrace.adapters import adapter_of
 from gradtrace.attribution import default_weights_path, fit_method, query_set_id, resolve_learning_c, store_identity
+from gradtrace.attribution.gram_cache import store_gram, wants_cache
+from gradtrace.attribution.lambda_rule import grid_edge
 from gradtrace.attribution.psi_place import psi_place
 from gradtrace.attribution.scoring import at_c, check_same_conditioning
 from gradtrace.attribution.shard_fit import check_splittable, fit_shard, shard_ranges, shared_gram
@@ -49,6 +51,7 @@ from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
 from gradtrace.ranks import agree, process_group, rank_and_world
 from gradtrace.weights import learn_weights, save_weights
 from gradtrace.weights.family import learn_family_weights
+from gradtrace.weights.inside_lambda import choose_inside_c
 from gradtrace.weights.row_source import Shard
 
 LEARNING_SETS = "learning-queries"
@@ -116,6 +119,18 @@ def warn_shared_kernel_aspect(method, aspect: str | None) -> None:
             f"value) or with --kernel per-group"), stacklevel=3)
 
 
+def warn_no_family_signal(aspect: str | None, signal: dict) -> None:
+    """Warn (one line) that the learning queries' families agree no more than chance under uniform weights, so the
+    weights stay uniform (`gradtrace.weights.family.family_signal`)."""
+    what = f"aspect {aspect!r}" if aspect else "the families"
+    warnings.warn(GradtraceWarning(
+        f"the learning queries of {what} agree within their families no more than across them under uniform "
+        f"weights (family criterion {signal['criterion']:+.4f}, permutation p = {signal['p_value']:.3f} > "
+        f"{signal['threshold']:g}): these features do not carry it for these queries, so the weights stay uniform; "
+        f"check that the generated queries show their values (e.g. featurize them with their conditioning)"),
+        stacklevel=3)
+
+
 def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple[Path, dict] | None:
     """Learn group weights for a training store (or, for a method that needs the model, its checkpoint); returns
     (weights file, its document). Under torchrun the ranks split the rows and only the last one writes and returns
@@ -157,8 +172,16 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
             result = learn_family_weights(fitted, np.asarray(queries.features), families, objective=objective,
                                           k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
     provenance = _provenance(spec, train, queries, method, fitted.info, c_value, lambda_table, aspect, result)
+    signal = result.info.get("family_signal")
+    if signal is not None and not signal["learned"]:
+        warn_no_family_signal(aspect, signal)
+        if inside:  # uniform weights: the shared kernel itself, at the c the general weights use
+            c_shared, table = learning_c(train, queries, method, spec, aspect)
+            provenance.update(lambda_c=c_shared, lambda_grid=table,
+                              learned_on={"kernel": "per-group", "lambda_c": c_value, "lambda_grid": lambda_table})
+            inside = False
     if inside:  # learned on the per-group kernel's contributions, used inside the shared kernel at its own c
-        c_shared, table = learning_c(train, queries, method, spec, aspect)
+        c_shared, table = inside_c(train, queries, method, spec, aspect, result.weights, families, progress)
         provenance.update(apply="inside", lambda_c=c_shared, lambda_grid=table,
                           learned_on={"kernel": "per-group", "lambda_c": c_value, "lambda_grid": lambda_table})
     path = save_weights(out, result, provenance)
@@ -181,6 +204,27 @@ def learning_c(train: FeatureStore, queries: FeatureStore, method, spec: LearnWe
         except UserError:  # none there (or not this store's): choose on the aspect's learning queries
             pass
     return resolve_learning_c(train, queries, method, method.kernel_kind, spec.lambda_c, spec.k)
+
+
+def inside_c(train: FeatureStore, queries: FeatureStore, method, spec: LearnWeightsSpec, aspect: str | None,
+             weights: np.ndarray, families: list, progress: bool) -> tuple[float, object]:
+    """(c, how it was chosen) of family weights that act inside the shared kernel: with --lambda-c auto, the c of
+    `INSIDE_GRID` whose inside kernel gives the learning queries the best family criterion
+    (`gradtrace.weights.inside_lambda`: inside the kernel the weights act only through λ, so their c is chosen with
+    them); a given c is used as given."""
+    if parse_c(spec.lambda_c) != AUTO:
+        return learning_c(train, queries, method, spec, aspect)
+    gram = store_gram(train, method)[0].blocks[0] if wants_cache(train, method) else None
+    c, table = choose_inside_c(train.features, train.group_slices, weights, np.asarray(queries.features), families,
+                               k=spec.k, row_scale=train.row_scale if method.needs_row_scale else None, gram=gram,
+                               progress=progress)
+    edge = grid_edge(c, table)
+    if edge is not None:
+        warnings.warn(GradtraceWarning(
+            f"the inside λ scale c = {c:.0e} of the {aspect} weights is the {edge} value of the grid "
+            f"{table[0][0]:.0e}..{table[-1][0]:.0e}: the family criterion may prefer a c beyond it; check the choice "
+            f"(the grid is recorded in the weights file) or pass --lambda-c NUMBER"), stacklevel=2)
+    return c, {"rule": "the family criterion inside the shared kernel", "grid": table}
 
 
 def _learn_over_ranks(spec: LearnWeightsSpec, method, rank: int, world: int,

@@ -1,0 +1,117 @@
+"""The λ scale of group weights that act inside the shared kernel, chosen label-free by the family criterion.
+
+Weights inside the shared TRAK kernel (`gradtrace.methods.trak`): K_w(c) = D (D G D + λ I)⁻¹ D with G = ΦᵀΦ,
+D = diag(√w) over each group's columns and λ = c · mean diag(D G D). The weights damp or lift groups only through λ:
+as c → 0 the inverse whitens the scaling away, as c → ∞ K_w tends to W / λ (a weighted gradient inner product).
+So the c that suits the weights is not the c of uniform weights, and it is chosen with them, on the learning
+queries, by the criterion the weights were learned for: the family criterion (`gradtrace.weights.family`),
+within-family minus across-family agreement of the top-k.
+
+One eigendecomposition serves every c of the grid:
+- primal (k columns ≤ the dual rule's bound): D G D = V Λ Vᵀ and τ_c(q, ·) = (φ_q D V) diag(1 / (Λ + λ)) (D V)ᵀ Φᵀ;
+- dual (k > N, `gradtrace.methods.trak.uses_dual`): Φ W Φᵀ = U Σ Uᵀ and τ_c(q, ·) = (φ_q W Φᵀ U) diag(1 / (Σ + λ)) Uᵀ
+  (the push-through identity);
+each column n times the store's row factor e_n where the method has one (DAS).
+
+On the text-to-image aspects benchmark the criterion's c lay at 10-1000 times the general weights' c in 30 of 30
+cases, and the family weights there beat uniform on their own aspect in 25-26 of 30 cases against 16 at the general
+weights' c (docs/benchmarks.md, "The shared kernel's c for inside weights").
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradtrace.errors import UserError
+from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
+from gradtrace.methods.rows import row_chunks
+from gradtrace.methods.trak import uses_dual
+from gradtrace.weights.family import family_codes, family_loss
+from gradtrace.weights.objective import check_k
+
+# 1e-4 .. 1e6 in half decades. Its top is near the limit K_w -> W / λ: the largest eigenvalue of D G D is at most its
+# trace, k · mean diag, so at c = 1e6 it is at most k / 1e6 of λ (1% for k = 10,000 columns)
+INSIDE_GRID = tuple(float(10.0 ** e) for e in np.arange(-4.0, 6.01, 0.5))
+
+
+def column_weights(weights: Any, group_slices: list[tuple[str, int, int]], k: int) -> np.ndarray:
+    """(k,) w_j on group j's columns, for (M,) weights in the order of `group_slices`."""
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if len(w) != len(group_slices) or not np.all(np.isfinite(w)) or (w < 0).any() or not w.any():
+        raise UserError(f"inside weights need {len(group_slices)} finite non-negative values, not all zero "
+                        f"(got {len(w)})")
+    col = np.zeros(k)
+    for wj, (_, s, e) in zip(w, group_slices):
+        col[s:e] = wj
+    return col
+
+
+def inside_scores(train_features: Any, group_slices: Any, weights: Any, query_features: Any, grid: Any, *,
+                  row_scale: Any = None, gram: np.ndarray | None = None,
+                  chunk_rows: int = 65536) -> Iterator[tuple[float, np.ndarray]]:
+    """(c, (Q, N) scores of the queries with the weights inside the shared kernel at c) for each c of `grid`, from
+    one eigendecomposition (module docstring). `gram`: G = ΦᵀΦ (k × k) when already at hand (primal form only)."""
+    phi = check_train_matrix(train_features)
+    n, k = phi.shape
+    slices = check_group_slices(group_slices, k)
+    q = np.asarray(check_matrix(query_features, "learning query features", k), dtype=np.float64)
+    raise_if_nonfinite(q, 0, "learning query features")
+    col_w = column_weights(weights, slices, k)
+    scale_rows = None if row_scale is None else np.asarray(row_scale, dtype=np.float64).ravel()
+    if uses_dual(k, n):
+        x = np.asarray(phi, dtype=np.float64)
+        raise_if_nonfinite(x, 0, "training features")
+        a_w = (x * col_w) @ x.T
+        scale = float(np.trace(a_w)) / k
+        evals, u = np.linalg.eigh(a_w)
+        left = ((q * col_w) @ x.T) @ u                                 # (Q, N): φ_q W Φᵀ U
+        for c in grid:
+            scores = (left / (evals + float(c) * scale)) @ u.T
+            yield float(c), scores if scale_rows is None else scores * scale_rows
+        return
+    if gram is None:
+        gram = np.zeros((k, k))
+        for start, stop in row_chunks(n, chunk_rows):
+            x = np.asarray(phi[start:stop], dtype=np.float64)
+            raise_if_nonfinite(x, start, "training features")
+            gram += x.T @ x
+    d = np.sqrt(col_w)
+    dgd = np.asarray(gram, dtype=np.float64) * d[:, None] * d[None, :]
+    scale = float(np.mean(np.diag(dgd)))
+    evals, v = np.linalg.eigh(dgd)
+    dv = d[:, None] * v
+    left = q @ dv                                                      # (Q, k): φ_q D V
+    for c in grid:
+        r = (left / (evals + float(c) * scale)) @ dv.T                 # (Q, k): φ_q K_w(c)
+        scores = np.empty((len(q), n))
+        for start, stop in row_chunks(n, chunk_rows):
+            scores[:, start:stop] = r @ np.asarray(phi[start:stop], dtype=np.float64).T
+        yield float(c), scores if scale_rows is None else scores * scale_rows
+
+
+def family_criterion(scores: np.ndarray, families: list, k: int) -> float:
+    """Within-family minus across-family agreement of the top-k of a (Q, N) score matrix: the family objective's
+    value with its sign flipped (`gradtrace.weights.family.family_loss`, one group of weight 1)."""
+    contrib = torch.from_numpy(np.asarray(scores, dtype=np.float64))[:, :, None]
+    return -float(family_loss(contrib, torch.ones(1, dtype=torch.float64), family_codes(list(families)),
+                              check_k(k, contrib.shape[1])))
+
+
+def choose_inside_c(train_features: Any, group_slices: Any, weights: Any, query_features: Any, families: list, *,
+                    k: int, grid: Any = INSIDE_GRID, row_scale: Any = None, gram: np.ndarray | None = None,
+                    progress: bool = False) -> tuple[float, list[list[float]]]:
+    """(c, [[c, loss], ...]): the c of `grid` whose inside kernel gives the learning queries the best family
+    criterion (loss = minus the criterion, as `lambda_grid` tables record losses; on equal losses the smaller c)."""
+    values = [float(c) for c in grid]
+    if not values or not all(np.isfinite(c) and c > 0 for c in values):
+        raise UserError(f"the inside λ grid must be finite positive numbers, got {grid!r}")
+    table = []
+    scored = inside_scores(train_features, group_slices, weights, query_features, values, row_scale=row_scale,
+                           gram=gram)
+    for c, scores in tqdm(scored, total=len(values), disable=not progress, desc="inside λ", leave=False):
+        table.append([c, -family_criterion(scores, families, k)])
+    best = min(range(len(table)), key=lambda i: (table[i][1], table[i][0]))
+    return table[best][0], table
