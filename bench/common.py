@@ -186,6 +186,18 @@ def t2i_eval_prompts(n: int, seed: int = EVAL_SAMPLE_SEED) -> tuple[list[str], n
     return texts, codes
 
 
+def t2i_method_stores(run: Path, method: str):
+    """(training store, evaluation store, the training images' attribute codes) of one method's features in a
+    text-to-image aspects run (bench_t2i_aspects.py --out RUN)."""
+    from gradtrace.data import load_dataset
+    from gradtrace.features.store import FeatureStore
+
+    feats = Path(run) / "features" / method
+    train, ev = FeatureStore.open(feats / "train"), FeatureStore.open(feats / "eval")
+    ds = load_dataset("shapes")
+    return train, ev, ds.attribute_codes()[ds.index_of(np.asarray(train.ids))]
+
+
 def family_criterion(contrib, w: np.ndarray, families: np.ndarray, k: int) -> float:
     """The family objective's value with its sign flipped (within-family minus across-family agreement of the
     weighted top-k; higher: the families are more distinct) for contributions (Q, N, M) at weights (M,); a (Q, N)
