@@ -67,7 +67,8 @@ def run(run_dir: Path, out: Path, bootstrap: int) -> dict:
             rows[a] = {**info, "uniform": float(np.mean(u[ok])), "general": float(np.mean(g[ok])),
                        "recipe": float(np.mean(r[ok])), "vs_uniform": paired_ci(r[ok], u[ok], bootstrap),
                        "vs_general": paired_ci(r[ok], g[ok], bootstrap), "general_c": gen["c"],
-                       "uniform_same_c": float(np.mean(uc[ok])), "vs_uniform_same_c": paired_ci(r[ok], uc[ok], bootstrap),
+                       "uniform_same_c": float(np.mean(uc[ok])),
+                       "vs_uniform_same_c": paired_ci(r[ok], uc[ok], bootstrap),
                        "snr_recipe": {k: snr[k] for k in ("learned", "delta", "ci95", "verdict")}}
             print(f"{key} {a}: uniform {rows[a]['uniform']:.3f} recipe {rows[a]['recipe']:.3f} "
                   f"{rows[a]['vs_uniform']} vs general {rows[a]['vs_general']}", file=sys.stderr, flush=True)
