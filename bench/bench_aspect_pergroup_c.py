@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_aspect_select import halves
-from common import T2I_ASPECTS, aspect_families, family_criterion, t2i_eval_prompts, t2i_method_stores
+from common import T2I_ASPECTS, aspect_families, family_criterion, halves, t2i_eval_prompts, t2i_method_stores
 
 
 def run(run_dir: Path, cs: list[float], bootstrap: int) -> list[dict]:

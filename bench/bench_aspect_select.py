@@ -21,19 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import T2I_ASPECTS, aspect_families, family_criterion, t2i_eval_prompts
+from common import T2I_ASPECTS, aspect_families, family_criterion, halves, t2i_eval_prompts
 from gradtrace.metrics.stats import paired_ci
 
 ASPECTS = T2I_ASPECTS
-
-
-def halves(fam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two index sets, every family alternating between them."""
-    a = np.zeros(len(fam), dtype=bool)
-    for f in np.unique(fam):
-        rows = np.flatnonzero(fam == f)
-        a[rows[::2]] = True
-    return np.flatnonzero(a), np.flatnonzero(~a)
 
 
 def run(run_dir: Path, out: Path, k: int, steps: int, bootstrap: int) -> dict:

@@ -198,6 +198,15 @@ def t2i_method_stores(run: Path, method: str):
     return train, ev, ds.attribute_codes()[ds.index_of(np.asarray(train.ids))]
 
 
+def halves(fam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two index sets of learning queries with family codes `fam`, every family alternating between them."""
+    a = np.zeros(len(fam), dtype=bool)
+    for f in np.unique(fam):
+        rows = np.flatnonzero(fam == f)
+        a[rows[::2]] = True
+    return np.flatnonzero(a), np.flatnonzero(~a)
+
+
 def family_criterion(contrib, w: np.ndarray, families: np.ndarray, k: int) -> float:
     """The family objective's value with its sign flipped (within-family minus across-family agreement of the
     weighted top-k; higher: the families are more distinct) for contributions (Q, N, M) at weights (M,); a (Q, N)
