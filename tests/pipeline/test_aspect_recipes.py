@@ -104,8 +104,8 @@ def test_family_objective_from_the_cli(run):
     from gradtrace.attribution import fit_method
     from gradtrace.weights.family import learn_family_weights
 
-    codes = np.array([[s % 6, s % 4, (s // 4) % 4] for s in range(12)])
-    sample_run(SampleSpec(checkpoint=str(run / "run"), out=str(run / "learn"), num=12, codes=codes, sample_steps=2,
+    codes = np.array([[s % 6, s % 4, (s // 4) % 4] for s in range(24)])
+    sample_run(SampleSpec(checkpoint=str(run / "run"), out=str(run / "learn"), num=24, codes=codes, sample_steps=2,
                           seed=5), progress=False)
     assert main(["featurize", "--checkpoint", str(run / "run"), "--samples", str(run / "learn"),
                  "--out", str(run / "fl"), *FEAT]) == 0
@@ -151,7 +151,7 @@ def test_aspect_weights_learn_with_the_family_objective_by_default(run, capsys):
     from gradtrace.weights import learn_weights
     from gradtrace.weights.family import learn_family_weights
 
-    common = ["learn-weights", "--train", str(run / "ft"), "--generate", "8", "--aspect", "style", "--sample-steps",
+    common = ["learn-weights", "--train", str(run / "ft"), "--generate", "24", "--aspect", "style", "--sample-steps",
               "2", "--steps", "6", "--lambda-c", "0.1", "--no-progress"]
     capsys.readouterr()
     assert main([*common, "--out", str(run / "w-auto.json")]) == 0
@@ -197,10 +197,10 @@ def _family_criterion(scores, families, k):
 
 def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path, capsys):
     """`learn-weights --aspect style --kernel shared` (objective auto): the family weights are learned on the
-    per-group kernel's contributions and recorded to act inside the shared kernel, at the c of the inside grid whose
-    scores give the learning queries the best family criterion (each c fitted by TRAK with the weights inside, the
-    criterion by plain numpy); `attribute --aspect style --kernel shared` then scores like TRAK fitted on features
-    whose block j is scaled by √w_j (a plain numpy solve)."""
+    per-group kernel's contributions and recorded to act inside the shared kernel, at the c of the inside grid (from
+    the general weights' c upward) whose scores give the learning queries the best family criterion (each c fitted by
+    TRAK with the weights inside, the criterion by plain numpy); `attribute --aspect style --kernel shared` then
+    scores like TRAK fitted on features whose block j is scaled by √w_j (a plain numpy solve)."""
     from gradtrace.attribution import fit_method
     from gradtrace.weights.family import learn_family_weights
 
@@ -209,7 +209,7 @@ def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path,
               "--no-progress"]
     assert main([*common, "--generate", "6", "--lambda-c", "0.3"]) == 0           # general weights, c = 0.3
     capsys.readouterr()
-    assert main([*common, "--generate", "8", "--aspect", "style"]) == 0            # λ auto
+    assert main([*common, "--generate", "24", "--aspect", "style"]) == 0           # λ auto
     said = capsys.readouterr().out
     assert "(family objective, inside the shared kernel at c = " in said
     general, path = ft / "weights" / "trak-shared-general.json", ft / "weights" / "trak-shared-style.json"
@@ -228,12 +228,13 @@ def test_aspect_family_weights_on_the_shared_kernel_act_inside_it(run, tmp_path,
         w = np.array([json.loads(path.read_text())["weights"][n] for n in train.group_names])
         np.testing.assert_allclose(w, want, rtol=1e-10)
         fam = [styles[c] for c in cond[:, 1]]
-        crit = []
-        for c in INSIDE_GRID:
+        crit, grid = [], [c for c in INSIDE_GRID if c >= 0.3]  # from the general weights' c upward
+        for c in grid:
             base = configure("trak", kernel="shared", c=c).with_feature_weights(dict(zip(train.group_names, w)))
             crit.append(_family_criterion(base.fit(train.features, train.group_slices).scores(learn.features), fam, 10))
-        c_best = INSIDE_GRID[int(np.argmax(crit))]
+        c_best = grid[int(np.argmax(crit))]
         assert prov["lambda_c"] == c_best and c_best != 0.3 and f"kernel at c = {c_best:g}; loss" in said
+        assert prov["lambda_grid"]["floor"] == 0.3 and [g for g, _ in prov["lambda_grid"]["grid"]] == grid
         np.testing.assert_allclose([-loss for _, loss in prov["lambda_grid"]["grid"]], crit, rtol=1e-4, atol=1e-7)
 
         assert main(["featurize", "--checkpoint", str(run / "run"), "--out", str(tmp_path / "q"), "--data", "shapes",

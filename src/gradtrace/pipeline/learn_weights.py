@@ -51,7 +51,7 @@ from gradtrace.pipeline.specs.learn_weights import LearnWeightsSpec
 from gradtrace.ranks import agree, process_group, rank_and_world
 from gradtrace.weights import learn_weights, save_weights
 from gradtrace.weights.family import learn_family_weights
-from gradtrace.weights.inside_lambda import choose_inside_c
+from gradtrace.weights.inside_lambda import INSIDE_GRID, choose_inside_c
 from gradtrace.weights.row_source import Shard
 
 LEARNING_SETS = "learning-queries"
@@ -209,22 +209,26 @@ def learning_c(train: FeatureStore, queries: FeatureStore, method, spec: LearnWe
 def inside_c(train: FeatureStore, queries: FeatureStore, method, spec: LearnWeightsSpec, aspect: str | None,
              weights: np.ndarray, families: list, progress: bool) -> tuple[float, object]:
     """(c, how it was chosen) of family weights that act inside the shared kernel: with --lambda-c auto, the c of
-    `INSIDE_GRID` whose inside kernel gives the learning queries the best family criterion
-    (`gradtrace.weights.inside_lambda`: inside the kernel the weights act only through λ, so their c is chosen with
-    them); a given c is used as given."""
+    `INSIDE_GRID` from the uniform kernel's c (`learning_c`: the general weights' c) upward whose inside kernel gives
+    the learning queries the best family criterion (`gradtrace.weights.inside_lambda`: inside the kernel the weights
+    act only through λ, so their c is chosen with them; below the uniform kernel's c the inverse whitens them away,
+    and there the criterion can follow what a family's prompts share rather than what their images show: families of
+    identical one-aspect prompts chose c = 1e-4 on one build and lost 0.49 Recall@10); a given c is used as given."""
+    floor, rule = learning_c(train, queries, method, spec, aspect)
     if parse_c(spec.lambda_c) != AUTO:
-        return learning_c(train, queries, method, spec, aspect)
+        return floor, rule
     gram = store_gram(train, method)[0].blocks[0] if wants_cache(train, method) else None
+    grid = [c for c in INSIDE_GRID if c >= floor * (1 - 1e-9)] or [INSIDE_GRID[-1]]
     c, table = choose_inside_c(train.features, train.group_slices, weights, np.asarray(queries.features), families,
                                k=spec.k, row_scale=train.row_scale if method.needs_row_scale else None, gram=gram,
-                               progress=progress)
-    edge = grid_edge(c, table)
-    if edge is not None:
+                               grid=grid, progress=progress)
+    if grid_edge(c, table) == "highest":  # the lowest is the floor, by design
         warnings.warn(GradtraceWarning(
-            f"the inside λ scale c = {c:.0e} of the {aspect} weights is the {edge} value of the grid "
+            f"the inside λ scale c = {c:.0e} of the {aspect} weights is the highest value of the grid "
             f"{table[0][0]:.0e}..{table[-1][0]:.0e}: the family criterion may prefer a c beyond it; check the choice "
             f"(the grid is recorded in the weights file) or pass --lambda-c NUMBER"), stacklevel=2)
-    return c, {"rule": "the family criterion inside the shared kernel", "grid": table}
+    return c, {"rule": "the family criterion inside the shared kernel", "grid": table, "floor": floor,
+               "floor_rule": rule}
 
 
 def _learn_over_ranks(spec: LearnWeightsSpec, method, rank: int, world: int,
