@@ -22,15 +22,13 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
 from gradtrace.methods.rows import row_chunks
 from gradtrace.methods.trak import uses_dual
-from gradtrace.weights.family import family_codes, family_loss
-from gradtrace.weights.objective import check_k
+from gradtrace.weights.family import family_signal
 
 # 1e-4 .. 1e6 in half decades. Its top is near the limit K_w -> W / λ: the largest eigenvalue of D G D is at most its
 # trace, k · mean diag, so at c = 1e6 it is at most k / 1e6 of λ (1% for k = 10,000 columns)
@@ -92,14 +90,6 @@ def inside_scores(train_features: Any, group_slices: Any, weights: Any, query_fe
         yield float(c), scores if scale_rows is None else scores * scale_rows
 
 
-def family_criterion(scores: np.ndarray, families: list, k: int) -> float:
-    """Within-family minus across-family agreement of the top-k of a (Q, N) score matrix: the family objective's
-    value with its sign flipped (`gradtrace.weights.family.family_loss`, one group of weight 1)."""
-    contrib = torch.from_numpy(np.asarray(scores, dtype=np.float64))[:, :, None]
-    return -float(family_loss(contrib, torch.ones(1, dtype=torch.float64), family_codes(list(families)),
-                              check_k(k, contrib.shape[1])))
-
-
 def choose_inside_c(train_features: Any, group_slices: Any, weights: Any, query_features: Any, families: list, *,
                     k: int, grid: Any = INSIDE_GRID, row_scale: Any = None, gram: np.ndarray | None = None,
                     progress: bool = False) -> tuple[float, list[list[float]]]:
@@ -112,6 +102,6 @@ def choose_inside_c(train_features: Any, group_slices: Any, weights: Any, query_
     scored = inside_scores(train_features, group_slices, weights, query_features, values, row_scale=row_scale,
                            gram=gram)
     for c, scores in tqdm(scored, total=len(values), disable=not progress, desc="inside λ", leave=False):
-        table.append([c, -family_criterion(scores, families, k)])
+        table.append([c, -family_signal(scores, families, k, permutations=0)[0]])
     best = min(range(len(table)), key=lambda i: (table[i][1], table[i][0]))
     return table[best][0], table
