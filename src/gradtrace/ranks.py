@@ -63,9 +63,15 @@ def process_group(world: int, what: str):
                             f"{str(exc).splitlines()[0][:160]}; launch with torchrun") from None
     try:
         yield dist.group.WORLD if world > 1 else None
-    finally:
+    except BaseException:
         if created:
             dist.destroy_process_group()
+        raise
+    if created:
+        # every rank reaches the end before any tears the group down: under load a rank whose peer had already
+        # closed its connections aborted in gloo ("terminate called without an active exception", exit -6)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def agree(group, action):
