@@ -173,16 +173,14 @@ def learn_weights_run(spec: LearnWeightsSpec, *, progress: bool = True) -> tuple
                                           k=spec.k, steps=spec.steps, lr=spec.lr, l2=spec.l2, progress=progress)
     provenance = _provenance(spec, train, queries, method, fitted.info, c_value, lambda_table, aspect, result)
     signal = result.info.get("family_signal")
-    if signal is not None and not signal["learned"]:
+    learned = signal is None or signal["learned"]
+    if not learned:
         warn_no_family_signal(aspect, signal)
-        if inside:  # uniform weights: the shared kernel itself, at the c the general weights use
-            c_shared, table = learning_c(train, queries, method, spec, aspect)
-            provenance.update(lambda_c=c_shared, lambda_grid=table,
-                              learned_on={"kernel": "per-group", "lambda_c": c_value, "lambda_grid": lambda_table})
-            inside = False
-    if inside:  # learned on the per-group kernel's contributions, used inside the shared kernel at its own c
-        c_shared, table = inside_c(train, queries, method, spec, aspect, result.weights, families, progress)
-        provenance.update(apply="inside", lambda_c=c_shared, lambda_grid=table,
+    if inside:  # learned on the per-group kernel's contributions, used inside the shared kernel at its own c; kept
+        # uniform (no family signal), they are the shared kernel itself at the c the general weights use
+        c_shared, table = (inside_c(train, queries, method, spec, aspect, result.weights, families, progress)
+                           if learned else learning_c(train, queries, method, spec, aspect))
+        provenance.update(lambda_c=c_shared, lambda_grid=table, **({"apply": "inside"} if learned else {}),
                           learned_on={"kernel": "per-group", "lambda_c": c_value, "lambda_grid": lambda_table})
     path = save_weights(out, result, provenance)
     return path, read_json(path, "weights file")

@@ -5,11 +5,12 @@
 in families, several per value of the aspect, and the value each was generated with makes its family, with no
 labels on the training data: the value recorded beside a generated set (text-to-image: whole captions built with
 that value, the other factors drawn at random), else the attribute's token the samples carry, else the prompt text
-(a user's prompts: identical prompts are one family). On the text-to-image aspect benchmark (four builds of the
-medium pipeline, D-TRAK and DAS with both kernels; docs/benchmarks.md "Aspect weights from prompt families") such
-weights beat uniform on their own aspect in 36 of 48 cases and were worse in 1, where SNR weights beat it in 13 and
-were worse in 25; on shapes with tokens, 12 of 12 and none worse (SNR: 6 and 2); on held-out shapes with queries
-from the image alone, 3 of 12 and 5 worse, subject lower in 4 of 4 (SNR: 2 and 1).
+(a user's prompts: identical prompts are one family). With the family signal test and, on the shared kernel, their
+own c (`gradtrace.pipeline.learn_weights`), such weights beat uniform on their own aspect on the text-to-image
+benchmark (five builds of the medium pipeline, D-TRAK and DAS with both kernels) in 54 of 60 cases, none worse; on
+shapes with tokens in 12 of 12; on held-out shapes with queries from the image alone in 7 of 12, none worse
+(docs/benchmarks.md, "The shared kernel's c for inside weights"). SNR aspect weights on the first four builds' queries
+beat uniform in 13 of 48 cases and were worse in 25 ("Aspect weights from prompt families").
 
 `auto` falls back to the SNR objective, in one warning line, when the learning queries form no families (every
 query its own value, or a single value), when the aspect's values cannot be read from them, when the holdout guard

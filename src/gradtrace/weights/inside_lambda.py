@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
 from gradtrace.methods.rows import row_chunks
-from gradtrace.methods.trak import uses_dual
+from gradtrace.methods.trak import accumulate_gram, uses_dual
 from gradtrace.weights.family import family_signal
 
 # 1e-4 .. 1e6 in half decades. Its top is near the limit K_w -> W / λ: the largest eigenvalue of D G D is at most its
@@ -71,11 +71,7 @@ def inside_scores(train_features: Any, group_slices: Any, weights: Any, query_fe
             yield float(c), scores if scale_rows is None else scores * scale_rows
         return
     if gram is None:
-        gram = np.zeros((k, k))
-        for start, stop in row_chunks(n, chunk_rows):
-            x = np.asarray(phi[start:stop], dtype=np.float64)
-            raise_if_nonfinite(x, start, "training features")
-            gram += x.T @ x
+        gram = accumulate_gram(phi, slices, "shared", chunk_rows=chunk_rows).blocks[0]
     d = np.sqrt(col_w)
     dgd = np.asarray(gram, dtype=np.float64) * d[:, None] * d[None, :]
     scale = float(np.mean(np.diag(dgd)))
