@@ -51,7 +51,8 @@ def main(argv=None) -> int:
             opts = {"k": 10, "l2": v} if sweep == "l2" else {"k": v}
             path = out / f"learner_{sweep}" / f"{method}-{kernel}-{sweep}{v}.json"
             learn_weights_run(LearnWeightsSpec(train=str(train.path), out=str(path), queries=str(base / "learn"),
-                                               method=method, kernel=karg, lambda_c=str(c), steps=200, **opts),
+                                               method=method, kernel=karg, lambda_c=str(c), steps=200, guard="none",
+                                               **opts),
                               progress=False)
             row[f"{sweep}={v}"] = mean_lds(problems, fitted, evals,
                                            read_group_weights(train, heldout, path, method=method, kernel=karg)[0])

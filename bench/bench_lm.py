@@ -143,7 +143,7 @@ def ekfac_rows(out: Path, s: dict, run: str, specs: dict, ids: dict, problem, tr
     t = time.perf_counter()
     path, doc = learn_weights_run(LearnWeightsSpec(
         **common, data=specs["learn"], ids=ids["learn"], out=str(out / "weights" / "ekfac.json"), lambda_c=s["c"],
-        steps=s["learn_steps"]), progress=progress)
+        steps=s["learn_steps"], guard="none"), progress=progress)
     learn_s = time.perf_counter() - t
     t = time.perf_counter()
     attribute_run(AttributeSpec(**common, data=specs["heldout"], ids=ids["heldout"], out=str(out / "ekfac-attr"),

@@ -88,8 +88,8 @@ DEFAULT_K = 10
 DEFAULT_STEPS = 200
 DEFAULT_LR = 0.05
 DEFAULT_L2 = 0.0
-DEFAULT_GUARD = "none"
-GUARDS = ("none", "holdout")
+DEFAULT_GUARD = "auto"  # the stages' default: the holdout guard wherever the learning queries can be halved
+GUARDS = ("auto", "none", "holdout")
 
 # -- features (gradtrace.features): projections of each group's gradient, storage dtypes
 PROJECTIONS = ("rademacher", "gaussian", "identity", "kronecker")  # kronecker: see kron_projection.py

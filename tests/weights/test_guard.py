@@ -9,15 +9,20 @@ import torch
 from gradtrace.errors import UserError
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.weights import dense_contributions, learn_weights, snr_loss
-from gradtrace.weights.guard import SHRINKS
+from gradtrace.weights.guard import SHRINKS, one_se_shrink
 from gradtrace.weights.planted import even_slices, planted_problem, planted_recall
 
 K, STEPS = 5, 60
 
 
-def _held_out_loss(fitted, queries, rows, w):
-    contrib = torch.from_numpy(dense_contributions(fitted, np.asarray(queries[rows], dtype=np.float64)))
-    return float(snr_loss(contrib, torch.from_numpy(np.asarray(w, dtype=np.float64)), K))
+def _held_out_losses(fitted, queries, rows, w):
+    """Per-query SNR losses by a plain loop: each held-out query's top-k mean over its score vector's norm."""
+    out = []
+    for q in rows:
+        contrib = dense_contributions(fitted, np.asarray(queries[[q]], dtype=np.float64))[0]   # (N, M)
+        tau = contrib @ np.asarray(w, dtype=np.float64)
+        out.append(-np.sort(tau)[::-1][:K].mean() / np.linalg.norm(tau))
+    return np.asarray(out)
 
 
 def test_guard_table_equals_a_recomputation_from_its_halves():
@@ -26,15 +31,34 @@ def test_guard_table_equals_a_recomputation_from_its_halves():
     table = res.info["guard"]
     halves = [np.asarray(h) for h in table["halves"]]
     assert sorted(np.concatenate(halves).tolist()) == list(range(12)) and abs(len(halves[0]) - len(halves[1])) <= 1
-    gains = np.zeros(len(SHRINKS))
+    diffs = np.zeros((len(SHRINKS), 12))
     for this, other in ((0, 1), (1, 0)):
         theta = learn_weights(prob.fitted, prob.queries[halves[this]], k=K, steps=STEPS, progress=False).theta
-        base = _held_out_loss(prob.fitted, prob.queries, halves[other], np.full(6, 1 / 6))
+        base = _held_out_losses(prob.fitted, prob.queries, halves[other], np.full(6, 1 / 6))
         for i, a in enumerate(SHRINKS):
-            w = torch.softmax(torch.from_numpy(a * theta), 0).numpy()
-            gains[i] += _held_out_loss(prob.fitted, prob.queries, halves[other], w) - base
-    np.testing.assert_allclose([table["gain_by_shrink"][str(a)] for a in SHRINKS], gains, rtol=1e-9, atol=1e-12)
-    assert table["shrink"] == (SHRINKS[int(np.argmin(gains))] if gains.min() < 0 else 0.0)
+            w = np.exp(a * (theta - theta.max()))
+            diffs[i, halves[other]] = _held_out_losses(prob.fitted, prob.queries, halves[other], w / w.sum()) - base
+    mean = diffs.mean(axis=1)
+    se = np.array([np.sqrt(np.sum((d - d.mean()) ** 2) / (len(d) - 1) / len(d)) for d in diffs])
+    np.testing.assert_allclose([table["gain_by_shrink"][str(a)] for a in SHRINKS], mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose([table["se_by_shrink"][str(a)] for a in SHRINKS], se, rtol=1e-9, atol=1e-12)
+    best = int(np.argmin(mean))
+    expected = 0.0
+    if mean[best] + se[best] < 0:   # the one-standard-error rule: the smallest shrink within one SE of the best
+        expected = min(a for a, m in zip(SHRINKS, mean) if m <= mean[best] + se[best])
+    assert table["shrink"] == expected
+
+
+def test_one_se_rule_prefers_the_smaller_shrink_within_one_standard_error():
+    q = np.linspace(-1.0, 1.0, 16)
+    diffs = np.stack([0 * q, -1.0 + 0.1 * q, -1.05 + 3.0 * q, -2.01 + 0.1 * q, -2.02 + 0.1 * q])
+    alpha, mean, se = one_se_shrink(diffs)
+    # 1.0 is best, by 0.01 over 0.75: less than its standard error 0.1 · sd(q) / 4 = 0.016; 0.5 is 0.97 behind
+    assert alpha == 0.75
+    np.testing.assert_allclose(mean, [0, -1, -1.05, -2.01, -2.02], atol=1e-12)
+    np.testing.assert_allclose(se, [0, *(np.std(diffs[1:], axis=1, ddof=1) / 4)], rtol=1e-12)
+    assert one_se_shrink(np.stack([0 * q, 0.2 * q - 0.01, 0.2 * q - 0.02, q, q]))[0] == 0.0   # within 1 SE of 0
+    assert one_se_shrink(np.stack([0 * q, q + 5, q + 5, q + 5, q + 5]))[0] == 0.0           # every shrink loses
 
 
 def test_guard_keeps_weights_whose_gain_carries_over():

@@ -16,7 +16,7 @@ def test_dense_entry_point_learns_what_the_feature_learner_learns(guard):
     slices = [("a", 0, 3), ("b", 3, 7), ("c", 7, 9)]
     phi = rng.normal(size=(40, 9))
     phi[:5, 3:7] += 3.0  # a planted signal in group b
-    queries = rng.normal(size=(8, 9))
+    queries = rng.normal(size=(16, 9))
     queries[:, 3:7] += 2.0
     fitted = get_method("trak", c=0.1).fit(phi, slices, progress=False)
     ref = learn_weights(fitted, queries, k=5, steps=30, guard=guard, progress=False)
@@ -26,6 +26,8 @@ def test_dense_entry_point_learns_what_the_feature_learner_learns(guard):
     np.testing.assert_allclose(got.weights, ref.weights, rtol=1e-10)
     np.testing.assert_allclose(got.loss_curve, ref.loss_curve, rtol=1e-10)
     assert got.group_names == ["a", "b", "c"] and got.weights.argmax() == 1
+    if guard == "holdout":
+        assert got.info["guard"]["shrink"] == ref.info["guard"]["shrink"] > 0
 
 
 def test_dense_entry_point_refuses_a_tensor_that_does_not_match_the_groups():

@@ -101,18 +101,20 @@ def _assert_same(two, one, stores, k=10):
     assert _top_sets(train, a, queries, k) == _top_sets(train, b, queries, k)
 
 
-@pytest.mark.parametrize("method,extra", [("trak", []), ("trak", ["--guard", "holdout"]), ("tracin", []),
-                                          ("das", [])])
+@pytest.mark.parametrize("method,extra", [("trak", ["--guard", "none"]), ("trak", []), ("tracin", ["--guard", "none"]),
+                                          ("das", ["--guard", "none"])])
 def test_two_ranks_learn_the_weights_of_one_process(stores, tmp_path, method, extra):
-    """The default λ search (auto) and the dense learner, with and without the holdout guard; TracIn (no kernel);
-    DAS (each row of Ψ times its example's factor, read for the rank's rows)."""
+    """The default λ search (auto) and the dense learner, without and with the holdout guard (the default, auto);
+    TracIn (no kernel); DAS (each row of Ψ times its example's factor, read for the rank's rows)."""
     where = stores / "das" if method == "das" else stores
     args = ["--train", str(where / "train"), "--queries", str(where / "queries"), "--method", method,
             "--kernel", "per-group", "--steps", "60", "--lr", "0.1", "--no-progress", *extra]
     assert main(["learn-weights", *args, "--out", str(tmp_path / "one.json")]) == 0
     torchrun(_learn_cli(args + ["--out", str(tmp_path / "two.json")]), [str(tmp_path)])
     _assert_same(tmp_path / "two.json", tmp_path / "one.json", where)
-    assert _doc(tmp_path / "one.json")["weights"] != {f"g{j}": 0.25 for j in range(GROUPS)} or extra
+    one = _doc(tmp_path / "one.json")
+    assert one["weights"] != {f"g{j}": 0.25 for j in range(GROUPS)} or extra != ["--guard", "none"]
+    assert one["provenance"]["learner"]["guard_mode"] == ("none" if extra else "holdout")
 
 
 def test_two_machines_learn_on_their_partial_stores(stores, tmp_path):

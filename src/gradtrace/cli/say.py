@@ -58,6 +58,12 @@ def weights(result, spec) -> str:
     signal = (prov.get("learner") or {}).get("family_signal")
     if signal and not signal["learned"]:
         how += f"; kept uniform: no family signal, p = {signal['p_value']:.3f}"
+    guard = prov.get("guard")
+    if guard:
+        shrink = guard["shrink"]
+        how += ("; holdout guard: kept uniform, the gain did not carry over to held-out learning queries"
+                if shrink == 0 else f"; holdout guard: shrink {shrink:g} towards uniform" if shrink < 1
+                else "; holdout guard: kept as learned")
     return (f"weights: {path} ({how}; loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
             + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
 

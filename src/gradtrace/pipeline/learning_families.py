@@ -65,8 +65,8 @@ def resolve_objective(objective: str, *, aspect: str | None, family: str | None,
     if aspect is None:
         return "snr", None
     why = None
-    if guard != "none":
-        why = f"--guard {guard} is the SNR objective's"
+    if guard == "holdout":
+        why = "--guard holdout is the SNR objective's"
     elif len(queries.ids) * n_train * n_groups * 8 > MAX_DENSE_BYTES:
         why = (f"the family objective holds {len(queries.ids)} x {n_train} x {n_groups} contributions in memory "
                f"(over {MAX_DENSE_BYTES // 2**30} GiB)")

@@ -306,7 +306,8 @@ class LazyPool(CandidatePool):
 
 
 class LazyObjective:
-    """Callable w (M,) float64 tensor -> mean_q L(w; q); exact at `last=True` (see module docstring)."""
+    """Callable w (M,) float64 tensor -> mean_q L(w; q) (each L(w; q) with `per_query=True`); exact at `last=True`
+    (see module docstring)."""
 
     def __init__(self, fitted: FittedMethod, phi_q: np.ndarray, *, k: int, pool_size: int,
                  first_interval: int | None = None, max_interval: int | None = None,
@@ -324,13 +325,13 @@ class LazyObjective:
 
     step_threads = 1   # the steps are small, memory-bound work where threads only contend; passes lift this
 
-    def __call__(self, w: torch.Tensor, *, last: bool = False) -> torch.Tensor:
+    def __call__(self, w: torch.Tensor, *, last: bool = False, per_query: bool = False) -> torch.Tensor:
         pos = self.pool.select(w.detach().cpu().numpy().astype(np.float64), last=last)
         if pos is None:                       # the caller rolls back (`rollback`); the value is not used
             return torch.zeros((), dtype=w.dtype)
         top = self.pool.final_contrib if last else self.pool.shortlist.gather(pos)          # (Q, k, M)
         mean_top = torch.from_numpy(top.mean(axis=1, dtype=np.float64))            # (Q, M)
-        return ratio_loss(mean_top @ w, GramNorm.apply(w, self.grams))
+        return ratio_loss(mean_top @ w, GramNorm.apply(w, self.grams), per_query=per_query)
 
     @property
     def rollback(self) -> int | None:

@@ -35,7 +35,6 @@ from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_matrix, raise_if_nonfinite
 from gradtrace.methods.fitted import FittedMethod
 from gradtrace.weights.defaults import (
-    DEFAULT_GUARD,
     DEFAULT_K,
     DEFAULT_L2,
     DEFAULT_LR,
@@ -44,7 +43,7 @@ from gradtrace.weights.defaults import (
     DEFAULT_REFRESH,
     DEFAULT_STEPS,
 )
-from gradtrace.weights.guard import GUARDS, holdout_shrink
+from gradtrace.weights.guard import holdout_shrink, resolve_guard
 from gradtrace.weights.lazy import LazyObjective
 from gradtrace.weights.objective import check_k, snr_loss, softmax_weights
 from gradtrace.weights.pool import TRIGGERS
@@ -74,7 +73,7 @@ class WeightsResult:
 def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT_K, steps: int = DEFAULT_STEPS,
                   lr: float = DEFAULT_LR, l2: float = DEFAULT_L2, seed: int = 0,
                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, pool_size: int = DEFAULT_POOL,
-                  refresh: str = DEFAULT_REFRESH, guard: str = DEFAULT_GUARD, progress: bool = True,
+                  refresh: str = DEFAULT_REFRESH, guard: str = "none", progress: bool = True,
                   shard: Shard | None = None) -> WeightsResult:
     """Learn group weights on learning queries (never the evaluation queries) for a fitted base method.
 
@@ -83,7 +82,8 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
     `pool_size` candidates per query and `refresh` "lazy" (default, `gradtrace.weights.lazy`), "exact" (every step
     proven, `gradtrace.weights.pool`) or "fast" (approximate between rebuilds). `guard` "holdout" shrinks the weights
     towards uniform as far as their gain does not carry over to held-out learning queries (`gradtrace.weights.guard`);
-    "none" returns them as learned. Deterministic for given inputs and `seed`.
+    "none" (this function's default) returns them as learned; "auto" (the stages' default, `learn-weights`) is
+    "holdout" for at least 4 learning queries and "none" below. Deterministic for given inputs and `seed`.
 
     `shard` (a torchrun rank): `fitted` holds Ψ of the rank's rows only; every pass over Ψ is merged over the ranks
     (`gradtrace.weights.row_source`), so every rank returns the same result, that of one process on all rows up to
@@ -107,18 +107,18 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
             "pool_size": _check_int(pool_size, "pool_size", 1), "refresh": refresh, "rows": rows}
     if refresh not in REFRESH_MODES:
         raise UserError(f"unknown refresh '{refresh}'; use one of: {', '.join(REFRESH_MODES)}")
-    if guard not in GUARDS:
-        raise UserError(f"unknown guard '{guard}'; use one of: {', '.join(GUARDS)}")
+    requested, guard = guard, resolve_guard(guard, len(phi_q))
     start = time.perf_counter()
     alpha, table = 1.0, None
     if guard == "holdout":
         objectives: dict = {}
 
-        def held_out_loss(rows: np.ndarray, w: np.ndarray) -> float:
+        def held_out_loss(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
             key = rows.tobytes()
             if key not in objectives:
                 objectives[key] = _objective(fitted, phi_q[rows], opts, progress=False)[0]
-            return float(objectives[key](torch.from_numpy(np.asarray(w, np.float64)), last=True).detach())
+            w_t = torch.from_numpy(np.asarray(w, np.float64))
+            return objectives[key](w_t, last=True, per_query=True).detach().numpy()
 
         alpha, table = holdout_shrink(len(phi_q), lambda rows: _learn(fitted, phi_q[rows], opts, False)[0],
                                       held_out_loss, seed=opts["seed"])
@@ -131,6 +131,7 @@ def learn_weights(fitted: FittedMethod, query_features: Any, *, k: int = DEFAULT
             info["unguarded_final_loss"] = info["final_loss"]
             info["final_loss"] = _objective_value(fitted, phi_q, opts, weights)
     info["guard_mode"] = guard
+    info["guard_requested"] = requested
     return WeightsResult(weights=weights, theta=alpha * theta, group_names=fitted.group_names, loss_curve=curve,
                          info=info)
 
@@ -150,7 +151,10 @@ def _objective(fitted: FittedMethod, phi_q: np.ndarray, opts: dict, progress: bo
                             f"{dense_bytes / 2**30:.1f} GiB of contributions; project the gradients to fewer "
                             f"columns (featurize --dim) or use fewer learning queries")
         contrib = torch.from_numpy(rows.dense(phi_q))
-        return (lambda w, last=False: snr_loss(contrib, w, k)), "dense"  # noqa: E731
+
+        def dense(w, last=False, per_query=False):
+            return snr_loss(contrib, w, k, per_query=per_query)
+        return dense, "dense"
     if opts["pool_size"] < k:
         raise UserError(f"pool_size = {opts['pool_size']} is smaller than k = {k}; pass pool_size >= k (e.g. 256)")
     if opts["refresh"] == "lazy":
@@ -240,7 +244,7 @@ def _snapshot(optimiser: torch.optim.Optimizer) -> dict:
 
 
 def learn_weights_dense(contrib: Any, group_names: list[str], *, k: int = DEFAULT_K, steps: int = DEFAULT_STEPS,
-                        lr: float = DEFAULT_LR, l2: float = DEFAULT_L2, seed: int = 0, guard: str = DEFAULT_GUARD,
+                        lr: float = DEFAULT_LR, l2: float = DEFAULT_L2, seed: int = 0, guard: str = "none",
                         progress: bool = True) -> WeightsResult:
     """Learn group weights from dense contributions c_j(q, n) (Q, N, M) of learning queries (never the evaluation
     queries), for base methods that give contributions directly (EK-FAC): the objective only needs
@@ -253,8 +257,7 @@ def learn_weights_dense(contrib: Any, group_names: list[str], *, k: int = DEFAUL
     opts = {"k": check_k(k, c.shape[1]), "steps": _check_int(steps, "steps", 0),
             "lr": _check_number(lr, "lr", positive=True), "l2": _check_number(l2, "l2", positive=False),
             "seed": _check_int(seed, "seed", 0)}
-    if guard not in GUARDS:
-        raise UserError(f"unknown guard '{guard}'; use one of: {', '.join(GUARDS)}")
+    requested, guard = guard, resolve_guard(guard, c.shape[0])
     tensor = torch.from_numpy(c)
 
     def objective(rows):
@@ -269,7 +272,8 @@ def learn_weights_dense(contrib: Any, group_names: list[str], *, k: int = DEFAUL
     if guard == "holdout":
         alpha, table = holdout_shrink(
             c.shape[0], lambda rows: run(rows, False)[0],
-            lambda rows, w: float(objective(rows)()[0](torch.from_numpy(np.asarray(w, np.float64)))), seed=opts["seed"])
+            lambda rows, w: snr_loss(tensor[torch.as_tensor(rows)], torch.from_numpy(np.asarray(w, np.float64)),
+                                     opts["k"], per_query=True).numpy(), seed=opts["seed"])
     theta, curve, info = run(np.arange(c.shape[0]), progress)
     weights = softmax_weights(torch.from_numpy(alpha * theta)).numpy().astype(np.float64)
     if table is not None:
@@ -279,6 +283,7 @@ def learn_weights_dense(contrib: Any, group_names: list[str], *, k: int = DEFAUL
             info["unguarded_final_loss"] = info["final_loss"]
             info["final_loss"] = float(snr_loss(tensor, torch.from_numpy(weights), opts["k"]))
     info["guard_mode"] = guard
+    info["guard_requested"] = requested
     return WeightsResult(weights=weights, theta=alpha * theta, group_names=list(group_names), loss_curve=curve,
                          info=info)
 

@@ -16,8 +16,9 @@ import torch
 from gradtrace.errors import UserError
 
 
-def snr_loss(contrib: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean over queries of L(w; q) for dense contributions `contrib` (Q, N, M) and weights `w` (M,).
+def snr_loss(contrib: torch.Tensor, w: torch.Tensor, k: int, *, per_query: bool = False) -> torch.Tensor:
+    """Mean over queries of L(w; q) for dense contributions `contrib` (Q, N, M) and weights `w` (M,); with
+    `per_query`, the (Q,) values L(w; q) themselves.
 
     Differentiable in `w` (and `contrib`); the top-k indices are detached. No λ term.
     """
@@ -31,14 +32,15 @@ def snr_loss(contrib: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
     tau = contrib @ w.to(contrib.dtype)                      # (Q, N)
     idx = torch.topk(tau.detach(), k, dim=1).indices
     signal = torch.gather(tau, 1, idx).mean(dim=1)
-    return ratio_loss(signal, tau.norm(dim=1))
+    return ratio_loss(signal, tau.norm(dim=1), per_query=per_query)
 
 
-def ratio_loss(signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """mean_q −signal_q / noise_q, with 0 for queries whose noise is 0 (all scores zero)."""
+def ratio_loss(signal: torch.Tensor, noise: torch.Tensor, *, per_query: bool = False) -> torch.Tensor:
+    """mean_q −signal_q / noise_q, with 0 for queries whose noise is 0 (all scores zero); with `per_query`, the
+    (Q,) values before the mean."""
     safe = torch.where(noise > 0, noise, torch.ones_like(noise))
-    per_query = torch.where(noise > 0, -signal / safe, torch.zeros_like(signal))
-    return per_query.mean()
+    values = torch.where(noise > 0, -signal / safe, torch.zeros_like(signal))
+    return values if per_query else values.mean()
 
 
 def softmax_weights(theta: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,11 @@ class ScalableObjective:
                                   chunk_rows=chunk_rows)
         self.rows = np.arange(phi_q.shape[0])[:, None]
 
-    def __call__(self, w: torch.Tensor, *, last: bool = False) -> torch.Tensor:
+    def __call__(self, w: torch.Tensor, *, last: bool = False, per_query: bool = False) -> torch.Tensor:
         pos = self.pool.select(w.detach().cpu().numpy().astype(np.float64), last=last)
         top = torch.from_numpy(self.pool.contrib[self.rows, pos].astype(np.float64))   # (Q, k, M)
         signal = (top @ w).mean(dim=1)
-        return ratio_loss(signal, QuadraticNorm.apply(w, self.grams))
+        return ratio_loss(signal, QuadraticNorm.apply(w, self.grams), per_query=per_query)
 
     def memory_bytes(self) -> int:
         """Bytes held by the pool contributions, G and S (the dominant terms)."""

@@ -56,4 +56,5 @@ class LearnWeightsEkfacSpec(EkfacInputs):
     lr: float = option(DEFAULT_LR, "AdamW learning rate on θ")
     l2: float = option(DEFAULT_L2, "λ‖w‖² penalty")
     guard: str = option(DEFAULT_GUARD, "holdout: shrink the weights towards uniform as far as their gain does not "
-                        "carry over to held-out learning queries", choices=GUARDS)
+                        "carry over to held-out learning queries; auto: holdout from 4 learning examples up; none: "
+                        "as learned", choices=GUARDS)

@@ -51,7 +51,9 @@ class _LearnWeightsOptions(Spec):
     lr: float = option(DEFAULT_LR, "AdamW learning rate on θ")
     l2: float = option(DEFAULT_L2, "λ‖w‖² penalty")
     guard: str = option(DEFAULT_GUARD, "holdout: learn on each half of the learning queries, score on the other, "
-                        "and shrink the weights towards uniform as far as the gain does not carry over",
+                        "and shrink the weights towards uniform as far as the gain does not carry over (the "
+                        "one-standard-error rule); auto: holdout for SNR weights from 4 learning queries up, none "
+                        "below and for family weights (they have their own signal test); none: as learned",
                         choices=GUARDS)
     out: str | None = option(None, "weights JSON (default: STORE/weights/METHOD-KERNEL-ASPECT.json)", type=str)
     objective: str = option(AUTO, "snr: the top-k signal-to-noise ratio; family: learning queries that share "
@@ -86,8 +88,9 @@ class LearnWeightsSpec(ModelInputs, _LearnWeightsOptions):
                             f"aspect's value)")
         if self.family is not None and self.objective == "snr":
             raise UserError("--family is for --objective family / snr+family; drop it or pass --objective family")
-        if self.objective in ("family", "snr+family") and self.guard != "none":
-            raise UserError("--guard holdout works with --objective snr only; drop --guard")
+        if self.objective in ("family", "snr+family") and self.guard == "holdout":
+            raise UserError("--guard holdout works with --objective snr only; drop --guard (family weights have "
+                            "their own family signal test)")
         if self.train is None:
             raise UserError("--train is required (a feature store; a method that needs the model, e.g. ekfac, takes "
                             "--checkpoint and --ids)")
