@@ -8,7 +8,7 @@ import torch
 
 from gradtrace.errors import UserError
 from gradtrace.methods.fitted import FittedMethod
-from gradtrace.weights import dense_contributions, learn_weights, snr_loss
+from gradtrace.weights import dense_contributions, learn_weights
 from gradtrace.weights.guard import SHRINKS, one_se_shrink
 from gradtrace.weights.planted import even_slices, planted_problem, planted_recall
 

@@ -167,6 +167,14 @@ def regularised_inverse(gram: np.ndarray, c: float, scale: float | None = None) 
     return (k_mat + k_mat.T) / 2, lam, scale, "eigh"
 
 
+def spread_over_columns(weights: Any, group_slices: list[tuple[str, int, int]], k: int) -> np.ndarray:
+    """(k,) float64: the weight of group j (`weights` in the order of `group_slices`) on each of its columns."""
+    col = np.zeros(k)
+    for wj, (_, s, e) in zip(np.asarray(weights, dtype=np.float64).ravel(), group_slices):
+        col[s:e] = wj
+    return col
+
+
 class TRAK(Method):
     """TRAK kernel; `kernel="shared"` (one inverse over all columns) or `"per-group"` (block-diagonal).
 
@@ -322,10 +330,7 @@ class TRAK(Method):
         if missing or set(self.feature_weights) - set(names):
             raise UserError(f"the weights inside the kernel must name exactly the features' groups (missing: "
                             f"{', '.join(missing) or 'none'}); learn them on this store")
-        w = np.empty(k)
-        for name, s, e in group_slices:
-            w[s:e] = self.feature_weights[name]
-        return w
+        return spread_over_columns([self.feature_weights[name] for name in names], group_slices, k)
 
     def _weighted_inverse(self, gram: Gram, phi: np.ndarray, col_w: np.ndarray) -> tuple[np.ndarray, float, float, str]:
         """K_w of the module docstring, as `regularised_inverse` returns it (λ_w and its scale are the weighted

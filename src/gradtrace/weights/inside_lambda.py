@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from gradtrace.errors import UserError
 from gradtrace.methods.checks import check_group_slices, check_matrix, check_train_matrix, raise_if_nonfinite
 from gradtrace.methods.rows import row_chunks
-from gradtrace.methods.trak import accumulate_gram, uses_dual
+from gradtrace.methods.trak import accumulate_gram, spread_over_columns, uses_dual
 from gradtrace.weights.family import family_signal
 
 # 1e-4 .. 1e6 in half decades. Its top is near the limit K_w -> W / λ: the largest eigenvalue of D G D is at most its
@@ -41,10 +41,7 @@ def column_weights(weights: Any, group_slices: list[tuple[str, int, int]], k: in
     if len(w) != len(group_slices) or not np.all(np.isfinite(w)) or (w < 0).any() or not w.any():
         raise UserError(f"inside weights need {len(group_slices)} finite non-negative values, not all zero "
                         f"(got {len(w)})")
-    col = np.zeros(k)
-    for wj, (_, s, e) in zip(w, group_slices):
-        col[s:e] = wj
-    return col
+    return spread_over_columns(w, group_slices, k)
 
 
 def inside_scores(train_features: Any, group_slices: Any, weights: Any, query_features: Any, grid: Any, *,
