@@ -37,17 +37,15 @@ def query_families(queries: FeatureStore, column: str, labels_file: str | None) 
     attribute value they were sampled with, or the prompt they were generated from (`column` 'prompt', or an aspect
     that only their prompts name); else the source data's metadata."""
     source = queries.settings.get("source") or {}
-    record = queries.path.parent / SET_MANIFEST
-    if labels_file is None and record.exists():
-        made = read_json(record, "learning-query set manifest")
-        if made.get("families") and made.get("aspect") == column and source.get("kind") == "samples":
-            order = {int(i): r for r, i in enumerate(samples_examples(source["path"]).ids)}
-            return [made["families"][order[int(i)]] for i in queries.ids]
     if labels_file is None and source.get("kind") == "samples":
-        manifest = read_json(Path(source["path"]) / "manifest.json", "samples manifest")
         ex = samples_examples(source["path"])
+        rows = {int(i): r for r, i in enumerate(ex.ids)}
+        record = queries.path.parent / SET_MANIFEST
+        made = read_json(record, "learning-query set manifest") if record.exists() else {}
+        if made.get("families") and made.get("aspect") == column:
+            return [made["families"][rows[int(i)]] for i in queries.ids]
+        manifest = read_json(Path(source["path"]) / "manifest.json", "samples manifest")
         if column not in (manifest.get("attribute_values") or {}) and ex.texts is not None:
-            rows = {int(i): r for r, i in enumerate(ex.ids)}
             return [ex.texts[rows[int(i)]] for i in queries.ids]
     return labels_of(source, queries.ids, [column], labels_file, "family")[column]
 
