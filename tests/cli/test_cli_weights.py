@@ -19,8 +19,8 @@ def _error(capsys, argv, pattern):
 def learned(pipeline):
     out = pipeline / "w" / "general.json"
     assert main(["learn-weights", "--train", str(pipeline / "ft"), "--generate", "4", "--sample-steps", "3",
-                 "--lambda-c", "auto", "--kernel", "shared", "--k", "3", "--steps", "20", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--lambda-c", "auto", "--kernel", "shared", "--k", "3", "--steps", "20", "--guard", "none",
+                 "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -107,3 +107,30 @@ def test_guarded_weights_are_the_shrunk_learned_ones(pipeline, learned, tmp_path
     theta = np.log([plain["weights"][n] for n in names])  # softmax(θ) = w: θ up to a constant
     shrunk = np.exp(guard["shrink"] * (theta - theta.max()))
     np.testing.assert_allclose([doc["weights"][n] for n in names], shrunk / shrunk.sum(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_default_guard_is_the_holdout_guard_and_says_what_it_kept(pipeline, learned, tmp_path, capsys):
+    out = tmp_path / "default.json"
+    generated = json.loads(learned.read_text())["provenance"]["learning_queries"]["store"]
+    capsys.readouterr()
+    assert main(["learn-weights", "--train", str(pipeline / "ft"), "--queries", generated, "--lambda-c", "auto",
+                 "--kernel", "shared", "--k", "3", "--steps", "20", "--out", str(out), "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    doc, plain = json.loads(out.read_text()), json.loads(learned.read_text())
+    prov = doc["provenance"]
+    assert prov["spec"]["guard"] == "auto"
+    assert prov["learner"]["guard_mode"] == "holdout" and prov["learner"]["guard_requested"] == "auto"
+    shrink = prov["guard"]["shrink"]
+    gain, se = ([table[str(a)] for a in (0.0, 0.25, 0.5, 0.75, 1.0)] for table in (prov["guard"]["gain_by_shrink"],
+                                                                                 prov["guard"]["se_by_shrink"]))
+    best = int(np.argmin(gain))   # the one-standard-error rule, from the recorded held-out gains
+    assert shrink == (0.0 if gain[best] + se[best] >= 0 else
+                      next(a for a, g in zip((0.0, 0.25, 0.5, 0.75, 1.0), gain) if g <= gain[best] + se[best]))
+    names = list(plain["weights"])
+    theta = np.log([plain["weights"][n] for n in names])
+    shrunk = np.exp(shrink * (theta - theta.max()))
+    np.testing.assert_allclose([doc["weights"][n] for n in names], shrunk / shrunk.sum(), rtol=1e-9, atol=1e-12)
+    said = {0.0: "holdout guard: kept uniform", 1.0: "holdout guard: kept as learned"}.get(
+        shrink, f"holdout guard: shrink {shrink:g} towards uniform")
+    assert said in line, line
+

@@ -104,3 +104,16 @@ def test_guard_refuses_too_few_queries_and_unknown_modes():
         learn_weights(prob.fitted, prob.queries, k=K, guard="holdout", progress=False)
     with pytest.raises(UserError, match="unknown guard"):
         learn_weights(prob.fitted, prob.queries, k=K, guard="maybe", progress=False)
+
+
+def test_auto_is_the_holdout_guard_from_four_learning_queries_and_none_below():
+    prob = planted_problem(200, 6, 4, 32, seed=2)
+    auto = learn_weights(prob.fitted, prob.queries, k=K, steps=STEPS, guard="auto", progress=False)
+    holdout = learn_weights(prob.fitted, prob.queries, k=K, steps=STEPS, guard="holdout", progress=False)
+    assert auto.info["guard_mode"] == "holdout" and auto.info["guard_requested"] == "auto"
+    np.testing.assert_array_equal(auto.weights, holdout.weights)
+    assert auto.info["guard"]["shrink"] == holdout.info["guard"]["shrink"]
+    few = learn_weights(prob.fitted, prob.queries[:3], k=K, steps=STEPS, guard="auto", progress=False)
+    plain = learn_weights(prob.fitted, prob.queries[:3], k=K, steps=STEPS, progress=False)
+    assert few.info["guard_mode"] == "none" and "guard" not in few.info
+    np.testing.assert_array_equal(few.weights, plain.weights)

@@ -61,9 +61,12 @@ def weights(result, spec) -> str:
     guard = prov.get("guard")
     if guard:
         shrink = guard["shrink"]
-        how += ("; holdout guard: kept uniform, the gain did not carry over to held-out learning queries"
-                if shrink == 0 else f"; holdout guard: shrink {shrink:g} towards uniform" if shrink < 1
-                else "; holdout guard: kept as learned")
+        if shrink == 0:
+            how += ("; holdout guard: kept uniform, the gain did not carry over to held-out learning queries (more "
+                    "learning queries can show one; --guard none keeps the weights as learned)")
+        else:
+            how += (f"; holdout guard: shrink {shrink:g} towards uniform" if shrink < 1
+                    else "; holdout guard: kept as learned")
     return (f"weights: {path} ({how}; loss {prov['loss_first']:.4f} -> {prov['loss_last']:.4f}; top groups: "
             + ", ".join(f"{n}={v:.3f}" for n, v in top) + ")")
 
