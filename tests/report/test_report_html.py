@@ -97,6 +97,9 @@ def test_weights_files_are_charted_one_section_per_aspect(demo, tmp_path, capsys
                  str(tmp_path / "style.json"), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
     text = out.read_text()
     assert 'id="weights-general"' in text and 'id="weights-style"' in text
+    shrink = learned["provenance"]["guard"]["shrink"]   # the demo's weights: the default (holdout) guard's decision
+    assert re.search(r"holdout guard: shrink towards uniform \(0 = uniform, 1 = as learned\)</td><td>"
+                     + re.escape(json.dumps(shrink)) + "<", text)
     manifest = json.loads(re.search(r'id="gradtrace-manifest">(.*?)</script>', text).group(1))
     assert manifest["inputs"]["weights"] == [str((demo / "weights.json").resolve()),
                                              str((tmp_path / "style.json").resolve())]

@@ -126,8 +126,13 @@ def weights_section(weight_docs: Sequence[tuple[Path, dict]]) -> str:
                    f'<img class="chart" alt="weights for {esc(aspect)}" src="{figure_uri(fig)}">')
         for path, doc in items:
             prov = doc.get("provenance") or {}
+            guard = prov.get("guard") or {}
+            signal = (prov.get("learner") or {}).get("family_signal") or {}
             out.append(facts(f"provenance of {path}", {
                 "method": prov.get("method"), "kernel": prov.get("kernel"), "lambda_c": prov.get("lambda_c"),
+                "objective": prov.get("objective", "snr"),
+                "holdout guard: shrink towards uniform (0 = uniform, 1 = as learned)": guard.get("shrink"),
+                "family signal: p, learned": (f"{signal['p_value']:.3g}, {signal['learned']}" if signal else None),
                 "k": prov.get("k"), "steps": prov.get("steps"), "loss first → last":
                 f"{prov.get('loss_first')} → {prov.get('loss_last')}",
                 "learning queries": prov.get("learning_queries"), "train_store": prov.get("train_store"),
