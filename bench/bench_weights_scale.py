@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_weights_scale.py --refresh lazy  # the default (lazy) path only
     .venv/bin/python bench/bench_weights_scale.py --refresh lazy --baseline-src OLD/src   # then OLD/src's lazy path
     .venv/bin/python bench/bench_weights_scale.py --scaling       # the new path at 3 sizes each of N, Q, M
+    .venv/bin/python bench/bench_weights_scale.py --refresh lazy --guard none holdout   # the default guard's cost
     .venv/bin/python bench/bench_weights_scale.py --sweep         # recall of planted items vs lr / steps / l2 / k
 
 With --baseline-src, a last learning process imports gradtrace from that source tree (e.g. an older commit's `git
@@ -36,12 +37,13 @@ from gradtrace.weights.defaults import DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAUL
 QUICK = dict(n_train=5_000, n_queries=50, n_groups=50, dim=512, signal_dim=32, strength=30.0)  # smoke run
 
 
-def learn(workdir: Path, refresh: str) -> dict:
+def learn(workdir: Path, refresh: str, guard: str = "none") -> dict:
     start = time.perf_counter()
     psi = np.load(workdir / "psi.npy", mmap_mode="r")
     fitted = FittedMethod(psi=psi, group_slices=json.loads((workdir / "slices.json").read_text()), info={})
     queries = np.load(workdir / "queries.npy")
-    result = learn_weights(fitted, queries, refresh=refresh, progress=False)
+    result = learn_weights(fitted, queries, refresh=refresh, progress=False,
+                           **({} if guard == "none" else {"guard": guard}))
     wall = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = usage.ru_maxrss * 1024  # Linux reports KiB
@@ -66,22 +68,25 @@ HEADER = ("| N | Q | M | refresh | wall s (CPU s) | precompute s (ΨᵀΨ / G) |
           "w_signal | recall@10 uniform → learned |")
 
 
-def run_spec(spec: dict, refreshes: list[str], workdir: str | None, baseline_src: str | None = None) -> list[dict]:
-    """Generate the planted problem `spec` in one subprocess, then learn in a fresh one per refresh mode
+def run_spec(spec: dict, refreshes: list[str], workdir: str | None, baseline_src: str | None = None,
+             guards: tuple[str, ...] = ("none",)) -> list[dict]:
+    """Generate the planted problem `spec` in one subprocess, then learn in a fresh one per refresh mode and guard
     (last, with `baseline_src`, one with gradtrace imported from that source tree)."""
     out = []
-    runs = [(refresh, refresh, None) for refresh in refreshes]
-    runs += [(f"lazy ({Path(baseline_src).resolve().parent.name})", "lazy", baseline_src)] if baseline_src else []
+    runs = [(refresh if guard == "none" else f"{refresh}, guard {guard}", refresh, guard, None)
+            for refresh in refreshes for guard in guards]
+    if baseline_src:
+        runs.append((f"lazy ({Path(baseline_src).resolve().parent.name})", "lazy", "none", baseline_src))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         me = [sys.executable, __file__, "--spec", json.dumps(spec)]
         t0 = time.perf_counter()
         subprocess.run(me + ["--generate", tmp], check=True)
         print(f"generated {spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        for label, refresh, src in runs:
+        for label, refresh, guard, src in runs:
             env = dict(os.environ, **({"PYTHONPATH": str(Path(src).resolve())} if src else {}))
             load = os.getloadavg()[0]
-            r = json.loads(subprocess.run(me + ["--learn", tmp, "--refresh", refresh], check=True, env=env,
-                                          capture_output=True, text=True).stdout)
+            r = json.loads(subprocess.run(me + ["--learn", tmp, "--refresh", refresh, "--guard", guard], check=True,
+                                          env=env, capture_output=True, text=True).stdout)
             r["refresh"], r["load_before"], r["load_after"] = label, load, os.getloadavg()[0]
             out.append(r)
             print(row(r, out[0]), flush=True)
@@ -114,7 +119,7 @@ def scale(args: argparse.Namespace) -> None:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     print(HEADER)
     print("|" + "---|" * HEADER.count(" |"))
-    results = [run_spec(spec, args.refresh, args.workdir, args.baseline_src) for spec in specs]
+    results = [run_spec(spec, args.refresh, args.workdir, args.baseline_src, tuple(args.guard)) for spec in specs]
     for runs in results:
         for r in runs:
             info = r["info"]
@@ -160,6 +165,8 @@ def main() -> None:
     parser.add_argument("--refresh", nargs="+", default=["exact", "lazy"], choices=["lazy", "exact", "fast"],
                         help="refresh modes to learn with, in this order, on the same problem (default: old, new)")
     parser.add_argument("--scaling", action="store_true", help="the lazy path on three sizes each of N, Q and M")
+    parser.add_argument("--guard", nargs="+", default=["none"], choices=["none", "holdout"],
+                        help="learn once per guard (holdout: the stages' default guard, `learn-weights --guard auto`)")
     parser.add_argument("--baseline-src", default=None,
                         help="learn last with gradtrace imported from this source tree (its lazy path), e.g. an "
                              "older commit's src/, to compare it with this tree in the same run")
@@ -172,7 +179,7 @@ def main() -> None:
     if args.generate:
         write_planted(Path(args.generate), json.loads(args.spec))
     elif args.learn:
-        print(json.dumps(learn(Path(args.learn), args.refresh[0]), default=float))
+        print(json.dumps(learn(Path(args.learn), args.refresh[0], args.guard[0]), default=float))
     elif args.sweep:
         sweep(args)
     else:

@@ -75,6 +75,7 @@ class RowSource:
         self.device = pick_device(device)
         self.starts = group_starts(fitted.group_slices)
         self._source: PsiSource | None = None
+        self._stats: PsiStats | None = None
 
     @property
     def source(self) -> PsiSource:
@@ -90,7 +91,13 @@ class RowSource:
 
     # ---- passes ------------------------------------------------------------------------------------
     def stats(self, progress: bool = False) -> PsiStats:
-        """S = ΨᵀΨ, the row-norm maxima and column means over the job's rows (`psi_passes.psi_stats_fast`)."""
+        """S = ΨᵀΨ, the row-norm maxima and column means over the job's rows (`psi_passes.psi_stats_fast`); computed
+        once per source and kept (every objective of one learning, the holdout guard's included, reads the same Ψ)."""
+        if self._stats is None:
+            self._stats = self._compute_stats(progress)
+        return self._stats
+
+    def _compute_stats(self, progress: bool) -> PsiStats:
         local = psi_stats_fast(self.source, self.fitted.group_slices, progress=progress)
         if self.shard is None:
             return local
