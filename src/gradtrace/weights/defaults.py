@@ -6,6 +6,8 @@ per step than it saved in refreshes); refresh "lazy" (scheduled pool refreshes, 
 by rolling back; exact final top-k; see `gradtrace.weights.lazy`; "exact" proves every step at many more passes). The
 dense path (the reference) is used only when its float64 (Q, N, M) tensor fits 64 MiB: above a few million
 contributions the scalable path is faster (Q=50, N=5,000, M=50, 100 steps: 4.4 s vs 31 s dense, same loss to 1e-9).
+DEFAULT_GUARD = "auto" is the stages' default (`learn-weights`, `eval mislabel`, the EK-FAC stage, `Tracer`): the
+holdout guard from 4 learning queries up (`gradtrace.weights.guard`); `learn_weights` itself defaults to "none".
 """
 
 from gradtrace.choices import DEFAULT_GUARD, DEFAULT_K, DEFAULT_L2, DEFAULT_LR, DEFAULT_STEPS  # noqa: F401  (the CLI's choices)
