@@ -49,9 +49,9 @@ def one_se_shrink(diffs: np.ndarray, shrinks=SHRINKS) -> tuple[float, np.ndarray
     mean = diffs.mean(axis=1)
     se = diffs.std(axis=1, ddof=1) / np.sqrt(diffs.shape[1]) if diffs.shape[1] > 1 else np.zeros(len(mean))
     best = int(np.argmin(mean))
-    if not mean[best] + se[best] < 0:
-        return 0.0, mean, se
     bound = mean[best] + se[best]
+    if not bound < 0:
+        return 0.0, mean, se
     return float(next(a for a, m in zip(shrinks, mean) if m <= bound)), mean, se
 
 
